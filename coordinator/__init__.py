@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, round planning and running, run records, operator CLI."""

@@ -1,0 +1,116 @@
+"""A whole federated run: initial model, initial evaluation, then ``train.rounds`` rounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.serverapp import Grid
+from rich.console import Console
+
+from coordinator.checkpoints import append_record, save_round
+from coordinator.progress import STAGES, cohort_table, make_progress, round_table, summary_table
+from coordinator.rounds import RoundResult, RoundRunner
+from shared_model.config import KyodoConfig, to_yaml
+from shared_model.policy import Policy
+from shared_model.protocol import EvaluateReply
+
+log = logging.getLogger("kyodo.coordinator")
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    history: list[tuple[int, dict[str, EvaluateReply]]] = field(default_factory=list)
+    results: list[RoundResult] = field(default_factory=list)
+
+    def mean_mse(self, index: int) -> float:
+        ev = self.history[index][1]
+        return sum(r.action_mse for r in ev.values()) / max(len(ev), 1)
+
+
+def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
+    """The round-0 model: the policy's deterministic initialisation from ``model.init_seed``."""
+    return {k: v.detach().clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
+
+
+def _record(result: RoundResult) -> dict:
+    return {
+        "round": result.round,
+        "cohorts": result.plan.cohorts,
+        "skipped": len(result.plan.skipped),
+        "updated_shards": result.updated_shards,
+        "failed": result.failed,
+        "train": {m: {"loss": r.loss, "num_examples": r.num_examples, "steps": r.steps} for m, r in result.train.items()},
+        "evaluation": {
+            m: {"action_mse": e.action_mse, "action_mae": e.action_mae, "num_examples": e.num_examples}
+            for m, e in result.evaluation.items()
+        },
+        "seconds": round(result.seconds, 3),
+    }
+
+
+def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None) -> RunSummary:
+    console = console or Console()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    meta = {"model": cfg.model.name, "federation": cfg.federation.name}
+    runner = RoundRunner(cfg, grid, initial_model(cfg))
+    summary = RunSummary(out_dir=out_dir)
+
+    save_round(out_dir, 0, runner.model, meta)
+    t0 = time.monotonic()
+    runner.query(0)
+    initial = runner.evaluate(0, list(runner.members))
+    summary.history.append((0, initial))
+    append_record(out_dir, {"round": 0, "evaluation": {m: {"action_mse": e.action_mse} for m, e in initial.items()}})
+    console.print(
+        f"[bold]kyodo[/] run: model [cyan]{cfg.model.name}[/], {len(runner.members)} members "
+        f"({', '.join(sorted(m.name for m in runner.members.values()))}), {cfg.train.rounds} rounds; "
+        f"initial held-out MSE {summary.mean_mse(0):.4f} ({time.monotonic() - t0:.1f}s)"
+    )
+
+    with make_progress(console) as progress:
+        for rnd in range(1, cfg.train.rounds + 1):
+            task = progress.add_task(f"round {rnd}", total=len(STAGES), stage=STAGES[0])
+            start = time.monotonic()
+            runner.query(rnd)
+            progress.update(task, advance=1, stage=STAGES[1])
+            plan = runner.plan(rnd)
+            result = RoundResult(round=rnd, plan=plan)
+            progress.update(task, advance=1, stage=STAGES[2])
+            if plan.members:
+                runner.train_and_aggregate(rnd, plan, result)
+            else:
+                log.warning("round %d: no member available, nothing trained", rnd)
+            save_round(out_dir, rnd, runner.model, meta)
+            progress.update(task, advance=1, stage=STAGES[3])
+            result.evaluation = runner.evaluate(rnd, list(runner.members))
+            result.seconds = time.monotonic() - start
+            progress.update(task, advance=1, stage="done")
+            append_record(out_dir, _record(result))
+            summary.results.append(result)
+            summary.history.append((rnd, result.evaluation))
+            progress.console.print(cohort_table(plan))
+            progress.console.print(round_table(result))
+
+    console.print(summary_table(summary.history))
+    (out_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "rounds": cfg.train.rounds,
+                "mean_mse": [summary.mean_mse(i) for i in range(len(summary.history))],
+                "per_member": {
+                    str(rnd): {m: e.action_mse for m, e in ev.items()} for rnd, ev in summary.history
+                },
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+    return summary

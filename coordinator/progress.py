@@ -1,0 +1,82 @@
+"""What the operator sees: a progress bar per round and tables of cohorts, losses and errors."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from coordinator.planner import RoundPlan
+from coordinator.rounds import RoundResult
+from shared_model.protocol import EvaluateReply
+
+STAGES = ("query", "plan", "train + aggregate", "evaluate")
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[stage]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def cohort_table(plan: RoundPlan) -> Table:
+    """Cohorts grouped by shard kind; expert shards listed per layer to stay readable."""
+    table = Table(title=f"Round {plan.round}: cohorts", show_lines=False)
+    table.add_column("shard")
+    table.add_column("cohort")
+    experts: dict[str, list[str]] = defaultdict(list)
+    for shard, cohort in plan.cohorts.items():
+        if shard.startswith("expert/"):
+            _, layer, expert = shard.split("/")
+            experts[", ".join(cohort)].append(f"{layer}/{expert}")
+        else:
+            table.add_row(shard, ", ".join(cohort))
+    for cohort, shards in sorted(experts.items()):
+        table.add_row(f"expert {' '.join(shards)}", cohort)
+    skipped = len(plan.skipped)
+    if skipped:
+        table.caption = f"{skipped} shards not trained this round (rotation or cohort too small)"
+    return table
+
+
+def round_table(result: RoundResult) -> Table:
+    table = Table(title=f"Round {result.round}: members ({result.seconds:.1f}s)")
+    for col in ("member", "shards", "train loss", "held-out MSE", "held-out MAE"):
+        table.add_column(col, justify="right" if col != "member" else "left")
+    members = sorted(set(result.plan.members) | set(result.evaluation) | set(result.failed))
+    for member in members:
+        if member.startswith(("expert/", "adapter/", "backbone")):
+            continue
+        reply = result.train.get(member)
+        ev = result.evaluation.get(member)
+        table.add_row(
+            member,
+            str(len(result.plan.shards_of(member))),
+            f"{reply.loss:.4f}" if reply else ("[red]failed" if member in result.failed else "-"),
+            f"{ev.action_mse:.4f}" if ev else "-",
+            f"{ev.action_mae:.4f}" if ev else "-",
+        )
+    return table
+
+
+def summary_table(history: list[tuple[int, dict[str, EvaluateReply]]]) -> Table:
+    """Held-out action MSE (normalised) per member after every round; round 0 is the start."""
+    members = sorted({m for _, ev in history for m in ev})
+    table = Table(title="Held-out action error (MSE, normalised units) by round")
+    table.add_column("round", justify="right")
+    for m in members:
+        table.add_column(m, justify="right")
+    table.add_column("mean", justify="right", style="bold")
+    for rnd, ev in history:
+        values = [ev[m].action_mse if m in ev else None for m in members]
+        present = [v for v in values if v is not None]
+        mean = sum(present) / len(present) if present else float("nan")
+        table.add_row(str(rnd), *[f"{v:.4f}" if v is not None else "-" for v in values], f"{mean:.4f}")
+    return table

@@ -1,0 +1,228 @@
+"""One federated round on a Flower Grid: query, plan, train, aggregate, save, evaluate.
+
+Replies are pulled as they arrive and folded into per-shard running sums at once
+(:class:`aggregation.weighted_mean.ShardMean`), so a reply's tensors can be freed before the
+next one is read. A node that fails, replies with an error, or returns something that does
+not validate is left out of the round with a log line; the round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from aggregation.server_opt import FedAvg
+from aggregation.weighted_mean import AggregationError, ShardMean
+from coordinator.planner import MemberInfo, RoundPlan, plan_round
+from shared_model.config import KyodoConfig
+from shared_model.protocol import (
+    EVALUATE,
+    QUERY,
+    TRAIN,
+    EvaluateReply,
+    EvaluateRequest,
+    ProtocolError,
+    QueryReply,
+    QueryRequest,
+    TrainHyperParams,
+    TrainReply,
+    TrainRequest,
+)
+from shared_model.shards import ShardLayout, shard_of
+
+log = logging.getLogger("kyodo.coordinator")
+
+POLL_INTERVAL_S = 0.2
+
+
+@dataclass
+class RoundResult:
+    round: int
+    plan: RoundPlan
+    train: dict[str, TrainReply] = field(default_factory=dict)  # member -> reply (deltas dropped)
+    evaluation: dict[str, EvaluateReply] = field(default_factory=dict)
+    updated_shards: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # member or shard -> why
+    seconds: float = 0.0
+
+
+def exchange(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    on_reply: Callable[[Message], None],
+) -> set[int]:
+    """Push messages, hand each reply to ``on_reply`` as soon as it arrives.
+
+    Returns the node ids that did not answer in time.
+    """
+    ids = [mid for mid in grid.push_messages(messages) if mid]
+    waiting = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(waiting)):
+            waiting.pop(reply.metadata.reply_to_message_id, None)
+            on_reply(reply)
+        if waiting:
+            time.sleep(POLL_INTERVAL_S)
+    return set(waiting.values())
+
+
+class RoundRunner:
+    """Holds the global model (one tensor dict) and runs rounds against a Grid."""
+
+    def __init__(self, cfg: KyodoConfig, grid: Grid, model: dict[str, torch.Tensor], timeout: float = 600.0):
+        self.cfg = cfg
+        self.grid = grid
+        self.model = model
+        self.timeout = timeout
+        self.layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
+        self.optimizer = FedAvg(cfg.train.server_lr)
+        self.members: dict[int, MemberInfo] = {}
+
+    # ------------------------------------------------------------------ query
+    def query(self, round_number: int) -> dict[int, MemberInfo]:
+        node_ids = list(self.grid.get_node_ids())
+        members: dict[int, MemberInfo] = {}
+
+        def on_reply(reply: Message) -> None:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %s declined query: %s", node, reply.error.reason)
+                return
+            try:
+                info = QueryReply.from_content(reply.content)
+            except ProtocolError as err:
+                log.warning("node %s: %s", node, err)
+                return
+            members[node] = MemberInfo(node, info.member, tuple(info.embodiments), info.episodes)
+
+        msgs = [Message(QueryRequest(round_number).to_content(), n, QUERY) for n in node_ids]
+        missing = exchange(self.grid, msgs, self.timeout, on_reply)
+        for node in missing:
+            log.warning("node %s did not answer query in time", node)
+        names = [m.name for m in members.values()]
+        duplicated = {n for n in names if names.count(n) > 1}
+        if duplicated:
+            log.error("nodes claim the same member name %s: they are left out", sorted(duplicated))
+            members = {k: v for k, v in members.items() if v.name not in duplicated}
+        self.members = members
+        return members
+
+    def plan(self, round_number: int) -> RoundPlan:
+        return plan_round(
+            round_number,
+            list(self.members.values()),
+            n_layers=self.cfg.model.n_layers,
+            n_experts=self.cfg.model.n_experts,
+            embodiments=sorted(self.cfg.embodiments),
+            min_cohort=self.cfg.train.min_cohort,
+            experts_per_member=self.cfg.train.experts_per_member,
+        )
+
+    # ------------------------------------------------------------------ train + aggregate
+    def _trainable_shapes(self, shard: str) -> dict[str, tuple[int, ...]]:
+        return {
+            spec.name: tuple(spec.shape)
+            for spec in self.layout.shards[shard]
+            if not (shard == "adapter/shared" and ".lora_A." in spec.name)
+        }
+
+    def train_and_aggregate(self, round_number: int, plan: RoundPlan, result: RoundResult) -> None:
+        t = self.cfg.train
+        hp = TrainHyperParams(
+            lr=t.lr, local_steps=t.local_steps, batch_size=t.batch_size, weight_decay=t.weight_decay, seed=t.seed
+        )
+        by_name = {m.name: node for node, m in self.members.items()}
+        accumulators = {
+            shard: ShardMean(shard, cohort, self._trainable_shapes(shard)) for shard, cohort in plan.cohorts.items()
+        }
+        msgs = []
+        for member in plan.members:
+            request = TrainRequest(round_number, plan.shards_of(member), hp, self.model)
+            msgs.append(Message(request.to_content(), by_name[member], TRAIN))
+        node_to_name = {node: m.name for node, m in self.members.items()}
+
+        def on_reply(reply: Message) -> None:
+            member = node_to_name.get(reply.metadata.src_node_id, "?")
+            if reply.has_error():
+                result.failed[member] = f"train error {reply.error.code}: {reply.error.reason}"
+                log.warning("%s: %s", member, result.failed[member])
+                return
+            try:
+                parsed = TrainReply.from_content(reply.content)
+                if parsed.member != member:
+                    raise ProtocolError(f"reply names member {parsed.member!r}, node is {member!r}")
+                if sorted(parsed.shards) != sorted(plan.shards_of(member)):
+                    raise ProtocolError(f"reply covers shards {parsed.shards}, assigned {plan.shards_of(member)}")
+                grouped: dict[str, dict[str, torch.Tensor]] = {}
+                for name, tensor in parsed.deltas.items():
+                    grouped.setdefault(shard_of(name), {})[name] = tensor
+                if set(grouped) - set(parsed.shards):
+                    raise ProtocolError(f"reply has deltas for unassigned shards {sorted(set(grouped) - set(parsed.shards))}")
+                weight = float(parsed.num_examples)
+                for shard in parsed.shards:
+                    accumulators[shard].check(member, grouped.get(shard, {}), weight)
+                for shard in parsed.shards:
+                    accumulators[shard].add(member, grouped[shard], weight)
+            except (ProtocolError, AggregationError, ValueError) as err:
+                result.failed[member] = f"invalid train reply: {err}"
+                log.warning("%s: %s", member, result.failed[member])
+                return
+            parsed.deltas = {}  # fold-and-free: the sums hold what is needed
+            result.train[member] = parsed
+
+        missing = exchange(self.grid, msgs, self.timeout, on_reply)
+        for node in missing:
+            result.failed[node_to_name.get(node, str(node))] = "no train reply in time"
+
+        for shard, acc in accumulators.items():
+            if not acc.contributors:
+                result.failed[shard] = f"no valid contribution from cohort {acc.cohort}"
+                continue
+            # Embodiment adapters are aggregated over their owners, whoever answered; every
+            # other shard needs min_cohort actual contributors, not just planned ones.
+            if not shard.startswith("adapter/emb/") and len(acc.contributors) < t.min_cohort:
+                result.failed[shard] = (
+                    f"only {len(acc.contributors)} of cohort {acc.cohort} contributed (< min_cohort {t.min_cohort})"
+                )
+                continue
+            updated = self.optimizer.apply(self.model, acc.mean())
+            self.model.update(updated)
+            result.updated_shards.append(shard)
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, round_number: int, members: Iterable[int]) -> dict[str, EvaluateReply]:
+        out: dict[str, EvaluateReply] = {}
+        node_to_name = {node: m.name for node, m in self.members.items()}
+
+        def on_reply(reply: Message) -> None:
+            member = node_to_name.get(reply.metadata.src_node_id, "?")
+            if reply.has_error():
+                log.warning("%s: evaluate error %s: %s", member, reply.error.code, reply.error.reason)
+                return
+            try:
+                out[member] = EvaluateReply.from_content(reply.content)
+            except ProtocolError as err:
+                log.warning("%s: %s", member, err)
+
+        msgs = [Message(EvaluateRequest(round_number, self.model).to_content(), n, EVALUATE) for n in members]
+        exchange(self.grid, msgs, self.timeout, on_reply)
+        return out
+
+    def run_round(self, round_number: int) -> RoundResult:
+        start = time.monotonic()
+        self.query(round_number)
+        plan = self.plan(round_number)
+        result = RoundResult(round=round_number, plan=plan)
+        if plan.members:
+            self.train_and_aggregate(round_number, plan, result)
+        result.evaluation = self.evaluate(round_number, list(self.members))
+        result.seconds = time.monotonic() - start
+        return result

@@ -1,0 +1,1 @@
+"""kyodo member node: robot data, DP training of assigned shards, and the member CLI."""

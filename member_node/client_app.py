@@ -1,0 +1,79 @@
+"""Flower ClientApp of a member node: adapts Flower messages to :class:`MemberNode`.
+
+Every failure becomes an error reply with a code and a message, never a crash of the node,
+and a request that does not validate is refused before the member's data is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from member_node.identity import NodeConfigError, resolve_identity
+from member_node.lerobot import DatasetError
+from member_node.node import MemberNode
+from shared_model.config import ConfigError, config_from_run_config, to_yaml
+from shared_model.protocol import (
+    ERR_DATA,
+    ERR_INTERNAL,
+    ERR_INVALID_REQUEST,
+    ERR_NODE_CONFIG,
+    EvaluateRequest,
+    ProtocolError,
+    QueryRequest,
+    TrainRequest,
+)
+
+log = logging.getLogger("kyodo.member")
+app = ClientApp()
+
+# In simulation one process serves many messages; building the node (reading the dataset)
+# once per member and config saves seconds per message. Keyed by everything that shapes it.
+_NODES: dict[tuple[str, str, str], MemberNode] = {}
+
+
+def _node(context: Context) -> MemberNode:
+    cfg = config_from_run_config(context.run_config)
+    identity = resolve_identity(context.node_config, cfg)
+    key = (identity.name, str(identity.data_dir), to_yaml(cfg))
+    if key not in _NODES:
+        torch.set_num_threads(max(1, cfg.train.threads))
+        _NODES[key] = MemberNode(cfg, identity)
+    return _NODES[key]
+
+
+def _serve(message: Message, context: Context, handler: Callable[[MemberNode, Any], Any], parse) -> Message:
+    try:
+        node = _node(context)
+        request = parse(message.content)
+        reply = handler(node, request)
+        return Message(reply.to_content(), reply_to=message)
+    except ProtocolError as err:
+        return Message(Error(ERR_INVALID_REQUEST, f"invalid request: {err}"), reply_to=message)
+    except (NodeConfigError, ConfigError) as err:
+        return Message(Error(ERR_NODE_CONFIG, f"node configuration: {err}"), reply_to=message)
+    except DatasetError as err:
+        return Message(Error(ERR_DATA, f"member data: {err}"), reply_to=message)
+    except Exception as err:  # noqa: BLE001 - a node answers, it does not crash
+        log.exception("unexpected failure handling %s", message.metadata.message_type)
+        return Message(Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}"), reply_to=message)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    return _serve(message, context, MemberNode.query, QueryRequest.from_content)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    return _serve(message, context, MemberNode.train, TrainRequest.from_content)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    return _serve(message, context, MemberNode.evaluate, EvaluateRequest.from_content)

@@ -1,0 +1,657 @@
+"""LeRobot dataset format v3.0 on local disk, read and written with pyarrow only.
+
+Members keep their robot episodes in the format the robot-learning community already
+uses, so a member can point its node at a dataset recorded with LeRobot, and the synthetic
+demo data goes through the very reader real users rely on. No hub access, no ``lerobot``
+dependency: the layout is small enough to implement directly::
+
+    meta/info.json                                   schema, fps, path templates, totals
+    meta/stats.json                                  per-feature min/max/mean/std/count
+    meta/tasks.parquet                               task text -> task_index
+    meta/episodes/chunk-000/file-000.parquet         one row per episode: length, file, row range
+    data/chunk-XXX/file-XXX.parquet                  frames of many episodes per file
+
+The reader validates everything against the member's *declared* embodiment and raises
+:class:`DatasetError` naming the file and the field, because a member debugging its data
+should not have to read a pyarrow traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shared_model.config import EmbodimentConfig
+
+CODEBASE_VERSION = "v3.0"
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+DEFAULT_CHUNKS_SIZE = 1000
+DEFAULT_DATA_FILES_SIZE_IN_MB = 100
+DEFAULT_VIDEO_FILES_SIZE_IN_MB = 200
+
+STATE = "observation.state"
+ENV_STATE = "observation.environment_state"
+IMAGE_FEATURES = "observation.image_features"
+ACTION = "action"
+INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+
+# (feature key, EmbodimentConfig dimension attribute, Episode attribute)
+VECTOR_FEATURES = (
+    (STATE, "state_dim", "state"),
+    (ENV_STATE, "env_state_dim", "env_state"),
+    (IMAGE_FEATURES, "image_feature_dim", "image_features"),
+    (ACTION, "action_dim", "action"),
+)
+EPISODE_COLUMNS = (
+    "episode_index",
+    "length",
+    "data/chunk_index",
+    "data/file_index",
+    "dataset_from_index",
+    "dataset_to_index",
+)
+
+
+class DatasetError(ValueError):
+    """The dataset on disk is unusable; the message names the file and the field."""
+
+
+@dataclass(frozen=True, eq=False)
+class Episode:
+    """One recorded episode, all arrays time-major ([T, dim], float32)."""
+
+    index: int
+    state: np.ndarray
+    env_state: np.ndarray | None
+    image_features: np.ndarray | None
+    action: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return int(self.state.shape[0])
+
+    @property
+    def obs(self) -> np.ndarray:
+        """Proprioceptive state and environment state side by side: what the encoder sees."""
+        if self.env_state is None:
+            return self.state
+        return np.concatenate([self.state, self.env_state], axis=-1)
+
+
+@dataclass
+class LeRobotDataset:
+    """A validated dataset: its metadata, its episodes, and the files they came from."""
+
+    root: Path
+    info: dict[str, Any]
+    episodes: list[Episode]
+    embodiment_name: str
+    meta_files: tuple[Path, ...] = ()
+    data_files: tuple[Path, ...] = ()
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def fps(self) -> int:
+        return int(self.info["fps"])
+
+    @property
+    def num_frames(self) -> int:
+        return sum(ep.length for ep in self.episodes)
+
+    def fingerprint(self) -> str:
+        """sha256 of the manifest (info, episode metadata, data file hashes and sizes).
+
+        It identifies exactly which data a node trained on, for ledgers and resumption,
+        while revealing nothing about the frames themselves.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256(b"kyodo/lerobot-fingerprint/v1\n")
+            for path in (self.root / "meta" / "info.json", *self.meta_files, *self.data_files):
+                rel = path.relative_to(self.root).as_posix()
+                digest.update(f"{rel}\t{path.stat().st_size}\t{_file_sha256(path)}\n".encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def write_dataset(
+    root: Path | str,
+    embodiment: EmbodimentConfig,
+    embodiment_name: str,
+    episodes: Sequence[Episode],
+    *,
+    task: str = "",
+    names: Mapping[str, Sequence[str]] | None = None,
+    data_files_size_in_mb: float = DEFAULT_DATA_FILES_SIZE_IN_MB,
+    chunks_size: int = DEFAULT_CHUNKS_SIZE,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``episodes`` as a LeRobot v3.0 dataset at ``root`` and return ``root``.
+
+    Episodes are renumbered 0..N-1 in the given order, as the format requires. Data is
+    split into several files once a file would exceed ``data_files_size_in_mb`` (an
+    episode never spans two files). The dataset is built in a sibling temporary folder
+    and renamed into place, so a crash never leaves a half-written dataset behind.
+    """
+    root = Path(root)
+    if not episodes:
+        raise ValueError("write_dataset needs at least one episode")
+    if chunks_size < 1 or data_files_size_in_mb <= 0:
+        raise ValueError("chunks_size and data_files_size_in_mb must be positive")
+    for position, ep in enumerate(episodes):
+        _check_episode(ep, position, embodiment, embodiment_name)
+    _check_target(root, overwrite)
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        _write_all(tmp, embodiment, embodiment_name, episodes, task, names or {}, data_files_size_in_mb, chunks_size)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _check_target(root: Path, overwrite: bool) -> None:
+    """Refuse to clobber anything that is not an (empty dir or) earlier dataset."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise FileExistsError(f"{root}: exists and is not a directory")
+    if not any(root.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{root}: already exists and is not empty (pass overwrite=True to replace a dataset)")
+    if not (root / "meta" / "info.json").is_file():
+        raise FileExistsError(f"{root}: not a LeRobot dataset; refusing to overwrite it")
+
+
+def _check_episode(ep: Episode, position: int, emb: EmbodimentConfig, name: str) -> None:
+    length = ep.state.shape[0] if ep.state.ndim == 2 else -1
+    if length < 1:
+        raise ValueError(f"episode {position}: state must be [T>=1, state_dim], got {ep.state.shape}")
+    for key, dim_attr, attr in VECTOR_FEATURES:
+        dim = getattr(emb, dim_attr)
+        arr = getattr(ep, attr)
+        if dim == 0:
+            if arr is not None:
+                raise ValueError(f"episode {position}: has {attr} but embodiment {name!r} declares {dim_attr} 0")
+            continue
+        if arr is None or arr.shape != (length, dim):
+            shape = None if arr is None else arr.shape
+            raise ValueError(f"episode {position}: {key} has shape {shape}, expected ({length}, {dim}) for {name!r}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"episode {position}: {key} has non-finite values")
+
+
+def _write_all(
+    root: Path,
+    emb: EmbodimentConfig,
+    name: str,
+    episodes: Sequence[Episode],
+    task: str,
+    names: Mapping[str, Sequence[str]],
+    size_mb: float,
+    chunks_size: int,
+) -> None:
+    keys = [(key, attr) for key, dim_attr, attr in VECTOR_FEATURES if getattr(emb, dim_attr) > 0]
+    lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    columns = {key: np.concatenate([getattr(ep, attr) for ep in episodes]).astype(np.float32) for key, attr in keys}
+    frame_columns = _index_columns(lengths, emb.fps)
+    files = _assign_files(lengths, _bytes_per_frame(columns), size_mb, chunks_size)
+
+    for (chunk, file), eps in _group_by_file(files).items():
+        lo, hi = int(starts[eps[0]]), int(starts[eps[-1]] + lengths[eps[-1]])
+        table = _frames_table(
+            {k: v[lo:hi] for k, v in columns.items()}, {k: v[lo:hi] for k, v in frame_columns.items()}
+        )
+        _write_parquet(root / DATA_PATH.format(chunk_index=chunk, file_index=file), table)
+
+    episode_table = _episodes_table(lengths, starts, files, task, columns)
+    _write_parquet(root / EPISODES_PATH.format(chunk_index=0, file_index=0), episode_table)
+    _write_parquet(root / "meta" / "tasks.parquet", pa.table({"task_index": [0], "task": [task]}))
+    stats = {k: _stats(v) for k, v in {**columns, **frame_columns}.items()}
+    _write_json(root / "meta" / "stats.json", stats)
+    info = _info(emb, name, keys, names, len(episodes), int(lengths.sum()), size_mb, chunks_size)
+    _write_json(root / "meta" / "info.json", info)
+
+
+def _index_columns(lengths: np.ndarray, fps: int) -> dict[str, np.ndarray]:
+    total = int(lengths.sum())
+    episode_index = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    frame_index = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
+    return {
+        "timestamp": (frame_index / float(fps)).astype(np.float32),
+        "frame_index": frame_index,
+        "episode_index": episode_index,
+        "index": np.arange(total, dtype=np.int64),
+        "task_index": np.zeros(total, dtype=np.int64),
+    }
+
+
+def _bytes_per_frame(columns: Mapping[str, np.ndarray]) -> int:
+    return sum(4 * v.shape[1] for v in columns.values()) + 4 + 8 * 4
+
+
+def _assign_files(lengths: np.ndarray, bytes_per_frame: int, size_mb: float, chunks_size: int) -> list[tuple[int, int]]:
+    """(chunk, file) per episode: start a new file when the current one would overflow."""
+    limit = size_mb * 1024 * 1024
+    chunk = file = 0
+    used = 0
+    out = []
+    for length in lengths:
+        size = int(length) * bytes_per_frame
+        if used and used + size > limit:
+            chunk, file = (chunk + 1, 0) if file + 1 >= chunks_size else (chunk, file + 1)
+            used = 0
+        used += size
+        out.append((chunk, file))
+    return out
+
+
+def _group_by_file(files: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for ep, key in enumerate(files):
+        groups.setdefault(key, []).append(ep)
+    return groups
+
+
+def _vector_array(values: np.ndarray) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), type=pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def _frames_table(vectors: Mapping[str, np.ndarray], scalars: Mapping[str, np.ndarray]) -> pa.Table:
+    arrays = {k: _vector_array(v) for k, v in vectors.items()}
+    arrays.update({k: pa.array(v) for k, v in scalars.items()})
+    return pa.table(arrays)
+
+
+def _episodes_table(
+    lengths: np.ndarray,
+    starts: np.ndarray,
+    files: Sequence[tuple[int, int]],
+    task: str,
+    columns: Mapping[str, np.ndarray],
+) -> pa.Table:
+    n = len(lengths)
+    data: dict[str, Any] = {
+        "episode_index": pa.array(np.arange(n, dtype=np.int64)),
+        "tasks": pa.array([[task]] * n, type=pa.list_(pa.string())),
+        "length": pa.array(lengths),
+        "data/chunk_index": pa.array(np.array([c for c, _ in files], dtype=np.int64)),
+        "data/file_index": pa.array(np.array([f for _, f in files], dtype=np.int64)),
+        "dataset_from_index": pa.array(starts),
+        "dataset_to_index": pa.array(starts + lengths),
+    }
+    for key, values in columns.items():
+        for stat, per_episode in _episode_stats(values, starts).items():
+            data[f"stats/{key}/{stat}"] = pa.array(per_episode.tolist(), type=pa.list_(pa.float64()))
+        data[f"stats/{key}/count"] = pa.array([[int(x)] for x in lengths], type=pa.list_(pa.int64()))
+    data["meta/episodes/chunk_index"] = pa.array(np.zeros(n, dtype=np.int64))
+    data["meta/episodes/file_index"] = pa.array(np.zeros(n, dtype=np.int64))
+    return pa.table(data)
+
+
+def _episode_stats(values: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-episode min/max/mean/std without a Python loop over episodes (np.ufunc.reduceat)."""
+    v = values.astype(np.float64)
+    counts = np.diff(np.append(starts, len(v)))[:, None]
+    mean = np.add.reduceat(v, starts, axis=0) / counts
+    sq = np.add.reduceat(v * v, starts, axis=0) / counts
+    return {
+        "min": np.minimum.reduceat(v, starts, axis=0),
+        "max": np.maximum.reduceat(v, starts, axis=0),
+        "mean": mean,
+        "std": np.sqrt(np.maximum(sq - mean * mean, 0.0)),
+    }
+
+
+def _stats(values: np.ndarray) -> dict[str, list[float] | list[int]]:
+    v = values.astype(np.float64).reshape(len(values), -1)
+    return {
+        "min": v.min(axis=0).tolist(),
+        "max": v.max(axis=0).tolist(),
+        "mean": v.mean(axis=0).tolist(),
+        "std": v.std(axis=0).tolist(),
+        "count": [len(v)],
+    }
+
+
+def _info(
+    emb: EmbodimentConfig,
+    name: str,
+    keys: Sequence[tuple[str, str]],
+    names: Mapping[str, Sequence[str]],
+    n_episodes: int,
+    n_frames: int,
+    size_mb: float,
+    chunks_size: int,
+) -> dict[str, Any]:
+    dims = {key: getattr(emb, dim_attr) for key, dim_attr, _ in VECTOR_FEATURES}
+    features: dict[str, Any] = {}
+    for key, _ in keys:
+        feature_names = list(names.get(key, [f"{key}.{i}" for i in range(dims[key])]))
+        if len(feature_names) != dims[key]:
+            raise ValueError(f"names for {key} has {len(feature_names)} entries but the feature has {dims[key]}")
+        features[key] = {"dtype": "float32", "shape": [dims[key]], "names": feature_names}
+    features["timestamp"] = {"dtype": "float32", "shape": [1], "names": None}
+    for key in INDEX_COLUMNS[1:]:
+        features[key] = {"dtype": "int64", "shape": [1], "names": None}
+    return {
+        "codebase_version": CODEBASE_VERSION,
+        "robot_type": name,
+        "total_episodes": n_episodes,
+        "total_frames": n_frames,
+        "total_tasks": 1,
+        "chunks_size": chunks_size,
+        "data_files_size_in_mb": size_mb,
+        "video_files_size_in_mb": DEFAULT_VIDEO_FILES_SIZE_IN_MB,
+        "fps": emb.fps,
+        "splits": {"train": f"0:{n_episodes}"},
+        "data_path": DATA_PATH,
+        "video_path": None,
+        "features": features,
+    }
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name: str) -> LeRobotDataset:
+    """Read and validate a LeRobot v3.0 dataset against the member's declared embodiment."""
+    root = Path(root)
+    info_path = root / "meta" / "info.json"
+    info = _read_info(root, info_path)
+    _check_info(info, info_path, embodiment, embodiment_name)
+    meta, meta_files = _read_episode_meta(root, info, info_path)
+    episodes, data_files = _read_frames(root, info, meta, embodiment)
+    return LeRobotDataset(
+        root=root,
+        info=info,
+        episodes=episodes,
+        embodiment_name=embodiment_name,
+        meta_files=tuple(meta_files),
+        data_files=tuple(data_files),
+    )
+
+
+def _read_info(root: Path, info_path: Path) -> dict[str, Any]:
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset directory not found (expected meta/info.json inside it)")
+    if not info_path.is_file():
+        raise DatasetError(f"{info_path}: file not found (every LeRobot dataset has meta/info.json)")
+    try:
+        info = json.loads(info_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{info_path}: invalid JSON: {err}") from None
+    if not isinstance(info, dict):
+        raise DatasetError(f"{info_path}: top level must be a JSON object, not {type(info).__name__}")
+    return info
+
+
+def _require(info: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    if key not in info:
+        raise DatasetError(f"{path}: field {key!r} is missing")
+    value = info[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DatasetError(f"{path}: field {key!r} has the wrong type ({type(value).__name__}: {value!r})")
+    return value
+
+
+def _check_info(info: dict[str, Any], path: Path, emb: EmbodimentConfig, name: str) -> None:
+    version = info.get("codebase_version")
+    if version != CODEBASE_VERSION:
+        raise DatasetError(
+            f"{path}: field 'codebase_version' is {version!r} but only {CODEBASE_VERSION!r} is supported"
+            " (convert older datasets with LeRobot's v2.1 -> v3.0 converter)"
+        )
+    features = _require(info, "features", dict, path)
+    for key, dim_attr, _ in VECTOR_FEATURES:
+        _check_vector_feature(features, key, getattr(emb, dim_attr), dim_attr, path, name)
+    for key in INDEX_COLUMNS:
+        if key not in features:
+            raise DatasetError(f"{path}: feature {key!r} is missing from 'features'")
+    # The policy's history and action chunk span a fixed time: a different rate changes their meaning.
+    fps = _require(info, "fps", (int, float), path)
+    if fps != emb.fps:
+        raise DatasetError(f"{path}: field 'fps' is {fps} but embodiment {name!r} declares fps {emb.fps}")
+    data_path = _require(info, "data_path", str, path)
+    try:
+        data_path.format(chunk_index=0, file_index=0)
+    except (KeyError, IndexError, ValueError) as err:
+        raise DatasetError(f"{path}: field 'data_path' {data_path!r} is not a valid path template ({err})") from None
+    for key in ("total_episodes", "total_frames"):
+        _require(info, key, int, path)
+
+
+def _check_vector_feature(
+    features: Mapping[str, Any], key: str, dim: int, dim_attr: str, path: Path, name: str
+) -> None:
+    spec = features.get(key)
+    if spec is None:
+        if dim > 0:
+            raise DatasetError(f"{path}: feature {key!r} is missing but embodiment {name!r} declares {dim_attr} {dim}")
+        return
+    if not isinstance(spec, dict):
+        raise DatasetError(f"{path}: feature {key!r} must be an object with dtype/shape/names")
+    shape = spec.get("shape")
+    if shape != [dim]:
+        raise DatasetError(
+            f"{path}: feature {key!r} has shape {shape} but embodiment {name!r} declares {dim_attr} {dim}"
+        )
+    dtype = spec.get("dtype")
+    if dtype not in ("float32", "float64"):
+        raise DatasetError(f"{path}: feature {key!r} has dtype {dtype!r}; expected 'float32'")
+
+
+def _read_episode_meta(
+    root: Path, info: Mapping[str, Any], info_path: Path
+) -> tuple[dict[str, np.ndarray], list[Path]]:
+    meta_dir = root / "meta" / "episodes"
+    files = sorted(meta_dir.glob("chunk-*/file-*.parquet"))
+    if not files:
+        raise DatasetError(f"{meta_dir}: no episode metadata (expected chunk-000/file-000.parquet)")
+    parts: dict[str, list[np.ndarray]] = {col: [] for col in EPISODE_COLUMNS}
+    for path in files:
+        table = _read_parquet(path, EPISODE_COLUMNS)
+        for col in EPISODE_COLUMNS:
+            parts[col].append(_int_column(table, col, path))
+    meta = {col: np.concatenate(chunks) for col, chunks in parts.items()}
+    order = np.argsort(meta["episode_index"], kind="stable")
+    meta = {col: values[order] for col, values in meta.items()}
+    meta["_meta_file"] = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts["episode_index"])])[order]
+    _check_episode_meta(meta, files, info, info_path)
+    return meta, files
+
+
+def _check_episode_meta(
+    meta: Mapping[str, np.ndarray], files: Sequence[Path], info: Mapping[str, Any], info_path: Path
+) -> None:
+    ids = meta["episode_index"]
+    if len(np.unique(ids)) != len(ids):
+        raise DatasetError(f"{files[0].parent.parent}: field 'episode_index' lists an episode twice")
+    if len(ids) != info["total_episodes"]:
+        raise DatasetError(
+            f"{info_path}: field 'total_episodes' is {info['total_episodes']} but meta/episodes lists {len(ids)}"
+        )
+    span = meta["dataset_to_index"] - meta["dataset_from_index"]
+    for i in np.flatnonzero((meta["length"] < 1) | (span != meta["length"])):
+        path = files[int(meta["_meta_file"][i])]
+        raise DatasetError(
+            f"{path}: episode {int(ids[i])} field 'length' is {int(meta['length'][i])} but "
+            f"'dataset_to_index' - 'dataset_from_index' is {int(span[i])}"
+        )
+    total = int(meta["length"].sum())
+    if total != info["total_frames"]:
+        raise DatasetError(
+            f"{info_path}: field 'total_frames' is {info['total_frames']} but meta/episodes sums to {total}"
+        )
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> pa.Table:
+    """Read ``columns`` of one parquet file, turning every failure into a DatasetError."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        parquet = pq.ParquetFile(path)
+        present = set(parquet.schema_arrow.names)
+        for col in columns:
+            if col not in present:
+                raise DatasetError(f"{path}: column {col!r} is missing")
+        return parquet.read(columns=list(columns))
+    except DatasetError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise DatasetError(f"{path}: not a readable parquet file ({err})") from None
+
+
+def _int_column(table: pa.Table, col: str, path: Path) -> np.ndarray:
+    column = table.column(col)
+    if column.null_count or not pa.types.is_integer(column.type):
+        raise DatasetError(f"{path}: column {col!r} must hold integers without nulls (type {column.type})")
+    return column.to_numpy().astype(np.int64)
+
+
+def _vector_column(table: pa.Table, col: str, dim: int, path: Path) -> np.ndarray:
+    """A list<float> column as a [rows, dim] float32 array, with shape and null checks."""
+    column = table.column(col).combine_chunks()
+    if column.null_count:
+        raise DatasetError(f"{path}: column {col!r} has null rows")
+    kind = column.type
+    if pa.types.is_fixed_size_list(kind):
+        width = kind.list_size
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        widths = _list_lengths(column)
+        width = int(widths[0]) if len(widths) else dim
+        if len(widths) and np.any(widths != width):
+            raise DatasetError(f"{path}: column {col!r} has rows of different lengths")
+    else:
+        raise DatasetError(f"{path}: column {col!r} has type {kind}; expected a list of floats")
+    if width != dim:
+        raise DatasetError(f"{path}: column {col!r} has rows of length {width} but meta/info.json declares {dim}")
+    if not pa.types.is_floating(kind.value_type):
+        raise DatasetError(f"{path}: column {col!r} holds {kind.value_type}; expected float32")
+    values = column.flatten()
+    if values.null_count:
+        raise DatasetError(f"{path}: column {col!r} has null values")
+    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), dim)
+
+
+def _list_lengths(column: pa.Array) -> np.ndarray:
+    """Row lengths of a (large) list array."""
+    return np.diff(column.offsets.to_numpy())
+
+
+def _read_frames(
+    root: Path, info: Mapping[str, Any], meta: Mapping[str, np.ndarray], emb: EmbodimentConfig
+) -> tuple[list[Episode], list[Path]]:
+    vectors = {attr: (key, getattr(emb, dim_attr)) for key, dim_attr, attr in VECTOR_FEATURES if getattr(emb, dim_attr)}
+    columns = ["episode_index", "frame_index", *(key for key, _ in vectors.values())]
+    file_of = np.stack([meta["data/chunk_index"], meta["data/file_index"]], axis=1)
+    keys, inverse = np.unique(file_of, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    episodes: list[Episode | None] = [None] * len(meta["episode_index"])
+    data_files = []
+    for k, (chunk, file) in enumerate(keys):
+        path = root / info["data_path"].format(chunk_index=int(chunk), file_index=int(file))
+        rows = np.flatnonzero(inverse == k)
+        if not path.is_file():
+            ep = int(meta["episode_index"][rows[0]])
+            raise DatasetError(
+                f"{path}: data file not found (named by meta/episodes fields"
+                f" 'data/chunk_index', 'data/file_index' of episode {ep})"
+            )
+        table = _read_parquet(path, columns)
+        for row, episode in zip(rows, _split_file(table, path, meta, rows, vectors), strict=True):
+            episodes[row] = episode
+        data_files.append(path)
+    return [ep for ep in episodes if ep is not None], data_files
+
+
+def _split_file(
+    table: pa.Table,
+    path: Path,
+    meta: Mapping[str, np.ndarray],
+    rows: np.ndarray,
+    vectors: Mapping[str, tuple[str, int]],
+) -> list[Episode]:
+    """Cut one data file into its episodes, checking counts and frame order."""
+    episode_index = _int_column(table, "episode_index", path)
+    frame_index = _int_column(table, "frame_index", path)
+    arrays = {attr: _vector_column(table, key, dim, path) for attr, (key, dim) in vectors.items()}
+    for attr, (key, _) in vectors.items():
+        bad = ~np.isfinite(arrays[attr]).all(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DatasetError(
+                f"{path}: column {key!r} has non-finite values "
+                f"(episode {int(episode_index[i])}, frame {int(frame_index[i])})"
+            )
+    order = np.lexsort((frame_index, episode_index))
+    sorted_eps = episode_index[order]
+    wanted = meta["episode_index"][rows]
+    stray = np.setdiff1d(np.unique(sorted_eps), wanted)
+    if len(stray):
+        raise DatasetError(
+            f"{path}: column 'episode_index' holds episode {int(stray[0])}, which meta/episodes places elsewhere"
+        )
+    lo = np.searchsorted(sorted_eps, wanted, side="left")
+    hi = np.searchsorted(sorted_eps, wanted, side="right")
+    out = []
+    for ep_id, a, b, length in zip(wanted, lo, hi, meta["length"][rows], strict=True):
+        if b - a != length:
+            raise DatasetError(
+                f"{path}: episode {int(ep_id)} has {int(b - a)} frames"
+                f" but meta/episodes field 'length' is {int(length)}"
+            )
+        idx = order[a:b]
+        if not np.array_equal(frame_index[idx], np.arange(length)):
+            raise DatasetError(f"{path}: column 'frame_index' of episode {int(ep_id)} is not 0..{int(length) - 1}")
+        out.append(
+            Episode(
+                index=int(ep_id),
+                state=arrays["state"][idx],
+                env_state=arrays["env_state"][idx] if "env_state" in arrays else None,
+                image_features=arrays["image_features"][idx] if "image_features" in arrays else None,
+                action=arrays["action"][idx],
+            )
+        )
+    return out

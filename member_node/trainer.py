@@ -1,0 +1,138 @@
+"""Local training of the assigned shards, and held-out evaluation, on the member's own data.
+
+Built around the episode as the unit: each step draws a set of episodes and takes one
+window from each, and the loss is a sum of per-episode terms. That is exactly the shape
+DP-SGD needs (per-sample gradients = per-episode gradients), so the privacy layer plugs in
+by replacing :class:`EpisodeSampler` (Poisson sampling) and wrapping the optimiser, without
+touching the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from member_node.windows import EpisodeWindows, WindowBatch
+from shared_model.policy import Policy
+from shared_model.protocol import TrainHyperParams
+from shared_model.shards import set_trainable
+
+
+def per_sample_loss(
+    pred: torch.Tensor, target: torch.Tensor, pad: torch.Tensor, aux: torch.Tensor, aux_coef: float
+) -> torch.Tensor:
+    """Masked action-chunk MSE plus the router load-balancing term, one value per sample [B].
+
+    Padded chunk steps (past the episode end) do not count. Returning [B] rather than a
+    scalar keeps every term attributable to one episode (needed for DP clipping).
+    """
+    mask = (~pad).to(pred.dtype).unsqueeze(-1)  # [B, K, 1]
+    sq = (pred - target) ** 2 * mask
+    denom = (mask.sum(dim=(1, 2)) * pred.shape[-1]).clamp_min(1.0)
+    return sq.sum(dim=(1, 2)) / denom + aux_coef * aux
+
+
+class EpisodeSampler(Protocol):
+    """Chooses which training episodes (positions) take part in one step."""
+
+    def __call__(self, n_episodes: int, rng: np.random.Generator) -> np.ndarray: ...
+
+
+@dataclass
+class UniformSampler:
+    """Non-private sampling: a fixed-size batch of distinct episodes (with replacement only
+    when the member has fewer episodes than the batch)."""
+
+    batch_size: int
+
+    def __call__(self, n_episodes: int, rng: np.random.Generator) -> np.ndarray:
+        replace = n_episodes < self.batch_size
+        return rng.choice(n_episodes, size=self.batch_size, replace=replace)
+
+
+@dataclass
+class TrainResult:
+    deltas: dict[str, torch.Tensor]
+    num_examples: int  # training episodes available this round (FedAvg's n_k)
+    loss: float  # mean per-sample loss over the round's last quarter of steps
+    steps: int
+
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter], TrainHyperParams], torch.optim.Optimizer]
+
+
+def adamw(params: Iterable[torch.nn.Parameter], hp: TrainHyperParams) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(list(params), lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+def _forward(policy: Policy, embodiment: str, batch: WindowBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    return policy(embodiment, batch.obs, batch.image)
+
+
+def train_shards(
+    policy: Policy,
+    embodiment: str,
+    windows: EpisodeWindows,
+    shards: list[str],
+    hp: TrainHyperParams,
+    *,
+    aux_coef: float,
+    rng: np.random.Generator,
+    sampler: EpisodeSampler | None = None,
+    make_optimizer: OptimizerFactory = adamw,
+) -> TrainResult:
+    """Train only ``shards`` (everything else frozen) and return their deltas."""
+    if len(windows) == 0:
+        raise ValueError("no training episodes")
+    names = set(set_trainable(policy, shards))
+    if not names:
+        raise ValueError(f"shards {shards} have no trainable parameters")
+    params = {n: p for n, p in policy.named_parameters() if n in names}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = make_optimizer(params.values(), hp)
+    sampler = sampler or UniformSampler(hp.batch_size)
+    policy.train()
+    losses: list[float] = []
+    for _ in range(hp.local_steps):
+        ids = sampler(len(windows), rng)
+        batch = windows.sample(ids, rng)
+        pred, aux = _forward(policy, embodiment, batch)
+        loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, aux_coef)
+        optimizer.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        optimizer.step()
+        losses.append(float(loss.detach().mean()))
+    tail = losses[-max(1, len(losses) // 4) :]
+    deltas = {n: (p.detach() - before[n]).contiguous() for n, p in params.items()}
+    set_trainable(policy, [])
+    return TrainResult(deltas=deltas, num_examples=len(windows), loss=float(np.mean(tail)), steps=hp.local_steps)
+
+
+@dataclass
+class EvalResult:
+    num_examples: int
+    action_mse: float  # normalised units, comparable across embodiments
+    action_mae: float  # physical units of the embodiment
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, embodiment: str, windows: EpisodeWindows, batch_size: int = 256) -> EvalResult:
+    """Held-out action error over every window of the held-out episodes (padding excluded)."""
+    policy.eval()
+    sq_sum = abs_sum = count = 0.0
+    n = 0
+    for batch in windows.all_windows(batch_size):
+        pred, _ = _forward(policy, embodiment, batch)
+        mask = (~batch.action_pad).to(pred.dtype).unsqueeze(-1).expand_as(pred)
+        sq_sum += float((((pred - batch.action) ** 2) * mask).sum())
+        phys = windows.denormalize_action(pred) - windows.denormalize_action(batch.action)
+        abs_sum += float((phys.abs() * mask).sum())
+        count += float(mask.sum())
+        n += pred.shape[0]
+    if count == 0:
+        raise ValueError("no held-out windows to evaluate")
+    return EvalResult(num_examples=n, action_mse=sq_sum / count, action_mae=abs_sum / count)

@@ -1,0 +1,179 @@
+"""Training windows for an action-chunking policy (as ACT / LeRobot's ``delta_timestamps``).
+
+Every frame t of every episode is one window: the observation history obs[t-H+1 .. t]
+(frames before the start repeat frame 0) and the action chunk action[t .. t+K-1] (steps
+past the end repeat the last action and are flagged in ``action_pad`` so the loss can
+ignore them).
+
+Normalisation divides by the embodiment's *public* bounds from the spec sheet, never by
+statistics of the data: a data-dependent scale would itself leak private information and
+would also differ between members, breaking the shared model's input convention.
+
+Sampling is per episode because the privacy unit of DP-SGD is the episode: the trainer
+Poisson-samples episodes and each sampled episode contributes exactly one window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from member_node.lerobot import Episode
+from shared_model.config import EmbodimentConfig
+
+
+@dataclass
+class WindowBatch:
+    """A batch of windows; ``action_pad`` is True where the chunk ran past the episode end."""
+
+    obs: torch.Tensor  # [B, H, obs_dim] float32, normalised
+    image: torch.Tensor | None  # [B, H, image_feature_dim] float32
+    action: torch.Tensor  # [B, K, action_dim] float32, normalised
+    action_pad: torch.Tensor  # [B, K] bool
+
+    def __len__(self) -> int:
+        return int(self.obs.shape[0])
+
+    def to(self, device: torch.device | str) -> WindowBatch:
+        return WindowBatch(
+            obs=self.obs.to(device),
+            image=None if self.image is None else self.image.to(device),
+            action=self.action.to(device),
+            action_pad=self.action_pad.to(device),
+        )
+
+
+def split_episodes(indices: Sequence[int], held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split episode ids into (train, held_out), by episode so no episode leaks across.
+
+    Deterministic for a given seed and set of ids (their order does not matter). With two
+    or more episodes each side gets at least one; a single episode goes to training.
+    """
+    if not 0.0 <= held_out_fraction <= 1.0:
+        raise ValueError(f"held_out_fraction must be in [0, 1], got {held_out_fraction}")
+    given = np.asarray(list(indices), dtype=np.int64)
+    ids = np.unique(given)
+    if len(ids) != len(given):
+        raise ValueError("split_episodes: episode ids must be unique")
+    n = len(ids)
+    if n < 2:
+        return ids.tolist(), []
+    n_held = min(max(int(round(n * held_out_fraction)), 1), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    held = np.sort(ids[perm[:n_held]])
+    train = np.sort(ids[perm[n_held:]])
+    return train.tolist(), held.tolist()
+
+
+def obs_scale(embodiment: EmbodimentConfig) -> np.ndarray:
+    """Public per-dimension scale of one observation step (state, then env state)."""
+    return _scale([*embodiment.state_bound, *embodiment.env_state_bound], "state_bound/env_state_bound")
+
+
+def action_scale(embodiment: EmbodimentConfig) -> np.ndarray:
+    """Public per-dimension scale of one action."""
+    return _scale(list(embodiment.action_bound), "action_bound")
+
+
+def _scale(bound: list[float], what: str) -> np.ndarray:
+    scale = np.asarray(bound, dtype=np.float32)
+    if scale.size == 0 or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise ValueError(f"{what} must be positive and finite, got {bound}")
+    return scale
+
+
+class EpisodeWindows:
+    """All windows of a set of episodes, as flat arrays plus precomputed index tables.
+
+    Frames are stored once ([N, dim]); each window is a row of an index table ([W, H] for
+    the history, [W, K] for the chunk), so sampling is a single fancy-indexing gather and
+    memory does not grow with H and K.
+    """
+
+    def __init__(self, episodes: Sequence[Episode], embodiment: EmbodimentConfig, history: int, chunk: int) -> None:
+        if history < 1 or chunk < 1:
+            raise ValueError(f"history and chunk must be >= 1, got {history} and {chunk}")
+        self.history = history
+        self.chunk = chunk
+        self.obs_dim = embodiment.obs_dim
+        self.action_dim = embodiment.action_dim
+        self.image_dim = embodiment.image_feature_dim
+        self._obs_scale = obs_scale(embodiment)
+        self._action_scale = action_scale(embodiment)
+        self.lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
+        if np.any(self.lengths < 1):
+            raise ValueError("every episode needs at least one frame")
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        self._obs = self._stack(episodes, "obs", self.obs_dim) / self._obs_scale
+        self._action = self._stack(episodes, "action", self.action_dim) / self._action_scale
+        self._image = self._stack(episodes, "image_features", self.image_dim) if self.image_dim else None
+        self._obs_idx, self._act_idx, self._pad = self._index_tables()
+
+    @staticmethod
+    def _stack(episodes: Sequence[Episode], attr: str, dim: int) -> np.ndarray:
+        parts = [getattr(ep, attr) for ep in episodes]
+        for i, part in enumerate(parts):
+            if part is None or part.ndim != 2 or part.shape[1] != dim:
+                shape = None if part is None else part.shape
+                raise ValueError(f"episode {i}: {attr} has shape {shape}, expected [T, {dim}]")
+        if not parts:
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.concatenate(parts).astype(np.float32)
+
+    def _index_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat frame indices of each window's history and chunk, and the chunk pad mask."""
+        episode_of = np.repeat(np.arange(len(self.lengths)), self.lengths)
+        start = self.starts[episode_of][:, None]
+        last = (self.lengths[episode_of] - 1)[:, None]
+        t = np.arange(int(self.lengths.sum()), dtype=np.int64)[:, None] - start
+        past = t + np.arange(1 - self.history, 1)[None, :]
+        future = t + np.arange(self.chunk)[None, :]
+        obs_idx = start + np.maximum(past, 0)
+        act_idx = start + np.minimum(future, last)
+        return obs_idx, act_idx, future > last
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def num_windows(self) -> int:
+        return int(self.lengths.sum())
+
+    def sample(self, episode_ids: Sequence[int], rng: np.random.Generator) -> WindowBatch:
+        """One uniformly random window from each listed episode (positions in the list).
+
+        Exactly one window per listed episode is what bounds each episode's contribution
+        to a DP-SGD step, so the episode is the privacy unit.
+        """
+        ids = np.asarray(episode_ids, dtype=np.int64).reshape(-1)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"episode ids must be in 0..{len(self) - 1}, got {ids.min()}..{ids.max()}")
+        offsets = rng.integers(0, self.lengths[ids]) if len(ids) else np.zeros(0, dtype=np.int64)
+        return self._gather(self.starts[ids] + offsets)
+
+    def all_windows(self, batch_size: int = 256) -> Iterator[WindowBatch]:
+        """Every window once, in order, for evaluation."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        total = self.num_windows()
+        for lo in range(0, total, batch_size):
+            yield self._gather(np.arange(lo, min(lo + batch_size, total)))
+
+    def _gather(self, windows: np.ndarray) -> WindowBatch:
+        obs_idx = self._obs_idx[windows]
+        return WindowBatch(
+            obs=torch.from_numpy(self._obs[obs_idx]),
+            image=None if self._image is None else torch.from_numpy(self._image[obs_idx]),
+            action=torch.from_numpy(self._action[self._act_idx[windows]]),
+            action_pad=torch.from_numpy(self._pad[windows]),
+        )
+
+    def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
+        """Raw observations (state, env state) to the model's normalised scale."""
+        return obs / torch.as_tensor(self._obs_scale, dtype=obs.dtype, device=obs.device)
+
+    def denormalize_action(self, a: torch.Tensor) -> torch.Tensor:
+        """Model output (normalised) back to physical action units."""
+        return a * torch.as_tensor(self._action_scale, dtype=a.dtype, device=a.device)

@@ -1,0 +1,1 @@
+"""The shared model: MoE transformer policy, LoRA adapters, shard layout and shard store."""

@@ -1,0 +1,261 @@
+"""Typed configuration for kyodo, loaded with OmegaConf.
+
+Every YAML file under ``configs/`` is merged onto these dataclasses in *struct* mode, so a
+misspelled key anywhere (file, command-line dotlist or Flower run config) fails loudly with
+the key's full path instead of being silently ignored. The config lives in ``shared_model``
+because it is the lowest layer: the model, the member node and the coordinator all read it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the shared MoE transformer policy."""
+
+    name: str = "tiny"
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    n_experts: int = 4
+    top_k: int = 2
+    expert_hidden: int = 64
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_seed: int = 1234
+    adapter_hidden: int = 64
+    history: int = 4
+    chunk: int = 8
+    aux_loss_coef: float = 0.01
+    init_seed: int = 0
+
+
+@dataclass
+class EmbodimentConfig:
+    """A robot body: what its data looks like. Public to the consortium, never data."""
+
+    kind: str = "arm"
+    state_dim: int = 0
+    env_state_dim: int = 0
+    image_feature_dim: int = 0
+    action_dim: int = 0
+    fps: int = 30
+    # Public physical ranges (spec sheet), used to normalise inputs and outputs locally so
+    # that normalisation never depends on private data.
+    state_bound: list[float] = field(default_factory=list)
+    env_state_bound: list[float] = field(default_factory=list)
+    action_bound: list[float] = field(default_factory=list)
+
+    @property
+    def obs_dim(self) -> int:
+        """Width of one observation step fed to the embodiment's input encoder."""
+        return self.state_dim + self.env_state_dim
+
+
+@dataclass
+class MemberConfig:
+    """A consortium member as the local simulation knows it (deployment: node config)."""
+
+    name: str = ""
+    embodiment: str = ""
+    episodes: int = 60
+    episode_seconds: float = 4.0
+    seed: int = 0
+
+
+@dataclass
+class FederationConfig:
+    name: str = "default"
+    members: list[MemberConfig] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    """Round and optimisation settings the coordinator sends with every round."""
+
+    rounds: int = 3
+    local_steps: int = 20
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    min_cohort: int = 3
+    experts_per_member: int = 2
+    server_lr: float = 1.0
+    held_out_fraction: float = 0.2
+    seed: int = 0
+    threads: int = 1
+
+
+@dataclass
+class KyodoConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embodiments: dict[str, EmbodimentConfig] = field(default_factory=dict)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/demo"
+    data_root: str = "data/demo"
+
+
+def _available(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def _load_yaml(kind: str, name: str) -> DictConfig:
+    path = CONFIG_DIR / kind / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {kind} config {name!r}; available: {', '.join(_available(kind))}")
+    return OmegaConf.load(path)
+
+
+def _describe(err: Exception) -> str:
+    """OmegaConf's first message line, without its multi-line object dump."""
+    msg = getattr(err, "msg", None) or str(err)
+    return msg.splitlines()[0]
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (OmegaConfBaseException, TypeError) as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{source}: bad key or value {key!r}: {_describe(err)}") from None
+
+
+def _apply_override(cfg: DictConfig, item: str) -> None:
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
+    try:
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise ConfigKeyError(f"Key '{key}' does not exist")
+        OmegaConf.update(cfg, key, value, merge=True)
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
+        raise ConfigError(f"override {item!r}: unknown key or bad value for {key!r}: {_describe(err)}") from None
+
+
+_MISSING = object()
+
+
+def load_config(
+    model: str = "tiny",
+    federation: str = "default",
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> KyodoConfig:
+    """Compose schema <- ``configs/embodiments.yaml`` <- model <- federation <- overrides.
+
+    ``overrides`` is a dotlist (``["train.rounds=5"]``) or a flat mapping of dotted keys
+    (Flower's run config). The preset names themselves may also be overridden this way
+    with the keys ``model`` / ``federation`` holding a preset name.
+    """
+    items = _as_dotlist(overrides)
+    presets = {"model": model, "federation": federation}
+    rest: list[str] = []
+    for item in items:
+        key, _, value = item.partition("=")
+        if key in presets:
+            presets[key] = value
+        else:
+            rest.append(item)
+    cfg = OmegaConf.structured(KyodoConfig)
+    OmegaConf.set_struct(cfg, True)
+    # Embodiments are a name -> spec mapping: new names are allowed, but each spec is still
+    # a typed EmbodimentConfig, so a misspelled field inside one is still an error.
+    OmegaConf.set_struct(cfg.embodiments, False)
+    cfg = _merge(cfg, {"embodiments": OmegaConf.load(CONFIG_DIR / "embodiments.yaml")}, "configs/embodiments.yaml")
+    cfg = _merge(cfg, {"model": _load_yaml("model", presets["model"])}, f"configs/model/{presets['model']}.yaml")
+    cfg = _merge(
+        cfg, {"federation": _load_yaml("federation", presets["federation"])}, f"configs/federation/{presets['federation']}.yaml"
+    )
+    for item in rest:
+        _apply_override(cfg, item)
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, KyodoConfig)
+    validate(obj)
+    return obj
+
+
+def _as_dotlist(overrides: Sequence[str] | Mapping[str, Any]) -> list[str]:
+    if isinstance(overrides, Mapping):
+        out = []
+        for key, value in overrides.items():
+            if isinstance(value, bool):
+                value = str(value).lower()
+            out.append(f"{key}={value}")
+        return out
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    return list(overrides)
+
+
+def validate(cfg: KyodoConfig) -> None:
+    """Cross-field checks that a schema cannot express."""
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if not 1 <= m.top_k <= m.n_experts:
+        raise ConfigError(f"model.top_k ({m.top_k}) must be in 1..model.n_experts ({m.n_experts})")
+    for name, emb in cfg.embodiments.items():
+        for field_name, dim in (("state", emb.state_dim), ("env_state", emb.env_state_dim), ("action", emb.action_dim)):
+            bound = getattr(emb, f"{field_name}_bound")
+            if len(bound) != dim:
+                raise ConfigError(
+                    f"embodiments.{name}.{field_name}_bound has {len(bound)} values but {field_name}_dim is {dim}"
+                )
+        if emb.state_dim <= 0 or emb.action_dim <= 0:
+            raise ConfigError(f"embodiments.{name}: state_dim and action_dim must be positive")
+    seen = set()
+    for i, member in enumerate(cfg.federation.members):
+        if not member.name:
+            raise ConfigError(f"federation.members[{i}].name is empty")
+        if member.name in seen:
+            raise ConfigError(f"federation.members[{i}].name {member.name!r} is used twice")
+        seen.add(member.name)
+        if member.embodiment not in cfg.embodiments:
+            raise ConfigError(
+                f"federation.members[{i}].embodiment {member.embodiment!r} is not one of {sorted(cfg.embodiments)}"
+            )
+    if cfg.train.min_cohort < 1:
+        raise ConfigError("train.min_cohort must be >= 1")
+    if not 0.0 < cfg.train.held_out_fraction < 1.0:
+        raise ConfigError("train.held_out_fraction must be in (0, 1)")
+
+
+def to_yaml(cfg: KyodoConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> KyodoConfig:
+    """Build the config from Flower's run config (``model``, ``federation``, ``overrides``).
+
+    ``overrides`` is a whitespace-separated dotlist, e.g. ``"train.rounds=2 train.lr=0.01"``,
+    so every value in ``configs/`` can be changed with ``flwr run --run-config``.
+    """
+    known = {"model", "federation", "overrides"}
+    unknown = sorted(set(run_config) - known)
+    if unknown:
+        raise ConfigError(f"unknown run-config keys {unknown}; expected {sorted(known)}")
+    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    return load_config(
+        model=str(run_config.get("model", "tiny")),
+        federation=str(run_config.get("federation", "default")),
+        overrides=overrides,
+    )

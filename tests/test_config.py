@@ -1,0 +1,100 @@
+import pytest
+
+from shared_model.config import ConfigError, config_from_run_config, load_config
+
+
+def test_defaults_compose():
+    cfg = load_config()
+    assert cfg.model.name == "tiny"
+    assert len(cfg.federation.members) == 4
+    embodiments = {m.embodiment for m in cfg.federation.members}
+    assert len(embodiments) == 4, "default federation: each member a different robot"
+    dims = {(cfg.embodiments[e].state_dim, cfg.embodiments[e].action_dim) for e in embodiments}
+    assert len(dims) == 4, "embodiments differ in state/action sizes"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "trillion"])
+def test_model_presets(preset):
+    assert load_config(model=preset).model.name == preset
+
+
+def test_trillion_sizes():
+    m = load_config(model="trillion").model
+    assert (m.n_layers, m.d_model, m.n_experts, m.top_k, m.expert_hidden) == (61, 7168, 384, 8, 2048)
+
+
+def test_dotlist_overrides_every_section():
+    cfg = load_config(
+        overrides=["train.rounds=7", "model.d_model=48", "embodiments.so100.fps=15", "federation.members.0.episodes=9"]
+    )
+    assert cfg.train.rounds == 7
+    assert cfg.model.d_model == 48
+    assert cfg.embodiments["so100"].fps == 15
+    assert cfg.federation.members[0].episodes == 9
+
+
+def test_preset_chosen_by_override():
+    assert load_config(overrides=["model=small"]).model.name == "small"
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.roundz=3", "train.roundz"),
+        ("model.d_modle=64", "model.d_modle"),
+        ("embodiments.so100.state_dimm=3", "embodiments.so100.state_dimm"),
+        ("federation.members.0.nam=x", "federation.members.0.nam"),
+        ("nonsense=1", "nonsense"),
+    ],
+)
+def test_unknown_key_is_named(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_bad_value_type():
+    with pytest.raises(ConfigError, match="train.rounds"):
+        load_config(overrides=["train.rounds=many"])
+
+
+def test_not_a_dotlist():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["train.rounds"])
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ConfigError, match="available: small, tiny, trillion"):
+        load_config(model="huge")
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(overrides=["model.d_model=30", "model.n_heads=4"])
+    with pytest.raises(ConfigError, match="top_k"):
+        load_config(overrides=["model.top_k=9"])
+    with pytest.raises(ConfigError, match="state_bound"):
+        load_config(overrides=["embodiments.so100.state_dim=7"])
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(overrides=["federation.members.0.embodiment=spaceship"])
+
+
+def test_flower_run_config():
+    cfg = config_from_run_config({"model": "small", "federation": "default", "overrides": "train.rounds=2 train.lr=0.5"})
+    assert cfg.model.name == "small" and cfg.train.rounds == 2 and cfg.train.lr == 0.5
+    with pytest.raises(ConfigError, match="train.nope"):
+        config_from_run_config({"model": "tiny", "overrides": "train.nope=1"})
+    with pytest.raises(ConfigError, match="unknown run-config keys"):
+        config_from_run_config({"model": "tiny", "rounds": 3})
+
+
+def test_pyproject_run_config_keys_match_loader():
+    """The Flower app's run-config keys are exactly those the loader understands."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    keys = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(keys) == {"model", "federation", "overrides"}
+    config_from_run_config(keys)
+    comps = pyproject["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "coordinator.server_app:app", "clientapp": "member_node.client_app:app"}

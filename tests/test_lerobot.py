@@ -1,0 +1,276 @@
+"""LeRobot v3.0 reader/writer: round trips, multi-file layouts, and clear errors on bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from member_node.lerobot import DatasetError, Episode, read_dataset, write_dataset
+from member_node.synthetic import generate_dataset, generate_episodes
+from shared_model.config import EmbodimentConfig, load_config
+
+EMBODIMENTS = load_config().embodiments
+NAMES = sorted(EMBODIMENTS)
+DATA0 = Path("data/chunk-000/file-000.parquet")
+
+
+def _synth(root: Path, name: str = "so100", episodes: int = 5, seconds: float = 0.5, **kw) -> Path:
+    return generate_dataset(root / name, name, EMBODIMENTS[name], episodes, seconds, seed=3, **kw)
+
+
+def _read(root: Path, name: str = "so100"):
+    return read_dataset(root, EMBODIMENTS[name], name)
+
+
+def _assert_same(a: Episode, b: Episode) -> None:
+    assert a.index == b.index
+    for attr in ("state", "env_state", "image_features", "action"):
+        x, y = getattr(a, attr), getattr(b, attr)
+        assert (x is None) == (y is None), attr
+        if x is not None:
+            np.testing.assert_array_equal(x, y)
+            assert y.dtype == np.float32
+
+
+def _edit_info(root: Path, edit) -> Path:
+    path = root / "meta" / "info.json"
+    info = json.loads(path.read_text())
+    edit(info)
+    path.write_text(json.dumps(info))
+    return path
+
+
+def _rewrite_data(root: Path, edit, rel: Path = DATA0) -> Path:
+    path = root / rel
+    pq.write_table(edit(pq.read_table(path)), path)
+    return path
+
+
+def _edit_vector(table: pa.Table, col: str, row: int, value: float) -> pa.Table:
+    """Set element 1 of vector column ``col`` at ``row`` to ``value``."""
+    column = table.column(col).combine_chunks()
+    values = column.flatten().to_numpy().copy()
+    values[row * column.type.list_size + 1] = value
+    new = pa.FixedSizeListArray.from_arrays(pa.array(values), column.type.list_size)
+    return table.set_column(table.schema.get_field_index(col), col, new)
+
+
+def _raises(root: Path, *fragments: str, name: str = "so100") -> str:
+    with pytest.raises(DatasetError) as info:
+        _read(root, name)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_every_embodiment(tmp_path: Path, name: str) -> None:
+    emb = EMBODIMENTS[name]
+    written = generate_episodes(name, emb, 4, 0.5, seed=3)
+    root = _synth(tmp_path, name, episodes=4)
+    dataset = _read(root, name)
+
+    assert len(dataset.episodes) == 4 and dataset.fps == emb.fps
+    assert dataset.num_frames == sum(ep.length for ep in written)
+    for a, b in zip(written, dataset.episodes, strict=True):
+        _assert_same(a, b)
+    assert dataset.episodes[0].obs.shape == (written[0].length, emb.obs_dim)
+
+    info = dataset.info
+    assert info["codebase_version"] == "v3.0" and info["robot_type"] == name
+    assert info["total_episodes"] == 4 and info["total_frames"] == dataset.num_frames and info["total_tasks"] == 1
+    assert info["data_path"] == "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+    assert info["video_path"] is None and info["splits"] == {"train": "0:4"}
+    features = info["features"]
+    assert features["observation.state"]["shape"] == [emb.state_dim]
+    assert len(features["observation.state"]["names"]) == emb.state_dim
+    assert features["action"] == {"dtype": "float32", "shape": [emb.action_dim], "names": features["action"]["names"]}
+    assert ("observation.image_features" in features) == (emb.image_feature_dim > 0)
+    assert ("observation.environment_state" in features) == (emb.env_state_dim > 0)
+    for key in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
+        assert features[key]["shape"] == [1]
+
+    assert (root / "meta" / "tasks.parquet").is_file()
+    stats = json.loads((root / "meta" / "stats.json").read_text())
+    assert set(stats["observation.state"]) >= {"min", "max", "mean", "std", "count"}
+    meta = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet")
+    expected = {"episode_index", "tasks", "length", "data/chunk_index", "data/file_index"}
+    assert expected | {"dataset_from_index", "dataset_to_index"} <= set(meta.column_names)
+    frames = pq.read_table(root / DATA0)
+    assert pa.types.is_fixed_size_list(frames.schema.field("observation.state").type)
+    assert frames.column("index").to_pylist() == list(range(dataset.num_frames))
+
+
+def test_multi_file_and_multi_chunk(tmp_path: Path) -> None:
+    emb = EMBODIMENTS["aloha"]
+    episodes = generate_episodes("aloha", emb, 7, 0.4, seed=1)
+    root = write_dataset(tmp_path / "ds", emb, "aloha", episodes, data_files_size_in_mb=0.002, chunks_size=2)
+    files = sorted((root / "data").rglob("*.parquet"))
+    assert len(files) >= 3
+    assert (root / "data" / "chunk-001").is_dir()
+    dataset = _read(root, "aloha")
+    assert len(dataset.data_files) == len(files)
+    for a, b in zip(episodes, dataset.episodes, strict=True):
+        _assert_same(a, b)
+    meta = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pydict()
+    for ep, chunk, file in zip(meta["episode_index"], meta["data/chunk_index"], meta["data/file_index"], strict=True):
+        table = pq.read_table(root / f"data/chunk-{chunk:03d}/file-{file:03d}.parquet")
+        assert ep in set(table.column("episode_index").to_pylist())
+
+
+def test_reads_variable_length_list_columns(tmp_path: Path) -> None:
+    """Datasets written through HF `datasets` may store vectors as list<float>, not fixed-size lists."""
+    root = _synth(tmp_path)
+    expected = _read(root).episodes
+
+    def to_list(table: pa.Table) -> pa.Table:
+        for col in ("observation.state", "action"):
+            i = table.schema.get_field_index(col)
+            table = table.set_column(i, col, table.column(col).cast(pa.list_(pa.float32())))
+        return table
+
+    _rewrite_data(root, to_list)
+    for a, b in zip(expected, _read(root).episodes, strict=True):
+        _assert_same(a, b)
+
+
+def test_fingerprint_is_stable_and_tracks_content(tmp_path: Path) -> None:
+    a = _read(_synth(tmp_path / "a")).fingerprint()
+    b_root = _synth(tmp_path / "b")
+    assert _read(b_root).fingerprint() == a
+    assert len(a) == 64 and int(a, 16) >= 0
+
+    _rewrite_data(b_root, lambda t: _edit_vector(t, "observation.state", 0, 1.0))
+    assert _read(b_root).fingerprint() != a
+
+
+def test_writer_refuses_to_clobber(tmp_path: Path) -> None:
+    other = tmp_path / "so100"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        _synth(tmp_path)
+    with pytest.raises(FileExistsError, match="not a LeRobot dataset"):
+        _synth(tmp_path, overwrite=True)
+    (other / "notes.txt").unlink()
+    root = _synth(tmp_path)
+    with pytest.raises(FileExistsError):
+        _synth(tmp_path)
+    assert _synth(tmp_path, episodes=3, overwrite=True) == root
+    assert len(_read(root).episodes) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_root_and_info(tmp_path: Path) -> None:
+    _raises(tmp_path / "nowhere", str(tmp_path / "nowhere"), "not found")
+    root = _synth(tmp_path)
+    (root / "meta" / "info.json").unlink()
+    _raises(root, "meta/info.json", "not found")
+
+
+def test_invalid_json(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    (root / "meta" / "info.json").write_text("{not json")
+    _raises(root, "meta/info.json", "invalid JSON")
+
+
+def test_wrong_version(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    _edit_info(root, lambda info: info.update(codebase_version="v2.1"))
+    _raises(root, "meta/info.json", "'codebase_version'", "'v2.1'")
+
+
+def test_missing_feature(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    _edit_info(root, lambda info: info["features"].pop("observation.state"))
+    _raises(root, "meta/info.json", "'observation.state'", "missing")
+    root = _synth(tmp_path, "franka")
+    _edit_info(root, lambda info: info["features"].pop("observation.environment_state"))
+    _raises(root, "meta/info.json", "'observation.environment_state'", "env_state_dim 7", name="franka")
+
+
+def test_state_shape_against_embodiment(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    _edit_info(root, lambda info: info["features"]["observation.state"].update(shape=[7]))
+    message = _raises(root)
+    assert message == (
+        f"{root}/meta/info.json: feature 'observation.state' has shape [7] but embodiment 'so100' declares state_dim 6"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "field"),
+    [
+        ("action", "action_dim 2"),
+        ("observation.environment_state", "env_state_dim 2"),
+        ("observation.image_features", "image_feature_dim 8"),
+    ],
+)
+def test_other_shapes_against_embodiment(tmp_path: Path, key: str, field: str) -> None:
+    root = _synth(tmp_path, "agv")
+    _edit_info(root, lambda info: info["features"][key].update(shape=[3]))
+    _raises(root, "meta/info.json", f"'{key}'", "[3]", field, name="agv")
+
+
+def test_dataset_of_another_embodiment(tmp_path: Path) -> None:
+    root = _synth(tmp_path, "franka")
+    _raises(root, "meta/info.json", "'observation.state' has shape [15]", "'so100' declares state_dim 6")
+    faster = EmbodimentConfig(**{**EMBODIMENTS["franka"].__dict__, "fps": 30})
+    with pytest.raises(DatasetError, match="field 'fps' is 20 but embodiment 'mine' declares fps 30"):
+        read_dataset(root, faster, "mine")
+
+
+def test_corrupt_data_file(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    (root / DATA0).write_bytes(b"PAR1 this is not parquet at all PAR1")
+    _raises(root, str(root / DATA0), "not a readable parquet file")
+
+
+def test_missing_data_file(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    (root / DATA0).unlink()
+    _raises(root, str(root / DATA0), "not found", "'data/file_index'")
+
+
+def test_deleted_column(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    _rewrite_data(root, lambda t: t.drop_columns(["action"]))
+    _raises(root, str(root / DATA0), "column 'action' is missing")
+
+
+def test_frame_count_disagrees_with_meta(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    _rewrite_data(root, lambda t: t.slice(0, t.num_rows - 1))
+    _raises(root, str(root / DATA0), "episode 4", "'length'")
+
+
+def test_total_frames_disagrees(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    _edit_info(root, lambda info: info.update(total_frames=info["total_frames"] + 1))
+    _raises(root, "meta/info.json", "'total_frames'")
+
+
+def test_missing_episode_metadata_column(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+    path = root / "meta/episodes/chunk-000/file-000.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["length"]), path)
+    _raises(root, str(path), "column 'length' is missing")
+
+
+def test_non_finite_values(tmp_path: Path) -> None:
+    root = _synth(tmp_path)
+
+    _rewrite_data(root, lambda t: _edit_vector(t, "action", 3, np.nan))
+    _raises(root, str(root / DATA0), "'action'", "non-finite", "episode 0, frame 3")

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from shared_model.protocol import (
+    REC_REQUEST,
+    EvaluateReply,
+    EvaluateRequest,
+    ProtocolError,
+    QueryReply,
+    QueryRequest,
+    TrainHyperParams,
+    TrainReply,
+    TrainRequest,
+    coarse_count,
+)
+
+HP = TrainHyperParams(lr=0.01, local_steps=5, batch_size=8, weight_decay=0.0, seed=3)
+
+
+def test_round_trips():
+    model = {"a.weight": torch.randn(3, 2), "b": torch.arange(4, dtype=torch.float32)}
+    req = TrainRequest.from_content(TrainRequest(2, ["expert/L0/E1", "adapter/shared"], HP, model).to_content())
+    assert req.round == 2 and req.shards == ["expert/L0/E1", "adapter/shared"] and req.hparams == HP
+    assert torch.equal(req.model["a.weight"], model["a.weight"])
+    rep = TrainReply.from_content(TrainReply("sony", ["adapter/shared"], model, 40, 0.5, 5).to_content())
+    assert rep.member == "sony" and rep.num_examples == 40 and math.isclose(rep.loss, 0.5)
+    assert QueryRequest.from_content(QueryRequest(0).to_content()).round == 0
+    q = QueryReply.from_content(QueryReply("sony", ["so100"], 60).to_content())
+    assert q.embodiments == ["so100"]
+    ev = EvaluateReply.from_content(EvaluateReply("sony", 10, 0.1, 0.2).to_content())
+    assert ev.action_mae == 0.2
+    assert EvaluateRequest.from_content(EvaluateRequest(1, model).to_content()).round == 1
+
+
+def _train_content(**changes):
+    content = TrainRequest(1, ["adapter/shared"], HP, {"x": torch.zeros(1)}).to_content()
+    rec = dict(content.config_records[REC_REQUEST])
+    for k, v in changes.items():
+        if v is None:
+            rec.pop(k)
+        else:
+            rec[k] = v
+    content.config_records[REC_REQUEST] = ConfigRecord(rec)
+    return content
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"local_steps": 0}, "local_steps"),
+        ({"batch_size": 10**9}, "batch_size"),
+        ({"shards": ["../../etc/passwd"]}, "not a valid shard id"),
+        ({"shards": ["adapter/shared", "adapter/shared"]}, "duplicates"),
+        ({"shards": []}, "no shards"),
+        ({"round": "one"}, "round"),
+        ({"seed": None}, "missing field 'seed'"),
+    ],
+)
+def test_invalid_train_requests(changes, match):
+    with pytest.raises(ProtocolError, match=match):
+        TrainRequest.from_content(_train_content(**changes))
+
+
+def test_missing_records_and_nonfinite_tensors():
+    with pytest.raises(ProtocolError, match="missing config record"):
+        TrainRequest.from_content(RecordDict())
+    bad = TrainRequest(1, ["adapter/shared"], HP, {"x": torch.tensor([float("inf")])}).to_content()
+    with pytest.raises(ProtocolError, match="non-finite"):
+        TrainRequest.from_content(bad)
+
+
+def test_coarse_count():
+    assert [coarse_count(n) for n in (0, 7, 12, 57, 1234, 99999)] == [0, 7, 10, 50, 1000, 90000]
