@@ -60,7 +60,10 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
         root = generate_dataset(
             args.out, args.embodiment, embodiment, args.episodes, args.seconds, args.seed, overwrite=args.force
         )
-    except (FileExistsError, ValueError) as err:
+    except FileExistsError as err:
+        hint = "" if args.force else " (--force replaces an existing dataset)"
+        raise CommandError(f"{err}{hint}") from None
+    except ValueError as err:
         raise CommandError(str(err)) from None
     elapsed = time.perf_counter() - started
     dataset = read_dataset(root, embodiment, args.embodiment)
@@ -78,11 +81,14 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         fingerprint = dataset.fingerprint()
     except DatasetError as err:
         raise CommandError(str(err)) from None
-    Console().print(_summary_table(dataset, embodiment, fingerprint))
+    console = Console()
+    console.print(_summary_table(dataset, embodiment))
+    # On its own line, unwrapped: it is meant to be copied into ledgers and compared.
+    console.print(f"fingerprint {fingerprint}", soft_wrap=True, highlight=False)
     return 0
 
 
-def _summary_table(dataset: LeRobotDataset, emb: EmbodimentConfig, fingerprint: str) -> Table:
+def _summary_table(dataset: LeRobotDataset, emb: EmbodimentConfig) -> Table:
     lengths = [ep.length for ep in dataset.episodes]
     table = Table(title=f"LeRobot dataset {dataset.root}", show_header=False)
     table.add_column("field", style="bold")
@@ -98,7 +104,6 @@ def _summary_table(dataset: LeRobotDataset, emb: EmbodimentConfig, fingerprint: 
         ("action", str(emb.action_dim)),
         ("image features", str(emb.image_feature_dim)),
         ("data files", str(len(dataset.data_files))),
-        ("fingerprint", fingerprint),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -100,7 +100,8 @@ class LeRobotDataset:
     embodiment_name: str
     meta_files: tuple[Path, ...] = ()
     data_files: tuple[Path, ...] = ()
-    _fingerprint: str | None = field(default=None, repr=False)
+    # (path relative to root, size, sha256) of every file read, hashed from the very bytes parsed
+    manifest: tuple[tuple[str, int, str], ...] = field(default=(), repr=False)
 
     @property
     def fps(self) -> int:
@@ -114,23 +115,27 @@ class LeRobotDataset:
         """sha256 of the manifest (info, episode metadata, data file hashes and sizes).
 
         It identifies exactly which data a node trained on, for ledgers and resumption,
-        while revealing nothing about the frames themselves.
+        while revealing nothing about the frames themselves. The file hashes are taken
+        from the bytes the reader parsed, so a file changed after reading cannot make the
+        fingerprint disagree with the episodes in memory.
         """
-        if self._fingerprint is None:
-            digest = hashlib.sha256(b"kyodo/lerobot-fingerprint/v1\n")
-            for path in (self.root / "meta" / "info.json", *self.meta_files, *self.data_files):
-                rel = path.relative_to(self.root).as_posix()
-                digest.update(f"{rel}\t{path.stat().st_size}\t{_file_sha256(path)}\n".encode())
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
+        digest = hashlib.sha256(b"kyodo/lerobot-fingerprint/v1\n")
+        for rel, size, sha in self.manifest:
+            digest.update(f"{rel}\t{size}\t{sha}\n".encode())
+        return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class _Manifest:
+    """Records (relative path, size, sha256) of each file as it is read."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.entries: list[tuple[str, int, str]] = []
+
+    def read_bytes(self, path: Path) -> bytes:
+        data = path.read_bytes()
+        self.entries.append((path.relative_to(self.root).as_posix(), len(data), hashlib.sha256(data).hexdigest()))
+        return data
 
 
 # ----------------------------------------------------------------------------- writer
@@ -168,13 +173,22 @@ def write_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         _write_all(tmp, embodiment, embodiment_name, episodes, task, names or {}, data_files_size_in_mb, chunks_size)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        _swap_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def _swap_into_place(new: Path, root: Path) -> None:
+    """Rename ``new`` to ``root``; an old dataset is moved aside first and deleted last."""
+    if not root.exists():
+        os.replace(new, root)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+    os.replace(root, old / "dataset")
+    os.replace(new, root)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_target(root: Path, overwrite: bool) -> None:
@@ -186,7 +200,7 @@ def _check_target(root: Path, overwrite: bool) -> None:
     if not any(root.iterdir()):
         return
     if not overwrite:
-        raise FileExistsError(f"{root}: already exists and is not empty (pass overwrite=True to replace a dataset)")
+        raise FileExistsError(f"{root}: already exists and is not empty")
     if not (root / "meta" / "info.json").is_file():
         raise FileExistsError(f"{root}: not a LeRobot dataset; refusing to overwrite it")
 
@@ -399,10 +413,11 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
     """Read and validate a LeRobot v3.0 dataset against the member's declared embodiment."""
     root = Path(root)
     info_path = root / "meta" / "info.json"
-    info = _read_info(root, info_path)
+    manifest = _Manifest(root)
+    info = _read_info(root, info_path, manifest)
     _check_info(info, info_path, embodiment, embodiment_name)
-    meta, meta_files = _read_episode_meta(root, info, info_path)
-    episodes, data_files = _read_frames(root, info, meta, embodiment)
+    meta, meta_files = _read_episode_meta(root, info, info_path, manifest)
+    episodes, data_files = _read_frames(root, info, meta, embodiment, manifest)
     return LeRobotDataset(
         root=root,
         info=info,
@@ -410,16 +425,17 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
         embodiment_name=embodiment_name,
         meta_files=tuple(meta_files),
         data_files=tuple(data_files),
+        manifest=tuple(manifest.entries),
     )
 
 
-def _read_info(root: Path, info_path: Path) -> dict[str, Any]:
+def _read_info(root: Path, info_path: Path, manifest: _Manifest) -> dict[str, Any]:
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset directory not found (expected meta/info.json inside it)")
     if not info_path.is_file():
         raise DatasetError(f"{info_path}: file not found (every LeRobot dataset has meta/info.json)")
     try:
-        info = json.loads(info_path.read_text())
+        info = json.loads(manifest.read_bytes(info_path).decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{info_path}: invalid JSON: {err}") from None
     if not isinstance(info, dict):
@@ -483,7 +499,7 @@ def _check_vector_feature(
 
 
 def _read_episode_meta(
-    root: Path, info: Mapping[str, Any], info_path: Path
+    root: Path, info: Mapping[str, Any], info_path: Path, manifest: _Manifest
 ) -> tuple[dict[str, np.ndarray], list[Path]]:
     meta_dir = root / "meta" / "episodes"
     files = sorted(meta_dir.glob("chunk-*/file-*.parquet"))
@@ -491,7 +507,7 @@ def _read_episode_meta(
         raise DatasetError(f"{meta_dir}: no episode metadata (expected chunk-000/file-000.parquet)")
     parts: dict[str, list[np.ndarray]] = {col: [] for col in EPISODE_COLUMNS}
     for path in files:
-        table = _read_parquet(path, EPISODE_COLUMNS)
+        table = _read_parquet(path, EPISODE_COLUMNS, manifest)
         for col in EPISODE_COLUMNS:
             parts[col].append(_int_column(table, col, path))
     meta = {col: np.concatenate(chunks) for col, chunks in parts.items()}
@@ -526,12 +542,12 @@ def _check_episode_meta(
         )
 
 
-def _read_parquet(path: Path, columns: Sequence[str]) -> pa.Table:
+def _read_parquet(path: Path, columns: Sequence[str], manifest: _Manifest) -> pa.Table:
     """Read ``columns`` of one parquet file, turning every failure into a DatasetError."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(pa.BufferReader(manifest.read_bytes(path)))
         present = set(parquet.schema_arrow.names)
         for col in columns:
             if col not in present:
@@ -581,7 +597,7 @@ def _list_lengths(column: pa.Array) -> np.ndarray:
 
 
 def _read_frames(
-    root: Path, info: Mapping[str, Any], meta: Mapping[str, np.ndarray], emb: EmbodimentConfig
+    root: Path, info: Mapping[str, Any], meta: Mapping[str, np.ndarray], emb: EmbodimentConfig, manifest: _Manifest
 ) -> tuple[list[Episode], list[Path]]:
     vectors = {attr: (key, getattr(emb, dim_attr)) for key, dim_attr, attr in VECTOR_FEATURES if getattr(emb, dim_attr)}
     columns = ["episode_index", "frame_index", *(key for key, _ in vectors.values())]
@@ -599,7 +615,7 @@ def _read_frames(
                 f"{path}: data file not found (named by meta/episodes fields"
                 f" 'data/chunk_index', 'data/file_index' of episode {ep})"
             )
-        table = _read_parquet(path, columns)
+        table = _read_parquet(path, columns, manifest)
         for row, episode in zip(rows, _split_file(table, path, meta, rows, vectors), strict=True):
             episodes[row] = episode
         data_files.append(path)

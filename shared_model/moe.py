@@ -97,10 +97,9 @@ class MoELayer(nn.Module):
         # Per (sample, expert): token positions with the routed ones first, in token order.
         routed_t = routed.transpose(1, 2)  # [B, E, S]
         order = torch.argsort((~routed_t).to(torch.int8), dim=-1, stable=True)
-        if b > 0:
-            capacities = routed_t.sum(dim=-1).amax(dim=0).clamp(min=1).tolist()
-        else:
-            capacities = [1] * n_exp
+        # Capacity per expert: the largest per-sample load, at least 1 so that every expert
+        # runs (zero gates) even when nothing routes to it; B = 0 has no loads at all.
+        capacities = routed_t.sum(dim=-1).amax(dim=0).clamp(min=1).tolist() if b > 0 else [1] * n_exp
         combine_t = combine.transpose(1, 2)  # [B, E, S]
 
         y = torch.zeros_like(x)

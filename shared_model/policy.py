@@ -21,7 +21,7 @@ import contextlib
 import gc
 import math
 import re
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -107,9 +107,8 @@ class Block(nn.Module):
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, device: Device) -> nn.Sequential:
-    return nn.Sequential(
-        new_module(nn.Linear, d_in, hidden, device=device), nn.GELU(), new_module(nn.Linear, hidden, d_out, device=device)
-    )
+    first = new_module(nn.Linear, d_in, hidden, device=device)
+    return nn.Sequential(first, nn.GELU(), new_module(nn.Linear, hidden, d_out, device=device))
 
 
 class EmbodimentAdapter(nn.Module):
@@ -125,9 +124,9 @@ class EmbodimentAdapter(nn.Module):
         self.image_feature_dim = emb.image_feature_dim
         self.action_dim = emb.action_dim
         self.encoder = _mlp(emb.obs_dim, cfg.adapter_hidden, cfg.d_model, device)
-        self.image = (
-            new_module(nn.Linear, emb.image_feature_dim, cfg.d_model, device=device) if emb.image_feature_dim > 0 else None
-        )
+        self.image: nn.Linear | None = None
+        if emb.image_feature_dim > 0:
+            self.image = new_module(nn.Linear, emb.image_feature_dim, cfg.d_model, device=device)
         self.decoder = _mlp(cfg.d_model, cfg.adapter_hidden, emb.action_dim, device)
 
 

@@ -1,0 +1,163 @@
+"""Training windows: history/chunk padding, per-episode sampling, public-bound scaling, splits."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from member_node.lerobot import Episode
+from member_node.synthetic import generate_episodes
+from member_node.windows import EpisodeWindows, split_episodes
+from shared_model.config import EmbodimentConfig, load_config
+
+EMB = EmbodimentConfig(
+    kind="arm",
+    state_dim=2,
+    env_state_dim=1,
+    image_feature_dim=3,
+    action_dim=2,
+    fps=10,
+    state_bound=[2.0, 4.0],
+    env_state_bound=[100.0],
+    action_bound=[0.5, 2.0],
+)
+
+
+def _episode(index: int, length: int) -> Episode:
+    """Frame t of episode e: state (t, -t), env (e), image (t, e, 1), action (t, 2t)."""
+    t = np.arange(length, dtype=np.float32)
+    return Episode(
+        index=index,
+        state=np.stack([t, -t], 1),
+        env_state=np.full((length, 1), index, dtype=np.float32),
+        image_features=np.stack([t, np.full_like(t, index), np.ones_like(t)], 1),
+        action=np.stack([t, 2 * t], 1),
+    )
+
+
+def _windows(lengths: list[int], history: int = 4, chunk: int = 3) -> EpisodeWindows:
+    return EpisodeWindows([_episode(i, n) for i, n in enumerate(lengths)], EMB, history=history, chunk=chunk)
+
+
+def _raw_obs(batch_obs: torch.Tensor) -> np.ndarray:
+    return batch_obs.numpy() * np.array([2.0, 4.0, 100.0], dtype=np.float32)
+
+
+def test_history_repeats_first_frame_at_start() -> None:
+    windows = _windows([5])
+    batches = list(windows.all_windows(batch_size=100))
+    assert len(batches) == 1
+    obs = _raw_obs(batches[0].obs)
+    assert obs.shape == (5, 4, 3)
+    np.testing.assert_allclose(obs[0, :, 0], [0, 0, 0, 0])
+    np.testing.assert_allclose(obs[2, :, 0], [0, 0, 1, 2])
+    np.testing.assert_allclose(obs[4, :, 0], [1, 2, 3, 4])
+    np.testing.assert_allclose(batches[0].image[2, :, 0].numpy(), [0, 0, 1, 2])
+
+
+def test_chunk_repeats_last_action_and_masks_it() -> None:
+    batch = next(_windows([5]).all_windows(batch_size=100))
+    action = batch.action.numpy() * np.array([0.5, 2.0], dtype=np.float32)
+    assert action.shape == (5, 3, 2) and batch.action_pad.dtype == torch.bool
+    np.testing.assert_allclose(action[1, :, 0], [1, 2, 3])
+    np.testing.assert_allclose(action[3, :, 0], [3, 4, 4])
+    np.testing.assert_allclose(action[4, :, 1], [8, 8, 8])
+    assert batch.action_pad[1].tolist() == [False, False, False]
+    assert batch.action_pad[3].tolist() == [False, False, True]
+    assert batch.action_pad[4].tolist() == [False, True, True]
+
+
+def test_windows_never_cross_episodes() -> None:
+    windows = _windows([2, 6, 3], history=5, chunk=5)
+    assert len(windows) == 3 and windows.num_windows() == 11
+    obs = torch.cat([b.obs for b in windows.all_windows(batch_size=4)])
+    episode_of_frame = _raw_obs(obs)[:, :, 2]
+    expected = np.repeat([0, 1, 2], [2, 6, 3])
+    np.testing.assert_allclose(episode_of_frame, np.repeat(expected[:, None], 5, axis=1))
+
+
+def test_normalisation_uses_public_bounds_only() -> None:
+    small, large = _windows([3]), EpisodeWindows([_episode(0, 3), _episode(1, 50)], EMB, 4, 3)
+    a = next(small.all_windows()).obs[:3]
+    b = next(large.all_windows()).obs[:3]
+    torch.testing.assert_close(a, b)  # more (different) data, same scaling
+    np.testing.assert_allclose(a[2, -1].numpy(), [2 / 2.0, -2 / 4.0, 0.0])
+    act = next(small.all_windows()).action
+    torch.testing.assert_close(small.denormalize_action(act)[1, 0], torch.tensor([1.0, 2.0]))
+
+
+def test_sample_draws_one_window_from_each_listed_episode() -> None:
+    windows = _windows([4, 7, 2, 9])
+    rng = np.random.default_rng(0)
+    ids = [3, 0, 3, 2, 1]
+    batch = windows.sample(ids, rng)
+    assert len(batch) == 5 and batch.obs.shape == (5, 4, 3) and batch.action.shape == (5, 3, 2)
+    assert batch.image.shape == (5, 4, 3)
+    np.testing.assert_allclose(_raw_obs(batch.obs)[:, -1, 2], ids)
+    seen = set()
+    for _ in range(300):
+        current = _raw_obs(windows.sample([1], rng).obs)[0, -1, 0]
+        seen.add(int(round(current)))
+    assert seen == set(range(7))  # every position of episode 1 is reachable, nothing else
+
+
+def test_sample_is_reproducible_from_rng() -> None:
+    windows = _windows([4, 7, 2, 9])
+    a = windows.sample([0, 1, 2, 3], np.random.default_rng(5))
+    b = windows.sample([0, 1, 2, 3], np.random.default_rng(5))
+    torch.testing.assert_close(a.obs, b.obs)
+
+
+def test_sample_empty_and_bad_ids() -> None:
+    windows = _windows([4, 7])
+    batch = windows.sample([], np.random.default_rng(0))
+    assert batch.obs.shape == (0, 4, 3) and batch.image.shape == (0, 4, 3)
+    assert batch.action.shape == (0, 3, 2) and batch.action_pad.shape == (0, 3)
+    assert batch.obs.dtype == torch.float32 and batch.action_pad.dtype == torch.bool
+    with pytest.raises(IndexError):
+        windows.sample([2], np.random.default_rng(0))
+
+
+def test_no_image_features_gives_none() -> None:
+    emb = load_config().embodiments["so100"]
+    episodes = generate_episodes("so100", emb, 6, 0.5, seed=0)
+    windows = EpisodeWindows(episodes, emb, history=4, chunk=8)
+    batch = windows.sample([0, 5], np.random.default_rng(1))
+    assert batch.image is None and batch.obs.shape == (2, 4, emb.obs_dim)
+    assert float(batch.obs.abs().max()) <= 1.0 and float(batch.action.abs().max()) <= 1.0
+
+
+def test_sampling_is_fast() -> None:
+    emb = load_config().embodiments["aloha"]
+    windows = EpisodeWindows(generate_episodes("aloha", emb, 60, 4.0, seed=0), emb, history=4, chunk=16)
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+    for _ in range(200):
+        windows.sample(rng.integers(0, len(windows), 64), rng)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_split_is_disjoint_deterministic_and_by_episode() -> None:
+    ids = list(range(60))
+    train, held = split_episodes(ids, 0.2, seed=7)
+    assert len(held) == 12 and len(train) == 48
+    assert set(train).isdisjoint(held) and sorted(train + held) == ids
+    assert split_episodes(ids, 0.2, seed=7) == (train, held)
+    assert split_episodes(ids[::-1], 0.2, seed=7) == (train, held)
+    assert split_episodes(ids, 0.2, seed=8) != (train, held)
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(2, 0.01), (2, 0.99), (3, 0.0), (5, 1.0)])
+def test_split_keeps_one_on_each_side(n: int, fraction: float) -> None:
+    train, held = split_episodes(range(n), fraction, seed=0)
+    assert train and held and len(train) + len(held) == n
+
+
+def test_split_degenerate_sizes() -> None:
+    assert split_episodes([], 0.2, seed=0) == ([], [])
+    assert split_episodes([4], 0.2, seed=0) == ([4], [])
+    with pytest.raises(ValueError):
+        split_episodes([1, 1, 2], 0.2, seed=0)
