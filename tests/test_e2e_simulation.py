@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory):
     out_dir, data_root = root / "run", root / "data"
     cmd = [
         sys.executable, "-m", "coordinator.cli", "demo", "--model", "tiny", "--rounds", "2",
-        f"out_dir={out_dir}", f"data_root={data_root}",
+        f"out_dir={out_dir}", f"data_root={data_root}", "train.local_steps=30", "train.lr=0.005",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
