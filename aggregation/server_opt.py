@@ -15,7 +15,9 @@ class FedAvg:
             raise ValueError(f"server_lr must be positive, got {server_lr}")
         self.server_lr = server_lr
 
-    def apply(self, params: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def apply(
+        self, params: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Return the updated tensors named in ``mean_delta`` (others are untouched)."""
         out = {}
         for name, delta in mean_delta.items():

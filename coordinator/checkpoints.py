@@ -34,7 +34,9 @@ def save_round(out_dir: Path, round_number: int, model: dict[str, torch.Tensor],
     path = round_path(out_dir, round_number)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.items()}, str(tmp), metadata={**metadata, "round": str(round_number)})
+    save_file(
+        {k: v.contiguous() for k, v in model.items()}, str(tmp), metadata={**metadata, "round": str(round_number)}
+    )
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)

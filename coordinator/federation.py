@@ -45,7 +45,9 @@ def _record(result: RoundResult) -> dict:
         "skipped": len(result.plan.skipped),
         "updated_shards": result.updated_shards,
         "failed": result.failed,
-        "train": {m: {"loss": r.loss, "num_examples": r.num_examples, "steps": r.steps} for m, r in result.train.items()},
+        "train": {
+            m: {"loss": r.loss, "num_examples": r.num_examples, "steps": r.steps} for m, r in result.train.items()
+        },
         "evaluation": {
             m: {"action_mse": e.action_mse, "action_mae": e.action_mae, "num_examples": e.num_examples}
             for m, e in result.evaluation.items()
@@ -105,9 +107,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             {
                 "rounds": cfg.train.rounds,
                 "mean_mse": [summary.mean_mse(i) for i in range(len(summary.history))],
-                "per_member": {
-                    str(rnd): {m: e.action_mse for m, e in ev.items()} for rnd, ev in summary.history
-                },
+                "per_member": {str(rnd): {m: e.action_mse for m, e in ev.items()} for rnd, ev in summary.history},
             },
             indent=2,
         ),

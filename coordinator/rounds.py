@@ -165,7 +165,9 @@ class RoundRunner:
                 for name, tensor in parsed.deltas.items():
                     grouped.setdefault(shard_of(name), {})[name] = tensor
                 if set(grouped) - set(parsed.shards):
-                    raise ProtocolError(f"reply has deltas for unassigned shards {sorted(set(grouped) - set(parsed.shards))}")
+                    raise ProtocolError(
+                        f"reply has deltas for unassigned shards {sorted(set(grouped) - set(parsed.shards))}"
+                    )
                 weight = float(parsed.num_examples)
                 for shard in parsed.shards:
                     accumulators[shard].check(member, grouped.get(shard, {}), weight)

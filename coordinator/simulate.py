@@ -23,8 +23,8 @@ from pathlib import Path  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.config import get_fused_config_from_dir, get_project_config  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.supercore.constant import NOOP_FEDERATION_ID  # noqa: E402
 from flwr.simulation.run_simulation import _run_simulation  # noqa: E402
+from flwr.supercore.constant import NOOP_FEDERATION_ID  # noqa: E402
 from flwr.supercore.run import Run  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from flwr.supercore.telemetry import EventType  # noqa: E402

@@ -75,10 +75,14 @@ class MemberNode:
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
         if missing or extra:
-            raise ProtocolError(f"model tensors do not match {self.cfg.model.name!r}: missing {missing[:5]}, extra {extra[:5]}")
+            raise ProtocolError(
+                f"model tensors do not match {self.cfg.model.name!r}: missing {missing[:5]}, extra {extra[:5]}"
+            )
         for name, tensor in tensors.items():
             if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ProtocolError(f"model tensor {name}: shape {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
+                raise ProtocolError(
+                    f"model tensor {name}: shape {tuple(tensor.shape)} != {tuple(expected[name].shape)}"
+                )
         self.policy.load_state_dict(tensors, strict=True)
 
     def _rng(self, seed: int, round_number: int) -> np.random.Generator:

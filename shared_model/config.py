@@ -9,9 +9,10 @@ because it is the lowest layer: the model, the member node and the coordinator a
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -185,7 +186,9 @@ def load_config(
     cfg = _merge(cfg, {"embodiments": OmegaConf.load(CONFIG_DIR / "embodiments.yaml")}, "configs/embodiments.yaml")
     cfg = _merge(cfg, {"model": _load_yaml("model", presets["model"])}, f"configs/model/{presets['model']}.yaml")
     cfg = _merge(
-        cfg, {"federation": _load_yaml("federation", presets["federation"])}, f"configs/federation/{presets['federation']}.yaml"
+        cfg,
+        {"federation": _load_yaml("federation", presets["federation"])},
+        f"configs/federation/{presets['federation']}.yaml",
     )
     for item in rest:
         _apply_override(cfg, item)

@@ -84,7 +84,9 @@ def validate_shard_ids(shards: list[str], where: str) -> list[str]:
 
 def _finite_positive(value: float, key: str, where: str, allow_zero: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ProtocolError(f"{where}: field {key!r} must be a finite {'non-negative' if allow_zero else 'positive'} number")
+        raise ProtocolError(
+            f"{where}: field {key!r} must be a finite {'non-negative' if allow_zero else 'positive'} number"
+        )
     return float(value)
 
 
@@ -268,9 +270,7 @@ class EvaluateRequest:
     model: dict[str, torch.Tensor] = field(repr=False)
 
     def to_content(self) -> RecordDict:
-        return RecordDict(
-            {REC_REQUEST: ConfigRecord({"round": self.round}), REC_MODEL: tensors_to_record(self.model)}
-        )
+        return RecordDict({REC_REQUEST: ConfigRecord({"round": self.round}), REC_MODEL: tensors_to_record(self.model)})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> EvaluateRequest:

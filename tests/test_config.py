@@ -79,7 +79,9 @@ def test_cross_field_validation():
 
 
 def test_flower_run_config():
-    cfg = config_from_run_config({"model": "small", "federation": "default", "overrides": "train.rounds=2 train.lr=0.5"})
+    cfg = config_from_run_config(
+        {"model": "small", "federation": "default", "overrides": "train.rounds=2 train.lr=0.5"}
+    )
     assert cfg.model.name == "small" and cfg.train.rounds == 2 and cfg.train.lr == 0.5
     with pytest.raises(ConfigError, match="train.nope"):
         config_from_run_config({"model": "tiny", "overrides": "train.nope=1"})

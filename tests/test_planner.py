@@ -53,7 +53,7 @@ def test_experts_rotate_and_cover_everything():
     seen = set()
     for rnd in range(1, 5):
         seen |= {s for s in plan(ms, rnd=rnd).cohorts if s.startswith("expert/")}
-    assert seen == {f"expert/L{l}/E{e}" for l in range(2) for e in range(4)}
+    assert seen == {f"expert/L{layer}/E{e}" for layer in range(2) for e in range(4)}
 
 
 def test_plan_is_deterministic():
