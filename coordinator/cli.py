@@ -84,6 +84,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_info(args: argparse.Namespace) -> int:
+    """Parameter and shard counts of a model size, from the meta device (nothing allocated)."""
+    import resource
+
+    from rich.table import Table
+
+    from shared_model.shards import ShardLayout
+
+    try:
+        cfg = load_config(model=args.model, overrides=list(args.overrides))
+    except ConfigError as err:
+        console.print(f"[red]config error:[/] {err}")
+        return 2
+    start = time.monotonic()
+    layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
+    seconds = time.monotonic() - start
+    table = Table(title=f"model {cfg.model.name!r}: shards by kind")
+    for col in ("kind", "shards", "parameters", "bf16 bytes"):
+        table.add_column(col, justify="right" if col != "kind" else "left")
+    for kind, (count, numel) in layout.count_by_kind().items():
+        table.add_row(kind, f"{count:,}", f"{numel:,}", _human(2 * numel))
+    total = layout.total_numel()
+    table.add_row("[bold]total", f"[bold]{len(layout.shards):,}", f"[bold]{total:,}", f"[bold]{_human(2 * total)}")
+    console.print(table)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    console.print(
+        f"{total:.3e} parameters in {len(layout.shards):,} shards; layout built in {seconds:.1f}s, peak RSS {peak_mb:.0f} MB"
+    )
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kyodo-coordinator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--verbose", action="store_true", help="Flower debug logging")
     demo.add_argument("overrides", nargs="*", help="config overrides as a dotlist: train.lr=0.01 model.n_layers=2")
     demo.set_defaults(func=cmd_demo)
+    info = sub.add_parser("model-info", help="parameter and shard counts of a model size (meta device)")
+    info.add_argument("--model", default="small", help="model preset (configs/model/*.yaml)")
+    info.add_argument("overrides", nargs="*", help="config overrides as a dotlist")
+    info.set_defaults(func=cmd_model_info)
     return parser
 
 
