@@ -1,0 +1,1 @@
+"""Differential privacy of member nodes: DP-SGD setup, accountants, budgets, signed ledgers, audit."""
