@@ -1,0 +1,351 @@
+"""Privacy accounting for the DP-SGD steps a member node has run, over its whole life.
+
+A node's guarantee is about *every* step it ever ran on its episodes, across rounds, runs and
+restarts. The history therefore lives in the node's signed ledger (``privacy.ledger``) and
+this module only turns such a history into an epsilon. The analysis itself is Opacus':
+``opacus.accountants.analysis.rdp`` for Renyi DP (the default) and
+``opacus.accountants.analysis.prv`` for the tighter numerical PRV composition. Nothing here
+re-derives privacy math; it groups, caches and searches.
+
+Speed matters because the budget check runs before every round and binary-searches the
+number of steps: RDP vectors are computed once per distinct (noise multiplier, sample rate)
+and cached for the life of the process, so re-evaluating a long history costs microseconds
+per distinct mechanism.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import numpy as np
+from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.prv import (
+    Domain,
+    PoissonSubsampledGaussianPRV,
+    TruncatedPrivacyRandomVariable,
+    compose_heterogeneous,
+    compute_safe_domain_size,
+    discretize,
+)
+
+ACCOUNTANTS = ("rdp", "prv")
+
+# RDP orders: Google's dp-accounting default set (so node and auditor optimise over the same
+# orders) minus the fractional orders below 1.6. Those only ever win when epsilon is far
+# beyond any sane budget (> ~45), their series converge slowly (they cost two thirds of the
+# computation) and dp-accounting drops them when they fail to converge. Leaving out orders
+# can only raise epsilon, so the bound stays valid and conservative.
+RDP_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(6, 100)] + [float(a) for a in range(11, 64)] + [128.0, 256.0, 512.0, 1024.0]
+)
+
+# PRV tolerances: Opacus' defaults. The returned value is the upper end of the PRV estimate,
+# at most ``PRV_EPS_ERROR`` above the exact epsilon of the discretised composition.
+PRV_EPS_ERROR = 0.01
+PRV_DELTA_ERROR_FRACTION = 1e-3
+# Largest discretisation grid the PRV accountant may build. Grids this large only arise when
+# epsilon is far beyond any budget (dozens); there the RDP bound (valid, looser) is returned.
+PRV_MAX_DOMAIN_POINTS = 4_000_000
+
+_NOISE_SEARCH_MIN = 1e-2
+_NOISE_SEARCH_MAX = 1e3
+
+
+class PrvFallbackWarning(RuntimeWarning):
+    """The PRV composition was infeasible numerically; the (valid, looser) RDP bound was used."""
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One round of Poisson-subsampled Gaussian DP-SGD: ``steps`` steps at rate ``sample_rate``.
+
+    The noise multiplier is the noise standard deviation divided by the clipping norm; the
+    clipping norm itself does not enter the privacy analysis, so it is not part of this.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        nm = _real(self.noise_multiplier, "noise_multiplier")
+        q = _real(self.sample_rate, "sample_rate")
+        if not (math.isfinite(nm) and nm > 0):
+            raise ValueError(f"noise_multiplier must be a finite number > 0, got {self.noise_multiplier!r}")
+        if not (math.isfinite(q) and 0 < q <= 1):
+            raise ValueError(f"sample_rate must satisfy 0 < sample_rate <= 1, got {self.sample_rate!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        # Normalise types so equal mechanisms hash and group equally (1 vs 1.0, numpy scalars).
+        object.__setattr__(self, "noise_multiplier", nm)
+        object.__setattr__(self, "sample_rate", q)
+        object.__setattr__(self, "steps", int(self.steps))
+
+
+def _real(value: object, name: str) -> float:
+    """Float value of a real number, refusing bools and non-numbers with a named error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def check_delta(delta: float) -> float:
+    """Validate delta (0 < delta < 1); shared by the budget and the ledger."""
+    d = _real(delta, "delta")
+    if not (0 < d < 1):
+        raise ValueError(f"delta must satisfy 0 < delta < 1, got {delta!r}")
+    return d
+
+
+def check_accountant(accountant: str) -> str:
+    """Validate an accountant name so a typo fails loudly instead of silently using the default."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; expected one of {', '.join(ACCOUNTANTS)}")
+    return accountant
+
+
+def group(history: Iterable[Mechanism]) -> dict[tuple[float, float], int]:
+    """Total steps per distinct (noise multiplier, sample rate).
+
+    Composition is commutative, so the order of rounds does not matter and identical
+    mechanisms can be composed once with their summed step count.
+    """
+    totals: dict[tuple[float, float], int] = {}
+    for m in history:
+        if not isinstance(m, Mechanism):
+            raise TypeError(f"history must contain Mechanism objects, got {type(m).__name__}")
+        if m.steps:
+            key = (m.noise_multiplier, m.sample_rate)
+            totals[key] = totals.get(key, 0) + m.steps
+    return totals
+
+
+@lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one step at every order in ``RDP_ORDERS`` (Opacus' analysis), cached.
+
+    RDP composes additively, so ``steps * this`` is the RDP of ``steps`` steps.
+    """
+    vec = np.asarray(
+        rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)),
+        dtype=np.float64,
+    )
+    vec.setflags(write=False)
+    return vec
+
+
+def _rdp_epsilon(totals: dict[tuple[float, float], int], delta: float) -> float:
+    """Epsilon from summed RDP curves, converted with Opacus' (Balle et al. 2020) conversion."""
+    curve = np.zeros(len(RDP_ORDERS))
+    for (nm, q), steps in totals.items():
+        curve = curve + steps * _rdp_per_step(nm, q)
+    with warnings.catch_warnings():
+        # "Optimal order is the smallest/largest alpha": the bound is still valid, only loose.
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=curve, delta=delta)
+    return float(eps)
+
+
+def _prv_epsilon(totals: dict[tuple[float, float], int], delta: float) -> float:
+    """Upper bound on epsilon from Opacus' PRV composition (Gopi et al. 2021).
+
+    Mirrors ``opacus.accountants.PRVAccountant`` with the same tolerances, but sizes the
+    discretisation grid first so a hopeless history (epsilon in the dozens) cannot allocate
+    gigabytes; there, and on the analysis' own numerical failures, the RDP bound is returned.
+    """
+    keys = list(totals)
+    counts = [totals[k] for k in keys]
+    delta_error = delta * PRV_DELTA_ERROR_FRACTION
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        prvs = [PoissonSubsampledGaussianPRV(q, nm) for nm, q in keys]
+        half_width = compute_safe_domain_size(
+            prvs=prvs, max_self_compositions=counts, eps_error=PRV_EPS_ERROR, delta_error=delta_error
+        )
+        mesh = PRV_EPS_ERROR / math.sqrt(sum(counts) * math.log(12 / delta_error) / 2)
+        if not math.isfinite(half_width) or 2 * half_width / mesh > PRV_MAX_DOMAIN_POINTS:
+            return _prv_fallback(totals, delta, "the discretisation grid would be too large")
+        domain = Domain.create_aligned(-half_width, half_width, mesh)
+        try:
+            dprvs = [discretize(TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max), domain) for p in prvs]
+            composed = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
+            _, _, eps_upper = composed.compute_epsilon(delta, delta_error, PRV_EPS_ERROR)
+        except (RuntimeError, ValueError) as exc:
+            return _prv_fallback(totals, delta, str(exc))
+    eps = float(eps_upper)
+    if not math.isfinite(eps):
+        return _prv_fallback(totals, delta, "non-finite result")
+    return max(eps, 0.0)
+
+
+def _prv_fallback(totals: dict[tuple[float, float], int], delta: float, why: str) -> float:
+    """Return the RDP bound when PRV cannot be computed, and say so (it is valid but looser)."""
+    warnings.warn(f"PRV accountant fell back to RDP ({why})", PrvFallbackWarning, stacklevel=3)
+    return _rdp_epsilon(totals, delta)
+
+
+def epsilon(history: Sequence[Mechanism], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon, at ``delta``, of composing every mechanism in ``history`` (0.0 when nothing ran)."""
+    delta = check_delta(delta)
+    check_accountant(accountant)
+    totals = group(history)
+    if not totals:
+        return 0.0
+    if accountant == "rdp":
+        return _rdp_epsilon(totals, delta)
+    return _prv_epsilon(totals, delta)
+
+
+def max_steps_within(
+    history: Sequence[Mechanism],
+    candidate: Mechanism,
+    epsilon_budget: float,
+    delta: float,
+    accountant: str = "rdp",
+) -> int:
+    """Largest ``s`` in ``0..candidate.steps`` with ``epsilon(history + [candidate@s]) <= epsilon_budget``.
+
+    Epsilon grows with steps, so a binary search finds it. The search only ever returns a
+    step count it has evaluated and found within budget (or 0), so even a numerically
+    non-monotone accountant cannot make it overshoot.
+    """
+    steps, _ = search_steps(history, candidate, epsilon_budget, delta, accountant, {})
+    return steps
+
+
+def search_steps(
+    history: Sequence[Mechanism],
+    candidate: Mechanism,
+    epsilon_budget: float,
+    delta: float,
+    accountant: str,
+    memo: dict[int, float],
+) -> tuple[int, float]:
+    """``max_steps_within`` that also returns the epsilon at the chosen steps.
+
+    ``memo`` (steps -> epsilon) receives every evaluation, so a caller such as the budget
+    check can reuse them (epsilon before the round, epsilon of the full plan) instead of
+    paying again: PRV evaluations cost up to a second each. The full plan is tried first
+    because it fits in the common case, which then costs one evaluation.
+    """
+    budget = _real(epsilon_budget, "epsilon_budget")
+    if not budget > 0:
+        raise ValueError(f"epsilon_budget must be > 0, got {epsilon_budget!r}")
+    delta = check_delta(delta)
+    check_accountant(accountant)
+    if not isinstance(candidate, Mechanism):
+        raise TypeError(f"candidate must be a Mechanism, got {type(candidate).__name__}")
+    base = list(history)
+
+    def eps_at(steps: int) -> float:
+        if steps not in memo:
+            memo[steps] = epsilon([*base, replace(candidate, steps=steps)], delta, accountant)
+        return memo[steps]
+
+    if eps_at(candidate.steps) <= budget:
+        return candidate.steps, eps_at(candidate.steps)
+    if eps_at(0) > budget:
+        return 0, eps_at(0)
+    lo, hi = 0, candidate.steps  # invariant: eps_at(lo) <= budget < eps_at(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if eps_at(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo, eps_at(lo)
+
+
+def noise_for_target(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps_per_round: int,
+    rounds: int,
+    accountant: str = "rdp",
+    history: Sequence[Mechanism] = (),
+) -> float:
+    """Smallest noise multiplier whose ``rounds`` planned rounds, after ``history``, stay within target.
+
+    For planning a run: the returned value always meets the target (it is the upper end of
+    a bisection on log(noise), to a relative precision of 1e-4 for RDP and 1e-3 for PRV).
+    Raises ValueError when no noise multiplier up to 1000 can meet the target, e.g. because
+    the history alone has already spent it.
+    """
+    target = _real(target_epsilon, "target_epsilon")
+    if not (math.isfinite(target) and target > 0):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    delta = check_delta(delta)
+    check_accountant(accountant)
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    Mechanism(1.0, sample_rate, steps_per_round)  # validates sample rate and steps with clear errors
+    base = list(history)
+    total_steps = int(steps_per_round) * int(rounds)
+    if total_steps == 0:
+        raise ValueError("steps_per_round must be >= 1 to plan a noise multiplier")
+
+    def eps_at(noise: float) -> float:
+        return epsilon([*base, Mechanism(noise, sample_rate, total_steps)], delta, accountant)
+
+    already = epsilon(base, delta, accountant)
+    if already >= target:
+        raise ValueError(
+            f"target epsilon {target:g} is unreachable: the existing history has already spent {already:.4g}"
+        )
+    if eps_at(_NOISE_SEARCH_MAX) > target:
+        raise ValueError(
+            f"target epsilon {target:g} is unreachable at delta {delta:g}: even noise multiplier "
+            f"{_NOISE_SEARCH_MAX:g} gives {eps_at(_NOISE_SEARCH_MAX):.4g} (history alone: {already:.4g})"
+        )
+    lo, hi = _bracket(eps_at, target, _initial_guess(target, delta, sample_rate, total_steps, accountant, base))
+    rtol = 1e-4 if accountant == "rdp" else 1e-3
+    while hi / lo > 1 + rtol:
+        mid = math.sqrt(lo * hi)
+        if eps_at(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _initial_guess(
+    target: float, delta: float, sample_rate: float, total_steps: int, accountant: str, base: list[Mechanism]
+) -> float:
+    """Starting point for the noise search: 1.0 for RDP; the RDP answer for PRV.
+
+    PRV evaluations are ~10x dearer than RDP ones and the PRV answer lies a few percent
+    below the RDP one, so seeding PRV with RDP saves most of its evaluations.
+    """
+    if accountant == "rdp":
+        return 1.0
+    try:
+        return noise_for_target(target, delta, sample_rate, total_steps, 1, "rdp", base)
+    except ValueError:
+        return 1.0
+
+
+def _bracket(eps_at: Callable[[float], float], target: float, guess: float) -> tuple[float, float]:
+    """Find lo < hi with eps_at(lo) > target >= eps_at(hi), starting near ``guess``."""
+    guess = min(max(guess, _NOISE_SEARCH_MIN), _NOISE_SEARCH_MAX)
+    factor = 1.1 if guess != 1.0 else 2.0
+    if eps_at(guess) <= target:
+        hi = guess
+        lo = hi / factor
+        while eps_at(lo) <= target:
+            if lo <= _NOISE_SEARCH_MIN:
+                return lo, lo  # any noise down to the search floor meets the target
+            hi, lo = lo, max(lo / factor, _NOISE_SEARCH_MIN)
+            factor *= 2
+        return lo, hi
+    lo = guess
+    hi = lo * factor
+    while eps_at(hi) > target:
+        lo, hi = hi, min(hi * factor, _NOISE_SEARCH_MAX)
+        factor *= 2
+    return lo, hi

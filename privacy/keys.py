@@ -1,0 +1,122 @@
+"""The member's Ed25519 identity: the key that signs its privacy ledger and receipts.
+
+Auditors trust only members' public keys, so the private key must never leave the member's
+node, never be overwritten (a new key would orphan every receipt signed so far) and never be
+readable by other users. Nothing here logs or prints private material.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import string
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+log = logging.getLogger(__name__)
+
+_HEX = frozenset(string.hexdigits.lower())
+
+
+class KeyFormatError(ValueError):
+    """A key file or a public key string is not what it must be."""
+
+
+def load_or_create_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """Load the member's signing key from ``path``, creating it (mode 0600) on first use.
+
+    Creation is atomic and race-free: the key is written to a private temporary file in the
+    same directory, fsynced, then hard-linked into place, which fails rather than replaces
+    if another process created the key meanwhile (then that key is loaded instead).
+    """
+    path = Path(path)
+    if path.exists():
+        return _load(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    if not _create_exclusive(path, pem):
+        return _load(path)
+    log.info("created member signing key %s (public key %s)", path, public_key_hex(key))
+    return key
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Write ``data`` to a new file at ``path`` (0600) atomically; False if ``path`` already exists."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new directory entry durable (the file's own fsync does not cover its name)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load(path: Path) -> Ed25519PrivateKey:
+    """Read an existing key file, refusing anything but an unencrypted Ed25519 PKCS8 PEM key."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("signing key %s is accessible by other users (mode %o); it should be 0600", path, mode)
+    data = path.read_bytes()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        # The exception text from the parser never contains key material, but keep ours generic.
+        raise KeyFormatError(
+            f"{path} exists but is not an unencrypted PEM private key ({type(exc).__name__}); "
+            "refusing to overwrite it: move it away or point the node at the right key file"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFormatError(
+            f"{path} holds a {type(key).__name__.removeprefix('_')} key, not an Ed25519 key; refusing to use or overwrite it"
+        )
+    return key
+
+
+def public_key_hex(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """The raw 32-byte public key as 64 lowercase hex characters: the member's public identity."""
+    if isinstance(key, Ed25519PrivateKey):
+        key = key.public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise TypeError(f"expected an Ed25519 key, got {type(key).__name__}")
+    return key.public_bytes(encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw).hex()
+
+
+def load_public_key(hex_key: str) -> Ed25519PublicKey:
+    """Parse a public key written by ``public_key_hex`` (64 hex characters)."""
+    if not isinstance(hex_key, str):
+        raise KeyFormatError(f"public key must be a hex string, got {type(hex_key).__name__}")
+    text = hex_key.strip().lower()
+    if len(text) != 64 or not set(text) <= _HEX:
+        shown = hex_key if len(hex_key) <= 80 else hex_key[:77] + "..."
+        raise KeyFormatError(f"public key must be 64 hex characters (32 bytes), got {shown!r}")
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text))
+    except ValueError as exc:
+        raise KeyFormatError(f"invalid Ed25519 public key {text}: {exc}") from None
