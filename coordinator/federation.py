@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,8 @@ def _record(result: RoundResult) -> dict:
         "skipped": len(result.plan.skipped),
         "updated_shards": result.updated_shards,
         "failed": result.failed,
+        "declined": result.declined,
+        "receipts": result.receipts,
         "train": {
             m: {"loss": r.loss, "num_examples": r.num_examples, "steps": r.steps} for m, r in result.train.items()
         },
@@ -62,7 +66,9 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     meta = {"model": cfg.model.name, "federation": cfg.federation.name}
-    runner = RoundRunner(cfg, grid, initial_model(cfg))
+    run_id = f"{re.sub(r'[^A-Za-z0-9_.-]', '-', out_dir.name)[:40]}-{secrets.token_hex(4)}"
+    (out_dir / "run.json").write_text(json.dumps({"run": run_id}), encoding="utf-8")
+    runner = RoundRunner(cfg, grid, initial_model(cfg), run_id=run_id)
     summary = RunSummary(out_dir=out_dir)
 
     save_round(out_dir, 0, runner.model, meta)
@@ -99,7 +105,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             summary.results.append(result)
             summary.history.append((rnd, result.evaluation))
             progress.console.print(cohort_table(plan))
-            progress.console.print(round_table(result))
+            progress.console.print(round_table(result, runner.epsilon))
 
     console.print(summary_table(summary.history))
     (out_dir / "summary.json").write_text(

@@ -23,6 +23,7 @@ class MemberInfo:
     name: str
     embodiments: tuple[str, ...]
     episodes: int
+    can_train: bool = True  # False: the member reports no privacy budget left
 
 
 @dataclass

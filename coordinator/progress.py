@@ -46,9 +46,14 @@ def cohort_table(plan: RoundPlan) -> Table:
     return table
 
 
-def round_table(result: RoundResult) -> Table:
+def round_table(result: RoundResult, epsilons: dict[str, tuple[float, float]] | None = None) -> Table:
+    """Per member: shards, steps run, loss, held-out error and privacy spent after the round.
+
+    ``epsilons`` maps member -> (spent, budget) as the member reported in ``query``; the
+    spent value of a member that trained comes from its signed receipt instead.
+    """
     table = Table(title=f"Round {result.round}: members ({result.seconds:.1f}s)")
-    for col in ("member", "shards", "train loss", "held-out MSE", "held-out MAE"):
+    for col in ("member", "shards", "steps", "train loss", "held-out MSE", "held-out MAE", "ε spent / budget"):
         table.add_column(col, justify="right" if col != "member" else "left")
     members = sorted(set(result.plan.members) | set(result.evaluation) | set(result.failed))
     for member in members:
@@ -56,12 +61,26 @@ def round_table(result: RoundResult) -> Table:
             continue
         reply = result.train.get(member)
         ev = result.evaluation.get(member)
+        receipt = result.receipts.get(member)
+        if reply:
+            loss = f"{reply.loss:.4f}"
+        elif member in result.declined:
+            loss = "[yellow]declined"
+        else:
+            loss = "[red]failed" if member in result.failed else "-"
+        budget = epsilons.get(member, (None, None))[1] if epsilons else None
+        spent = receipt["epsilon"] if receipt else (epsilons.get(member, (None, None))[0] if epsilons else None)
+        eps = (
+            "no DP" if reply and not receipt else (f"{spent:.2f} / {budget:g}" if spent is not None and budget else "-")
+        )
         table.add_row(
             member,
             str(len(result.plan.shards_of(member))),
-            f"{reply.loss:.4f}" if reply else ("[red]failed" if member in result.failed else "-"),
+            str(reply.steps) if reply else "-",
+            loss,
             f"{ev.action_mse:.4f}" if ev else "-",
             f"{ev.action_mae:.4f}" if ev else "-",
+            eps,
         )
     return table
 

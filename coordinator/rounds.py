@@ -20,6 +20,8 @@ from flwr.serverapp import Grid
 from aggregation.server_opt import FedAvg
 from aggregation.weighted_mean import AggregationError, ShardMean
 from coordinator.planner import MemberInfo, RoundPlan, plan_round
+from privacy.keys import load_public_key
+from privacy.ledger import LedgerError, receipt_from_json, verify_entry
 from shared_model.config import KyodoConfig
 from shared_model.protocol import (
     EVALUATE,
@@ -30,6 +32,7 @@ from shared_model.protocol import (
     ProtocolError,
     QueryReply,
     QueryRequest,
+    TrainDeclined,
     TrainHyperParams,
     TrainReply,
     TrainRequest,
@@ -46,6 +49,8 @@ class RoundResult:
     round: int
     plan: RoundPlan
     train: dict[str, TrainReply] = field(default_factory=dict)  # member -> reply (deltas dropped)
+    receipts: dict[str, dict] = field(default_factory=dict)  # member -> verified signed ledger entry
+    declined: dict[str, str] = field(default_factory=dict)  # member -> the node's reason
     evaluation: dict[str, EvaluateReply] = field(default_factory=dict)
     updated_shards: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # member or shard -> why
@@ -77,14 +82,19 @@ def exchange(
 class RoundRunner:
     """Holds the global model (one tensor dict) and runs rounds against a Grid."""
 
-    def __init__(self, cfg: KyodoConfig, grid: Grid, model: dict[str, torch.Tensor], timeout: float = 600.0):
+    def __init__(
+        self, cfg: KyodoConfig, grid: Grid, model: dict[str, torch.Tensor], run_id: str = "run", timeout: float = 600.0
+    ):
         self.cfg = cfg
+        self.run_id = run_id
         self.grid = grid
         self.model = model
         self.timeout = timeout
         self.layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
         self.optimizer = FedAvg(cfg.train.server_lr)
         self.members: dict[int, MemberInfo] = {}
+        self.public_keys: dict[str, str] = {}  # member -> hex Ed25519 key from query
+        self.epsilon: dict[str, tuple[float, float]] = {}  # member -> (spent, budget) as reported
 
     # ------------------------------------------------------------------ query
     def query(self, round_number: int) -> dict[int, MemberInfo]:
@@ -101,7 +111,11 @@ class RoundRunner:
             except ProtocolError as err:
                 log.warning("node %s: %s", node, err)
                 return
-            members[node] = MemberInfo(node, info.member, tuple(info.embodiments), info.episodes)
+            members[node] = MemberInfo(
+                node, info.member, tuple(info.embodiments), info.episodes, can_train=info.can_train
+            )
+            self.public_keys[info.member] = info.public_key
+            self.epsilon[info.member] = (info.epsilon_spent, info.epsilon_budget)
 
         msgs = [Message(QueryRequest(round_number).to_content(), n, QUERY) for n in node_ids]
         missing = exchange(self.grid, msgs, self.timeout, on_reply)
@@ -116,9 +130,13 @@ class RoundRunner:
         return members
 
     def plan(self, round_number: int) -> RoundPlan:
+        available = [m for m in self.members.values() if m.can_train]
+        for m in self.members.values():
+            if not m.can_train:
+                log.info("round %d: %s has no privacy budget left and is not asked", round_number, m.name)
         return plan_round(
             round_number,
-            list(self.members.values()),
+            available,
             n_layers=self.cfg.model.n_layers,
             n_experts=self.cfg.model.n_experts,
             embodiments=sorted(self.cfg.embodiments),
@@ -137,7 +155,12 @@ class RoundRunner:
     def train_and_aggregate(self, round_number: int, plan: RoundPlan, result: RoundResult) -> None:
         t = self.cfg.train
         hp = TrainHyperParams(
-            lr=t.lr, local_steps=t.local_steps, batch_size=t.batch_size, weight_decay=t.weight_decay, seed=t.seed
+            lr=t.lr,
+            local_steps=t.local_steps,
+            batch_size=t.batch_size,
+            weight_decay=t.weight_decay,
+            seed=t.seed,
+            max_grad_norm=self.cfg.privacy.max_grad_norm,
         )
         by_name = {m.name: node for node, m in self.members.items()}
         accumulators = {
@@ -145,7 +168,9 @@ class RoundRunner:
         }
         msgs = []
         for member in plan.members:
-            request = TrainRequest(round_number, plan.shards_of(member), hp, self.model)
+            request = TrainRequest(
+                round_number, plan.shards_of(member), hp, self.model, run=self.run_id, planned_rounds=t.rounds
+            )
             msgs.append(Message(request.to_content(), by_name[member], TRAIN))
         node_to_name = {node: m.name for node, m in self.members.items()}
 
@@ -156,11 +181,18 @@ class RoundRunner:
                 log.warning("%s: %s", member, result.failed[member])
                 return
             try:
+                if TrainDeclined.is_declined(reply.content):
+                    declined = TrainDeclined.from_content(reply.content)
+                    result.declined[member] = declined.reason
+                    log.info("%s sits round %d out: %s", member, round_number, declined.reason)
+                    return
                 parsed = TrainReply.from_content(reply.content)
                 if parsed.member != member:
                     raise ProtocolError(f"reply names member {parsed.member!r}, node is {member!r}")
                 if sorted(parsed.shards) != sorted(plan.shards_of(member)):
                     raise ProtocolError(f"reply covers shards {parsed.shards}, assigned {plan.shards_of(member)}")
+                if parsed.receipt:
+                    result.receipts[member] = self._check_receipt(member, round_number, parsed)
                 grouped: dict[str, dict[str, torch.Tensor]] = {}
                 for name, tensor in parsed.deltas.items():
                     grouped.setdefault(shard_of(name), {})[name] = tensor
@@ -173,7 +205,8 @@ class RoundRunner:
                     accumulators[shard].check(member, grouped.get(shard, {}), weight)
                 for shard in parsed.shards:
                     accumulators[shard].add(member, grouped[shard], weight)
-            except (ProtocolError, AggregationError, ValueError) as err:
+            except (ProtocolError, AggregationError, LedgerError, ValueError) as err:
+                result.receipts.pop(member, None)
                 result.failed[member] = f"invalid train reply: {err}"
                 log.warning("%s: %s", member, result.failed[member])
                 return
@@ -198,6 +231,21 @@ class RoundRunner:
             updated = self.optimizer.apply(self.model, acc.mean())
             self.model.update(updated)
             result.updated_shards.append(shard)
+
+    def _check_receipt(self, member: str, round_number: int, reply: TrainReply) -> dict:
+        """The receipt must be this member's signed ledger entry for exactly this update."""
+        entry = receipt_from_json(reply.receipt)
+        key = self.public_keys.get(member, "")
+        if not key or entry.get("public_key") != key:
+            raise ProtocolError("receipt is not signed with the key the member registered in query")
+        verify_entry(entry, load_public_key(key))
+        expected = {"member": member, "round": round_number, "run": self.run_id, "shards": sorted(reply.shards)}
+        for field_name, value in expected.items():
+            if entry.get(field_name) != value:
+                raise ProtocolError(f"receipt {field_name} {entry.get(field_name)!r} != {value!r}")
+        if entry["mechanism"]["steps"] != reply.steps:
+            raise ProtocolError(f"receipt records {entry['mechanism']['steps']} steps, reply ran {reply.steps}")
+        return entry
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, round_number: int, members: Iterable[int]) -> dict[str, EvaluateReply]:

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from member_node.lerobot import DatasetError, LeRobotDataset, read_dataset
+from member_node.status import add_status_command
 from member_node.synthetic import generate_dataset
 from shared_model.config import ConfigError, EmbodimentConfig, load_config
 
@@ -132,7 +133,7 @@ def add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 # ----------------------------------------------------------------------------- plumbing
 
-COMMAND_GROUPS: list[Registrar] = [add_data_commands]
+COMMAND_GROUPS: list[Registrar] = [add_data_commands, add_status_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
 """Who this node is and where its data lives: from the node's own config, never the coordinator.
 
 Deployment: ``flower-supernode --node-config 'member="sony" embodiment="so100"
-data-dir="/srv/kyodo/sony"'``. Simulation: Flower gives each virtual node a ``partition-id``,
+data-dir="/srv/kyodo/sony" state-dir="/srv/kyodo/sony-state" epsilon=8.0 delta=1e-5'``.
+The privacy budget is part of the node's config for the same reason: nothing the
+coordinator sends can raise it. Simulation: Flower gives each virtual node a ``partition-id``,
 which picks the matching member of the federation config, with its data under
 ``data_root/<member>``.
 """
@@ -25,6 +27,29 @@ class MemberIdentity:
     name: str
     embodiment: str
     data_dir: Path
+    state_dir: Path  # ledger and signing key: the member's, kept across runs
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    dp: bool = True
+    noise_multiplier: float = 0.0  # 0: planned from the budget over the run's rounds
+
+
+def _float(node_config: Mapping[str, Any], key: str, default: float) -> float:
+    try:
+        return float(node_config.get(key, default))
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node config {key!r} must be a number, got {node_config[key]!r}") from None
+
+
+def _bool(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = node_config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise NodeConfigError(f"node config {key!r} must be true or false, got {value!r}")
 
 
 def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> MemberIdentity:
@@ -32,10 +57,16 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         for key in ("embodiment", "data-dir"):
             if key not in node_config:
                 raise NodeConfigError(f"node config sets 'member' but not {key!r}")
+        data_dir = Path(str(node_config["data-dir"])).expanduser()
         identity = MemberIdentity(
             name=str(node_config["member"]),
             embodiment=str(node_config["embodiment"]),
-            data_dir=Path(str(node_config["data-dir"])).expanduser(),
+            data_dir=data_dir,
+            state_dir=Path(str(node_config.get("state-dir", data_dir.parent / f"{data_dir.name}-state"))).expanduser(),
+            epsilon=_float(node_config, "epsilon", 8.0),
+            delta=_float(node_config, "delta", 1e-5),
+            dp=_bool(node_config, "dp", True),
+            noise_multiplier=_float(node_config, "noise-multiplier", 0.0),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -45,9 +76,24 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
                 f"simulation node {pid} has no member: federation {cfg.federation.name!r} has {len(members)}"
             )
         m = members[pid]
-        identity = MemberIdentity(name=m.name, embodiment=m.embodiment, data_dir=Path(cfg.data_root) / m.name)
+        state_root = Path(cfg.state_root) if cfg.state_root else Path(cfg.out_dir) / "nodes"
+        identity = MemberIdentity(
+            name=m.name,
+            embodiment=m.embodiment,
+            data_dir=Path(cfg.data_root) / m.name,
+            state_dir=state_root / m.name,
+            epsilon=m.epsilon,
+            delta=m.delta,
+            dp=m.dp,
+            noise_multiplier=m.noise_multiplier,
+        )
     else:
         raise NodeConfigError("node config names no member: set member, embodiment and data-dir")
+    if not (identity.epsilon > 0 and 0 < identity.delta < 1 and identity.noise_multiplier >= 0):
+        raise NodeConfigError(
+            f"member {identity.name!r}: privacy budget needs epsilon > 0 and 0 < delta < 1 "
+            f"(got epsilon={identity.epsilon}, delta={identity.delta})"
+        )
     if identity.embodiment not in cfg.embodiments:
         raise NodeConfigError(
             f"member {identity.name!r} declares embodiment {identity.embodiment!r}, "

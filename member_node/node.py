@@ -1,11 +1,21 @@
 """The member node's logic: answer query, train and evaluate from the member's own data.
 
 Kept free of Flower types (the ClientApp adapts messages), so it is tested directly.
+
+Privacy (ARCHITECTURE.md, "Privacy"): the member's budget comes from its own config; before
+each round the node computes the epsilon the round would reach and trains fewer steps or
+declines. The ledger entry of a round is appended *before* training starts (write-ahead):
+a crash after that point still counts the round as spent, so a restarted node can never
+forget a spend; the ledger is also the accountant's only state (its history of
+mechanisms), so a restart can never double count one either.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +24,12 @@ from member_node.identity import MemberIdentity
 from member_node.lerobot import read_dataset
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
+from privacy.accountant import Mechanism, noise_for_target
+from privacy.accountant import epsilon as composed_epsilon
+from privacy.budget import Budget, allow_round
+from privacy.dp_sgd import DEFAULT_MODE, DPConfig
+from privacy.keys import load_or_create_signing_key, public_key_hex
+from privacy.ledger import Ledger, receipt_to_json
 from shared_model.config import KyodoConfig
 from shared_model.policy import Policy
 from shared_model.protocol import (
@@ -22,6 +38,7 @@ from shared_model.protocol import (
     ProtocolError,
     QueryReply,
     QueryRequest,
+    TrainDeclined,
     TrainReply,
     TrainRequest,
     coarse_count,
@@ -45,13 +62,41 @@ class MemberNode:
             [self.dataset.episodes[i] for i in held_ids], emb_cfg, history=m.history, chunk=m.chunk
         )
         self.policy = Policy(cfg.model, cfg.embodiments)
+        self.budget = Budget(identity.epsilon, identity.delta)
+        state = Path(identity.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        self.signing_key = load_or_create_signing_key(state / "member_ed25519.pem")
+        self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
+        self._plan_path = state / "noise_plan.json"
+        (state / "member.json").write_text(
+            json.dumps(
+                {
+                    "member": identity.name,
+                    "embodiment": identity.embodiment,
+                    "epsilon": identity.epsilon,
+                    "delta": identity.delta,
+                    "accountant": cfg.privacy.accountant,
+                    "public_key": public_key_hex(self.signing_key),
+                },
+                indent=2,
+            ),
+            encoding="utf-8",
+        )
+
+    def epsilon_spent(self) -> float:
+        return composed_epsilon(self.ledger.history(), self.budget.delta, self.cfg.privacy.accountant)
 
     # ------------------------------------------------------------------ query
     def query(self, request: QueryRequest) -> QueryReply:
+        spent = self.epsilon_spent()
         return QueryReply(
             member=self.identity.name,
             embodiments=[self.identity.embodiment],
             episodes=coarse_count(len(self.dataset.episodes)),
+            public_key=public_key_hex(self.signing_key),
+            epsilon_spent=spent,
+            epsilon_budget=self.budget.epsilon,
+            can_train=(not self.identity.dp) or spent < self.budget.epsilon,
         )
 
     # ------------------------------------------------------------------ train
@@ -91,18 +136,102 @@ class MemberNode:
         digest = hashlib.sha256(f"{self.identity.name}/{round_number}/{seed}".encode()).digest()
         return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
-    def train(self, request: TrainRequest) -> TrainReply:
+    def _noise_multiplier(self, history: list[Mechanism], sample_rate: float, request: TrainRequest) -> float:
+        """The member's own sigma, or one planned once per run to spend the budget evenly.
+
+        Planned once and kept (``noise_plan.json``): one mechanism per run keeps the
+        accountant's history short (PRV's cost grows with distinct mechanisms) and the
+        plan survives a node restart.
+        """
+        if self.identity.noise_multiplier > 0:
+            return self.identity.noise_multiplier
+        plans = json.loads(self._plan_path.read_text()) if self._plan_path.is_file() else {}
+        key = f"{request.run}|{sample_rate!r}|{request.hparams.local_steps}"
+        if key not in plans:
+            remaining_rounds = max(1, request.planned_rounds - request.round + 1)
+            plans[key] = noise_for_target(
+                self.budget.epsilon,
+                self.budget.delta,
+                sample_rate,
+                request.hparams.local_steps,
+                remaining_rounds,
+                accountant=self.cfg.privacy.accountant,
+                history=history,
+            )
+            tmp = self._plan_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(plans, indent=2), encoding="utf-8")
+            tmp.replace(self._plan_path)
+        return float(plans[key])
+
+    def train(self, request: TrainRequest) -> TrainReply | TrainDeclined:
         self.check_assignment(request.shards)
         self._load_model(request.model)
-        result = train_shards(
-            self.policy,
-            self.identity.embodiment,
-            self.train_windows,
-            request.shards,
-            request.hparams,
+        common = dict(
             aux_coef=self.cfg.model.aux_loss_coef,
             rng=self._rng(request.hparams.seed, request.round),
         )
+        if not self.identity.dp:
+            result = train_shards(
+                self.policy, self.identity.embodiment, self.train_windows, request.shards, request.hparams, **common
+            )
+            return self._reply(request, result, receipt="")
+
+        if self.ledger.find(request.run, request.round) is not None:
+            # A re-sent round is never trained twice: that would spend the budget twice.
+            return TrainDeclined(
+                self.identity.name,
+                f"round {request.round} of run {request.run} was already trained",
+                self.epsilon_spent(),
+            )
+        sample_rate = min(1.0, request.hparams.batch_size / len(self.train_windows))
+        history = self.ledger.history()
+        try:
+            sigma = self._noise_multiplier(history, sample_rate, request)
+        except ValueError as err:
+            return TrainDeclined(self.identity.name, f"no noise level fits the budget: {err}", self.epsilon_spent())
+        allowance = allow_round(
+            self.budget,
+            history,
+            sigma,
+            sample_rate,
+            request.hparams.local_steps,
+            accountant=self.cfg.privacy.accountant,
+            min_steps=self.cfg.privacy.min_steps,
+        )
+        if allowance.decision == "declined":
+            return TrainDeclined(self.identity.name, allowance.reason, allowance.epsilon_before)
+        dp = DPConfig(
+            noise_multiplier=sigma,
+            max_grad_norm=request.hparams.max_grad_norm,
+            sample_rate=sample_rate,
+            mode=DEFAULT_MODE,
+        )
+        receipt = self.ledger.append(
+            run=request.run,
+            round=request.round,
+            member=self.identity.name,
+            shards=sorted(request.shards),
+            privacy_unit="episode",
+            mechanism={
+                "noise_multiplier": sigma,
+                "sample_rate": sample_rate,
+                "steps": allowance.steps,
+                "clipping_norm": dp.max_grad_norm,
+                "opacus_mode": dp.mode,
+            },
+            dataset_fingerprint=self.dataset.fingerprint(),
+            epsilon=allowance.epsilon_after,
+            delta=self.budget.delta,
+            accountant=self.cfg.privacy.accountant,
+            decision=allowance.decision,
+        )
+        hparams = replace(request.hparams, local_steps=allowance.steps)
+        result = train_shards(
+            self.policy, self.identity.embodiment, self.train_windows, request.shards, hparams, dp=dp, **common
+        )
+        return self._reply(request, result, receipt=receipt_to_json(receipt))
+
+    def _reply(self, request: TrainRequest, result, receipt: str) -> TrainReply:
         return TrainReply(
             member=self.identity.name,
             shards=list(request.shards),
@@ -110,6 +239,7 @@ class MemberNode:
             num_examples=result.num_examples,
             loss=result.loss,
             steps=result.steps,
+            receipt=receipt,
         )
 
     # ------------------------------------------------------------------ evaluate

@@ -3,8 +3,8 @@
 Built around the episode as the unit: each step draws a set of episodes and takes one
 window from each, and the loss is a sum of per-episode terms. That is exactly the shape
 DP-SGD needs (per-sample gradients = per-episode gradients), so the privacy layer plugs in
-by replacing :class:`EpisodeSampler` (Poisson sampling) and wrapping the optimiser, without
-touching the loop.
+by replacing :class:`EpisodeSampler` (Poisson sampling) and wrapping the optimiser
+(``train_shards(..., dp=DPConfig(...))``, see ``privacy.dp_sgd``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from member_node.windows import EpisodeWindows, WindowBatch
+from privacy.dp_sgd import DPConfig, PoissonEpisodeSampler, make_private
 from shared_model.policy import Policy
 from shared_model.protocol import TrainHyperParams
 from shared_model.shards import set_trainable
@@ -58,8 +59,13 @@ class UniformSampler:
 class TrainResult:
     deltas: dict[str, torch.Tensor]
     num_examples: int  # training episodes available this round (FedAvg's n_k)
-    loss: float  # mean per-sample loss over the round's last quarter of steps
-    steps: int
+    # Mean per-sample loss over the round's last quarter of steps (DP: of the non-empty
+    # steps; NaN if all were empty). Computed from the data *without* noise: under DP it
+    # is not covered by the guarantee and must not leave the node as is.
+    loss: float
+    steps: int  # steps actually run; under DP every one counts for the accountant, empty or not
+    dp_mode: str | None = None  # DPSGD.mode used (record it in the ledger); None = non-private
+    empty_steps: int = 0  # DP steps whose Poisson batch was empty (they added noise only)
 
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter], TrainHyperParams], torch.optim.Optimizer]
@@ -84,8 +90,20 @@ def train_shards(
     rng: np.random.Generator,
     sampler: EpisodeSampler | None = None,
     make_optimizer: OptimizerFactory = adamw,
+    dp: DPConfig | None = None,
+    dp_noise_seed: int | None = None,
 ) -> TrainResult:
-    """Train only ``shards`` (everything else frozen) and return their deltas."""
+    """Train only ``shards`` (everything else frozen) for ``hp.local_steps`` steps; return their deltas.
+
+    With ``dp``: DP-SGD (``privacy.dp_sgd``). Episodes are Poisson-sampled at
+    ``dp.sample_rate`` (``hp.batch_size`` is then unused: the expected batch is
+    ``dp.sample_rate * len(windows)``), each step's update is clipped per episode, noised
+    and averaged over that expected batch, and an empty batch still makes a (noise-only)
+    step. ``sampler`` may only be a :class:`PoissonEpisodeSampler` at the same rate (tests
+    seed one); ``dp_noise_seed`` is for tests only -- by default the noise is seeded from
+    ``secrets``. The policy is returned unwrapped: no hooks, no Opacus attributes, all
+    parameters frozen, the same state-dict keys, ready for the next round.
+    """
     if len(windows) == 0:
         raise ValueError("no training episodes")
     names = set(set_trainable(policy, shards))
@@ -94,9 +112,55 @@ def train_shards(
     params = {n: p for n, p in policy.named_parameters() if n in names}
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = make_optimizer(params.values(), hp)
-    sampler = sampler or UniformSampler(hp.batch_size)
     policy.train()
     losses: list[float] = []
+    try:
+        if dp is None:
+            _train_plain(
+                policy,
+                embodiment,
+                windows,
+                hp,
+                aux_coef,
+                rng,
+                sampler or UniformSampler(hp.batch_size),
+                optimizer,
+                losses,
+            )
+            steps, empty, mode = hp.local_steps, 0, None
+        else:
+            if sampler is None:
+                sampler = PoissonEpisodeSampler(dp.sample_rate)
+            elif not isinstance(sampler, PoissonEpisodeSampler) or sampler.sample_rate != dp.sample_rate:
+                raise ValueError("DP-SGD needs Poisson sampling at dp.sample_rate (a PoissonEpisodeSampler)")
+            steps, empty, mode = _train_private(
+                policy, embodiment, windows, hp, aux_coef, rng, sampler, optimizer, losses, dp, dp_noise_seed
+            )
+    finally:
+        set_trainable(policy, [])
+    tail = losses[-max(1, len(losses) // 4) :]
+    deltas = {n: (p.detach() - before[n]).contiguous() for n, p in params.items()}
+    return TrainResult(
+        deltas=deltas,
+        num_examples=len(windows),
+        loss=float(np.mean(tail)) if tail else float("nan"),
+        steps=steps,
+        dp_mode=mode,
+        empty_steps=empty,
+    )
+
+
+def _train_plain(
+    policy: Policy,
+    embodiment: str,
+    windows: EpisodeWindows,
+    hp: TrainHyperParams,
+    aux_coef: float,
+    rng: np.random.Generator,
+    sampler: EpisodeSampler,
+    optimizer: torch.optim.Optimizer,
+    losses: list[float],
+) -> None:
     for _ in range(hp.local_steps):
         ids = sampler(len(windows), rng)
         batch = windows.sample(ids, rng)
@@ -106,10 +170,34 @@ def train_shards(
         loss.mean().backward()
         optimizer.step()
         losses.append(float(loss.detach().mean()))
-    tail = losses[-max(1, len(losses) // 4) :]
-    deltas = {n: (p.detach() - before[n]).contiguous() for n, p in params.items()}
-    set_trainable(policy, [])
-    return TrainResult(deltas=deltas, num_examples=len(windows), loss=float(np.mean(tail)), steps=hp.local_steps)
+
+
+def _train_private(
+    policy: Policy,
+    embodiment: str,
+    windows: EpisodeWindows,
+    hp: TrainHyperParams,
+    aux_coef: float,
+    rng: np.random.Generator,
+    sampler: EpisodeSampler,
+    optimizer: torch.optim.Optimizer,
+    losses: list[float],
+    dp: DPConfig,
+    noise_seed: int | None,
+) -> tuple[int, int, str]:
+    """DP-SGD steps; returns (steps run, empty steps, mode). The engine is always closed."""
+    with make_private(policy, optimizer, dp, len(windows), noise_seed=noise_seed) as engine:
+        for _ in range(hp.local_steps):
+            ids = sampler(len(windows), rng)
+            batch = windows.sample(ids, rng)
+            engine.zero_grad()
+            pred, aux = engine(embodiment, batch.obs, batch.image)
+            loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, aux_coef)
+            engine.backward(loss)
+            engine.step()
+            if len(batch):
+                losses.append(float(loss.detach().mean()))
+        return engine.steps, engine.empty_steps, engine.mode
 
 
 @dataclass

@@ -59,8 +59,8 @@ def allow_round(
     """Decide how many of ``planned_steps`` DP-SGD steps fit in the member's remaining budget.
 
     "full" when all fit; "shortened" when fewer fit but at least ``min_steps`` (a round of a
-    handful of steps may not be worth the communication); "declined" otherwise, with no step
-    run and nothing to record. ``epsilon_after`` is the composed epsilon with the allowed
+    handful of steps may not be worth the communication; a plan shorter than ``min_steps``
+    runs in full or not at all); "declined" otherwise, with no step run and nothing to record. ``epsilon_after`` is the composed epsilon with the allowed
     steps, i.e. the value to write to the ledger.
     """
     if not isinstance(budget, Budget):
@@ -68,8 +68,9 @@ def allow_round(
     check_accountant(accountant)
     _check_steps(planned_steps, "planned_steps")
     _check_steps(min_steps, "min_steps")
-    if min_steps > planned_steps:
-        raise ValueError(f"min_steps ({min_steps}) must not exceed planned_steps ({planned_steps})")
+    # The coordinator may plan rounds shorter than the member's minimum: such a round runs in
+    # full or not at all (min_steps only limits how far a round is shortened).
+    min_steps = min(min_steps, planned_steps)
     check_delta(budget.delta)
     candidate = Mechanism(noise_multiplier, sample_rate, planned_steps)
     memo: dict[int, float] = {}

@@ -78,6 +78,12 @@ class MemberConfig:
     episodes: int = 60
     episode_seconds: float = 4.0
     seed: int = 0
+    # The member's own privacy settings. In deployment they come from the node's own config
+    # (``--node-config``), never from the coordinator; here they stand in for it.
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    dp: bool = True
+    noise_multiplier: float = 0.0  # 0: plan it from the budget over the run's rounds
 
 
 @dataclass
@@ -106,13 +112,26 @@ class TrainConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Coordinator-side DP-SGD settings: the clipping norm is a training hyper-parameter
+    shared by a cohort. Budgets and noise are the members' own (MemberConfig / node config)."""
+
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    min_steps: int = 5  # a round shortened below this is declined instead
+
+
+@dataclass
 class KyodoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     embodiments: dict[str, EmbodimentConfig] = field(default_factory=dict)
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     out_dir: str = "runs/demo"
     data_root: str = "data/demo"
+    # Where simulated members keep their ledger and keys; empty: ``<out_dir>/nodes``.
+    state_root: str = ""
 
 
 def _available(kind: str) -> list[str]:
@@ -243,6 +262,12 @@ def validate(cfg: KyodoConfig) -> None:
             raise ConfigError(
                 f"federation.members[{i}].embodiment {member.embodiment!r} is not one of {sorted(cfg.embodiments)}"
             )
+        if not (member.epsilon > 0 and 0 < member.delta < 1 and member.noise_multiplier >= 0):
+            raise ConfigError(f"federation.members[{i}]: need epsilon > 0, 0 < delta < 1, noise_multiplier >= 0")
+    if cfg.privacy.accountant not in ("rdp", "prv"):
+        raise ConfigError(f"privacy.accountant {cfg.privacy.accountant!r} is not one of rdp, prv")
+    if not cfg.privacy.max_grad_norm > 0:
+        raise ConfigError("privacy.max_grad_norm must be positive")
     if cfg.train.min_cohort < 1:
         raise ConfigError("train.min_cohort must be >= 1")
     if not 0.0 < cfg.train.held_out_fraction < 1.0:

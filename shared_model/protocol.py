@@ -31,6 +31,7 @@ REC_REPLY = "kyodo.reply"
 REC_METRICS = "kyodo.metrics"
 REC_MODEL = "kyodo.model"
 REC_DELTA = "kyodo.delta"
+REC_DECLINED = "kyodo.declined"
 
 # Error codes carried by Flower error replies (``Message(Error(code, reason), reply_to=...)``).
 ERR_INVALID_REQUEST = 4001
@@ -145,12 +146,24 @@ class QueryReply:
     member: str
     embodiments: list[str]
     episodes: int  # coarse (one significant figure)
+    public_key: str = ""  # hex Ed25519 key that signs the member's privacy receipts
+    epsilon_spent: float = 0.0
+    epsilon_budget: float = 0.0
+    can_train: bool = True  # False when the remaining budget cannot pay for a useful round
 
     def to_content(self) -> RecordDict:
         return RecordDict(
             {
                 REC_REPLY: ConfigRecord(
-                    {"member": self.member, "embodiments": list(self.embodiments), "episodes": self.episodes}
+                    {
+                        "member": self.member,
+                        "embodiments": list(self.embodiments),
+                        "episodes": self.episodes,
+                        "public_key": self.public_key,
+                        "epsilon_spent": float(self.epsilon_spent),
+                        "epsilon_budget": float(self.epsilon_budget),
+                        "can_train": bool(self.can_train),
+                    }
                 )
             }
         )
@@ -166,7 +179,20 @@ class QueryReply:
         if not embodiments or not all(isinstance(e, str) and _NAME_RE.match(e) for e in embodiments):
             raise ProtocolError(f"{where}: embodiments must be a non-empty list of names")
         episodes = _require(rec, "episodes", int, where)
-        return cls(member=member, embodiments=embodiments, episodes=episodes)
+        public_key = _require(rec, "public_key", str, where)
+        if public_key and not re.fullmatch(r"[0-9a-f]{64}", public_key):
+            raise ProtocolError(f"{where}: public_key must be 64 lowercase hex characters")
+        spent = float(_require(rec, "epsilon_spent", (int, float), where))
+        budget = float(_require(rec, "epsilon_budget", (int, float), where))
+        return cls(
+            member=member,
+            embodiments=embodiments,
+            episodes=episodes,
+            public_key=public_key,
+            epsilon_spent=spent,
+            epsilon_budget=budget,
+            can_train=_require(rec, "can_train", bool, where),
+        )
 
 
 # ------------------------------------------------------------------------------ train
@@ -177,6 +203,7 @@ class TrainHyperParams:
     batch_size: int
     weight_decay: float = 0.0
     seed: int = 0
+    max_grad_norm: float = 1.0  # DP-SGD clipping norm C, shared by the cohort
 
     def to_record(self) -> dict:
         return {
@@ -185,6 +212,7 @@ class TrainHyperParams:
             "batch_size": int(self.batch_size),
             "weight_decay": float(self.weight_decay),
             "seed": int(self.seed),
+            "max_grad_norm": float(self.max_grad_norm),
         }
 
     @classmethod
@@ -198,7 +226,8 @@ class TrainHyperParams:
             raise ProtocolError(f"{where}: batch_size {batch} outside 1..{MAX_BATCH_SIZE}")
         wd = _finite_positive(_require(rec, "weight_decay", float, where), "weight_decay", where, allow_zero=True)
         seed = _require(rec, "seed", int, where)
-        return cls(lr=lr, local_steps=steps, batch_size=batch, weight_decay=wd, seed=seed)
+        clip = _finite_positive(_require(rec, "max_grad_norm", float, where), "max_grad_norm", where)
+        return cls(lr=lr, local_steps=steps, batch_size=batch, weight_decay=wd, seed=seed, max_grad_norm=clip)
 
 
 @dataclass
@@ -207,9 +236,17 @@ class TrainRequest:
     shards: list[str]
     hparams: TrainHyperParams
     model: dict[str, torch.Tensor] = field(repr=False)
+    run: str = "run"
+    planned_rounds: int = 1  # lets a node spread its budget over the run; it never raises it
 
     def to_content(self) -> RecordDict:
-        request = {"round": self.round, "shards": list(self.shards), **self.hparams.to_record()}
+        request = {
+            "round": self.round,
+            "shards": list(self.shards),
+            "run": self.run,
+            "planned_rounds": self.planned_rounds,
+            **self.hparams.to_record(),
+        }
         return RecordDict({REC_REQUEST: ConfigRecord(request), REC_MODEL: tensors_to_record(self.model)})
 
     @classmethod
@@ -221,7 +258,20 @@ class TrainRequest:
         if not shards:
             raise ProtocolError(f"{where}: no shards assigned")
         hparams = TrainHyperParams.from_record(rec, where)
-        return cls(round=rnd, shards=shards, hparams=hparams, model=_arrays(content, REC_MODEL, where))
+        run = _require(rec, "run", str, where)
+        if not _NAME_RE.match(run):
+            raise ProtocolError(f"{where}: run id {run!r} is not valid")
+        planned = _require(rec, "planned_rounds", int, where)
+        if not 1 <= planned <= 1_000_000:
+            raise ProtocolError(f"{where}: planned_rounds {planned} outside 1..1000000")
+        return cls(
+            round=rnd,
+            shards=shards,
+            hparams=hparams,
+            model=_arrays(content, REC_MODEL, where),
+            run=run,
+            planned_rounds=planned,
+        )
 
 
 @dataclass
@@ -232,11 +282,12 @@ class TrainReply:
     num_examples: int
     loss: float
     steps: int
+    receipt: str = ""  # the signed privacy-ledger entry of this round (JSON); "" without DP
 
     def to_content(self) -> RecordDict:
         return RecordDict(
             {
-                REC_REPLY: ConfigRecord({"member": self.member, "shards": list(self.shards)}),
+                REC_REPLY: ConfigRecord({"member": self.member, "shards": list(self.shards), "receipt": self.receipt}),
                 REC_DELTA: tensors_to_record(self.deltas),
                 REC_METRICS: MetricRecord(
                     {"num-examples": int(self.num_examples), "loss": float(self.loss), "steps": int(self.steps)}
@@ -260,6 +311,39 @@ class TrainReply:
             num_examples=num_examples,
             loss=loss,
             steps=_require(metrics, "steps", int, where),
+            receipt=_require(rec, "receipt", str, where),
+        )
+
+
+@dataclass
+class TrainDeclined:
+    """The node sits this round out (its budget cannot pay for it); not an error."""
+
+    member: str
+    reason: str
+    epsilon_spent: float
+
+    def to_content(self) -> RecordDict:
+        return RecordDict(
+            {
+                REC_DECLINED: ConfigRecord(
+                    {"member": self.member, "reason": self.reason, "epsilon_spent": float(self.epsilon_spent)}
+                )
+            }
+        )
+
+    @staticmethod
+    def is_declined(content: RecordDict) -> bool:
+        return REC_DECLINED in content.config_records
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> TrainDeclined:
+        where = "train declined"
+        rec = _config(content, REC_DECLINED, where)
+        return cls(
+            member=_require(rec, "member", str, where),
+            reason=_require(rec, "reason", str, where),
+            epsilon_spent=float(_require(rec, "epsilon_spent", (int, float), where)),
         )
 
 

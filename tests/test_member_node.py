@@ -1,5 +1,7 @@
 """The member node's logic and its ClientApp, on generated data (no Flower runtime needed)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
@@ -27,12 +29,19 @@ HP = TrainHyperParams(lr=0.01, local_steps=3, batch_size=8, weight_decay=0.0, se
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("member")
-    cfg = load_config(model="tiny", overrides=[f"data_root={root}"])
+    cfg = load_config(model="tiny", overrides=[f"data_root={root}", f"state_root={root / 'state'}"])
     generate_dataset(root / "sony", "so100", cfg.embodiments["so100"], episodes=12, episode_seconds=2.0, seed=1)
     identity = resolve_identity({"partition-id": 1}, cfg)  # default federation: sony is member 1
     node = MemberNode(cfg, identity)
     model = {k: v.clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
     return cfg, node, model
+
+
+@pytest.fixture
+def fresh_node(setup, tmp_path):
+    """A node of the same member with its own, empty state directory (ledger, key)."""
+    cfg, node, _ = setup
+    return MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "state"))
 
 
 def test_identity_from_node_config(setup):
@@ -54,8 +63,9 @@ def test_query_is_coarse(setup):
     assert reply.member == "sony" and reply.embodiments == ["so100"] and reply.episodes == 10  # 12 -> 10
 
 
-def test_train_returns_exactly_the_assigned_shards(setup):
-    _, node, model = setup
+def test_train_returns_exactly_the_assigned_shards(fresh_node, setup):
+    _, _, model = setup
+    node = fresh_node
     shards = ["expert/L0/E1", "adapter/shared", "adapter/emb/so100"]
     reply = node.train(TrainRequest(1, shards, HP, model))
     assert {shard_of(n) for n in reply.deltas} == set(shards)
@@ -65,11 +75,14 @@ def test_train_returns_exactly_the_assigned_shards(setup):
     assert reply.num_examples > 0 and reply.steps == 3
 
 
-def test_train_is_reproducible(setup):
-    _, node, model = setup
+def test_non_private_training_is_reproducible(fresh_node, setup):
+    """Without DP (a member's debugging switch) a round is a pure function of its inputs."""
+    _, _, model = setup
+    node = fresh_node
+    node.identity = replace(node.identity, dp=False)
     a = node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model))
     b = node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model))
-    assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
+    assert a.receipt == "" and all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +128,11 @@ def _message(content: RecordDict, kind: str) -> Message:
 def _context(cfg, node_config):
     return Context(
         run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-        run_config={"model": "tiny", "federation": "default", "overrides": f"data_root={cfg.data_root}"},
+        run_config={
+            "model": "tiny",
+            "federation": "default",
+            "overrides": f"data_root={cfg.data_root} state_root={cfg.state_root}",
+        },
     )  # fmt: skip
 
 
@@ -124,7 +141,7 @@ def test_client_app_answers_and_refuses(setup):
 
     cfg, _, model = setup
     ctx = _context(cfg, {"partition-id": 1})
-    reply = app(_message(TrainRequest(1, ["adapter/emb/so100"], HP, model).to_content(), "train"), ctx)
+    reply = app(_message(TrainRequest(50, ["adapter/emb/so100"], HP, model).to_content(), "train"), ctx)
     assert not reply.has_error(), reply.error
     assert TrainReply.from_content(reply.content).member == "sony"
 
@@ -137,3 +154,57 @@ def test_client_app_answers_and_refuses(setup):
 
     reply = app(_message(QueryRequest(0).to_content(), "query"), _context(cfg, {}))
     assert reply.has_error() and reply.error.code == ERR_NODE_CONFIG
+
+
+# ---------------------------------------------------------------- privacy on the node
+def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
+    from privacy.keys import public_key_hex
+    from privacy.ledger import receipt_from_json, verify_entry
+
+    _, _, model = setup
+    node = fresh_node
+    reply = node.train(TrainRequest(1, ["adapter/shared", "adapter/emb/so100"], HP, model, run="r1", planned_rounds=4))
+    entry = receipt_from_json(reply.receipt)
+    verify_entry(entry, public_key_hex(node.signing_key))
+    assert entry["run"] == "r1" and entry["round"] == 1 and entry["privacy_unit"] == "episode"
+    assert entry["mechanism"]["steps"] == reply.steps
+    assert 0 < entry["epsilon"] <= node.budget.epsilon
+    assert node.ledger.entries() == [entry]
+
+
+def test_resent_round_is_not_trained_twice(fresh_node, setup):
+    from shared_model.protocol import TrainDeclined
+
+    _, _, model = setup
+    node = fresh_node
+    node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r1", planned_rounds=2))
+    again = node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r1", planned_rounds=2))
+    assert isinstance(again, TrainDeclined) and "already trained" in again.reason
+    assert len(node.ledger.entries()) == 1
+
+
+def test_budget_is_never_exceeded_and_node_declines(setup, tmp_path):
+    from shared_model.protocol import TrainDeclined
+
+    cfg, node, model = setup
+    tight = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", epsilon=1.0, noise_multiplier=0.8))
+    hp = replace(HP, local_steps=40)
+    outcomes = [
+        tight.train(TrainRequest(r, ["adapter/emb/so100"], hp, model, run="r", planned_rounds=9)) for r in range(1, 10)
+    ]
+    assert any(isinstance(o, TrainDeclined) for o in outcomes)
+    assert tight.epsilon_spent() <= 1.0
+    assert tight.query(QueryRequest(10)).epsilon_spent <= 1.0
+
+
+def test_restarted_node_keeps_its_ledger(setup, tmp_path):
+    cfg, node, model = setup
+    ident = replace(node.identity, state_dir=tmp_path / "s")
+    first = MemberNode(cfg, ident)
+    first.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=3))
+    spent = first.epsilon_spent()
+    restarted = MemberNode(cfg, ident)
+    assert restarted.epsilon_spent() == pytest.approx(spent) and spent > 0
+    assert restarted.query(QueryRequest(2)).public_key == first.query(QueryRequest(2)).public_key
+    restarted.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=3))
+    assert restarted.epsilon_spent() > spent and len(restarted.ledger.entries()) == 2

@@ -1,0 +1,132 @@
+"""``kyodo-member status``: what this member has spent of its privacy budget, from its ledger.
+
+Reads only the node's state directory (``ledger.jsonl``, ``member.json``); verifies every
+signature and the hash chain before showing anything, recomputes the composed epsilon from
+the recorded mechanisms, and draws epsilon over rounds against the budget as a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from privacy.accountant import Mechanism
+from privacy.accountant import epsilon as composed_epsilon
+from privacy.keys import load_public_key
+from privacy.ledger import Ledger, LedgerError, verify_chain
+
+
+def _load_member(state_dir: Path) -> dict:
+    path = state_dir / "member.json"
+    if not path.is_file():
+        raise LedgerError(f"{path}: missing (is {state_dir} a kyodo node state directory?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LedgerError(f"{path}: not valid JSON: {err}") from None
+
+
+def ledger_rows(entries: list[dict], delta: float, accountant: str) -> list[dict]:
+    """One row per entry, with epsilon recomputed from the mechanisms (not copied from the node)."""
+    rows, history = [], []
+    for entry in entries:
+        mech = entry["mechanism"]
+        history.append(Mechanism(mech["noise_multiplier"], mech["sample_rate"], mech["steps"]))
+        rows.append(
+            {
+                "run": entry["run"],
+                "round": entry["round"],
+                "shards": len(entry["shards"]),
+                "steps": mech["steps"],
+                "noise_multiplier": mech["noise_multiplier"],
+                "sample_rate": mech["sample_rate"],
+                "decision": entry["decision"],
+                "epsilon_recorded": entry["epsilon"],
+                "epsilon_recomputed": composed_epsilon(history, delta, accountant),
+            }
+        )
+    return rows
+
+
+def plot_epsilon(rows: list[dict], budget: float, member: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    xs = list(range(1, len(rows) + 1))
+    ax.step([0, *xs], [0.0] + [r["epsilon_recomputed"] for r in rows], where="post", label="ε spent", color="tab:blue")
+    ax.plot(xs, [r["epsilon_recomputed"] for r in rows], "o", color="tab:blue", markersize=4)
+    ax.axhline(budget, color="tab:red", linestyle="--", label=f"budget ε = {budget:g}")
+    ax.set_xlabel("rounds trained (ledger entries)")
+    ax.set_ylabel("ε")
+    ax.set_ylim(0, max(budget, max((r["epsilon_recomputed"] for r in rows), default=0)) * 1.15)
+    ax.set_title(f"{member}: privacy spent")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    console = Console()
+    state_dir = Path(args.state_dir)
+    try:
+        member = _load_member(state_dir)
+        entries = Ledger(state_dir / "ledger.jsonl").entries()
+        problems = verify_chain(entries, load_public_key(member["public_key"]))
+    except (LedgerError, KeyError, ValueError) as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        return 1
+    budget, delta = float(member["epsilon"]), float(member["delta"])
+    accountant = member.get("accountant", "rdp")
+    rows = ledger_rows(entries, delta, accountant)
+    table = Table(title=f"{member['member']} ({member['embodiment']}): privacy ledger, budget ε={budget:g} δ={delta:g}")
+    for col in ("run", "round", "shards", "steps", "σ", "q", "decision", "ε after", "ε left"):
+        table.add_column(col, justify="left" if col in ("run", "decision") else "right")
+    for r in rows:
+        table.add_row(
+            r["run"],
+            str(r["round"]),
+            str(r["shards"]),
+            str(r["steps"]),
+            f"{r['noise_multiplier']:.3f}",
+            f"{r['sample_rate']:.3f}",
+            r["decision"],
+            f"{r['epsilon_recomputed']:.3f}",
+            f"{budget - r['epsilon_recomputed']:.3f}",
+        )
+    console.print(table)
+    spent = rows[-1]["epsilon_recomputed"] if rows else 0.0
+    mismatched = [r for r in rows if abs(r["epsilon_recorded"] - r["epsilon_recomputed"]) > 1e-6 * max(1.0, spent)]
+    verdict = "[green]verified[/]" if not problems and not mismatched else "[red]NOT verified[/]"
+    console.print(
+        f"ledger {verdict}: {len(rows)} entries, ε spent {spent:.3f} of {budget:g} ({accountant.upper()}, "
+        f"δ={delta:g}), {budget - spent:.3f} left"
+    )
+    for problem in problems:
+        console.print(f"[red]- {escape(problem)}")
+    for r in mismatched:
+        console.print(
+            f"[red]- round {r['round']}: recorded ε {r['epsilon_recorded']} != recomputed {r['epsilon_recomputed']}"
+        )
+    plot = Path(args.plot) if args.plot else state_dir / "epsilon.png"
+    plot_epsilon(rows, budget, member["member"], plot)
+    console.print(f"plot: {plot}")
+    return 0 if not problems and not mismatched else 1
+
+
+def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser("status", help="privacy budget spent and left, from the node's signed ledger")
+    status.add_argument("--state-dir", required=True, help="the node's state directory (ledger.jsonl, member.json)")
+    status.add_argument("--plot", default="", help="where to write the PNG (default: STATE_DIR/epsilon.png)")
+    status.set_defaults(handler=_cmd_status)

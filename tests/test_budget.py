@@ -1,0 +1,132 @@
+"""The member-owned budget: the per-round decision, and a property test that it is never exceeded."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from privacy.accountant import Mechanism, epsilon, max_steps_within
+from privacy.budget import Budget, RoundAllowance, allow_round
+
+DELTA = 1e-5
+
+
+def test_full_round_when_it_fits() -> None:
+    a = allow_round(Budget(8.0, DELTA), [], 1.0, 0.01, 100)
+    assert a == RoundAllowance("full", 100, 0.0, epsilon([Mechanism(1.0, 0.01, 100)], DELTA), a.reason)
+    assert "within budget 8" in a.reason
+
+
+def test_shortened_round_names_the_overshoot() -> None:
+    history = [Mechanism(1.0, 0.01, 1000)]  # ~2.10
+    a = allow_round(Budget(2.5, DELTA), history, 1.0, 0.01, 1000)
+    expected = max_steps_within(history, Mechanism(1.0, 0.01, 1000), 2.5, DELTA)
+    assert a.decision == "shortened" and 0 < a.steps == expected < 1000
+    assert a.epsilon_before == epsilon(history, DELTA)
+    assert a.epsilon_after == epsilon([*history, Mechanism(1.0, 0.01, a.steps)], DELTA) <= 2.5
+    over = epsilon([*history, Mechanism(1.0, 0.01, 1000)], DELTA)
+    assert (
+        a.reason
+        == f"budget 2.5 would be exceeded: {over:.4g} after 1000 steps; shortened to {a.steps} (epsilon {a.epsilon_after:.4g})"
+    )
+
+
+def test_declined_when_fewer_than_min_steps_fit() -> None:
+    history = [Mechanism(1.0, 0.01, 1000)]
+    fit = max_steps_within(history, Mechanism(1.0, 0.01, 1000), 2.2, DELTA)
+    assert fit > 0
+    a = allow_round(Budget(2.2, DELTA), history, 1.0, 0.01, 1000, min_steps=fit + 1)
+    assert (a.decision, a.steps) == ("declined", 0)
+    assert a.epsilon_after == a.epsilon_before == epsilon(history, DELTA)
+    assert f"only {fit} steps fit (minimum {fit + 1}); declined" in a.reason
+
+
+def test_plan_shorter_than_min_steps_runs_in_full_or_not_at_all() -> None:
+    history = [Mechanism(1.0, 0.01, 1000)]
+    fit = max_steps_within(history, Mechanism(1.0, 0.01, 1000), 2.2, DELTA)
+    full = allow_round(Budget(2.2, DELTA), history, 1.0, 0.01, fit, min_steps=fit + 5)
+    assert (full.decision, full.steps) == ("full", fit)
+    declined = allow_round(Budget(2.2, DELTA), history, 1.0, 0.01, fit + 1, min_steps=fit + 5)
+    assert (declined.decision, declined.steps) == ("declined", 0)
+
+
+def test_declined_when_budget_already_exhausted() -> None:
+    history = [Mechanism(0.7, 0.05, 500)]
+    a = allow_round(Budget(1.0, DELTA), history, 1.0, 0.01, 10)
+    assert (a.decision, a.steps) == ("declined", 0)
+    assert "already exhausted" in a.reason
+
+
+def test_prv_allows_more_steps_than_rdp() -> None:
+    history = [Mechanism(1.0, 0.02, 50)]
+    rdp = allow_round(Budget(1.64, DELTA), history, 1.0, 0.02, 100, accountant="rdp")
+    prv = allow_round(Budget(1.64, DELTA), history, 1.0, 0.02, 100, accountant="prv")
+    assert rdp.decision == prv.decision == "shortened"
+    assert prv.steps > rdp.steps
+    assert prv.epsilon_after == epsilon([*history, Mechanism(1.0, 0.02, prv.steps)], DELTA, "prv") <= 1.64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"planned_steps": 0}, ValueError, "planned_steps"),
+        ({"min_steps": 0}, ValueError, "min_steps"),
+        ({"accountant": "gdp"}, ValueError, "unknown accountant"),
+        ({"noise_multiplier": 0.0}, ValueError, "noise_multiplier"),
+        ({"sample_rate": 2.0}, ValueError, "sample_rate"),
+    ],
+)
+def test_allow_round_validation(kwargs: dict, error: type, match: str) -> None:
+    args = {"noise_multiplier": 1.0, "sample_rate": 0.01, "planned_steps": 10} | kwargs
+    with pytest.raises(error, match=match):
+        allow_round(Budget(1.0, DELTA), [], **args)
+
+
+@pytest.mark.parametrize(
+    ("eps", "delta"),
+    [(0.0, 1e-5), (-1.0, 1e-5), (float("inf"), 1e-5), (float("nan"), 1e-5), (1.0, 0.0), (1.0, 1.0), (True, 1e-5)],
+)
+def test_budget_validation(eps: float, delta: float) -> None:
+    with pytest.raises(ValueError, match="epsilon|delta"):
+        Budget(eps, delta)
+
+
+# A few values per axis, spanning the ranges: RDP curves are cached per (noise, rate), so
+# the property test stays fast while schedules still mix mechanisms from round to round.
+NOISES = (0.3, 0.55, 1.0, 1.8, 3.0, 5.0)
+RATES = (0.001, 0.006, 0.04, 0.15, 0.5)
+rounds_strategy = st.lists(
+    st.tuples(st.sampled_from(NOISES), st.sampled_from(RATES), st.integers(1, 300), st.integers(1, 5)),
+    min_size=1,
+    max_size=15,
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    budget_eps=st.floats(0.5, 20.0),
+    delta_exp=st.floats(-7.0, -3.0),
+    schedule=rounds_strategy,
+)
+def test_budget_is_never_exceeded(budget_eps: float, delta_exp: float, schedule: list[tuple]) -> None:
+    budget = Budget(budget_eps, 10.0**delta_exp)
+    history: list[Mechanism] = []
+    for noise, rate, planned, min_steps in schedule:
+        min_steps = min(min_steps, planned)
+        a = allow_round(budget, history, noise, rate, planned, min_steps=min_steps)
+        event(a.decision)
+        assert a.epsilon_before == epsilon(history, budget.delta)
+        if a.decision == "declined":
+            assert a.steps == 0 and a.epsilon_after == a.epsilon_before
+            # Declining was necessary: not even the minimum round fits.
+            assert epsilon([*history, Mechanism(noise, rate, min_steps)], budget.delta) > budget.epsilon
+            continue  # nothing is appended
+        assert (a.decision == "full") == (a.steps == planned)
+        assert min_steps <= a.steps <= planned
+        history.append(Mechanism(noise, rate, a.steps))
+        spent = epsilon(history, budget.delta)
+        assert spent == a.epsilon_after <= budget.epsilon
+        if a.decision == "shortened":  # and shortening was as little as possible
+            assert epsilon([*history[:-1], Mechanism(noise, rate, a.steps + 1)], budget.delta) > budget.epsilon
+    assert epsilon(history, budget.delta) <= budget.epsilon

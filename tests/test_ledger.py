@@ -1,0 +1,405 @@
+"""The signed, hash-chained privacy ledger, its receipts, and the member's signing key."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from privacy.accountant import Mechanism, epsilon
+from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
+from privacy.ledger import (
+    GENESIS_HASH,
+    Ledger,
+    LedgerError,
+    canonical_json,
+    entry_hash,
+    receipt_from_json,
+    receipt_to_json,
+    signing_payload,
+    verify_chain,
+    verify_entry,
+)
+
+DELTA = 1e-5
+ROUNDS = [(1.0, 0.01, 100), (1.0, 0.01, 100), (1.2, 0.02, 50), (1.0, 0.01, 80)]
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Ed25519PrivateKey:
+    return load_or_create_signing_key(tmp_path / "keys" / "member.pem")
+
+
+def append_round(ledger: Ledger, rnd: int, noise: float, rate: float, steps: int, run: str = "run-1") -> dict:
+    history = [*ledger.history(), Mechanism(noise, rate, steps)]
+    return ledger.append(
+        run=run,
+        round=rnd,
+        member="clinic-a",
+        shards=["experts.0.3", "lora_b"],
+        mechanism={
+            "noise_multiplier": noise,
+            "sample_rate": rate,
+            "steps": steps,
+            "clipping_norm": 1.0,
+            "opacus_mode": "ghost",
+        },
+        dataset_fingerprint="sha256:" + "ab" * 32,
+        epsilon=epsilon(history, DELTA),
+        delta=DELTA,
+        accountant="rdp",
+        decision="full",
+    )
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, key: Ed25519PrivateKey) -> Ledger:
+    led = Ledger(tmp_path / "ledger.jsonl", key)
+    for rnd, (noise, rate, steps) in enumerate(ROUNDS, start=1):
+        append_round(led, rnd, noise, rate, steps)
+    return led
+
+
+def raw_entries(path: Path) -> list[dict[str, Any]]:
+    """Parse a ledger file without verifying it (what an attacker would edit)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_entries(path: Path, entries: list[dict[str, Any]]) -> None:
+    path.write_bytes(b"".join(canonical_json(e) + b"\n" for e in entries))
+
+
+def problems_after(ledger: Ledger, key: Ed25519PrivateKey, entries: list[dict[str, Any]]) -> list[str]:
+    """Write tampered entries, check the reader refuses them, and return the auditor's problem list."""
+    write_entries(ledger.path, entries)
+    with pytest.raises(LedgerError) as excinfo:
+        Ledger(ledger.path).entries()
+    assert str(ledger.path) in str(excinfo.value)
+    problems = verify_chain(entries, public_key_hex(key))
+    assert problems
+    return problems
+
+
+# --------------------------------------------------------------------------- canonical JSON
+
+
+def test_canonical_json_is_sorted_compact_utf8_and_round_trips_floats() -> None:
+    obj = {"b": [1, 0.1 + 0.2, -0.0, 1e-7], "a": "Grüße", "c": {"z": None, "y": True}}
+    data = canonical_json(obj)
+    assert data == '{"a":"Grüße","b":[1,0.30000000000000004,-0.0,1e-07],"c":{"y":true,"z":null}}'.encode()
+    assert canonical_json(json.loads(data)) == data
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_canonical_json_rejects_non_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"non-finite .* at \$\.m\.x"):
+        canonical_json({"m": {"x": bad}})
+
+
+def test_canonical_json_rejects_ambiguous_values() -> None:
+    with pytest.raises(ValueError, match="keys must be strings"):
+        canonical_json({1: "a"})
+    with pytest.raises(ValueError, match="cannot hold a set"):
+        canonical_json({"a": {1, 2}})
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_append_read_round_trip(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    entries = ledger.entries()
+    assert [e["round"] for e in entries] == [1, 2, 3, 4]
+    assert entries[0]["prev_hash"] == GENESIS_HASH
+    for prev, entry in zip(entries, entries[1:], strict=False):
+        assert entry["prev_hash"] == entry_hash(prev)
+    first = entries[0]
+    assert first["version"] == 1 and first["privacy_unit"] == "episode"
+    assert first["public_key"] == public_key_hex(key)
+    assert first["time"].endswith("+00:00")
+    assert ledger.head_hash() == entry_hash(entries[-1])
+    # One canonical line per entry.
+    assert ledger.path.read_bytes() == b"".join(canonical_json(e) + b"\n" for e in entries)
+
+
+def test_chain_and_signatures_verify(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    entries = ledger.entries()
+    assert verify_chain(entries, public_key_hex(key)) == []
+    assert verify_chain(entries, key.public_key()) == []
+    for entry in entries:
+        verify_entry(entry, public_key_hex(key))
+        key.public_key().verify(bytes.fromhex(entry["signature"]), signing_payload(entry))
+
+
+def test_history_is_the_accountant_state_across_restarts(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    assert ledger.history() == [Mechanism(*r) for r in ROUNDS]
+    reopened = Ledger(ledger.path, load_or_create_signing_key(ledger.path.parent / "keys" / "member.pem"))
+    assert reopened.history() == ledger.history()
+    assert reopened.spent_epsilon() == epsilon([Mechanism(*r) for r in ROUNDS], DELTA)
+    entry = append_round(reopened, 5, 1.0, 0.01, 10)
+    assert entry["prev_hash"] == entry_hash(ledger.entries()[3])
+    assert Ledger(ledger.path).history()[-1] == Mechanism(1.0, 0.01, 10)
+    assert reopened.find("run-1", 5) == entry and reopened.find("run-1", 6) is None
+
+
+def test_empty_ledger(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    led = Ledger(tmp_path / "none.jsonl", key)
+    assert led.entries() == [] and led.history() == [] and led.spent_epsilon() == 0.0
+    assert led.head_hash() == GENESIS_HASH
+
+
+def test_rounds_restart_in_a_new_run(ledger: Ledger) -> None:
+    entry = append_round(ledger, 1, 1.0, 0.01, 10, run="run-2")
+    assert entry["run"] == "run-2" and len(ledger.entries()) == 5
+
+
+# --------------------------------------------------------------------------- refusals on append
+
+
+def test_append_refuses_a_repeated_round(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match=r"field 'round' \(4\) does not increase within run 'run-1'"):
+        append_round(ledger, 4, 1.0, 0.01, 10)
+
+
+def test_append_refuses_an_understated_epsilon(ledger: Ledger) -> None:
+    fields = raw_entries(ledger.path)[-1]
+    for name in ("version", "public_key", "prev_hash", "time", "signature"):
+        del fields[name]
+    fields["round"] = 5
+    with pytest.raises(LedgerError, match="epsilon.*below the rdp composition"):
+        ledger.append(**fields)
+
+
+def test_append_refuses_missing_or_bad_fields(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match="missing"):
+        ledger.append(run="x", round=1)
+    fields = raw_entries(ledger.path)[-1]
+    for name in ("version", "public_key", "prev_hash", "time", "signature"):
+        del fields[name]
+    fields.update(round=9, decision="declined")
+    with pytest.raises(LedgerError, match="field 'decision'"):
+        ledger.append(**fields)
+
+
+def test_read_only_ledger_cannot_append(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match="read-only"):
+        Ledger(ledger.path).append(run="x")
+
+
+def test_ledger_of_another_member_is_refused(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match="not the expected member key"):
+        Ledger(ledger.path, Ed25519PrivateKey.generate()).entries()
+
+
+# --------------------------------------------------------------------------- tampering
+
+
+def test_edited_epsilon_is_detected(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    entries = raw_entries(ledger.path)
+    entries[1]["epsilon"] = entries[1]["epsilon"] / 2
+    problems = problems_after(ledger, key, entries)
+    assert problems[0] == (
+        "entry 1 (run 'run-1', round 2): signature does not verify: the entry was altered after signing, or forged"
+    )
+    assert problems[1].startswith("entry 1 (run 'run-1', round 2): field 'epsilon' decreased from ")
+    assert problems[2].startswith(
+        "entry 2 (run 'run-1', round 3): field 'prev_hash' does not match the hash of entry 1"
+    )
+    assert len(problems) == 3
+
+
+def test_edited_mechanism_is_detected(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    entries = raw_entries(ledger.path)
+    entries[2]["mechanism"]["noise_multiplier"] = 5.0
+    write_entries(ledger.path, entries)
+    with pytest.raises(LedgerError, match=r"entry 2 \(line 3, run 'run-1', round 3\): signature does not verify"):
+        Ledger(ledger.path).entries()
+    assert "entry 2 (run 'run-1', round 3): signature does not verify" in problems_after(ledger, key, entries)[0]
+
+
+def test_dropped_middle_entry_is_detected(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    entries = raw_entries(ledger.path)
+    del entries[1]
+    problems = problems_after(ledger, key, entries)
+    assert problems == [
+        "entry 1 (run 'run-1', round 3): field 'prev_hash' does not match the hash of entry 0: "
+        "an entry was dropped, inserted, reordered or edited before this one"
+    ]
+
+
+def test_dropped_first_entry_is_detected(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    entries = raw_entries(ledger.path)[1:]
+    problems = problems_after(ledger, key, entries)
+    assert problems == [
+        "entry 0 (run 'run-1', round 2): field 'prev_hash' is not 64 zeros although this is the first entry: "
+        "earlier entries are missing"
+    ]
+
+
+def test_swapped_entries_are_detected(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    entries = raw_entries(ledger.path)
+    entries[1], entries[2] = entries[2], entries[1]
+    problems = problems_after(ledger, key, entries)
+    assert any(p.startswith("entry 1 (run 'run-1', round 3): field 'prev_hash' does not match") for p in problems)
+    assert any(p.startswith("entry 2 (run 'run-1', round 2): field 'prev_hash' does not match") for p in problems)
+    assert (
+        "entry 2 (run 'run-1', round 2): field 'round' (2) does not increase within run 'run-1' (entry 1 had round 3)"
+    ) in problems
+    assert any(p.startswith("entry 2 (run 'run-1', round 2): field 'epsilon' decreased") for p in problems)
+
+
+def test_entry_forged_with_another_key_is_detected(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    forger = Ed25519PrivateKey.generate()
+    entries = raw_entries(ledger.path)
+    # Re-signed by someone else while still claiming to be the member:
+    entries[3]["epsilon"] = entries[2]["epsilon"]
+    entries[3]["signature"] = forger.sign(signing_payload(entries[3])).hex()
+    assert problems_after(ledger, key, entries) == [
+        "entry 3 (run 'run-1', round 4): signature does not verify: the entry was altered after signing, or forged"
+    ]
+    # ... or openly under the forger's key: the member's key no longer matches.
+    entries[3]["public_key"] = public_key_hex(forger)
+    entries[3]["signature"] = forger.sign(signing_payload(entries[3])).hex()
+    problems = problems_after(ledger, key, entries)
+    assert len(problems) == 1 and problems[0].startswith("entry 3 (run 'run-1', round 4): field 'public_key' is ")
+    assert "not the expected member key" in problems[0]
+
+
+def test_torn_last_line_is_detected(ledger: Ledger) -> None:
+    data = ledger.path.read_bytes()
+    ledger.path.write_bytes(data[:-40])
+    with pytest.raises(LedgerError, match=r"line 4 is not valid JSON: torn last line"):
+        ledger.entries()
+    ledger.path.write_bytes(data[:-1])  # complete JSON but no final newline
+    with pytest.raises(LedgerError, match=r"line 4: torn last line"):
+        ledger.entries()
+
+
+def test_malformed_field_is_named(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    entries = raw_entries(ledger.path)
+    entries[0]["mechanism"]["steps"] = -3
+    entries[0]["shards"] = "lora_b"
+    problems = problems_after(ledger, key, entries)
+    assert (
+        "entry 0 (run 'run-1', round 1): field 'shards' must be a non-empty list of shard names, got 'lora_b'"
+        in problems
+    )
+    assert "entry 0 (run 'run-1', round 1): field 'mechanism.steps' must be an integer >= 1, got -3" in problems
+
+
+def test_duplicate_keys_are_refused(ledger: Ledger) -> None:
+    lines = ledger.path.read_text().splitlines()
+    lines[0] = lines[0][:-1] + ',"epsilon":0.0}'
+    ledger.path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(LedgerError, match="line 1 is not valid JSON.*duplicate key 'epsilon'"):
+        ledger.entries()
+
+
+# --------------------------------------------------------------------------- atomicity
+
+
+def test_crash_during_append_leaves_the_old_ledger(
+    ledger: Ledger, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = ledger.path.read_bytes()
+
+    def crash(src: str, dst: str) -> None:
+        raise OSError("simulated power loss before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        append_round(ledger, 5, 1.0, 0.01, 10)
+    monkeypatch.undo()
+    assert ledger.path.read_bytes() == before
+    assert verify_chain(ledger.entries(), public_key_hex(key)) == []
+    assert [p.name for p in ledger.path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    append_round(ledger, 5, 1.0, 0.01, 10)  # and the node carries on
+    assert len(ledger.entries()) == 5
+
+
+# --------------------------------------------------------------------------- receipts
+
+
+def test_receipt_round_trip(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    entry = ledger.entries()[-1]
+    text = receipt_to_json(entry)
+    assert isinstance(text, str)
+    receipt = receipt_from_json(text)
+    assert receipt == entry
+    verify_entry(receipt, public_key_hex(key))
+    assert entry_hash(receipt) == ledger.head_hash()
+
+
+def test_receipt_validation() -> None:
+    with pytest.raises(LedgerError, match="not valid JSON"):
+        receipt_from_json("{not json")
+    with pytest.raises(LedgerError, match="field 'signature' is missing"):
+        receipt_from_json('{"run": "r"}')
+    with pytest.raises(LedgerError, match="JSON text"):
+        receipt_from_json(b"{}")  # type: ignore[arg-type]
+    with pytest.raises(LedgerError, match="not a complete signed entry"):
+        receipt_to_json({"run": "r", "round": 1})
+
+
+def test_tampered_receipt_fails_verification(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    receipt = receipt_from_json(receipt_to_json(ledger.entries()[-1]))
+    receipt["mechanism"]["steps"] += 1
+    with pytest.raises(LedgerError, match=r"entry \(run 'run-1', round 4\): signature does not verify"):
+        verify_entry(receipt, public_key_hex(key))
+    other = Ed25519PrivateKey.generate()
+    with pytest.raises(LedgerError, match="not the expected member key"):
+        verify_entry(ledger.entries()[-1], public_key_hex(other))
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_key_file_is_private_and_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "member.pem"
+    key = load_or_create_signing_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    data = path.read_bytes()
+    assert data.startswith(b"-----BEGIN PRIVATE KEY-----")
+    again = load_or_create_signing_key(path)
+    assert path.read_bytes() == data
+    assert public_key_hex(again) == public_key_hex(key)
+    assert [p.name for p in tmp_path.iterdir()] == ["member.pem"]  # no temp files left
+
+
+def test_key_file_of_another_type_is_refused_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "member.pem"
+    other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.write_bytes(other)
+    with pytest.raises(KeyFormatError, match="not an Ed25519 key"):
+        load_or_create_signing_key(path)
+    assert path.read_bytes() == other
+
+
+def test_garbage_key_file_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    path = tmp_path / "member.pem"
+    path.write_text("SECRET-MATERIAL-do-not-print")
+    with pytest.raises(KeyFormatError, match="not an unencrypted PEM private key") as excinfo:
+        load_or_create_signing_key(path)
+    assert "SECRET" not in str(excinfo.value)
+    assert path.read_text() == "SECRET-MATERIAL-do-not-print"
+
+
+def test_public_key_hex_round_trip(key: Ed25519PrivateKey) -> None:
+    text = public_key_hex(key)
+    assert len(text) == 64 and text == public_key_hex(key.public_key())
+    assert public_key_hex(load_public_key(text)) == text
+    assert public_key_hex(load_public_key(text.upper())) == text
+
+
+@pytest.mark.parametrize("bad", ["", "zz" * 32, "ab" * 31, "ab" * 33, 42])
+def test_load_public_key_rejects_bad_input(bad: object) -> None:
+    with pytest.raises(KeyFormatError, match="public key"):
+        load_public_key(bad)  # type: ignore[arg-type]
