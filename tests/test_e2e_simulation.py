@@ -18,22 +18,35 @@ from shared_model.shards import shard_of
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+MEMBERS = ("honda", "sony", "softbank", "fanuc")
+
+
+def _demo(root: Path, *overrides: str):
     out_dir, data_root = root / "run", root / "data"
     cmd = [
         sys.executable, "-m", "coordinator.cli", "demo", "--model", "tiny", "--rounds", "2",
-        f"out_dir={out_dir}", f"data_root={data_root}", "train.local_steps=30", "train.lr=0.005",
+        f"out_dir={out_dir}", f"data_root={data_root}", "train.local_steps=30", "train.lr=0.005", *overrides,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out_dir, data_root, proc.stdout
 
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Members switched DP off (their own debugging switch): checks that the model learns."""
+    return _demo(tmp_path_factory.mktemp("demo"), *(f"federation.members.{i}.dp=false" for i in range(4)))
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """The default: every member trains with DP-SGD within its own budget (epsilon 8)."""
+    return _demo(tmp_path_factory.mktemp("dp"))
+
+
 def test_every_member_prepared_its_own_data(demo_run):
     _, data_root, _ = demo_run
-    for member in ("honda", "sony", "softbank", "fanuc"):
+    for member in MEMBERS:
         assert (data_root / member / "meta" / "info.json").is_file()
 
 
@@ -77,3 +90,48 @@ def test_held_out_error_falls(demo_run):
     assert last < 0.7 * first, summary["mean_mse"]
     for member, mse in summary["per_member"]["2"].items():
         assert mse < summary["per_member"]["0"][member], member
+
+
+def test_dp_run_records_verified_receipts_within_budget(dp_run):
+    from privacy.keys import load_public_key
+    from privacy.ledger import Ledger, verify_chain
+
+    out_dir, _, stdout = dp_run
+    records = [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text().splitlines()]
+    for rec in records[1:]:
+        assert set(rec["receipts"]) == set(rec["train"]) == set(MEMBERS), (rec["failed"], rec["declined"])
+    for member in MEMBERS:
+        state = out_dir / "nodes" / member
+        meta = json.loads((state / "member.json").read_text())
+        entries = Ledger(state / "ledger.jsonl").entries()
+        assert verify_chain(entries, load_public_key(meta["public_key"])) == []
+        assert [e["round"] for e in entries] == [1, 2]
+        assert all(e["epsilon"] <= meta["epsilon"] for e in entries)
+        # The coordinator's copy of each receipt is exactly the member's ledger entry.
+        assert [records[r]["receipts"][member] for r in (1, 2)] == entries
+    assert "ε spent" in stdout
+
+
+def test_dp_run_still_learns(dp_run):
+    out_dir, _, _ = dp_run
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["mean_mse"][-1] < 0.95 * summary["mean_mse"][0], summary["mean_mse"]
+
+
+def test_member_status_shows_the_ledger(dp_run, tmp_path):
+    out_dir, _, _ = dp_run
+    plot = tmp_path / "eps.png"
+    cmd = [
+        sys.executable,
+        "-m",
+        "member_node.cli",
+        "status",
+        "--state-dir",
+        str(out_dir / "nodes" / "sony"),
+        "--plot",
+        str(plot),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verified" in proc.stdout and "NOT verified" not in proc.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
