@@ -16,6 +16,7 @@ import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no outbound calls; read at flwr import
 
+import logging  # noqa: E402
 import secrets  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -41,6 +42,9 @@ def run_local_simulation(
     verbose: bool = False,
 ) -> None:
     """Run the app with ``num_supernodes`` virtual nodes; raises if the ServerApp fails."""
+    # Opacus calls logging.basicConfig at import, which gives the root logger a handler;
+    # flwr's logger (which has its own) would then print every DEBUG line twice.
+    logging.getLogger("flwr").propagate = False
     project = get_project_config(APP_DIR)
     components = project["tool"]["flwr"]["app"]["components"]
     fused = get_fused_config_from_dir(APP_DIR, dict(run_config))
