@@ -63,7 +63,7 @@ def round_table(result: RoundResult, epsilons: dict[str, tuple[float, float]] | 
         ev = result.evaluation.get(member)
         receipt = result.receipts.get(member)
         if reply:
-            loss = f"{reply.loss:.4f}"
+            loss = f"{reply.loss:.4f}" if reply.loss == reply.loss else "private"
         elif member in result.declined:
             loss = "[yellow]declined"
         else:

@@ -229,6 +229,11 @@ class MemberNode:
         result = train_shards(
             self.policy, self.identity.embodiment, self.train_windows, request.shards, hparams, dp=dp, **common
         )
+        # Under DP only the noised deltas may carry information about the data: the training
+        # loss is not noised and the exact dataset size is not public, so neither is sent
+        # (NaN loss, the same coarse count that ``query`` reports).
+        result.loss = float("nan")
+        result.num_examples = coarse_count(len(self.train_windows))
         return self._reply(request, result, receipt=receipt_to_json(receipt))
 
     def _reply(self, request: TrainRequest, result, receipt: str) -> TrainReply:

@@ -41,13 +41,34 @@ variant in its own process, medians after warm-up; ratios are to non-private tra
 the same trainable shards measured in the same run (the machine is shared and noisy, so
 absolute milliseconds drift between runs, ratios much less):
 
-MEASURED_TABLE
+==========  ==========================  ==========================
+mode        2 experts + adapters        all experts + adapters
+            (868k trainable)            (3.2M trainable)
+==========  ==========================  ==========================
+non-priv.   101 ms   1.00x   446 MB     100 ms   1.00x   452 MB
+**bk**      121 ms   1.18x   450 MB     165 ms   1.56x   465 MB
+hooks       208 ms   1.81x   613 MB     364 ms   3.42x  1011 MB
+ghost       195 ms   1.78x   454 MB     241 ms   2.38x   476 MB
+functorch   709 ms   2.62x   661 MB     442 ms   4.12x  1168 MB
+ew          183 ms   1.61x   558 MB     370 ms   3.31x   859 MB
+==========  ==========================  ==========================
 
-Stock Opacus modes are 1.7-3x (2 experts) and 3-6x (all experts): they either materialise
-per-sample gradients ``[B, p, d]`` for every expert weight (hooks, functorch, ew) or run a
-second backward pass (ghost). ``bk`` meets both targets of issue 3 (<= 1.3x with 2
-experts, <= 2x with all experts) while producing the same clipped update as Opacus hooks
-(tests/test_dp_sgd.py checks both against a single-sample loop to < 1e-5). Opacus stays in
+(ms: median step; ratio: median over 15 interleaved turns of DP / the non-private turn
+next to it; MB: the worker's peak RSS, opacus imported in every worker. Earlier runs on
+the same machine gave bk 1.23-1.27x and 1.58-1.63x; alternating steps inside one process,
+which keeps the caches warm, gives bk 1.14-1.22x and 1.39-1.43x.)
+
+Stock Opacus modes are 1.6-2.6x (2 experts) and 2.4-4.1x (all experts): they either
+materialise per-sample gradients ``[B, p, d]`` for every expert weight (hooks, functorch,
+ew: +170 to +700 MB) or run a second backward pass (ghost). Profiled (torch.profiler,
+all experts), ``bk``'s remaining overhead is the Gaussian noise for 3.2M parameters
+(~12 ms of Opacus' ~24 ms optimizer step, inherent to DP-SGD), the ghost norms (~6-8 ms
+of batched ``[B, T, T]`` products) and the clipped-gradient matmuls, which replace the
+weight-gradient matmuls autograd would otherwise do (its backward is ~15 ms shorter).
+
+``bk`` meets both targets of issue 3 (<= 1.3x with 2 experts, <= 2x with all experts),
+keeps peak memory at non-private level, and produces the same clipped update as Opacus
+hooks (tests/test_dp_sgd.py checks both against a single-sample loop to < 1e-5). Opacus stays in
 charge of what it does well here: noise generation, the averaging / optimizer step, and
 (elsewhere) accounting. ``ew`` cannot take the policy's ``(embodiment, obs, ...)`` call
 directly and fails on an empty batch; :class:`DPSGD` works around both so it can be

@@ -170,6 +170,8 @@ def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
     assert entry["mechanism"]["steps"] == reply.steps
     assert 0 < entry["epsilon"] <= node.budget.epsilon
     assert node.ledger.entries() == [entry]
+    assert reply.loss != reply.loss, "the un-noised training loss does not leave a DP node"
+    assert reply.num_examples == 10  # 12 episodes -> ~10 for training, reported coarsely
 
 
 def test_resent_round_is_not_trained_twice(fresh_node, setup):
