@@ -50,7 +50,8 @@ def _record(result: RoundResult) -> dict:
         "declined": result.declined,
         "receipts": result.receipts,
         "train": {
-            m: {"loss": r.loss if r.loss == r.loss else None, "num_examples": r.num_examples, "steps": r.steps} for m, r in result.train.items()
+            m: {"loss": r.loss if r.loss == r.loss else None, "num_examples": r.num_examples, "steps": r.steps}
+            for m, r in result.train.items()
         },
         "evaluation": {
             m: {"action_mse": e.action_mse, "action_mae": e.action_mae, "num_examples": e.num_examples}
