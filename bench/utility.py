@@ -1,0 +1,187 @@
+"""Utility under privacy: is federating with DP worth it for each member?
+
+On the default federation's data (each member's held-out episodes), three ways to train the
+same policy for the same number of rounds x local steps:
+  (a) alone: each member trains every shard it would train in the federation, on its own
+      data only, without DP (its model never leaves its data center);
+  (b) pooled: all members' data in one place, non-private (a reference no consortium may
+      run: it is the upper bound);
+  (c) federated: the real member nodes and planner, each member under DP-SGD at its own
+      epsilon (default 8), aggregated per shard (FedAvg).
+Prints each member's held-out action MSE for the three and the ratios (c)/(a), (c)/(b);
+targets: (c) < (a) for every member and (c) <= 1.5 (b). Writes bench/results/utility.json.
+
+Runs in-process (no Flower transport: the transport does not change the numbers; the
+end-to-end tests cover it). Usage: ``python bench/utility.py [--model tiny] [overrides]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aggregation.server_opt import FedAvg
+from aggregation.weighted_mean import ShardMean
+from coordinator.federation import initial_model
+from coordinator.planner import MemberInfo, plan_round
+from member_node.identity import resolve_identity
+from member_node.node import MemberNode
+from member_node.synthetic import generate_dataset
+from member_node.trainer import UniformSampler, adamw, evaluate, per_sample_loss, train_shards
+from shared_model.config import KyodoConfig, load_config
+from shared_model.protocol import EvaluateRequest, TrainDeclined, TrainHyperParams, TrainRequest
+from shared_model.shards import ShardLayout, set_trainable, shard_of
+
+
+def _hparams(cfg: KyodoConfig) -> TrainHyperParams:
+    t = cfg.train
+    return TrainHyperParams(t.lr, t.local_steps, t.batch_size, t.weight_decay, t.seed, cfg.privacy.max_grad_norm)
+
+
+def _plan(cfg: KyodoConfig, nodes: list[MemberNode], rnd: int):
+    infos = [MemberInfo(i, n.identity.name, (n.identity.embodiment,), 0) for i, n in enumerate(nodes)]
+    t = cfg.train
+    return plan_round(
+        rnd,
+        infos,
+        n_layers=cfg.model.n_layers,
+        n_experts=cfg.model.n_experts,
+        embodiments=sorted(cfg.embodiments),
+        min_cohort=t.min_cohort,
+        experts_per_member=t.experts_per_member,
+    )
+
+
+def federated(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
+    model = initial_model(cfg)
+    layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
+    hp = _hparams(cfg)
+    for rnd in range(1, cfg.train.rounds + 1):
+        plan = _plan(cfg, nodes, rnd)
+        accs = {
+            s: ShardMean(s, c, {x.name: x.shape for x in layout.shards[s] if ".lora_A." not in x.name})
+            for s, c in plan.cohorts.items()
+        }
+        for node in nodes:
+            req = TrainRequest(
+                rnd, plan.shards_of(node.identity.name), hp, model, run="utility", planned_rounds=cfg.train.rounds
+            )
+            reply = node.train(req)
+            if isinstance(reply, TrainDeclined):
+                continue
+            grouped: dict[str, dict] = {}
+            for name, delta in reply.deltas.items():
+                grouped.setdefault(shard_of(name), {})[name] = delta
+            for shard in reply.shards:
+                accs[shard].add(node.identity.name, grouped[shard], reply.num_examples)
+        for acc in accs.values():
+            if len(acc.contributors) >= (1 if acc.shard_id.startswith("adapter/emb/") else cfg.train.min_cohort):
+                model.update(FedAvg(cfg.train.server_lr).apply(model, acc.mean()))
+    return {n.identity.name: n.evaluate(EvaluateRequest(0, model)).action_mse for n in nodes}
+
+
+def alone(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
+    out = {}
+    hp = _hparams(cfg)
+    for node in nodes:
+        node.policy.load_state_dict(initial_model(cfg))
+        rng = np.random.default_rng(cfg.train.seed)
+        for rnd in range(1, cfg.train.rounds + 1):
+            shards = _plan(cfg, nodes, rnd).shards_of(node.identity.name)
+            train_shards(
+                node.policy,
+                node.identity.embodiment,
+                node.train_windows,
+                shards,
+                hp,
+                aux_coef=cfg.model.aux_loss_coef,
+                rng=rng,
+            )
+        out[node.identity.name] = evaluate(node.policy, node.identity.embodiment, node.held_windows).action_mse
+    return out
+
+
+def pooled(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
+    """One model and one optimiser over all data: per round the union of the federation's
+    shards, the same number of steps per member, one step of each member's data in turn."""
+    policy = nodes[0].policy
+    policy.load_state_dict(initial_model(cfg))
+    hp = _hparams(cfg)
+    rng = np.random.default_rng(cfg.train.seed)
+    sampler = UniformSampler(hp.batch_size)
+    for rnd in range(1, cfg.train.rounds + 1):
+        names = set(set_trainable(policy, sorted(_plan(cfg, nodes, rnd).cohorts)))
+        optimizer = adamw([p for n, p in policy.named_parameters() if n in names], hp)
+        policy.train()
+        for _ in range(hp.local_steps):
+            for node in nodes:
+                batch = node.train_windows.sample(sampler(len(node.train_windows), rng), rng)
+                pred, aux = policy(node.identity.embodiment, batch.obs, batch.image)
+                loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, cfg.model.aux_loss_coef)
+                optimizer.zero_grad(set_to_none=True)
+                loss.mean().backward()
+                optimizer.step()
+    set_trainable(policy, [])
+    return {n.identity.name: evaluate(policy, n.identity.embodiment, n.held_windows).action_mse for n in nodes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(
+            model=args.model, overrides=[f"data_root={tmp}/data", f"state_root={tmp}/state", *args.overrides]
+        )
+        for m in cfg.federation.members:
+            generate_dataset(
+                Path(cfg.data_root) / m.name,
+                m.embodiment,
+                cfg.embodiments[m.embodiment],
+                m.episodes,
+                m.episode_seconds,
+                m.seed,
+            )
+        nodes = [
+            MemberNode(cfg, resolve_identity({"partition-id": i}, cfg)) for i in range(len(cfg.federation.members))
+        ]
+        start = time.monotonic()
+        results = {"alone": alone(cfg, nodes), "pooled": pooled(cfg, nodes), "federated_dp": federated(cfg, nodes)}
+        seconds = time.monotonic() - start
+    eps = {m.name: m.epsilon for m in cfg.federation.members}
+    print(
+        f"held-out action MSE, model {cfg.model.name}, {cfg.train.rounds} rounds x {cfg.train.local_steps} steps ({seconds:.0f}s)"
+    )
+    print(
+        f"{'member':10s} {'(a) alone':>10s} {'(b) pooled':>11s} {'(c) fed+DP':>11s} {'eps':>5s} {'c/a':>6s} {'c/b':>6s}"
+    )
+    rows = {}
+    for name in results["alone"]:
+        a, b, c = (results[k][name] for k in ("alone", "pooled", "federated_dp"))
+        rows[name] = {
+            "alone": a,
+            "pooled": b,
+            "federated_dp": c,
+            "epsilon": eps[name],
+            "c_over_a": c / a,
+            "c_over_b": c / b,
+        }
+        print(f"{name:10s} {a:10.4f} {b:11.4f} {c:11.4f} {eps[name]:5g} {c / a:6.2f} {c / b:6.2f}")
+    met = all(r["c_over_a"] < 1 for r in rows.values()) and all(r["c_over_b"] <= 1.5 for r in rows.values())
+    print(f"targets (c < a for every member, c <= 1.5 b): {'met' if met else 'NOT met'}")
+    out = Path(__file__).parent / "results" / "utility.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"model": cfg.model.name, "rows": rows, "targets_met": met}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
