@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import dp_accounting
@@ -157,15 +156,6 @@ def test_epsilon_validation() -> None:
         epsilon(history, 1e-5, "gdp")
     with pytest.raises(TypeError, match="Mechanism"):
         epsilon([(1.0, 0.01, 10)], 1e-5)  # type: ignore[list-item]
-
-
-def test_hundred_round_history_takes_milliseconds() -> None:
-    history = [M(1.0 + 0.1 * (r % 3), 0.01, 50) for r in range(100)]
-    epsilon(history, 1e-5)  # first call computes the 3 distinct RDP curves
-    start = time.perf_counter()
-    for _ in range(10):
-        epsilon(history, 1e-5)
-    assert (time.perf_counter() - start) / 10 < 0.02
 
 
 @pytest.mark.parametrize("budget", [0.5, 1.0, 2.0, 3.5, 50.0])

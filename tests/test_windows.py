@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -128,16 +126,6 @@ def test_no_image_features_gives_none() -> None:
     batch = windows.sample([0, 5], np.random.default_rng(1))
     assert batch.image is None and batch.obs.shape == (2, 4, emb.obs_dim)
     assert float(batch.obs.abs().max()) <= 1.0 and float(batch.action.abs().max()) <= 1.0
-
-
-def test_sampling_is_fast() -> None:
-    emb = load_config().embodiments["aloha"]
-    windows = EpisodeWindows(generate_episodes("aloha", emb, 60, 4.0, seed=0), emb, history=4, chunk=16)
-    rng = np.random.default_rng(0)
-    started = time.perf_counter()
-    for _ in range(200):
-        windows.sample(rng.integers(0, len(windows), 64), rng)
-    assert time.perf_counter() - started < 1.0
 
 
 def test_split_is_disjoint_deterministic_and_by_episode() -> None:
