@@ -17,13 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from shared_model.durable import fsync_dir
 
 
 def round_path(out_dir: Path, round_number: int) -> Path:
@@ -40,7 +34,7 @@ def save_round(out_dir: Path, round_number: int, model: dict[str, torch.Tensor],
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared_model.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 _HEX = frozenset(string.hexdigits.lower())
@@ -65,17 +67,8 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a new directory entry durable (the file's own fsync does not cover its name)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _load(path: Path) -> Ed25519PrivateKey:

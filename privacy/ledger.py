@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from privacy.accountant import ACCOUNTANTS, PRV_EPS_ERROR, Mechanism, epsilon
 from privacy.keys import KeyFormatError, load_public_key, public_key_hex
+from shared_model.durable import fsync_dir
 
 VERSION = 1
 GENESIS_HASH = "0" * 64
@@ -617,8 +618,4 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
