@@ -18,6 +18,7 @@ end-to-end tests cover it). Usage: ``python bench/utility.py [--model tiny] [ove
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -153,28 +154,43 @@ def main() -> None:
         nodes = [
             MemberNode(cfg, resolve_identity({"partition-id": i}, cfg)) for i in range(len(cfg.federation.members))
         ]
+        open_cfg = copy.deepcopy(cfg)
+        open_cfg.state_root = f"{tmp}/state-open"
+        for m in open_cfg.federation.members:
+            m.dp = False
+        open_nodes = [
+            MemberNode(open_cfg, resolve_identity({"partition-id": i}, open_cfg))
+            for i in range(len(open_cfg.federation.members))
+        ]
         start = time.monotonic()
-        results = {"alone": alone(cfg, nodes), "pooled": pooled(cfg, nodes), "federated_dp": federated(cfg, nodes)}
+        results = {
+            "alone": alone(cfg, nodes),
+            "pooled": pooled(cfg, nodes),
+            "federated_open": federated(open_cfg, open_nodes),
+            "federated_dp": federated(cfg, nodes),
+        }
         seconds = time.monotonic() - start
     eps = {m.name: m.epsilon for m in cfg.federation.members}
     print(
         f"held-out action MSE, model {cfg.model.name}, {cfg.train.rounds} rounds x {cfg.train.local_steps} steps ({seconds:.0f}s)"
     )
     print(
-        f"{'member':10s} {'(a) alone':>10s} {'(b) pooled':>11s} {'(c) fed+DP':>11s} {'eps':>5s} {'c/a':>6s} {'c/b':>6s}"
+        f"{'member':10s} {'(a) alone':>10s} {'(b) pooled':>11s} {'fed no DP':>10s} {'(c) fed+DP':>11s} {'eps':>5s}"
+        f" {'c/a':>6s} {'c/b':>6s}"
     )
     rows = {}
     for name in results["alone"]:
-        a, b, c = (results[k][name] for k in ("alone", "pooled", "federated_dp"))
+        a, b, o, c = (results[k][name] for k in ("alone", "pooled", "federated_open", "federated_dp"))
         rows[name] = {
             "alone": a,
             "pooled": b,
+            "federated_no_dp": o,
             "federated_dp": c,
             "epsilon": eps[name],
             "c_over_a": c / a,
             "c_over_b": c / b,
         }
-        print(f"{name:10s} {a:10.4f} {b:11.4f} {c:11.4f} {eps[name]:5g} {c / a:6.2f} {c / b:6.2f}")
+        print(f"{name:10s} {a:10.4f} {b:11.4f} {o:10.4f} {c:11.4f} {eps[name]:5g} {c / a:6.2f} {c / b:6.2f}")
     met = all(r["c_over_a"] < 1 for r in rows.values()) and all(r["c_over_b"] <= 1.5 for r in rows.values())
     print(f"targets (c < a for every member, c <= 1.5 b): {'met' if met else 'NOT met'}")
     out = Path(__file__).parent / "results" / "utility.json"

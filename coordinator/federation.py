@@ -40,9 +40,11 @@ def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
 
 
-def _record(result: RoundResult) -> dict:
+def _record(result: RoundResult, secure_aggregation: bool) -> dict:
     return {
         "round": result.round,
+        "secure_aggregation": secure_aggregation,
+        "aggregation": result.aggregation,
         "cohorts": result.plan.cohorts,
         "skipped": len(result.plan.skipped),
         "updated_shards": result.updated_shards,
@@ -102,7 +104,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             result.evaluation = runner.evaluate(rnd, list(runner.members))
             result.seconds = time.monotonic() - start
             progress.update(task, advance=1, stage="done")
-            append_record(out_dir, _record(result))
+            append_record(out_dir, _record(result, cfg.secagg.enabled))
             summary.results.append(result)
             summary.history.append((rnd, result.evaluation))
             progress.console.print(cohort_table(plan))

@@ -9,6 +9,7 @@ not validate is left out of the round with a log line; the round goes on with th
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,9 +18,13 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from aggregation.secagg.errors import SecAggError
+from aggregation.secagg.server import SecAggServer, build_setup
+from aggregation.secagg.vectors import shard_length
 from aggregation.server_opt import FedAvg
 from aggregation.weighted_mean import AggregationError, ShardMean
 from coordinator.planner import MemberInfo, RoundPlan, plan_round
+from coordinator.secure_round import mean_update, secure_aggregate
 from privacy.keys import load_public_key
 from privacy.ledger import LedgerError, receipt_from_json, verify_entry
 from shared_model.config import KyodoConfig
@@ -54,6 +59,9 @@ class RoundResult:
     evaluation: dict[str, EvaluateReply] = field(default_factory=dict)
     updated_shards: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # member or shard -> why
+    # shard -> how it was aggregated: "secagg" (the coordinator saw only the cohort sum),
+    # "single" (a cohort of one under secagg: its sum is its update), "plaintext" (secagg off)
+    aggregation: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -163,13 +171,34 @@ class RoundRunner:
             max_grad_norm=self.cfg.privacy.max_grad_norm,
         )
         by_name = {m.name: node for node, m in self.members.items()}
+        secure = self.cfg.secagg.enabled
+        setup = None
+        server: SecAggServer | None = None
+        if secure:
+            sa = self.cfg.secagg
+            setup = build_setup(
+                plan.cohorts,
+                bits=sa.bits,
+                clip_range=sa.clip_range,
+                degree=sa.degree,
+                threshold=sa.threshold,
+                graph_seed=secrets.token_bytes(16),
+            )
+            lengths = {shard: shard_length(self._trainable_shapes(shard)) for shard in plan.cohorts}
+            server = SecAggServer(self.run_id, round_number, setup, lengths)
         accumulators = {
             shard: ShardMean(shard, cohort, self._trainable_shapes(shard)) for shard, cohort in plan.cohorts.items()
         }
         msgs = []
         for member in plan.members:
             request = TrainRequest(
-                round_number, plan.shards_of(member), hp, self.model, run=self.run_id, planned_rounds=t.rounds
+                round_number,
+                plan.shards_of(member),
+                hp,
+                self.model,
+                run=self.run_id,
+                planned_rounds=t.rounds,
+                secagg=setup,
             )
             msgs.append(Message(request.to_content(), by_name[member], TRAIN))
         node_to_name = {node: m.name for node, m in self.members.items()}
@@ -191,25 +220,20 @@ class RoundRunner:
                     raise ProtocolError(f"reply names member {parsed.member!r}, node is {member!r}")
                 if sorted(parsed.shards) != sorted(plan.shards_of(member)):
                     raise ProtocolError(f"reply covers shards {parsed.shards}, assigned {plan.shards_of(member)}")
-                if parsed.receipt:
-                    result.receipts[member] = self._check_receipt(member, round_number, parsed)
-                grouped: dict[str, dict[str, torch.Tensor]] = {}
-                for name, tensor in parsed.deltas.items():
-                    grouped.setdefault(shard_of(name), {})[name] = tensor
-                if set(grouped) - set(parsed.shards):
-                    raise ProtocolError(
-                        f"reply has deltas for unassigned shards {sorted(set(grouped) - set(parsed.shards))}"
-                    )
+                receipt = self._check_receipt(member, round_number, parsed) if parsed.receipt else None
                 weight = float(parsed.num_examples)
-                for shard in parsed.shards:
-                    accumulators[shard].check(member, grouped.get(shard, {}), weight)
-                for shard in parsed.shards:
-                    accumulators[shard].add(member, grouped[shard], weight)
-            except (ProtocolError, AggregationError, LedgerError, ValueError) as err:
-                result.receipts.pop(member, None)
+                if server is not None:
+                    if parsed.deltas or parsed.advert is None:
+                        raise ProtocolError("under secure aggregation a train reply carries a key advert, no deltas")
+                    server.add_advert(member, parsed.advert, self.public_keys.get(member, ""), weight)
+                else:
+                    self._fold_plain(member, parsed, accumulators, weight)
+            except (ProtocolError, AggregationError, LedgerError, SecAggError, ValueError) as err:
                 result.failed[member] = f"invalid train reply: {err}"
                 log.warning("%s: %s", member, result.failed[member])
                 return
+            if receipt is not None:
+                result.receipts[member] = receipt
             parsed.deltas = {}  # fold-and-free: the sums hold what is needed
             result.train[member] = parsed
 
@@ -217,20 +241,51 @@ class RoundRunner:
         for node in missing:
             result.failed[node_to_name.get(node, str(node))] = "no train reply in time"
 
+        if server is not None:
+            sums = secure_aggregate(self.grid, exchange, self.timeout, server, by_name, result.failed)
+            for shard in plan.cohorts:
+                if shard not in sums:
+                    result.failed[shard] = server.skipped.get(shard, "not recovered by secure aggregation")
+                    continue
+                outcome = sums[shard]
+                if self._enough(shard, outcome.contributors, plan, result):
+                    mean = mean_update(outcome, self._trainable_shapes(shard))
+                    self.model.update(self.optimizer.apply(self.model, mean))
+                    result.updated_shards.append(shard)
+                    result.aggregation[shard] = "secagg" if outcome.secure else "single"
+            return
+
         for shard, acc in accumulators.items():
-            if not acc.contributors:
-                result.failed[shard] = f"no valid contribution from cohort {acc.cohort}"
-                continue
-            # Embodiment adapters are aggregated over their owners, whoever answered; every
-            # other shard needs min_cohort actual contributors, not just planned ones.
-            if not shard.startswith("adapter/emb/") and len(acc.contributors) < t.min_cohort:
-                result.failed[shard] = (
-                    f"only {len(acc.contributors)} of cohort {acc.cohort} contributed (< min_cohort {t.min_cohort})"
-                )
-                continue
-            updated = self.optimizer.apply(self.model, acc.mean())
-            self.model.update(updated)
-            result.updated_shards.append(shard)
+            if self._enough(shard, acc.contributors, plan, result):
+                self.model.update(self.optimizer.apply(self.model, acc.mean()))
+                result.updated_shards.append(shard)
+                result.aggregation[shard] = "plaintext"
+
+    def _fold_plain(self, member: str, parsed: TrainReply, accumulators: dict[str, ShardMean], weight: float) -> None:
+        """Secure aggregation off (debugging): fold the member's plaintext deltas, all or none."""
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in parsed.deltas.items():
+            grouped.setdefault(shard_of(name), {})[name] = tensor
+        if set(grouped) - set(parsed.shards):
+            raise ProtocolError(f"reply has deltas for unassigned shards {sorted(set(grouped) - set(parsed.shards))}")
+        for shard in parsed.shards:
+            accumulators[shard].check(member, grouped.get(shard, {}), weight)
+        for shard in parsed.shards:
+            accumulators[shard].add(member, grouped[shard], weight)
+
+    def _enough(self, shard: str, contributors: list[str], plan: RoundPlan, result: RoundResult) -> bool:
+        """Embodiment adapters are aggregated over their owners, whoever answered; every other
+        shard needs min_cohort actual contributors, not just planned ones."""
+        if not contributors:
+            result.failed[shard] = f"no valid contribution from cohort {plan.cohorts[shard]}"
+            return False
+        min_cohort = self.cfg.train.min_cohort
+        if not shard.startswith("adapter/emb/") and len(contributors) < min_cohort:
+            result.failed[shard] = (
+                f"only {len(contributors)} of cohort {plan.cohorts[shard]} contributed (< min_cohort {min_cohort})"
+            )
+            return False
+        return True
 
     def _check_receipt(self, member: str, round_number: int, reply: TrainReply) -> dict:
         """The receipt must be this member's signed ledger entry for exactly this update."""

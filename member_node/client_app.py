@@ -14,6 +14,7 @@ import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from aggregation.secagg.errors import SecAggError
 from member_node.identity import NodeConfigError, resolve_identity
 from member_node.lerobot import DatasetError
 from member_node.node import MemberNode
@@ -24,9 +25,12 @@ from shared_model.protocol import (
     ERR_INVALID_REQUEST,
     ERR_NODE_CONFIG,
     EvaluateRequest,
+    MaskedInputRequest,
     ProtocolError,
     QueryRequest,
+    ShareKeysRequest,
     TrainRequest,
+    UnmaskRequest,
 )
 
 log = logging.getLogger("kyodo.member")
@@ -57,6 +61,8 @@ def _serve(message: Message, context: Context, handler: Callable[[MemberNode, An
         return Message(Error(ERR_INVALID_REQUEST, f"invalid request: {err}"), reply_to=message)
     except (NodeConfigError, ConfigError) as err:
         return Message(Error(ERR_NODE_CONFIG, f"node configuration: {err}"), reply_to=message)
+    except SecAggError as err:
+        return Message(Error(ERR_INVALID_REQUEST, f"secure aggregation: {err}"), reply_to=message)
     except DatasetError as err:
         return Message(Error(ERR_DATA, f"member data: {err}"), reply_to=message)
     except Exception as err:  # noqa: BLE001 - a node answers, it does not crash
@@ -77,3 +83,19 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     return _serve(message, context, MemberNode.evaluate, EvaluateRequest.from_content)
+
+
+# Secure aggregation stages (SecAgg+): Flower routes "train.<action>" here.
+@app.train("share_keys")
+def share_keys(message: Message, context: Context) -> Message:
+    return _serve(message, context, MemberNode.share_keys, ShareKeysRequest.from_content)
+
+
+@app.train("masked_input")
+def masked_input(message: Message, context: Context) -> Message:
+    return _serve(message, context, MemberNode.masked_input, MaskedInputRequest.from_content)
+
+
+@app.train("unmask")
+def unmask(message: Message, context: Context) -> Message:
+    return _serve(message, context, MemberNode.unmask, UnmaskRequest.from_content)

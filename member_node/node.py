@@ -22,6 +22,7 @@ import torch
 
 from member_node.identity import MemberIdentity
 from member_node.lerobot import read_dataset
+from member_node.secagg_client import MemberSecAgg
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
 from privacy.accountant import Mechanism, noise_for_target
@@ -35,12 +36,18 @@ from shared_model.policy import Policy
 from shared_model.protocol import (
     EvaluateReply,
     EvaluateRequest,
+    MaskedInputReply,
+    MaskedInputRequest,
     ProtocolError,
     QueryReply,
     QueryRequest,
+    ShareKeysReply,
+    ShareKeysRequest,
     TrainDeclined,
     TrainReply,
     TrainRequest,
+    UnmaskReply,
+    UnmaskRequest,
     coarse_count,
 )
 from shared_model.shards import BACKBONE, embodiment_shard, shard_kind
@@ -68,6 +75,7 @@ class MemberNode:
         self.signing_key = load_or_create_signing_key(state / "member_ed25519.pem")
         self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
         self._plan_path = state / "noise_plan.json"
+        self.secagg = MemberSecAgg(state, identity.name, self.signing_key)
         (state / "member.json").write_text(
             json.dumps(
                 {
@@ -237,15 +245,31 @@ class MemberNode:
         return self._reply(request, result, receipt=receipt_to_json(receipt))
 
     def _reply(self, request: TrainRequest, result, receipt: str) -> TrainReply:
+        deltas, advert = result.deltas, None
+        if request.secagg is not None:
+            # The update stays on this node; only its masked form leaves, in a later stage.
+            advert = self.secagg.begin(request.run, request.round, request.secagg, deltas)
+            deltas = {}
         return TrainReply(
             member=self.identity.name,
             shards=list(request.shards),
-            deltas=result.deltas,
+            deltas=deltas,
             num_examples=result.num_examples,
             loss=result.loss,
             steps=result.steps,
             receipt=receipt,
+            advert=advert,
         )
+
+    # ------------------------------------------------------------------ secure aggregation
+    def share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
+        return self.secagg.share_keys(request)
+
+    def masked_input(self, request: MaskedInputRequest) -> MaskedInputReply:
+        return self.secagg.masked_input(request)
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        return self.secagg.unmask(request)
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:

@@ -8,6 +8,7 @@ because it is the lowest layer: the model, the member node and the coordinator a
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,12 +125,33 @@ class PrivacyConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (SecAgg+): the coordinator learns each shard's cohort sum only.
+
+    Updates are clipped to ``[-clip_range, clip_range]`` per entry and quantized to ``bits``
+    bits with stochastic rounding; the modulus (2^32 or 2^64) is chosen per cohort so its sum
+    can never wrap. ``degree`` 0 / ``threshold`` 0 mean the defaults of
+    ``aggregation.secagg.graph`` (complete graph up to 8 members, majority threshold).
+    """
+
+    enabled: bool = True  # off only for debugging; every round record says which was used
+    bits: int = 20
+    # A round's delta entry beyond this is clipped (counted in the node's log). AdamW moves
+    # an entry by at most about lr per step, so lr x local_steps bounds it; 1.0 covers
+    # the shipped configs with room to spare.
+    clip_range: float = 1.0
+    degree: int = 0
+    threshold: int = 0
+
+
+@dataclass
 class KyodoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     embodiments: dict[str, EmbodimentConfig] = field(default_factory=dict)
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     out_dir: str = "runs/demo"
     data_root: str = "data/demo"
     # Where simulated members keep their ledger and keys; empty: ``<out_dir>/nodes``.
@@ -274,6 +296,13 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError("train.min_cohort must be >= 1")
     if not 0.0 < cfg.train.held_out_fraction < 1.0:
         raise ConfigError("train.held_out_fraction must be in (0, 1)")
+    sa = cfg.secagg
+    if not 1 <= sa.bits <= 62:
+        raise ConfigError(f"secagg.bits ({sa.bits}) must be in 1..62")
+    if not (math.isfinite(sa.clip_range) and sa.clip_range > 0):
+        raise ConfigError("secagg.clip_range must be a positive finite number")
+    if sa.degree < 0 or sa.threshold < 0:
+        raise ConfigError("secagg.degree and secagg.threshold must be >= 0 (0 = default)")
 
 
 def to_yaml(cfg: KyodoConfig) -> str:

@@ -12,6 +12,7 @@ category must be one of ``query``, ``train``, ``evaluate``.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 QUERY = "query"
 TRAIN = "train"
@@ -238,6 +239,7 @@ class TrainRequest:
     model: dict[str, torch.Tensor] = field(repr=False)
     run: str = "run"
     planned_rounds: int = 1  # lets a node spread its budget over the run; it never raises it
+    secagg: SecAggSetup | None = None  # None: reply with plaintext deltas (debugging only)
 
     def to_content(self) -> RecordDict:
         request = {
@@ -245,6 +247,7 @@ class TrainRequest:
             "shards": list(self.shards),
             "run": self.run,
             "planned_rounds": self.planned_rounds,
+            "secagg": self.secagg.to_json() if self.secagg else "",
             **self.hparams.to_record(),
         }
         return RecordDict({REC_REQUEST: ConfigRecord(request), REC_MODEL: tensors_to_record(self.model)})
@@ -264,6 +267,12 @@ class TrainRequest:
         planned = _require(rec, "planned_rounds", int, where)
         if not 1 <= planned <= 1_000_000:
             raise ProtocolError(f"{where}: planned_rounds {planned} outside 1..1000000")
+        secagg_text = _require(rec, "secagg", str, where)
+        secagg = SecAggSetup.from_json(secagg_text, where) if secagg_text else None
+        if secagg is not None:
+            covered = {s for g in secagg.groups for s in g.shards}
+            if not set(shards) <= covered:
+                raise ProtocolError(f"{where}: shards {sorted(set(shards) - covered)} are in no secagg group")
         return cls(
             round=rnd,
             shards=shards,
@@ -271,6 +280,7 @@ class TrainRequest:
             model=_arrays(content, REC_MODEL, where),
             run=run,
             planned_rounds=planned,
+            secagg=secagg,
         )
 
 
@@ -283,11 +293,16 @@ class TrainReply:
     loss: float
     steps: int
     receipt: str = ""  # the signed privacy-ledger entry of this round (JSON); "" without DP
+    # Under secure aggregation: the node's key advertisement, and no deltas (they follow masked).
+    advert: KeyAdvert | None = None
 
     def to_content(self) -> RecordDict:
+        advert = json.dumps(self.advert.to_json()) if self.advert else ""
         return RecordDict(
             {
-                REC_REPLY: ConfigRecord({"member": self.member, "shards": list(self.shards), "receipt": self.receipt}),
+                REC_REPLY: ConfigRecord(
+                    {"member": self.member, "shards": list(self.shards), "receipt": self.receipt, "advert": advert}
+                ),
                 REC_DELTA: tensors_to_record(self.deltas),
                 REC_METRICS: MetricRecord(
                     {"num-examples": int(self.num_examples), "loss": float(self.loss), "steps": int(self.steps)}
@@ -304,6 +319,13 @@ class TrainReply:
         if num_examples <= 0:
             raise ProtocolError(f"{where}: num-examples must be positive")
         loss = float(_require(metrics, "loss", (int, float), where))
+        advert_text = _require(rec, "advert", str, where)
+        advert = None
+        if advert_text:
+            try:
+                advert = KeyAdvert.from_json(json.loads(advert_text), where)
+            except json.JSONDecodeError as err:
+                raise ProtocolError(f"{where}: advert is not JSON: {err}") from None
         return cls(
             member=_require(rec, "member", str, where),
             shards=validate_shard_ids(list(_require(rec, "shards", list, where)), where),
@@ -312,6 +334,7 @@ class TrainReply:
             loss=loss,
             steps=_require(metrics, "steps", int, where),
             receipt=_require(rec, "receipt", str, where),
+            advert=advert,
         )
 
 
@@ -398,3 +421,387 @@ class EvaluateReply:
             action_mse=mse,
             action_mae=mae,
         )
+
+
+# ------------------------------------------------------------------------------ secure aggregation
+# SecAgg+ (Bell et al. 2020) runs inside the train stage: the train reply carries the node's
+# key advertisement instead of its deltas, then three more exchanges follow. Flower routes
+# "train.<action>" to ``@app.train("<action>")``.
+SECAGG_SHARE_KEYS = "train.share_keys"
+SECAGG_MASKED_INPUT = "train.masked_input"
+SECAGG_UNMASK = "train.unmask"
+REC_SECAGG = "kyodo.secagg"
+REC_MASKED = "kyodo.masked"
+
+MAX_SECAGG_JSON = 16 * 1024 * 1024  # a setup or share bundle larger than this is refused
+_HEX_RE = re.compile(r"^(?:[0-9a-f]{2})*$")
+_GROUP_RE = re.compile(r"^g\d{1,6}$")
+
+
+def _name(value: object, what: str, where: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ProtocolError(f"{where}: {what} {value!r} is not a valid name")
+    return value
+
+
+def _hex(value: object, what: str, where: str, size: int | None = None) -> bytes:
+    if not isinstance(value, str) or not _HEX_RE.match(value):
+        raise ProtocolError(f"{where}: {what} must be lowercase hex")
+    raw = bytes.fromhex(value)
+    if size is not None and len(raw) != size:
+        raise ProtocolError(f"{where}: {what} must be {size} bytes, got {len(raw)}")
+    return raw
+
+
+def _json_body(content: RecordDict, where: str) -> dict:
+    rec = _config(content, REC_SECAGG, where)
+    body = _require(rec, "body", str, where)
+    if len(body) > MAX_SECAGG_JSON:
+        raise ProtocolError(f"{where}: body of {len(body)} characters exceeds {MAX_SECAGG_JSON}")
+    try:
+        parsed = json.loads(body)
+    except json.JSONDecodeError as err:
+        raise ProtocolError(f"{where}: body is not JSON: {err}") from None
+    if not isinstance(parsed, dict):
+        raise ProtocolError(f"{where}: body must be a JSON object")
+    return parsed
+
+
+def _body_content(body: dict) -> RecordDict:
+    return RecordDict({REC_SECAGG: ConfigRecord({"body": json.dumps(body, sort_keys=True)})})
+
+
+def _round_run(body: Mapping, where: str) -> tuple[int, str]:
+    rnd = body.get("round")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+        raise ProtocolError(f"{where}: round must be an integer >= 0")
+    return rnd, _name(body.get("run"), "run id", where)
+
+
+def _names(value: object, what: str, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise ProtocolError(f"{where}: {what} must be a list of names")
+    names = [_name(v, what, where) for v in value]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"{where}: {what} has duplicates")
+    return names
+
+
+@dataclass
+class SecAggGroup:
+    """Shards that share one cohort, masked and unmasked together.
+
+    ``neighbours`` is the SecAgg+ graph (symmetric, no self loops); a member's secrets are
+    Shamir-shared among its neighbours with ``threshold`` needed to recover them. Share ids
+    are a member's 1-based position in ``members``. ``quantization`` is
+    ``aggregation.secagg.quantize.QuantizationPlan.to_dict()`` for this cohort's size.
+    """
+
+    group_id: str
+    shards: list[str]
+    members: list[str]
+    neighbours: dict[str, list[str]]
+    threshold: int
+    quantization: dict
+
+    def share_id(self, member: str) -> int:
+        return self.members.index(member) + 1
+
+    def to_json(self) -> dict:
+        return {
+            "group_id": self.group_id,
+            "shards": list(self.shards),
+            "members": list(self.members),
+            "neighbours": {m: list(n) for m, n in self.neighbours.items()},
+            "threshold": self.threshold,
+            "quantization": dict(self.quantization),
+        }
+
+    @classmethod
+    def from_json(cls, raw: object, where: str) -> SecAggGroup:
+        if not isinstance(raw, dict):
+            raise ProtocolError(f"{where}: a group must be an object")
+        gid = raw.get("group_id")
+        if not isinstance(gid, str) or not _GROUP_RE.match(gid):
+            raise ProtocolError(f"{where}: group id {gid!r} is not valid (g<number>)")
+        where = f"{where} group {gid}"
+        shards = validate_shard_ids(list(raw.get("shards") or []), where)
+        if not shards:
+            raise ProtocolError(f"{where}: no shards")
+        members = _names(raw.get("members"), "members", where)
+        if not 1 <= len(members) <= 255:
+            raise ProtocolError(f"{where}: a group has 1..255 members, got {len(members)}")
+        neighbours_raw = raw.get("neighbours")
+        if not isinstance(neighbours_raw, dict) or set(neighbours_raw) != set(members):
+            raise ProtocolError(f"{where}: neighbours must list every member exactly")
+        neighbours = {m: _names(n, "neighbours", where) for m, n in neighbours_raw.items()}
+        for m, ns in neighbours.items():
+            if m in ns or not set(ns) <= set(members):
+                raise ProtocolError(f"{where}: neighbours of {m} must be other members of the group")
+            for n in ns:
+                if m not in neighbours[n]:
+                    raise ProtocolError(f"{where}: the graph is not symmetric ({m} -> {n})")
+        threshold = raw.get("threshold")
+        degree = min(len(n) for n in neighbours.values())
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
+            raise ProtocolError(f"{where}: threshold must be an integer >= 0")
+        if len(members) > 1 and not 1 <= threshold <= degree:
+            raise ProtocolError(f"{where}: threshold {threshold} must be in 1..{degree} (the smallest degree)")
+        quantization = raw.get("quantization")
+        if not isinstance(quantization, dict):
+            raise ProtocolError(f"{where}: quantization must be an object")
+        return cls(gid, shards, members, neighbours, threshold, quantization)
+
+
+@dataclass
+class SecAggSetup:
+    """The round's aggregation groups (every shard of the round in exactly one)."""
+
+    groups: list[SecAggGroup]
+
+    def groups_of(self, member: str) -> list[SecAggGroup]:
+        return [g for g in self.groups if member in g.members]
+
+    def to_json(self) -> str:
+        return json.dumps({"groups": [g.to_json() for g in self.groups]}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> SecAggSetup:
+        if len(text) > MAX_SECAGG_JSON:
+            raise ProtocolError(f"{where}: secagg setup too large")
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ProtocolError(f"{where}: secagg setup is not JSON: {err}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("groups"), list) or not raw["groups"]:
+            raise ProtocolError(f"{where}: secagg setup needs a non-empty list of groups")
+        groups = [SecAggGroup.from_json(g, where) for g in raw["groups"]]
+        ids = [g.group_id for g in groups]
+        if len(set(ids)) != len(ids):
+            raise ProtocolError(f"{where}: duplicate group ids")
+        shards = [s for g in groups for s in g.shards]
+        if len(set(shards)) != len(shards):
+            raise ProtocolError(f"{where}: a shard is in two groups")
+        return cls(groups)
+
+
+@dataclass
+class KeyAdvert:
+    """A node's two X25519 public keys for this round, signed with its Ed25519 identity key."""
+
+    cipher_pk: bytes
+    mask_pk: bytes
+    signature: bytes
+
+    def to_json(self) -> dict:
+        return {"cipher_pk": self.cipher_pk.hex(), "mask_pk": self.mask_pk.hex(), "signature": self.signature.hex()}
+
+    @classmethod
+    def from_json(cls, raw: object, where: str) -> KeyAdvert:
+        if not isinstance(raw, dict):
+            raise ProtocolError(f"{where}: key advert must be an object")
+        return cls(
+            _hex(raw.get("cipher_pk"), "cipher_pk", where, 32),
+            _hex(raw.get("mask_pk"), "mask_pk", where, 32),
+            _hex(raw.get("signature"), "signature", where, 64),
+        )
+
+
+@dataclass
+class ShareKeysRequest:
+    """Stage 2: the adverts of the node's neighbours (with the identity keys that signed them)."""
+
+    round: int
+    run: str
+    adverts: dict[str, KeyAdvert]
+    identity_keys: dict[str, str]  # member -> hex Ed25519 key announced in query
+
+    def to_content(self) -> RecordDict:
+        return _body_content(
+            {
+                "round": self.round,
+                "run": self.run,
+                "adverts": {m: a.to_json() for m, a in self.adverts.items()},
+                "identity_keys": dict(self.identity_keys),
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> ShareKeysRequest:
+        where = "share-keys request"
+        body = _json_body(content, where)
+        rnd, run = _round_run(body, where)
+        adverts_raw, keys_raw = body.get("adverts"), body.get("identity_keys")
+        if not isinstance(adverts_raw, dict) or not isinstance(keys_raw, dict):
+            raise ProtocolError(f"{where}: adverts and identity_keys must be objects")
+        adverts = {_name(m, "member", where): KeyAdvert.from_json(a, where) for m, a in adverts_raw.items()}
+        keys = {_name(m, "member", where): _hex(k, "identity key", where, 32).hex() for m, k in keys_raw.items()}
+        if set(keys) != set(adverts):
+            raise ProtocolError(f"{where}: every advert needs its member's identity key")
+        return cls(rnd, run, adverts, keys)
+
+
+@dataclass
+class ShareKeysReply:
+    """Encrypted share bundles, one per neighbour; the coordinator can only relay them."""
+
+    member: str
+    sealed: dict[str, bytes]  # recipient -> AEAD ciphertext
+
+    def to_content(self) -> RecordDict:
+        return _body_content({"member": self.member, "sealed": {m: c.hex() for m, c in self.sealed.items()}})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> ShareKeysReply:
+        where = "share-keys reply"
+        body = _json_body(content, where)
+        sealed = body.get("sealed")
+        if not isinstance(sealed, dict):
+            raise ProtocolError(f"{where}: sealed must be an object")
+        return cls(
+            _name(body.get("member"), "member", where),
+            {_name(m, "recipient", where): _hex(c, "ciphertext", where) for m, c in sealed.items()},
+        )
+
+
+@dataclass
+class MaskedInputRequest:
+    """Stage 3: the bundles addressed to this node, who is still in, and its weight per group."""
+
+    round: int
+    run: str
+    sealed: dict[str, bytes]  # sender -> ciphertext addressed to this node
+    # group id -> members that completed share-keys for it (masks are built with them only)
+    active: dict[str, list[str]]
+    weights: dict[str, float]  # group id -> this node's update scale (its weight / the group's largest)
+
+    def to_content(self) -> RecordDict:
+        return _body_content(
+            {
+                "round": self.round,
+                "run": self.run,
+                "sealed": {m: c.hex() for m, c in self.sealed.items()},
+                "active": {g: list(m) for g, m in self.active.items()},
+                "weights": dict(self.weights),
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> MaskedInputRequest:
+        where = "masked-input request"
+        body = _json_body(content, where)
+        rnd, run = _round_run(body, where)
+        sealed = body.get("sealed")
+        weights = body.get("weights")
+        active = body.get("active")
+        if not isinstance(sealed, dict) or not isinstance(weights, dict) or not isinstance(active, dict):
+            raise ProtocolError(f"{where}: sealed, active and weights must be objects")
+        parsed_weights = {}
+        for gid, w in weights.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0.0 < float(w) <= 1.0:
+                raise ProtocolError(f"{where}: weight of {gid!r} must be in (0, 1]")
+            parsed_weights[str(gid)] = float(w)
+        return cls(
+            rnd,
+            run,
+            {_name(m, "sender", where): _hex(c, "ciphertext", where) for m, c in sealed.items()},
+            {str(g): _names(m, "active", where) for g, m in active.items()},
+            parsed_weights,
+        )
+
+
+@dataclass
+class MaskedInputReply:
+    """One masked, quantized vector per shard (the shard's trainable tensors, flattened in
+    sorted name order); unsigned integers modulo the group's modulus."""
+
+    member: str
+    masked: dict[str, np.ndarray] = field(repr=False)
+
+    def to_content(self) -> RecordDict:
+        return RecordDict(
+            {
+                REC_SECAGG: ConfigRecord({"member": self.member}),
+                REC_MASKED: ArrayRecord({s: Array(np.ascontiguousarray(v)) for s, v in self.masked.items()}),
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> MaskedInputReply:
+        where = "masked-input reply"
+        member = _name(_require(_config(content, REC_SECAGG, where), "member", str, where), "member", where)
+        if REC_MASKED not in content.array_records:
+            raise ProtocolError(f"{where}: missing array record {REC_MASKED!r}")
+        masked = {}
+        for shard, array in content.array_records[REC_MASKED].items():
+            validate_shard_ids([shard], where)
+            arr = array.numpy()
+            if arr.dtype not in (np.uint32, np.uint64) or arr.ndim != 1:
+                raise ProtocolError(f"{where}: {shard} must be a 1-D uint32/uint64 vector, got {arr.dtype} {arr.shape}")
+            masked[shard] = arr
+        return cls(member, masked)
+
+
+@dataclass
+class UnmaskRequest:
+    """Stage 4: who made it (their self-mask seeds are recovered) and who dropped after sharing
+    (their mask keys are recovered). Disjoint: no member's two secrets are ever both asked for."""
+
+    round: int
+    run: str
+    survivors: list[str]
+    dropped: list[str]
+
+    def to_content(self) -> RecordDict:
+        return _body_content(
+            {"round": self.round, "run": self.run, "survivors": list(self.survivors), "dropped": list(self.dropped)}
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> UnmaskRequest:
+        where = "unmask request"
+        body = _json_body(content, where)
+        rnd, run = _round_run(body, where)
+        survivors = _names(body.get("survivors"), "survivors", where)
+        dropped = _names(body.get("dropped"), "dropped", where)
+        if set(survivors) & set(dropped):
+            raise ProtocolError(f"{where}: {sorted(set(survivors) & set(dropped))} both survived and dropped")
+        return cls(rnd, run, survivors, dropped)
+
+
+@dataclass
+class UnmaskReply:
+    """Shares this node holds: ``self_seed[owner]`` for survivors, ``mask_key[owner]`` for the dropped."""
+
+    member: str
+    shares: dict[str, dict[str, dict[str, bytes]]]  # group -> "self_seed" | "mask_key" -> owner -> share
+
+    def to_content(self) -> RecordDict:
+        body = {
+            "member": self.member,
+            "shares": {
+                g: {kind: {o: s.hex() for o, s in owners.items()} for kind, owners in kinds.items()}
+                for g, kinds in self.shares.items()
+            },
+        }
+        return _body_content(body)
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> UnmaskReply:
+        where = "unmask reply"
+        body = _json_body(content, where)
+        raw = body.get("shares")
+        if not isinstance(raw, dict):
+            raise ProtocolError(f"{where}: shares must be an object")
+        shares: dict[str, dict[str, dict[str, bytes]]] = {}
+        for gid, kinds in raw.items():
+            if not isinstance(gid, str) or not _GROUP_RE.match(gid) or not isinstance(kinds, dict):
+                raise ProtocolError(f"{where}: bad group {gid!r}")
+            if not set(kinds) <= {"self_seed", "mask_key"}:
+                raise ProtocolError(f"{where}: share kinds must be self_seed / mask_key")
+            shares[gid] = {}
+            for kind, owners in kinds.items():
+                if not isinstance(owners, dict):
+                    raise ProtocolError(f"{where}: {gid}.{kind} must be an object")
+                shares[gid][kind] = {_name(o, "owner", where): _hex(s, "share", where) for o, s in owners.items()}
+        return cls(_name(body.get("member"), "member", where), shares)

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 MEMBERS = ("honda", "sony", "softbank", "fanuc")
 
 
-def _demo(root: Path, *overrides: str):
+def _demo(root: Path, *overrides: str, rounds: int = 2):
     out_dir, data_root = root / "run", root / "data"
     cmd = [
-        sys.executable, "-m", "coordinator.cli", "demo", "--model", "tiny", "--rounds", "2",
+        sys.executable, "-m", "coordinator.cli", "demo", "--model", "tiny", "--rounds", str(rounds),
         f"out_dir={out_dir}", f"data_root={data_root}", "train.local_steps=30", "train.lr=0.005", *overrides,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent)
@@ -44,6 +44,21 @@ def dp_run(tmp_path_factory):
     return _demo(tmp_path_factory.mktemp("dp"))
 
 
+@pytest.fixture(scope="module")
+def plaintext_run(tmp_path_factory):
+    """Secure aggregation switched off (the operator's debugging switch), one round."""
+    return _demo(tmp_path_factory.mktemp("plain"), "secagg.enabled=false", rounds=1)
+
+
+def test_secure_aggregation_can_be_switched_off_and_the_record_says_so(plaintext_run):
+    out_dir, _, _ = plaintext_run
+    records = [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1]
+    assert records[1]["secure_aggregation"] is False
+    assert records[1]["updated_shards"]
+    assert set(records[1]["aggregation"].values()) == {"plaintext"}
+
+
 def test_every_member_prepared_its_own_data(demo_run):
     _, data_root, _ = demo_run
     for member in MEMBERS:
@@ -61,6 +76,12 @@ def test_rounds_were_recorded(demo_run):
         for shard, cohort in rec["cohorts"].items():
             if not shard.startswith("adapter/emb/"):
                 assert len(cohort) >= 3
+        # Secure aggregation is on by default: every shard with a cohort of several members
+        # was aggregated from masked updates; a one-owner embodiment adapter is marked as such.
+        assert rec["secure_aggregation"] is True
+        for shard in rec["updated_shards"]:
+            expected = "secagg" if len(rec["cohorts"][shard]) > 1 else "single"
+            assert rec["aggregation"][shard] == expected
     assert "Held-out action error" in stdout
 
 

@@ -1,0 +1,223 @@
+"""Per-round key pairs, pairwise key agreement, share encryption and signed key adverts.
+
+Each member makes two fresh X25519 key pairs per round: a *cipher* pair, whose pairwise
+keys encrypt the Shamir shares exchanged through the server, and a *mask* pair, whose
+pairwise keys seed the cancelling masks. They must differ: the server legitimately learns
+the mask private key of a member that drops out, and must not thereby also learn the key
+that decrypts the shares that member received.
+
+Adverts (the two public keys) are signed with the member's long-lived Ed25519 identity key
+(``privacy.keys``), so a server cannot substitute its own keys and sit in the middle.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from aggregation.secagg.errors import SecAggError
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+_PAIR_DOMAIN = b"kyodo/secagg/pair/v1"
+_ADVERT_DOMAIN = b"kyodo/secagg/advert/v1"
+
+
+def _raw_public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw)
+
+
+def _raw_private(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        encoding=serialization.Encoding.Raw,
+        format=serialization.PrivateFormat.Raw,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+
+
+def _check_bytes(value: object, what: str, size: int | None = KEY_BYTES) -> bytes:
+    if not isinstance(value, bytes | bytearray):
+        raise SecAggError(f"{what} must be bytes, got {type(value).__name__}")
+    if size is not None and len(value) != size:
+        raise SecAggError(f"{what} must be {size} bytes, got {len(value)}")
+    return bytes(value)
+
+
+def _x25519_private(raw: object, what: str) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(_check_bytes(raw, what))
+
+
+@dataclass
+class RoundKeys:
+    """A member's two X25519 key pairs for one round (private halves; never sent anywhere)."""
+
+    cipher_private: X25519PrivateKey = field(repr=False)
+    mask_private: X25519PrivateKey = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> RoundKeys:
+        """Fresh keys from OpenSSL's CSPRNG (seeded by the OS), which ``cryptography`` uses for X25519."""
+        return cls(cipher_private=X25519PrivateKey.generate(), mask_private=X25519PrivateKey.generate())
+
+    def public_bytes(self) -> tuple[bytes, bytes]:
+        """``(cipher_pk, mask_pk)``, raw 32 bytes each: what the member adverts."""
+        return _raw_public(self.cipher_private), _raw_public(self.mask_private)
+
+    def private_bytes(self) -> tuple[bytes, bytes]:
+        """``(cipher_sk, mask_sk)`` raw, so a member can resume a round after a restart.
+
+        Whoever stores these must keep them as private as the identity key (mode 0600).
+        """
+        return _raw_private(self.cipher_private), _raw_private(self.mask_private)
+
+    @classmethod
+    def from_private_bytes(cls, cipher_private: bytes, mask_private: bytes) -> RoundKeys:
+        """Inverse of ``private_bytes``."""
+        keys = cls(
+            cipher_private=_x25519_private(cipher_private, "cipher private key"),
+            mask_private=_x25519_private(mask_private, "mask private key"),
+        )
+        # Compare the public halves: X25519 clamps a few bits, so distinct raw bytes can be one key.
+        cipher_pk, mask_pk = keys.public_bytes()
+        if cipher_pk == mask_pk:
+            raise SecAggError("cipher and mask private keys must differ (see the module docstring)")
+        return keys
+
+
+def _field(value: str | bytes) -> bytes:
+    """Length-prefixed field: makes concatenations unambiguous ("ab"+"c" != "a"+"bc")."""
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return struct.pack(">I", len(data)) + data
+
+
+def _check_text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SecAggError(f"{what} must be a non-empty str, got {value!r}")
+    return value
+
+
+def _check_round(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 63:
+        raise SecAggError(f"round must be a non-negative integer, got {value!r}")
+    return value
+
+
+def pair_context(run: str, round: int, a: str, b: str, purpose: str) -> bytes:
+    """HKDF ``info`` binding a pairwise key to one run, round, member pair and purpose.
+
+    The members are put in sorted order, so both ends derive the same key; binding run and
+    round means a key (and so a mask) is never reused across rounds even if X25519 keys were,
+    and the purpose separates share-encryption keys from mask seeds.
+    """
+    _check_text(run, "run id")
+    _check_round(round)
+    _check_text(a, "member name")
+    _check_text(b, "member name")
+    _check_text(purpose, "key purpose")
+    if a == b:
+        raise SecAggError(f"a pairwise key needs two distinct members, got {a!r} twice")
+    first, second = sorted((a, b))
+    return _PAIR_DOMAIN + _field(run) + struct.pack(">Q", round) + _field(first) + _field(second) + _field(purpose)
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, context: bytes) -> bytes:
+    """32-byte pairwise key: HKDF-SHA256 over the X25519 shared secret, ``info=context``.
+
+    The raw X25519 output is not uniform, and using it directly for two purposes would tie
+    them together; HKDF both extracts a uniform key and separates purposes via ``context``.
+    """
+    if not isinstance(private, X25519PrivateKey):
+        raise SecAggError(f"private key must be an X25519PrivateKey, got {type(private).__name__}")
+    peer = X25519PublicKey.from_public_bytes(_check_bytes(peer_public, "peer public key"))
+    context = _check_bytes(context, "key context", size=None)
+    if not context:
+        raise SecAggError("key context must not be empty: it is what separates keys of different rounds and pairs")
+    try:
+        shared = private.exchange(peer)
+    except ValueError:
+        # OpenSSL refuses small-order points (all-zero shared secret): a malformed or hostile key.
+        raise SecAggError("peer public key is a small-order X25519 point; refusing the key agreement") from None
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=context).derive(shared)
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """ChaCha20-Poly1305 encryption; returns ``nonce || ciphertext || tag``.
+
+    A random 96-bit nonce is safe here because each pairwise key encrypts a handful of
+    messages; ``aad`` should name sender, recipient, run and round so that the server cannot
+    redirect a ciphertext to another slot undetected.
+    """
+    cipher = ChaCha20Poly1305(_check_bytes(key, "encryption key"))
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + cipher.encrypt(
+        nonce, _check_bytes(plaintext, "plaintext", size=None), _check_bytes(aad, "aad", size=None)
+    )
+
+
+def open_sealed(key: bytes, blob: bytes, aad: bytes) -> bytes:
+    """Decrypt a ``seal`` blob; any tampering, wrong key or wrong ``aad`` raises ``SecAggError``."""
+    cipher = ChaCha20Poly1305(_check_bytes(key, "encryption key"))
+    blob = _check_bytes(blob, "sealed blob", size=None)
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise SecAggError(f"sealed blob is {len(blob)} bytes, shorter than nonce and tag ({NONCE_BYTES + TAG_BYTES})")
+    try:
+        return cipher.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _check_bytes(aad, "aad", size=None))
+    except InvalidTag:
+        raise SecAggError("sealed blob failed authentication: wrong key, wrong aad or tampered data") from None
+
+
+def advert_payload(run: str, round: int, member: str, cipher_pk: bytes, mask_pk: bytes) -> bytes:
+    """The canonical bytes a member signs for its round key advert.
+
+    Binding run, round and member stops a server from replaying an old advert or passing one
+    member's keys off as another's.
+    """
+    _check_text(run, "run id")
+    _check_round(round)
+    _check_text(member, "member name")
+    cipher_pk = _check_bytes(cipher_pk, "cipher public key")
+    mask_pk = _check_bytes(mask_pk, "mask public key")
+    if cipher_pk == mask_pk:
+        raise SecAggError(f"member {member!r} adverts the same key for cipher and mask; they must differ")
+    return (
+        _ADVERT_DOMAIN + _field(run) + struct.pack(">Q", round) + _field(member) + _field(cipher_pk) + _field(mask_pk)
+    )
+
+
+def sign_advert(
+    signing_key: Ed25519PrivateKey, run: str, round: int, member: str, cipher_pk: bytes, mask_pk: bytes
+) -> bytes:
+    """64-byte Ed25519 signature over ``advert_payload``."""
+    if not isinstance(signing_key, Ed25519PrivateKey):
+        raise SecAggError(f"signing key must be an Ed25519PrivateKey, got {type(signing_key).__name__}")
+    return signing_key.sign(advert_payload(run, round, member, cipher_pk, mask_pk))
+
+
+def verify_advert(
+    public_key: Ed25519PublicKey,
+    signature: bytes,
+    run: str,
+    round: int,
+    member: str,
+    cipher_pk: bytes,
+    mask_pk: bytes,
+) -> None:
+    """Check an advert against the member's identity key; ``SecAggError`` if it does not verify."""
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise SecAggError(f"identity key must be an Ed25519PublicKey, got {type(public_key).__name__}")
+    payload = advert_payload(run, round, member, cipher_pk, mask_pk)
+    try:
+        public_key.verify(_check_bytes(signature, "advert signature", size=64), payload)
+    except InvalidSignature:
+        raise SecAggError(
+            f"advert of member {member!r} for run {run!r} round {round} has an invalid signature"
+        ) from None

@@ -1,0 +1,274 @@
+"""The coordinator's side of SecAgg+: route keys and sealed shares, sum masked vectors,
+recover what dropouts left behind, and end with each shard's cohort sum and nothing more.
+
+Transport-free on purpose: ``coordinator.secure_round`` moves the messages over the Flower
+Grid, this class only decides what each message says and what a reply means, so every
+dropout case is testable without a network.
+
+What the coordinator holds during a round: public keys, ciphertexts it cannot open,
+running modular sums of masked vectors (a masked vector is folded in and freed on
+arrival), and in the end the shares needed to remove the masks. It never holds one
+member's update: the self mask hides it until the sum is complete, and the self-mask seed
+of a member is only recovered for members whose masked vector is already inside the sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from aggregation.secagg.errors import SecAggError
+from aggregation.secagg.graph import default_degree, default_threshold, neighbours
+from aggregation.secagg.keys import agree, pair_context
+from aggregation.secagg.masks import expand_mask
+from aggregation.secagg.quantize import QuantizationPlan, add_into, dequantize_sum, plan_quantization, sub_into
+from aggregation.secagg.shamir import combine_shares
+from shared_model.protocol import (
+    KeyAdvert,
+    MaskedInputReply,
+    MaskedInputRequest,
+    SecAggGroup,
+    SecAggSetup,
+    ShareKeysReply,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
+
+log = logging.getLogger("kyodo.secagg")
+
+SELF_SEED = "self_seed"
+MASK_KEY = "mask_key"
+
+
+def build_setup(
+    cohorts: Mapping[str, list[str]],
+    *,
+    bits: int,
+    clip_range: float,
+    degree: int = 0,
+    threshold: int = 0,
+    graph_seed: bytes,
+) -> SecAggSetup:
+    """Group shards by identical cohort (one mask graph and one sharing per group)."""
+    by_cohort: dict[tuple[str, ...], list[str]] = {}
+    for shard in sorted(cohorts):
+        by_cohort.setdefault(tuple(sorted(cohorts[shard])), []).append(shard)
+    groups = []
+    for i, (members, shards) in enumerate(sorted(by_cohort.items(), key=lambda kv: kv[1][0])):
+        n = len(members)
+        k = min(degree or default_degree(n), n - 1)
+        if k < n - 1 and k % 2:
+            k += 1  # a ring-based (Harary) graph below the complete one needs an even degree
+        graph = neighbours(list(members), k, graph_seed + i.to_bytes(4, "big")) if n > 1 else {members[0]: ()}
+        t = 0 if n == 1 else min(threshold or default_threshold(k), k)
+        plan = plan_quantization(n, bits, clip_range)
+        groups.append(
+            SecAggGroup(
+                group_id=f"g{i}",
+                shards=shards,
+                members=list(members),
+                neighbours={m: list(graph[m]) for m in members},
+                threshold=t,
+                quantization=plan.to_dict(),
+            )
+        )
+    return SecAggSetup(groups)
+
+
+@dataclass
+class ShardSum:
+    """A shard's unmasked result: the sum of its contributors' (scaled) updates, float64."""
+
+    shard: str
+    total: np.ndarray
+    contributors: list[str]
+    weight: float  # sum of the contributors' weights (the mean is total * scale_base / weight)
+    secure: bool  # False only for a cohort of one (its sum is its update)
+
+
+@dataclass
+class SecAggServer:
+    """One round of SecAgg+ from the coordinator's side."""
+
+    run: str
+    round: int
+    setup: SecAggSetup
+    lengths: dict[str, int]  # shard -> flat vector length
+    adverts: dict[str, KeyAdvert] = field(default_factory=dict)
+    identity_keys: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # member -> FedAvg weight
+    sealed: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sender -> recipient -> blob
+    active: dict[str, list[str]] = field(default_factory=dict)  # group -> members that shared
+    scale_base: dict[str, float] = field(default_factory=dict)  # group -> largest active weight
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    masked_from: dict[str, set[str]] = field(default_factory=dict)  # group -> members whose vectors are in
+    unmask_replies: dict[str, UnmaskReply] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # shard -> why
+
+    def __post_init__(self) -> None:
+        self.groups = {g.group_id: g for g in self.setup.groups}
+        self.plans = {g.group_id: QuantizationPlan.from_dict(g.quantization) for g in self.setup.groups}
+
+    # ------------------------------------------------------------------ stage 1 replies
+    def add_advert(self, member: str, advert: KeyAdvert, identity_key: str, weight: float) -> None:
+        if not self.setup.groups_of(member):
+            raise SecAggError(f"{member} is in no aggregation group of this round")
+        self.adverts[member] = advert
+        self.identity_keys[member] = identity_key
+        self.weights[member] = float(weight)
+
+    # ------------------------------------------------------------------ stage 2
+    def share_keys_requests(self) -> dict[str, ShareKeysRequest]:
+        out = {}
+        for member in self.adverts:
+            peers = {n for g in self.setup.groups_of(member) for n in g.neighbours[member] if n in self.adverts}
+            out[member] = ShareKeysRequest(
+                self.round,
+                self.run,
+                {p: self.adverts[p] for p in sorted(peers)},
+                {p: self.identity_keys[p] for p in sorted(peers)},
+            )
+        return out
+
+    def add_shares(self, reply: ShareKeysReply) -> None:
+        member = reply.member
+        if member not in self.adverts:
+            raise SecAggError(f"shares from {member}, who did not advertise keys")
+        allowed = {n for g in self.setup.groups_of(member) for n in g.neighbours[member]}
+        stray = sorted(set(reply.sealed) - allowed)
+        if stray:
+            raise SecAggError(f"{member} sent shares to non-neighbours {stray}")
+        self.sealed[member] = dict(reply.sealed)
+
+    # ------------------------------------------------------------------ stage 3
+    def masked_input_requests(self) -> dict[str, MaskedInputRequest]:
+        """Fix each group's active set (members that shared keys, or the lone owner of a cohort
+        of one); a group left with too few to hide anyone is skipped here."""
+        for gid, group in self.groups.items():
+            if len(group.members) == 1:
+                active = [m for m in group.members if m in self.adverts]
+            else:
+                active = [m for m in group.members if m in self.sealed]
+                if len(active) < max(2, group.threshold + 1):
+                    self._skip(group, f"{len(active)} of {len(group.members)} members shared keys")
+                    active = []
+            self.active[gid] = active
+            if active:
+                self.scale_base[gid] = max(self.weights[m] for m in active)
+        out = {}
+        for member in set(self.sealed) | {m for a in self.active.values() for m in a}:
+            groups = [g for g in self.setup.groups_of(member) if member in self.active.get(g.group_id, [])]
+            if not groups:
+                continue
+            inbox = {s: blobs[member] for s, blobs in self.sealed.items() if member in blobs}
+            out[member] = MaskedInputRequest(
+                self.round,
+                self.run,
+                inbox,
+                {g.group_id: list(self.active[g.group_id]) for g in groups},
+                {g.group_id: self.weights[member] / self.scale_base[g.group_id] for g in groups},
+            )
+        return out
+
+    def add_masked(self, reply: MaskedInputReply) -> None:
+        """Fold one member's masked vectors into the running sums (all of its groups or none)."""
+        member = reply.member
+        groups = [g for g in self.setup.groups_of(member) if member in self.active.get(g.group_id, [])]
+        expected = {s for g in groups for s in g.shards}
+        if set(reply.masked) != expected:
+            raise SecAggError(f"{member} sent masked shards {sorted(reply.masked)}, expected {sorted(expected)}")
+        for g in groups:
+            plan = self.plans[g.group_id]
+            for shard in g.shards:
+                vec = reply.masked[shard]
+                if vec.dtype != plan.dtype or vec.shape != (self.lengths[shard],):
+                    raise SecAggError(
+                        f"{member}: {shard} is {vec.dtype} {vec.shape}, expected {np.dtype(plan.dtype)} "
+                        f"({self.lengths[shard]},)"
+                    )
+        for g in groups:
+            for shard in g.shards:
+                if shard not in self.sums:
+                    self.sums[shard] = np.zeros(self.lengths[shard], dtype=self.plans[g.group_id].dtype)
+                add_into(self.sums[shard], reply.masked[shard])
+            self.masked_from.setdefault(g.group_id, set()).add(member)
+
+    # ------------------------------------------------------------------ stage 4
+    def unmask_requests(self) -> dict[str, UnmaskRequest]:
+        survivors = sorted({m for s in self.masked_from.values() for m in s})
+        dropped = sorted({m for a in self.active.values() for m in a} - set(survivors))
+        return {m: UnmaskRequest(self.round, self.run, survivors, dropped) for m in survivors}
+
+    def add_unmask(self, reply: UnmaskReply) -> None:
+        if reply.member not in {m for s in self.masked_from.values() for m in s}:
+            raise SecAggError(f"unmask reply from {reply.member}, who sent no masked input")
+        self.unmask_replies[reply.member] = reply
+
+    def _skip(self, group: SecAggGroup, why: str) -> None:
+        for shard in group.shards:
+            self.skipped[shard] = why
+        log.warning("round %d: secure aggregation skips %s: %s", self.round, ", ".join(group.shards), why)
+
+    def finish(self) -> dict[str, ShardSum]:
+        """Remove the masks; return each recoverable shard's sum. Unrecoverable groups are skipped."""
+        out: dict[str, ShardSum] = {}
+        for gid, group in self.groups.items():
+            if not self.active.get(gid) or any(s in self.skipped for s in group.shards):
+                continue
+            contributors = sorted(self.masked_from.get(gid, set()))
+            if not contributors:
+                self._skip(group, "no masked input arrived")
+                continue
+            try:
+                totals = self._unmask_group(group, contributors)
+            except SecAggError as err:
+                self._skip(group, str(err))
+                continue
+            plan = self.plans[gid]
+            weight = sum(self.weights[m] for m in contributors) / self.scale_base[gid]
+            for shard, total in totals.items():
+                values = dequantize_sum(total, len(contributors), plan)
+                out[shard] = ShardSum(shard, values, contributors, weight, secure=len(group.members) > 1)
+        self.sums.clear()
+        return out
+
+    def _shares(self, group: SecAggGroup, kind: str, owner: str) -> dict[int, bytes]:
+        found: dict[int, bytes] = {}
+        for holder, reply in self.unmask_replies.items():
+            share = reply.shares.get(group.group_id, {}).get(kind, {}).get(owner)
+            if share is not None and holder in group.neighbours[owner]:
+                found[group.share_id(holder)] = share
+        if len(found) < group.threshold:
+            raise SecAggError(
+                f"{kind.replace('_', ' ')} of {owner}: {len(found)} shares returned, threshold {group.threshold}"
+            )
+        return found
+
+    def _unmask_group(self, group: SecAggGroup, contributors: list[str]) -> dict[str, np.ndarray]:
+        plan = self.plans[group.group_id]
+        totals = {s: self.sums[s] for s in group.shards}
+        if len(group.members) == 1:
+            return totals
+        active = set(self.active[group.group_id])
+        dropped = sorted(active - set(contributors))
+        # Recover every secret first: a shard is unmasked completely or not at all.
+        seeds = {m: combine_shares(self._shares(group, SELF_SEED, m), group.threshold) for m in contributors}
+        keys = {m: combine_shares(self._shares(group, MASK_KEY, m), group.threshold) for m in dropped}
+        for shard, total in totals.items():
+            for m in contributors:
+                sub_into(total, expand_mask(seeds[m], shard, total.size, plan.dtype))
+            for d in dropped:
+                d_key = X25519PrivateKey.from_private_bytes(keys[d])
+                for peer in group.neighbours[d]:
+                    if peer not in contributors:
+                        continue  # its masked vector is not in the sum, nor the mask it shares with d
+                    seed = agree(d_key, self.adverts[peer].mask_pk, pair_context(self.run, self.round, d, peer, "mask"))
+                    mask = expand_mask(seed, shard, total.size, plan.dtype)
+                    # peer added +mask if peer < d, else -mask: undo exactly that
+                    (sub_into if peer < d else add_into)(total, mask)
+        return totals

@@ -1,0 +1,281 @@
+"""The member's side of SecAgg+: what it keeps, what it sends, what it refuses.
+
+A round's secure aggregation spans four messages (train + advertise keys, share keys,
+masked input, unmask). In a deployment every message is served by a fresh ClientApp
+process, so the round's state lives on disk in the node's own state directory
+(``<state>/secagg/<run>/r<round>/``, owner-only permissions) and is deleted once the node
+has answered ``unmask``: private keys, the self-mask seed and the unmasked update never
+outlive the round and never leave the node in the clear.
+
+What the node enforces, whatever the coordinator asks:
+
+- neighbours' key adverts must be signed by the identity keys announced for them;
+- it masks only with neighbours that shared keys with it, and refuses to send a masked
+  input for a group where fewer than two members are active (its sum would be its update);
+- it answers ``unmask`` once per round and never reveals both the self-mask seed share and
+  the mask-key share of the same member (the two would unmask that member's update).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.numpy import load_file, save_file
+
+from aggregation.secagg.keys import RoundKeys, agree, open_sealed, pair_context, seal, sign_advert, verify_advert
+from aggregation.secagg.masks import expand_mask
+from aggregation.secagg.quantize import QuantizationPlan, add_into, quantize, secure_rng, sub_into
+from aggregation.secagg.shamir import split_secret
+from aggregation.secagg.vectors import flatten_shard
+from privacy.keys import load_public_key
+from shared_model.durable import fsync_dir
+from shared_model.protocol import (
+    KeyAdvert,
+    MaskedInputReply,
+    MaskedInputRequest,
+    ProtocolError,
+    SecAggGroup,
+    SecAggSetup,
+    ShareKeysReply,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from shared_model.shards import shard_of
+
+SELF_SEED = "self_seed"
+MASK_KEY = "mask_key"
+
+
+def _share_aad(run: str, round_number: int, sender: str, recipient: str) -> bytes:
+    return f"kyodo-secagg-shares|{run}|{round_number}|{sender}|{recipient}".encode()
+
+
+def mask_context(run: str, round_number: int, a: str, b: str) -> bytes:
+    """HKDF context of the pairwise mask seed of members ``a`` and ``b`` (either order)."""
+    return pair_context(run, round_number, a, b, "mask")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Owner-only file, written whole (temp + rename) so a crash never leaves half a key."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+class MemberSecAgg:
+    """One node's SecAgg+ state machine, persisted under ``state_dir/secagg``."""
+
+    def __init__(self, state_dir: Path | str, member: str, signing_key: Ed25519PrivateKey):
+        self.root = Path(state_dir) / "secagg"
+        self.member = member
+        self.signing_key = signing_key
+
+    def _dir(self, run: str, round_number: int) -> Path:
+        return self.root / run / f"r{round_number}"
+
+    def _existing(self, run: str, round_number: int, stage: str) -> Path:
+        path = self._dir(run, round_number)
+        if not (path / "setup.json").is_file():
+            raise ProtocolError(f"{stage}: no secure-aggregation round {round_number} of run {run} on this node")
+        return path
+
+    # ------------------------------------------------------------------ stage 1: after training
+    def begin(self, run: str, round_number: int, setup: SecAggSetup, deltas: dict[str, torch.Tensor]) -> KeyAdvert:
+        """Keep the update and fresh round keys on disk; return the signed key advert."""
+        run_dir = self.root / run
+        if run_dir.is_dir():  # one round at a time: older rounds' secrets go now
+            for old in run_dir.iterdir():
+                shutil.rmtree(old, ignore_errors=True)
+        path = self._dir(run, round_number)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in deltas.items():
+            grouped.setdefault(shard_of(name), {})[name] = tensor
+        vectors = {shard: flatten_shard(tensors) for shard, tensors in grouped.items()}
+        tmp = path / "update.safetensors.tmp"
+        save_file(vectors, str(tmp))
+        os.chmod(tmp, 0o600)
+        tmp.replace(path / "update.safetensors")
+        keys = RoundKeys.generate()
+        cipher_sk, mask_sk = keys.private_bytes()
+        _write_private(path / "keys.bin", cipher_sk + mask_sk)
+        _write_private(path / "setup.json", setup.to_json().encode())
+        cipher_pk, mask_pk = keys.public_bytes()
+        signature = sign_advert(self.signing_key, run, round_number, self.member, cipher_pk, mask_pk)
+        return KeyAdvert(cipher_pk, mask_pk, signature)
+
+    def _load(self, path: Path) -> tuple[SecAggSetup, RoundKeys]:
+        setup = SecAggSetup.from_json((path / "setup.json").read_text(), "stored secagg setup")
+        raw = (path / "keys.bin").read_bytes()
+        return setup, RoundKeys.from_private_bytes(raw[:32], raw[32:])
+
+    # ------------------------------------------------------------------ stage 2
+    def share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
+        """Check neighbours' adverts; Shamir-share the mask key and a fresh self-mask seed."""
+        path = self._existing(request.run, request.round, "share keys")
+        if (path / "adverts.json").exists():
+            raise ProtocolError("share keys: already answered for this round")
+        setup, keys = self._load(path)
+        for other, advert in request.adverts.items():
+            verify_advert(
+                load_public_key(request.identity_keys[other]),
+                advert.signature,
+                request.run,
+                request.round,
+                other,
+                advert.cipher_pk,
+                advert.mask_pk,
+            )
+        self_seed = os.urandom(32)
+        _, mask_sk = keys.private_bytes()
+        bundles: dict[str, dict[str, dict[str, str]]] = {}
+        for group in setup.groups_of(self.member):
+            present = [n for n in group.neighbours[self.member] if n in request.adverts]
+            if len(group.members) == 1 or len(present) < group.threshold:
+                continue  # cannot share safely for this group: the node sits it out
+            ids = [group.share_id(n) for n in present]
+            seed_shares = split_secret(self_seed, group.threshold, ids)
+            key_shares = split_secret(mask_sk, group.threshold, ids)
+            for n in present:
+                sid = group.share_id(n)
+                bundles.setdefault(n, {})[group.group_id] = {
+                    SELF_SEED: seed_shares[sid].hex(),
+                    MASK_KEY: key_shares[sid].hex(),
+                }
+        cipher_sk, _ = keys.private_bytes()
+        sealed = {}
+        for recipient, bundle in bundles.items():
+            key = agree(
+                keys.cipher_private,
+                request.adverts[recipient].cipher_pk,
+                pair_context(request.run, request.round, self.member, recipient, "shares"),
+            )
+            plaintext = json.dumps(bundle, sort_keys=True).encode()
+            sealed[recipient] = seal(key, plaintext, _share_aad(request.run, request.round, self.member, recipient))
+        _write_private(path / "self_seed.bin", self_seed)
+        adverts = {m: a.to_json() for m, a in request.adverts.items()}
+        _write_private(path / "adverts.json", json.dumps(adverts, sort_keys=True).encode())
+        return ShareKeysReply(self.member, sealed)
+
+    # ------------------------------------------------------------------ stage 3
+    def masked_input(self, request: MaskedInputRequest) -> MaskedInputReply:
+        """Quantize each shard's (weighted) update and add the self mask and pairwise masks."""
+        path = self._existing(request.run, request.round, "masked input")
+        if not (path / "adverts.json").is_file():
+            raise ProtocolError("masked input: this node has not shared keys for this round")
+        if (path / "masked.done").exists():
+            raise ProtocolError("masked input: already answered for this round")
+        setup, keys = self._load(path)
+        adverts = {
+            m: KeyAdvert.from_json(a, "stored adverts")
+            for m, a in json.loads((path / "adverts.json").read_text()).items()
+        }
+        received: dict[str, dict[str, dict[str, str]]] = {}  # group -> owner -> kind -> share hex
+        for sender, blob in request.sealed.items():
+            if sender not in adverts:
+                raise ProtocolError(f"masked input: shares from {sender}, who is not a neighbour")
+            key = agree(
+                keys.cipher_private,
+                adverts[sender].cipher_pk,
+                pair_context(request.run, request.round, self.member, sender, "shares"),
+            )
+            bundle = json.loads(open_sealed(key, blob, _share_aad(request.run, request.round, sender, self.member)))
+            for gid, kinds in bundle.items():
+                received.setdefault(gid, {})[sender] = kinds
+        vectors = load_file(str(path / "update.safetensors"))
+        self_seed = (path / "self_seed.bin").read_bytes()
+        rng = secure_rng()
+        masked: dict[str, np.ndarray] = {}
+        groups_sent: list[str] = []
+        for group in setup.groups_of(self.member):
+            active = request.active.get(group.group_id, [])
+            if self.member not in active:
+                continue
+            self._check_active(group, active, received.get(group.group_id, {}))
+            scale = request.weights.get(group.group_id)
+            if scale is None:
+                raise ProtocolError(f"masked input: no weight for group {group.group_id}")
+            plan = QuantizationPlan.from_dict(group.quantization)
+            peers = [n for n in group.neighbours[self.member] if n in active]
+            for shard in group.shards:
+                if shard not in vectors:
+                    raise ProtocolError(f"masked input: {shard} was not trained by this node this round")
+                values, _clipped = quantize(vectors[shard] * np.float32(scale), plan, rng)
+                if len(group.members) > 1:
+                    add_into(values, expand_mask(self_seed, shard, values.size, plan.dtype))
+                    for peer in peers:
+                        seed = agree(
+                            keys.mask_private,
+                            adverts[peer].mask_pk,
+                            mask_context(request.run, request.round, self.member, peer),
+                        )
+                        mask = expand_mask(seed, shard, values.size, plan.dtype)
+                        (add_into if self.member < peer else sub_into)(values, mask)
+                masked[shard] = values
+            groups_sent.append(group.group_id)
+        (path / "update.safetensors").unlink()
+        received_json = json.dumps({"shares": received, "active": request.active, "groups": groups_sent})
+        _write_private(path / "received.json", received_json.encode())
+        _write_private(path / "masked.done", b"")
+        return MaskedInputReply(self.member, masked)
+
+    def _check_active(self, group: SecAggGroup, active: list[str], received: dict[str, dict]) -> None:
+        if len(group.members) == 1:
+            return  # a cohort of one: its sum is its update, secure aggregation cannot hide it
+        if not set(active) <= set(group.members):
+            raise ProtocolError(f"masked input: group {group.group_id} lists active members outside the group")
+        if len(active) < 2:
+            raise ProtocolError(
+                f"masked input: group {group.group_id} has {len(active)} active member; its sum would be one update"
+            )
+        missing = [n for n in group.neighbours[self.member] if n in active and n not in received]
+        if missing:
+            raise ProtocolError(f"masked input: group {group.group_id}: no shares received from active {missing}")
+
+    # ------------------------------------------------------------------ stage 4
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Reveal, once, the shares the coordinator needs: self-seed shares of survivors, mask-key
+        shares of members that dropped after sharing. Then forget the round."""
+        path = self._existing(request.run, request.round, "unmask")
+        if not (path / "masked.done").is_file():
+            raise ProtocolError("unmask: this node sent no masked input this round")
+        if (path / "unmask.done").exists():
+            raise ProtocolError("unmask: already answered for this round")
+        _write_private(path / "unmask.done", b"")  # before revealing anything: never answer twice
+        state = json.loads((path / "received.json").read_text())
+        setup, _ = self._load(path)
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if self.member not in survivors:
+            raise ProtocolError("unmask: this node is not listed among the survivors")
+        out: dict[str, dict[str, dict[str, bytes]]] = {}
+        for group in setup.groups_of(self.member):
+            if group.group_id not in state["groups"] or len(group.members) == 1:
+                continue
+            active = set(state["active"].get(group.group_id, []))
+            if len(survivors & active) < group.threshold:
+                continue  # too few left to unmask safely: reveal nothing for this group
+            held = state["shares"].get(group.group_id, {})
+            kinds: dict[str, dict[str, bytes]] = {SELF_SEED: {}, MASK_KEY: {}}
+            for owner, shares in held.items():
+                if owner not in active:
+                    continue
+                if owner in survivors:
+                    kinds[SELF_SEED][owner] = bytes.fromhex(shares[SELF_SEED])
+                elif owner in dropped:
+                    kinds[MASK_KEY][owner] = bytes.fromhex(shares[MASK_KEY])
+            out[group.group_id] = kinds
+        shutil.rmtree(path, ignore_errors=True)
+        return UnmaskReply(self.member, out)

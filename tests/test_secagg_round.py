@@ -1,0 +1,258 @@
+"""A whole SecAgg+ round between real member nodes (real data, DP training, on-disk state)
+and the coordinator's SecAggServer, every message through its wire form (to_content /
+from_content). The Flower transport itself is covered by the end-to-end tests; here every
+dropout stage can be forced deterministically."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+from safetensors.numpy import load_file
+
+from aggregation.secagg.errors import SecAggError
+from aggregation.secagg.server import SecAggServer, build_setup
+from aggregation.secagg.vectors import flatten_shard, shard_length
+from coordinator.planner import MemberInfo, plan_round
+from coordinator.secure_round import mean_update
+from member_node.identity import resolve_identity
+from member_node.node import MemberNode
+from member_node.synthetic import generate_dataset
+from privacy.keys import public_key_hex
+from shared_model.config import load_config
+from shared_model.policy import Policy
+from shared_model.protocol import (
+    MaskedInputReply,
+    MaskedInputRequest,
+    ProtocolError,
+    ShareKeysReply,
+    ShareKeysRequest,
+    TrainHyperParams,
+    TrainReply,
+    TrainRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from shared_model.shards import ShardLayout
+
+RUN = "secagg-test"
+HP = TrainHyperParams(lr=0.01, local_steps=3, batch_size=6, weight_decay=0.0, seed=0, max_grad_norm=0.1)
+# Every embodiment has two owners, so every shard's cohort has at least two members and
+# every update leaves its node masked (a cohort of one is covered separately below).
+EMBODIMENTS = {"honda": "aloha", "sony": "so100", "softbank": "so100", "fanuc": "aloha"}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("secagg")
+    overrides = [f"data_root={root / 'data'}", f"state_root={root / 'state'}"]
+    overrides += [f"federation.members.{i}.embodiment={e}" for i, e in enumerate(EMBODIMENTS.values())]
+    cfg = load_config(model="tiny", overrides=overrides)
+    for m in cfg.federation.members:
+        generate_dataset(root / "data" / m.name, m.embodiment, cfg.embodiments[m.embodiment], 10, 2.0, m.seed)
+    nodes = {
+        m.name: MemberNode(cfg, resolve_identity({"partition-id": i}, cfg))
+        for i, m in enumerate(cfg.federation.members)
+    }
+    model = {k: v.clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
+    return cfg, nodes, model
+
+
+def _wire(obj, cls):
+    """Through the wire form, as the transport would carry it."""
+    return cls.from_content(obj.to_content())
+
+
+class Round:
+    """Drives one round; ``drop`` maps a member to the stage at which it vanishes."""
+
+    def __init__(self, cfg, nodes, model, round_number: int, drop: dict[str, str] | None = None, members=None):
+        self.cfg, self.nodes, self.model, self.round = cfg, nodes, model, round_number
+        self.drop = drop or {}
+        names = members or sorted(nodes)
+        infos = [MemberInfo(i, n, (nodes[n].identity.embodiment,), 10) for i, n in enumerate(names)]
+        self.plan = plan_round(
+            round_number, infos, n_layers=cfg.model.n_layers, n_experts=cfg.model.n_experts,
+            embodiments=sorted(cfg.embodiments), min_cohort=2, experts_per_member=2,
+        )  # fmt: skip
+        self.layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
+        self.shapes = {
+            shard: {s.name: tuple(s.shape) for s in self.layout.shards[shard] if ".lora_A." not in s.name}
+            for shard in self.plan.cohorts
+        }
+        self.setup = build_setup(self.plan.cohorts, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!")
+        self.server = SecAggServer(RUN, round_number, self.setup, {s: shard_length(v) for s, v in self.shapes.items()})
+        self.received: list[RecordDict] = []  # every payload the coordinator receives
+        self.plaintext: dict[str, dict[str, np.ndarray]] = {}
+        self.weights: dict[str, float] = {}
+
+    def _answer(self, member: str, stage: str, request, handler, reply_cls):
+        if self.drop.get(member) == stage:
+            return None
+        content = handler(self.nodes[member], type(request).from_content(request.to_content())).to_content()
+        self.received.append(content)
+        return reply_cls.from_content(content)
+
+    def run(self):
+        for member in self.plan.members:
+            request = TrainRequest(
+                self.round, self.plan.shards_of(member), HP, self.model, run=RUN, planned_rounds=100, secagg=self.setup
+            )
+            reply = self._answer(member, "train", request, MemberNode.train, TrainReply)
+            if reply is None:
+                continue
+            assert not reply.deltas, "under secure aggregation no plaintext delta leaves the node"
+            node = self.nodes[member]
+            # The member's own disk (the test peeks; the coordinator cannot).
+            stored = node.secagg.root / RUN / f"r{self.round}" / "update.safetensors"
+            self.plaintext[member] = load_file(str(stored))
+            self.weights[member] = float(reply.num_examples)
+            self.server.add_advert(member, reply.advert, public_key_hex(node.signing_key), reply.num_examples)
+        for member, request in self.server.share_keys_requests().items():
+            reply = self._answer(member, "share_keys", request, MemberNode.share_keys, ShareKeysReply)
+            if reply is not None:
+                self.server.add_shares(reply)
+        for member, request in self.server.masked_input_requests().items():
+            reply = self._answer(member, "masked_input", request, MemberNode.masked_input, MaskedInputReply)
+            if reply is not None:
+                self.server.add_masked(reply)
+        for member, request in self.server.unmask_requests().items():
+            reply = self._answer(member, "unmask", request, MemberNode.unmask, UnmaskReply)
+            if reply is not None:
+                self.server.add_unmask(reply)
+        return self.server.finish()
+
+    def expected_mean(self, shard: str, contributors: list[str]) -> np.ndarray:
+        total = sum(self.weights[m] * self.plaintext[m][shard].astype(np.float64) for m in contributors)
+        return total / sum(self.weights[m] for m in contributors)
+
+
+def _tolerance(cohort: int) -> float:
+    return 2 * cohort * 2.0 / (2**20 - 1)  # n members x one quantization step (2R / levels) each, x2 slack
+
+
+def test_secure_mean_equals_plaintext_mean_and_nothing_individual_is_received(federation):
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 1)
+    sums = rnd.run()
+    assert set(sums) == set(rnd.plan.cohorts), rnd.server.skipped
+    for shard, outcome in sums.items():
+        assert outcome.secure and sorted(outcome.contributors) == sorted(rnd.plan.cohorts[shard])
+        mean = outcome.total / outcome.weight
+        np.testing.assert_allclose(mean, rnd.expected_mean(shard, outcome.contributors), atol=_tolerance(4))
+        tensors = mean_update(outcome, rnd.shapes[shard])
+        assert set(tensors) == set(rnd.shapes[shard])
+    # Item 5: no received payload equals or correlates with any member's plaintext update.
+    checked = 0
+    for content in rnd.received:
+        for record in content.array_records.values():
+            for _, array in record.items():
+                payload = array.numpy().astype(np.float64)
+                for member, vectors in rnd.plaintext.items():
+                    for vec in vectors.values():
+                        if vec.shape != payload.shape or vec.size < 100:
+                            continue
+                        assert not np.array_equal(payload, vec)
+                        # Independent vectors: r ~ N(0, 1/n); 5 sigma leaves no room for a real relation.
+                        r = np.corrcoef(payload, vec.astype(np.float64))[0, 1]
+                        bound = 5 / np.sqrt(vec.size)
+                        assert abs(r) < bound, f"a payload correlates with {member}'s update (r={r:.3f})"
+                        checked += vec.size >= 4000
+    assert checked > 0
+    # The node forgot the round: no key, seed or update left on disk.
+    for node in nodes.values():
+        assert not (node.secagg.root / RUN / "r1").exists()
+
+
+@pytest.mark.parametrize("stage", ["train", "share_keys", "masked_input", "unmask"])
+def test_one_member_drops_at_any_stage(federation, stage):
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 10 + ["train", "share_keys", "masked_input", "unmask"].index(stage), {"sony": stage})
+    sums = rnd.run()
+    for shard, cohort in rnd.plan.cohorts.items():
+        if "sony" in cohort and len(cohort) == 2:
+            # A pair cannot lose a member: the partner's sum alone would be its update, and
+            # after the masked input its self-mask seed's only share holder is gone.
+            assert shard not in sums and shard in rnd.server.skipped
+            continue
+        assert shard in sums, (shard, rnd.server.skipped)
+        outcome = sums[shard]
+        expected_in = stage == "unmask"  # its masked input was in before it vanished
+        assert ("sony" in outcome.contributors) == (expected_in and "sony" in cohort)
+        np.testing.assert_allclose(
+            outcome.total / outcome.weight, rnd.expected_mean(shard, outcome.contributors), atol=_tolerance(4)
+        )
+
+
+def test_too_many_dropouts_skip_the_shard_and_nothing_else(federation):
+    cfg, nodes, model = federation
+    # Complete graph of 4, threshold 2: with two vanishing after their masked input, each
+    # remaining member's self-mask seed has one share holder left, below the threshold, so the
+    # 4-member cohort's shards are skipped; the honda/fanuc pair is untouched and recovered.
+    drop = {"sony": "unmask", "softbank": "unmask"}
+    rnd = Round(cfg, nodes, model, 20, drop)
+    sums = rnd.run()
+    for shard, cohort in rnd.plan.cohorts.items():
+        if len(cohort) == 4:
+            assert shard not in sums and "threshold" in rnd.server.skipped[shard]
+    assert "adapter/emb/aloha" in sums
+    assert sorted(sums["adapter/emb/aloha"].contributors) == ["fanuc", "honda"]
+
+
+def test_a_cohort_of_one_is_marked_not_secure(federation):
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 30, members=["honda", "sony", "softbank"])
+    sums = rnd.run()
+    assert sums["adapter/emb/aloha"].secure is False  # honda alone owns aloha here
+    assert sums["adapter/shared"].secure is True
+
+
+def test_node_answers_unmask_once_and_refuses_inconsistent_requests(federation):
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 40, {"honda": "unmask", "sony": "unmask", "softbank": "unmask", "fanuc": "unmask"})
+    rnd.run()
+    requests = rnd.server.unmask_requests()
+    node = nodes["sony"]
+    first = node.unmask(_wire(requests["sony"], UnmaskRequest))
+    assert first.member == "sony"
+    with pytest.raises(ProtocolError):
+        node.unmask(_wire(requests["sony"], UnmaskRequest))
+    both = UnmaskRequest(40, RUN, ["sony", "fanuc"], ["fanuc"])
+    with pytest.raises(ProtocolError, match="both survived and dropped"):
+        UnmaskRequest.from_content(both.to_content())
+
+
+def test_forged_advert_is_refused(federation):
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 50, {m: "share_keys" for m in nodes})
+    rnd.run()
+    requests = rnd.server.share_keys_requests()
+    request = _wire(requests["sony"], ShareKeysRequest)
+    other = next(iter(request.adverts))
+    request.adverts[other].mask_pk = bytes(32)  # the coordinator swaps a key
+    with pytest.raises(SecAggError):
+        nodes["sony"].share_keys(request)
+
+
+def test_masked_input_refuses_a_group_of_one_active_member(federation):
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 60, {m: "masked_input" for m in nodes})
+    rnd.run()
+    request = _wire(rnd.server.masked_input_requests()["sony"], MaskedInputRequest)
+    gid = next(g for g in request.active if len(request.active[g]) > 1)
+    request.active[gid] = ["sony"]
+    with pytest.raises(ProtocolError, match="its sum would be one update"):
+        nodes["sony"].masked_input(request)
+
+
+def test_flatten_roundtrip():
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([7.0])}
+    from aggregation.secagg.vectors import unflatten_shard
+
+    vec = flatten_shard(tensors)
+    assert vec.tolist() == [7.0, 0, 1, 2, 3, 4, 5]
+    back = unflatten_shard(vec, {k: tuple(v.shape) for k, v in tensors.items()})
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with pytest.raises(ValueError):
+        unflatten_shard(vec[:3], {k: tuple(v.shape) for k, v in tensors.items()})
