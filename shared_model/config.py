@@ -135,7 +135,7 @@ class SecAggConfig:
     """
 
     enabled: bool = True  # off only for debugging; every round record says which was used
-    bits: int = 20
+    bits: int = 16  # 2R/65535 = 3e-5 steps at R=1: far below DP noise, and the float32 fast path
     # A round's delta entry beyond this is clipped (counted in the node's log). AdamW moves
     # an entry by at most about lr per step, so lr x local_steps bounds it; 1.0 covers
     # the shipped configs with room to spare.
