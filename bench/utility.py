@@ -8,6 +8,9 @@ same policy for the same number of rounds x local steps:
       run: it is the upper bound);
   (c) federated: the real member nodes and planner, each member under DP-SGD at its own
       epsilon (default 8), aggregated per shard (FedAvg).
+Two more columns separate the two costs: "fed no DP" (the federation with the members' DP
+switched off: what federating costs or gains) and "alone+DP" (each member alone under the
+same DP budget: what federating gains at equal privacy).
 Prints each member's held-out action MSE for the three and the ratios (c)/(a), (c)/(b);
 targets: (c) < (a) for every member and (c) <= 1.5 (b). Writes bench/results/utility.json.
 
@@ -87,6 +90,24 @@ def federated(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
     return {n.identity.name: n.evaluate(EvaluateRequest(0, model)).action_mse for n in nodes}
 
 
+def alone_dp(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
+    """Each member alone under its own DP budget: the same node code as the federation, but
+    each member's updates go only into its own copy of the model (equal-privacy baseline)."""
+    out = {}
+    hp = _hparams(cfg)
+    for node in nodes:
+        model = initial_model(cfg)
+        for rnd in range(1, cfg.train.rounds + 1):
+            shards = _plan(cfg, nodes, rnd).shards_of(node.identity.name)
+            req = TrainRequest(rnd, shards, hp, model, run="utility-alone", planned_rounds=cfg.train.rounds)
+            reply = node.train(req)
+            if isinstance(reply, TrainDeclined):
+                continue
+            model.update(FedAvg(1.0).apply(model, reply.deltas))
+        out[node.identity.name] = node.evaluate(EvaluateRequest(0, model)).action_mse
+    return out
+
+
 def alone(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
     out = {}
     hp = _hparams(cfg)
@@ -162,9 +183,16 @@ def main() -> None:
             MemberNode(open_cfg, resolve_identity({"partition-id": i}, open_cfg))
             for i in range(len(open_cfg.federation.members))
         ]
+        solo_cfg = copy.deepcopy(cfg)
+        solo_cfg.state_root = f"{tmp}/state-solo"
+        solo_nodes = [
+            MemberNode(solo_cfg, resolve_identity({"partition-id": i}, solo_cfg))
+            for i in range(len(solo_cfg.federation.members))
+        ]
         start = time.monotonic()
         results = {
             "alone": alone(cfg, nodes),
+            "alone_dp": alone_dp(solo_cfg, solo_nodes),
             "pooled": pooled(cfg, nodes),
             "federated_open": federated(open_cfg, open_nodes),
             "federated_dp": federated(cfg, nodes),
@@ -175,22 +203,27 @@ def main() -> None:
         f"held-out action MSE, model {cfg.model.name}, {cfg.train.rounds} rounds x {cfg.train.local_steps} steps ({seconds:.0f}s)"
     )
     print(
-        f"{'member':10s} {'(a) alone':>10s} {'(b) pooled':>11s} {'fed no DP':>10s} {'(c) fed+DP':>11s} {'eps':>5s}"
-        f" {'c/a':>6s} {'c/b':>6s}"
+        f"{'member':10s} {'(a) alone':>10s} {'alone+DP':>9s} {'(b) pooled':>11s} {'fed no DP':>10s}"
+        f" {'(c) fed+DP':>11s} {'eps':>5s} {'c/a':>6s} {'c/b':>6s} {'c/aDP':>6s}"
     )
     rows = {}
     for name in results["alone"]:
-        a, b, o, c = (results[k][name] for k in ("alone", "pooled", "federated_open", "federated_dp"))
+        a, ad, b, o, c = (results[k][name] for k in ("alone", "alone_dp", "pooled", "federated_open", "federated_dp"))
         rows[name] = {
             "alone": a,
+            "alone_dp": ad,
             "pooled": b,
             "federated_no_dp": o,
             "federated_dp": c,
             "epsilon": eps[name],
             "c_over_a": c / a,
             "c_over_b": c / b,
+            "c_over_alone_dp": c / ad,
         }
-        print(f"{name:10s} {a:10.4f} {b:11.4f} {o:10.4f} {c:11.4f} {eps[name]:5g} {c / a:6.2f} {c / b:6.2f}")
+        print(
+            f"{name:10s} {a:10.4f} {ad:9.4f} {b:11.4f} {o:10.4f} {c:11.4f} {eps[name]:5g}"
+            f" {c / a:6.2f} {c / b:6.2f} {c / ad:6.2f}"
+        )
     met = all(r["c_over_a"] < 1 for r in rows.values()) and all(r["c_over_b"] <= 1.5 for r in rows.values())
     print(f"targets (c < a for every member, c <= 1.5 b): {'met' if met else 'NOT met'}")
     out = Path(__file__).parent / "results" / "utility.json"

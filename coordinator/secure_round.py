@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -93,4 +94,7 @@ def secure_aggregate(
 
 def mean_update(result: ShardSum, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """The shard's weighted mean delta as named tensors."""
-    return unflatten_shard((result.total / result.weight).astype("float32"), shapes)
+    # Divided straight into float32 (the quotient is computed in float64, then rounded, as
+    # ``(total / weight).astype(float32)`` would), without a float64 temporary of the shard's size.
+    mean = np.divide(result.total, result.weight, out=np.empty(result.total.shape, np.float32), casting="same_kind")
+    return unflatten_shard(mean, shapes)

@@ -12,6 +12,7 @@ category must be one of ``query``, ``train``, ``evaluate``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 QUERY = "query"
 TRAIN = "train"
@@ -710,6 +712,43 @@ class MaskedInputRequest:
         )
 
 
+# A masked vector is as large as the shard, so its wire form (the ``.npy`` bytes that
+# ``flwr.app.Array`` carries) is written with one copy and read with none. Flower's own
+# ``Array(ndarray)`` / ``Array.numpy()`` go through ``np.save`` / ``np.load`` on a BytesIO: three
+# copies out and one in. Measured at 10M uint32 entries: 55 ms -> 10 ms to build, 13 ms -> 0 to read
+# (bench/secagg.py). The bytes are exactly ``np.save``'s, so ``Array.numpy()`` still reads them.
+_NPY_RING_DTYPES = (np.dtype("<u4"), np.dtype("<u8"))
+
+
+def _npy_array(vector: np.ndarray) -> Array:
+    vector = np.ascontiguousarray(vector)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(vector))
+    data = b"".join((header.getvalue(), memoryview(vector).cast("B")))
+    return Array(dtype=str(vector.dtype), shape=tuple(vector.shape), stype=SType.NUMPY, data=data)
+
+
+def _npy_ring_vector(array: Array, where: str) -> np.ndarray:
+    """A read-only view of a 1-D little-endian uint32/uint64 ``.npy`` payload; anything else is refused."""
+    if not isinstance(array, Array) or array.stype != SType.NUMPY or not isinstance(array.data, bytes):
+        raise ProtocolError(f"{where} must be a numpy array")
+    fp = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran_order, dtype = read_header[version](fp)
+    except ValueError as err:
+        raise ProtocolError(f"{where} is not a valid .npy array: {err}") from None
+    if dtype not in _NPY_RING_DTYPES or len(shape) != 1:
+        raise ProtocolError(f"{where} must be a 1-D uint32/uint64 vector, got {dtype} {shape}")
+    offset = fp.tell()
+    if len(array.data) - offset != shape[0] * dtype.itemsize:
+        raise ProtocolError(f"{where}: {len(array.data) - offset} data bytes for {shape[0]} {dtype} entries")
+    return np.frombuffer(array.data, dtype=dtype, count=shape[0], offset=offset)
+
+
 @dataclass
 class MaskedInputReply:
     """One masked, quantized vector per shard (the shard's trainable tensors, flattened in
@@ -722,7 +761,7 @@ class MaskedInputReply:
         return RecordDict(
             {
                 REC_SECAGG: ConfigRecord({"member": self.member}),
-                REC_MASKED: ArrayRecord({s: Array(np.ascontiguousarray(v)) for s, v in self.masked.items()}),
+                REC_MASKED: ArrayRecord({s: _npy_array(v) for s, v in self.masked.items()}),
             }
         )
 
@@ -735,10 +774,7 @@ class MaskedInputReply:
         masked = {}
         for shard, array in content.array_records[REC_MASKED].items():
             validate_shard_ids([shard], where)
-            arr = array.numpy()
-            if arr.dtype not in (np.uint32, np.uint64) or arr.ndim != 1:
-                raise ProtocolError(f"{where}: {shard} must be a 1-D uint32/uint64 vector, got {arr.dtype} {arr.shape}")
-            masked[shard] = arr
+            masked[shard] = _npy_ring_vector(array, f"{where}: {shard}")
         return cls(member, masked)
 
 

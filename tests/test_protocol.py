@@ -1,13 +1,16 @@
 import math
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from shared_model.protocol import (
     REC_REQUEST,
     EvaluateReply,
+    REC_MASKED,
     EvaluateRequest,
+    MaskedInputReply,
     ProtocolError,
     QueryReply,
     QueryRequest,
@@ -76,3 +79,44 @@ def test_missing_records_and_nonfinite_tensors():
 
 def test_coarse_count():
     assert [coarse_count(n) for n in (0, 7, 12, 57, 1234, 99999)] == [0, 7, 10, 50, 1000, 90000]
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_masked_input_reply_is_npy_on_the_wire_and_read_without_copy(dtype):
+    vec = np.random.default_rng(0).integers(0, 1000, 1001, dtype=dtype)
+    content = MaskedInputReply("sony", {"expert/L0/E1": vec}).to_content()
+    array = content.array_records[REC_MASKED]["expert/L0/E1"]
+    assert array.data == Array(vec).data  # byte for byte what np.save / flwr would send
+    assert np.array_equal(array.numpy(), vec)
+    parsed = MaskedInputReply.from_content(content)
+    got = parsed.masked["expert/L0/E1"]
+    assert parsed.member == "sony" and got.dtype == dtype and np.array_equal(got, vec)
+    assert not got.flags.writeable and not got.flags.owndata  # a view of the received bytes
+
+
+def _masked_content(array: Array) -> RecordDict:
+    content = MaskedInputReply("sony", {}).to_content()
+    content.array_records[REC_MASKED] = ArrayRecord({"expert/L0/E1": array})
+    return content
+
+
+def _truncated() -> Array:
+    good = Array(np.arange(10, dtype=np.uint32))
+    return Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
+
+
+@pytest.mark.parametrize(
+    ("array", "match"),
+    [
+        (Array(np.zeros(4, np.float32)), "uint32/uint64"),
+        (Array(np.zeros(4, np.int64)), "uint32/uint64"),
+        (Array(np.zeros((2, 2), np.uint32)), "uint32/uint64"),
+        (Array(np.zeros(4, ">u4")), "uint32/uint64"),
+        (_truncated(), "data bytes"),
+        (Array(dtype="uint32", shape=(4,), stype="numpy.ndarray", data=b"not an npy file at all"), "not a valid .npy"),
+        (Array(dtype="uint32", shape=(4,), stype="torch.Tensor", data=b"x"), "must be a numpy array"),
+    ],
+)
+def test_masked_input_reply_refuses_anything_but_a_ring_vector(array, match):
+    with pytest.raises(ProtocolError, match=match):
+        MaskedInputReply.from_content(_masked_content(array))

@@ -30,7 +30,7 @@ from aggregation.secagg.keys import (
     sign_advert,
     verify_advert,
 )
-from aggregation.secagg.masks import expand_mask, stream_nonce
+from aggregation.secagg.masks import apply_mask, expand_mask, stream_nonce
 from aggregation.secagg.quantize import (
     QuantizationPlan,
     add_into,
@@ -314,6 +314,34 @@ def test_mask_rejects_bad_arguments(seed, length, dtype, match):
 def test_mask_stream_must_be_text():
     with pytest.raises(SecAggError, match="stream name"):
         expand_mask(SEED, b"s", 4, np.uint32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("n", [0, 1, 7, (256 << 10) // 4 + 5, (1 << 20) // 4 * 3 + 1])  # across block boundaries
+def test_apply_mask_equals_adding_the_expanded_mask(dtype, n):
+    acc = np.random.default_rng(n).integers(0, np.iinfo(dtype).max, n, dtype=dtype, endpoint=True)
+    mask = expand_mask(SEED, "shard/a", n, dtype)
+    added = apply_mask(acc.copy(), SEED, "shard/a")
+    assert added.dtype == dtype and np.array_equal(added, add_into(acc.copy(), mask))
+    assert np.array_equal(apply_mask(acc.copy(), bytearray(SEED), "shard/a", subtract=True), sub_into(acc.copy(), mask))
+    assert np.array_equal(apply_mask(added, SEED, "shard/a", subtract=True), acc)  # in place, and undone exactly
+
+
+@pytest.mark.parametrize(
+    ("acc", "seed", "match"),
+    [
+        (np.zeros(4, np.uint32), bytes(31), "32 bytes, got 31"),
+        (np.zeros(4, np.int64), SEED, "uint32 or uint64"),
+        (np.zeros(4, np.float32), SEED, "uint32 or uint64"),
+        ([0, 0], SEED, "uint32 or uint64"),
+        (np.zeros((2, 2), np.uint32), SEED, "contiguous 1-D"),
+        (np.zeros(8, np.uint32)[::2], SEED, "contiguous 1-D"),
+        (np.frombuffer(bytes(16), np.uint32), SEED, "writeable"),
+    ],
+)
+def test_apply_mask_rejects_bad_arguments(acc, seed, match):
+    with pytest.raises(SecAggError, match=match):
+        apply_mask(acc, seed, "s")
 
 
 # ====================================================================== shamir

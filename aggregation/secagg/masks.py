@@ -21,6 +21,11 @@ _MAX_STREAM_BYTES = 64 << 32
 # zero buffer as large as the mask itself (measured: as fast as one call on a full buffer).
 _CHUNK = 1 << 20
 _ZEROS = memoryview(bytes(_CHUNK))
+# ``apply_mask`` adds the keystream block by block while the block is still in cache, and never
+# allocates a mask-sized buffer. Measured at 10M uint32 entries (2-core EPYC): keystream alone
+# 15.7 ms, expand_mask + add_into 26.7 ms, apply_mask 18.8 ms (64 KiB to 1 MiB blocks are all
+# within 1 ms of this; 4 MiB, beyond L2, is 23 ms).
+_APPLY_BLOCK = 256 << 10
 _NONCE_DOMAIN = b"kyodo/secagg/mask-stream/v1\x00"
 
 
@@ -36,6 +41,16 @@ def stream_nonce(stream: str) -> bytes:
     return bytes(4) + hashlib.sha256(_NONCE_DOMAIN + stream.encode("utf-8")).digest()[:12]
 
 
+def _check_seed(seed: object) -> None:
+    if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
+        shown = len(seed) if isinstance(seed, bytes | bytearray) else type(seed).__name__
+        raise SecAggError(f"mask seed must be {SEED_BYTES} bytes, got {shown}")
+
+
+def _encryptor(seed: bytes | bytearray, stream: str):
+    return Cipher(algorithms.ChaCha20(bytes(seed), stream_nonce(stream)), mode=None).encryptor()
+
+
 def expand_mask(seed: bytes, stream: str, length: int, dtype: type[np.unsignedinteger] | np.dtype) -> np.ndarray:
     """``length`` uniform unsigned integers (uint32 or uint64) drawn from ``seed`` and ``stream``.
 
@@ -43,9 +58,7 @@ def expand_mask(seed: bytes, stream: str, length: int, dtype: type[np.unsignedin
     dtype, so any party holding the seed derives bit-identical masks. Bytes are read as little
     endian on every platform so members on different hardware agree.
     """
-    if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
-        shown = len(seed) if isinstance(seed, bytes | bytearray) else type(seed).__name__
-        raise SecAggError(f"mask seed must be {SEED_BYTES} bytes, got {shown}")
+    _check_seed(seed)
     if isinstance(length, bool) or not isinstance(length, int | np.integer) or length < 0:
         raise SecAggError(f"mask length must be an integer >= 0, got {length!r}")
     try:
@@ -60,10 +73,42 @@ def expand_mask(seed: bytes, stream: str, length: int, dtype: type[np.unsignedin
 
     little = native.newbyteorder("<")
     out = np.empty(int(length), little)
-    encryptor = Cipher(algorithms.ChaCha20(bytes(seed), stream_nonce(stream)), mode=None).encryptor()
+    encryptor = _encryptor(seed, stream)
     raw = memoryview(out).cast("B")
     for start in range(0, nbytes, _CHUNK):
         stop = min(start + _CHUNK, nbytes)
         encryptor.update_into(_ZEROS[: stop - start], raw[start:stop])
     encryptor.finalize()
     return out if little == native else out.astype(native)
+
+
+def apply_mask(acc: np.ndarray, seed: bytes, stream: str, *, subtract: bool = False) -> np.ndarray:
+    """``acc += mask`` (``acc -= mask`` with ``subtract``) modulo 2**bits, in place.
+
+    Bit-identical to ``add_into(acc, expand_mask(seed, stream, acc.size, acc.dtype))`` (or
+    ``sub_into``), but the keystream is produced and folded in one block at a time: no
+    mask-sized buffer, and each block is added while still in cache.
+    """
+    _check_seed(seed)
+    if not isinstance(acc, np.ndarray) or acc.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
+        shown = acc.dtype if isinstance(acc, np.ndarray) else type(acc).__name__
+        raise SecAggError(f"a mask applies to a uint32 or uint64 array, got {shown}")
+    if acc.ndim != 1 or not acc.flags.c_contiguous or not acc.flags.writeable:
+        raise SecAggError("a mask applies in place to a writeable, contiguous 1-D array")
+    nbytes = acc.size * acc.dtype.itemsize
+    if nbytes > _MAX_STREAM_BYTES:
+        raise SecAggError(f"mask of {acc.size} {acc.dtype} entries exceeds one ChaCha20 stream ({_MAX_STREAM_BYTES} bytes)")
+    little = acc.dtype.newbyteorder("<")  # numpy converts on the fly on a big-endian host
+    per_block = _APPLY_BLOCK // acc.dtype.itemsize
+    block = np.empty(min(per_block, acc.size), little)
+    raw = memoryview(block).cast("B")
+    encryptor = _encryptor(seed, stream)
+    op = np.subtract if subtract else np.add
+    for start in range(0, acc.size, per_block):
+        stop = min(start + per_block, acc.size)
+        k = stop - start
+        encryptor.update_into(_ZEROS[: k * acc.dtype.itemsize], raw[: k * acc.dtype.itemsize])
+        target = acc[start:stop]
+        op(target, block[:k], out=target)
+    encryptor.finalize()
+    return acc

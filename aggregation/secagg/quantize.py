@@ -232,8 +232,8 @@ def dequantize_sum(total: np.ndarray, contributors: int, plan: QuantizationPlan)
             "members: the masks did not cancel"
         )
     r = float(plan.clip_range)
-    out = total.astype(np.float64)
-    out *= 2 * r / plan.levels
+    # One pass converts and scales (no separate float64 copy of the sum to scale afterwards).
+    out = np.multiply(total, 2 * r / plan.levels, dtype=np.float64)
     out -= contributors * r
     return out
 
