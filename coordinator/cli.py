@@ -115,6 +115,60 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Bytes per shard kind, per member and per round for the planned assignment."""
+    import resource
+
+    from rich.table import Table
+
+    from coordinator.capacity import capacity
+
+    try:
+        cfg = load_config(model=args.model, overrides=list(args.overrides))
+    except ConfigError as err:
+        console.print(f"[red]config error:[/] {err}")
+        return 2
+    if args.members < 1:
+        console.print("[red]--members must be >= 1[/]")
+        return 2
+    start = time.monotonic()
+    report = capacity(cfg, args.members, args.round)
+    seconds = time.monotonic() - start
+    kinds = Table(
+        title=f"model {report.model!r}: {report.total_params:.4e} parameters, {_human(report.total_bytes)} in bf16"
+    )
+    for col in ("shard kind", "shards", "parameters", "bytes (bf16)", "per shard"):
+        kinds.add_column(col, justify="left" if col == "shard kind" else "right")
+    for kind, k in report.kinds.items():
+        per = _human(k.largest) if k.smallest == k.largest else f"{_human(k.smallest)} - {_human(k.largest)}"
+        kinds.add_row(kind, f"{k.shards:,}", f"{k.params:,}", _human(k.params * 2), per)
+    console.print(kinds)
+    plan = report.round_plan
+    members = Table(title=f"round {args.round} with {args.members} members (min_cohort {cfg.train.min_cohort}, "
+                    f"{cfg.train.experts_per_member} experts per member per layer)")  # fmt: skip
+    for col in ("member", "robot", "shards", "trainable params", "upload", "download (incremental)"):
+        members.add_column(col, justify="left" if col in ("member", "robot") else "right")
+    for m in report.members:
+        members.add_row(
+            m.member, m.embodiment, f"{m.shards:,}", f"{m.trainable_params:,}",
+            _human(m.upload_bytes), _human(m.download_bytes),
+        )  # fmt: skip
+    console.print(members)
+    upload = "masked uint32 per parameter" if cfg.secagg.enabled else "bf16"
+    console.print(
+        f"shards updated per round: {report.updated_shards:,} of {sum(k.shards for k in report.kinds.values()):,} "
+        f"({len(plan.skipped):,} not scheduled); store growth per round {_human(report.store_growth_bytes)} "
+        f"(only changed shards are written); first download of a new member {_human(report.total_bytes)}.\n"
+        f"upload = the member's {upload}; download = the shards the previous round changed.\n"
+        f"coordinator aggregation memory: {_human(report.accumulator_bytes)} of running sums for the round's "
+        f"shards + {_human(report.reply_in_flight_bytes)} for the reply in flight; largest shard "
+        f"{_human(report.largest_shard_bytes)}."
+    )
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    console.print(f"planned in {seconds:.1f}s, peak RSS {peak_mb:.0f} MB")
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -138,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default="small", help="model preset (configs/model/*.yaml)")
     info.add_argument("overrides", nargs="*", help="config overrides as a dotlist")
     info.set_defaults(func=cmd_model_info)
+    plan = sub.add_parser("plan", help="per-round bytes per shard kind, member and store, for a model size")
+    plan.add_argument("--model", default="trillion", help="model preset (configs/model/*.yaml)")
+    plan.add_argument("--members", type=int, default=10, help="number of members (robots cycle over embodiments)")
+    plan.add_argument("--round", type=int, default=1, help="which round's plan (experts rotate)")
+    plan.add_argument("overrides", nargs="*", help="config overrides as a dotlist, e.g. train.min_cohort=3")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
