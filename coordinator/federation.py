@@ -14,9 +14,10 @@ import torch
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from coordinator.checkpoints import append_record, save_round
 from coordinator.progress import STAGES, cohort_table, make_progress, round_table, summary_table
+from coordinator.records import append_record, read_records
 from coordinator.rounds import RoundResult, RoundRunner
+from coordinator.run_state import RunState, failpoint
 from shared_model.config import KyodoConfig, to_yaml
 from shared_model.policy import Policy
 from shared_model.protocol import EvaluateReply
@@ -44,6 +45,7 @@ def _record(result: RoundResult, secure_aggregation: bool) -> dict:
     return {
         "round": result.round,
         "secure_aggregation": secure_aggregation,
+        "rejected": result.rejected,
         "aggregation": result.aggregation,
         "cohorts": result.plan.cohorts,
         "skipped": len(result.plan.skipped),
@@ -63,31 +65,57 @@ def _record(result: RoundResult, secure_aggregation: bool) -> dict:
     }
 
 
+def _run_id(out_dir: Path) -> str:
+    """The run id members' ledgers key their entries by: kept in ``run.json`` so a resumed
+    run is the same run (a member never trains one of its rounds twice)."""
+    path = out_dir / "run.json"
+    if path.is_file():
+        return str(json.loads(path.read_text(encoding="utf-8"))["run"])
+    run_id = f"{re.sub(r'[^A-Za-z0-9_.-]', '-', out_dir.name)[:40]}-{secrets.token_hex(4)}"
+    path.write_text(json.dumps({"run": run_id}), encoding="utf-8")
+    return run_id
+
+
 def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None) -> RunSummary:
     console = console or Console()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    meta = {"model": cfg.model.name, "federation": cfg.federation.name}
-    run_id = f"{re.sub(r'[^A-Za-z0-9_.-]', '-', out_dir.name)[:40]}-{secrets.token_hex(4)}"
-    (out_dir / "run.json").write_text(json.dumps({"run": run_id}), encoding="utf-8")
-    runner = RoundRunner(cfg, grid, initial_model(cfg), run_id=run_id)
+    run_id = _run_id(out_dir)
+    state = RunState(cfg, out_dir)
+    resumed = state.resume()
     summary = RunSummary(out_dir=out_dir)
-
-    save_round(out_dir, 0, runner.model, meta)
-    t0 = time.monotonic()
-    runner.query(0)
-    initial = runner.evaluate(0, list(runner.members))
-    summary.history.append((0, initial))
-    append_record(out_dir, {"round": 0, "evaluation": {m: {"action_mse": e.action_mse} for m, e in initial.items()}})
-    console.print(
-        f"[bold]kyodo[/] run: model [cyan]{cfg.model.name}[/], {len(runner.members)} members "
-        f"({', '.join(sorted(m.name for m in runner.members.values()))}), {cfg.train.rounds} rounds; "
-        f"initial held-out MSE {summary.mean_mse(0):.4f} ({time.monotonic() - t0:.1f}s)"
-    )
+    if resumed is None:
+        runner = RoundRunner(cfg, grid, initial_model(cfg), run_id=run_id)
+        state.commit_initial(runner.model, {"run": run_id})
+        first_round = 1
+        t0 = time.monotonic()
+        runner.query(0)
+        initial = runner.evaluate(0, list(runner.members))
+        summary.history.append((0, initial))
+        append_record(
+            out_dir, {"round": 0, "evaluation": {m: {"action_mse": e.action_mse} for m, e in initial.items()}}
+        )
+        console.print(
+            f"[bold]kyodo[/] run: model [cyan]{cfg.model.name}[/], {len(runner.members)} members "
+            f"({', '.join(sorted(m.name for m in runner.members.values()))}), {cfg.train.rounds} rounds; "
+            f"initial held-out MSE {summary.mean_mse(0):.4f} ({time.monotonic() - t0:.1f}s)"
+        )
+    else:
+        runner = RoundRunner(cfg, grid, resumed.model, run_id=run_id)
+        for shard, tensors in resumed.optimizer_state.items():
+            runner.optimizer.load_state_dict(shard, tensors)
+        first_round = resumed.round + 1
+        recorded = {r["round"] for r in read_records(out_dir)}
+        if resumed.round not in recorded:  # died after moving HEAD, before writing the record
+            append_record(out_dir, {"round": resumed.round, "recovered_from_store": True})
+        console.print(
+            f"[bold]kyodo[/] run {run_id}: resuming after round {resumed.round} (HEAD of {state.store.root}), "
+            f"rounds {first_round}..{cfg.train.rounds}"
+        )
 
     with make_progress(console) as progress:
-        for rnd in range(1, cfg.train.rounds + 1):
+        for rnd in range(first_round, cfg.train.rounds + 1):
             task = progress.add_task(f"round {rnd}", total=len(STAGES), stage=STAGES[0])
             start = time.monotonic()
             runner.query(rnd)
@@ -99,7 +127,10 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
                 runner.train_and_aggregate(rnd, plan, result)
             else:
                 log.warning("round %d: no member available, nothing trained", rnd)
-            save_round(out_dir, rnd, runner.model, meta)
+            failpoint(rnd, "after-train")
+            optimizer_state = {s: runner.optimizer.state_dict(s) for s in result.updated_shards}
+            state.commit_round(rnd, runner.model, result.updated_shards, optimizer_state, {"run": run_id})
+            failpoint(rnd, "after-commit")
             progress.update(task, advance=1, stage=STAGES[3])
             result.evaluation = runner.evaluate(rnd, list(runner.members))
             result.seconds = time.monotonic() - start

@@ -8,6 +8,7 @@ not validate is left out of the round with a log line; the round goes on with th
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 import time
@@ -21,7 +22,8 @@ from flwr.serverapp import Grid
 from aggregation.secagg.errors import SecAggError
 from aggregation.secagg.server import SecAggServer, build_setup
 from aggregation.secagg.vectors import shard_length
-from aggregation.server_opt import FedAvg
+from aggregation.server_opt import ServerOptimizer, make_server_optimizer
+from aggregation.validate import check_aggregate
 from aggregation.weighted_mean import AggregationError, ShardMean
 from coordinator.planner import MemberInfo, RoundPlan, plan_round
 from coordinator.secure_round import mean_update, secure_aggregate
@@ -59,6 +61,7 @@ class RoundResult:
     evaluation: dict[str, EvaluateReply] = field(default_factory=dict)
     updated_shards: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # member or shard -> why
+    rejected: dict[str, str] = field(default_factory=dict)  # shard -> why its aggregate was refused
     # shard -> how it was aggregated: "secagg" (the coordinator saw only the cohort sum),
     # "single" (a cohort of one under secagg: its sum is its update), "plaintext" (secagg off)
     aggregation: dict[str, str] = field(default_factory=dict)
@@ -82,9 +85,24 @@ def exchange(
         for reply in grid.pull_messages(list(waiting)):
             waiting.pop(reply.metadata.reply_to_message_id, None)
             on_reply(reply)
+            # Flower 1.42's RecordDict keeps its arrays in a reference cycle: without a young-
+            # generation collection a reply's tensors outlive the fold that freed them, and
+            # the coordinator's memory grows by one update per reply (measured in bench/aggregate.py).
+            del reply
+            gc.collect(1)
         if waiting:
             time.sleep(POLL_INTERVAL_S)
     return set(waiting.values())
+
+
+def server_optimizer(cfg: KyodoConfig) -> ServerOptimizer:
+    t = cfg.train
+    hparams: dict[str, float] = {"server_lr": t.server_lr}
+    if t.server_optimizer == "fedavgm":
+        hparams["momentum"] = t.server_momentum
+    elif t.server_optimizer == "fedadam":
+        hparams.update(beta1=t.server_beta1, beta2=t.server_beta2, tau=t.server_tau)
+    return make_server_optimizer(t.server_optimizer, **hparams)
 
 
 class RoundRunner:
@@ -99,7 +117,7 @@ class RoundRunner:
         self.model = model
         self.timeout = timeout
         self.layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
-        self.optimizer = FedAvg(cfg.train.server_lr)
+        self.optimizer = server_optimizer(cfg)
         self.members: dict[int, MemberInfo] = {}
         self.public_keys: dict[str, str] = {}  # member -> hex Ed25519 key from query
         self.epsilon: dict[str, tuple[float, float]] = {}  # member -> (spent, budget) as reported
@@ -202,6 +220,11 @@ class RoundRunner:
             )
             msgs.append(Message(request.to_content(), by_name[member], TRAIN))
         node_to_name = {node: m.name for node, m in self.members.items()}
+        # Float sums depend on the order replies are added in, which depends on arrival. For
+        # bit-reproducible runs (resume drills) replies can be folded in member order instead,
+        # at the cost of holding every reply until the last one arrives.
+        ordered = t.ordered_aggregation and server is None
+        buffered: list[tuple[str, TrainReply, float]] = []
 
         def on_reply(reply: Message) -> None:
             member = node_to_name.get(reply.metadata.src_node_id, "?")
@@ -226,6 +249,8 @@ class RoundRunner:
                     if parsed.deltas or parsed.advert is None:
                         raise ProtocolError("under secure aggregation a train reply carries a key advert, no deltas")
                     server.add_advert(member, parsed.advert, self.public_keys.get(member, ""), weight)
+                elif ordered:
+                    buffered.append((member, parsed, weight))  # folded below, in member order
                 else:
                     self._fold_plain(member, parsed, accumulators, weight)
             except (ProtocolError, AggregationError, LedgerError, SecAggError, ValueError) as err:
@@ -234,12 +259,21 @@ class RoundRunner:
                 return
             if receipt is not None:
                 result.receipts[member] = receipt
-            parsed.deltas = {}  # fold-and-free: the sums hold what is needed
+            if not ordered:
+                parsed.deltas = {}  # fold-and-free: the sums hold what is needed
             result.train[member] = parsed
 
         missing = exchange(self.grid, msgs, self.timeout, on_reply)
         for node in missing:
             result.failed[node_to_name.get(node, str(node))] = "no train reply in time"
+        for member, parsed, weight in sorted(buffered, key=lambda item: item[0]):
+            try:
+                self._fold_plain(member, parsed, accumulators, weight)
+            except (ProtocolError, AggregationError, ValueError) as err:
+                result.failed[member] = f"invalid train reply: {err}"
+                result.train.pop(member, None)
+                result.receipts.pop(member, None)
+            parsed.deltas = {}
 
         if server is not None:
             sums = secure_aggregate(self.grid, exchange, self.timeout, server, by_name, result.failed)
@@ -250,16 +284,26 @@ class RoundRunner:
                 outcome = sums[shard]
                 if self._enough(shard, outcome.contributors, plan, result):
                     mean = mean_update(outcome, self._trainable_shapes(shard))
-                    self.model.update(self.optimizer.apply(self.model, mean))
-                    result.updated_shards.append(shard)
-                    result.aggregation[shard] = "secagg" if outcome.secure else "single"
+                    if self._apply(shard, mean, result):
+                        result.aggregation[shard] = "secagg" if outcome.secure else "single"
             return
 
         for shard, acc in accumulators.items():
-            if self._enough(shard, acc.contributors, plan, result):
-                self.model.update(self.optimizer.apply(self.model, acc.mean()))
-                result.updated_shards.append(shard)
+            if self._enough(shard, acc.contributors, plan, result) and self._apply(shard, acc.mean(), result):
                 result.aggregation[shard] = "plaintext"
+
+    def _apply(self, shard: str, mean: dict[str, torch.Tensor], result: RoundResult) -> bool:
+        """Validate the shard's aggregate, then let the server optimiser make its next version.
+        A refused aggregate leaves the shard (and its optimiser state) as it was."""
+        reason = check_aggregate(shard, mean, self.cfg.train.max_update_norm)
+        if reason is not None:
+            result.rejected[shard] = reason
+            result.failed[shard] = f"aggregate rejected: {reason}"
+            log.warning("round %d: %s keeps its previous version: %s", result.round, shard, reason)
+            return False
+        self.model.update(self.optimizer.apply(self.model, mean, shard_id=shard))
+        result.updated_shards.append(shard)
+        return True
 
     def _fold_plain(self, member: str, parsed: TrainReply, accumulators: dict[str, ShardMean], weight: float) -> None:
         """Secure aggregation off (debugging): fold the member's plaintext deltas, all or none."""

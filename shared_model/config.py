@@ -106,10 +106,22 @@ class TrainConfig:
     weight_decay: float = 0.0
     min_cohort: int = 3
     experts_per_member: int = 2
+    # Server optimiser per shard (aggregation.server_opt): fedavg, fedavgm or fedadam.
+    server_optimizer: str = "fedavg"
     server_lr: float = 1.0
+    server_momentum: float = 0.9  # fedavgm
+    server_beta1: float = 0.9  # fedadam
+    server_beta2: float = 0.99  # fedadam
+    server_tau: float = 1e-3  # fedadam
+    # An aggregated shard update whose L2 norm exceeds this (or that is not finite) is
+    # rejected: the shard keeps its previous version and the round record says why. 0 = no bound.
+    max_update_norm: float = 0.0
     held_out_fraction: float = 0.2
     seed: int = 0
     threads: int = 1
+    # Fold plaintext replies in member-name order (holds every reply until the last): makes a
+    # run bit-reproducible, e.g. to check that a resumed run equals an uninterrupted one.
+    ordered_aggregation: bool = False
 
 
 @dataclass
@@ -292,6 +304,12 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError(f"privacy.accountant {cfg.privacy.accountant!r} is not one of rdp, prv")
     if not cfg.privacy.max_grad_norm > 0:
         raise ConfigError("privacy.max_grad_norm must be positive")
+    if cfg.train.server_optimizer not in ("fedavg", "fedavgm", "fedadam"):
+        raise ConfigError(
+            f"train.server_optimizer {cfg.train.server_optimizer!r} is not one of fedavg, fedavgm, fedadam"
+        )
+    if cfg.train.max_update_norm < 0:
+        raise ConfigError("train.max_update_norm must be >= 0 (0 = no bound)")
     if cfg.train.min_cohort < 1:
         raise ConfigError("train.min_cohort must be >= 1")
     if not 0.0 < cfg.train.held_out_fraction < 1.0:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from shared_model.shards import shard_of
+from shared_model.store import ShardStore
 
 pytestmark = pytest.mark.slow
 
@@ -89,9 +89,13 @@ def test_model_changed_only_in_trained_shards(demo_run):
     out_dir, _, _ = demo_run
     records = [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text().splitlines()]
     trained = {s for rec in records[1:] for s in rec["updated_shards"]}
-    before = load_file(str(out_dir / "rounds" / "round-0000.safetensors"))
-    after = load_file(str(out_dir / "rounds" / "round-0002.safetensors"))
+    store = ShardStore(out_dir / "store")
+    assert store.head().round == 2
+    before, after = store.load_model(0), store.load_model(2)
     assert before.keys() == after.keys()
+    # Each round wrote only the shards it changed: the rest keep round 0's objects.
+    m0, m2 = store.manifest(0), store.manifest(2)
+    assert {s for s in m0.shards if m0.shards[s] != m2.shards[s]} <= trained
     changed = {shard_of(name) for name in before if not torch.equal(before[name], after[name])}
     assert changed, "the model did not change"
     assert changed <= trained, f"shards changed without being trained: {changed - trained}"
