@@ -18,6 +18,7 @@ from coordinator.progress import STAGES, cohort_table, make_progress, round_tabl
 from coordinator.records import append_record, read_records
 from coordinator.rounds import RoundResult, RoundRunner
 from coordinator.run_state import RunState, failpoint
+from coordinator.sync import ModelSync
 from shared_model.config import KyodoConfig, to_yaml
 from shared_model.policy import Policy
 from shared_model.protocol import EvaluateReply
@@ -41,11 +42,12 @@ def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
 
 
-def _record(result: RoundResult, secure_aggregation: bool) -> dict:
+def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str, int]) -> dict:
     return {
         "round": result.round,
         "secure_aggregation": secure_aggregation,
         "rejected": result.rejected,
+        "sync_bytes": sync_bytes,
         "aggregation": result.aggregation,
         "cohorts": result.plan.cohorts,
         "skipped": len(result.plan.skipped),
@@ -88,13 +90,19 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
     if resumed is None:
         runner = RoundRunner(cfg, grid, initial_model(cfg), run_id=run_id)
         state.commit_initial(runner.model, {"run": run_id})
+        runner.sync = ModelSync(state.store)
         first_round = 1
         t0 = time.monotonic()
         runner.query(0)
         initial = runner.evaluate(0, list(runner.members))
         summary.history.append((0, initial))
         append_record(
-            out_dir, {"round": 0, "evaluation": {m: {"action_mse": e.action_mse} for m, e in initial.items()}}
+            out_dir,
+            {
+                "round": 0,
+                "evaluation": {m: {"action_mse": e.action_mse} for m, e in initial.items()},
+                "sync_bytes": dict(runner.sync.sent_bytes),
+            },
         )
         console.print(
             f"[bold]kyodo[/] run: model [cyan]{cfg.model.name}[/], {len(runner.members)} members "
@@ -102,7 +110,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             f"initial held-out MSE {summary.mean_mse(0):.4f} ({time.monotonic() - t0:.1f}s)"
         )
     else:
-        runner = RoundRunner(cfg, grid, resumed.model, run_id=run_id)
+        runner = RoundRunner(cfg, grid, resumed.model, run_id=run_id, sync=ModelSync(state.store))
         for shard, tensors in resumed.optimizer_state.items():
             runner.optimizer.load_state_dict(shard, tensors)
         first_round = resumed.round + 1
@@ -117,6 +125,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
     with make_progress(console) as progress:
         for rnd in range(first_round, cfg.train.rounds + 1):
             task = progress.add_task(f"round {rnd}", total=len(STAGES), stage=STAGES[0])
+            runner.sync.start_round()
             start = time.monotonic()
             runner.query(rnd)
             progress.update(task, advance=1, stage=STAGES[1])
@@ -129,13 +138,15 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
                 log.warning("round %d: no member available, nothing trained", rnd)
             failpoint(rnd, "after-train")
             optimizer_state = {s: runner.optimizer.state_dict(s) for s in result.updated_shards}
-            state.commit_round(rnd, runner.model, result.updated_shards, optimizer_state, {"run": run_id})
+            runner.sync.set_head(
+                state.commit_round(rnd, runner.model, result.updated_shards, optimizer_state, {"run": run_id})
+            )
             failpoint(rnd, "after-commit")
             progress.update(task, advance=1, stage=STAGES[3])
             result.evaluation = runner.evaluate(rnd, list(runner.members))
             result.seconds = time.monotonic() - start
             progress.update(task, advance=1, stage="done")
-            append_record(out_dir, _record(result, cfg.secagg.enabled))
+            append_record(out_dir, _record(result, cfg.secagg.enabled, dict(runner.sync.sent_bytes)))
             summary.results.append(result)
             summary.history.append((rnd, result.evaluation))
             progress.console.print(cohort_table(plan))

@@ -27,6 +27,7 @@ from aggregation.validate import check_aggregate
 from aggregation.weighted_mean import AggregationError, ShardMean
 from coordinator.planner import MemberInfo, RoundPlan, plan_round
 from coordinator.secure_round import mean_update, secure_aggregate
+from coordinator.sync import ModelSync
 from privacy.keys import load_public_key
 from privacy.ledger import LedgerError, receipt_from_json, verify_entry
 from shared_model.config import KyodoConfig
@@ -109,9 +110,17 @@ class RoundRunner:
     """Holds the global model (one tensor dict) and runs rounds against a Grid."""
 
     def __init__(
-        self, cfg: KyodoConfig, grid: Grid, model: dict[str, torch.Tensor], run_id: str = "run", timeout: float = 600.0
+        self,
+        cfg: KyodoConfig,
+        grid: Grid,
+        model: dict[str, torch.Tensor],
+        run_id: str = "run",
+        timeout: float = 600.0,
+        sync: ModelSync | None = None,
     ):
         self.cfg = cfg
+        # With a store: the model travels by reference, each node gets only what it lacks.
+        self.sync = sync
         self.run_id = run_id
         self.grid = grid
         self.model = model
@@ -141,6 +150,8 @@ class RoundRunner:
                 node, info.member, tuple(info.embodiments), info.episodes, can_train=info.can_train
             )
             self.public_keys[info.member] = info.public_key
+            if self.sync is not None:
+                self.sync.reported(info.member, info.objects)
             self.epsilon[info.member] = (info.epsilon_spent, info.epsilon_budget)
 
         msgs = [Message(QueryRequest(round_number).to_content(), n, QUERY) for n in node_ids]
@@ -213,10 +224,11 @@ class RoundRunner:
                 round_number,
                 plan.shards_of(member),
                 hp,
-                self.model,
+                None if self.sync else self.model,
                 run=self.run_id,
                 planned_rounds=t.rounds,
                 secagg=setup,
+                model_ref=self.sync.ref_for(member) if self.sync else None,
             )
             msgs.append(Message(request.to_content(), by_name[member], TRAIN))
         node_to_name = {node: m.name for node, m in self.members.items()}
@@ -361,7 +373,13 @@ class RoundRunner:
             except ProtocolError as err:
                 log.warning("%s: %s", member, err)
 
-        msgs = [Message(EvaluateRequest(round_number, self.model).to_content(), n, EVALUATE) for n in members]
+        msgs = []
+        for node in members:
+            if self.sync is not None:
+                request = EvaluateRequest(round_number, None, self.sync.ref_for(node_to_name[node]))
+            else:
+                request = EvaluateRequest(round_number, self.model)
+            msgs.append(Message(request.to_content(), node, EVALUATE))
         exchange(self.grid, msgs, self.timeout, on_reply)
         return out
 

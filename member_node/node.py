@@ -38,6 +38,7 @@ from shared_model.protocol import (
     EvaluateRequest,
     MaskedInputReply,
     MaskedInputRequest,
+    ModelRef,
     ProtocolError,
     QueryReply,
     QueryRequest,
@@ -50,7 +51,8 @@ from shared_model.protocol import (
     UnmaskRequest,
     coarse_count,
 )
-from shared_model.shards import BACKBONE, embodiment_shard, shard_kind
+from shared_model.shards import BACKBONE, ShardLayout, embodiment_shard, load_shard, shard_kind
+from shared_model.store import ShardStore, StoreError
 
 
 class MemberNode:
@@ -69,6 +71,7 @@ class MemberNode:
             [self.dataset.episodes[i] for i in held_ids], emb_cfg, history=m.history, chunk=m.chunk
         )
         self.policy = Policy(cfg.model, cfg.embodiments)
+        self.layout = ShardLayout.from_model(self.policy)
         self.budget = Budget(identity.epsilon, identity.delta)
         state = Path(identity.state_dir)
         state.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,10 @@ class MemberNode:
         self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
         self._plan_path = state / "noise_plan.json"
         self.secagg = MemberSecAgg(state, identity.name, self.signing_key)
+        # The node's replica of the shared model: content-addressed objects, fetched only
+        # when missing. ``_loaded`` says which object each shard of the policy holds now.
+        self.replica = ShardStore(state / "replica")
+        self._loaded: dict[str, str] = {}
         (state / "member.json").write_text(
             json.dumps(
                 {
@@ -105,6 +112,7 @@ class MemberNode:
             epsilon_spent=spent,
             epsilon_budget=self.budget.epsilon,
             can_train=(not self.identity.dp) or spent < self.budget.epsilon,
+            objects=sorted(self.replica.objects()),
         )
 
     # ------------------------------------------------------------------ train
@@ -122,6 +130,43 @@ class MemberNode:
                 layer, expert = (int(part[1:]) for part in shard.split("/")[1:])
                 if layer >= m.n_layers or expert >= m.n_experts:
                     raise ProtocolError(f"train request: {shard} does not exist in model {m.name!r}")
+
+    def _load_request_model(self, model: dict[str, torch.Tensor] | None, ref: ModelRef | None) -> None:
+        if ref is None:
+            if model is None:
+                raise ProtocolError("request carries no model")
+            self._load_model(model)
+            self._loaded = {}
+        else:
+            self._sync(ref)
+
+    def _sync(self, ref: ModelRef) -> None:
+        """Store the objects that came (each checked against its sha256), load every shard whose
+        object changed, and drop objects no longer in the model (the replica keeps one version)."""
+        expected = set(self.layout.shards)
+        if set(ref.manifest) != expected:
+            raise ProtocolError(
+                f"manifest shards do not match model {self.cfg.model.name!r}: "
+                f"missing {sorted(expected - set(ref.manifest))[:5]}, extra {sorted(set(ref.manifest) - expected)[:5]}"
+            )
+        for oid, data in ref.objects.items():
+            try:
+                self.replica.put_object_bytes(oid, data)
+            except StoreError as err:
+                raise ProtocolError(f"received object refused: {err}") from None
+        for shard, oid in ref.manifest.items():
+            if self._loaded.get(shard) == oid:
+                continue
+            if not self.replica.has(oid):
+                raise ProtocolError(f"object {oid[:12]} of {shard} is neither held nor sent")
+            try:
+                tensors = self.replica.get_shard(oid, shard_id=shard)
+                load_shard(self.policy, shard, tensors)
+            except (StoreError, ValueError) as err:
+                self._loaded.pop(shard, None)
+                raise ProtocolError(f"shard {shard}: {err}") from None
+            self._loaded[shard] = oid
+        self.replica.gc(keep_objects=set(ref.manifest.values()))
 
     def _load_model(self, tensors: dict[str, torch.Tensor]) -> None:
         expected = self.policy.state_dict()
@@ -173,7 +218,7 @@ class MemberNode:
 
     def train(self, request: TrainRequest) -> TrainReply | TrainDeclined:
         self.check_assignment(request.shards)
-        self._load_model(request.model)
+        self._load_request_model(request.model, request.model_ref)
         common = dict(
             aux_coef=self.cfg.model.aux_loss_coef,
             rng=self._rng(request.hparams.seed, request.round),
@@ -273,7 +318,7 @@ class MemberNode:
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
-        self._load_model(request.model)
+        self._load_request_model(request.model, request.model_ref)
         result = evaluate(self.policy, self.identity.embodiment, self.held_windows)
         return EvaluateReply(
             member=self.identity.name,

@@ -33,6 +33,8 @@ REC_REQUEST = "kyodo.request"
 REC_REPLY = "kyodo.reply"
 REC_METRICS = "kyodo.metrics"
 REC_MODEL = "kyodo.model"
+REC_MANIFEST = "kyodo.manifest"  # shard id -> object id of the model the request is about
+REC_OBJECTS = "kyodo.objects"  # the shard objects (safetensors bytes) the node lacks
 REC_DELTA = "kyodo.delta"
 REC_DECLINED = "kyodo.declined"
 
@@ -48,6 +50,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_\-\.]{1,64}$")
 # Upper bounds that no sane request exceeds; a request outside them is refused, not obeyed.
 MAX_LOCAL_STEPS = 100_000
 MAX_BATCH_SIZE = 65_536
+MAX_OBJECTS = 10_000_000
+_OBJECT_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ProtocolError(ValueError):
@@ -116,6 +120,57 @@ def _arrays(content: RecordDict, name: str, where: str) -> dict[str, torch.Tenso
     return record_to_tensors(content.array_records[name], where)
 
 
+# ------------------------------------------------------------------------------ model transfer
+@dataclass
+class ModelRef:
+    """A model by reference: its round manifest (shard id -> content-addressed object id) and
+    the objects the node does not hold yet. The node checks every object's sha256 on receipt;
+    what it already holds is never sent again (incremental sync)."""
+
+    manifest: dict[str, str]
+    objects: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.objects.values())
+
+
+def _model_to_content(model: dict[str, torch.Tensor] | None, ref: ModelRef | None) -> dict:
+    if ref is not None:
+        objects = ArrayRecord({oid: Array(np.frombuffer(data, dtype=np.uint8)) for oid, data in ref.objects.items()})
+        return {REC_MANIFEST: ConfigRecord({"shards": json.dumps(ref.manifest, sort_keys=True)}), REC_OBJECTS: objects}
+    if model is None:
+        raise ProtocolError("a request needs a model or a model reference")
+    return {REC_MODEL: tensors_to_record(model)}
+
+
+def _model_from_content(content: RecordDict, where: str) -> tuple[dict[str, torch.Tensor] | None, ModelRef | None]:
+    if REC_MANIFEST not in content.config_records:
+        return _arrays(content, REC_MODEL, where), None
+    try:
+        manifest = json.loads(_require(content.config_records[REC_MANIFEST], "shards", str, where))
+    except json.JSONDecodeError as err:
+        raise ProtocolError(f"{where}: manifest is not JSON: {err}") from None
+    if not isinstance(manifest, dict) or not manifest:
+        raise ProtocolError(f"{where}: manifest must map shard ids to object ids")
+    validate_shard_ids(list(manifest), where)
+    for shard, oid in manifest.items():
+        if not isinstance(oid, str) or not _OBJECT_ID_RE.match(oid):
+            raise ProtocolError(f"{where}: object id of {shard} is not a sha256 hex digest")
+    objects: dict[str, bytes] = {}
+    if REC_OBJECTS in content.array_records:
+        for oid, array in content.array_records[REC_OBJECTS].items():
+            if not _OBJECT_ID_RE.match(oid):
+                raise ProtocolError(f"{where}: object name {oid!r} is not a sha256 hex digest")
+            arr = array.numpy()
+            if arr.dtype != np.uint8 or arr.ndim != 1:
+                raise ProtocolError(f"{where}: object {oid[:12]} must be a 1-D uint8 array")
+            objects[oid] = arr.tobytes()
+    stray = set(objects) - set(manifest.values())
+    if stray:
+        raise ProtocolError(f"{where}: objects {sorted(stray)[:3]} are not in the manifest")
+    return None, ModelRef(manifest, objects)
+
+
 # ------------------------------------------------------------------------------ query
 @dataclass
 class QueryRequest:
@@ -131,6 +186,15 @@ class QueryRequest:
         if rnd < 0:
             raise ProtocolError(f"{where}: round must be >= 0")
         return cls(round=rnd)
+
+
+def _object_list(values: list, where: str) -> list[str]:
+    if len(values) > MAX_OBJECTS:
+        raise ProtocolError(f"{where}: {len(values)} objects exceed {MAX_OBJECTS}")
+    for oid in values:
+        if not isinstance(oid, str) or not _OBJECT_ID_RE.match(oid):
+            raise ProtocolError(f"{where}: {oid!r} is not an object id (sha256 hex)")
+    return list(values)
 
 
 def coarse_count(n: int) -> int:
@@ -153,6 +217,7 @@ class QueryReply:
     epsilon_spent: float = 0.0
     epsilon_budget: float = 0.0
     can_train: bool = True  # False when the remaining budget cannot pay for a useful round
+    objects: list[str] = field(default_factory=list)  # shard objects held in the node's replica
 
     def to_content(self) -> RecordDict:
         return RecordDict(
@@ -166,6 +231,7 @@ class QueryReply:
                         "epsilon_spent": float(self.epsilon_spent),
                         "epsilon_budget": float(self.epsilon_budget),
                         "can_train": bool(self.can_train),
+                        "objects": list(self.objects),
                     }
                 )
             }
@@ -195,6 +261,7 @@ class QueryReply:
             epsilon_spent=spent,
             epsilon_budget=budget,
             can_train=_require(rec, "can_train", bool, where),
+            objects=_object_list(_require(rec, "objects", list, where), where),
         )
 
 
@@ -238,9 +305,10 @@ class TrainRequest:
     round: int
     shards: list[str]
     hparams: TrainHyperParams
-    model: dict[str, torch.Tensor] = field(repr=False)
+    model: dict[str, torch.Tensor] | None = field(repr=False)  # the model itself (tests, benches) ...
     run: str = "run"
     planned_rounds: int = 1  # lets a node spread its budget over the run; it never raises it
+    model_ref: ModelRef | None = field(default=None, repr=False)  # ... or by reference (what rounds send)
     secagg: SecAggSetup | None = None  # None: reply with plaintext deltas (debugging only)
 
     def to_content(self) -> RecordDict:
@@ -252,7 +320,7 @@ class TrainRequest:
             "secagg": self.secagg.to_json() if self.secagg else "",
             **self.hparams.to_record(),
         }
-        return RecordDict({REC_REQUEST: ConfigRecord(request), REC_MODEL: tensors_to_record(self.model)})
+        return RecordDict({REC_REQUEST: ConfigRecord(request), **_model_to_content(self.model, self.model_ref)})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainRequest:
@@ -275,14 +343,16 @@ class TrainRequest:
             covered = {s for g in secagg.groups for s in g.shards}
             if not set(shards) <= covered:
                 raise ProtocolError(f"{where}: shards {sorted(set(shards) - covered)} are in no secagg group")
+        model, ref = _model_from_content(content, where)
         return cls(
             round=rnd,
             shards=shards,
             hparams=hparams,
-            model=_arrays(content, REC_MODEL, where),
+            model=model,
             run=run,
             planned_rounds=planned,
             secagg=secagg,
+            model_ref=ref,
         )
 
 
@@ -376,16 +446,20 @@ class TrainDeclined:
 @dataclass
 class EvaluateRequest:
     round: int
-    model: dict[str, torch.Tensor] = field(repr=False)
+    model: dict[str, torch.Tensor] | None = field(repr=False)
+    model_ref: ModelRef | None = field(default=None, repr=False)
 
     def to_content(self) -> RecordDict:
-        return RecordDict({REC_REQUEST: ConfigRecord({"round": self.round}), REC_MODEL: tensors_to_record(self.model)})
+        return RecordDict(
+            {REC_REQUEST: ConfigRecord({"round": self.round}), **_model_to_content(self.model, self.model_ref)}
+        )
 
     @classmethod
     def from_content(cls, content: RecordDict) -> EvaluateRequest:
         where = "evaluate request"
         rnd = _require(_config(content, REC_REQUEST, where), "round", int, where)
-        return cls(round=rnd, model=_arrays(content, REC_MODEL, where))
+        model, ref = _model_from_content(content, where)
+        return cls(round=rnd, model=model, model_ref=ref)
 
 
 @dataclass
@@ -715,7 +789,7 @@ class MaskedInputRequest:
 # A masked vector is as large as the shard, so its wire form (the ``.npy`` bytes that
 # ``flwr.app.Array`` carries) is written with one copy and read with none. Flower's own
 # ``Array(ndarray)`` / ``Array.numpy()`` go through ``np.save`` / ``np.load`` on a BytesIO: three
-# copies out and one in. Measured at 10M uint32 entries: 55 ms -> 10 ms to build, 13 ms -> 0 to read
+# copies out and one in. Measured at 10M uint32 entries (median of 7): 85 ms -> 34 ms to build, 15 ms -> 0.1 ms to read
 # (bench/secagg.py). The bytes are exactly ``np.save``'s, so ``Array.numpy()`` still reads them.
 _NPY_RING_DTYPES = (np.dtype("<u4"), np.dtype("<u8"))
 

@@ -85,6 +85,21 @@ def test_rounds_were_recorded(demo_run):
     assert "Held-out action error" in stdout
 
 
+def test_members_receive_only_the_shards_that_changed(demo_run):
+    """Incremental sync: round 0 sends every object once; afterwards a member receives, per
+    round, exactly the objects of the shards that round changed (counted in bytes)."""
+    out_dir, _, _ = demo_run
+    records = [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text().splitlines()]
+    store = ShardStore(out_dir / "store")
+    full = sum(store.object_size(oid) for oid in store.manifest(0).shards.values())
+    assert records[0]["sync_bytes"] == {m: full for m in MEMBERS}
+    for rnd in (1, 2):
+        before, after = store.manifest(rnd - 1).shards, store.manifest(rnd).shards
+        changed = sum(store.object_size(after[s]) for s in after if after[s] != before[s])
+        assert 0 < changed < full  # the backbone, and experts not scheduled, never travel again
+        assert records[rnd]["sync_bytes"] == {m: changed for m in MEMBERS}, records[rnd]["sync_bytes"]
+
+
 def test_model_changed_only_in_trained_shards(demo_run):
     out_dir, _, _ = demo_run
     records = [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text().splitlines()]

@@ -210,3 +210,54 @@ def test_restarted_node_keeps_its_ledger(setup, tmp_path):
     assert restarted.query(QueryRequest(2)).public_key == first.query(QueryRequest(2)).public_key
     restarted.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=3))
     assert restarted.epsilon_spent() > spent and len(restarted.ledger.entries()) == 2
+
+
+def _store_with(tmp_path, model):
+    """A coordinator-side store holding every shard of ``model``."""
+    from shared_model.store import ShardStore
+
+    store = ShardStore(tmp_path / "coordinator-store")
+    shards: dict[str, dict] = {}
+    for name, tensor in model.items():
+        shards.setdefault(shard_of(name), {})[name] = tensor
+    manifest = {s: store.put_shard(s, t) for s, t in shards.items()}
+    return store, manifest, shards
+
+
+def test_incremental_sync_checks_hashes_and_fetches_only_what_is_missing(fresh_node, setup, tmp_path):
+    from coordinator.sync import ModelSync
+    from shared_model.protocol import ModelRef
+
+    _, _, model = setup
+    node = fresh_node
+    store, manifest, shards = _store_with(tmp_path, model)
+    everything = {oid: store.object_bytes(oid) for oid in manifest.values()}
+
+    tampered = dict(everything)
+    victim = manifest["adapter/shared"]
+    tampered[victim] = tampered[victim][:-1] + bytes([tampered[victim][-1] ^ 1])
+    with pytest.raises(ProtocolError, match="refused"):
+        node.evaluate(EvaluateRequest(0, None, ModelRef(manifest, tampered)))
+    partial = {k: v for k, v in everything.items() if k != victim}
+    with pytest.raises(ProtocolError, match="neither held nor sent"):
+        node.evaluate(EvaluateRequest(0, None, ModelRef(manifest, partial)))
+
+    sync = ModelSync(store)
+    sync.manifest = type("M", (), {"shards": manifest})()  # a committed head's shard map
+    sync.reported("sony", node.query(QueryRequest(0)).objects)
+    first = sync.ref_for("sony")
+    reply = node.evaluate(EvaluateRequest.from_content(EvaluateRequest(0, None, first).to_content()))
+    assert reply.num_examples > 0
+    # The node now holds every object; a new version of one shard is the only thing sent.
+    new_tensors = {k: v + 1.0 for k, v in shards["adapter/emb/so100"].items()}
+    manifest2 = dict(manifest, **{"adapter/emb/so100": store.put_shard("adapter/emb/so100", new_tensors)})
+    sync.manifest = type("M", (), {"shards": manifest2})()
+    sync.start_round()
+    sync.reported("sony", node.query(QueryRequest(1)).objects)
+    second = sync.ref_for("sony")
+    assert set(second.objects) == {manifest2["adapter/emb/so100"]}
+    assert sync.sent_bytes["sony"] == store.object_size(manifest2["adapter/emb/so100"])
+    node.evaluate(EvaluateRequest(1, None, second))
+    loaded = node.policy.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in new_tensors.items())
+    assert set(node.query(QueryRequest(2)).objects) == set(manifest2.values())  # the old version is dropped
