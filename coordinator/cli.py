@@ -169,6 +169,46 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a committed round in the Hugging Face layout (index + safetensors files)."""
+    from shared_model.export import export_hf
+    from shared_model.store import ShardStore, StoreError
+
+    store_dir = Path(args.run_dir) / "store"
+    if not (store_dir / "HEAD").is_file():
+        console.print(f"[red]{args.run_dir} has no committed rounds ({store_dir}/HEAD missing)[/]")
+        return 2
+    store = ShardStore(store_dir)
+    round_number = store.head().round if args.round is None else args.round
+    try:
+        result = export_hf(store, round_number, args.out, overwrite=args.overwrite)
+    except (StoreError, FileExistsError, ValueError) as err:
+        console.print(f"[red]export failed:[/] {err}")
+        return 1
+    console.print(
+        f"round {result.round}: {result.n_tensors} tensors, {_human(result.total_size)} in {len(result.files)} "
+        f"file(s) under {result.out_dir} (model.safetensors.index.json)"
+    )
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove store objects no retained round references (run it between runs or rounds)."""
+    from shared_model.store import ShardStore, StoreError
+
+    store = ShardStore(Path(args.run_dir) / "store")
+    try:
+        report = store.gc(keep_last=args.keep_last)
+    except StoreError as err:
+        console.print(f"[red]gc refused:[/] {err}")
+        return 1
+    console.print(
+        f"kept rounds {sorted(report.kept_rounds)} ({report.kept_objects} objects); removed "
+        f"{len(report.removed_rounds)} rounds, {report.removed_objects} objects ({_human(report.removed_bytes)})"
+    )
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -198,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--round", type=int, default=1, help="which round's plan (experts rotate)")
     plan.add_argument("overrides", nargs="*", help="config overrides as a dotlist, e.g. train.min_cohort=3")
     plan.set_defaults(func=cmd_plan)
+    export = sub.add_parser("export", help="write a committed round in the Hugging Face safetensors layout")
+    export.add_argument("run_dir", help="a run directory (holds store/)")
+    export.add_argument("--round", type=int, default=None, help="round to export (default: HEAD)")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    export.set_defaults(func=cmd_export)
+    gc = sub.add_parser("gc", help="remove store objects that no retained round references")
+    gc.add_argument("run_dir", help="a run directory (holds store/)")
+    gc.add_argument("--keep-last", type=int, default=None, help="keep only the newest N rounds (HEAD always)")
+    gc.set_defaults(func=cmd_gc)
     return parser
 
 

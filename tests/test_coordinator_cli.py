@@ -37,3 +37,31 @@ def test_plan_for_a_trillion_parameters(capsys):
     assert main(["plan", "--model", "trillion", "--members", "10"]) == 0
     out = capsys.readouterr().out
     assert "1.0447e+12 parameters" in out and "23,430" in out
+
+
+def test_export_and_gc_of_a_run_directory(tmp_path, capsys, tiny_cfg):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from coordinator.federation import initial_model
+    from coordinator.run_state import RunState
+
+    run = tmp_path / "run"
+    state = RunState(tiny_cfg, run)
+    model = initial_model(tiny_cfg)
+    state.commit_initial(model, {"run": "t"})
+    name = next(n for n in model if n.startswith("adapters.so100."))
+    model[name] = model[name] + 1
+    state.commit_round(1, model, ["adapter/emb/so100"], {}, {"run": "t"})
+    assert main(["export", str(run), "--round", "1", "--out", str(tmp_path / "hf")]) == 0
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    loaded = {}
+    for file in set(index["weight_map"].values()):
+        loaded.update(load_file(str(tmp_path / "hf" / file)))
+    assert loaded.keys() == model.keys() and all(torch.equal(loaded[k], model[k]) for k in model)
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 1  # refuses to overwrite
+    assert main(["gc", str(run), "--keep-last", "1"]) == 0
+    assert "removed 1 rounds, 1 objects" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
