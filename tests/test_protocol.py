@@ -6,9 +6,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from shared_model.protocol import (
+    REC_MASKED,
     REC_REQUEST,
     EvaluateReply,
-    REC_MASKED,
     EvaluateRequest,
     MaskedInputReply,
     ProtocolError,

@@ -30,7 +30,7 @@ from aggregation.secagg.keys import (
     sign_advert,
     verify_advert,
 )
-from aggregation.secagg.masks import apply_mask, expand_mask, stream_nonce
+from aggregation.secagg.masks import apply_mask, apply_masks, expand_mask, stream_nonce
 from aggregation.secagg.quantize import (
     QuantizationPlan,
     add_into,
@@ -327,6 +327,20 @@ def test_apply_mask_equals_adding_the_expanded_mask(dtype, n):
     assert np.array_equal(apply_mask(added, SEED, "shard/a", subtract=True), acc)  # in place, and undone exactly
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_apply_masks_equals_applying_each_mask_in_turn(dtype):
+    n = (128 << 10) // np.dtype(dtype).itemsize * 2 + 11  # several blocks and a ragged end
+    acc = np.random.default_rng(1).integers(0, np.iinfo(dtype).max, n, dtype=dtype, endpoint=True)
+    seeds = [(os.urandom(32), i % 3 == 0) for i in range(5)]
+    one_by_one = acc.copy()
+    for seed, subtract in seeds:
+        apply_mask(one_by_one, seed, "shard/b", subtract=subtract)
+    assert np.array_equal(apply_masks(acc.copy(), "shard/b", seeds), one_by_one)
+    assert np.array_equal(apply_masks(acc.copy(), "shard/b", []), acc)
+    with pytest.raises(SecAggError, match="32 bytes"):
+        apply_masks(acc.copy(), "shard/b", [(SEED, False), (bytes(8), True)])
+
+
 @pytest.mark.parametrize(
     ("acc", "seed", "match"),
     [
@@ -386,6 +400,33 @@ def test_shamir_detects_a_corrupted_share_among_extra_shares():
     shares[4] = bytes(b ^ 1 for b in shares[4])
     with pytest.raises(SecAggError, match="do not lie on one degree-2 polynomial"):
         combine_shares(shares, 3)
+
+
+def test_shamir_reconstruction_agrees_with_pycryptodome():
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    rng = np.random.default_rng(11)  # picks ids and thresholds only
+    for _ in range(30):
+        n = int(rng.integers(1, 16))
+        t = int(rng.integers(1, n + 1))
+        halves = [os.urandom(16), os.urandom(16)]
+        split = [dict(Shamir.split(t, 255, h)) for h in halves]  # pycryptodome's own sharing
+        ids = sorted(int(i) for i in rng.choice(np.arange(1, 256), size=t, replace=False))
+        assert Shamir.combine([(i, split[0][i]) for i in ids]) == halves[0]
+        assert combine_shares({i: split[0][i] + split[1][i] for i in ids}, t) == halves[0] + halves[1]
+
+
+def test_field_arithmetic_inverse_and_secret_multiplication():
+    from aggregation.secagg import shamir
+
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        a, b = (int.from_bytes(rng.bytes(16), "big") for _ in range(2))
+        a |= 1  # nonzero
+        assert shamir._reduce(shamir._clmul(a, shamir._inverse(a))) == 1
+        assert shamir._mul_secret(b, a) == shamir._reduce(shamir._clmul(a, b)) == shamir._mul_secret(a, b)
+    with pytest.raises(SecAggError, match="no inverse"):
+        shamir._inverse(0)
 
 
 @pytest.mark.parametrize(

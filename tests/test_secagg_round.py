@@ -256,3 +256,24 @@ def test_flatten_roundtrip():
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
     with pytest.raises(ValueError):
         unflatten_shard(vec[:3], {k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def test_stored_update_reads_back_exactly_and_nothing_else_is_accepted(tmp_path):
+    from safetensors.numpy import save_file
+
+    from member_node.secagg_client import _read_update
+
+    rng = np.random.default_rng(0)
+    vectors = {"expert/L0/E1": rng.standard_normal(1001).astype(np.float32), "adapter/shared": np.zeros(0, np.float32)}
+    save_file(vectors, str(tmp_path / "u.safetensors"))
+    back = _read_update(tmp_path / "u.safetensors")
+    assert set(back) == set(vectors) and all(
+        np.array_equal(back[k], v) and back[k].dtype == np.float32 for k, v in vectors.items()
+    )
+    save_file({"expert/L0/E1": np.zeros(4, np.float64)}, str(tmp_path / "f64.safetensors"))
+    with pytest.raises(ProtocolError, match="not a float32 vector"):
+        _read_update(tmp_path / "f64.safetensors")
+    raw = (tmp_path / "u.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-8])
+    with pytest.raises(ProtocolError):
+        _read_update(tmp_path / "cut.safetensors")

@@ -6,6 +6,17 @@ neighbours, and nothing from fewer. pycryptodome's ``Shamir`` works in GF(2**128
 secrets, so a 32-byte secret is split as two halves with independent polynomials evaluated at
 the same share indices; a share is the two 16-byte evaluations concatenated.
 
+Reconstruction is Lagrange interpolation at zero in the same field (x^128 + x^7 + x^2 + x + 1,
+a 16-byte share read big endian, as pycryptodome encodes it), done here rather than with
+``Shamir.combine``: that one multiplies 128-bit elements bit by bit through string masks and
+inverts one denominator per share. The coordinator recovers one secret per member and round,
+twice (the consistency check below), so at N=8 that was 110 ms of its 180 ms per round at 1M
+parameters, and 240 of 310 ms at N=16 (bench/secagg.py). Here the Lagrange coefficients depend
+only on the public share ids and are cached, and a secret share is multiplied by a coefficient
+in a fixed 128-step loop driven by the coefficient's bits. Measured per recovered secret
+(2-core box, median of 9): threshold 4 of 7 shares 11.5 ms -> 1.0 ms, 5 of 8 14.9 ms -> 1.3 ms.
+The tests check it against ``Shamir.combine``.
+
 Randomness: ``Shamir.split`` draws its polynomial coefficients with
 ``Crypto.Random.get_random_bytes``, which is ``os.urandom``, the OS CSPRNG (checked in the
 source of the installed pycryptodome 3.24.1: ``Crypto/Random/__init__.py`` has
@@ -14,6 +25,7 @@ source of the installed pycryptodome 3.24.1: ``Crypto/Random/__init__.py`` has
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 from Crypto.Protocol.SecretSharing import Shamir
@@ -65,8 +77,79 @@ def split_secret(secret: bytes, threshold: int, share_ids: Sequence[int]) -> dic
     return {i: halves[0][i] + halves[1][i] for i in ids}
 
 
-def _combine_half(points: list[tuple[int, bytes]], offset: int) -> bytes:
-    return Shamir.combine([(i, share[offset : offset + _HALF]) for i, share in points])
+# GF(2**128) as pycryptodome defines it: bit i of an int is the coefficient of x**i.
+_FIELD_BITS = 128
+_IRREDUCIBLE = (1 << 128) | 0x87  # x^128 + x^7 + x^2 + x + 1
+
+
+def _clmul(a: int, b: int) -> int:
+    """Carry-less product of two polynomials over GF(2), unreduced (public operands only)."""
+    z = 0
+    while b:
+        if b & 1:
+            z ^= a
+        a <<= 1
+        b >>= 1
+    return z
+
+
+def _reduce(v: int) -> int:
+    """``v`` modulo the field polynomial (public operands only: the loop count depends on ``v``)."""
+    while v.bit_length() > _FIELD_BITS:
+        v ^= _IRREDUCIBLE << (v.bit_length() - _FIELD_BITS - 1)
+    return v
+
+
+def _inverse(a: int) -> int:
+    """Inverse of a nonzero public field element (extended Euclid over GF(2)[x])."""
+    if a == 0:
+        raise SecAggError("zero has no inverse")
+    r0, r1, s0, s1 = a, _IRREDUCIBLE, 1, 0
+    while r1:
+        q, r, d = 0, r0, r1.bit_length()
+        while r.bit_length() >= d:
+            shift = r.bit_length() - d
+            q ^= 1 << shift
+            r ^= r1 << shift
+        r0, r1, s0, s1 = r1, r, s1, s0 ^ _clmul(q, s1)
+    return _reduce(s0)  # r0 == 1: the polynomial is irreducible
+
+
+def _mul_secret(secret: int, coefficient: int) -> int:
+    """``secret * coefficient`` in the field. The loop runs exactly 128 times, branches only on the
+    public coefficient's bits, and reduces without branching on the secret."""
+    z = 0
+    for i in range(_FIELD_BITS):
+        z ^= secret * ((coefficient >> i) & 1)
+        secret <<= 1
+        secret ^= _IRREDUCIBLE * (secret >> _FIELD_BITS)
+    return z
+
+
+@functools.lru_cache(maxsize=4096)
+def _lagrange_at_zero(ids: tuple[int, ...]) -> tuple[int, ...]:
+    """l_j(0) = prod_{m != j} x_m / (x_j + x_m) for the share ids ``ids`` (public, so cached)."""
+    out = []
+    for j, xj in enumerate(ids):
+        num = den = 1
+        for m, xm in enumerate(ids):
+            if m != j:
+                num = _reduce(_clmul(num, xm))
+                den = _reduce(_clmul(den, xj ^ xm))
+        out.append(_reduce(_clmul(num, _inverse(den))))
+    return tuple(out)
+
+
+def _interpolate(points: list[tuple[int, bytes]]) -> bytes:
+    """The secret (both halves) through ``points``: the constant term of their polynomial."""
+    coefficients = _lagrange_at_zero(tuple(i for i, _ in points))
+    out = b""
+    for offset in (0, _HALF):
+        acc = 0
+        for (_, share), coefficient in zip(points, coefficients, strict=True):
+            acc ^= _mul_secret(int.from_bytes(share[offset : offset + _HALF], "big"), coefficient)
+        out += acc.to_bytes(_HALF, "big")
+    return out
 
 
 def combine_shares(shares: Mapping[int, bytes], threshold: int) -> bytes:
@@ -93,13 +176,10 @@ def combine_shares(shares: Mapping[int, bytes], threshold: int) -> bytes:
         points.append((share_id, bytes(share)))
     points.sort()
 
-    low = points[:threshold]
-    secret = _combine_half(low, 0) + _combine_half(low, _HALF)
-    if len(points) > threshold:
-        high = points[-threshold:]
-        if _combine_half(high, 0) + _combine_half(high, _HALF) != secret:
-            raise SecAggError(
-                f"shares {[i for i, _ in points]} do not lie on one degree-{threshold - 1} polynomial: "
-                "at least one is corrupted or belongs to another secret"
-            )
+    secret = _interpolate(points[:threshold])
+    if len(points) > threshold and _interpolate(points[-threshold:]) != secret:
+        raise SecAggError(
+            f"shares {[i for i, _ in points]} do not lie on one degree-{threshold - 1} polynomial: "
+            "at least one is corrupted or belongs to another secret"
+        )
     return secret
