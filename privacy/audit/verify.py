@@ -1,0 +1,710 @@
+"""The auditor's checks: ledgers, accounting, budgets, receipts against round records, the store.
+
+The auditor trusts the consortium file (members' published keys and budgets) and
+mathematics, nothing else: not the ledgers' own ``public_key`` fields, not the member's
+accountant, not the coordinator's round records, not the store's file names. What it
+establishes, per check (``findings.CHECKS``):
+
+* **signature / identity / format / chain**: every ledger entry verifies under the
+  consortium's key for that member (``privacy.ledger.verify_chain`` with the *published*
+  key); an entry that verifies under another member's key is named as such; entries name
+  their own member; the hash chain holds from 64 zeros (no gap, no reorder, no fork) and no
+  entry repeats an earlier one (replay).
+* **accounting**: every recorded epsilon is recomputed from the recorded mechanisms of the
+  entry and everything before it, independently (``privacy.audit.accounting``,
+  dp-accounting), and must not be below it beyond the documented tolerance.
+* **budget**: everything a member's ledger records composes, at the member's published
+  delta, to at most its published epsilon; no entry claims at a looser delta or above it.
+* **receipt**: every member whose update the round records accepted (``train``) holds a
+  receipt for each round whose shards it trained and that were updated; each receipt
+  verifies under the consortium key, names that member, this run, this round, exactly the
+  shards the record assigned it and the steps it reported, and is byte for byte (hash) the
+  entry in the member's ledger (a validly signed receipt that differs from the ledger entry
+  of the same run and round is a fork).
+* **coverage**: every ledger entry of this run appears as a receipt in its round's record,
+  or is explained: the member's reply failed in that round (``failed``: it spent budget but
+  its update never reached the model), it declined the committed attempt of a round it had
+  spent in an earlier, uncommitted one (``declined``, after a coordinator restart), the round
+  was never committed (later than anything recorded or stored), or the round's record was
+  rebuilt from the store after a crash (``recovered_from_store``), when the store check
+  matches that round's changed shards against the ledgers instead. Explained entries are
+  notes, not failures.
+* **store**: every committed round's manifest verifies along the hash chain from HEAD and
+  belongs to this run; every object it references exists and hashes to its id
+  (``ShardStore.read_object``); every shard whose object changed in a round was aggregated
+  in that round according to its record (a model change without contributions fails);
+  every recorded round is committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+
+from privacy.audit.accounting import Mech, check_budget, check_claim, finite, totals_of
+from privacy.audit.consortium import Consortium, load_consortium
+from privacy.audit.findings import NOTE, AuditResult, EntryRow, MemberRow, RoundRow
+from privacy.audit.inputs import LedgerFile, RunFiles, find_ledgers, read_run
+from privacy.keys import load_public_key
+from privacy.ledger import LedgerError, entry_hash, field_problems, signing_payload, verify_chain, verify_entry
+from shared_model.store import ShardStore, StoreError
+
+
+@dataclass
+class _LedgerIndex:
+    """What the round and store checks need to know about one member's ledger."""
+
+    member: str
+    by_hash: dict[str, int] = field(default_factory=dict)
+    by_run_round: dict[tuple[str, int], int] = field(default_factory=dict)
+    entries: dict[int, dict[str, Any]] = field(default_factory=dict)  # index -> well-formed entry
+    rows: dict[int, EntryRow] = field(default_factory=dict)
+    matched: set[int] = field(default_factory=set)
+
+
+def entry_label(index: int, entry: Any) -> str:
+    """'entry 2 (line 3, run 'r', round 2)': the same naming as the ledger's own messages."""
+    parts = [f"line {index + 1}"]
+    if isinstance(entry, dict):
+        if "run" in entry:
+            parts.append(f"run {entry['run']!r}")
+        if "round" in entry:
+            parts.append(f"round {entry['round']!r}")
+    return f"entry {index} ({', '.join(parts)})"
+
+
+def _classify(problem: str) -> str:
+    """Which check a problem reported by ``privacy.ledger`` belongs to."""
+    if "signature does not verify" in problem:
+        return "signature"
+    if "field 'public_key' is" in problem:
+        return "identity"
+    if "prev_hash" in problem or ("field 'round'" in problem and "does not increase" in problem):
+        return "chain"
+    if "field 'epsilon' decreased" in problem:
+        return "accounting"
+    return "format"
+
+
+def _signed_by(entry: Mapping[str, Any], consortium: Consortium) -> str | None:
+    """The consortium member whose published key verifies this entry's signature, if any."""
+    try:
+        signature = bytes.fromhex(entry["signature"])
+        payload = signing_payload(entry)
+    except (KeyError, TypeError, ValueError):
+        return None
+    for member in consortium.members.values():
+        try:
+            load_public_key(member.public_key).verify(signature, payload)
+        except (InvalidSignature, ValueError):
+            continue
+        return member.name
+    return None
+
+
+def _identity_problems(entry: Any, member: str, consortium: Consortium) -> list[str]:
+    """Another member's name, key or signature on an entry that should be ``member``'s."""
+    if not isinstance(entry, dict):
+        return []
+    problems = []
+    if entry.get("member") != member:
+        problems.append(f"names member {entry.get('member')!r}, but it is {member!r}'s")
+    owner = consortium.key_owner(entry.get("public_key", "")) if isinstance(entry.get("public_key"), str) else None
+    signer = _signed_by(entry, consortium)
+    if signer is not None and signer != member:
+        problems.append(
+            f"is signed with {signer}'s published key, not {member}'s: "
+            "a key swapped between members, or an entry written by another member"
+        )
+    elif owner is not None and owner != member:
+        problems.append(f"carries {owner}'s public key instead of {member}'s")
+    return problems
+
+
+def _mechanism(entry: Any) -> Mech | None:
+    """The entry's mechanism if it is well formed enough to compose, else None."""
+    mech = entry.get("mechanism") if isinstance(entry, dict) else None
+    if not isinstance(mech, dict):
+        return None
+    sigma, q, steps = mech.get("noise_multiplier"), mech.get("sample_rate"), mech.get("steps")
+    numbers_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (sigma, q))
+    if not numbers_ok or not isinstance(steps, int) or isinstance(steps, bool):
+        return None
+    if not (sigma > 0 and 0 < q <= 1 and steps >= 1):
+        return None
+    return Mech(float(sigma), float(q), int(steps))
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# --------------------------------------------------------------------------- ledgers
+
+
+def _check_ledger(result: AuditResult, consortium: Consortium, ledger: LedgerFile, run_id: str | None) -> _LedgerIndex:
+    """Signatures, identity, format, chain, replay and accounting of one member's ledger."""
+    add = partial(result.add, member=ledger.member)
+    name = ledger.member
+    subject = f"{name} ledger"
+    index = _LedgerIndex(name)
+    for problem in ledger.problems:
+        add("input", subject, f"{ledger.path}: {problem}")
+    member = consortium.members.get(name)
+    if member is None:
+        add(
+            "consortium",
+            subject,
+            f"{ledger.path} is the ledger of {name!r}, which the consortium does not list: "
+            "no published key to verify it against",
+        )
+        for i, entry in enumerate(ledger.entries):
+            for problem in field_problems(entry):
+                add("format", subject, f"{entry_label(i, entry)}: {problem}")
+    else:
+        for problem in verify_chain(ledger.entries, member.public_key, line_numbers=True):
+            add(_classify(problem), subject, problem)
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(ledger.entries):
+        for problem in _identity_problems(entry, name, consortium):
+            add("identity", subject, f"{entry_label(i, entry)}: {problem}")
+        if not isinstance(entry, dict):
+            continue
+        signature = entry.get("signature")
+        if isinstance(signature, str) and signature in seen:
+            add(
+                "chain",
+                subject,
+                f"{entry_label(i, entry)}: repeats entry {seen[signature]} (same signature): a replayed entry",
+            )
+        elif isinstance(signature, str):
+            seen[signature] = i
+        if not field_problems(entry):
+            index.entries[i] = entry
+            index.by_hash.setdefault(entry_hash(entry), i)
+            index.by_run_round.setdefault((entry["run"], entry["round"]), i)
+    history = _account(result, ledger, index, run_id)
+    if member is not None:
+        _check_budget(result, ledger, index, history, member.epsilon, member.delta)
+    return index
+
+
+def _account(result: AuditResult, ledger: LedgerFile, index: _LedgerIndex, run_id: str | None) -> list[Mech]:
+    """Recompute each entry's epsilon over the history up to it; one row per entry."""
+    add = partial(result.add, member=ledger.member)
+    subject = f"{ledger.member} ledger"
+    history: list[Mech] = []
+    incomplete = False
+    for i, entry in enumerate(ledger.entries):
+        mech = _mechanism(entry)
+        if mech is None:
+            incomplete = True
+            add(
+                "accounting",
+                subject,
+                f"{entry_label(i, entry)}: its mechanism cannot be read, so this and later epsilons "
+                "cannot be fully recomputed",
+            )
+        else:
+            history.append(mech)
+        is_dict = isinstance(entry, dict)
+        recorded = _number(entry.get("epsilon")) if is_dict else None
+        delta = _number(entry.get("delta")) if is_dict else None
+        accountant = entry.get("accountant", "?") if is_dict else "?"
+        row = EntryRow(
+            member=ledger.member,
+            index=i,
+            run=str(entry.get("run", "?")) if is_dict else "?",
+            round=entry.get("round") if is_dict and isinstance(entry.get("round"), int) else None,
+            shards=len(entry["shards"]) if is_dict and isinstance(entry.get("shards"), list) else 0,
+            steps=mech.steps if mech else None,
+            noise_multiplier=mech.noise_multiplier if mech else None,
+            sample_rate=mech.sample_rate if mech else None,
+            accountant=str(accountant),
+            delta=delta,
+            recorded=recorded,
+            recomputed=None,
+            method="-",
+            rdp=None,
+            ok=False,
+            status="other run" if is_dict and entry.get("run") != run_id else "",
+        )
+        index.rows[i] = row
+        result.entries.append(row)
+        if mech is None or recorded is None or delta is None or not 0 < delta < 1 or accountant not in ("rdp", "prv"):
+            if mech is not None:
+                add("accounting", subject, f"{entry_label(i, entry)}: epsilon, delta or accountant unreadable")
+            continue
+        verdict = check_claim(totals_of(history), recorded, delta, accountant)
+        row.recomputed, row.method, row.rdp = finite(verdict.recomputed), verdict.method, finite(verdict.rdp)
+        row.ok = verdict.ok and not incomplete
+        if not verdict.ok:
+            add("accounting", subject, f"{entry_label(i, entry)}: field 'epsilon': {verdict.detail}")
+        elif verdict.detail:
+            add("accounting", subject, f"{entry_label(i, entry)}: {verdict.detail}", NOTE)
+    return history
+
+
+def _check_budget(
+    result: AuditResult,
+    ledger: LedgerFile,
+    index: _LedgerIndex,
+    history: list[Mech],
+    budget_epsilon: float,
+    budget_delta: float,
+) -> None:
+    """The member's claims and its whole recorded history against its published budget."""
+    add = partial(result.add, member=ledger.member)
+    subject = f"{ledger.member} budget"
+    claims = []
+    for i, entry in index.entries.items():
+        if entry["delta"] > budget_delta * (1 + 1e-12):
+            add(
+                "budget",
+                subject,
+                f"{entry_label(i, entry)}: claims at delta {entry['delta']:g}, looser than the published "
+                f"delta {budget_delta:g}",
+            )
+        claims.append(float(entry["epsilon"]))
+        if entry["epsilon"] > budget_epsilon * (1 + 1e-12):
+            add(
+                "budget",
+                subject,
+                f"{entry_label(i, entry)}: records epsilon {entry['epsilon']:.6g}, over the published budget "
+                f"{budget_epsilon:g}",
+            )
+    verdict = check_budget(totals_of(history), budget_epsilon, budget_delta)
+    if not verdict.ok:
+        add("budget", subject, verdict.detail)
+    result.members[ledger.member] = MemberRow(
+        member=ledger.member,
+        epsilon_budget=budget_epsilon,
+        delta_budget=budget_delta,
+        entries=len(ledger.entries),
+        run_entries=0,
+        epsilon_recorded=max(claims) if claims else None,
+        epsilon_recomputed=finite(verdict.recomputed),
+        method=verdict.method,
+        epsilon_rdp=finite(verdict.rdp),
+        within_budget=verdict.ok,
+        ledger=str(ledger.path),
+    )
+
+
+# --------------------------------------------------------------------------- round records
+
+
+def _records_by_round(result: AuditResult, run: RunFiles) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for record in run.records:
+        rnd = record["round"]
+        if rnd in out:
+            result.add("input", f"round {rnd}", "recorded twice in rounds.jsonl")
+            continue
+        out[rnd] = record
+    return out
+
+
+def _round_fields(result: AuditResult, rnd: int, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's fields the checks use, type-checked (a damaged record is an input finding)."""
+    want = {
+        "cohorts": dict,
+        "train": dict,
+        "receipts": dict,
+        "failed": dict,
+        "declined": dict,
+        "updated_shards": list,
+    }
+    out = {}
+    for name, kind in want.items():
+        value = record.get(name, kind())
+        if not isinstance(value, kind):
+            result.add("input", f"round {rnd}", f"record field {name!r} is not a {kind.__name__}")
+            return None
+        out[name] = value
+    cohorts = out["cohorts"]
+    if not all(isinstance(v, list) for v in cohorts.values()):
+        result.add("input", f"round {rnd}", "record field 'cohorts' must map shards to member lists")
+        return None
+    return out
+
+
+def _check_receipt(
+    result: AuditResult,
+    consortium: Consortium,
+    run_id: str | None,
+    rnd: int,
+    member: str,
+    receipt: Any,
+    assigned: list[str],
+    train: Any,
+    index: _LedgerIndex | None,
+    forks: set[tuple[str, int]],
+) -> bool:
+    """One receipt held by round ``rnd``'s record for ``member``; True when every check holds."""
+    add = partial(result.add, member=member)
+    subject = f"round {rnd} receipt of {member}"
+    if not isinstance(receipt, dict):
+        add("format", subject, f"is not a signed ledger entry but {type(receipt).__name__}")
+        return False
+    published = consortium.members.get(member)
+    if published is None:
+        add("consortium", subject, f"{member!r} is not a consortium member: the receipt cannot be verified")
+        return False
+    failures = len(result.failures)
+    try:
+        verify_entry(receipt, published.public_key)
+    except LedgerError as exc:
+        for problem in exc.problems:
+            add(_classify(problem), subject, problem)
+    for problem in _identity_problems(receipt, member, consortium):
+        add("identity", subject, problem)
+    if receipt.get("run") != run_id:
+        add(
+            "receipt",
+            subject,
+            f"is for run {receipt.get('run')!r} (round {receipt.get('round')!r}), not this run {run_id!r}: "
+            "a receipt replayed from another run",
+        )
+    elif receipt.get("round") != rnd:
+        add("receipt", subject, f"is for round {receipt.get('round')!r}, but recorded in round {rnd}")
+    shards = receipt.get("shards")
+    if isinstance(shards, list) and sorted(map(str, shards)) != assigned:
+        add("receipt", subject, f"covers shards {sorted(map(str, shards))}, the record assigned {assigned}")
+    steps = train.get("steps") if isinstance(train, dict) else None
+    mech = receipt.get("mechanism")
+    if steps is not None and isinstance(mech, dict) and mech.get("steps") != steps:
+        add("receipt", subject, f"records {mech.get('steps')!r} steps, the record says {steps!r} ran")
+    if index is None:
+        add("receipt", subject, f"no ledger of {member!r} was given: the receipt cannot be matched to it")
+        return False
+    try:
+        digest = entry_hash(receipt)
+    except ValueError as exc:
+        add("format", subject, f"cannot be hashed: {exc}")
+        return False
+    if digest in index.by_hash:
+        i = index.by_hash[digest]
+        if receipt.get("run") == run_id and receipt.get("round") == rnd and receipt.get("member") == member:
+            index.matched.add(i)
+            index.rows[i].status = f"receipt in round {rnd}"
+    else:
+        key = (receipt.get("run"), receipt.get("round"))
+        other = index.by_run_round.get(key) if all(isinstance(k, (str, int)) for k in key) else None
+        if other is not None:
+            forks.add((member, other))
+            add(
+                "chain",
+                subject,
+                f"differs from {member}'s ledger {entry_label(other, index.entries[other])} for the same run and "
+                "round: two different entries for one round (a fork, or an edited receipt or ledger)",
+            )
+        else:
+            add(
+                "receipt",
+                subject,
+                f"is not in {member}'s ledger: the entry was dropped from the ledger, or never written to it",
+            )
+    return len(result.failures) == failures
+
+
+def _check_rounds(
+    result: AuditResult,
+    consortium: Consortium,
+    run: RunFiles,
+    records: dict[int, dict[str, Any]],
+    indexes: dict[str, _LedgerIndex],
+) -> set[tuple[str, int]]:
+    """Every contribution has a valid receipt; returns (member, entry index) pairs found forked."""
+    forks: set[tuple[str, int]] = set()
+    for rnd, record in sorted(records.items()):
+        if record.get("recovered_from_store"):
+            result.rounds.append(RoundRow(rnd, recovered=True))
+            continue
+        if "cohorts" not in record:
+            continue  # round 0: the initial model's evaluation, nobody trained
+        fields = _round_fields(result, rnd, record)
+        if fields is None:
+            continue
+        cohorts, train, receipts = fields["cohorts"], fields["train"], fields["receipts"]
+        updated = [str(s) for s in fields["updated_shards"]]
+        row = RoundRow(rnd, updated_shards=sorted(updated))
+        members = set(train) | set(receipts) | set(fields["failed"]) | set(fields["declined"])
+        members = {m for m in members if any(m in ms for ms in cohorts.values()) or m in train or m in receipts}
+        for member in sorted(members):
+            assigned = sorted(s for s, ms in cohorts.items() if member in ms)
+            contributed = [s for s in assigned if s in updated] if member in train else []
+            receipt_state = "-"
+            if member in receipts:
+                ok = _check_receipt(
+                    result,
+                    consortium,
+                    run.run_id,
+                    rnd,
+                    member,
+                    receipts[member],
+                    assigned,
+                    train.get(member),
+                    indexes.get(member),
+                    forks,
+                )
+                receipt_state = "ok" if ok else "invalid"
+            elif contributed:
+                receipt_state = "missing"
+                result.add(
+                    "receipt",
+                    f"round {rnd}",
+                    member=member,
+                    message=f"{member} contributed to {len(contributed)} updated shard(s) ({', '.join(contributed)}) "
+                    "but the record holds no receipt for it: a contribution without a signed privacy receipt",
+                )
+            state = (
+                "contributed"
+                if contributed
+                else "failed"
+                if member in fields["failed"]
+                else "declined"
+                if member in fields["declined"]
+                else "trained"
+                if member in train
+                else "assigned"
+            )
+            row.members[member] = {
+                "shards": assigned,
+                "contributed": contributed,
+                "receipt": receipt_state,
+                "state": state,
+            }
+        for shard in updated:
+            if not any(m in train for m in cohorts.get(shard, [])):
+                result.add(
+                    "receipt",
+                    f"round {rnd}",
+                    f"shard {shard} was updated, but no member of its cohort {cohorts.get(shard, [])} has an "
+                    "accepted contribution",
+                )
+        result.rounds.append(row)
+    return forks
+
+
+def _check_coverage(
+    result: AuditResult,
+    run: RunFiles,
+    records: dict[int, dict[str, Any]],
+    indexes: dict[str, _LedgerIndex],
+    forks: set[tuple[str, int]],
+) -> None:
+    """Every ledger entry of this run appears in the round records, or is explained."""
+    last = max([*records, result.head_round if result.head_round is not None else -1], default=-1)
+    for member, index in sorted(indexes.items()):
+        for i, entry in sorted(index.entries.items()):
+            if entry["run"] != run.run_id:
+                continue
+            if member in result.members:
+                result.members[member].run_entries += 1
+            if i in index.matched or (member, i) in forks:
+                continue
+            rnd = entry["round"]
+            subject = f"{member} ledger"
+            label = entry_label(i, entry)
+            record = records.get(rnd)
+            explained = None
+            if record is None:
+                if rnd > last:
+                    explained = f"round {rnd} was never committed (the run ends at round {last}): spent, not used"
+            elif record.get("recovered_from_store"):
+                explained = f"round {rnd}'s record was rebuilt from the store after a crash; see the store check"
+            elif isinstance(record.get("failed"), dict) and member in record["failed"]:
+                explained = f"its reply failed in round {rnd} ({record['failed'][member]}): spent, update not used"
+            elif isinstance(record.get("declined"), dict) and member in record["declined"]:
+                explained = (
+                    f"it declined the committed attempt of round {rnd} ({record['declined'][member]}): "
+                    "spent in an earlier attempt that never committed"
+                )
+            if explained is not None:
+                index.rows[i].status = "explained"
+                result.add(
+                    "coverage", subject, f"{label}: not in the round records; explained: {explained}", NOTE, member
+                )
+            else:
+                index.rows[i].status = "unmatched"
+                result.add(
+                    "coverage",
+                    subject,
+                    f"{label}: spent budget in this run, but "
+                    + (
+                        f"round {rnd} has no record although later rounds do"
+                        if record is None
+                        else f"round {rnd}'s record holds no receipt of it and does not list {member} as failed "
+                        "or declined"
+                    ),
+                    member=member,
+                )
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _check_store(
+    result: AuditResult,
+    run: RunFiles,
+    records: dict[int, dict[str, Any]],
+    indexes: dict[str, _LedgerIndex],
+) -> None:
+    """Manifests along HEAD's chain, every object's hash, and that model changes were aggregated."""
+    root = run.store_dir
+    if not (root / "STORE").is_file() or not (root / "HEAD").is_file():
+        result.add("store", str(root), "no shard store with a HEAD: the recorded rounds cannot be checked")
+        return
+    try:
+        store = ShardStore(root)
+        head = store.head()
+        rounds = sorted(store.rounds()) if head is not None else []
+    except StoreError as exc:
+        result.add("store", str(root), str(exc))
+        return
+    if head is None:
+        result.add("store", str(root), "the store has no committed round")
+        return
+    result.head_round = head.round
+    if rounds and rounds[0] != 0:
+        result.add(
+            "store", str(root), f"manifests before round {rounds[0]} are gone (gc?): those rounds cannot be verified"
+        )
+    rows = {row.round: row for row in result.rounds}
+    manifests = {}
+    verified: set[str] = set()
+    for rnd in rounds:
+        subject = f"store round {rnd}"
+        try:
+            manifest = store.manifest(rnd)
+        except StoreError as exc:
+            result.add("store", subject, str(exc))
+            continue
+        manifests[rnd] = manifest
+        if manifest.extra.get("run") != run.run_id:
+            result.add("store", subject, f"manifest belongs to run {manifest.extra.get('run')!r}, not {run.run_id!r}")
+        by_object = {oid: shard for shard, oid in manifest.shards.items()}
+        for oid in sorted(manifest.object_ids()):
+            if oid in verified:
+                continue
+            try:
+                store.read_object(oid, shard_id=by_object.get(oid))
+            except StoreError as exc:
+                result.add("store", subject, f"shard {by_object.get(oid, '(optimiser state)')}: {exc}")
+                continue
+            verified.add(oid)
+        parent = manifests.get(manifest.parent) if manifest.parent is not None else None
+        if rnd == 0 or parent is None:
+            continue
+        changed = sorted(
+            {s for s, oid in manifest.shards.items() if parent.shards.get(s) != oid}
+            | (set(parent.shards) - set(manifest.shards))
+        )
+        record = records.get(rnd)
+        if record is None:
+            result.add("store", subject, f"committed (shards {changed} changed) but there is no round record for it")
+            continue
+        if record.get("recovered_from_store"):
+            covered = {
+                s
+                for index in indexes.values()
+                for e in index.entries.values()
+                if e["run"] == run.run_id and e["round"] == rnd
+                for s in e["shards"]
+            }
+            missing = [s for s in changed if s not in covered]
+            if missing:
+                result.add(
+                    "store",
+                    subject,
+                    f"shards {missing} changed, and no member's ledger entry of this round covers them",
+                )
+            else:
+                result.add(
+                    "store",
+                    subject,
+                    "record rebuilt after a crash: every changed shard is covered by ledger entries",
+                    NOTE,
+                )
+            if rnd in rows:
+                rows[rnd].changed_in_store = changed
+            continue
+        updated = record.get("updated_shards", [])
+        unexplained = [s for s in changed if s not in updated]
+        if unexplained:
+            result.add(
+                "store",
+                subject,
+                f"shards {unexplained} changed in the store, but the round record aggregated no update for them",
+            )
+        unchanged = [s for s in updated if s not in changed]
+        if unchanged:
+            result.add("store", subject, f"shards {unchanged} are recorded as updated but kept their object", NOTE)
+        if rnd in rows:
+            rows[rnd].changed_in_store = changed
+    result.objects_verified = len(verified)
+    for rnd, record in sorted(records.items()):
+        if rnd not in manifests and ("cohorts" in record or record.get("recovered_from_store")):
+            result.add(
+                "store", f"store round {rnd}", f"is recorded but has no verified manifest (HEAD at {head.round})"
+            )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def audit_inputs(
+    consortium: Consortium,
+    ledgers: dict[str, LedgerFile],
+    run: RunFiles,
+    *,
+    ledgers_dir: str = "",
+    consortium_path: str = "",
+) -> AuditResult:
+    """Run every check on loaded inputs (tests call this; the CLI goes through :func:`audit`)."""
+    result = AuditResult(run=run.run_id, ledgers_dir=ledgers_dir, run_dir=str(run.run_dir), consortium=consortium_path)
+    for problem in run.problems:
+        result.add("input", str(run.run_dir), problem)
+    indexes = {name: _check_ledger(result, consortium, ledger, run.run_id) for name, ledger in sorted(ledgers.items())}
+    records = _records_by_round(result, run)
+    for name in sorted(consortium.members):
+        if name not in ledgers:
+            trained = any(
+                isinstance(r.get("train"), dict)
+                and name in r["train"]
+                or isinstance(r.get("receipts"), dict)
+                and name in r["receipts"]
+                for r in records.values()
+            )
+            result.add(
+                "input" if trained else "budget",
+                f"{name} ledger",
+                "no ledger was given for this consortium member"
+                + (
+                    ": its receipts in the round records cannot be matched"
+                    if trained
+                    else " (it never trained in this run)"
+                ),
+                severity="fail" if trained else NOTE,
+            )
+    forks = _check_rounds(result, consortium, run, records, indexes)
+    _check_store(result, run, records, indexes)
+    _check_coverage(result, run, records, indexes, forks)
+    for finding in result.failures:
+        if finding.member in result.members:
+            result.members[finding.member].ok = False
+    return result
+
+
+def audit(ledgers_dir: str | Path, run_dir: str | Path, consortium_path: str | Path) -> AuditResult:
+    """Load the inputs and run every check. ConsortiumError / InputError when they cannot be read."""
+    consortium = load_consortium(consortium_path)
+    ledgers = find_ledgers(ledgers_dir)
+    run = read_run(run_dir)
+    return audit_inputs(consortium, ledgers, run, ledgers_dir=str(ledgers_dir), consortium_path=str(consortium_path))

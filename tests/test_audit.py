@@ -1,0 +1,528 @@
+"""The auditor (``kyodo-audit``): a clean run passes, every kind of tampering is caught and named.
+
+The fixture is a small federated run built directly, without Flower: three members with
+real Ed25519 keys and real ``privacy.ledger.Ledger`` files (one entry from an earlier run,
+then two rounds of this run), round records written by the coordinator's own
+``append_record``, and a real ``ShardStore`` with three committed rounds. Each tamper test
+edits a copy of it the way an attacker would (on the raw JSON) and checks that the audit
+fails with a finding that names the entry (or round) and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.records import append_record
+from privacy.accountant import Mechanism, epsilon
+from privacy.audit import accounting
+from privacy.audit.bound import correct_probability, epsilon_lower_bound, p_value
+from privacy.audit.cli import main as audit_main
+from privacy.audit.consortium import ConsortiumError, dump_consortium, from_nodes, load_consortium, parse_consortium
+from privacy.audit.findings import AuditResult
+from privacy.audit.report import render_markdown, write_report
+from privacy.audit.verify import audit
+from privacy.keys import load_or_create_signing_key, public_key_hex
+from privacy.ledger import Ledger, canonical_json, entry_hash, signing_payload
+from shared_model.store import ShardStore
+
+RUN, OLD_RUN = "run-a", "run-old"
+MEMBERS = ("alpha", "beta", "gamma")
+SIGMA, RATE, STEPS, DELTA, BUDGET = 1.5, 0.2, 20, 1e-5, 8.0
+SHARDS = {1: ["adapter/shared", "expert/L0/E0"], 2: ["adapter/shared", "expert/L0/E1"]}
+ALL_SHARDS = ["backbone", "adapter/shared", "expert/L0/E0", "expert/L0/E1"]
+
+
+# --------------------------------------------------------------------------- the federation
+
+
+def _append(ledger: Ledger, history: list[Mechanism], member: str, run: str, rnd: int, shards: list[str]) -> dict:
+    history.append(Mechanism(SIGMA, RATE, STEPS))
+    return ledger.append(
+        run=run,
+        round=rnd,
+        member=member,
+        shards=sorted(shards),
+        mechanism={
+            "noise_multiplier": SIGMA,
+            "sample_rate": RATE,
+            "steps": STEPS,
+            "clipping_norm": 0.1,
+            "opacus_mode": "bk",
+        },
+        dataset_fingerprint="ab" * 32,
+        epsilon=epsilon(history, DELTA),
+        delta=DELTA,
+        accountant="rdp",
+        decision="full",
+    )
+
+
+def _tensors(seed: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))}
+
+
+def build_federation(root: Path) -> None:
+    """Run dir ``root/run`` (run.json, rounds.jsonl, store/, nodes/<member>/) and ``root/consortium.yaml``."""
+    run_dir = root / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"run": RUN}))
+    receipts: dict[int, dict[str, dict]] = {1: {}, 2: {}}
+    for member in MEMBERS:
+        state = run_dir / "nodes" / member
+        key = load_or_create_signing_key(state / "member_ed25519.pem")
+        ledger, history = Ledger(state / "ledger.jsonl", key), []
+        _append(ledger, history, member, OLD_RUN, 1, ["adapter/shared"])
+        for rnd in (1, 2):
+            receipts[rnd][member] = _append(ledger, history, member, RUN, rnd, SHARDS[rnd])
+        published = {"member": member, "embodiment": "so100", "epsilon": BUDGET, "delta": DELTA}
+        (state / "member.json").write_text(
+            json.dumps({**published, "accountant": "rdp", "public_key": public_key_hex(key)})
+        )
+    store = ShardStore(run_dir / "store")
+    head = store.commit(
+        None,
+        {s: store.put_shard(s, _tensors(i)) for i, s in enumerate(ALL_SHARDS)},
+        model_config="cfg",
+        extra={"run": RUN},
+    )
+    append_record(run_dir, {"round": 0, "evaluation": {m: {"action_mse": 0.1} for m in MEMBERS}})
+    for rnd in (1, 2):
+        changed = {s: store.put_shard(s, _tensors(100 * rnd + i)) for i, s in enumerate(SHARDS[rnd])}
+        head = store.commit(head, changed, round_number=rnd, extra={"run": RUN})
+        append_record(
+            run_dir,
+            {
+                "round": rnd,
+                "cohorts": {s: list(MEMBERS) for s in SHARDS[rnd]},
+                "updated_shards": list(SHARDS[rnd]),
+                "aggregation": dict.fromkeys(SHARDS[rnd], "secagg"),
+                "train": {m: {"loss": None, "num_examples": 32, "steps": STEPS} for m in MEMBERS},
+                "receipts": receipts[rnd],
+                "failed": {},
+                "declined": {},
+                "rejected": {},
+            },
+        )
+    dump_consortium(from_nodes(run_dir / "nodes"), root / "consortium.yaml")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("federation")
+    build_federation(root)
+    return root
+
+
+@pytest.fixture
+def fed(pristine: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the federation to tamper with."""
+    root = tmp_path / "fed"
+    shutil.copytree(pristine, root)
+    return root
+
+
+def run_audit(root: Path) -> AuditResult:
+    return audit(root / "run" / "nodes", root / "run", root / "consortium.yaml")
+
+
+def ledger_path(root: Path, member: str) -> Path:
+    return root / "run" / "nodes" / member / "ledger.jsonl"
+
+
+def read_entries(root: Path, member: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in ledger_path(root, member).read_text().splitlines()]
+
+
+def write_entries(root: Path, member: str, entries: list[dict[str, Any]]) -> None:
+    ledger_path(root, member).write_bytes(b"".join(canonical_json(e) + b"\n" for e in entries))
+
+
+def read_records(root: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (root / "run" / "rounds.jsonl").read_text().splitlines()]
+
+
+def write_records(root: Path, records: list[dict[str, Any]]) -> None:
+    (root / "run" / "rounds.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def key_of(root: Path, member: str) -> Ed25519PrivateKey:
+    return load_or_create_signing_key(root / "run" / "nodes" / member / "member_ed25519.pem")
+
+
+def sign(entry: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    entry = dict(entry, public_key=public_key_hex(key))
+    entry["signature"] = key.sign(signing_payload(entry)).hex()
+    return entry
+
+
+def failures(result: AuditResult, check: str) -> list[str]:
+    return [f.text() for f in result.failures if f.check == check]
+
+
+def assert_found(result: AuditResult, check: str, *needles: str) -> None:
+    """Some failure of ``check`` mentions every needle (the entry and the problem)."""
+    texts = failures(result, check)
+    assert any(all(n in t for n in needles) for t in texts), f"no {check} failure with {needles}: {texts}"
+
+
+# --------------------------------------------------------------------------- a clean run
+
+
+def test_clean_run_passes(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_audit(fed)
+    assert result.ok, [f.text() for f in result.failures]
+    assert result.run == RUN and result.head_round == 2 and result.objects_verified == 8
+    assert {r.round for r in result.rounds} == {1, 2}
+    assert all(info["receipt"] == "ok" for r in result.rounds for info in r.members.values())
+    assert len(result.entries) == 9 and all(e.ok for e in result.entries)
+    assert [e.status for e in result.entries if e.member == "alpha"] == [
+        "other run",
+        "receipt in round 1",
+        "receipt in round 2",
+    ]
+    for row in result.members.values():
+        assert row.within_budget and row.run_entries == 2 and row.entries == 3
+        assert row.epsilon_recorded == pytest.approx(epsilon([Mechanism(SIGMA, RATE, STEPS)] * 3, DELTA))
+    # the independent recomputation is close to, and never far above, the node's own
+    for e in result.entries:
+        assert e.recomputed is not None and e.recorded >= e.recomputed * (1 - accounting.RDP_RTOL)
+
+    args = ["--ledgers", str(fed / "run"), "--rounds", str(fed / "run"), "--consortium", str(fed / "consortium.yaml")]
+    assert audit_main(["verify", *args]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert audit_main(["verify", *args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] and all(c["ok"] for c in data["checks"].values()) and len(data["entries"]) == 9
+
+
+def test_flat_ledger_layout(fed: Path) -> None:
+    flat = fed / "collected"
+    flat.mkdir()
+    for member in MEMBERS:
+        shutil.copy(ledger_path(fed, member), flat / f"{member}.jsonl")
+    assert audit(flat, fed / "run", fed / "consortium.yaml").ok
+
+
+# --------------------------------------------------------------------------- tampering
+
+
+def test_edited_epsilon(fed: Path) -> None:
+    entries = read_entries(fed, "alpha")
+    entries[1]["epsilon"] = entries[1]["epsilon"] / 2  # under-state the spend of run-a round 1
+    write_entries(fed, "alpha", entries)
+    result = run_audit(fed)
+    assert not result.ok
+    assert_found(result, "signature", "entry 1 (line 2, run 'run-a', round 1)", "signature does not verify")
+    assert_found(result, "accounting", "entry 1 (line 2, run 'run-a', round 1)", "field 'epsilon'", "under-states")
+    assert_found(result, "chain", "entry 2", "prev_hash")
+    # the coordinator's receipt (the original) no longer matches the ledger: two entries for one round
+    assert_found(result, "chain", "round 1 receipt of alpha", "fork")
+    assert not result.members["alpha"].ok and result.members["beta"].ok
+
+
+def test_edited_mechanism(fed: Path) -> None:
+    entries = read_entries(fed, "beta")
+    entries[2]["mechanism"]["noise_multiplier"] = 0.7  # less noise than the epsilon accounts for
+    write_entries(fed, "beta", entries)
+    result = run_audit(fed)
+    assert_found(result, "signature", "entry 2 (line 3, run 'run-a', round 2)", "signature does not verify")
+    assert_found(result, "accounting", "entry 2 (line 3, run 'run-a', round 2)", "below the independent recomputation")
+
+
+def test_dropped_entry(fed: Path) -> None:
+    entries = read_entries(fed, "gamma")
+    del entries[1]  # run-a round 1 disappears from the ledger
+    write_entries(fed, "gamma", entries)
+    result = run_audit(fed)
+    assert_found(result, "chain", "entry 1 (line 2, run 'run-a', round 2)", "prev_hash", "dropped")
+    assert_found(result, "receipt", "round 1 receipt of gamma", "is not in gamma's ledger")
+
+
+def test_dropped_last_entry(fed: Path) -> None:
+    """Truncating the newest entry keeps the chain intact: the round records still catch it."""
+    write_entries(fed, "gamma", read_entries(fed, "gamma")[:-1])
+    result = run_audit(fed)
+    assert not failures(result, "chain")
+    assert_found(result, "receipt", "round 2 receipt of gamma", "is not in gamma's ledger")
+
+
+def test_swapped_entries(fed: Path) -> None:
+    entries = read_entries(fed, "alpha")
+    entries[1], entries[2] = entries[2], entries[1]
+    write_entries(fed, "alpha", entries)
+    result = run_audit(fed)
+    assert_found(result, "chain", "entry 1 (line 2, run 'run-a', round 2)", "prev_hash", "reordered")
+    assert_found(result, "chain", "entry 2 (line 3, run 'run-a', round 1)", "field 'round'", "does not increase")
+
+
+def test_forged_signature(fed: Path) -> None:
+    entries = read_entries(fed, "beta")
+    forger = Ed25519PrivateKey.generate()  # nobody's published key
+    entries[2]["epsilon"] = 0.5
+    entries[2]["signature"] = forger.sign(signing_payload(entries[2])).hex()
+    write_entries(fed, "beta", entries)
+    result = run_audit(fed)
+    assert_found(result, "signature", "entry 2 (line 3, run 'run-a', round 2)", "signature does not verify")
+    assert_found(result, "accounting", "entry 2", "under-states")
+
+
+def test_key_swapped_between_members_in_consortium(fed: Path) -> None:
+    cons = load_consortium(fed / "consortium.yaml").to_dict()
+    keys = {m["member"]: m["public_key"] for m in cons["members"]}
+    for m in cons["members"]:
+        if m["member"] in ("alpha", "beta"):
+            m["public_key"] = keys["beta" if m["member"] == "alpha" else "alpha"]
+    (fed / "consortium.yaml").write_text(json.dumps(cons))
+    result = run_audit(fed)
+    assert_found(result, "identity", "alpha ledger", "entry 0", "signed with beta's published key, not alpha's")
+    assert_found(result, "identity", "round 1 receipt of beta", "signed with alpha's published key, not beta's")
+    assert result.members["gamma"].ok and not result.members["alpha"].ok
+
+
+def test_entries_resigned_with_another_members_key(fed: Path) -> None:
+    """Beta rewrites alpha's ledger under its own key (a consistent chain): caught by whose key signed."""
+    beta = key_of(fed, "beta")
+    entries, prev = [], "0" * 64
+    for entry in read_entries(fed, "alpha"):
+        entry = sign(dict(entry, prev_hash=prev), beta)
+        entries.append(entry)
+        prev = entry_hash(entry)
+    write_entries(fed, "alpha", entries)
+    result = run_audit(fed)
+    assert_found(result, "identity", "entry 1 (line 2, run 'run-a', round 1)", "signed with beta's published key")
+    # the rewritten chain is internally consistent; only the coordinator's receipts show the rewrite
+    assert not [t for t in failures(result, "chain") if t.startswith("alpha ledger")]
+    assert_found(result, "chain", "round 1 receipt of alpha", "fork")
+
+
+def test_entry_replayed_from_another_run(fed: Path) -> None:
+    records = read_records(fed)
+    old = read_entries(fed, "alpha")[0]  # alpha's validly signed receipt of run-old round 1
+    records[2]["receipts"]["alpha"] = old
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert_found(result, "receipt", "round 2 receipt of alpha", "run 'run-old'", "replayed from another run")
+    # and alpha's real round-2 spend is now unaccounted for in the records
+    assert_found(result, "coverage", "alpha ledger", "entry 2 (line 3, run 'run-a', round 2)", "no receipt")
+
+
+def test_entry_replayed_inside_the_ledger(fed: Path) -> None:
+    entries = read_entries(fed, "alpha")
+    write_entries(fed, "alpha", [*entries, entries[0]])
+    result = run_audit(fed)
+    assert_found(result, "chain", "entry 3 (line 4, run 'run-old', round 1)", "repeats entry 0", "replayed")
+
+
+def test_contribution_without_receipt(fed: Path) -> None:
+    records = read_records(fed)
+    del records[2]["receipts"]["gamma"]  # the record still says gamma's update was accepted
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert_found(result, "receipt", "round 2", "gamma contributed to 2 updated shard(s)", "no receipt")
+    assert_found(result, "coverage", "gamma ledger", "entry 2 (line 3, run 'run-a', round 2)", "no receipt")
+    assert result.rounds[1].members["gamma"]["receipt"] == "missing"
+
+
+def test_contribution_claimed_for_a_member_who_never_trained(fed: Path) -> None:
+    records = read_records(fed)
+    records[1]["cohorts"]["expert/L0/E0"].append("mallory")
+    records[1]["train"]["mallory"] = {"loss": None, "num_examples": 32, "steps": STEPS}
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert_found(result, "receipt", "round 1", "mallory contributed to 1 updated shard(s)", "no receipt")
+
+
+def test_failed_reply_is_explained_not_a_failure(fed: Path) -> None:
+    """A member whose reply failed spent budget its update never delivered: a note, not a failure."""
+    records = read_records(fed)
+    for field in ("receipts", "train"):
+        del records[2][field]["gamma"]
+    records[2]["failed"]["gamma"] = "no masked_input reply in time"
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert result.ok, [f.text() for f in result.failures]
+    notes = [f.text() for f in result.findings if f.check == "coverage"]
+    assert any("entry 2" in n and "reply failed" in n for n in notes)
+    assert result.rounds[1].members["gamma"]["state"] == "failed"
+
+
+def test_round_retried_after_a_coordinator_restart_is_explained(fed: Path) -> None:
+    """gamma spent round 2 in an attempt that died before commit, then declined the retried round 2."""
+    records = read_records(fed)
+    for field in ("receipts", "train"):
+        del records[2][field]["gamma"]
+    records[2]["declined"]["gamma"] = "round 2 of run run-a was already trained"
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert result.ok, [f.text() for f in result.failures]
+    assert any("declined the committed attempt" in f.message for f in result.findings if f.check == "coverage")
+
+
+def test_record_rebuilt_from_store_is_checked_against_ledgers(fed: Path) -> None:
+    records = read_records(fed)
+    records[2] = {"round": 2, "recovered_from_store": True}
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert result.ok, [f.text() for f in result.failures]
+    # without the ledger entries that cover round 2's changed shards, the change is unexplained
+    for member in MEMBERS:
+        write_entries(fed, member, read_entries(fed, member)[:-1])
+    assert_found(run_audit(fed), "store", "store round 2", "no member's ledger entry of this round covers them")
+
+
+def test_uncommitted_round_is_explained(fed: Path) -> None:
+    """The coordinator stopped after members trained round 3 but before committing it."""
+    for member in MEMBERS:
+        ledger = Ledger(ledger_path(fed, member), key_of(fed, member))
+        _append(ledger, [Mechanism(SIGMA, RATE, STEPS)] * 3, member, RUN, 3, SHARDS[1])
+    result = run_audit(fed)
+    assert result.ok, [f.text() for f in result.failures]
+    assert any("never committed" in f.message for f in result.findings if f.check == "coverage")
+
+
+def test_budget_exceeded(fed: Path) -> None:
+    cons = load_consortium(fed / "consortium.yaml").to_dict()
+    cons["members"][0]["epsilon"] = 2.0  # alpha's published budget, below what it spent
+    (fed / "consortium.yaml").write_text(json.dumps(cons))
+    result = run_audit(fed)
+    assert_found(result, "budget", "alpha budget", "over the published budget epsilon 2")
+    assert_found(result, "budget", "alpha budget", "entry 2", "records epsilon")
+
+
+def test_store_object_corrupted(fed: Path) -> None:
+    store = ShardStore(fed / "run" / "store")
+    oid = store.manifest(1).shards["expert/L0/E0"]
+    path = store.object_path(oid)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = run_audit(fed)
+    assert_found(result, "store", "store round 1", "shard expert/L0/E0", "corrupt")
+
+
+def test_model_change_without_contributions(fed: Path) -> None:
+    records = read_records(fed)
+    records[2]["updated_shards"].remove("expert/L0/E1")  # the store changed it anyway
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert_found(result, "store", "store round 2", "expert/L0/E1", "aggregated no update")
+
+
+def test_unusable_inputs_exit_2(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["verify", "--ledgers", str(fed / "run"), "--rounds", str(fed / "run")]
+    assert audit_main([*base, "--consortium", str(fed / "missing.yaml")]) == 2
+    assert "cannot read consortium file" in capsys.readouterr().err
+    entries = read_entries(fed, "alpha")
+    entries[1]["epsilon"] = 0.1
+    write_entries(fed, "alpha", entries)
+    assert audit_main([*base, "--consortium", str(fed / "consortium.yaml")]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- consortium file
+
+
+def test_consortium_round_trip_and_from_nodes(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = fed / "c2.json"
+    assert audit_main(["consortium", "--from-nodes", str(fed / "run" / "nodes"), "-o", str(out), "--name", "t"]) == 0
+    c = load_consortium(out)
+    assert sorted(c.members) == list(MEMBERS) and c.name == "t"
+    assert c.members["alpha"].public_key == public_key_hex(key_of(fed, "alpha"))
+    assert load_consortium(fed / "consortium.yaml").members == c.members
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["members"].append(dict(d["members"][0])), "listed twice"),
+        (lambda d: d["members"][1].update(public_key=d["members"][0]["public_key"]), "also listed for member"),
+        (lambda d: d["members"][0].update(public_key="ab" * 31), "64 hex characters"),
+        (lambda d: d["members"][0].update(epsilom=8.0), "unknown keys ['epsilom']"),
+        (lambda d: d["members"][0].update(delta=2.0), "0 < delta < 1"),
+        (lambda d: d.update(format="other"), "'format' must be"),
+    ],
+)
+def test_consortium_refuses_bad_files(fed: Path, mutate: Any, message: str) -> None:
+    data = load_consortium(fed / "consortium.yaml").to_dict()
+    mutate(data)
+    with pytest.raises(ConsortiumError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_consortium(data)
+
+
+def test_consortium_yaml_refuses_duplicate_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("format: kyodo-consortium\nversion: 1\nversion: 1\nmembers: []\n")
+    with pytest.raises(ConsortiumError, match="duplicate key"):
+        load_consortium(path)
+
+
+# --------------------------------------------------------------------------- accounting, report
+
+
+def test_independent_accounting_matches_the_node_and_catches_understatement() -> None:
+    history = [accounting.Mech(SIGMA, RATE, STEPS)] * 2
+    totals = accounting.totals_of(history)
+    honest = epsilon([Mechanism(SIGMA, RATE, STEPS)] * 2, DELTA)
+    assert accounting.check_claim(totals, honest, DELTA, "rdp").ok
+    low = accounting.check_claim(totals, honest * 0.8, DELTA, "rdp")
+    assert not low.ok and low.pld is not None and low.pld > honest * 0.8
+    # a PRV claim is judged against PLD: the node's PRV value passes, half of it does not
+    prv = epsilon([Mechanism(SIGMA, RATE, STEPS)] * 2, DELTA, "prv")
+    assert accounting.check_claim(totals, prv, DELTA, "prv").ok
+    assert not accounting.check_claim(totals, prv / 2, DELTA, "prv").ok
+    assert accounting.check_budget(totals, honest, DELTA).ok
+    assert not accounting.check_budget(totals, honest / 2, DELTA).ok
+
+
+def test_report_is_self_contained(fed: Path, tmp_path: Path) -> None:
+    records = read_records(fed)
+    del records[2]["receipts"]["gamma"]
+    write_records(fed, records)
+    result = run_audit(fed)
+    html_path, md_path = write_report(result, tmp_path / "report")
+    text = html_path.read_text()
+    assert text.count("src='data:image/png;base64,") == 3
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert "gamma contributed to 2 updated shard(s)" in text
+    md = md_path.read_text()
+    assert "**FAIL**" in md and "## Problems" in md and "gamma" in md
+    assert render_markdown(run_audit(fed)).startswith(f"# Privacy audit of run `{RUN}`")
+
+
+# --------------------------------------------------------------------------- the one-run audit bound
+
+
+def test_bound_matches_the_binomial_tail() -> None:
+    # all r guesses right: P[Bin(r, p) >= r] = p^r = 0.05 at the bound (delta = 0)
+    r = 40
+    p = 0.05 ** (1 / r)
+    assert epsilon_lower_bound(r, r, r, 0.0) == pytest.approx(math.log(p / (1 - p)), rel=1e-6)
+    assert correct_probability(0.0) == 0.5
+    assert epsilon_lower_bound(100, 40, 20) == 0.0  # chance level: nothing rejected
+    bounds = [epsilon_lower_bound(100, 40, v, 1e-5) for v in range(28, 41)]
+    assert bounds == sorted(bounds) and bounds[-1] > 2.5
+    # delta only adds probability mass: the p-value grows, the bound shrinks
+    assert p_value(100, 40, 35, 1.0, 1e-3) > p_value(100, 40, 35, 1.0, 0.0)
+    assert epsilon_lower_bound(100, 40, 35, 1e-3) < epsilon_lower_bound(100, 40, 35, 0.0)
+
+
+@pytest.mark.slow
+def test_canary_audit_bounds_dp_below_claim_and_catches_non_private_training() -> None:
+    """DP-SGD at epsilon 1: the empirical bound stays at or below 1. The same canaries without DP:
+    the model memorises them and the bound is clearly higher (the audit has power here)."""
+    from privacy.audit.canary import CanarySetup, run_canary_audit
+
+    private = run_canary_audit(CanarySetup(dp=True, epsilon=1.0, deterministic=True))
+    assert private.claimed_epsilon == pytest.approx(1.0, rel=1e-3)
+    assert private.epsilon_lower_bound <= private.claimed_epsilon and private.consistent
+    open_run = run_canary_audit(CanarySetup(dp=False, deterministic=True))
+    assert open_run.correct > private.correct
+    assert open_run.epsilon_lower_bound >= 1.5 > private.epsilon_lower_bound + 1.0
