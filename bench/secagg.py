@@ -141,6 +141,13 @@ class Clock:
     peak_mb: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     round_base_mb: float = 0.0
 
+    def collect(self) -> None:
+        """Memory pass only, between calls: free the message just handled. Once its records are
+        read, a flwr ``RecordDict`` sits in a reference cycle, so without a cyclic collection its
+        payload outlives it (a process holds up to one payload per reply until the collector runs)."""
+        if self.memory:
+            gc.collect()
+
     def start_round(self) -> None:
         gc.collect()
         if self.memory:
@@ -265,6 +272,7 @@ def secure_round(w: Workload, round_number: int, clock: Clock) -> tuple[np.ndarr
             assert not parsed.deltas and parsed.advert is not None
             server.add_advert(m, parsed.advert, w.identity[m], parsed.num_examples)
         del content, parsed
+        clock.collect()
 
     stages = (
         ("share keys", server.share_keys_requests, ShareKeysRequest, MemberSecAgg.share_keys, ShareKeysReply, server.add_shares),
@@ -283,6 +291,7 @@ def secure_round(w: Workload, round_number: int, clock: Clock) -> tuple[np.ndarr
                 assert reply.member == m
                 accept(reply)
             del content, reply
+            clock.collect()
     with clock(COORD, "finish"):
         sums = server.finish()
         mean = mean_update(sums[SHARD], w.shapes)
@@ -308,6 +317,7 @@ def plaintext_round(w: Workload, clock: Clock) -> np.ndarray:
             acc.add(m, grouped[SHARD], float(parsed.num_examples))
             parsed.deltas = {}
         del content, parsed, grouped
+        clock.collect()
     with clock(COORD, "finish"):
         mean = acc.mean()
     return mean[TENSOR].numpy().reshape(-1)

@@ -4,6 +4,9 @@
 each member prepares its own synthetic LeRobot dataset with its own tool (``kyodo-member
 data synth``, run as a separate process, as a member would), then the ServerApp and the
 ClientApps run for ``train.rounds`` rounds.
+
+``init``, ``add-member``, ``start``, ``register``, ``run`` and ``status`` deploy the same
+ServerApp on a real SuperLink with TLS and node authentication (:mod:`coordinator.deploy`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -209,6 +213,121 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- deployment
+def _log_to_stderr() -> None:
+    """Progress and retry lines of the deployment commands on stderr. Not ``basicConfig``: Opacus
+    calls it at import, after which it does nothing (and its root handler is WARNING-only)."""
+    logger = logging.getLogger("kyodo.coordinator")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _deploy_errors(func):  # noqa: ANN001, ANN202 - decorator for the deployment handlers
+    """Deployment failures the operator must fix print one line (exit 3), never a traceback."""
+    from coordinator.deploy import DeployError
+
+    def handler(args: argparse.Namespace) -> int:
+        _log_to_stderr()
+        try:
+            return int(func(args))
+        except DeployError as err:
+            console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+            return 3
+
+    handler.__doc__ = func.__doc__
+    return handler
+
+
+@_deploy_errors
+def cmd_init(args: argparse.Namespace) -> int:
+    """TLS material (CA + server certificate), consortium config and the flwr connection."""
+    from coordinator.deploy import init_operator
+
+    op = init_operator(
+        args.dir, name=args.name, model=args.model, rounds=args.rounds, host=args.host, port=args.port,
+        san=args.san or ["127.0.0.1", "localhost"], overrides=list(args.overrides),
+    )  # fmt: skip
+    console.print(
+        f"operator directory {op.root}: SuperLink {args.host}:{args.port}, model {args.model!r}, {args.rounds} rounds.\n"
+        f"give members [bold]{op.tls.ca_cert}[/] (never ca.key); admit each with "
+        f"`kyodo-coordinator add-member {op.root} membership.json`",
+        highlight=False,
+    )
+    return 0
+
+
+@_deploy_errors
+def cmd_add_member(args: argparse.Namespace) -> int:
+    """Admit a member from its membership.json (public keys only)."""
+    from coordinator.deploy import add_member
+
+    entry = add_member(args.dir, args.membership)
+    console.print(
+        f"member [cyan]{entry.name}[/] ({entry.embodiment}) added; its SuperNode key is registered when the "
+        f"SuperLink starts, or now with `kyodo-coordinator register {args.dir}`",
+        highlight=False,
+    )
+    return 0
+
+
+@_deploy_errors
+def cmd_start(args: argparse.Namespace) -> int:
+    """The SuperLink, in the foreground (TLS, node authentication, database), members registered."""
+    from coordinator.deploy import SuperLinkRunner, operator_dir
+
+    return SuperLinkRunner(operator_dir(args.dir)).run(register=not args.no_register, start_timeout=args.timeout)
+
+
+@_deploy_errors
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register every member's SuperNode key the running SuperLink does not hold yet."""
+    from coordinator.deploy import load_consortium, operator_dir, register_members
+
+    op = operator_dir(args.dir)
+    registered = register_members(op, load_consortium(op))
+    for name, node in sorted(registered.items()):
+        console.print(f"{name}: node {node}", highlight=False)
+    return 0
+
+
+@_deploy_errors
+def cmd_run(args: argparse.Namespace) -> int:
+    """Submit the ServerApp to the SuperLink (flwr run), optionally waiting for it to finish."""
+    from coordinator.deploy import operator_dir, submit_run, wait_for_run
+
+    submission = submit_run(
+        args.dir,
+        out_dir=args.out_dir,
+        rounds=args.rounds,
+        overrides=list(args.overrides),
+        wait_members=args.wait_members,
+    )
+    console.print(f"run {submission.run_id} submitted; run directory {submission.out_dir}", highlight=False)
+    if not args.wait:
+        return 0
+    status = wait_for_run(operator_dir(args.dir), submission.run_id, timeout=args.timeout)
+    console.print(f"run {submission.run_id}: {status}", highlight=False)
+    return 0 if status == "finished:completed" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Rounds, cohorts, shard versions and member participation of a run directory."""
+    from coordinator.run_status import StoreError, status_tables
+
+    try:
+        tables = status_tables(args.run_dir, rounds=[args.round] if args.round is not None else None)
+    except (FileNotFoundError, StoreError) as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        return 2
+    for table in tables:
+        console.print(table)
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -248,11 +367,57 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("run_dir", help="a run directory (holds store/)")
     gc.add_argument("--keep-last", type=int, default=None, help="keep only the newest N rounds (HEAD always)")
     gc.set_defaults(func=cmd_gc)
+
+    init = sub.add_parser("init", help="create the operator directory: TLS (CA, server cert), consortium config")
+    init.add_argument("dir", help="the operator directory (outside the app directory)")
+    init.add_argument("--name", default="kyodo", help="consortium name (CA name, federation name in run configs)")
+    init.add_argument("--model", default="small", help="model preset of the consortium's runs")
+    init.add_argument("--rounds", type=int, default=4, help="rounds per run (the schedule)")
+    init.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on and members dial")
+    init.add_argument("--port", type=int, default=9093, help="the SuperLink's one HTTPS port")
+    init.add_argument("--san", action="append", help="names in the server certificate (repeatable)")
+    init.add_argument("overrides", nargs="*", help="config overrides for every run: train.local_steps=20")
+    init.set_defaults(func=cmd_init)
+    add = sub.add_parser("add-member", help="admit a member from its membership.json (public keys)")
+    add.add_argument("dir", help="the operator directory")
+    add.add_argument("membership", help="the membership.json `kyodo-member init` wrote")
+    add.set_defaults(func=cmd_add_member)
+    start = sub.add_parser("start", help="run the SuperLink (foreground; TLS, node auth, database)")
+    start.add_argument("dir", help="the operator directory")
+    start.add_argument("--no-register", action="store_true", help="do not register the members' keys")
+    start.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the SuperLink's health")
+    start.set_defaults(func=cmd_start)
+    register = sub.add_parser("register", help="register members' SuperNode keys with the running SuperLink")
+    register.add_argument("dir", help="the operator directory")
+    register.set_defaults(func=cmd_register)
+    run = sub.add_parser("run", help="submit a run of the ServerApp to the SuperLink (flwr run)")
+    run.add_argument("dir", help="the operator directory")
+    run.add_argument("--out-dir", default=None, help="run directory (default DIR/runs/<time>; reuse one to resume)")
+    run.add_argument("--rounds", type=int, default=None, help="override the consortium's rounds")
+    run.add_argument("--wait", action="store_true", help="wait until the run finishes; exit 1 unless it completed")
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
+    run.add_argument(
+        "--wait-members", type=float, default=120.0, help="seconds to wait for every member to be online (0: skip)"
+    )
+    run.add_argument("overrides", nargs="*", help="config overrides for this run: train.local_steps=20")
+    run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="rounds, cohorts, shard versions and participation of a run")
+    status.add_argument("run_dir", help="a run directory (store/, rounds.jsonl)")
+    status.add_argument("--round", type=int, default=None, help="show the cohorts of this round only")
+    status.set_defaults(func=cmd_status)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse matches a positional DIR and the dotlist in one go: a dotlist after options
+    # (`init DIR --model tiny train.lr=0.01`) arrives here and still belongs to the overrides.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args))
 
 

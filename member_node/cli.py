@@ -2,14 +2,15 @@
 
 Commands are grouped (``kyodo-member data synth``, ``kyodo-member data inspect``); each
 group registers itself through a function in :data:`COMMAND_GROUPS`, so further groups
-(``init``, ``start``, ``status``) are added by appending one registrar, without touching
-the parser plumbing. Every handler returns the process exit code; expected failures (bad
+are added by appending one registrar, without touching the parser plumbing. ``init`` and
+``start`` set up and run the member's Flower SuperNode (:mod:`member_node.supernode`). Every handler returns the process exit code; expected failures (bad
 data, unknown embodiment) print one clear line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,18 @@ from rich.table import Table
 
 from member_node.lerobot import DatasetError, LeRobotDataset, read_dataset
 from member_node.status import add_status_command
+from member_node.supernode import (
+    MEMBERSHIP_FILE,
+    MemberSetup,
+    SetupError,
+    SuperNodeRunner,
+    init_member,
+    load_setup,
+    node_config_arg,
+    preflight,
+    supernode_command,
+    wait_for_superlink,
+)
 from member_node.synthetic import generate_dataset
 from shared_model.config import ConfigError, EmbodimentConfig, load_config
 
@@ -131,9 +144,118 @@ def add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     inspect.set_defaults(handler=_cmd_data_inspect)
 
 
+# ----------------------------------------------------------------------------- deployment
+def _log_to_stderr() -> None:
+    """Progress and retry lines of the deployment commands on stderr. Not ``basicConfig``: Opacus
+    calls it at import, after which it does nothing (and its root handler is WARNING-only)."""
+    logger = logging.getLogger("kyodo.member")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    try:
+        embodiments = load_embodiments()
+    except ConfigError as err:
+        raise CommandError(f"cannot load the configuration: {err}", code=2) from None
+    try:
+        setup = init_member(
+            args.dir,
+            member=args.member,
+            embodiment=args.embodiment,
+            data_dir=args.data,
+            epsilon=args.epsilon,
+            delta=args.delta,
+            dp=not args.no_dp,
+            superlink=args.superlink,
+            root_certificates=args.root_certificates,
+            runtime_port=args.port,
+            known_embodiments=embodiments,
+        )
+    except SetupError as err:
+        raise CommandError(str(err), code=2) from None
+    console = Console()
+    console.print(f"member [cyan]{setup.member}[/] ({setup.embodiment}) set up in {setup.dir}", highlight=False)
+    console.print(f"  config           {setup.dir / 'member.yaml'}", highlight=False)
+    console.print(f"  ledger key       {setup.signing_key} (Ed25519, stays here)", highlight=False)
+    console.print(f"  SuperNode key    {setup.auth_key} (EC P-384, stays here)", highlight=False)
+    console.print(f"send [bold]{setup.dir / MEMBERSHIP_FILE}[/] (public keys only) to the operator", highlight=False)
+    return 0
+
+
+def _check_data(setup: MemberSetup) -> None:
+    """The dataset must exist and match the declared embodiment before a SuperNode announces it."""
+    embodiment = _embodiment(setup.embodiment)
+    try:
+        read_dataset(setup.data_dir, embodiment, setup.embodiment)
+    except (DatasetError, FileNotFoundError) as err:
+        raise SetupError(
+            f"data {setup.data_dir}: {err} (prepare it with `kyodo-member data synth` or point --data at a "
+            "LeRobot v3.0 dataset)"
+        ) from None
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    _log_to_stderr()
+    try:
+        setup = load_setup(args.dir)
+        if args.superlink:
+            setup.superlink = args.superlink
+        if args.root_certificates:
+            setup.root_certificates = str(Path(args.root_certificates).expanduser().resolve())
+        if args.port is not None:
+            setup.runtime_port = args.port
+        preflight(setup, check_data=_check_data)
+        if args.dry_run:
+            print(" ".join(supernode_command(setup, setup.runtime_port or 0)))
+            print(f"node config: {node_config_arg(setup.node_config())}")
+            return 0
+        wait_for_superlink(setup.superlink, setup.root_certificates, timeout=args.connect_timeout)
+        return SuperNodeRunner(setup).run(rejoin_timeout=args.rejoin_timeout)
+    except SetupError as err:
+        raise CommandError(str(err), code=3) from None
+
+
+def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``init`` (keys and member config) and ``start`` (the SuperNode)."""
+    init = commands.add_parser("init", help="create this member's keys and config (member.yaml, membership.json)")
+    init.add_argument("dir", type=Path, help="the member's directory (created; holds keys, config and state)")
+    init.add_argument("--member", required=True, help="the member's name in the consortium")
+    init.add_argument("--embodiment", required=True, help="its robot, a name from configs/embodiments.yaml")
+    init.add_argument("--data", type=Path, required=True, help="its LeRobot v3.0 dataset directory")
+    init.add_argument("--epsilon", type=float, default=8.0, help="privacy budget epsilon (the member's own)")
+    init.add_argument("--delta", type=float, default=1e-5, help="privacy budget delta")
+    init.add_argument("--no-dp", action="store_true", help="train without DP-SGD (debugging only)")
+    init.add_argument("--superlink", default="", help="HOST:PORT of the consortium's SuperLink")
+    init.add_argument("--root-certificates", default="", help="the consortium's CA certificate (ca.pem)")
+    init.add_argument("--port", type=int, default=0, help="SuperNode runtime API port (0: a free one at start)")
+    init.set_defaults(handler=_cmd_init)
+
+    start = commands.add_parser("start", help="run this member's Flower SuperNode (foreground)")
+    start.add_argument("dir", type=Path, help="the member's directory (kyodo-member init)")
+    start.add_argument("--superlink", default="", help="override member.yaml: HOST:PORT of the SuperLink")
+    start.add_argument("--root-certificates", default="", help="override member.yaml: the consortium's ca.pem")
+    start.add_argument("--port", type=int, default=None, help="override member.yaml: runtime API port")
+    start.add_argument(
+        "--connect-timeout", type=float, default=60.0, help="seconds to retry a SuperLink that refuses connections"
+    )
+    start.add_argument(
+        "--rejoin-timeout",
+        type=float,
+        default=90.0,
+        help="seconds to retry when the SuperLink refuses a key it accepted before (a lingering old session)",
+    )
+    start.add_argument("--dry-run", action="store_true", help="check everything, print the command, start nothing")
+    start.set_defaults(handler=_cmd_start)
+
+
 # ----------------------------------------------------------------------------- plumbing
 
-COMMAND_GROUPS: list[Registrar] = [add_data_commands, add_status_command]
+COMMAND_GROUPS: list[Registrar] = [add_data_commands, add_status_command, add_deploy_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
