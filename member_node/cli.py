@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from member_node.supernode import (
     MemberSetup,
     SetupError,
     SuperNodeRunner,
+    free_port,
     init_member,
     load_setup,
     node_config_arg,
@@ -211,7 +213,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
             setup.runtime_port = args.port
         preflight(setup, check_data=_check_data)
         if args.dry_run:
-            print(" ".join(supernode_command(setup, setup.runtime_port or 0)))
+            print(shlex.join(supernode_command(setup, setup.runtime_port or free_port())))
             print(f"node config: {node_config_arg(setup.node_config())}")
             return 0
         wait_for_superlink(setup.superlink, setup.root_certificates, timeout=args.connect_timeout)

@@ -1,0 +1,605 @@
+"""The operator's deployment: consortium config, TLS, the SuperLink, registrations, runs.
+
+Everything lives in one operator directory (``kyodo-coordinator init DIR``)::
+
+    consortium.yaml          members (public keys), model, rounds, SuperLink address
+    audit-consortium.yaml    the same members in kyodo-audit's format (ledger keys, budgets)
+    tls/                     ca.pem (members get it), ca.key, server.pem, server.key
+    members/NAME.pub         each member's SuperNode key (OpenSSH), as registered
+    superlink/state.db       the SuperLink's database (--database: runs and registrations)
+    superlink/registered.json  member -> Flower node id, as registered in that database
+    superlink/flwr-home/     the SuperLink's own Flower files (installed app bundles)
+    flwr-home/config.toml    the `flwr` CLI's connection to this SuperLink (FLWR_HOME)
+    runs/<timestamp>/        one run directory per submitted run (the ServerApp's out_dir)
+    runs.jsonl               one line per submission (Flower run id, out_dir, time)
+
+Connection settings stay out of the repository: ``flwr`` reads them from ``FLWR_HOME`` (this
+directory's ``flwr-home``), never from ``pyproject.toml`` (``flwr run`` would rewrite it). The
+directory must not lie inside the app directory, because ``flwr run`` packs the app
+directory's ``*.toml``, ``*.yaml`` and ``*.json`` files into the bundle it ships.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
+from privacy.keys import KeyFormatError, load_public_key
+from shared_model.config import ConfigError, load_config
+
+log = logging.getLogger("kyodo.coordinator")
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONSORTIUM_FILE = "consortium.yaml"
+CONNECTION = "kyodo"  # the connection's name in flwr-home/config.toml
+
+
+class DeployError(Exception):
+    """Something the operator must fix; the text says what."""
+
+
+class Unreachable(Exception):
+    """The SuperLink refused or dropped a connection: it may still be starting, so retry."""
+
+
+# ----------------------------------------------------------------------------- the consortium config
+
+
+@dataclass
+class MemberEntry:
+    """A member as the operator knows it: only public keys (from the member's membership.json)."""
+
+    name: str
+    embodiment: str
+    ledger_public_key: str  # Ed25519, hex: verifies the member's signed privacy receipts
+    supernode_public_key: str  # EC P-384, OpenSSH line: registered for Flower's node authentication
+    # The budget the member publishes (its node enforces its own; auditors check receipts against this).
+    epsilon: float = 8.0
+    delta: float = 1e-5
+
+
+@dataclass
+class Consortium:
+    name: str = "kyodo"
+    host: str = "127.0.0.1"
+    port: int = 9093
+    model: str = "small"
+    rounds: int = 4
+    overrides: list[str] = field(default_factory=list)  # dotlist applied to every run
+    members: list[MemberEntry] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def member(self, name: str) -> MemberEntry | None:
+        return next((m for m in self.members if m.name == name), None)
+
+
+@dataclass(frozen=True)
+class OperatorDir:
+    root: Path
+
+    @property
+    def consortium(self) -> Path:
+        return self.root / CONSORTIUM_FILE
+
+    @property
+    def tls(self) -> TLSPaths:
+        return TLSPaths(self.root / "tls")
+
+    @property
+    def members(self) -> Path:
+        return self.root / "members"
+
+    @property
+    def audit_consortium(self) -> Path:
+        return self.root / "audit-consortium.yaml"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "superlink" / "state.db"
+
+    @property
+    def registered(self) -> Path:
+        return self.root / "superlink" / "registered.json"
+
+    @property
+    def superlink_home(self) -> Path:
+        return self.root / "superlink" / "flwr-home"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr-home"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+
+def operator_dir(path: Path | str) -> OperatorDir:
+    return OperatorDir(Path(path).expanduser().resolve())
+
+
+def load_consortium(op: OperatorDir) -> Consortium:
+    if not op.consortium.is_file():
+        raise DeployError(f"{op.consortium} does not exist: run `kyodo-coordinator init {op.root}` first")
+    try:
+        data = yaml.safe_load(op.consortium.read_text(encoding="utf-8")) or {}
+        members = [MemberEntry(**m) for m in data.pop("members", None) or []]
+        return Consortium(**data, members=members)
+    except (yaml.YAMLError, TypeError) as err:
+        raise DeployError(f"{op.consortium} is not a valid consortium config: {err}") from None
+
+
+def save_consortium(op: OperatorDir, consortium: Consortium) -> None:
+    text = (
+        "# kyodo consortium (kyodo-coordinator init / add-member). Members appear here with their\n"
+        "# public keys only; each member's privacy budget is its own and is not known here.\n"
+        + yaml.safe_dump(asdict(consortium), sort_keys=False, width=200)
+    )
+    tmp = op.consortium.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(op.consortium)
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    try:
+        path.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def init_operator(
+    path: Path | str,
+    *,
+    name: str = "kyodo",
+    model: str = "small",
+    rounds: int = 4,
+    host: str = "127.0.0.1",
+    port: int = 9093,
+    san: Sequence[str] = DEFAULT_HOSTS,
+    overrides: Sequence[str] = (),
+) -> OperatorDir:
+    """Create the operator directory: TLS material, consortium config, the flwr connection."""
+    op = operator_dir(path)
+    if _inside(op.root, APP_DIR):
+        raise DeployError(
+            f"{op.root} is inside the app directory {APP_DIR}: `flwr run` would pack its config files into "
+            "the app bundle it ships. Put the operator directory elsewhere (e.g. ~/kyodo-operator)"
+        )
+    if op.consortium.exists():
+        raise DeployError(f"{op.consortium} already exists: this directory is set up")
+    if rounds < 1:
+        raise DeployError("--rounds must be >= 1")
+    try:
+        load_config(model=model, overrides=list(overrides))
+    except ConfigError as err:
+        raise DeployError(f"config: {err}") from None
+    hosts = list(dict.fromkeys([host, *san]))
+    op.root.mkdir(parents=True, exist_ok=True)
+    try:
+        create_tls(op.tls.root, name, hosts)
+    except TLSError as err:
+        raise DeployError(str(err)) from None
+    save_consortium(
+        op, Consortium(name=name, host=host, port=port, model=model, rounds=rounds, overrides=list(overrides))
+    )
+    write_flwr_connection(op, Consortium(host=host, port=port))
+    return op
+
+
+def write_flwr_connection(op: OperatorDir, consortium: Consortium) -> Path:
+    """``FLWR_HOME/config.toml`` with one TLS connection to this SuperLink, pinned to our CA."""
+    op.flwr_home.mkdir(parents=True, exist_ok=True)
+    path = op.flwr_home / "config.toml"
+    doc = {
+        "superlink": {
+            "default": CONNECTION,
+            CONNECTION: {"address": consortium.address, "root-certificates": str(op.tls.ca_cert)},
+        }
+    }
+    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    return path
+
+
+def _load_ssh_public(line: str, what: str) -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_ssh_public_key(line.strip().encode())
+    except (ValueError, TypeError) as err:
+        raise DeployError(f"{what} is not an OpenSSH public key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+        raise DeployError(f"{what} must be an EC key on a NIST curve (Flower's node authentication), got {key}")
+    return key
+
+
+def add_member(path: Path | str, membership_file: Path | str) -> MemberEntry:
+    """Admit a member from the ``membership.json`` it sent (public keys only), after checking
+    both keys parse and neither name nor SuperNode key is taken already."""
+    op = operator_dir(path)
+    consortium = load_consortium(op)
+    try:
+        data = json.loads(Path(membership_file).read_text(encoding="utf-8"))
+        entry = MemberEntry(
+            name=str(data["member"]),
+            embodiment=str(data["embodiment"]),
+            ledger_public_key=str(data["ledger_public_key"]),
+            supernode_public_key=str(data["supernode_public_key"]).strip(),
+            epsilon=float(data["epsilon"]),
+            delta=float(data["delta"]),
+        )
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DeployError(f"{membership_file}: not a membership file from `kyodo-member init` ({err})") from None
+    embodiments = load_config().embodiments
+    if entry.embodiment not in embodiments:
+        raise DeployError(f"member {entry.name!r}: unknown embodiment {entry.embodiment!r} ({sorted(embodiments)})")
+    try:
+        load_public_key(entry.ledger_public_key)
+    except KeyFormatError as err:
+        raise DeployError(f"member {entry.name!r}: ledger key: {err}") from None
+    _load_ssh_public(entry.supernode_public_key, f"member {entry.name!r}: SuperNode key")
+    if consortium.member(entry.name):
+        raise DeployError(f"member {entry.name!r} is already in {op.consortium}")
+    for other in consortium.members:
+        if other.supernode_public_key.split()[:2] == entry.supernode_public_key.split()[:2]:
+            raise DeployError(f"member {entry.name!r} sent the SuperNode key of {other.name!r}")
+    op.members.mkdir(parents=True, exist_ok=True)
+    (op.members / f"{entry.name}.pub").write_text(entry.supernode_public_key + "\n", encoding="utf-8")
+    consortium.members.append(entry)
+    save_consortium(op, consortium)
+    write_audit_consortium(op, consortium)
+    return entry
+
+
+def write_audit_consortium(op: OperatorDir, consortium: Consortium) -> Path:
+    """``DIR/audit-consortium.yaml`` in kyodo-audit's format (members' ledger keys and published
+    budgets), so an auditor can run ``kyodo-audit verify --consortium`` on this consortium's runs."""
+    from privacy.audit.consortium import dump_consortium, parse_consortium
+
+    raw = {
+        "format": "kyodo-consortium",
+        "version": 1,
+        "name": consortium.name,
+        "members": [
+            {"member": m.name, "public_key": m.ledger_public_key, "epsilon": m.epsilon, "delta": m.delta,
+             "embodiment": m.embodiment}
+            for m in consortium.members
+        ],
+    }  # fmt: skip
+    return dump_consortium(parse_consortium(raw, str(op.audit_consortium)), op.audit_consortium)
+
+
+# ----------------------------------------------------------------------------- the SuperLink
+
+
+def _flower_executable(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.is_file() else name
+
+
+def superlink_command(op: OperatorDir, consortium: Consortium) -> list[str]:
+    """TLS on the one HTTP port, node authentication, no ``uv sync`` of the app's dependencies
+    (the coordinator runs the installed code), and a database so registrations survive restarts."""
+    tls = op.tls
+    return [
+        _flower_executable("flower-superlink"),
+        "--ssl-certfile", str(tls.server_cert),
+        "--ssl-keyfile", str(tls.server_key),
+        "--ssl-ca-certfile", str(tls.ca_cert),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database", str(op.database),
+        "--host", consortium.host,
+        "--port", str(consortium.port),
+    ]  # fmt: skip
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As uvicorn does: connections of a previous SuperLink in TIME_WAIT must not count as busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise DeployError(
+                f"cannot listen on {host}:{port} ({err.strerror}): another SuperLink or program holds it; "
+                "stop it or change port in consortium.yaml"
+            ) from None
+
+
+def probe(address: str, ca_file: Path, timeout: float = 5.0) -> None:
+    """``GET /health`` over TLS pinned to our CA: :class:`Unreachable` while it is not up."""
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPSConnection(
+        host, int(port), context=ssl.create_default_context(cafile=str(ca_file)), timeout=timeout
+    )
+    try:
+        conn.request("GET", "/health")
+        status = conn.getresponse().status
+    except ssl.SSLCertVerificationError as err:
+        raise DeployError(f"{address} presents a certificate {ca_file} did not sign ({err.verify_message})") from None
+    except (ConnectionError, TimeoutError, OSError, http.client.HTTPException) as err:
+        raise Unreachable(f"{type(err).__name__}: {err}") from None
+    finally:
+        conn.close()
+    if status != 200:
+        raise Unreachable(f"GET /health answered {status}")
+
+
+def _log_retry(what: str) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("%s (attempt %d): %s; retrying in %.1f s", what, state.attempt_number, err, wait)
+
+    return before_sleep
+
+
+def wait_healthy(address: str, ca_file: Path, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> None:
+    """Retry the health probe with bounded exponential backoff (0.5 s doubling to 8 s)."""
+
+    def check() -> None:
+        if alive is not None and not alive():
+            raise DeployError("the SuperLink exited during start-up; see its output above")
+        probe(address, ca_file)
+
+    for attempt in Retrying(
+        retry=retry_if_exception_type(Unreachable),
+        stop=stop_after_delay(timeout),
+        wait=wait_exponential(multiplier=0.5, min=0.5, max=8),
+        before_sleep=_log_retry(f"SuperLink {address} not healthy yet"),
+        reraise=True,
+    ):
+        with attempt:
+            check()
+
+
+def require_superlink(op: OperatorDir, consortium: Consortium, timeout: float = 30.0) -> None:
+    """Wait (bounded, with backoff) for this consortium's SuperLink; if it never answers, say how to start it."""
+    try:
+        wait_healthy(consortium.address, op.tls.ca_cert, timeout)
+    except Unreachable as err:
+        raise DeployError(
+            f"the SuperLink at {consortium.address} did not answer for {timeout:.0f} s ({err}): "
+            f"start it with `kyodo-coordinator start {op.root}`"
+        ) from None
+
+
+def flwr_env(op: OperatorDir) -> dict[str, str]:
+    env = {**os.environ, "FLWR_HOME": str(op.flwr_home)}
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return env
+
+
+def flwr_cli(op: OperatorDir, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Run ``flwr ... --format json`` against this operator's connection; its JSON answer."""
+    cmd = [_flower_executable("flwr"), *args, "--format", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=flwr_env(op), timeout=timeout, cwd=op.root)
+    text = proc.stdout.strip()
+    start = text.find("{")
+    try:
+        answer = json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        answer = {}
+    if proc.returncode != 0 or not answer.get("success", False):
+        detail = answer.get("error-message") or (proc.stdout + proc.stderr).strip()[-800:]
+        raise DeployError(f"`flwr {' '.join(args[:2])}` failed: {detail}")
+    return answer
+
+
+def _registered(op: OperatorDir) -> dict[str, str]:
+    if not op.registered.is_file():
+        return {}
+    return dict(json.loads(op.registered.read_text(encoding="utf-8")))
+
+
+def register_members(op: OperatorDir, consortium: Consortium) -> dict[str, str]:
+    """``flwr supernode register`` every member whose key this SuperLink's database does not hold
+    yet (``registered.json`` is checked against ``flwr supernode list``); member -> node id."""
+    require_superlink(op, consortium)
+    registered = _registered(op)
+    known = {str(n["node-id"]) for n in flwr_cli(op, "supernode", "list", CONNECTION).get("nodes", [])}
+    for member in consortium.members:
+        if registered.get(member.name) in known:
+            continue
+        key_file = op.members / f"{member.name}.pub"
+        answer = flwr_cli(op, "supernode", "register", str(key_file), CONNECTION, "--name", member.name)
+        registered[member.name] = str(answer["node-id"])
+        log.info("registered %s's SuperNode key as node %s", member.name, registered[member.name])
+        op.registered.parent.mkdir(parents=True, exist_ok=True)
+        op.registered.write_text(json.dumps(registered, indent=2), encoding="utf-8")
+    return registered
+
+
+class SuperLinkRunner:
+    """Runs ``flower-superlink`` in the foreground: checks first, registers members once it is
+    healthy, passes SIGTERM/SIGINT on (unless the child got it from a group signal already)."""
+
+    def __init__(self, op: OperatorDir) -> None:
+        self.op = op
+        self.consortium = load_consortium(op)
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def preflight(self) -> None:
+        try:
+            check_server_tls(self.op.tls, self.consortium.host)
+        except TLSError as err:
+            raise DeployError(str(err)) from None
+        _check_port_free(self.consortium.host, self.consortium.port)
+
+    def _forward(self, signum: int, _frame: Any) -> None:
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        time.sleep(1.0)
+        if child.poll() is None and _still_catches(child.pid, signum):
+            child.send_signal(signum)
+
+    def run(self, register: bool = True, start_timeout: float = 60.0) -> int:
+        self.preflight()
+        self.op.database.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "FLWR_HOME": str(self.op.superlink_home)}
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.child = subprocess.Popen(superlink_command(self.op, self.consortium), env=env)
+            wait_healthy(
+                self.consortium.address, self.op.tls.ca_cert, start_timeout, alive=lambda: self.child.poll() is None
+            )
+            log.info("SuperLink healthy on https://%s", self.consortium.address)
+            if register and self.consortium.members:
+                register_members(self.op, self.consortium)
+            print(f"kyodo: SuperLink ready on {self.consortium.address}", flush=True)
+            code = self.child.wait()
+        except BaseException:
+            if self.child is not None and self.child.poll() is None:
+                self.child.terminate()
+                self.child.wait(timeout=30)
+            raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        # flwr_exit: status 0 for a graceful stop, 1 for any error (its log says which).
+        return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+
+
+def _still_catches(pid: int, signum: int) -> bool:
+    """Whether ``pid`` still handles ``signum`` (Flower restores the default after the first)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return True
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def online_nodes(op: OperatorDir) -> set[str]:
+    return {
+        str(n["node-id"])
+        for n in flwr_cli(op, "supernode", "list", CONNECTION).get("nodes", [])
+        if n.get("status") == "online"
+    }
+
+
+def wait_for_members(op: OperatorDir, names: Sequence[str], timeout: float, poll: float = 3.0) -> None:
+    """Wait until the named members' SuperNodes are online (a run queries whoever is connected)."""
+    registered = _registered(op)
+    missing = [n for n in names if n not in registered]
+    if missing:
+        raise DeployError(f"members {missing} are not registered: run `kyodo-coordinator register {op.root}`")
+    deadline = time.monotonic() + timeout
+    while True:
+        online = online_nodes(op)
+        offline = [n for n in names if registered[n] not in online]
+        if not offline:
+            return
+        if time.monotonic() > deadline:
+            raise DeployError(f"members {offline} did not come online within {timeout:.0f} s")
+        log.info("waiting for %s to come online", ", ".join(offline))
+        time.sleep(poll)
+
+
+def run_config(consortium: Consortium, out_dir: Path, rounds: int | None, overrides: Sequence[str]) -> dict[str, str]:
+    """The Flower run config: the model preset, and as overrides the schedule, the run directory
+    and the consortium's members (recorded in the run's config.yaml instead of the simulation's)."""
+    members = ", ".join(f"{{name: {m.name}, embodiment: {m.embodiment}}}" for m in consortium.members)
+    items = [
+        f"train.rounds={rounds or consortium.rounds}",
+        f"out_dir={out_dir}",
+        f"federation.name={consortium.name}",
+        f"federation.members=[{members}]",
+        *consortium.overrides,
+        *overrides,
+    ]
+    try:
+        load_config(model=consortium.model, overrides=items)
+    except ConfigError as err:
+        raise DeployError(f"config: {err}") from None
+    return {"model": consortium.model, "federation": "default", "overrides": " ".join(shlex.quote(i) for i in items)}
+
+
+@dataclass
+class Submission:
+    run_id: str
+    out_dir: Path
+    status: str = "submitted"
+
+
+def submit_run(
+    path: Path | str,
+    *,
+    out_dir: Path | str | None = None,
+    rounds: int | None = None,
+    overrides: Sequence[str] = (),
+    wait_members: float = 120.0,
+) -> Submission:
+    """``flwr run APP kyodo --run-config FILE`` with FLWR_HOME in the operator directory. The
+    run config goes in a TOML file: no shell or Flower quoting rules apply to its values."""
+    op = operator_dir(path)
+    consortium = load_consortium(op)
+    if not consortium.members:
+        raise DeployError(f"{op.consortium} has no members: add them with `kyodo-coordinator add-member`")
+    out = Path(out_dir).expanduser().resolve() if out_dir else op.runs / time.strftime("%Y%m%d-%H%M%S")
+    config = run_config(consortium, out, rounds, overrides)
+    require_superlink(op, consortium)
+    if wait_members > 0:
+        wait_for_members(op, [m.name for m in consortium.members], wait_members)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "run-config.toml"
+    config_file.write_text(tomli_w.dumps(config), encoding="utf-8")
+    answer = flwr_cli(op, "run", str(APP_DIR), CONNECTION, "--run-config", str(config_file))
+    submission = Submission(run_id=str(answer["run-id"]), out_dir=out)
+    with open(op.root / "runs.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"run_id": submission.run_id, "out_dir": str(out), "submitted": time.time()}) + "\n")
+    return submission
+
+
+def run_status(op: OperatorDir, run_id: str) -> str:
+    runs = flwr_cli(op, "ls", CONNECTION, "--run-id", run_id).get("runs", [])
+    if not runs:
+        raise DeployError(f"the SuperLink knows no run {run_id}")
+    return str(runs[0].get("status", "?"))
+
+
+def wait_for_run(op: OperatorDir, run_id: str, timeout: float, poll: float = 5.0) -> str:
+    """Poll ``flwr ls`` until the run is finished; its final status (``finished:completed``...)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            status = run_status(op, run_id)
+        except DeployError as err:  # the SuperLink may be restarting: say so and keep waiting
+            log.warning("run %s: %s", run_id, err)
+            status = last
+        if status != last:
+            log.info("run %s: %s", run_id, status)
+            last = status
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll)
+    raise DeployError(f"run {run_id} did not finish within {timeout:.0f} s (last status {last or 'unknown'})")

@@ -1,0 +1,160 @@
+"""``kyodo-coordinator status RUN_DIR``: what a run did, from its files only.
+
+Reads the run directory the ServerApp writes (``store/`` manifests, ``rounds.jsonl``), so it
+works while a run is in progress, after it ended, and on a copy handed to someone else; it
+needs no SuperLink. The store is the truth about what was committed (a round is committed
+when HEAD names it); ``rounds.jsonl`` says who trained, declined or failed and how each shard
+was aggregated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from coordinator.records import read_records
+from shared_model.store import Manifest, ShardStore, StoreError
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    head: int | None
+    manifests: dict[int, Manifest] = field(default_factory=dict)  # round -> manifest (still stored)
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)  # round -> rounds.jsonl record
+
+    @property
+    def members(self) -> list[str]:
+        names: set[str] = set()
+        for rec in self.records.values():
+            for key in ("evaluation", "train", "declined", "failed", "sync_bytes"):
+                names.update(rec.get(key) or {})
+            for cohort in (rec.get("cohorts") or {}).values():
+                names.update(cohort)
+        return sorted(n for n in names if "/" not in n)  # "failed" may also name shards
+
+
+def load_report(run_dir: Path | str) -> RunReport:
+    """The run's committed rounds and records; raises ``FileNotFoundError`` for a non-run."""
+    run_dir = Path(run_dir)
+    store_dir = run_dir / "store"
+    if not (store_dir / "HEAD").is_file() and not (run_dir / "rounds.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no store/HEAD, no rounds.jsonl)")
+    report = RunReport(run_dir=run_dir, head=None)
+    if (store_dir / "HEAD").is_file():
+        store = ShardStore(store_dir)
+        head = store.head()
+        report.head = head.round if head else None
+        for rnd in store.rounds():
+            report.manifests[rnd] = store.manifest(rnd)
+    for rec in read_records(run_dir):
+        report.records[int(rec["round"])] = rec  # a resumed round's later record wins
+    return report
+
+
+def rounds_table(report: RunReport) -> Table:
+    table = Table(title=f"rounds of {report.run_dir} (HEAD: round {report.head})")
+    for col in ("round", "committed", "changed", "aggregation", "trained", "declined", "failed", "MSE", "s"):
+        table.add_column(col, justify="left" if col in ("committed", "aggregation") else "right")
+    rounds = sorted(set(report.manifests) | set(report.records))
+    for rnd in rounds:
+        rec = report.records.get(rnd, {})
+        manifest = report.manifests.get(rnd)
+        parent = report.manifests.get(manifest.parent) if manifest and manifest.parent is not None else None
+        changed = (
+            "all" if manifest and manifest.parent is None
+            else str(sum(manifest.shards[s] != parent.shards.get(s) for s in manifest.shards)) if manifest and parent
+            else "-"
+        )  # fmt: skip
+        kinds = sorted(set((rec.get("aggregation") or {}).values()))
+        if rec.get("recovered_from_store"):  # the coordinator died between commit and record
+            kinds = ["record lost, resumed from store"]
+        evaluation = rec.get("evaluation") or {}
+        mse = sum(e["action_mse"] for e in evaluation.values()) / len(evaluation) if evaluation else None
+        committed = "HEAD" if rnd == report.head else ("yes" if manifest else "no")
+        table.add_row(
+            str(rnd), committed, changed, ", ".join(kinds) or "-",
+            str(len(rec.get("train") or {})), str(len(rec.get("declined") or {})),
+            str(len([k for k in rec.get("failed") or {} if "/" not in k])),
+            f"{mse:.4f}" if mse is not None else "-", f"{rec['seconds']:.0f}" if "seconds" in rec else "-",
+        )  # fmt: skip
+    return table
+
+
+def cohorts_table(report: RunReport, rounds: Sequence[int] | None = None) -> Table:
+    table = Table(title="cohorts (who trained which shard)")
+    for col in ("round", "shard", "cohort", "aggregated as"):
+        table.add_column(col)
+    for rnd in sorted(rounds if rounds is not None else report.records):
+        rec = report.records.get(rnd, {})
+        aggregation = rec.get("aggregation") or {}
+        for shard, cohort in sorted((rec.get("cohorts") or {}).items()):
+            how = aggregation.get(shard) or (rec.get("rejected") or {}).get(shard) or "not updated"
+            table.add_row(str(rnd), shard, ", ".join(cohort), how)
+    return table
+
+
+def shards_table(report: RunReport) -> Table:
+    """Per shard: how many versions the stored rounds hold, when it last changed, its object at HEAD."""
+    table = Table(title="shard versions (from the store's manifests)")
+    for col in ("shard", "versions", "last changed", "object at HEAD"):
+        table.add_column(col, justify="right" if col == "versions" else "left")
+    if report.head is None or report.head not in report.manifests:
+        return table
+    head = report.manifests[report.head]
+    for shard in head.shard_order():
+        versions: list[tuple[int, str]] = []
+        for rnd in sorted(report.manifests):
+            oid = report.manifests[rnd].shards.get(shard)
+            if oid and (not versions or versions[-1][1] != oid):
+                versions.append((rnd, oid))
+        table.add_row(
+            shard, str(len(versions)), f"round {versions[-1][0]}" if versions else "-", head.shards[shard][:12]
+        )
+    return table
+
+
+def participation_table(report: RunReport) -> Table:
+    """Per member and round: trained (T), declined (D), failed (F), evaluated only (e), absent (-)."""
+    rounds = sorted(r for r in report.records if r > 0)
+    table = Table(title="member participation (T trained, D declined, F failed, e evaluated only, - absent)")
+    table.add_column("member")
+    for rnd in rounds:
+        table.add_column(f"r{rnd}", justify="center")
+    for col in ("rounds trained", "ε after last receipt", "bytes received"):
+        table.add_column(col, justify="right")
+    for member in report.members:
+        cells, trained, epsilon, received = [], 0, None, 0
+        for rnd in rounds:
+            rec = report.records[rnd]
+            if member in (rec.get("train") or {}):
+                cells.append("T")
+                trained += 1
+            elif member in (rec.get("declined") or {}):
+                cells.append("D")
+            elif member in (rec.get("failed") or {}):
+                cells.append("F")
+            elif member in (rec.get("evaluation") or {}):
+                cells.append("e")
+            else:
+                cells.append("-")
+            receipt = (rec.get("receipts") or {}).get(member)
+            if receipt:
+                epsilon = receipt.get("epsilon")
+        for rec in report.records.values():
+            received += int((rec.get("sync_bytes") or {}).get(member, 0))
+        table.add_row(member, *cells, str(trained), f"{epsilon:.3f}" if epsilon is not None else "-", f"{received:,}")
+    return table
+
+
+def status_tables(run_dir: Path | str, rounds: Sequence[int] | None = None) -> list[Table]:
+    """Every table ``status`` prints; raises ``FileNotFoundError`` or ``StoreError``."""
+    report = load_report(run_dir)
+    return [rounds_table(report), cohorts_table(report, rounds), shards_table(report), participation_table(report)]
+
+
+__all__ = ["RunReport", "StoreError", "load_report", "status_tables"]

@@ -1,0 +1,530 @@
+"""A member's deployment: its keys, its config file, and the Flower SuperNode it runs.
+
+``kyodo-member init`` writes everything a member needs into one directory it owns:
+
+- ``member.yaml``: who the member is, where its data and state live, its privacy budget
+  (the node config Flower hands the ClientApp: it never comes from the coordinator), and how
+  to reach the consortium's SuperLink;
+- ``state/member_ed25519.pem``: the Ed25519 key that signs the privacy ledger (the same file
+  :class:`member_node.node.MemberNode` uses, created once and never replaced);
+- ``keys/supernode_auth`` (+ ``.pub``): the EC P-384 key Flower's node authentication
+  checks (OpenSSH format: what ``flower-supernode --auth-supernode-private-key`` and
+  ``flwr supernode register`` read);
+- ``membership.json``: the public half of both keys and the budget it claims, which the
+  member sends to the operator (auditors check its receipts against that budget).
+
+``kyodo-member start`` checks all of that before Flower sees it (so a wrong path is one clear
+line, not a traceback from a subprocess), waits for the SuperLink with bounded exponential
+backoff while it refuses connections, then runs ``flower-supernode`` and watches its output:
+a key the SuperLink has never accepted is reported as unregistered at once, while a key it
+accepted before is retried for a while, because Flower keeps a node that vanished without
+saying goodbye (``kill -9``, power loss) online for two heartbeat intervals and refuses a
+second session for it meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from privacy.keys import load_or_create_signing_key, public_key_hex
+
+log = logging.getLogger("kyodo.member")
+
+MEMBER_FILE = "member.yaml"
+MEMBERSHIP_FILE = "membership.json"
+SESSION_FILE = "supernode.json"
+SIGNING_KEY_FILE = "member_ed25519.pem"  # inside the state dir, where MemberNode looks for it
+AUTH_KEY_FILE = "keys/supernode_auth"
+
+# What flower-supernode prints (Flower 1.42) for the outcomes ``start`` must tell apart.
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_ACTIVATION_REFUSED = "Failed to activate SuperNode"
+_TLS_REFUSED = "CERTIFICATE_VERIFY_FAILED"
+_KEY_UNREADABLE = "Unable to parse the private key file"
+# How a SuperNode that was asked to stop exits: Flower's flwr_exit maps its graceful codes to
+# status 0 and every error (activation refused, TLS, bad key) to status 1.
+_GRACEFUL = {0, -signal.SIGTERM, -signal.SIGINT}
+
+
+class SetupError(Exception):
+    """Something the member must fix (a path, a key, a registration); the text says what."""
+
+
+class SuperLinkUnreachable(Exception):
+    """The SuperLink refused or dropped the connection: it may still be starting, so retry."""
+
+
+class StaleSession(Exception):
+    """The SuperLink refused a key it accepted before: most likely the node's previous session
+    is still counted online (it ended without deactivating), so the same start is retried."""
+
+
+@dataclass
+class MemberSetup:
+    """The contents of ``member.yaml`` (paths absolute, so the file works from any directory)."""
+
+    member: str
+    embodiment: str
+    data_dir: str
+    state_dir: str
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    dp: bool = True
+    superlink: str = ""  # host:port of the consortium's SuperLink
+    root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
+    runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
+    dir: Path = field(default=Path("."), repr=False)
+
+    @property
+    def auth_key(self) -> Path:
+        return self.dir / AUTH_KEY_FILE
+
+    @property
+    def auth_public_key(self) -> Path:
+        return self.dir / f"{AUTH_KEY_FILE}.pub"
+
+    @property
+    def signing_key(self) -> Path:
+        return Path(self.state_dir) / SIGNING_KEY_FILE
+
+    @property
+    def flwr_home(self) -> Path:
+        """Flower's own files (installed app bundles) stay inside the member's directory."""
+        return self.dir / "flwr-home"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("dir")
+        return data
+
+    def node_config(self) -> dict[str, str | float | bool]:
+        """The ``--node-config`` of this member: keys :func:`member_node.identity.resolve_identity` reads."""
+        return {
+            "member": self.member,
+            "embodiment": self.embodiment,
+            "data-dir": self.data_dir,
+            "state-dir": self.state_dir,
+            "epsilon": float(self.epsilon),
+            "delta": float(self.delta),
+            "dp": bool(self.dp),
+        }
+
+
+def load_setup(directory: Path | str) -> MemberSetup:
+    """Read ``DIR/member.yaml``; a missing or malformed file is a :class:`SetupError`."""
+    directory = Path(directory).expanduser().resolve()
+    path = directory / MEMBER_FILE
+    if not path.is_file():
+        raise SetupError(f"{path} does not exist: run `kyodo-member init {directory} ...` first")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return MemberSetup(**data, dir=directory)
+    except (yaml.YAMLError, TypeError) as err:
+        raise SetupError(f"{path} is not a valid member config: {err}") from None
+
+
+def save_setup(setup: MemberSetup) -> Path:
+    path = setup.dir / MEMBER_FILE
+    path.write_text(
+        "# kyodo member config (kyodo-member init). The privacy budget is the member's own:\n"
+        "# nothing the coordinator sends can raise it.\n" + yaml.safe_dump(setup.to_dict(), sort_keys=False),
+        encoding="utf-8",
+    )
+    return path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def create_auth_key(path: Path) -> str:
+    """Create the SuperNode's EC P-384 key pair (OpenSSH, private 0600); returns the public line."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_private(
+        path,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    path.with_name(path.name + ".pub").write_bytes(public + b"\n")
+    return public.decode()
+
+
+def load_auth_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The SuperNode key as Flower will read it; anything else is a :class:`SetupError` naming the fix."""
+    if not path.is_file():
+        raise SetupError(f"SuperNode key {path} does not exist (kyodo-member init creates it)")
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise SetupError(
+            f"SuperNode key {path} is not an unencrypted OpenSSH private key ({err}); "
+            "Flower needs an EC key on a NIST curve, e.g. the one kyodo-member init creates"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SetupError(
+            f"SuperNode key {path} is a {type(key).__name__.lstrip('_')}, not an EC key: Flower's node "
+            "authentication needs EC P-384 (the Ed25519 ledger key cannot be used for it)"
+        )
+    return key
+
+
+def key_fingerprint(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 of the public key's OpenSSH line: how the member and the operator name a key."""
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    line = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return "SHA256:" + hashlib.sha256(line).hexdigest()
+
+
+def init_member(
+    directory: Path | str,
+    *,
+    member: str,
+    embodiment: str,
+    data_dir: Path | str,
+    epsilon: float,
+    delta: float,
+    dp: bool = True,
+    superlink: str = "",
+    root_certificates: Path | str = "",
+    runtime_port: int = 0,
+    known_embodiments: Mapping[str, Any] | None = None,
+) -> MemberSetup:
+    """Create the member's directory, keys and config; refuses to touch an existing one (the keys
+    identify the member to the consortium and to auditors: replacing them orphans its ledger)."""
+    directory = Path(directory).expanduser().resolve()
+    if (directory / MEMBER_FILE).exists():
+        raise SetupError(f"{directory / MEMBER_FILE} already exists: this member is set up (keys are never replaced)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", member):
+        raise SetupError(f"member name {member!r}: use letters, digits, '_', '.', '-' (at most 64)")
+    if known_embodiments is not None and embodiment not in known_embodiments:
+        raise SetupError(f"unknown embodiment {embodiment!r}; known: {', '.join(sorted(known_embodiments))}")
+    if not (epsilon > 0 and 0 < delta < 1):
+        raise SetupError(f"privacy budget needs epsilon > 0 and 0 < delta < 1 (got {epsilon}, {delta})")
+    if superlink:
+        parse_address(superlink)
+    setup = MemberSetup(
+        member=member,
+        embodiment=embodiment,
+        data_dir=str(Path(data_dir).expanduser().resolve()),
+        state_dir=str(directory / "state"),
+        epsilon=float(epsilon),
+        delta=float(delta),
+        dp=dp,
+        superlink=superlink,
+        root_certificates=str(Path(root_certificates).expanduser().resolve()) if root_certificates else "",
+        runtime_port=runtime_port,
+        dir=directory,
+    )
+    for value in setup.node_config().values():
+        if isinstance(value, str):
+            _node_config_value(value)  # refuse paths Flower's --node-config parser cannot carry
+    directory.mkdir(parents=True, exist_ok=True)
+    signing = load_or_create_signing_key(setup.signing_key)
+    public_line = create_auth_key(setup.auth_key)
+    save_setup(setup)
+    membership = {
+        "member": member,
+        "embodiment": embodiment,
+        "ledger_public_key": public_key_hex(signing),
+        # Published so auditors can check every receipt against it; the node enforces it itself.
+        "epsilon": float(epsilon),
+        "delta": float(delta),
+        "supernode_public_key": public_line,
+        "supernode_key_fingerprint": key_fingerprint(load_auth_key(setup.auth_key)),
+    }
+    (directory / MEMBERSHIP_FILE).write_text(json.dumps(membership, indent=2) + "\n", encoding="utf-8")
+    return setup
+
+
+# ----------------------------------------------------------------------------- the command line of flower-supernode
+
+
+def _node_config_value(value: str | float | bool) -> str:
+    """One value in Flower's ``--node-config`` syntax (each ``k=v`` is read as a TOML line).
+
+    Strings go in double quotes, as Flower's own examples write them. Flower's splitter ends a
+    value at the next double quote and TOML reads a backslash as an escape, so a value holding
+    either (or a newline) is refused rather than passed on altered.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(float(value))
+    if any(c in value for c in '"\\\n'):
+        raise SetupError(f"{value!r}: Flower's --node-config cannot carry a double quote, backslash or newline")
+    return f'"{value}"'
+
+
+def node_config_arg(config: Mapping[str, str | float | bool]) -> str:
+    return " ".join(f"{key}={_node_config_value(value)}" for key, value in config.items())
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); anything else is a :class:`SetupError`."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SetupError(f"SuperLink address {address!r} must be host:port, e.g. 127.0.0.1:9093")
+    return host.strip("[]"), int(port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the kernel's choice), for the SuperNode's runtime API."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def supernode_command(setup: MemberSetup, runtime_port: int) -> list[str]:
+    """``flower-supernode`` with TLS pinned to the consortium CA, node authentication, this
+    member's node config, and its own runtime API port (several nodes may share a machine)."""
+    return [
+        _flower_executable("flower-supernode"),
+        "--superlink", setup.superlink,
+        "--root-certificates", setup.root_certificates,
+        "--auth-supernode-private-key", str(setup.auth_key),
+        "--node-config", node_config_arg(setup.node_config()),
+        "--port", str(runtime_port),
+    ]  # fmt: skip
+
+
+def _flower_executable(name: str) -> str:
+    """Flower's entry point next to this interpreter (the venv's), else whatever PATH finds."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.is_file() else name
+
+
+# ----------------------------------------------------------------------------- checks before start
+
+
+def preflight(setup: MemberSetup, check_data: Callable[[MemberSetup], None] | None = None) -> None:
+    """Everything ``start`` can check locally, each failure naming the file and the fix."""
+    if not setup.superlink:
+        raise SetupError("no SuperLink address: pass --superlink HOST:PORT (or set superlink in member.yaml)")
+    parse_address(setup.superlink)
+    if not setup.root_certificates:
+        raise SetupError("no CA certificate: pass --root-certificates with the consortium's ca.pem (from the operator)")
+    ca = Path(setup.root_certificates)
+    if not ca.is_file():
+        raise SetupError(f"CA certificate {ca} does not exist: get the consortium's ca.pem from the operator")
+    try:
+        ssl.create_default_context(cafile=str(ca))
+    except ssl.SSLError as err:
+        raise SetupError(f"CA certificate {ca} is not a PEM certificate ({err.reason})") from None
+    load_auth_key(setup.auth_key)
+    if not setup.signing_key.is_file():
+        raise SetupError(f"ledger key {setup.signing_key} is missing (kyodo-member init creates it)")
+    if check_data is not None:
+        check_data(setup)
+
+
+def probe_superlink(address: str, ca_file: str, timeout: float = 5.0) -> None:
+    """One TLS connection and ``GET /health``. Refused, reset, timed out or not yet healthy:
+    :class:`SuperLinkUnreachable` (retry); a certificate this CA did not sign: :class:`SetupError`."""
+    host, port = parse_address(address)
+    context = ssl.create_default_context(cafile=ca_file)
+    conn = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        status = conn.getresponse().status
+    except ssl.SSLCertVerificationError as err:
+        raise SetupError(
+            f"the SuperLink at {address} presents a certificate that {ca_file} does not vouch for "
+            f"({err.verify_message}): get the consortium's ca.pem from the operator, or check the address"
+        ) from None
+    except ssl.SSLError as err:
+        raise SetupError(
+            f"TLS with the SuperLink at {address} failed ({err.reason}): is it started with TLS?"
+        ) from None
+    except (ConnectionError, TimeoutError, OSError, http.client.HTTPException) as err:
+        raise SuperLinkUnreachable(f"{type(err).__name__}: {err}") from None
+    finally:
+        conn.close()
+    if status != 200:
+        raise SuperLinkUnreachable(f"GET /health answered {status}")
+
+
+def _log_retry(what: str) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("%s (attempt %d): %s; retrying in %.1f s", what, state.attempt_number, err, wait)
+
+    return before_sleep
+
+
+def wait_for_superlink(address: str, ca_file: str, timeout: float = 60.0) -> None:
+    """Retry :func:`probe_superlink` with bounded exponential backoff (0.5 s doubling to 8 s) for
+    up to ``timeout`` seconds while the SuperLink is unreachable; permanent errors pass at once."""
+    for attempt in Retrying(
+        retry=retry_if_exception_type(SuperLinkUnreachable),
+        stop=stop_after_delay(timeout),
+        wait=wait_exponential(multiplier=0.5, min=0.5, max=8),
+        before_sleep=_log_retry(f"SuperLink {address} not reachable"),
+        reraise=True,
+    ):
+        with attempt:
+            probe_superlink(address, ca_file)
+
+
+# ----------------------------------------------------------------------------- running the SuperNode
+
+
+def _session(setup: MemberSetup) -> dict[str, Any]:
+    path = setup.dir / SESSION_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _record_session(setup: MemberSetup, node_id: str, fingerprint: str) -> None:
+    data = {"node_id": node_id, "key_fingerprint": fingerprint, "accepted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    tmp = setup.dir / f".{SESSION_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tmp.replace(setup.dir / SESSION_FILE)
+
+
+def _still_catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` still has a handler for ``signum`` (Linux ``/proc``; elsewhere: True)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return True
+
+
+@dataclass
+class _Outcome:
+    code: int
+    node_id: str | None = None
+    activation_refused: bool = False
+    tls_refused: bool = False
+    key_unreadable: bool = False
+
+
+class SuperNodeRunner:
+    """Runs ``flower-supernode`` as a child, echoing its output, and turns how it ended into an
+    exit code and an actionable message. SIGTERM/SIGINT are passed on so Flower can deactivate
+    the node (the coordinator then sees it gone at once instead of after two heartbeats)."""
+
+    def __init__(self, setup: MemberSetup, out: IO[str] | None = None) -> None:
+        self.setup = setup
+        self.out = out or sys.stdout
+        self.child: subprocess.Popen[str] | None = None
+        self.stopping = False
+        self.fingerprint = key_fingerprint(load_auth_key(setup.auth_key))
+
+    def _forward(self, signum: int, _frame: Any) -> None:
+        """Pass a stop signal on, unless the child got it too (Ctrl-C, systemd, ``kill -- -PGID``
+        signal the whole process group): Flower handles the first SIGTERM/SIGINT and restores the
+        default action, so a second one would kill it before it deactivates the node."""
+        self.stopping = True
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        time.sleep(1.0)  # let a group signal reach the child's handler first
+        if child.poll() is None and _still_catches(child.pid, signum):
+            child.send_signal(signum)
+
+    def _attempt(self, runtime_port: int) -> _Outcome:
+        env = {**os.environ, "FLWR_HOME": str(self.setup.flwr_home)}
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        cmd = supernode_command(self.setup, runtime_port)
+        log.info("starting flower-supernode for %s (runtime API port %d)", self.setup.member, runtime_port)
+        outcome = _Outcome(code=0)
+        self.child = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+        )
+        reader = threading.Thread(target=self._pump, args=(self.child, outcome), daemon=True)
+        reader.start()
+        # Reap the child here, not after its output ends: its SuperExec helper inherits the pipe and
+        # only exits once it sees its parent gone, which a zombie (an unreaped child) never is.
+        outcome.code = self.child.wait()
+        reader.join(timeout=15)
+        return outcome
+
+    def _pump(self, child: subprocess.Popen[str], outcome: _Outcome) -> None:
+        """Echo the SuperNode's output and note the lines that say how it ended."""
+        assert child.stdout is not None
+        for line in child.stdout:
+            self.out.write(line)
+            self.out.flush()
+            if match := _NODE_ID.search(line):
+                outcome.node_id = match.group(1)
+                _record_session(self.setup, outcome.node_id, self.fingerprint)
+            outcome.activation_refused |= _ACTIVATION_REFUSED in line
+            outcome.tls_refused |= _TLS_REFUSED in line
+            outcome.key_unreadable |= _KEY_UNREADABLE in line
+
+    def run(self, rejoin_timeout: float = 90.0) -> int:
+        """Run until the SuperNode ends; raises :class:`SetupError` for what the member must fix."""
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception_type(StaleSession),
+                stop=stop_after_delay(rejoin_timeout),
+                wait=wait_exponential(multiplier=1, min=1, max=15),
+                before_sleep=_log_retry(f"SuperLink refused the session of {self.setup.member}"),
+                reraise=True,
+            ):
+                with attempt:
+                    return self._once()
+        except StaleSession as err:
+            raise SetupError(
+                f"the SuperLink kept refusing this node for {rejoin_timeout:.0f} s ({err}): another SuperNode "
+                f"with key {self.setup.auth_public_key} is online, or the operator unregistered it"
+            ) from None
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return 1  # unreachable: Retrying either returns or raises
+
+    def _once(self) -> int:
+        port = self.setup.runtime_port or free_port()
+        outcome = self._attempt(port)
+        if self.stopping or outcome.code in _GRACEFUL:
+            return 0
+        if outcome.key_unreadable:
+            raise SetupError(f"flower-supernode could not read the key {self.setup.auth_key}")
+        if outcome.tls_refused:
+            raise SetupError(
+                f"the SuperLink's certificate is not signed by {self.setup.root_certificates}: "
+                "get the consortium's ca.pem from the operator"
+            )
+        if outcome.activation_refused:
+            session = _session(self.setup)
+            if session.get("key_fingerprint") == self.fingerprint:
+                raise StaleSession(f"node {session.get('node_id')} was accepted before; its old session may linger")
+            raise SetupError(
+                f"the SuperLink refused this node's key ({self.fingerprint}): it is not registered. Send "
+                f"{self.setup.dir / MEMBERSHIP_FILE} to the operator (kyodo-coordinator add-member, then register)"
+            )
+        raise SetupError(f"flower-supernode exited with code {outcome.code}; see its output above")

@@ -1,0 +1,573 @@
+"""Deployment on 127.0.0.1: TLS, node authentication, member and operator CLIs, restarts.
+
+The fast tests check each piece in process (certificates, keys, command lines, retries, the
+status tables). The slow test starts everything as real processes on free loopback ports:
+one SuperLink (TLS, node authentication, SQLite database) and three members' SuperNodes, each
+through its own CLI, and runs 2 rounds of ``tiny``. While round 1 runs, three SuperNodes that
+must be refused try to join (an unregistered key, an impostor's key claiming a member's name,
+a client that does not trust the consortium CA), and one member is stopped and restarted.
+After round 1 is committed the SuperLink is killed (SIGKILL: its ServerApp dies with it),
+started again on the same database and the run resubmitted on the same run directory: it
+continues at round 2. Every process the test starts is stopped by a finalizer, failure or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from coordinator import deploy
+from coordinator.cli import main as coordinator_main
+from coordinator.tls import TLSError, TLSPaths, check_server_tls, create_tls, make_ca
+from member_node import supernode
+from member_node.cli import main as member_main
+from member_node.identity import resolve_identity
+
+REPO = Path(__file__).resolve().parent.parent
+TRIO = (("honda", "aloha", 11), ("sony", "so100", 22), ("softbank", "agv", 33))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+def test_tls_material_names_loopback_and_refuses_to_be_replaced(tmp_path):
+    paths = create_tls(tmp_path / "tls", "test")
+    check_server_tls(paths, "127.0.0.1")
+    check_server_tls(paths, "localhost")
+    assert paths.ca_key.stat().st_mode & 0o777 == 0o600
+    assert paths.server_key.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(TLSError, match="not '10.0.0.7'"):
+        check_server_tls(paths, "10.0.0.7")
+    with pytest.raises(TLSError, match="already exists"):
+        create_tls(tmp_path / "tls", "test")
+    paths.server_cert.unlink()
+    with pytest.raises(TLSError, match="server certificate .* does not exist"):
+        check_server_tls(paths, "127.0.0.1")
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _serve_tls(paths: TLSPaths, port: int) -> HTTPServer:
+    server = HTTPServer(("127.0.0.1", port), _Health)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(paths.server_cert, paths.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_connection_refused_is_retried_with_backoff_until_the_superlink_is_up(tmp_path, caplog):
+    paths = create_tls(tmp_path / "tls", "test")
+    port = _free_port()
+    started: list[HTTPServer] = []
+    timer = threading.Timer(1.6, lambda: started.append(_serve_tls(paths, port)))
+    timer.start()
+    caplog.set_level(logging.WARNING, logger="kyodo.member")
+    member_log = logging.getLogger("kyodo.member")
+    member_log.addHandler(caplog.handler)  # the CLI stops it propagating to the root logger
+    try:
+        t0 = time.monotonic()
+        supernode.wait_for_superlink(f"127.0.0.1:{port}", str(paths.ca_cert), timeout=20)
+        assert time.monotonic() - t0 < 10
+    finally:
+        timer.join()
+        member_log.removeHandler(caplog.handler)
+        for server in started:
+            server.shutdown()
+    retries = [r for r in caplog.records if "not reachable" in r.getMessage()]
+    assert len(retries) >= 2, "one log line per retry"
+    assert "ConnectionRefusedError" in retries[0].getMessage()
+
+
+def test_an_untrusted_superlink_certificate_fails_at_once(tmp_path):
+    paths = create_tls(tmp_path / "tls", "test")
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_bytes(make_ca("other")[1].public_bytes(serialization.Encoding.PEM))
+    port = _free_port()
+    server = _serve_tls(paths, port)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(supernode.SetupError, match="does not vouch for"):
+            supernode.wait_for_superlink(f"127.0.0.1:{port}", str(other_ca), timeout=30)
+        assert time.monotonic() - t0 < 5, "a permanent error is not retried"
+        supernode.wait_for_superlink(f"127.0.0.1:{port}", str(paths.ca_cert), timeout=5)
+    finally:
+        server.shutdown()
+
+
+# ----------------------------------------------------------------------------- the member's side
+
+
+def _member(tmp_path: Path, name: str = "sony", embodiment: str = "so100", **kwargs) -> supernode.MemberSetup:
+    return supernode.init_member(
+        tmp_path / name, member=name, embodiment=embodiment, data_dir=tmp_path / "data" / name,
+        epsilon=8.0, delta=1e-5, **kwargs,
+    )  # fmt: skip
+
+
+def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
+    setup = _member(tmp_path, superlink="127.0.0.1:9093")
+    assert setup.auth_key.stat().st_mode & 0o777 == 0o600
+    assert setup.signing_key.stat().st_mode & 0o777 == 0o600
+    assert supernode.load_setup(setup.dir) == setup
+    membership = json.loads((setup.dir / "membership.json").read_text())
+    assert membership["member"] == "sony" and len(membership["ledger_public_key"]) == 64
+    assert membership["supernode_public_key"].startswith("ecdsa-sha2-nistp384 ")
+    assert "PRIVATE" not in (setup.dir / "membership.json").read_text()
+    with pytest.raises(supernode.SetupError, match="already exists"):
+        _member(tmp_path)
+    # What --node-config carries is exactly what the ClientApp resolves its identity from.
+    from flwr.common.config import parse_config_args
+
+    parsed = parse_config_args([supernode.node_config_arg(setup.node_config())])
+    identity = resolve_identity(parsed, tiny_cfg)
+    assert (identity.name, identity.embodiment, identity.epsilon, identity.delta, identity.dp) == (
+        "sony", "so100", 8.0, 1e-5, True,
+    )  # fmt: skip
+    assert str(identity.data_dir) == setup.data_dir and str(identity.state_dir) == setup.state_dir
+    with pytest.raises(supernode.SetupError, match="cannot carry a double quote"):
+        supernode.init_member(
+            tmp_path / "q", member="q", embodiment="so100", data_dir=tmp_path / 'da"ta', epsilon=8, delta=1e-5
+        )
+    assert not (tmp_path / "q").exists(), "nothing is written for a config Flower could not carry"
+
+
+def test_supernode_command_has_tls_auth_node_config_and_its_own_port(tmp_path):
+    setup = _member(tmp_path, superlink="127.0.0.1:9093", root_certificates=tmp_path / "ca.pem")
+    cmd = supernode.supernode_command(setup, 9301)
+    flags = dict(zip(cmd[1::2], cmd[2::2], strict=False))
+    assert flags["--superlink"] == "127.0.0.1:9093"
+    assert flags["--root-certificates"] == str(tmp_path / "ca.pem")
+    assert flags["--auth-supernode-private-key"] == str(setup.auth_key)
+    assert flags["--port"] == "9301"
+    assert 'member="sony"' in flags["--node-config"] and "--insecure" not in cmd
+
+
+def test_member_start_fails_fast_on_what_the_member_must_fix(tmp_path, capsys):
+    setup = _member(tmp_path, superlink="127.0.0.1:9")
+    assert member_main(["start", str(setup.dir)]) == 3
+    assert "no CA certificate" in capsys.readouterr().err
+    assert member_main(["start", str(setup.dir), "--root-certificates", str(tmp_path / "nope.pem")]) == 3
+    assert "ca.pem from the operator" in capsys.readouterr().err
+    paths = create_tls(tmp_path / "tls", "test")
+    assert member_main(["start", str(setup.dir), "--root-certificates", str(paths.ca_cert)]) == 3
+    assert "prepare it with `kyodo-member data synth`" in capsys.readouterr().err
+    # The ledger key (Ed25519) is no SuperNode key: say so instead of letting Flower fail later.
+    setup.auth_key.unlink()
+    setup.auth_key.write_bytes(
+        serialization.load_pem_private_key(setup.signing_key.read_bytes(), None).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(supernode.SetupError, match="not an EC key"):
+        supernode.load_auth_key(setup.auth_key)
+
+
+# ----------------------------------------------------------------------------- the operator's side
+
+
+def test_operator_init_add_member_and_run_config(tmp_path, capsys):
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny", "--rounds", "3", "--port", "9555"]) == 0
+    op = deploy.operator_dir(op_dir)
+    assert (op.flwr_home / "config.toml").read_text().count("127.0.0.1:9555") == 1
+    consortium = deploy.load_consortium(op)
+    assert (consortium.model, consortium.rounds, consortium.address) == ("tiny", 3, "127.0.0.1:9555")
+    members = [_member(tmp_path, name, emb) for name, emb, _ in TRIO]
+    for m in members:
+        assert coordinator_main(["add-member", str(op_dir), str(m.dir / "membership.json")]) == 0
+    assert coordinator_main(["add-member", str(op_dir), str(members[0].dir / "membership.json")]) == 3
+    assert "already in" in capsys.readouterr().out
+    consortium = deploy.load_consortium(op)
+    assert [m.name for m in consortium.members] == ["honda", "sony", "softbank"]
+    assert (op.members / "sony.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    from privacy.audit.consortium import load_consortium as load_audit_consortium
+
+    audit = load_audit_consortium(op.audit_consortium)  # what kyodo-audit verify --consortium reads
+    assert (
+        audit.members["sony"].public_key
+        == json.loads((members[1].dir / "membership.json").read_text())["ledger_public_key"]
+    )
+    assert (audit.members["sony"].epsilon, audit.members["sony"].delta) == (8.0, 1e-5)
+    config = deploy.run_config(consortium, tmp_path / "run", None, ["train.local_steps=5"])
+    from shared_model.config import config_from_run_config
+
+    cfg = config_from_run_config(config)
+    assert cfg.train.rounds == 3 and cfg.train.local_steps == 5 and cfg.out_dir == str(tmp_path / "run")
+    assert [(m.name, m.embodiment) for m in cfg.federation.members] == [(n, e) for n, e, _ in TRIO]
+    cmd = deploy.superlink_command(op, consortium)
+    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--database"):
+        assert flag in cmd
+    assert "--insecure" not in cmd
+    assert coordinator_main(["run", str(op_dir), "train.nope=1"]) == 3
+    assert "train.nope" in capsys.readouterr().out
+    # Inside the app directory the operator's files would travel in the app bundle.
+    with pytest.raises(deploy.DeployError, match="inside the app directory"):
+        deploy.init_operator(REPO / "runs" / "operator-test")
+
+
+def test_superlink_start_refuses_a_busy_port(tmp_path, capsys):
+    op_dir = tmp_path / "operator"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        deploy.init_operator(op_dir, model="tiny", port=port)
+        assert coordinator_main(["start", str(op_dir)]) == 3
+    assert "another SuperLink or program holds it" in capsys.readouterr().out
+    op = deploy.operator_dir(op_dir)
+    op.tls.server_cert.unlink()
+    assert coordinator_main(["start", str(op_dir)]) == 3
+    out = capsys.readouterr().out
+    assert "server certificate" in out and "does not exist" in out
+    # Nothing listens: retried with backoff for the timeout, then a message that says what to do.
+    with pytest.raises(deploy.DeployError, match="start it with `kyodo-coordinator start"):
+        deploy.require_superlink(op, deploy.load_consortium(op), timeout=1.5)
+
+
+def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
+    from coordinator.federation import initial_model
+    from coordinator.records import append_record
+    from coordinator.run_state import RunState
+
+    run = tmp_path / "run"
+    state = RunState(tiny_cfg, run)
+    model = initial_model(tiny_cfg)
+    state.commit_initial(model, {"run": "t"})
+    append_record(run, {"round": 0, "evaluation": {"sony": {"action_mse": 0.2}, "honda": {"action_mse": 0.4}}})
+    name = next(n for n in model if n.startswith("adapters.so100."))
+    model[name] = model[name] + 1
+    state.commit_round(1, model, ["adapter/emb/so100"], {}, {"run": "t"})
+    append_record(
+        run,
+        {
+            "round": 1, "cohorts": {"adapter/emb/so100": ["sony"]}, "aggregation": {"adapter/emb/so100": "single"},
+            "train": {"sony": {"steps": 5}}, "declined": {"honda": "no budget"}, "failed": {},
+            "receipts": {"sony": {"epsilon": 1.25}}, "evaluation": {"sony": {"action_mse": 0.1}},
+            "sync_bytes": {"sony": 10, "honda": 10}, "seconds": 3.0,
+        },
+    )  # fmt: skip
+    assert coordinator_main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "HEAD" in out and "adapter/emb/so100" in out and "1.250" in out
+    assert coordinator_main(["status", str(tmp_path / "nowhere")]) == 2
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc): Flower starts some helpers in sessions of
+    their own (the SuperLink's SuperExec), which a process-group signal does not reach."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class Proc:
+    """A process in its own process group, output to a log file; stopped with everything it started."""
+
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.cmd = name, cmd
+        self.log = log_dir / f"{name}.log"
+        self._fh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
+        self.popen = subprocess.Popen(
+            cmd, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO, env=env
+        )
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 30.0) -> None:
+        """Signal the whole group; after ``grace`` seconds SIGKILL the group and any descendant
+        that left it. SIGKILL as ``sig`` is a crash: nothing gets to clean up."""
+        descendants = _descendants(self.popen.pid)
+        with contextlib.suppress(ProcessLookupError):
+            if self.alive():
+                os.killpg(self.popen.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.popen.wait(timeout=grace)
+        for pid in descendants:  # ClientApps, the ServerApp, SuperExec helpers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
+        if not self._fh.closed:
+            self._fh.close()
+
+
+@pytest.fixture(scope="module")
+def procs() -> Iterator[list[Proc]]:
+    """Every process the deployment test starts; all stopped at the end, whatever happened."""
+    started: list[Proc] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop(grace=20)
+
+
+def _cli(module: str, *args: str, timeout: float = 300) -> str:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+    )
+    assert proc.returncode == 0, f"{module} {args}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _wait_for(what: str, predicate, timeout: float, poll: float = 0.5, procs: list[Proc] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        for p in procs:
+            assert p.alive(), f"{p.name} exited while waiting for {what}:\n{p.output()[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(poll)
+
+
+def _ledger_rounds(setup: supernode.MemberSetup) -> list[int]:
+    path = Path(setup.state_dir) / "ledger.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["round"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _head(out_dir: Path) -> int | None:
+    from shared_model.store import ShardStore
+
+    if not (out_dir / "store" / "HEAD").is_file():
+        return None
+    head = ShardStore(out_dir / "store").head()
+    return head.round if head else None
+
+
+# The scenario runs in the setup of whichever slow test comes first: allow it more than make
+# test's per-test 900 s on a loaded 2-core machine (measured times are in the module's report).
+def slow(test):
+    return pytest.mark.slow(pytest.mark.timeout(2400)(test))
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, procs):
+    """The whole scenario (see the module docstring); returns what the tests check."""
+    times: dict[str, float] = {}
+    t0 = time.monotonic()
+    root = tmp_path_factory.mktemp("deploy")
+    logs = root / "logs"
+    logs.mkdir()
+    port = _free_port()
+    op_dir = root / "operator"
+    _cli("coordinator.cli", "init", str(op_dir), "--model", "tiny", "--rounds", "2", "--port", str(port),
+         "train.local_steps=5")  # fmt: skip
+    op = deploy.operator_dir(op_dir)
+    ca = str(op.tls.ca_cert)
+    # Members set themselves up (in parallel: each CLI start imports torch).
+    setups: dict[str, supernode.MemberSetup] = {}
+    jobs = []
+    for name, emb, seed in TRIO:
+        data = root / "data" / name
+        jobs.append(subprocess.Popen(
+            [sys.executable, "-m", "member_node.cli", "data", "synth", "--embodiment", emb, "--episodes", "20",
+             "--seed", str(seed), "--out", str(data)], cwd=REPO, stdout=subprocess.DEVNULL,
+        ))  # fmt: skip
+        jobs.append(subprocess.Popen(
+            [sys.executable, "-m", "member_node.cli", "init", str(root / name), "--member", name, "--embodiment", emb,
+             "--data", str(data), "--epsilon", "8", "--delta", "1e-5", "--superlink", f"127.0.0.1:{port}",
+             "--root-certificates", ca], cwd=REPO, stdout=subprocess.DEVNULL,
+        ))  # fmt: skip
+    assert [j.wait(timeout=300) for j in jobs] == [0] * len(jobs)
+    for name, _, _ in TRIO:
+        setups[name] = supernode.load_setup(root / name)
+        _cli("coordinator.cli", "add-member", str(op_dir), str(root / name / "membership.json"))
+    times["setup"] = time.monotonic() - t0
+
+    def start_superlink(tag: str) -> Proc:
+        link = Proc(f"superlink-{tag}", [sys.executable, "-m", "coordinator.cli", "start", str(op_dir)], logs)
+        procs.append(link)
+        _wait_for("the SuperLink", lambda: "SuperLink ready" in link.output(), 180, procs=[link])
+        return link
+
+    def start_member(name: str, tag: str = "") -> Proc:
+        node = Proc(f"{name}{tag}", [sys.executable, "-m", "member_node.cli", "start", str(root / name)], logs)
+        procs.append(node)
+        return node
+
+    t = time.monotonic()
+    link = start_superlink("1")
+    nodes = {name: start_member(name) for name, _, _ in TRIO}
+    out_dir = root / "run"
+    _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(out_dir), "--wait-members", "180")
+    run_ids = [json.loads(line)["run_id"] for line in (op_dir / "runs.jsonl").read_text().splitlines()]
+    times["start + submit"] = time.monotonic() - t
+
+    # Refusals, while round 1 runs. An unregistered key, through the member's own CLI.
+    supernode.init_member(
+        root / "stranger", member="stranger", embodiment="so100", data_dir=root / "data" / "sony", epsilon=8,
+        delta=1e-5, superlink=f"127.0.0.1:{port}", root_certificates=ca,
+    )  # fmt: skip
+    refused = {"unregistered": start_member("stranger")}
+    # An impostor: claims to be sony (sony's node config) with a key of its own, straight to Flower.
+    impostor_key = root / "impostor" / "key"
+    supernode.create_auth_key(impostor_key)
+    impostor = supernode.MemberSetup(
+        **{**setups["sony"].to_dict(), "state_dir": str(root / "impostor" / "state"), "runtime_port": _free_port()},
+        dir=root / "sony",
+    )
+    cmd = supernode.supernode_command(impostor, impostor.runtime_port)
+    cmd[cmd.index("--auth-supernode-private-key") + 1] = str(impostor_key)
+    refused["impostor"] = Proc("impostor", cmd, logs, env={"FLWR_HOME": str(root / "impostor" / "flwr-home")})
+    procs.append(refused["impostor"])
+    # A client that does not trust the consortium CA (it pins another one), straight to Flower.
+    other_ca = root / "other-ca.pem"
+    other_ca.write_bytes(make_ca("other")[1].public_bytes(serialization.Encoding.PEM))
+    untrusting = supernode.MemberSetup(
+        **{**setups["honda"].to_dict(), "root_certificates": str(other_ca)}, dir=root / "honda"
+    )
+    refused["untrusting"] = Proc(
+        "untrusting", supernode.supernode_command(untrusting, _free_port()), logs,
+        env={"FLWR_HOME": str(root / "untrusting-home")},
+    )  # fmt: skip
+    procs.append(refused["untrusting"])
+    codes = {k: p.wait(timeout=180) for k, p in refused.items()}
+
+    # Sony is stopped once it has started round 1 (its ledger entry is written first) and restarted.
+    t = time.monotonic()
+    _wait_for("sony to start round 1", lambda: 1 in _ledger_rounds(setups["sony"]), 900, procs=[link])
+    nodes["sony"].stop(signal.SIGTERM)
+    times["member stop"] = time.monotonic() - t
+    nodes["sony"] = start_member("sony", "-restarted")
+
+    # The coordinator dies (SIGKILL of the SuperLink's group: its ServerApp too) after round 1 is committed.
+    t = time.monotonic()
+    _wait_for("round 1 to be committed", lambda: (_head(out_dir) or 0) >= 1, 900, procs=[link])
+    times["round 0+1"] = time.monotonic() - t0 - times["setup"] - times["start + submit"]
+    link.stop(signal.SIGKILL)
+    head_at_kill = _head(out_dir)
+    t = time.monotonic()
+    link = start_superlink("2")
+    _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(out_dir), "--wait-members", "180", "--wait",
+         "--timeout", "900")  # fmt: skip
+    times["restart + resumed round 2"] = time.monotonic() - t
+    run_ids = [json.loads(line)["run_id"] for line in (op_dir / "runs.jsonl").read_text().splitlines()]
+    status = deploy.run_status(op, run_ids[-1])
+    times["total"] = time.monotonic() - t0
+    print("deployment wall times (s):", {k: round(v, 1) for k, v in times.items()})
+    return {
+        "root": root, "op": op, "out_dir": out_dir, "setups": setups, "nodes": nodes, "link": link,
+        "refused": refused, "codes": codes, "head_at_kill": head_at_kill, "status": status, "run_ids": run_ids,
+        "times": times,
+    }  # fmt: skip
+
+
+@slow
+def test_the_deployed_run_completes_and_commits_two_rounds(deployment):
+    from coordinator.records import read_records
+    from shared_model.store import ShardStore
+
+    out_dir = deployment["out_dir"]
+    assert deployment["status"] == "finished:completed"
+    assert ShardStore(out_dir / "store").head().round == 2
+    records = read_records(out_dir)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert set(records[2]["train"]) == {"honda", "sony", "softbank"}, (records[2]["failed"], records[2]["declined"])
+    assert records[2]["secure_aggregation"] is True
+    assert all(v in ("secagg", "single") for v in records[2]["aggregation"].values())
+
+
+@slow
+def test_members_ledgers_verify_and_count_each_round_once(deployment):
+    from privacy.keys import load_public_key
+    from privacy.ledger import Ledger, verify_chain
+
+    status = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "member_node.cli", "status", "--state-dir", setup.state_dir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+        )  # fmt: skip
+        for name, setup in deployment["setups"].items()
+    }
+    for name, setup in deployment["setups"].items():
+        meta = json.loads((Path(setup.state_dir) / "member.json").read_text())
+        entries = Ledger(Path(setup.state_dir) / "ledger.jsonl").entries()
+        assert verify_chain(entries, load_public_key(meta["public_key"])) == [], name
+        assert [e["round"] for e in entries] == [1, 2], name
+        assert len({e["run"] for e in entries}) == 1, "the resumed run is the same run"
+        assert entries[-1]["epsilon"] <= 8.0
+        out, _ = status[name].communicate(timeout=300)
+        assert status[name].returncode == 0 and "NOT verified" not in out, out
+
+
+@slow
+def test_refused_nodes_never_joined(deployment):
+    refused, codes = deployment["refused"], deployment["codes"]
+    assert codes["unregistered"] == 3
+    assert "it is not registered" in refused["unregistered"].output()
+    assert codes["impostor"] != 0 and "Failed to activate SuperNode" in refused["impostor"].output()
+    assert codes["untrusting"] != 0 and "CERTIFICATE_VERIFY_FAILED" in refused["untrusting"].output()
+    from coordinator.records import read_records
+
+    for record in read_records(deployment["out_dir"]):
+        assert "stranger" not in json.dumps(record)
+
+
+@slow
+def test_a_restarted_member_rejoins_and_a_restarted_coordinator_resumes(deployment):
+    from coordinator.records import read_records
+
+    out_dir = deployment["out_dir"]
+    assert deployment["head_at_kill"] in (1, 2)  # killed right after round 1 was committed
+    assert len(deployment["run_ids"]) == 2  # the resubmitted run picked up the same run directory
+    records = read_records(out_dir)
+    assert "sony" in records[2]["train"], "the restarted member trained again"
+    assert deployment["nodes"]["sony"].alive() and "SuperNode ID" in deployment["nodes"]["sony"].output()
+    for name in ("honda", "softbank"):
+        assert deployment["nodes"][name].alive(), f"{name} survived the SuperLink restart"
+    print("wall times (s):", {k: round(v, 1) for k, v in deployment["times"].items()})
