@@ -293,6 +293,14 @@ def write_audit_consortium(op: OperatorDir, consortium: Consortium) -> Path:
 # ----------------------------------------------------------------------------- the SuperLink
 
 
+def flower_path() -> str:
+    """PATH with this interpreter's bin directory first: Flower's SuperLink and SuperNode start
+    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name, which a virtual
+    environment that is used without being activated (``.venv/bin/python -m ...``, as CI does)
+    would otherwise not find."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def _flower_executable(name: str) -> str:
     candidate = Path(sys.executable).with_name(name)
     return str(candidate) if candidate.is_file() else name
@@ -387,7 +395,7 @@ def require_superlink(op: OperatorDir, consortium: Consortium, timeout: float = 
 
 
 def flwr_env(op: OperatorDir) -> dict[str, str]:
-    env = {**os.environ, "FLWR_HOME": str(op.flwr_home)}
+    env = {**os.environ, "PATH": flower_path(), "FLWR_HOME": str(op.flwr_home)}
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     return env
 
@@ -459,7 +467,7 @@ class SuperLinkRunner:
     def run(self, register: bool = True, start_timeout: float = 60.0) -> int:
         self.preflight()
         self.op.database.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "FLWR_HOME": str(self.op.superlink_home)}
+        env = {**os.environ, "PATH": flower_path(), "FLWR_HOME": str(self.op.superlink_home)}
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:

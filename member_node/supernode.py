@@ -313,6 +313,14 @@ def supernode_command(setup: MemberSetup, runtime_port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def flower_path() -> str:
+    """PATH with this interpreter's bin directory first: Flower's SuperLink and SuperNode start
+    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name, which a virtual
+    environment that is used without being activated (``.venv/bin/python -m ...``, as CI does)
+    would otherwise not find."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def _flower_executable(name: str) -> str:
     """Flower's entry point next to this interpreter (the venv's), else whatever PATH finds."""
     candidate = Path(sys.executable).with_name(name)
@@ -455,7 +463,7 @@ class SuperNodeRunner:
             child.send_signal(signum)
 
     def _attempt(self, runtime_port: int) -> _Outcome:
-        env = {**os.environ, "FLWR_HOME": str(self.setup.flwr_home)}
+        env = {**os.environ, "PATH": flower_path(), "FLWR_HOME": str(self.setup.flwr_home)}
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         cmd = supernode_command(self.setup, runtime_port)
         log.info("starting flower-supernode for %s (runtime API port %d)", self.setup.member, runtime_port)

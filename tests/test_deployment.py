@@ -310,7 +310,10 @@ class Proc:
         self.name, self.cmd = name, cmd
         self.log = log_dir / f"{name}.log"
         self._fh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
+        # CI runs .venv/bin/python without activating the venv: put its bin first on PATH, as a
+        # user's shell would, for the Flower executables started directly here.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, "PATH": path, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
         self.popen = subprocess.Popen(
             cmd, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO, env=env
         )
