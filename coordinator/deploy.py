@@ -30,7 +30,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,11 +40,12 @@ import tomli_w
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_public_key
 from shared_model.config import ConfigError, load_config
+from shared_model.flower_processes import flower_executable, flower_path, log_retry
 
 log = logging.getLogger("kyodo.coordinator")
 
@@ -293,25 +293,12 @@ def write_audit_consortium(op: OperatorDir, consortium: Consortium) -> Path:
 # ----------------------------------------------------------------------------- the SuperLink
 
 
-def flower_path() -> str:
-    """PATH with this interpreter's bin directory first: Flower's SuperLink and SuperNode start
-    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name, which a virtual
-    environment that is used without being activated (``.venv/bin/python -m ...``, as CI does)
-    would otherwise not find."""
-    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-
-
-def _flower_executable(name: str) -> str:
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.is_file() else name
-
-
 def superlink_command(op: OperatorDir, consortium: Consortium) -> list[str]:
     """TLS on the one HTTP port, node authentication, no ``uv sync`` of the app's dependencies
     (the coordinator runs the installed code), and a database so registrations survive restarts."""
     tls = op.tls
     return [
-        _flower_executable("flower-superlink"),
+        flower_executable("flower-superlink"),
         "--ssl-certfile", str(tls.server_cert),
         "--ssl-keyfile", str(tls.server_key),
         "--ssl-ca-certfile", str(tls.ca_cert),
@@ -355,15 +342,6 @@ def probe(address: str, ca_file: Path, timeout: float = 5.0) -> None:
         raise Unreachable(f"GET /health answered {status}")
 
 
-def _log_retry(what: str) -> Callable[[RetryCallState], None]:
-    def before_sleep(state: RetryCallState) -> None:
-        err = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning("%s (attempt %d): %s; retrying in %.1f s", what, state.attempt_number, err, wait)
-
-    return before_sleep
-
-
 def wait_healthy(address: str, ca_file: Path, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> None:
     """Retry the health probe with bounded exponential backoff (0.5 s doubling to 8 s)."""
 
@@ -376,7 +354,7 @@ def wait_healthy(address: str, ca_file: Path, timeout: float = 60.0, alive: Call
         retry=retry_if_exception_type(Unreachable),
         stop=stop_after_delay(timeout),
         wait=wait_exponential(multiplier=0.5, min=0.5, max=8),
-        before_sleep=_log_retry(f"SuperLink {address} not healthy yet"),
+        before_sleep=log_retry(log, f"SuperLink {address} not healthy yet"),
         reraise=True,
     ):
         with attempt:
@@ -402,7 +380,7 @@ def flwr_env(op: OperatorDir) -> dict[str, str]:
 
 def flwr_cli(op: OperatorDir, *args: str, timeout: float = 120.0) -> dict[str, Any]:
     """Run ``flwr ... --format json`` against this operator's connection; its JSON answer."""
-    cmd = [_flower_executable("flwr"), *args, "--format", "json"]
+    cmd = [flower_executable("flwr"), *args, "--format", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=flwr_env(op), timeout=timeout, cwd=op.root)
     text = proc.stdout.strip()
     start = text.find("{")

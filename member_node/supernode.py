@@ -45,9 +45,10 @@ from typing import IO, Any
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from privacy.keys import load_or_create_signing_key, public_key_hex
+from shared_model.flower_processes import flower_executable, flower_path, log_retry
 
 log = logging.getLogger("kyodo.member")
 
@@ -304,27 +305,13 @@ def supernode_command(setup: MemberSetup, runtime_port: int) -> list[str]:
     """``flower-supernode`` with TLS pinned to the consortium CA, node authentication, this
     member's node config, and its own runtime API port (several nodes may share a machine)."""
     return [
-        _flower_executable("flower-supernode"),
+        flower_executable("flower-supernode"),
         "--superlink", setup.superlink,
         "--root-certificates", setup.root_certificates,
         "--auth-supernode-private-key", str(setup.auth_key),
         "--node-config", node_config_arg(setup.node_config()),
         "--port", str(runtime_port),
     ]  # fmt: skip
-
-
-def flower_path() -> str:
-    """PATH with this interpreter's bin directory first: Flower's SuperLink and SuperNode start
-    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name, which a virtual
-    environment that is used without being activated (``.venv/bin/python -m ...``, as CI does)
-    would otherwise not find."""
-    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-
-
-def _flower_executable(name: str) -> str:
-    """Flower's entry point next to this interpreter (the venv's), else whatever PATH finds."""
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.is_file() else name
 
 
 # ----------------------------------------------------------------------------- checks before start
@@ -377,15 +364,6 @@ def probe_superlink(address: str, ca_file: str, timeout: float = 5.0) -> None:
         raise SuperLinkUnreachable(f"GET /health answered {status}")
 
 
-def _log_retry(what: str) -> Callable[[RetryCallState], None]:
-    def before_sleep(state: RetryCallState) -> None:
-        err = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning("%s (attempt %d): %s; retrying in %.1f s", what, state.attempt_number, err, wait)
-
-    return before_sleep
-
-
 def wait_for_superlink(address: str, ca_file: str, timeout: float = 60.0) -> None:
     """Retry :func:`probe_superlink` with bounded exponential backoff (0.5 s doubling to 8 s) for
     up to ``timeout`` seconds while the SuperLink is unreachable; permanent errors pass at once."""
@@ -393,7 +371,7 @@ def wait_for_superlink(address: str, ca_file: str, timeout: float = 60.0) -> Non
         retry=retry_if_exception_type(SuperLinkUnreachable),
         stop=stop_after_delay(timeout),
         wait=wait_exponential(multiplier=0.5, min=0.5, max=8),
-        before_sleep=_log_retry(f"SuperLink {address} not reachable"),
+        before_sleep=log_retry(log, f"SuperLink {address} not reachable"),
         reraise=True,
     ):
         with attempt:
@@ -500,7 +478,7 @@ class SuperNodeRunner:
                 retry=retry_if_exception_type(StaleSession),
                 stop=stop_after_delay(rejoin_timeout),
                 wait=wait_exponential(multiplier=1, min=1, max=15),
-                before_sleep=_log_retry(f"SuperLink refused the session of {self.setup.member}"),
+                before_sleep=log_retry(log, f"SuperLink refused the session of {self.setup.member}"),
                 reraise=True,
             ):
                 with attempt:

@@ -119,7 +119,7 @@ def signing_payload(entry: Mapping[str, Any]) -> bytes:
     return canonical_json({k: v for k, v in entry.items() if k != "signature"})
 
 
-def _parse_json(text: str) -> Any:
+def parse_strict_json(text: str) -> Any:
     """Strict JSON: no NaN/Infinity, no duplicate keys (either could hide an edit from the signature)."""
 
     def no_constants(name: str) -> Any:
@@ -391,7 +391,7 @@ def receipt_from_json(text: str) -> dict[str, Any]:
     if not isinstance(text, str):
         raise LedgerError(f"receipt must be JSON text, got {type(text).__name__}")
     try:
-        entry = _parse_json(text)
+        entry = parse_strict_json(text)
     except ValueError as exc:
         raise LedgerError(f"receipt is not valid JSON: {exc}") from None
     problems = field_problems(entry)
@@ -573,7 +573,7 @@ def _parse_lines(raw: bytes, path: Path) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, start=1):
         last = number == len(lines)
         try:
-            entry = _parse_json(line.decode("utf-8"))
+            entry = parse_strict_json(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             hint = ": torn last line (interrupted write?)" if last else ""
             raise LedgerError(f"ledger {path} line {number} is not valid JSON{hint} ({exc})") from None

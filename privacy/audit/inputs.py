@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privacy.ledger import parse_strict_json
+
 LEDGER_FILE = "ledger.jsonl"
 RECORDS_FILE = "rounds.jsonl"
 RUN_FILE = "run.json"
@@ -59,20 +61,9 @@ class RunFiles:
 
 
 def strict_json(text: str) -> Any:
-    """JSON without NaN/Infinity and without duplicate keys: either could hide an edit."""
-
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not allowed")
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ValueError(f"duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    return json.loads(text, parse_constant=no_constant, object_pairs_hook=no_duplicates)
+    """JSON without NaN/Infinity and without duplicate keys: either could hide an edit. The
+    ledger's own parser: parsing is not where the auditor's independence matters."""
+    return parse_strict_json(text)
 
 
 def read_ledger(path: Path, member: str) -> LedgerFile:
