@@ -95,9 +95,7 @@ def test_connection_refused_is_retried_with_backoff_until_the_superlink_is_up(tm
     member_log = logging.getLogger("kyodo.member")
     member_log.addHandler(caplog.handler)  # the CLI stops it propagating to the root logger
     try:
-        t0 = time.monotonic()
         supernode.wait_for_superlink(f"127.0.0.1:{port}", str(paths.ca_cert), timeout=20)
-        assert time.monotonic() - t0 < 10
     finally:
         timer.join()
         member_log.removeHandler(caplog.handler)
@@ -108,19 +106,23 @@ def test_connection_refused_is_retried_with_backoff_until_the_superlink_is_up(tm
     assert "ConnectionRefusedError" in retries[0].getMessage()
 
 
-def test_an_untrusted_superlink_certificate_fails_at_once(tmp_path):
+def test_an_untrusted_superlink_certificate_fails_at_once(tmp_path, caplog):
     paths = create_tls(tmp_path / "tls", "test")
+    member_log = logging.getLogger("kyodo.member")
+    member_log.addHandler(caplog.handler)  # the CLI stops it propagating to the root logger
+    caplog.set_level(logging.WARNING, logger="kyodo.member")
     other_ca = tmp_path / "other-ca.pem"
     other_ca.write_bytes(make_ca("other")[1].public_bytes(serialization.Encoding.PEM))
     port = _free_port()
     server = _serve_tls(paths, port)
     try:
-        t0 = time.monotonic()
         with pytest.raises(supernode.SetupError, match="does not vouch for"):
             supernode.wait_for_superlink(f"127.0.0.1:{port}", str(other_ca), timeout=30)
-        assert time.monotonic() - t0 < 5, "a permanent error is not retried"
+        retries = [r for r in caplog.records if "not reachable" in r.getMessage()]
+        assert not retries, "a permanent error is not retried"
         supernode.wait_for_superlink(f"127.0.0.1:{port}", str(paths.ca_cert), timeout=5)
     finally:
+        member_log.removeHandler(caplog.handler)
         server.shutdown()
 
 
