@@ -39,7 +39,6 @@ def test_only_cohort_members_contribute():
         ({"w": torch.zeros(2, 3)}, "missing"),
         ({"w": torch.zeros(2, 3), "b": torch.zeros(3), "x": torch.zeros(1)}, "unexpected"),
         ({"w": torch.zeros(3, 2), "b": torch.zeros(3)}, "shape"),
-        ({"w": torch.full((2, 3), float("nan")), "b": torch.zeros(3)}, "non-finite"),
     ],
 )
 def test_bad_contributions_refused_and_nothing_folded(bad, match):
@@ -47,6 +46,15 @@ def test_bad_contributions_refused_and_nothing_folded(bad, match):
     with pytest.raises(AggregationError, match=match):
         acc.add("a", bad, 1)
     assert acc.contributors == [] and acc.total_weight == 0
+
+
+def test_non_finite_contribution_makes_the_mean_refused():
+    """Finiteness is checked once, on the finished sum (NaN and inf propagate through it)."""
+    acc = ShardMean("s", ["a", "b"], SHAPES)
+    acc.add("a", delta(1.0), 1)
+    acc.add("b", {"w": torch.full((2, 3), float("nan")), "b": torch.zeros(3)}, 1)
+    with pytest.raises(AggregationError, match=r"non-finite values in \['w'\]"):
+        acc.mean()
 
 
 def test_zero_weight_refused():

@@ -255,18 +255,39 @@ def test_shard_mean_matches_float64_reference_across_dtypes_and_layouts():
     for member, delta, weight in zip(members, deltas, weights, strict=True):
         acc.add(member, {"w": delta}, weight)
     want = sum(w * d.double() for w, d in zip(weights, deltas, strict=True)) / sum(weights)
-    assert torch.equal(acc.mean()["w"], want.float())
+    got = acc.mean()["w"]
+    assert got.dtype == torch.float32
+    # float32 accumulation: a few float32 ulps of the largest value (see weighted_mean's docstring)
+    assert float((got.double() - want).abs().max()) <= 4e-7 * float(want.abs().max())
     assert acc.total_weight == sum(weights)
 
 
-def test_shard_mean_refuses_non_finite_beyond_first_chunk_without_folding():
+def test_shard_mean_refuses_non_finite_beyond_first_chunk():
     acc = ShardMean("s", ["a", "b"], {"w": (600_000,)})
     acc.add("a", {"w": torch.ones(600_000)}, 1.0)
     bad = torch.zeros(600_000)
     bad[-1] = float("inf")
+    acc.add("b", {"w": bad}, 1.0)
     with pytest.raises(ValueError, match="non-finite"):
-        acc.add("b", {"w": bad}, 1.0)
-    assert torch.equal(acc.mean()["w"], torch.ones(600_000))
+        acc.mean()
+
+
+def test_shard_mean_is_bit_identical_whether_its_sum_stays_in_ram_or_is_spilled(tmp_path):
+    """Spilling changes where the sum lives, never its bits (ordered resumes rely on it)."""
+    from aggregation.sums import SumPool
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"a": (70_001,), "b": (3, 50_000)}
+    contributions = [({k: torch.randn(s, generator=g) for k, s in shapes.items()}, 10.0 + i) for i in range(5)]
+    results = []
+    for budget in (None, 0):
+        pool = SumPool(budget, tmp_path)
+        acc = ShardMean("s", [f"m{i}" for i in range(5)], shapes, pool=pool)
+        for i, (d, w) in enumerate(contributions):
+            acc.add(f"m{i}", d, w)
+        results.append(acc.mean())
+        assert pool.peak_resident_bytes == (0 if budget == 0 else acc.nbytes)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in shapes)
 
 
 def test_safetensors_round_trip_of_scalar_step():
