@@ -88,9 +88,10 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
     resumed = state.resume()
     summary = RunSummary(out_dir=out_dir)
     if resumed is None:
-        runner = RoundRunner(cfg, grid, initial_model(cfg), run_id=run_id)
-        state.commit_initial(runner.model, {"run": run_id})
-        runner.sync = ModelSync(state.store)
+        # The one time the whole model is in RAM: the policy's initialisation, written shard by
+        # shard and dropped; from here on the coordinator reads shards from the store.
+        state.commit_initial(initial_model(cfg), {"run": run_id})
+        runner = RoundRunner(cfg, grid, state, run_id=run_id, sync=ModelSync(state.store))
         first_round = 1
         t0 = time.monotonic()
         runner.query(0)
@@ -110,9 +111,8 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             f"initial held-out MSE {summary.mean_mse(0):.4f} ({time.monotonic() - t0:.1f}s)"
         )
     else:
-        runner = RoundRunner(cfg, grid, resumed.model, run_id=run_id, sync=ModelSync(state.store))
-        for shard, tensors in resumed.optimizer_state.items():
-            runner.optimizer.load_state_dict(shard, tensors)
+        # Weights and optimiser state stay in the store: the runner reads each shard when it needs it.
+        runner = RoundRunner(cfg, grid, state, run_id=run_id, sync=ModelSync(state.store))
         first_round = resumed.round + 1
         recorded = {r["round"] for r in read_records(out_dir)}
         if resumed.round not in recorded:  # died after moving HEAD, before writing the record
@@ -137,10 +137,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             else:
                 log.warning("round %d: no member available, nothing trained", rnd)
             failpoint(rnd, "after-train")
-            optimizer_state = {s: runner.optimizer.state_dict(s) for s in result.updated_shards}
-            runner.sync.set_head(
-                state.commit_round(rnd, runner.model, result.updated_shards, optimizer_state, {"run": run_id})
-            )
+            runner.sync.set_head(state.commit_objects(rnd, runner.pending, runner.pending_state, {"run": run_id}))
             failpoint(rnd, "after-commit")
             progress.update(task, advance=1, stage=STAGES[3])
             result.evaluation = runner.evaluate(rnd, list(runner.members))

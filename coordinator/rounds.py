@@ -1,9 +1,35 @@
 """One federated round on a Flower Grid: query, plan, train, aggregate, save, evaluate.
 
-Replies are pulled as they arrive and folded into per-shard running sums at once
-(:class:`aggregation.weighted_mean.ShardMean`), so a reply's tensors can be freed before the
-next one is read. A node that fails, replies with an error, or returns something that does
-not validate is left out of the round with a log line; the round goes on with the rest.
+Memory follows the largest shard, not the model and not members x model (ARCHITECTURE.md,
+"Scale"):
+
+* The model is never in the coordinator's RAM. Members get it by reference (manifest plus
+  the objects they lack, ``coordinator.sync``), and requests are built and pushed one at a
+  time (:func:`exchange`), so at most one request's objects exist at once.
+* Replies are pulled as they arrive and folded into per-shard running sums at once
+  (:class:`aggregation.weighted_mean.ShardMean`), so a reply's tensors are freed before the
+  next one is read.
+* A shard is *finished* as soon as every member of its cohort has either contributed or is
+  known not to (error, decline, invalid reply, time-out): mean, validation, server optimiser
+  step on its weights and optimiser state read from ``HEAD``, new objects written to the
+  store, everything freed. The shard with its optimiser state is the only model-sized thing
+  held, one shard at a time.
+* Sums still waiting for a cohort member live in one :class:`aggregation.sums.SumPool`
+  with a budget of a few largest shards; beyond it they spill to scratch files. Why a
+  budget and not only early finishing: one train reply carries all of a member's shards,
+  ``adapter/shared`` has everyone in its cohort and experts are spread over cohorts, so in
+  the worst case every shard of the round is waiting at once; the alternative, one message
+  per shard, costs a Flower round trip (seconds in a deployment) per shard and a protocol
+  change on every member. Under SecAgg+ the masked sums go to the same pool (they cannot be
+  finished before the unmask stage, see ``aggregation.secagg.server``), and shards are then
+  unmasked and finished one at a time.
+
+Nothing moves ``HEAD`` here: objects written during a round are unreferenced until the
+federation loop commits the round (``coordinator.run_state``), so a crash mid-round
+resumes exactly from the previous round.
+
+A node that fails, replies with an error, or returns something that does not validate is
+left out of the round with a log line; the round goes on with the rest.
 """
 
 from __future__ import annotations
@@ -12,9 +38,10 @@ import gc
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -23,9 +50,11 @@ from aggregation.secagg.errors import SecAggError
 from aggregation.secagg.server import SecAggServer, build_setup
 from aggregation.secagg.vectors import shard_length
 from aggregation.server_opt import ServerOptimizer, make_server_optimizer
+from aggregation.sums import SumBuffer, SumPool
 from aggregation.validate import check_aggregate
 from aggregation.weighted_mean import AggregationError, ShardMean
 from coordinator.planner import MemberInfo, RoundPlan, plan_round
+from coordinator.run_state import RunState
 from coordinator.secure_round import mean_update, secure_aggregate
 from coordinator.sync import ModelSync
 from privacy.keys import load_public_key
@@ -50,6 +79,10 @@ from shared_model.shards import ShardLayout, shard_of
 log = logging.getLogger("kyodo.coordinator")
 
 POLL_INTERVAL_S = 0.2
+# RAM budget of the running sums: this many of the round's largest shard, but never less
+# than the floor (small models never spill; at 1e12 parameters the largest shard sets it).
+SUM_BUDGET_SHARDS = 4
+SUM_BUDGET_FLOOR_BYTES = 256 << 20
 
 
 @dataclass
@@ -71,16 +104,23 @@ class RoundResult:
 
 def exchange(
     grid: Grid,
-    messages: list[Message],
+    messages: Iterable[Message],
     timeout: float,
     on_reply: Callable[[Message], None],
 ) -> set[int]:
     """Push messages, hand each reply to ``on_reply`` as soon as it arrives.
 
-    Returns the node ids that did not answer in time.
+    Messages are pushed one at a time as ``messages`` yields them, so a generator that
+    builds each request (with the model objects that member lacks) keeps only one request
+    in the coordinator's memory. Returns the node ids that did not answer in time.
     """
-    ids = [mid for mid in grid.push_messages(messages) if mid]
-    waiting = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
+    waiting: dict[str, int] = {}
+    for msg in messages:
+        dst = msg.metadata.dst_node_id
+        for mid in grid.push_messages([msg]):
+            if mid:
+                waiting[mid] = dst
+        del msg
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(waiting)):
@@ -107,26 +147,43 @@ def server_optimizer(cfg: KyodoConfig) -> ServerOptimizer:
 
 
 class RoundRunner:
-    """Holds the global model (one tensor dict) and runs rounds against a Grid."""
+    """Runs rounds against a Grid; the model stays in the store (``state``), see the module docstring.
+
+    After :meth:`train_and_aggregate`, ``pending`` and ``pending_state`` name the objects the
+    round wrote (shard -> object id, weights and optimiser state) for
+    :meth:`coordinator.run_state.RunState.commit_objects`; ``last_pool`` is the round's
+    sum pool, whose counters say how much RAM the sums took.
+    """
 
     def __init__(
         self,
         cfg: KyodoConfig,
         grid: Grid,
-        model: dict[str, torch.Tensor],
+        state: RunState,
         run_id: str = "run",
         timeout: float = 600.0,
         sync: ModelSync | None = None,
+        sum_budget_bytes: int | None = None,
     ):
         self.cfg = cfg
-        # With a store: the model travels by reference, each node gets only what it lacks.
-        self.sync = sync
+        self.state = state
+        # The model travels by reference: each node gets only the objects it lacks.
+        self.sync = sync if sync is not None else ModelSync(state.store)
         self.run_id = run_id
         self.grid = grid
-        self.model = model
         self.timeout = timeout
         self.layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
         self.optimizer = server_optimizer(cfg)
+        if sum_budget_bytes is None:
+            largest = max(
+                (4 * sum(int(torch.Size(s).numel()) for s in self._trainable_shapes(shard).values()))
+                for shard in self.layout.shards
+            )
+            sum_budget_bytes = max(SUM_BUDGET_SHARDS * largest, SUM_BUDGET_FLOOR_BYTES)
+        self.sum_budget_bytes = sum_budget_bytes
+        self.pending: dict[str, str] = {}
+        self.pending_state: dict[str, str] = {}
+        self.last_pool: SumPool | None = None
         self.members: dict[int, MemberInfo] = {}
         self.public_keys: dict[str, str] = {}  # member -> hex Ed25519 key from query
         self.epsilon: dict[str, tuple[float, float]] = {}  # member -> (spent, budget) as reported
@@ -150,8 +207,7 @@ class RoundRunner:
                 node, info.member, tuple(info.embodiments), info.episodes, can_train=info.can_train
             )
             self.public_keys[info.member] = info.public_key
-            if self.sync is not None:
-                self.sync.reported(info.member, info.objects)
+            self.sync.reported(info.member, info.objects)
             self.epsilon[info.member] = (info.epsilon_spent, info.epsilon_budget)
 
         msgs = [Message(QueryRequest(round_number).to_content(), n, QUERY) for n in node_ids]
@@ -200,6 +256,8 @@ class RoundRunner:
             max_grad_norm=self.cfg.privacy.max_grad_norm,
         )
         by_name = {m.name: node for node, m in self.members.items()}
+        self.pending, self.pending_state = {}, {}
+        pool = self.last_pool = SumPool(self.sum_budget_bytes, self.state.scratch_dir)
         secure = self.cfg.secagg.enabled
         setup = None
         server: SecAggServer | None = None
@@ -214,41 +272,41 @@ class RoundRunner:
                 graph_seed=secrets.token_bytes(16),
             )
             lengths = {shard: shard_length(self._trainable_shapes(shard)) for shard in plan.cohorts}
-            server = SecAggServer(self.run_id, round_number, setup, lengths)
-        accumulators = {
-            shard: ShardMean(shard, cohort, self._trainable_shapes(shard)) for shard, cohort in plan.cohorts.items()
-        }
-        msgs = []
-        for member in plan.members:
-            request = TrainRequest(
-                round_number,
-                plan.shards_of(member),
-                hp,
-                None if self.sync else self.model,
-                run=self.run_id,
-                planned_rounds=t.rounds,
-                secagg=setup,
-                model_ref=self.sync.ref_for(member) if self.sync else None,
-            )
-            msgs.append(Message(request.to_content(), by_name[member], TRAIN))
+            server = SecAggServer(self.run_id, round_number, setup, lengths, pool=pool)
+        fold = None if server is not None else _PlainFold(self, plan, result, pool, t.ordered_aggregation)
+
+        def requests() -> Iterator[Message]:
+            for member in plan.members:
+                request = TrainRequest(
+                    round_number,
+                    plan.shards_of(member),
+                    hp,
+                    None,
+                    run=self.run_id,
+                    planned_rounds=t.rounds,
+                    secagg=setup,
+                    model_ref=self.sync.ref_for(member),
+                )
+                yield Message(request.to_content(), by_name[member], TRAIN)
+
         node_to_name = {node: m.name for node, m in self.members.items()}
-        # Float sums depend on the order replies are added in, which depends on arrival. For
-        # bit-reproducible runs (resume drills) replies can be folded in member order instead,
-        # at the cost of holding every reply until the last one arrives.
-        ordered = t.ordered_aggregation and server is None
-        buffered: list[tuple[str, TrainReply, float]] = []
 
         def on_reply(reply: Message) -> None:
             member = node_to_name.get(reply.metadata.src_node_id, "?")
             if reply.has_error():
                 result.failed[member] = f"train error {reply.error.code}: {reply.error.reason}"
                 log.warning("%s: %s", member, result.failed[member])
+                if fold is not None:
+                    fold.resolve(member)
                 return
+            receipt = None
             try:
                 if TrainDeclined.is_declined(reply.content):
                     declined = TrainDeclined.from_content(reply.content)
                     result.declined[member] = declined.reason
                     log.info("%s sits round %d out: %s", member, round_number, declined.reason)
+                    if fold is not None:
+                        fold.resolve(member)
                     return
                 parsed = TrainReply.from_content(reply.content)
                 if parsed.member != member:
@@ -261,73 +319,92 @@ class RoundRunner:
                     if parsed.deltas or parsed.advert is None:
                         raise ProtocolError("under secure aggregation a train reply carries a key advert, no deltas")
                     server.add_advert(member, parsed.advert, self.public_keys.get(member, ""), weight)
-                elif ordered:
-                    buffered.append((member, parsed, weight))  # folded below, in member order
                 else:
-                    self._fold_plain(member, parsed, accumulators, weight)
+                    fold.accept(member, parsed, weight)  # checked whole, then folded (or queued in order)
             except (ProtocolError, AggregationError, LedgerError, SecAggError, ValueError) as err:
                 result.failed[member] = f"invalid train reply: {err}"
                 log.warning("%s: %s", member, result.failed[member])
+                if fold is not None:
+                    fold.resolve(member)
                 return
             if receipt is not None:
                 result.receipts[member] = receipt
-            if not ordered:
-                parsed.deltas = {}  # fold-and-free: the sums hold what is needed
+            parsed.deltas = {}  # the sums (or the in-order queue) hold what is needed
             result.train[member] = parsed
+            if fold is not None:
+                fold.resolve(member)
 
-        missing = exchange(self.grid, msgs, self.timeout, on_reply)
+        missing = exchange(self.grid, requests(), self.timeout, on_reply)
         for node in missing:
-            result.failed[node_to_name.get(node, str(node))] = "no train reply in time"
-        for member, parsed, weight in sorted(buffered, key=lambda item: item[0]):
-            try:
-                self._fold_plain(member, parsed, accumulators, weight)
-            except (ProtocolError, AggregationError, ValueError) as err:
-                result.failed[member] = f"invalid train reply: {err}"
-                result.train.pop(member, None)
-                result.receipts.pop(member, None)
-            parsed.deltas = {}
+            member = node_to_name.get(node, str(node))
+            result.failed[member] = "no train reply in time"
+            if fold is not None:
+                fold.resolve(member)
 
         if server is not None:
             sums = secure_aggregate(self.grid, exchange, self.timeout, server, by_name, result.failed)
-            for shard in plan.cohorts:
-                if shard not in sums:
-                    result.failed[shard] = server.skipped.get(shard, "not recovered by secure aggregation")
-                    continue
-                outcome = sums[shard]
+            done: set[str] = set()
+            for outcome in sums:
+                shard = outcome.shard
+                done.add(shard)
                 if self._enough(shard, outcome.contributors, plan, result):
+                    how = "secagg" if outcome.secure else "single"
                     mean = mean_update(outcome, self._trainable_shapes(shard))
+                    del outcome  # the float64 sum: one shard's worth at a time
                     if self._apply(shard, mean, result):
-                        result.aggregation[shard] = "secagg" if outcome.secure else "single"
-            return
+                        result.aggregation[shard] = how
+                    del mean
+                else:
+                    del outcome
+            for shard in plan.cohorts:
+                if shard not in done:
+                    result.failed[shard] = server.skipped.get(shard, "not recovered by secure aggregation")
+        else:
+            fold.finish_all()
+        result.updated_shards.sort()
 
-        for shard, acc in accumulators.items():
-            if self._enough(shard, acc.contributors, plan, result) and self._apply(shard, acc.mean(), result):
-                result.aggregation[shard] = "plaintext"
+    def _finish_plain(self, shard: str, acc: ShardMean, plan: RoundPlan, result: RoundResult) -> None:
+        """A plaintext shard whose cohort is resolved: mean, validate, optimise, write, free."""
+        if not self._enough(shard, acc.contributors, plan, result):
+            acc.discard()
+            return
+        try:
+            mean = acc.mean()
+        except AggregationError as err:
+            result.rejected[shard] = str(err)
+            result.failed[shard] = f"aggregate rejected: {err}"
+            log.warning("round %d: %s keeps its previous version: %s", result.round, shard, err)
+            return
+        if self._apply(shard, mean, result):
+            result.aggregation[shard] = "plaintext"
 
     def _apply(self, shard: str, mean: dict[str, torch.Tensor], result: RoundResult) -> bool:
         """Validate the shard's aggregate, then let the server optimiser make its next version.
-        A refused aggregate leaves the shard (and its optimiser state) as it was."""
+
+        The shard's weights and optimiser state are read from ``HEAD`` for this one step and
+        the results written to the store right away (not committed: ``HEAD`` moves after the
+        whole round), so nothing of the shard stays in memory afterwards. A refused aggregate
+        leaves the shard (and its optimiser state) as it was.
+        """
         reason = check_aggregate(shard, mean, self.cfg.train.max_update_norm)
         if reason is not None:
             result.rejected[shard] = reason
             result.failed[shard] = f"aggregate rejected: {reason}"
             log.warning("round %d: %s keeps its previous version: %s", result.round, shard, reason)
             return False
-        self.model.update(self.optimizer.apply(self.model, mean, shard_id=shard))
+        params = self.state.shard_params(shard)
+        self.optimizer.load_state_dict(shard, self.state.optimizer_state(shard))
+        try:
+            new = self.optimizer.apply(params, mean, shard_id=shard)
+            self.pending[shard] = self.state.put(shard, {**params, **new})
+            del params, new
+            state = self.optimizer.state_dict(shard)
+            if state:
+                self.pending_state[shard] = self.state.put(shard, state)
+        finally:
+            self.optimizer.load_state_dict(shard, {})  # the store holds it from now on
         result.updated_shards.append(shard)
         return True
-
-    def _fold_plain(self, member: str, parsed: TrainReply, accumulators: dict[str, ShardMean], weight: float) -> None:
-        """Secure aggregation off (debugging): fold the member's plaintext deltas, all or none."""
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in parsed.deltas.items():
-            grouped.setdefault(shard_of(name), {})[name] = tensor
-        if set(grouped) - set(parsed.shards):
-            raise ProtocolError(f"reply has deltas for unassigned shards {sorted(set(grouped) - set(parsed.shards))}")
-        for shard in parsed.shards:
-            accumulators[shard].check(member, grouped.get(shard, {}), weight)
-        for shard in parsed.shards:
-            accumulators[shard].add(member, grouped[shard], weight)
 
     def _enough(self, shard: str, contributors: list[str], plan: RoundPlan, result: RoundResult) -> bool:
         """Embodiment adapters are aggregated over their owners, whoever answered; every other
@@ -373,14 +450,12 @@ class RoundRunner:
             except ProtocolError as err:
                 log.warning("%s: %s", member, err)
 
-        msgs = []
-        for node in members:
-            if self.sync is not None:
+        def requests() -> Iterator[Message]:
+            for node in members:
                 request = EvaluateRequest(round_number, None, self.sync.ref_for(node_to_name[node]))
-            else:
-                request = EvaluateRequest(round_number, self.model)
-            msgs.append(Message(request.to_content(), node, EVALUATE))
-        exchange(self.grid, msgs, self.timeout, on_reply)
+                yield Message(request.to_content(), node, EVALUATE)
+
+        exchange(self.grid, requests(), self.timeout, on_reply)
         return out
 
     def run_round(self, round_number: int) -> RoundResult:
@@ -393,3 +468,80 @@ class RoundRunner:
         result.evaluation = self.evaluate(round_number, list(self.members))
         result.seconds = time.monotonic() - start
         return result
+
+
+class _PlainFold:
+    """Secure aggregation off: fold train replies into per-shard sums and finish each shard
+    as soon as its whole cohort is resolved (see the module docstring).
+
+    ``ordered``: float sums depend on the order contributions are added in, which depends on
+    arrival. For bit-reproducible runs (resume drills, ``train.ordered_aggregation``) each
+    shard folds its contributions in sorted member order: a contribution that arrives before
+    its predecessors in that order waits, copied into a buffer of the same sum pool (so it
+    is held to the same RAM budget and spilled like a sum), until they are resolved.
+    """
+
+    def __init__(self, runner: RoundRunner, plan: RoundPlan, result: RoundResult, pool: SumPool, ordered: bool):
+        self.runner, self.plan, self.result, self.ordered, self.pool = runner, plan, result, ordered, pool
+        self.accumulators = {
+            shard: ShardMean(shard, cohort, runner._trainable_shapes(shard), pool)
+            for shard, cohort in plan.cohorts.items()
+        }
+        self.order = {shard: sorted(cohort) for shard, cohort in plan.cohorts.items()}
+        self.next = dict.fromkeys(plan.cohorts, 0)  # ordered: index of the next member to fold
+        self.queued: dict[str, dict[str, tuple[SumBuffer, float]]] = {s: {} for s in plan.cohorts}
+        self.resolved: set[str] = set()
+
+    def accept(self, member: str, parsed: TrainReply, weight: float) -> None:
+        """Check every shard of the reply (all or none), then fold or queue each shard's part."""
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in parsed.deltas.items():
+            grouped.setdefault(shard_of(name), {})[name] = tensor
+        if set(grouped) - set(parsed.shards):
+            raise ProtocolError(f"reply has deltas for unassigned shards {sorted(set(grouped) - set(parsed.shards))}")
+        for shard in parsed.shards:
+            self.accumulators[shard].check(member, grouped.get(shard, {}), weight)
+        for shard in parsed.shards:
+            if self.ordered:
+                acc = self.accumulators[shard]
+                buf = self.pool.new(acc.numel, np.float32, f"{shard} from {member}")
+                acc.copy_into(buf, grouped[shard])
+                self.queued[shard][member] = (buf, weight)
+            else:
+                self.accumulators[shard].add(member, grouped[shard], weight)
+        grouped.clear()
+
+    def resolve(self, member: str) -> None:
+        """``member`` has answered (or never will): fold what its answer unblocks, finish
+        every shard whose cohort is now complete."""
+        if member in self.resolved:
+            return
+        self.resolved.add(member)
+        for shard in [s for s in self.accumulators if member in self.plan.cohorts[s]]:
+            self._advance(shard)
+
+    def _advance(self, shard: str) -> None:
+        acc, order = self.accumulators[shard], self.order[shard]
+        if self.ordered:
+            while self.next[shard] < len(order) and order[self.next[shard]] in self.resolved:
+                member = order[self.next[shard]]
+                queued = self.queued[shard].pop(member, None)
+                if queued is not None:
+                    buf, weight = queued
+                    flat = buf.load()
+                    buf.release()
+                    acc.add(member, acc.views(flat), weight)
+                    del flat
+                self.next[shard] += 1
+        if all(m in self.resolved for m in order):
+            del self.accumulators[shard]
+            self.queued.pop(shard, None)
+            self.runner._finish_plain(shard, acc, self.plan, self.result)
+
+    def finish_all(self) -> None:
+        """End of the train exchange: every member is resolved by now; finish what is left."""
+        for member in self.plan.members:
+            self.resolve(member)
+        for shard in list(self.accumulators):
+            acc = self.accumulators.pop(shard)
+            self.runner._finish_plain(shard, acc, self.plan, self.result)

@@ -5,10 +5,15 @@ optimiser's state for them), then a manifest, then moving ``HEAD`` (``shared_mod
 Whatever happens before ``HEAD`` moves is as if the round never ran: a restarted
 coordinator resumes at ``HEAD.round + 1`` with the model and optimiser state of ``HEAD``.
 
+The coordinator never holds the model: the round runner reads a shard's weights and
+optimiser state from ``HEAD`` when it finishes that shard (:meth:`RunState.shard_params`,
+:meth:`RunState.optimizer_state`), writes the new objects at once (:meth:`RunState.put`),
+and :meth:`RunState.commit_objects` then only writes the manifest and moves ``HEAD``.
+
 Failpoints (``KYODO_FAILPOINT=<round>:<where>``) kill the process at a named point of a
-round's commit, for resume drills and tests: ``after-train`` (aggregated in memory,
-nothing written), ``after-objects`` (objects written, ``HEAD`` not moved), ``after-commit``
-(``HEAD`` moved, round record not yet written).
+round's commit, for resume drills and tests: ``after-train`` (aggregated, shard objects
+written as each shard finished, ``HEAD`` not moved), ``after-objects`` (every object
+written, manifest not yet), ``after-commit`` (``HEAD`` moved, round record not yet written).
 """
 
 from __future__ import annotations
@@ -44,9 +49,7 @@ def failpoint(round_number: int, where: str) -> None:
 @dataclass
 class Resumed:
     round: int  # the last committed round; the run continues at round + 1
-    model: dict[str, torch.Tensor]
-    optimizer_state: dict[str, dict[str, torch.Tensor]]  # shard -> state tensors
-    extra: dict[str, Any]
+    extra: dict[str, Any]  # HEAD manifest's extra (run id, optimiser state objects)
 
 
 class RunState:
@@ -55,6 +58,10 @@ class RunState:
     def __init__(self, cfg: KyodoConfig, out_dir: Path | str):
         self.cfg = cfg
         self.store = ShardStore(Path(out_dir) / "store")
+        # Where aggregation spills running sums that exceed its RAM budget (aggregation.sums):
+        # next to the store, on the same disk, never a tmpfs.
+        self.scratch_dir = Path(out_dir) / "scratch"
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
         self.config_hash = model_config_hash(cfg.model, cfg.embodiments)
         self.layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
         self.head: Manifest | None = self.store.head_manifest()
@@ -68,14 +75,27 @@ class RunState:
                 f"{self.store.root} holds rounds of another model config "
                 f"({self.head.model_config[:12]} != {self.config_hash[:12]}): use a fresh out_dir"
             )
-        model = self.store.load_model(self.head.round)
-        state = {
-            shard: self.store.get_shard(oid) for shard, oid in self.head.extra.get(OPTIMIZER_STATE_PREFIX, {}).items()
-        }
-        # Views into the verified read buffer: copy so the optimiser may update them in place.
-        model = {k: v.clone() for k, v in model.items()}
-        state = {s: {k: v.clone() for k, v in t.items()} for s, t in state.items()}
-        return Resumed(self.head.round, model, state, dict(self.head.extra))
+        return Resumed(self.head.round, dict(self.head.extra))
+
+    # ------------------------------------------------------------------ one shard at a time
+    def _head(self) -> Manifest:
+        if self.head is None:
+            raise ValueError("commit_initial first")
+        return self.head
+
+    def shard_params(self, shard: str) -> dict[str, torch.Tensor]:
+        """The shard's tensors at ``HEAD`` (hash-verified; one buffer of the shard's size)."""
+        return self.store.get_shard(self._head().shards[shard], shard_id=shard)
+
+    def optimizer_state(self, shard: str) -> dict[str, torch.Tensor]:
+        """The server optimiser's state of ``shard`` at ``HEAD`` (empty if it never had any)."""
+        oid = self._head().extra.get(OPTIMIZER_STATE_PREFIX, {}).get(shard)
+        return {} if oid is None else self.store.get_shard(oid, shard_id=shard)
+
+    def put(self, shard: str, tensors: Mapping[str, torch.Tensor]) -> str:
+        """Write one object now (a shard's next version or its optimiser state); ``HEAD`` does
+        not move, so until :meth:`commit_objects` it is as if it was never written."""
+        return self.store.put_shard(shard, dict(tensors))
 
     def shard_tensors(self, model: Mapping[str, torch.Tensor], shard: str) -> dict[str, torch.Tensor]:
         return {spec.name: model[spec.name] for spec in self.layout.shards[shard]}
@@ -93,16 +113,27 @@ class RunState:
         optimizer_state: Mapping[str, Mapping[str, torch.Tensor]],
         extra: Mapping[str, Any],
     ) -> Manifest:
-        """Write only the changed shards (and their optimiser state), then move HEAD."""
-        if self.head is None:
-            raise ValueError("commit_initial first")
-        changed = {s: self.store.put_shard(s, self.shard_tensors(model, s)) for s in sorted(set(changed_shards))}
-        opt = dict(self.head.extra.get(OPTIMIZER_STATE_PREFIX, {}))
-        for shard, tensors in optimizer_state.items():
-            if tensors:
-                opt[shard] = self.store.put_shard(shard, dict(tensors))
+        """Write only the changed shards (and their optimiser state) from a whole model, then
+        move HEAD (small models, tools and tests; the round runner uses :meth:`commit_objects`)."""
+        self._head()
+        changed = {s: self.put(s, self.shard_tensors(model, s)) for s in sorted(set(changed_shards))}
+        states = {shard: self.put(shard, tensors) for shard, tensors in optimizer_state.items() if tensors}
+        return self.commit_objects(round_number, changed, states, extra)
+
+    def commit_objects(
+        self,
+        round_number: int,
+        changed: Mapping[str, str],
+        optimizer_objects: Mapping[str, str],
+        extra: Mapping[str, Any],
+    ) -> Manifest:
+        """Commit a round whose objects are already written (shard -> object id, for the
+        weights and the optimiser state): the manifest, then HEAD, last."""
+        head = self._head()
+        opt = dict(head.extra.get(OPTIMIZER_STATE_PREFIX, {}))
+        opt.update(optimizer_objects)
         failpoint(round_number, "after-objects")
         self.head = self.store.commit(
-            self.head, changed, round_number=round_number, extra={**extra, OPTIMIZER_STATE_PREFIX: opt}
+            head, dict(sorted(changed.items())), round_number=round_number, extra={**extra, OPTIMIZER_STATE_PREFIX: opt}
         )
         return self.head

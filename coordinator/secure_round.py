@@ -9,7 +9,7 @@ example-weighted mean update, computed from cohort sums only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -75,8 +75,9 @@ def secure_aggregate(
     server: SecAggServer,
     node_of: Mapping[str, int],
     failed: dict[str, str],
-) -> dict[str, ShardSum]:
-    """Run share keys, masked input and unmask; return the recovered shard sums."""
+) -> Iterator[ShardSum]:
+    """Run share keys, masked input and unmask; then yield the recovered shard sums one at a
+    time (``SecAggServer.iter_finish``), so the caller finishes and frees each before the next."""
     _stage(
         grid, exchange, timeout, SECAGG_SHARE_KEYS, server.share_keys_requests(), node_of,
         ShareKeysReply.from_content, server.add_shares, failed,
@@ -89,7 +90,7 @@ def secure_aggregate(
         grid, exchange, timeout, SECAGG_UNMASK, server.unmask_requests(), node_of,
         UnmaskReply.from_content, server.add_unmask, failed,
     )  # fmt: skip
-    return server.finish()
+    return server.iter_finish()
 
 
 def mean_update(result: ShardSum, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

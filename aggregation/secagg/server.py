@@ -7,7 +7,16 @@ dropout case is testable without a network.
 
 What the coordinator holds during a round: public keys, ciphertexts it cannot open,
 running modular sums of masked vectors (a masked vector is folded in and freed on
-arrival), and in the end the shares needed to remove the masks. It never holds one
+arrival), and in the end the shares needed to remove the masks.
+
+Memory: the protocol can unmask nothing before the unmask stage, and that stage starts
+only once every masked input of the round is in (members answer ``unmask`` once per round,
+and revealing shares group by group could reveal both secrets of one member). So every
+shard's masked sum stays open from its first masked input to the end of the round. They
+are kept in a :class:`aggregation.sums.SumPool`, which holds them within a RAM budget and
+spills the rest to scratch files (a masked sum reveals nothing, on disk or not); and
+:meth:`SecAggServer.iter_finish` unmasks and hands over one shard at a time, so the
+dequantised (float64) result of only one shard exists at once. It never holds one
 member's update: the self mask hides it until the sum is complete, and the self-mask seed
 of a member is only recovered for members whose masked vector is already inside the sum.
 """
@@ -15,7 +24,7 @@ of a member is only recovered for members whose masked vector is already inside 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,8 +34,9 @@ from aggregation.secagg.errors import SecAggError
 from aggregation.secagg.graph import default_degree, default_threshold, neighbours
 from aggregation.secagg.keys import agree, pair_context
 from aggregation.secagg.masks import apply_masks
-from aggregation.secagg.quantize import QuantizationPlan, add_into, dequantize_sum, plan_quantization
+from aggregation.secagg.quantize import QuantizationPlan, dequantize_sum, plan_quantization
 from aggregation.secagg.shamir import combine_shares
+from aggregation.sums import SumBuffer, SumPool
 from shared_model.protocol import (
     KeyAdvert,
     MaskedInputReply,
@@ -105,12 +115,15 @@ class SecAggServer:
     sealed: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sender -> recipient -> blob
     active: dict[str, list[str]] = field(default_factory=dict)  # group -> members that shared
     scale_base: dict[str, float] = field(default_factory=dict)  # group -> largest active weight
-    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    sums: dict[str, SumBuffer] = field(default_factory=dict)
     masked_from: dict[str, set[str]] = field(default_factory=dict)  # group -> members whose vectors are in
     unmask_replies: dict[str, UnmaskReply] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # shard -> why
+    pool: SumPool | None = None  # where the masked sums live (default: RAM, no budget)
 
     def __post_init__(self) -> None:
+        if self.pool is None:
+            self.pool = SumPool()
         self.groups = {g.group_id: g for g in self.setup.groups}
         self.plans = {g.group_id: QuantizationPlan.from_dict(g.quantization) for g in self.setup.groups}
 
@@ -193,9 +206,13 @@ class SecAggServer:
                     )
         for g in groups:
             for shard in g.shards:
-                if shard not in self.sums:
-                    self.sums[shard] = np.zeros(self.lengths[shard], dtype=self.plans[g.group_id].dtype)
-                add_into(self.sums[shard], reply.masked[shard])
+                buf = self.sums.get(shard)
+                if buf is None:
+                    buf = self.sums[shard] = self.pool.new(self.lengths[shard], self.plans[g.group_id].dtype, shard)
+                vec = reply.masked[shard]
+                if vec.size:
+                    buf.fold(vec, _ring_add)
+                buf.mark_written()  # modular sum: numpy's unsigned wrap-around is the reduction
             self.masked_from.setdefault(g.group_id, set()).add(member)
 
     # ------------------------------------------------------------------ stage 4
@@ -215,27 +232,46 @@ class SecAggServer:
         log.warning("round %d: secure aggregation skips %s: %s", self.round, ", ".join(group.shards), why)
 
     def finish(self) -> dict[str, ShardSum]:
-        """Remove the masks; return each recoverable shard's sum. Unrecoverable groups are skipped."""
-        out: dict[str, ShardSum] = {}
-        for gid, group in self.groups.items():
-            if not self.active.get(gid) or any(s in self.skipped for s in group.shards):
-                continue
-            contributors = sorted(self.masked_from.get(gid, set()))
-            if not contributors:
-                self._skip(group, "no masked input arrived")
-                continue
-            try:
-                totals = self._unmask_group(group, contributors)
-            except SecAggError as err:
-                self._skip(group, str(err))
-                continue
-            plan = self.plans[gid]
-            weight = sum(self.weights[m] for m in contributors) / self.scale_base[gid]
-            for shard, total in totals.items():
-                values = dequantize_sum(total, len(contributors), plan)
-                out[shard] = ShardSum(shard, values, contributors, weight, secure=len(group.members) > 1)
-        self.sums.clear()
-        return out
+        """Every recoverable shard's sum at once (tests, small models); see :meth:`iter_finish`."""
+        return {result.shard: result for result in self.iter_finish()}
+
+    def iter_finish(self) -> Iterator[ShardSum]:
+        """Remove the masks and yield each recoverable shard's sum, one shard at a time.
+
+        A group's secrets are all recovered before any of its shards is unmasked, so a group
+        is unmasked completely or skipped. Each shard's masked sum is freed once its result
+        is built; drop each result before taking the next to keep one shard in memory.
+        Unrecoverable groups are skipped (``skipped`` says why).
+        """
+        try:
+            for gid, group in self.groups.items():
+                if not self.active.get(gid) or any(s in self.skipped for s in group.shards):
+                    continue
+                contributors = sorted(self.masked_from.get(gid, set()))
+                if not contributors:
+                    self._skip(group, "no masked input arrived")
+                    continue
+                try:
+                    unmask = self._unmask_seeds(group, contributors)
+                except SecAggError as err:
+                    self._skip(group, str(err))
+                    continue
+                plan = self.plans[gid]
+                weight = sum(self.weights[m] for m in contributors) / self.scale_base[gid]
+                for shard in group.shards:
+                    buf = self.sums.pop(shard)
+                    total = buf.load()
+                    buf.release()
+                    if unmask:
+                        apply_masks(total, shard, unmask)
+                    values = dequantize_sum(total, len(contributors), plan)
+                    del total
+                    yield ShardSum(shard, values, contributors, weight, secure=len(group.members) > 1)
+                    del values
+        finally:
+            for buf in self.sums.values():
+                buf.release()
+            self.sums.clear()
 
     def _shares(self, group: SecAggGroup, kind: str, owner: str) -> dict[int, bytes]:
         found: dict[int, bytes] = {}
@@ -249,10 +285,11 @@ class SecAggServer:
             )
         return found
 
-    def _unmask_group(self, group: SecAggGroup, contributors: list[str]) -> dict[str, np.ndarray]:
-        totals = {s: self.sums[s] for s in group.shards}
+    def _unmask_seeds(self, group: SecAggGroup, contributors: list[str]) -> list[tuple[bytes, bool]]:
+        """The ``(seed, subtract)`` list that removes every mask left in the group's sums
+        (empty for a cohort of one, whose sum is unmasked)."""
         if len(group.members) == 1:
-            return totals
+            return []
         active = set(self.active[group.group_id])
         dropped = sorted(active - set(contributors))
         # Recover every secret first: a shard is unmasked completely or not at all.
@@ -270,6 +307,12 @@ class SecAggServer:
                     continue  # its masked vector is not in the sum, nor the mask it shares with d
                 seed = agree(d_key, self.adverts[peer].mask_pk, pair_context(self.run, self.round, d, peer, "mask"))
                 unmask.append((seed, peer < d))  # peer added +mask if peer < d, else -mask: undo exactly that
-        for shard, total in totals.items():
-            apply_masks(total, shard, unmask)
-        return totals
+        return unmask
+
+
+def _ring_add(acc: np.ndarray, src: np.ndarray, first: bool) -> None:
+    """Fold kernel of a masked sum: ``acc += src`` modulo 2**bits (unsigned wrap-around)."""
+    if first:
+        np.copyto(acc, src)
+    else:
+        np.add(acc, src, out=acc)

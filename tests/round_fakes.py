@@ -1,0 +1,98 @@
+"""An in-process stand-in for the Flower Grid whose members answer instantly with random
+deltas, so the coordinator's round runner (query, train, aggregation, store writes,
+evaluate) runs for real without Ray or training. Used by tests/test_streaming_round.py and
+bench/round_memory.py. Replies are built when pulled and handed over one per pull, as
+replies trickle in from real members."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from shared_model.protocol import (
+    EVALUATE,
+    QUERY,
+    TRAIN,
+    EvaluateReply,
+    QueryReply,
+    TrainReply,
+    TrainRequest,
+)
+from shared_model.shards import ShardLayout
+
+
+@dataclass
+class _Reply:
+    content: object
+    metadata: SimpleNamespace
+
+    def has_error(self) -> bool:
+        return False
+
+
+class FakeGrid:
+    """``members`` maps member name -> embodiment. ``reverse`` delivers train replies in
+    reverse member order (the worst order for sorted-order folding). ``held``: the object ids
+    every member's replica reports in ``query`` (e.g. the current manifest's, so requests
+    carry no objects, as after a member's first round)."""
+
+    def __init__(
+        self,
+        members: dict[str, str],
+        layout: ShardLayout,
+        seed: int = 0,
+        reverse: bool = True,
+        held: Iterable[str] = (),
+    ):
+        self.held = sorted(set(held))
+        # Flower's Message() reads the running task's identity; a ServerApp has one, set it here.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+        self.names = dict(enumerate(sorted(members), start=1))
+        self.members, self.layout, self.seed, self.reverse = members, layout, seed, reverse
+        self._queue: dict[str, tuple[int, object]] = {}  # message id -> (node, request)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.names)
+
+    def push_messages(self, messages: Iterable) -> list[str]:
+        ids = []
+        for msg in messages:
+            mid = uuid.uuid4().hex
+            kind = msg.metadata.message_type
+            request = TrainRequest.from_content(msg.content).shards if kind == TRAIN else None
+            self._queue[mid] = (msg.metadata.dst_node_id, kind, request)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: Iterable[str]) -> Iterator[_Reply]:
+        ready = sorted(
+            (mid for mid in ids if mid in self._queue),
+            key=lambda m: self.names[self._queue[m][0]],
+            reverse=self.reverse,
+        )
+        for mid in ready[:1]:  # one reply per pull
+            node, kind, shards = self._queue.pop(mid)
+            yield _Reply(self._answer(node, kind, shards), SimpleNamespace(src_node_id=node, reply_to_message_id=mid))
+
+    def _answer(self, node: int, kind: str, shards: list[str] | None):
+        name = self.names[node]
+        if kind == QUERY:
+            return QueryReply(name, [self.members[name]], 100, objects=self.held).to_content()
+        if kind == EVALUATE:
+            return EvaluateReply(name, 10, 0.5, 0.5).to_content()
+        assert kind == TRAIN
+        rng = np.random.default_rng([self.seed, node])
+        deltas = {
+            spec.name: torch.from_numpy(rng.standard_normal(tuple(spec.shape), dtype=np.float32) * 1e-3)
+            for shard in sorted(shards)
+            for spec in self.layout.shards[shard]
+            if not (shard == "adapter/shared" and ".lora_A." in spec.name)
+        }
+        return TrainReply(name, list(shards), deltas, num_examples=50 + 10 * node, loss=0.1, steps=1).to_content()
