@@ -62,6 +62,13 @@ def _plan(cfg: KyodoConfig, nodes: list[MemberNode], rnd: int):
     )
 
 
+def _held_out_mse(cfg: KyodoConfig, node: MemberNode, policy: torch.nn.Module | None = None) -> float:
+    """``policy`` (default: the node's own) on the held-out windows the node's ``evaluate`` uses."""
+    per_episode = cfg.train.eval_windows_per_episode
+    policy = node.policy if policy is None else policy
+    return evaluate(policy, node.identity.embodiment, node.held_windows, per_episode=per_episode).action_mse
+
+
 def federated(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
     model = initial_model(cfg)
     layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
@@ -125,7 +132,7 @@ def alone(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
                 aux_coef=cfg.model.aux_loss_coef,
                 rng=rng,
             )
-        out[node.identity.name] = evaluate(node.policy, node.identity.embodiment, node.held_windows).action_mse
+        out[node.identity.name] = _held_out_mse(cfg, node)
     return out
 
 
@@ -150,7 +157,7 @@ def pooled(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
                 loss.mean().backward()
                 optimizer.step()
     set_trainable(policy, [])
-    return {n.identity.name: evaluate(policy, n.identity.embodiment, n.held_windows).action_mse for n in nodes}
+    return {n.identity.name: _held_out_mse(cfg, n, policy) for n in nodes}
 
 
 def main() -> None:

@@ -319,7 +319,12 @@ class MemberNode:
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
         self._load_request_model(request.model, request.model_ref)
-        result = evaluate(self.policy, self.identity.embodiment, self.held_windows)
+        result = evaluate(
+            self.policy,
+            self.identity.embodiment,
+            self.held_windows,
+            per_episode=self.cfg.train.eval_windows_per_episode,
+        )
         return EvaluateReply(
             member=self.identity.name,
             num_examples=result.num_examples,

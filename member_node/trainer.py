@@ -208,12 +208,15 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, embodiment: str, windows: EpisodeWindows, batch_size: int = 256) -> EvalResult:
-    """Held-out action error over every window of the held-out episodes (padding excluded)."""
+def evaluate(
+    policy: Policy, embodiment: str, windows: EpisodeWindows, batch_size: int = 256, per_episode: int = 0
+) -> EvalResult:
+    """Held-out action error over the held-out episodes' windows (padding excluded): every
+    window, or ``per_episode`` evenly spaced ones per episode (:meth:`EpisodeWindows.all_windows`)."""
     policy.eval()
     sq_sum = abs_sum = count = 0.0
     n = 0
-    for batch in windows.all_windows(batch_size):
+    for batch in windows.all_windows(batch_size, per_episode):
         pred, _ = _forward(policy, embodiment, batch)
         mask = (~batch.action_pad).to(pred.dtype).unsqueeze(-1).expand_as(pred)
         sq_sum += float((((pred - batch.action) ** 2) * mask).sum())

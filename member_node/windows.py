@@ -153,13 +153,34 @@ class EpisodeWindows:
         offsets = rng.integers(0, self.lengths[ids]) if len(ids) else np.zeros(0, dtype=np.int64)
         return self._gather(self.starts[ids] + offsets)
 
-    def all_windows(self, batch_size: int = 256) -> Iterator[WindowBatch]:
-        """Every window once, in order, for evaluation."""
+    def all_windows(self, batch_size: int = 256, per_episode: int = 0) -> Iterator[WindowBatch]:
+        """Windows for evaluation, in order: every window, or ``per_episode`` evenly spaced
+        ones from each episode (all of a shorter episode's).
+
+        Evenly spaced and deterministic, so every evaluation of a model sees the same
+        windows. Subsampling is what keeps evaluation affordable once a member holds
+        thousands of episodes: neighbouring windows of one episode overlap in all but one
+        frame, so a few evenly spaced ones carry most of the episode's information about
+        the error, and the held-out episodes, not the windows, are the independent samples.
+        """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        total = self.num_windows()
-        for lo in range(0, total, batch_size):
-            yield self._gather(np.arange(lo, min(lo + batch_size, total)))
+        if per_episode < 0:
+            raise ValueError(f"per_episode must be >= 0 (0 = every window), got {per_episode}")
+        chosen = self._evaluation_windows(per_episode)
+        for lo in range(0, len(chosen), batch_size):
+            yield self._gather(chosen[lo : lo + batch_size])
+
+    def _evaluation_windows(self, per_episode: int) -> np.ndarray:
+        if per_episode == 0 or np.all(self.lengths <= per_episode):
+            return np.arange(self.num_windows(), dtype=np.int64)
+        parts = []
+        for start, length in zip(self.starts, self.lengths, strict=True):
+            if length <= per_episode:
+                parts.append(np.arange(start, start + length))
+            else:
+                parts.append(start + np.unique(np.linspace(0, length - 1, per_episode).round().astype(np.int64)))
+        return np.concatenate(parts)
 
     def _gather(self, windows: np.ndarray) -> WindowBatch:
         obs_idx = self._obs_idx[windows]
