@@ -163,14 +163,7 @@ class ShardMean:
             np.multiply(src, w, out=part, dtype=np.float32)
             np.add(acc, part, out=acc)
 
-        for name in self.expected:
-            tensor = deltas[name]
-            src = flat_numpy(tensor)
-            if src is None:
-                src = tensor.detach().to(device="cpu", dtype=torch.float32).reshape(-1).numpy()
-            if src.size:
-                self._sum.fold(src, kernel, self._offsets[name])
-        self._sum.mark_written()
+        self._fold_each(self._sum, deltas, kernel)
         self.total_weight += w
         self.contributors.append(member)
 
@@ -210,13 +203,17 @@ class ShardMean:
         """Write ``deltas`` (already checked) into ``buf`` as float32 in this shard's layout, so
         a contribution can wait in a pool (and be spilled) until its turn to be folded; folding
         it from there gives the same bits as folding ``deltas`` directly."""
+        self._fold_each(buf, deltas, _copy_kernel)
+
+    def _fold_each(self, buf: SumBuffer, deltas: Mapping[str, torch.Tensor], kernel) -> None:
+        """Apply ``kernel`` to each tensor (as flat float32) at its offset in ``buf``."""
         for name in self.expected:
             tensor = deltas[name]
             src = flat_numpy(tensor)
             if src is None:
                 src = tensor.detach().to(device="cpu", dtype=torch.float32).reshape(-1).numpy()
             if src.size:
-                buf.fold(src, _copy_kernel, self._offsets[name])
+                buf.fold(src, kernel, self._offsets[name])
         buf.mark_written()
 
     def discard(self) -> None:
