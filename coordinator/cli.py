@@ -17,7 +17,6 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -27,6 +26,7 @@ from pathlib import Path  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from shared_model.config import ConfigError, KyodoConfig, load_config  # noqa: E402
+from shared_model.flower_processes import log_to_stderr  # noqa: E402
 
 console = Console()
 
@@ -214,16 +214,6 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- deployment
-def _log_to_stderr() -> None:
-    """Progress and retry lines of the deployment commands on stderr. Not ``basicConfig``: Opacus
-    calls it at import, after which it does nothing (and its root handler is WARNING-only)."""
-    logger = logging.getLogger("kyodo.coordinator")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 def _deploy_errors(func):  # noqa: ANN001, ANN202 - decorator for the deployment handlers
@@ -231,7 +221,7 @@ def _deploy_errors(func):  # noqa: ANN001, ANN202 - decorator for the deployment
     from coordinator.deploy import DeployError
 
     def handler(args: argparse.Namespace) -> int:
-        _log_to_stderr()
+        log_to_stderr("kyodo.coordinator")
         try:
             return int(func(args))
         except DeployError as err:

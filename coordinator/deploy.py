@@ -45,7 +45,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_public_key
 from shared_model.config import ConfigError, load_config
-from shared_model.flower_processes import flower_executable, flower_path, log_retry
+from shared_model.flower_processes import flower_executable, flower_path, log_retry, still_catches
 
 log = logging.getLogger("kyodo.coordinator")
 
@@ -439,7 +439,7 @@ class SuperLinkRunner:
         if child is None or child.poll() is not None:
             return
         time.sleep(1.0)
-        if child.poll() is None and _still_catches(child.pid, signum):
+        if child.poll() is None and still_catches(child.pid, signum):
             child.send_signal(signum)
 
     def run(self, register: bool = True, start_timeout: float = 60.0) -> int:
@@ -468,17 +468,6 @@ class SuperLinkRunner:
                 signal.signal(s, handler)
         # flwr_exit: status 0 for a graceful stop, 1 for any error (its log says which).
         return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
-
-
-def _still_catches(pid: int, signum: int) -> bool:
-    """Whether ``pid`` still handles ``signum`` (Flower restores the default after the first)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except (OSError, ValueError):
-        pass
-    return True
 
 
 # ----------------------------------------------------------------------------- runs

@@ -10,7 +10,6 @@ data, unknown embodiment) print one clear line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 import time
@@ -38,6 +37,7 @@ from member_node.supernode import (
 )
 from member_node.synthetic import generate_dataset
 from shared_model.config import ConfigError, EmbodimentConfig, load_config
+from shared_model.flower_processes import log_to_stderr
 
 Handler = Callable[[argparse.Namespace], int]
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
@@ -147,16 +147,6 @@ def add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 # ----------------------------------------------------------------------------- deployment
-def _log_to_stderr() -> None:
-    """Progress and retry lines of the deployment commands on stderr. Not ``basicConfig``: Opacus
-    calls it at import, after which it does nothing (and its root handler is WARNING-only)."""
-    logger = logging.getLogger("kyodo.member")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -202,7 +192,7 @@ def _check_data(setup: MemberSetup) -> None:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    _log_to_stderr()
+    log_to_stderr("kyodo.member")
     try:
         setup = load_setup(args.dir)
         if args.superlink:

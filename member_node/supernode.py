@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from privacy.keys import load_or_create_signing_key, public_key_hex
-from shared_model.flower_processes import flower_executable, flower_path, log_retry
+from shared_model.flower_processes import flower_executable, flower_path, log_retry, still_catches
 
 log = logging.getLogger("kyodo.member")
 
@@ -396,17 +396,6 @@ def _record_session(setup: MemberSetup, node_id: str, fingerprint: str) -> None:
     tmp.replace(setup.dir / SESSION_FILE)
 
 
-def _still_catches(pid: int, signum: int) -> bool:
-    """Whether process ``pid`` still has a handler for ``signum`` (Linux ``/proc``; elsewhere: True)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except (OSError, ValueError):
-        pass
-    return True
-
-
 @dataclass
 class _Outcome:
     code: int
@@ -437,7 +426,7 @@ class SuperNodeRunner:
         if child is None or child.poll() is not None:
             return
         time.sleep(1.0)  # let a group signal reach the child's handler first
-        if child.poll() is None and _still_catches(child.pid, signum):
+        if child.poll() is None and still_catches(child.pid, signum):
             child.send_signal(signum)
 
     def _attempt(self, runtime_port: int) -> _Outcome:

@@ -1,5 +1,6 @@
 """What the coordinator's and the member's process launchers share: finding Flower's
-executables in this interpreter's environment, and logging tenacity retries.
+executables in this interpreter's environment, logging (tenacity retries, progress on
+stderr), and asking whether a Flower process still handles a stop signal.
 
 Lives here because ``coordinator`` and ``member_node`` never import each other.
 """
@@ -38,3 +39,27 @@ def log_retry(log: logging.Logger, what: str) -> Callable[[RetryCallState], None
         log.warning("%s (attempt %d): %s; retrying in %.1f s", what, state.attempt_number, err, wait)
 
     return before_sleep
+
+
+def log_to_stderr(logger_name: str) -> None:
+    """Progress and retry lines of the deployment commands on stderr. Not ``basicConfig``: Opacus
+    calls it at import, after which it does nothing (and its root handler is WARNING-only)."""
+    logger = logging.getLogger(logger_name)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def still_catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` still has a handler for ``signum`` (Flower restores the default
+    after the first); read from Linux ``/proc``, elsewhere assumed True."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return True

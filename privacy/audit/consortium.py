@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from privacy.keys import KeyFormatError, load_public_key
+from privacy.ledger import parse_strict_json
 
 FORMAT = "kyodo-consortium"
 VERSION = 1
@@ -115,26 +116,13 @@ def _parse_text(text: str, path: Path) -> Any:
     """JSON for ``.json`` files, YAML otherwise (YAML is a superset, but JSON errors read better)."""
     if path.suffix.lower() == ".json":
         try:
-            return json.loads(text, object_pairs_hook=_no_duplicate_pairs, parse_constant=_no_constant)
+            return parse_strict_json(text)
         except ValueError as exc:
             raise ConsortiumError(f"{path}: not valid JSON: {exc}") from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConsortiumError(f"{path}: not valid YAML: {exc}") from None
-
-
-def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def _number(value: Any, where: str) -> float:
