@@ -76,6 +76,8 @@ def test_cross_field_validation():
         load_config(overrides=["embodiments.so100.state_dim=7"])
     with pytest.raises(ConfigError, match="not one of"):
         load_config(overrides=["federation.members.0.embodiment=spaceship"])
+    with pytest.raises(ConfigError, match="eval_windows_per_episode"):
+        load_config(overrides=["train.eval_windows_per_episode=-1"])
 
 
 def test_flower_run_config():
