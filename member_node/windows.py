@@ -155,7 +155,8 @@ class EpisodeWindows:
 
     def all_windows(self, batch_size: int = 256, per_episode: int = 0) -> Iterator[WindowBatch]:
         """Windows for evaluation, in order: every window, or ``per_episode`` evenly spaced
-        ones from each episode (all of a shorter episode's).
+        ones from each episode, one from the middle of each of ``per_episode`` equal
+        stretches (all of a shorter episode's).
 
         Evenly spaced and deterministic, so every evaluation of a model sees the same
         windows. Subsampling is what keeps evaluation affordable once a member holds
@@ -179,7 +180,9 @@ class EpisodeWindows:
             if length <= per_episode:
                 parts.append(np.arange(start, start + length))
             else:
-                parts.append(start + np.unique(np.linspace(0, length - 1, per_episode).round().astype(np.int64)))
+                # the middle of each of per_episode equal stretches: every part of the episode
+                # (start, approach, end) weighs as much as in the full evaluation
+                parts.append(start + (np.arange(per_episode) * length + length // 2) // per_episode)
         return np.concatenate(parts)
 
     def _gather(self, windows: np.ndarray) -> WindowBatch:
