@@ -14,6 +14,11 @@ same DP budget: what federating gains at equal privacy).
 Prints each member's held-out action MSE for the three and the ratios (c)/(a), (c)/(b);
 targets: (c) < (a) for every member and (c) <= 1.5 (b). Writes bench/results/utility.json.
 
+Federation can only beat (a) where a member alone is short of data. ``--data-curve`` checks
+that: each member alone (non-private) on 1/16, 1/4 and all of its training episodes, for the
+same steps as (a) and for 4x as many. A flat curve means more episodes (another member's)
+cannot lower that member's error, whatever the privacy cost.
+
 Runs in-process (no Flower transport: the transport does not change the numbers; the
 end-to-end tests cover it). Usage: ``python bench/utility.py [--model tiny] [overrides]``.
 """
@@ -38,6 +43,7 @@ from member_node.identity import resolve_identity
 from member_node.node import MemberNode
 from member_node.synthetic import generate_dataset
 from member_node.trainer import UniformSampler, adamw, evaluate, per_sample_loss, train_shards
+from member_node.windows import EpisodeWindows, split_episodes
 from shared_model.config import KyodoConfig, load_config
 from shared_model.protocol import EvaluateRequest, TrainDeclined, TrainHyperParams, TrainRequest
 from shared_model.shards import ShardLayout, set_trainable, shard_of
@@ -115,24 +121,54 @@ def alone_dp(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
     return out
 
 
-def alone(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
-    out = {}
+def untrained(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
+    """The initial model: the scale against which every column's learning shows."""
+    policy = nodes[0].policy
+    policy.load_state_dict(initial_model(cfg))
+    return {n.identity.name: _held_out_mse(cfg, n, policy) for n in nodes}
+
+
+def _train_alone(
+    cfg: KyodoConfig, nodes: list[MemberNode], node: MemberNode, windows: EpisodeWindows, rounds: int
+) -> float:
+    """Non-private, own data only, the federation's shards of each round; held-out MSE."""
     hp = _hparams(cfg)
+    node.policy.load_state_dict(initial_model(cfg))
+    rng = np.random.default_rng(cfg.train.seed)
+    for rnd in range(1, rounds + 1):
+        shards = _plan(cfg, nodes, rnd).shards_of(node.identity.name)
+        train_shards(
+            node.policy, node.identity.embodiment, windows, shards, hp, aux_coef=cfg.model.aux_loss_coef, rng=rng
+        )
+    return _held_out_mse(cfg, node)
+
+
+def alone(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
+    return {n.identity.name: _train_alone(cfg, nodes, n, n.train_windows, cfg.train.rounds) for n in nodes}
+
+
+CURVE_FRACTIONS = (1 / 16, 1 / 4, 1.0)
+CURVE_STEP_FACTORS = (1, 4)
+
+
+def data_curve(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, list[dict[str, float]]]:
+    """Each member alone on a growing share of its own training episodes (a prefix of its
+    training split), for (a)'s rounds and for 4x as many: is it short of data?"""
+    out: dict[str, list[dict[str, float]]] = {}
+    m = cfg.model
     for node in nodes:
-        node.policy.load_state_dict(initial_model(cfg))
-        rng = np.random.default_rng(cfg.train.seed)
-        for rnd in range(1, cfg.train.rounds + 1):
-            shards = _plan(cfg, nodes, rnd).shards_of(node.identity.name)
-            train_shards(
-                node.policy,
-                node.identity.embodiment,
-                node.train_windows,
-                shards,
-                hp,
-                aux_coef=cfg.model.aux_loss_coef,
-                rng=rng,
-            )
-        out[node.identity.name] = _held_out_mse(cfg, node)
+        emb = cfg.embodiments[node.identity.embodiment]
+        train_ids, _ = split_episodes(
+            range(len(node.dataset.episodes)), cfg.train.held_out_fraction, seed=cfg.train.seed
+        )
+        rows = []
+        for fraction in CURVE_FRACTIONS:
+            n = max(1, round(fraction * len(train_ids)))
+            windows = EpisodeWindows([node.dataset.episodes[i] for i in train_ids[:n]], emb, m.history, m.chunk)
+            for factor in CURVE_STEP_FACTORS:
+                mse = _train_alone(cfg, nodes, node, windows, cfg.train.rounds * factor)
+                rows.append({"episodes": n, "steps": cfg.train.rounds * factor * cfg.train.local_steps, "mse": mse})
+        out[node.identity.name] = rows
     return out
 
 
@@ -163,12 +199,16 @@ def pooled(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--federation", default="default")
+    parser.add_argument("--data-curve", action="store_true", help="also: each member alone on 1/16, 1/4, all its data")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(
-            model=args.model, overrides=[f"data_root={tmp}/data", f"state_root={tmp}/state", *args.overrides]
+            model=args.model,
+            federation=args.federation,
+            overrides=[f"data_root={tmp}/data", f"state_root={tmp}/state", *args.overrides],
         )
         for m in cfg.federation.members:
             generate_dataset(
@@ -198,25 +238,28 @@ def main() -> None:
         ]
         start = time.monotonic()
         results = {
+            "untrained": untrained(cfg, nodes),
             "alone": alone(cfg, nodes),
             "alone_dp": alone_dp(solo_cfg, solo_nodes),
             "pooled": pooled(cfg, nodes),
             "federated_open": federated(open_cfg, open_nodes),
             "federated_dp": federated(cfg, nodes),
         }
+        curve = data_curve(cfg, nodes) if args.data_curve else None
         seconds = time.monotonic() - start
     eps = {m.name: m.epsilon for m in cfg.federation.members}
     print(
         f"held-out action MSE, model {cfg.model.name}, {cfg.train.rounds} rounds x {cfg.train.local_steps} steps ({seconds:.0f}s)"
     )
     print(
-        f"{'member':10s} {'(a) alone':>10s} {'alone+DP':>9s} {'(b) pooled':>11s} {'fed no DP':>10s}"
+        f"{'member':10s} {'untrained':>9s} {'(a) alone':>10s} {'alone+DP':>9s} {'(b) pooled':>11s} {'fed no DP':>10s}"
         f" {'(c) fed+DP':>11s} {'eps':>5s} {'c/a':>6s} {'c/b':>6s} {'c/aDP':>6s}"
     )
     rows = {}
     for name in results["alone"]:
         a, ad, b, o, c = (results[k][name] for k in ("alone", "alone_dp", "pooled", "federated_open", "federated_dp"))
         rows[name] = {
+            "untrained": results["untrained"][name],
             "alone": a,
             "alone_dp": ad,
             "pooled": b,
@@ -228,14 +271,22 @@ def main() -> None:
             "c_over_alone_dp": c / ad,
         }
         print(
-            f"{name:10s} {a:10.4f} {ad:9.4f} {b:11.4f} {o:10.4f} {c:11.4f} {eps[name]:5g}"
+            f"{name:10s} {results['untrained'][name]:9.4f} {a:10.4f} {ad:9.4f} {b:11.4f} {o:10.4f} {c:11.4f} {eps[name]:5g}"
             f" {c / a:6.2f} {c / b:6.2f} {c / ad:6.2f}"
         )
     met = all(r["c_over_a"] < 1 for r in rows.values()) and all(r["c_over_b"] <= 1.5 for r in rows.values())
     print(f"targets (c < a for every member, c <= 1.5 b): {'met' if met else 'NOT met'}")
+    if curve is not None:
+        print("\neach member alone, non-private, on part of its own training episodes (held-out MSE):")
+        for name, curve_rows in curve.items():
+            cells = "  ".join(f"{r['episodes']} eps x {r['steps']} steps: {r['mse']:.4f}" for r in curve_rows)
+            print(f"{name:10s} {cells}")
     out = Path(__file__).parent / "results" / "utility.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"model": cfg.model.name, "rows": rows, "targets_met": met}, indent=2))
+    result = {"model": cfg.model.name, "federation": cfg.federation.name, "rows": rows, "targets_met": met}
+    if curve is not None:
+        result["data_curve"] = curve
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 

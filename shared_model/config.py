@@ -45,6 +45,12 @@ class ModelConfig:
     chunk: int = 8
     aux_loss_coef: float = 0.01
     init_seed: int = 0
+    # The DP-SGD learning rate this size was tuned at (``train.lr`` 0 takes it). It belongs
+    # with the size: Adam's step on a noisy coordinate is about lr x its signal-to-noise
+    # ratio, and the total noise grows with the trainable parameters, so the best lr under
+    # DP falls as the model grows (one so100 member, 1600 training episodes, epsilon 8:
+    # `tiny` is best at 1e-2; on `small` 1e-2 diverged and 3e-3 was best, see TrainConfig).
+    lr: float = 3e-3
 
 
 @dataclass
@@ -105,11 +111,12 @@ class TrainConfig:
     # random-walk every weight. On `small` (one so100 member, 1600 training episodes, 50
     # DP steps, sigma 0.78): lr 1e-3 reaches 0.085 held-out MSE (untrained 0.120), lr 3e-3
     # 0.0195, and lr 1e-2 made the demo worse every round. `tiny` (5x fewer trainable
-    # parameters per member, so less total noise) is best at 1e-2: bench/utility.py uses it.
+    # parameters per member, so less total noise) is best at 1e-2. Each model preset
+    # therefore carries its own lr (model.lr), which ``train.lr`` 0 takes.
     rounds: int = 4
     local_steps: int = 25
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 0.0  # 0: the model size's own DP-tuned lr (model.lr)
     weight_decay: float = 0.0
     min_cohort: int = 3
     experts_per_member: int = 2
@@ -261,6 +268,8 @@ def load_config(
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, KyodoConfig)
     validate(obj)
+    if obj.train.lr == 0:
+        obj.train.lr = obj.model.lr
     return obj
 
 
@@ -319,6 +328,10 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError(
             f"train.server_optimizer {cfg.train.server_optimizer!r} is not one of fedavg, fedavgm, fedadam"
         )
+    if not (math.isfinite(m.lr) and m.lr > 0):
+        raise ConfigError(f"model.lr ({m.lr}) must be a positive finite number")
+    if not (math.isfinite(cfg.train.lr) and cfg.train.lr >= 0):
+        raise ConfigError(f"train.lr ({cfg.train.lr}) must be >= 0 (0 = the model's own lr, model.lr)")
     if cfg.train.max_update_norm < 0:
         raise ConfigError("train.max_update_norm must be >= 0 (0 = no bound)")
     if cfg.train.min_cohort < 1:

@@ -80,6 +80,17 @@ def test_cross_field_validation():
         load_config(overrides=["train.eval_windows_per_episode=-1"])
 
 
+def test_learning_rate_comes_with_the_model_size_unless_set():
+    assert load_config(model="tiny").train.lr == load_config(model="tiny").model.lr == 0.01
+    assert load_config(model="small").train.lr == 0.003
+    assert load_config(model="small", overrides=["train.lr=0.02"]).train.lr == 0.02
+    assert load_config(model="tiny", overrides=["model.lr=0.05"]).train.lr == 0.05
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(overrides=["train.lr=-0.1"])
+    with pytest.raises(ConfigError, match="model.lr"):
+        load_config(overrides=["model.lr=0"])
+
+
 def test_flower_run_config():
     cfg = config_from_run_config(
         {"model": "small", "federation": "default", "overrides": "train.rounds=2 train.lr=0.5"}

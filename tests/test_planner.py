@@ -72,3 +72,15 @@ def test_trillion_scale_plan_is_fast():
     p = plan(members(10), layers=61, experts=384, per_member=8)
     experts = [s for s in p.cohorts if s.startswith("expert/")]
     assert len(experts) == 61 * (10 * 8 // 3)
+
+
+def test_consortium_preset_gives_every_embodiment_adapter_two_owners():
+    """The shared-body preset exists so that no adapter update goes out with a cohort of one."""
+    from shared_model.config import load_config
+
+    cfg = load_config(model="tiny", federation="consortium")
+    ms = [MemberInfo(i, m.name, (m.embodiment,), m.episodes) for i, m in enumerate(cfg.federation.members)]
+    p = plan(ms, layers=cfg.model.n_layers, experts=cfg.model.n_experts, min_cohort=cfg.train.min_cohort)
+    adapters = {s: c for s, c in p.cohorts.items() if s.startswith("adapter/emb/")}
+    assert len(adapters) == len({m.embodiment for m in cfg.federation.members}) == 4
+    assert all(len(cohort) == 2 for cohort in adapters.values()), adapters
