@@ -220,7 +220,7 @@ def evaluate(
         pred, _ = _forward(policy, embodiment, batch)
         mask = (~batch.action_pad).to(pred.dtype).unsqueeze(-1).expand_as(pred)
         sq_sum += float((((pred - batch.action) ** 2) * mask).sum())
-        phys = windows.denormalize_action(pred) - windows.denormalize_action(batch.action)
+        phys = windows.denormalize_action(pred, batch.obs) - windows.denormalize_action(batch.action, batch.obs)
         abs_sum += float((phys.abs() * mask).sum())
         count += float(mask.sum())
         n += pred.shape[0]

@@ -9,6 +9,11 @@ Normalisation divides by the embodiment's *public* bounds from the spec sheet, n
 statistics of the data: a data-dependent scale would itself leak private information and
 would also differ between members, breaking the shared model's input convention.
 
+An embodiment may declare action dimensions relative to the current state
+(``action_relative_to``): the target is then the chunk minus the state it starts from, so
+the model learns where to go from here and an untrained model holds still. The held-out
+error is unchanged by this (the offset cancels), and the data on disk stays absolute.
+
 Sampling is per episode because the privacy unit of DP-SGD is the episode: the trainer
 Poisson-samples episodes and each sampled episode contributes exactly one window.
 """
@@ -31,7 +36,9 @@ class WindowBatch:
 
     obs: torch.Tensor  # [B, H, obs_dim] float32, normalised
     image: torch.Tensor | None  # [B, H, image_feature_dim] float32
-    action: torch.Tensor  # [B, K, action_dim] float32, normalised
+    # [B, K, action_dim] float32: the model's target, normalised, and for the embodiment's
+    # relative dimensions (``action_relative_to``) minus the current state they refer to
+    action: torch.Tensor
     action_pad: torch.Tensor  # [B, K] bool
 
     def __len__(self) -> int:
@@ -66,6 +73,22 @@ def split_episodes(indices: Sequence[int], held_out_fraction: float, seed: int) 
     held = np.sort(ids[perm[:n_held]])
     train = np.sort(ids[perm[n_held:]])
     return train.tolist(), held.tolist()
+
+
+def _relative_reference(
+    embodiment: EmbodimentConfig, obs_scale: np.ndarray, action_scale: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Which observation column each action dimension is relative to, and the factor that
+    turns that column (normalised by its state bound) into the action's normalised units
+    (0 for an absolute dimension). ``None`` when every dimension is absolute."""
+    rel = np.asarray(embodiment.action_relative_to, dtype=np.int64)
+    if rel.size == 0 or not np.any(rel >= 0):
+        return None, np.zeros(embodiment.action_dim, dtype=np.float32)
+    if rel.size != embodiment.action_dim or np.any(rel >= embodiment.state_dim) or np.any(rel < -1):
+        raise ValueError(f"action_relative_to {rel.tolist()} does not fit action_dim {embodiment.action_dim}")
+    idx = np.where(rel >= 0, rel, 0)
+    gain = np.where(rel >= 0, obs_scale[idx] / action_scale, 0.0).astype(np.float32)
+    return idx, gain
 
 
 def obs_scale(embodiment: EmbodimentConfig) -> np.ndarray:
@@ -103,6 +126,7 @@ class EpisodeWindows:
         self.image_dim = embodiment.image_feature_dim
         self._obs_scale = obs_scale(embodiment)
         self._action_scale = action_scale(embodiment)
+        self._ref_idx, self._ref_gain = _relative_reference(embodiment, self._obs_scale, self._action_scale)
         self.lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
         if np.any(self.lengths < 1):
             raise ValueError("every episode needs at least one frame")
@@ -187,10 +211,14 @@ class EpisodeWindows:
 
     def _gather(self, windows: np.ndarray) -> WindowBatch:
         obs_idx = self._obs_idx[windows]
+        action = self._action[self._act_idx[windows]]
+        if self._ref_idx is not None:
+            now = self._obs[obs_idx[:, -1]]  # [B, obs_dim]: the frame the chunk starts from
+            action = action - (now[:, self._ref_idx] * self._ref_gain)[:, None, :]
         return WindowBatch(
             obs=torch.from_numpy(self._obs[obs_idx]),
             image=None if self._image is None else torch.from_numpy(self._image[obs_idx]),
-            action=torch.from_numpy(self._action[self._act_idx[windows]]),
+            action=torch.from_numpy(np.ascontiguousarray(action, dtype=np.float32)),
             action_pad=torch.from_numpy(self._pad[windows]),
         )
 
@@ -198,6 +226,14 @@ class EpisodeWindows:
         """Raw observations (state, env state) to the model's normalised scale."""
         return obs / torch.as_tensor(self._obs_scale, dtype=obs.dtype, device=obs.device)
 
-    def denormalize_action(self, a: torch.Tensor) -> torch.Tensor:
-        """Model output (normalised) back to physical action units."""
-        return a * torch.as_tensor(self._action_scale, dtype=a.dtype, device=a.device)
+    def denormalize_action(self, a: torch.Tensor, obs: torch.Tensor | None = None) -> torch.Tensor:
+        """Model output ``[B, K, action_dim]`` back to physical action units. An embodiment
+        with relative dimensions needs the window's normalised observations ``obs``
+        ``[B, H, obs_dim]``: its prediction is an offset from the current state."""
+        phys = a * torch.as_tensor(self._action_scale, dtype=a.dtype, device=a.device)
+        if self._ref_idx is None:
+            return phys
+        if obs is None:
+            raise ValueError("this embodiment predicts actions relative to the current state: pass the window's obs")
+        gain = torch.as_tensor(self._ref_gain * self._action_scale, dtype=a.dtype, device=a.device)
+        return phys + (obs[:, -1, torch.as_tensor(self._ref_idx)] * gain)[:, None, :]

@@ -47,9 +47,10 @@ class ModelConfig:
     init_seed: int = 0
     # The DP-SGD learning rate this size was tuned at (``train.lr`` 0 takes it). It belongs
     # with the size: Adam's step on a noisy coordinate is about lr x its signal-to-noise
-    # ratio, and the total noise grows with the trainable parameters, so the best lr under
-    # DP falls as the model grows (one so100 member, 1600 training episodes, epsilon 8:
-    # `tiny` is best at 1e-2; on `small` 1e-2 diverged and 3e-3 was best, see TrainConfig).
+    # ratio and the noise grows with the trainable parameters. Measured on the default
+    # federation at epsilon 8, 4 rounds x 25 steps, relative actions: `tiny` federated
+    # held-out MSE 0.0034-0.0253 at 3e-3 against 0.0080-0.0147 at 1e-2, where the noise
+    # random-walked the policy past holding still; `small` mean 0.0126 at 3e-3, 0.0163 at 1e-3.
     lr: float = 3e-3
 
 
@@ -69,6 +70,15 @@ class EmbodimentConfig:
     state_bound: list[float] = field(default_factory=list)
     env_state_bound: list[float] = field(default_factory=list)
     action_bound: list[float] = field(default_factory=list)
+    # For each action dimension, the state dimension whose current value it is predicted
+    # relative to, or -1 for an absolute prediction (empty: all absolute). A joint target
+    # is then learnt as "where to go from here" (relative actions, as UMI and pi0 use), so an
+    # untrained policy holds still instead of commanding the middle of every joint's range.
+    # With absolute targets every policy in bench/utility.py was still worse than holding
+    # still after 100 steps; relative ones cut the federation's held-out error under DP
+    # 3-4x (README "Performance"). Public, like the bounds: it says which joint a command
+    # refers to, nothing about anyone's data.
+    action_relative_to: list[int] = field(default_factory=list)
 
     @property
     def obs_dim(self) -> int:
@@ -103,16 +113,12 @@ class FederationConfig:
 class TrainConfig:
     """Round and optimisation settings the coordinator sends with every round."""
 
-    # Tuned for DP-SGD (bench/utility.py, README "Utility under privacy"). Under DP the
-    # batch is the expected Poisson batch, and noise per step scales with 1/batch: 128
-    # episodes of a member's 1600 (q = 0.08) over 100 steps needs sigma ~1 at epsilon 8.
-    # Adam's step on a noisy coordinate shrinks to about lr x its signal-to-noise ratio, so
-    # DP needs a larger lr than non-private training, but too large a one lets the noise
-    # random-walk every weight. On `small` (one so100 member, 1600 training episodes, 50
-    # DP steps, sigma 0.78): lr 1e-3 reaches 0.085 held-out MSE (untrained 0.120), lr 3e-3
-    # 0.0195, and lr 1e-2 made the demo worse every round. `tiny` (5x fewer trainable
-    # parameters per member, so less total noise) is best at 1e-2. Each model preset
-    # therefore carries its own lr (model.lr), which ``train.lr`` 0 takes.
+    # Tuned for DP-SGD (bench/utility.py, README "Performance"). Under DP the batch is the
+    # expected Poisson batch, and noise per step scales with 1/batch: 128 episodes of a
+    # member's 1600 (q = 0.08) over 100 steps needs sigma ~1 at epsilon 8. Adam's step on a
+    # noisy coordinate shrinks to about lr x its signal-to-noise ratio, so DP needs a larger
+    # lr than non-private training, but too large a one lets the noise random-walk every
+    # weight; the best one depends on the model size, so it lives in model.lr.
     rounds: int = 4
     local_steps: int = 25
     batch_size: int = 128
@@ -307,6 +313,12 @@ def validate(cfg: KyodoConfig) -> None:
             raise ConfigError(f"embodiments.{name}: state_dim and action_dim must be positive")
         if emb.fps <= 0 or emb.image_feature_dim < 0 or emb.env_state_dim < 0:
             raise ConfigError(f"embodiments.{name}: fps must be positive and feature sizes non-negative")
+        rel = emb.action_relative_to
+        if rel and (len(rel) != emb.action_dim or any(not -1 <= i < emb.state_dim for i in rel)):
+            raise ConfigError(
+                f"embodiments.{name}.action_relative_to needs one state index (0..{emb.state_dim - 1}) or -1 per "
+                f"action dimension ({emb.action_dim}), got {list(rel)}"
+            )
     seen = set()
     for i, member in enumerate(cfg.federation.members):
         if not member.name:

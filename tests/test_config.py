@@ -76,12 +76,16 @@ def test_cross_field_validation():
         load_config(overrides=["embodiments.so100.state_dim=7"])
     with pytest.raises(ConfigError, match="not one of"):
         load_config(overrides=["federation.members.0.embodiment=spaceship"])
+    with pytest.raises(ConfigError, match="action_relative_to"):
+        load_config(overrides=["embodiments.so100.action_relative_to=[0,1]"])
+    with pytest.raises(ConfigError, match="action_relative_to"):
+        load_config(overrides=["embodiments.agv.action_relative_to=[3,5]"])
     with pytest.raises(ConfigError, match="eval_windows_per_episode"):
         load_config(overrides=["train.eval_windows_per_episode=-1"])
 
 
 def test_learning_rate_comes_with_the_model_size_unless_set():
-    assert load_config(model="tiny").train.lr == load_config(model="tiny").model.lr == 0.01
+    assert load_config(model="tiny").train.lr == load_config(model="tiny").model.lr == 0.003
     assert load_config(model="small").train.lr == 0.003
     assert load_config(model="small", overrides=["train.lr=0.02"]).train.lr == 0.02
     assert load_config(model="tiny", overrides=["model.lr=0.05"]).train.lr == 0.05

@@ -134,6 +134,42 @@ def test_sample_empty_and_bad_ids() -> None:
         windows.sample([2], np.random.default_rng(0))
 
 
+def test_relative_action_dimensions_are_offsets_from_the_current_state() -> None:
+    """Dim 0 relative to state dim 1 (-t), dim 1 absolute: the target is where to go from
+    here, and adding the state back gives the same physical actions as an absolute target."""
+    rel_emb = EmbodimentConfig(**{**EMB.__dict__, "action_relative_to": [1, -1]})
+    episodes = [_episode(0, 5)]
+    relative = next(EpisodeWindows(episodes, rel_emb, history=4, chunk=3).all_windows(batch_size=100))
+    absolute = next(EpisodeWindows(episodes, EMB, history=4, chunk=3).all_windows(batch_size=100))
+    target = relative.action.numpy() * np.array([0.5, 2.0], dtype=np.float32)
+    np.testing.assert_allclose(target[1, :, 0], [1 + 1, 2 + 1, 3 + 1])  # actions 1,2,3 from state -1
+    np.testing.assert_allclose(target[3, :, 0], [3 + 3, 4 + 3, 4 + 3])
+    np.testing.assert_allclose(target[:, :, 1], absolute.action.numpy()[:, :, 1] * 2.0)
+    windows = EpisodeWindows(episodes, rel_emb, history=4, chunk=3)
+    torch.testing.assert_close(
+        windows.denormalize_action(relative.action, relative.obs),
+        _windows([5]).denormalize_action(absolute.action),
+    )
+    pred = torch.randn_like(relative.action)  # any prediction: its error is the same in both spaces
+    torch.testing.assert_close(
+        windows.denormalize_action(pred, relative.obs) - windows.denormalize_action(relative.action, relative.obs),
+        (pred - relative.action) * torch.tensor([0.5, 2.0]),
+    )
+    with pytest.raises(ValueError, match="relative to the current state"):
+        windows.denormalize_action(pred)
+
+
+def test_an_untrained_relative_policy_target_is_small_on_synthetic_arms() -> None:
+    """On a position-controlled arm most of a chunk's target is where the arm already is."""
+    cfg = load_config()
+    emb = cfg.embodiments["so100"]
+    episodes = generate_episodes("so100", emb, 20, 2.0, seed=0)
+    absolute_emb = EmbodimentConfig(**{**emb.__dict__, "action_relative_to": []})
+    rel = next(EpisodeWindows(episodes, emb, 4, 8).all_windows(batch_size=10_000)).action
+    ab = next(EpisodeWindows(episodes, absolute_emb, 4, 8).all_windows(batch_size=10_000)).action
+    assert float((rel**2).mean()) < 0.2 * float((ab**2).mean())
+
+
 def test_no_image_features_gives_none() -> None:
     emb = load_config().embodiments["so100"]
     episodes = generate_episodes("so100", emb, 6, 0.5, seed=0)
