@@ -8,7 +8,8 @@ manner of Steinke, Nasr and Jagielski 2023 (``privacy.audit.bound``):
 1. Make ``m`` canary episodes that nothing else in the data predicts: each holds one random
    observation (inside the robot's public ranges) for ``chunk`` frames and one random action
    target *outside* the robot's physical action range (each dimension +-2x its bound, random
-   sign). Only memorising a canary lowers its loss, and learning one does not help another.
+   sign; from the held state, for dimensions the model predicts relative to the state).
+   Only memorising a canary lowers its loss, and learning one does not help another.
 2. Include each canary in the member's training episodes independently with probability 1/2.
 3. Train exactly as a member node does: ``member_node.trainer.train_shards`` on the member's
    training episodes plus the included canaries, with ``privacy.dp_sgd.DPConfig`` (Poisson
@@ -64,7 +65,9 @@ class CanarySetup:
     episodes: int = 60  # synthetic episodes (before the held-out split), as the demo's members
     canaries: int = 100
     guesses: int = 40  # r = 2k: the k best-scoring guessed "in", the k worst "out"
-    steps: int = 200
+    # 400: with actions relative to the state, 200 non-private steps memorised too few canaries
+    # for the audit to show power (37-38 of 40 guesses; 400 steps: 39-40)
+    steps: int = 400
     batch_size: int = 32
     lr: float = 1e-3
     dp: bool = True
@@ -119,6 +122,11 @@ def make_canaries(cfg: KyodoConfig, embodiment: str, m: int, rng: np.random.Gene
         env = rng.uniform(-1.0, 1.0, emb.env_state_dim).astype(np.float32) * env_bound if emb.env_state_dim else None
         image = rng.standard_normal(emb.image_feature_dim).astype(np.float32) if emb.image_feature_dim else None
         action = rng.choice([-1.0, 1.0], emb.action_dim).astype(np.float32) * CANARY_ACTION_SCALE * action_bound
+        # The target must be random in what the model predicts: for a dimension predicted
+        # relative to the state, a random +-2x offset from the canary's held state.
+        relative = np.asarray(emb.action_relative_to, dtype=np.int64)
+        if relative.size:
+            action = action + np.where(relative >= 0, state[np.maximum(relative, 0)], 0.0).astype(np.float32)
 
         def frames(row: np.ndarray | None) -> np.ndarray | None:
             return None if row is None else np.tile(row, (length, 1))

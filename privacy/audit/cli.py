@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     canary.add_argument("--episodes", type=int, default=60, help="synthetic episodes when --data is not given")
     canary.add_argument("--canaries", type=int, default=100, help="m: canary episodes, each included with prob. 1/2")
     canary.add_argument("--guesses", type=int, default=40, help="r (even): half guessed in, half out")
-    canary.add_argument("--steps", type=int, default=200, help="DP-SGD steps")
+    canary.add_argument("--steps", type=int, default=400, help="DP-SGD steps (as CanarySetup)")
     canary.add_argument("--batch-size", type=int, default=32, help="expected batch: q = batch / episodes")
     canary.add_argument("--lr", type=float, default=1e-3)
     canary.add_argument("--epsilon", type=float, default=8.0, help="the member's budget: sigma is planned to reach it")
