@@ -31,7 +31,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -499,10 +499,25 @@ def wait_for_members(op: OperatorDir, names: Sequence[str], timeout: float, poll
         time.sleep(poll)
 
 
-def run_config(consortium: Consortium, out_dir: Path, rounds: int | None, overrides: Sequence[str]) -> dict[str, str]:
+def run_config(
+    consortium: Consortium,
+    out_dir: Path,
+    rounds: int | None,
+    overrides: Sequence[str],
+    registered: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The Flower run config: the model preset, and as overrides the schedule, the run directory
-    and the consortium's members (recorded in the run's config.yaml instead of the simulation's)."""
-    members = ", ".join(f"{{name: {m.name}, embodiment: {m.embodiment}}}" for m in consortium.members)
+    and the consortium's members (recorded in the run's config.yaml instead of the simulation's).
+
+    Each member is pinned to its ledger key and, once registered, to its Flower node id: Flower
+    authenticates a SuperNode's key, not the member name in its node config, so without the pin
+    one registered member could answer as another."""
+    registered = registered or {}
+    members = ", ".join(
+        f"{{name: {m.name}, embodiment: {m.embodiment}, ledger_public_key: '{m.ledger_public_key}',"
+        f" node_id: {int(registered.get(m.name, 0))}}}"
+        for m in consortium.members
+    )
     items = [
         f"train.rounds={rounds or consortium.rounds}",
         f"out_dir={out_dir}",
@@ -540,7 +555,7 @@ def submit_run(
     if not consortium.members:
         raise DeployError(f"{op.consortium} has no members: add them with `kyodo-coordinator add-member`")
     out = Path(out_dir).expanduser().resolve() if out_dir else op.runs / time.strftime("%Y%m%d-%H%M%S")
-    config = run_config(consortium, out, rounds, overrides)
+    config = run_config(consortium, out, rounds, overrides, _registered(op))
     require_superlink(op, consortium)
     if wait_members > 0:
         wait_for_members(op, [m.name for m in consortium.members], wait_members)

@@ -203,6 +203,10 @@ class RoundRunner:
             except ProtocolError as err:
                 log.warning("node %s: %s", node, err)
                 return
+            refusal = self._impersonation(node, info)
+            if refusal:
+                log.error("node %s is left out: %s", node, refusal)
+                return
             members[node] = MemberInfo(
                 node, info.member, tuple(info.embodiments), info.episodes, can_train=info.can_train
             )
@@ -221,6 +225,20 @@ class RoundRunner:
             members = {k: v for k, v in members.items() if v.name not in duplicated}
         self.members = members
         return members
+
+    def _impersonation(self, node: int, info: QueryReply) -> str:
+        """Why a node may not answer as the member it names ('' if it may). Flower checks a
+        SuperNode's key; which member that key belongs to is the consortium's to say."""
+        roster = {m.name: m for m in self.cfg.federation.members}
+        pinned = any(m.node_id or m.ledger_public_key for m in roster.values())
+        member = roster.get(info.member)
+        if member is None:
+            return f"it names {info.member!r}, who is not a consortium member" if pinned else ""
+        if member.node_id and node != member.node_id:
+            return f"it names {info.member!r}, whose SuperNode is registered as node {member.node_id}"
+        if member.ledger_public_key and info.public_key != member.ledger_public_key:
+            return f"it names {info.member!r} but its ledger key is not the one {info.member!r} registered"
+        return ""
 
     def plan(self, round_number: int) -> RoundPlan:
         available = [m for m in self.members.values() if m.can_train]

@@ -9,6 +9,7 @@ because it is the lowest layer: the model, the member node and the coordinator a
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,11 @@ class MemberConfig:
     delta: float = 1e-5
     dp: bool = True
     noise_multiplier: float = 0.0  # 0: plan it from the budget over the run's rounds
+    # Who may answer as this member (deployment: from the consortium file and the SuperLink's
+    # registrations). A node that names this member but is another Flower node, or signs with
+    # another key, is left out of the run. Empty / 0: not pinned (simulation).
+    ledger_public_key: str = ""  # hex Ed25519 key that signs the member's privacy receipts
+    node_id: int = 0  # Flower node id its SuperNode key was registered as
 
 
 @dataclass
@@ -332,6 +338,10 @@ def validate(cfg: KyodoConfig) -> None:
             )
         if not (member.epsilon > 0 and 0 < member.delta < 1 and member.noise_multiplier >= 0):
             raise ConfigError(f"federation.members[{i}]: need epsilon > 0, 0 < delta < 1, noise_multiplier >= 0")
+        if member.ledger_public_key and not re.fullmatch(r"[0-9a-f]{64}", member.ledger_public_key):
+            raise ConfigError(f"federation.members[{i}].ledger_public_key must be 64 lowercase hex characters")
+        if member.node_id < 0:
+            raise ConfigError(f"federation.members[{i}].node_id must be >= 0 (0 = not pinned)")
     if cfg.privacy.accountant not in ("rdp", "prv"):
         raise ConfigError(f"privacy.accountant {cfg.privacy.accountant!r} is not one of rdp, prv")
     if not cfg.privacy.max_grad_norm > 0:

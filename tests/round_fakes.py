@@ -7,7 +7,7 @@ replies trickle in from real members."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -41,7 +41,8 @@ class FakeGrid:
     """``members`` maps member name -> embodiment. ``reverse`` delivers train replies in
     reverse member order (the worst order for sorted-order folding). ``held``: the object ids
     every member's replica reports in ``query`` (e.g. the current manifest's, so requests
-    carry no objects, as after a member's first round)."""
+    carry no objects, as after a member's first round). ``answers_as`` maps a member to the
+    name its node claims in ``query``; ``public_keys`` a member to the ledger key it reports."""
 
     def __init__(
         self,
@@ -50,8 +51,11 @@ class FakeGrid:
         seed: int = 0,
         reverse: bool = True,
         held: Iterable[str] = (),
+        answers_as: Mapping[str, str] | None = None,
+        public_keys: Mapping[str, str] | None = None,
     ):
         self.held = sorted(set(held))
+        self.answers_as, self.public_keys = dict(answers_as or {}), dict(public_keys or {})
         # Flower's Message() reads the running task's identity; a ServerApp has one, set it here.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
         self.names = dict(enumerate(sorted(members), start=1))
@@ -84,7 +88,9 @@ class FakeGrid:
     def _answer(self, node: int, kind: str, shards: list[str] | None):
         name = self.names[node]
         if kind == QUERY:
-            return QueryReply(name, [self.members[name]], 100, objects=self.held).to_content()
+            claimed = self.answers_as.get(name, name)
+            key = self.public_keys.get(name, "")
+            return QueryReply(claimed, [self.members[name]], 100, objects=self.held, public_key=key).to_content()
         if kind == EVALUATE:
             return EvaluateReply(name, 10, 0.5, 0.5).to_content()
         assert kind == TRAIN

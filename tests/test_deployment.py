@@ -220,12 +220,16 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
         == json.loads((members[1].dir / "membership.json").read_text())["ledger_public_key"]
     )
     assert (audit.members["sony"].epsilon, audit.members["sony"].delta) == (8.0, 1e-5)
-    config = deploy.run_config(consortium, tmp_path / "run", None, ["train.local_steps=5"])
+    registered = {"honda": "12345678901234567890", "sony": "7"}  # softbank not registered yet
+    config = deploy.run_config(consortium, tmp_path / "run", None, ["train.local_steps=5"], registered)
     from shared_model.config import config_from_run_config
 
     cfg = config_from_run_config(config)
     assert cfg.train.rounds == 3 and cfg.train.local_steps == 5 and cfg.out_dir == str(tmp_path / "run")
     assert [(m.name, m.embodiment) for m in cfg.federation.members] == [(n, e) for n, e, _ in TRIO]
+    # Each member is pinned to its registration and ledger key: no registered node can answer as another.
+    assert [m.node_id for m in cfg.federation.members] == [12345678901234567890, 7, 0]
+    assert [m.ledger_public_key for m in cfg.federation.members] == [m.ledger_public_key for m in consortium.members]
     cmd = deploy.superlink_command(op, consortium)
     for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--database"):
         assert flag in cmd
