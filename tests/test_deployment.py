@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 
 from coordinator import deploy
@@ -526,6 +527,11 @@ def test_the_deployed_run_completes_and_commits_two_rounds(deployment):
     assert set(records[2]["train"]) == {"honda", "sony", "softbank"}, (records[2]["failed"], records[2]["declined"])
     assert records[2]["secure_aggregation"] is True
     assert all(v in ("secagg", "single") for v in records[2]["aggregation"].values())
+    # The run pinned every member to its registration (so it held against a node naming another).
+    members = yaml.safe_load((out_dir / "config.yaml").read_text())["federation"]["members"]
+    registered = json.loads(deployment["op"].registered.read_text())
+    assert {m["name"]: str(m["node_id"]) for m in members} == registered
+    assert all(len(m["ledger_public_key"]) == 64 for m in members)
 
 
 @slow

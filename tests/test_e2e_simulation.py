@@ -48,8 +48,11 @@ def dp_run(tmp_path_factory):
 
     1000 episodes per member, not 200: DP-SGD's noise per step scales with 1/episodes, and
     at 200 the relative-action policy barely moves off holding still (0.98x in 2 rounds).
-    Steps, not episodes, set the training time."""
-    return _demo(tmp_path_factory.mktemp("dp"), *(f"federation.members.{i}.episodes=1000" for i in range(4)))
+    Steps, not episodes, set the training time. 3 rounds, not 2: after 2 the mean held-out
+    error was 0.90-0.98x of the initial one (the noise is drawn afresh every run), after 3
+    0.75-0.78x."""
+    episodes = (f"federation.members.{i}.episodes=1000" for i in range(4))
+    return _demo(tmp_path_factory.mktemp("dp"), *episodes, rounds=3)
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +156,10 @@ def test_dp_run_records_verified_receipts_within_budget(dp_run):
         meta = json.loads((state / "member.json").read_text())
         entries = Ledger(state / "ledger.jsonl").entries()
         assert verify_chain(entries, load_public_key(meta["public_key"])) == []
-        assert [e["round"] for e in entries] == [1, 2]
+        assert [e["round"] for e in entries] == [1, 2, 3]
         assert all(e["epsilon"] <= meta["epsilon"] for e in entries)
         # The coordinator's copy of each receipt is exactly the member's ledger entry.
-        assert [records[r]["receipts"][member] for r in (1, 2)] == entries
+        assert [records[r]["receipts"][member] for r in (1, 2, 3)] == entries
     assert "ε spent" in stdout
 
 
