@@ -22,6 +22,7 @@ from coordinator.sync import ModelSync
 from shared_model.config import KyodoConfig, to_yaml
 from shared_model.policy import Policy
 from shared_model.protocol import EvaluateReply
+from shared_model.store import ROUND_RECORD_KEY
 
 log = logging.getLogger("kyodo.coordinator")
 
@@ -43,6 +44,9 @@ def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
 
 
 def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str, int]) -> dict:
+    """What the round did (cohorts, receipts, aggregation, updated shards): committed with the
+    round's manifest before HEAD moves, so a coordinator that dies before it appends the line
+    to ``rounds.jsonl`` loses only the evaluation, never the receipts."""
     return {
         "round": result.round,
         "secure_aggregation": secure_aggregation,
@@ -59,12 +63,30 @@ def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str,
             m: {"loss": r.loss if r.loss == r.loss else None, "num_examples": r.num_examples, "steps": r.steps}
             for m, r in result.train.items()
         },
+    }
+
+
+def _evaluation(result: RoundResult) -> dict:
+    return {
         "evaluation": {
             m: {"action_mse": e.action_mse, "action_mae": e.action_mae, "num_examples": e.num_examples}
             for m, e in result.evaluation.items()
         },
         "seconds": round(result.seconds, 3),
     }
+
+
+def _recover_record(out_dir: Path, resumed_round: int, extra: dict) -> None:
+    """The coordinator died after moving HEAD, before writing the round's line: write it from
+    the record committed with the manifest (older runs' manifests lack it: a marker only)."""
+    try:
+        committed = json.loads(extra[ROUND_RECORD_KEY])
+    except (KeyError, TypeError, ValueError):
+        committed = None
+    if isinstance(committed, dict) and committed.get("round") == resumed_round:
+        append_record(out_dir, {**committed, "evaluation": {}, "evaluation_lost": True})
+    else:
+        append_record(out_dir, {"round": resumed_round, "recovered_from_store": True})
 
 
 def _run_id(out_dir: Path) -> str:
@@ -116,7 +138,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         first_round = resumed.round + 1
         recorded = {r["round"] for r in read_records(out_dir)}
         if resumed.round not in recorded:  # died after moving HEAD, before writing the record
-            append_record(out_dir, {"round": resumed.round, "recovered_from_store": True})
+            _recover_record(out_dir, resumed.round, resumed.extra)
         console.print(
             f"[bold]kyodo[/] run {run_id}: resuming after round {resumed.round} (HEAD of {state.store.root}), "
             f"rounds {first_round}..{cfg.train.rounds}"
@@ -137,13 +159,17 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             else:
                 log.warning("round %d: no member available, nothing trained", rnd)
             failpoint(rnd, "after-train")
-            runner.sync.set_head(state.commit_objects(rnd, runner.pending, runner.pending_state, {"run": run_id}))
+            record = _record(result, cfg.secagg.enabled, dict(runner.sync.sent_bytes))
+            # As a JSON string: the receipts' 64-hex hashes and keys must not read as store object ids.
+            extra = {"run": run_id, ROUND_RECORD_KEY: json.dumps(record, sort_keys=True)}
+            runner.sync.set_head(state.commit_objects(rnd, runner.pending, runner.pending_state, extra))
             failpoint(rnd, "after-commit")
             progress.update(task, advance=1, stage=STAGES[3])
             result.evaluation = runner.evaluate(rnd, list(runner.members))
             result.seconds = time.monotonic() - start
             progress.update(task, advance=1, stage="done")
-            append_record(out_dir, _record(result, cfg.secagg.enabled, dict(runner.sync.sent_bytes)))
+            # sync_bytes again: evaluation sends members the objects they still lack
+            append_record(out_dir, {**record, "sync_bytes": dict(runner.sync.sent_bytes), **_evaluation(result)})
             summary.results.append(result)
             summary.history.append((rnd, result.evaluation))
             progress.console.print(cohort_table(plan))

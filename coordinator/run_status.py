@@ -73,6 +73,8 @@ def rounds_table(report: RunReport) -> Table:
         kinds = sorted(set((rec.get("aggregation") or {}).values()))
         if rec.get("recovered_from_store"):  # the coordinator died between commit and record
             kinds = ["record lost, resumed from store"]
+        elif rec.get("evaluation_lost"):  # the same, with the record committed in the manifest
+            kinds = [*kinds, "evaluation lost in a crash"]
         evaluation = rec.get("evaluation") or {}
         mse = sum(e["action_mse"] for e in evaluation.values()) / len(evaluation) if evaluation else None
         committed = "HEAD" if rnd == report.head else ("yes" if manifest else "no")

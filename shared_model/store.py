@@ -72,6 +72,10 @@ STORE_VERSION = 1
 MANIFEST_VERSION = 1
 OBJECT_SUFFIX = ".safetensors"
 OBJECT_METADATA_KEY = "kyodo"
+# The manifest ``extra`` key under which the coordinator commits the round's record (cohorts,
+# receipts, updated shards) as a JSON string, before HEAD moves; auditors compare it with
+# ``rounds.jsonl``.
+ROUND_RECORD_KEY = "round_record"
 
 _OBJECT_ID = re.compile(r"^[0-9a-f]{64}$")
 _MANIFEST_NAME = re.compile(r"^round-(\d{6,})\.json$")

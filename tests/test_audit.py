@@ -31,7 +31,7 @@ from privacy.audit.report import render_markdown, write_report
 from privacy.audit.verify import audit
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from privacy.ledger import Ledger, canonical_json, entry_hash, signing_payload
-from shared_model.store import ShardStore
+from shared_model.store import ROUND_RECORD_KEY, ShardStore
 
 RUN, OLD_RUN = "run-a", "run-old"
 MEMBERS = ("alpha", "beta", "gamma")
@@ -69,8 +69,10 @@ def _tensors(seed: int) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))}
 
 
-def build_federation(root: Path) -> None:
-    """Run dir ``root/run`` (run.json, rounds.jsonl, store/, nodes/<member>/) and ``root/consortium.yaml``."""
+def build_federation(root: Path, commit_records: bool = False) -> None:
+    """Run dir ``root/run`` (run.json, rounds.jsonl, store/, nodes/<member>/) and ``root/consortium.yaml``.
+    ``commit_records``: each round's record also goes into its manifest, as the coordinator
+    commits it (without, as older runs: the tampering tests below edit records freely)."""
     run_dir = root / "run"
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"run": RUN}))
@@ -96,21 +98,20 @@ def build_federation(root: Path) -> None:
     append_record(run_dir, {"round": 0, "evaluation": {m: {"action_mse": 0.1} for m in MEMBERS}})
     for rnd in (1, 2):
         changed = {s: store.put_shard(s, _tensors(100 * rnd + i)) for i, s in enumerate(SHARDS[rnd])}
-        head = store.commit(head, changed, round_number=rnd, extra={"run": RUN})
-        append_record(
-            run_dir,
-            {
-                "round": rnd,
-                "cohorts": {s: list(MEMBERS) for s in SHARDS[rnd]},
-                "updated_shards": list(SHARDS[rnd]),
-                "aggregation": dict.fromkeys(SHARDS[rnd], "secagg"),
-                "train": {m: {"loss": None, "num_examples": 32, "steps": STEPS} for m in MEMBERS},
-                "receipts": receipts[rnd],
-                "failed": {},
-                "declined": {},
-                "rejected": {},
-            },
-        )
+        record = {
+            "round": rnd,
+            "cohorts": {s: list(MEMBERS) for s in SHARDS[rnd]},
+            "updated_shards": list(SHARDS[rnd]),
+            "aggregation": dict.fromkeys(SHARDS[rnd], "secagg"),
+            "train": {m: {"loss": None, "num_examples": 32, "steps": STEPS} for m in MEMBERS},
+            "receipts": receipts[rnd],
+            "failed": {},
+            "declined": {},
+            "rejected": {},
+        }
+        extra = {"run": RUN, **({ROUND_RECORD_KEY: json.dumps(record)} if commit_records else {})}
+        head = store.commit(head, changed, round_number=rnd, extra=extra)
+        append_record(run_dir, record)
     dump_consortium(from_nodes(run_dir / "nodes"), root / "consortium.yaml")
 
 
@@ -376,6 +377,25 @@ def test_record_rebuilt_from_store_is_checked_against_ledgers(fed: Path) -> None
     for member in MEMBERS:
         write_entries(fed, member, read_entries(fed, member)[:-1])
     assert_found(run_audit(fed), "store", "store round 2", "no member's ledger entry of this round covers them")
+
+
+def test_round_records_must_match_the_records_committed_in_the_store(tmp_path: Path) -> None:
+    build_federation(tmp_path, commit_records=True)
+    result = run_audit(tmp_path)
+    assert result.ok, [f.text() for f in result.failures]
+    # Dropping a member's receipt from rounds.jsonl (and its training) would hide it from the
+    # coverage check; the manifest, hash-chained in the store, still holds the committed record.
+    records = read_records(tmp_path)
+    for field in ("receipts", "train"):
+        del records[2][field]["gamma"]
+    records[2]["declined"] = {"gamma": "round 2 of run run-a was already trained"}
+    write_records(tmp_path, records)
+    assert_found(
+        run_audit(tmp_path),
+        "store",
+        "store round 2",
+        "differs from the one committed with the manifest in ['declined', 'receipts', 'train']",
+    )
 
 
 def test_uncommitted_round_is_explained(fed: Path) -> None:

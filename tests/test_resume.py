@@ -77,3 +77,26 @@ def test_killed_in_round_2_resumes_bit_identical(reference, tmp_path, where):
     assert final.keys() == expected.keys()
     different = [name for name in final if not torch.equal(final[name], expected[name])]
     assert not different, f"resumed run differs from the uninterrupted one in {different[:5]}"
+
+
+def test_killed_after_commit_loses_only_the_evaluation(reference, tmp_path):
+    """Died after HEAD moved to round 2, before its line in rounds.jsonl: the record (cohorts,
+    receipts, updated shards) was committed with the manifest, so the restart writes it back."""
+    data_root, expected = reference
+    out_dir = tmp_path / "run"
+    killed = _demo(out_dir, data_root, failpoint="2:after-commit")
+    assert killed.returncode != 0, "the failpoint should have killed the coordinator"
+    assert ShardStore(out_dir / "store").head().round == 2
+    assert [r["round"] for r in read_records(out_dir)] == [0, 1]
+
+    resumed = _demo(out_dir, data_root)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming after round 2" in resumed.stdout
+    records = read_records(out_dir)
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    rebuilt = records[2]
+    assert rebuilt["evaluation_lost"] is True and rebuilt["evaluation"] == {}
+    assert set(rebuilt["train"]) == {"honda", "sony", "softbank", "fanuc"} and rebuilt["updated_shards"]
+    assert rebuilt["cohorts"] and "recovered_from_store" not in rebuilt
+    final = ShardStore(out_dir / "store").load_model(3)
+    assert all(torch.equal(final[name], expected[name]) for name in expected)

@@ -51,8 +51,16 @@ from privacy.audit.consortium import Consortium, load_consortium
 from privacy.audit.findings import NOTE, AuditResult, EntryRow, MemberRow, RoundRow
 from privacy.audit.inputs import LedgerFile, RunFiles, find_ledgers, read_run
 from privacy.keys import load_public_key
-from privacy.ledger import LedgerError, entry_hash, field_problems, signing_payload, verify_chain, verify_entry
-from shared_model.store import ShardStore, StoreError
+from privacy.ledger import (
+    LedgerError,
+    entry_hash,
+    field_problems,
+    parse_strict_json,
+    signing_payload,
+    verify_chain,
+    verify_entry,
+)
+from shared_model.store import ROUND_RECORD_KEY, ShardStore, StoreError
 
 
 @dataclass
@@ -589,6 +597,7 @@ def _check_store(
         manifests[rnd] = manifest
         if manifest.extra.get("run") != run.run_id:
             result.add("store", subject, f"manifest belongs to run {manifest.extra.get('run')!r}, not {run.run_id!r}")
+        _compare_committed_record(result, subject, manifest.extra.get(ROUND_RECORD_KEY), records.get(rnd))
         by_object = {oid: shard for shard, oid in manifest.shards.items()}
         for oid in sorted(manifest.object_ids()):
             if oid in verified:
@@ -654,6 +663,23 @@ def _check_store(
             result.add(
                 "store", f"store round {rnd}", f"is recorded but has no verified manifest (HEAD at {head.round})"
             )
+
+
+def _compare_committed_record(result: AuditResult, subject: str, committed: Any, record: Any) -> None:
+    """``rounds.jsonl`` must say what the coordinator committed with the manifest (hash-chained
+    in the store): cohorts, receipts, updated shards. Older runs committed no record."""
+    if committed is None or not isinstance(record, dict) or record.get("recovered_from_store"):
+        return
+    try:
+        committed = parse_strict_json(committed) if isinstance(committed, str) else None
+    except ValueError:
+        committed = None
+    if not isinstance(committed, dict):
+        result.add("store", subject, "the round record committed with the manifest is not a JSON object")
+        return
+    differ = sorted(k for k in committed if k != "sync_bytes" and record.get(k) != committed[k])
+    if differ:
+        result.add("store", subject, f"the round record differs from the one committed with the manifest in {differ}")
 
 
 # --------------------------------------------------------------------------- entry point
