@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
-from privacy.keys import KeyFormatError, load_public_key
+from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
 from shared_model.config import ConfigError, load_config
 from shared_model.flower_processes import flower_executable, flower_path, log_retry, still_catches
 
@@ -115,6 +115,11 @@ class OperatorDir:
     @property
     def audit_consortium(self) -> Path:
         return self.root / "audit-consortium.yaml"
+
+    @property
+    def coordinator_key(self) -> Path:
+        """The operator's Ed25519 key that signs every committed round of every run (0600)."""
+        return self.root / "coordinator_ed25519.pem"
 
     @property
     def database(self) -> Path:
@@ -207,6 +212,7 @@ def init_operator(
         op, Consortium(name=name, host=host, port=port, model=model, rounds=rounds, overrides=list(overrides))
     )
     write_flwr_connection(op, Consortium(host=host, port=port))
+    load_or_create_signing_key(op.coordinator_key)
     return op
 
 
@@ -281,6 +287,7 @@ def write_audit_consortium(op: OperatorDir, consortium: Consortium) -> Path:
         "format": "kyodo-consortium",
         "version": 1,
         "name": consortium.name,
+        "coordinator_public_key": public_key_hex(load_or_create_signing_key(op.coordinator_key)),
         "members": [
             {"member": m.name, "public_key": m.ledger_public_key, "epsilon": m.epsilon, "delta": m.delta,
              "embodiment": m.embodiment}
@@ -505,6 +512,7 @@ def run_config(
     rounds: int | None,
     overrides: Sequence[str],
     registered: Mapping[str, str] | None = None,
+    coordinator_key: Path | None = None,
 ) -> dict[str, str]:
     """The Flower run config: the model preset, and as overrides the schedule, the run directory
     and the consortium's members (recorded in the run's config.yaml instead of the simulation's).
@@ -523,6 +531,7 @@ def run_config(
         f"out_dir={out_dir}",
         f"federation.name={consortium.name}",
         f"federation.members=[{members}]",
+        *([f"coordinator_key={coordinator_key}"] if coordinator_key else []),
         *consortium.overrides,
         *overrides,
     ]
@@ -555,7 +564,7 @@ def submit_run(
     if not consortium.members:
         raise DeployError(f"{op.consortium} has no members: add them with `kyodo-coordinator add-member`")
     out = Path(out_dir).expanduser().resolve() if out_dir else op.runs / time.strftime("%Y%m%d-%H%M%S")
-    config = run_config(consortium, out, rounds, overrides, _registered(op))
+    config = run_config(consortium, out, rounds, overrides, _registered(op), op.coordinator_key)
     require_superlink(op, consortium)
     if wait_members > 0:
         wait_for_members(op, [m.name for m in consortium.members], wait_members)

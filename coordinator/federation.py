@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.serverapp import Grid
 from rich.console import Console
 
@@ -19,10 +20,12 @@ from coordinator.records import append_record, read_records
 from coordinator.rounds import RoundResult, RoundRunner
 from coordinator.run_state import RunState, failpoint
 from coordinator.sync import ModelSync
+from privacy.keys import load_or_create_signing_key, public_key_hex
+from privacy.round_signature import sign_round
 from shared_model.config import KyodoConfig, to_yaml
 from shared_model.policy import Policy
 from shared_model.protocol import EvaluateReply
-from shared_model.store import ROUND_RECORD_KEY
+from shared_model.store import ROUND_RECORD_KEY, Manifest
 
 log = logging.getLogger("kyodo.coordinator")
 
@@ -76,17 +79,36 @@ def _evaluation(result: RoundResult) -> dict:
     }
 
 
-def _recover_record(out_dir: Path, resumed_round: int, extra: dict) -> None:
+def _recover_record(out_dir: Path, head: Manifest, key: Ed25519PrivateKey, run_id: str) -> None:
     """The coordinator died after moving HEAD, before writing the round's line: write it from
     the record committed with the manifest (older runs' manifests lack it: a marker only)."""
     try:
-        committed = json.loads(extra[ROUND_RECORD_KEY])
+        committed = json.loads(head.extra[ROUND_RECORD_KEY])
     except (KeyError, TypeError, ValueError):
         committed = None
-    if isinstance(committed, dict) and committed.get("round") == resumed_round:
-        append_record(out_dir, {**committed, "evaluation": {}, "evaluation_lost": True})
+    if isinstance(committed, dict) and committed.get("round") == head.round:
+        record = {**committed, "evaluation": {}, "evaluation_lost": True}
     else:
-        append_record(out_dir, {"round": resumed_round, "recovered_from_store": True})
+        record = {"round": head.round, "recovered_from_store": True}
+    append_record(out_dir, _signed(record, key, run_id, head))
+
+
+def _signed(record: dict, key: Ed25519PrivateKey, run_id: str, manifest: Manifest) -> dict:
+    """The record with the coordinator's signature on the round's manifest (``privacy.round_signature``)."""
+    return {**record, "coordinator": sign_round(key, run_id, manifest.round, manifest.digest).to_dict()}
+
+
+def coordinator_key_path(cfg: KyodoConfig) -> Path:
+    return Path(cfg.coordinator_key) if cfg.coordinator_key else Path(cfg.out_dir) / "coordinator_ed25519.pem"
+
+
+def _publish_coordinator_key(out_dir: Path, public_key: str) -> None:
+    """``run.json`` names the key that signs this run's rounds (auditors take the key from the
+    consortium file; this copy is for the local demo and for operators to publish)."""
+    path = out_dir / "run.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("coordinator_public_key") != public_key:
+        path.write_text(json.dumps({**data, "coordinator_public_key": public_key}), encoding="utf-8")
 
 
 def _run_id(out_dir: Path) -> str:
@@ -106,27 +128,27 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     run_id = _run_id(out_dir)
+    key = load_or_create_signing_key(coordinator_key_path(cfg))
+    _publish_coordinator_key(out_dir, public_key_hex(key))
     state = RunState(cfg, out_dir)
     resumed = state.resume()
     summary = RunSummary(out_dir=out_dir)
     if resumed is None:
         # The one time the whole model is in RAM: the policy's initialisation, written shard by
         # shard and dropped; from here on the coordinator reads shards from the store.
-        state.commit_initial(initial_model(cfg), {"run": run_id})
+        initial_manifest = state.commit_initial(initial_model(cfg), {"run": run_id})
         runner = RoundRunner(cfg, grid, state, run_id=run_id, sync=ModelSync(state.store))
         first_round = 1
         t0 = time.monotonic()
         runner.query(0)
         initial = runner.evaluate(0, list(runner.members))
         summary.history.append((0, initial))
-        append_record(
-            out_dir,
-            {
-                "round": 0,
-                "evaluation": {m: {"action_mse": e.action_mse} for m, e in initial.items()},
-                "sync_bytes": dict(runner.sync.sent_bytes),
-            },
-        )
+        record = {
+            "round": 0,
+            "evaluation": {m: {"action_mse": e.action_mse} for m, e in initial.items()},
+            "sync_bytes": dict(runner.sync.sent_bytes),
+        }
+        append_record(out_dir, _signed(record, key, run_id, initial_manifest))
         console.print(
             f"[bold]kyodo[/] run: model [cyan]{cfg.model.name}[/], {len(runner.members)} members "
             f"({', '.join(sorted(m.name for m in runner.members.values()))}), {cfg.train.rounds} rounds; "
@@ -138,7 +160,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         first_round = resumed.round + 1
         recorded = {r["round"] for r in read_records(out_dir)}
         if resumed.round not in recorded:  # died after moving HEAD, before writing the record
-            _recover_record(out_dir, resumed.round, resumed.extra)
+            _recover_record(out_dir, state.store.manifest(resumed.round), key, run_id)
         console.print(
             f"[bold]kyodo[/] run {run_id}: resuming after round {resumed.round} (HEAD of {state.store.root}), "
             f"rounds {first_round}..{cfg.train.rounds}"
@@ -162,14 +184,16 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             record = _record(result, cfg.secagg.enabled, dict(runner.sync.sent_bytes))
             # As a JSON string: the receipts' 64-hex hashes and keys must not read as store object ids.
             extra = {"run": run_id, ROUND_RECORD_KEY: json.dumps(record, sort_keys=True)}
-            runner.sync.set_head(state.commit_objects(rnd, runner.pending, runner.pending_state, extra))
+            manifest = state.commit_objects(rnd, runner.pending, runner.pending_state, extra)
+            runner.sync.set_head(manifest)
             failpoint(rnd, "after-commit")
             progress.update(task, advance=1, stage=STAGES[3])
             result.evaluation = runner.evaluate(rnd, list(runner.members))
             result.seconds = time.monotonic() - start
             progress.update(task, advance=1, stage="done")
             # sync_bytes again: evaluation sends members the objects they still lack
-            append_record(out_dir, {**record, "sync_bytes": dict(runner.sync.sent_bytes), **_evaluation(result)})
+            record = {**record, "sync_bytes": dict(runner.sync.sent_bytes), **_evaluation(result)}
+            append_record(out_dir, _signed(record, key, run_id, manifest))
             summary.results.append(result)
             summary.history.append((rnd, result.evaluation))
             progress.console.print(cohort_table(plan))

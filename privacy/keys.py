@@ -47,7 +47,7 @@ def load_or_create_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKe
     )
     if not _create_exclusive(path, pem):
         return _load(path)
-    log.info("created member signing key %s (public key %s)", path, public_key_hex(key))
+    log.info("created signing key %s (public key %s)", path, public_key_hex(key))
     return key
 
 

@@ -198,6 +198,9 @@ class KyodoConfig:
     data_root: str = "data/demo"
     # Where simulated members keep their ledger and keys; empty: ``<out_dir>/nodes``.
     state_root: str = ""
+    # The coordinator's Ed25519 key that signs every committed round (created on first use);
+    # empty: ``<out_dir>/coordinator_ed25519.pem``. A deployment keeps one per operator.
+    coordinator_key: str = ""
 
 
 def _available(kind: str) -> list[str]:

@@ -31,6 +31,7 @@ from privacy.audit.report import render_markdown, write_report
 from privacy.audit.verify import audit
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from privacy.ledger import Ledger, canonical_json, entry_hash, signing_payload
+from privacy.round_signature import sign_round
 from shared_model.store import ROUND_RECORD_KEY, ShardStore
 
 RUN, OLD_RUN = "run-a", "run-old"
@@ -71,8 +72,16 @@ def _tensors(seed: int) -> dict[str, torch.Tensor]:
 
 def build_federation(root: Path, commit_records: bool = False) -> None:
     """Run dir ``root/run`` (run.json, rounds.jsonl, store/, nodes/<member>/) and ``root/consortium.yaml``.
-    ``commit_records``: each round's record also goes into its manifest, as the coordinator
-    commits it (without, as older runs: the tampering tests below edit records freely)."""
+    ``commit_records``: each round's record also goes into its manifest and is signed with a
+    coordinator key the consortium file publishes, as the coordinator does (without, as older
+    runs: the tampering tests below edit records freely)."""
+    coordinator = Ed25519PrivateKey.generate()
+
+    def signed(record: dict[str, Any], manifest: Any) -> dict[str, Any]:
+        if not commit_records:
+            return record
+        return {**record, "coordinator": sign_round(coordinator, RUN, manifest.round, manifest.digest).to_dict()}
+
     run_dir = root / "run"
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"run": RUN}))
@@ -95,7 +104,7 @@ def build_federation(root: Path, commit_records: bool = False) -> None:
         model_config="cfg",
         extra={"run": RUN},
     )
-    append_record(run_dir, {"round": 0, "evaluation": {m: {"action_mse": 0.1} for m in MEMBERS}})
+    append_record(run_dir, signed({"round": 0, "evaluation": {m: {"action_mse": 0.1} for m in MEMBERS}}, head))
     for rnd in (1, 2):
         changed = {s: store.put_shard(s, _tensors(100 * rnd + i)) for i, s in enumerate(SHARDS[rnd])}
         record = {
@@ -111,8 +120,9 @@ def build_federation(root: Path, commit_records: bool = False) -> None:
         }
         extra = {"run": RUN, **({ROUND_RECORD_KEY: json.dumps(record)} if commit_records else {})}
         head = store.commit(head, changed, round_number=rnd, extra=extra)
-        append_record(run_dir, record)
-    dump_consortium(from_nodes(run_dir / "nodes"), root / "consortium.yaml")
+        append_record(run_dir, signed(record, head))
+    published = public_key_hex(coordinator) if commit_records else ""
+    dump_consortium(from_nodes(run_dir / "nodes", coordinator_public_key=published), root / "consortium.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +393,7 @@ def test_round_records_must_match_the_records_committed_in_the_store(tmp_path: P
     build_federation(tmp_path, commit_records=True)
     result = run_audit(tmp_path)
     assert result.ok, [f.text() for f in result.failures]
+    assert not any("round signatures not checked" in f.message for f in result.findings)
     # Dropping a member's receipt from rounds.jsonl (and its training) would hide it from the
     # coverage check; the manifest, hash-chained in the store, still holds the committed record.
     records = read_records(tmp_path)
@@ -396,6 +407,27 @@ def test_round_records_must_match_the_records_committed_in_the_store(tmp_path: P
         "store round 2",
         "differs from the one committed with the manifest in ['declined', 'receipts', 'train']",
     )
+
+
+def test_every_committed_round_carries_the_published_coordinators_signature(tmp_path: Path) -> None:
+    build_federation(tmp_path, commit_records=True)
+    records = read_records(tmp_path)
+    impostor = Ed25519PrivateKey.generate()
+    head = ShardStore(tmp_path / "run" / "store").manifest(1)
+    records[1]["coordinator"] = sign_round(impostor, RUN, 1, head.digest).to_dict()
+    del records[2]["coordinator"]
+    records[0]["coordinator"]["signature"] = records[0]["coordinator"]["signature"][::-1]
+    write_records(tmp_path, records)
+    result = run_audit(tmp_path)
+    assert_found(result, "store", "store round 1", "not the consortium's coordinator key")
+    assert_found(result, "store", "store round 2", "no coordinator signature")
+    assert_found(result, "store", "store round 0", "does not verify")
+
+
+def test_a_consortium_without_a_coordinator_key_says_signatures_were_not_checked(fed: Path) -> None:
+    result = run_audit(fed)
+    assert result.ok
+    assert any("round signatures not checked" in f.message for f in result.findings if f.severity == "note")
 
 
 def test_uncommitted_round_is_explained(fed: Path) -> None:
@@ -457,6 +489,14 @@ def test_consortium_round_trip_and_from_nodes(fed: Path, capsys: pytest.CaptureF
     assert sorted(c.members) == list(MEMBERS) and c.name == "t"
     assert c.members["alpha"].public_key == public_key_hex(key_of(fed, "alpha"))
     assert load_consortium(fed / "consortium.yaml").members == c.members
+    assert c.coordinator_public_key == ""
+    # The local demo: the coordinator's key as its run.json names it.
+    coordinator = public_key_hex(Ed25519PrivateKey.generate())
+    run_json = fed / "run" / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "coordinator_public_key": coordinator}))
+    args = ["consortium", "--from-nodes", str(fed / "run" / "nodes"), "-o", str(out), "--coordinator-from"]
+    assert audit_main([*args, str(fed / "run")]) == 0
+    assert load_consortium(out).coordinator_public_key == coordinator
 
 
 @pytest.mark.parametrize(
@@ -468,6 +508,8 @@ def test_consortium_round_trip_and_from_nodes(fed: Path, capsys: pytest.CaptureF
         (lambda d: d["members"][0].update(epsilom=8.0), "unknown keys ['epsilom']"),
         (lambda d: d["members"][0].update(delta=2.0), "0 < delta < 1"),
         (lambda d: d.update(format="other"), "'format' must be"),
+        (lambda d: d.update(coordinator_public_key="ab" * 31), "coordinator_public_key: .*64 hex characters"),
+        (lambda d: d.update(coordinator_public_key=d["members"][0]["public_key"]), "is also member 'alpha'"),
     ],
 )
 def test_consortium_refuses_bad_files(fed: Path, mutate: Any, message: str) -> None:

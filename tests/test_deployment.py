@@ -532,6 +532,16 @@ def test_the_deployed_run_completes_and_commits_two_rounds(deployment):
     registered = json.loads(deployment["op"].registered.read_text())
     assert {m["name"]: str(m["node_id"]) for m in members} == registered
     assert all(len(m["ledger_public_key"]) == 64 for m in members)
+    # The operator's key signed every committed round; the auditors' consortium file publishes it.
+    from privacy.audit.consortium import load_consortium as load_audit_consortium
+    from privacy.round_signature import round_signature_problem
+
+    published = load_audit_consortium(deployment["op"].audit_consortium).coordinator_public_key
+    run_id = json.loads((out_dir / "run.json").read_text())["run"]
+    store = ShardStore(out_dir / "store")
+    for r in records:
+        digest = store.manifest(r["round"]).digest
+        assert round_signature_problem(r.get("coordinator"), run_id, r["round"], digest, published) is None, r
 
 
 @slow

@@ -98,5 +98,6 @@ def test_killed_after_commit_loses_only_the_evaluation(reference, tmp_path):
     assert rebuilt["evaluation_lost"] is True and rebuilt["evaluation"] == {}
     assert set(rebuilt["train"]) == {"honda", "sony", "softbank", "fanuc"} and rebuilt["updated_shards"]
     assert rebuilt["cohorts"] and "recovered_from_store" not in rebuilt
+    assert rebuilt["coordinator"]["manifest"] == ShardStore(out_dir / "store").manifest(2).digest, "signed on rebuild"
     final = ShardStore(out_dir / "store").load_model(3)
     assert all(torch.equal(final[name], expected[name]) for name in expected)

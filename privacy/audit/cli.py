@@ -159,7 +159,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_consortium(args: argparse.Namespace) -> int:
     try:
-        consortium = from_nodes(args.from_nodes, name=args.name)
+        coordinator = args.coordinator_key
+        if args.coordinator_from:
+            run_file = Path(args.coordinator_from) / "run.json"
+            try:
+                coordinator = str(json.loads(run_file.read_text(encoding="utf-8"))["coordinator_public_key"])
+            except (KeyError, TypeError, ValueError) as exc:
+                return _error(f"{run_file} names no coordinator_public_key ({exc})")
+        consortium = from_nodes(args.from_nodes, name=args.name, coordinator_public_key=coordinator)
         path = dump_consortium(consortium, args.output)
     except (ConsortiumError, OSError) as exc:
         return _error(str(exc))
@@ -266,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     consortium.add_argument("--from-nodes", required=True, help="directory of member state dirs (RUN_DIR/nodes)")
     consortium.add_argument("-o", "--output", required=True, help="consortium file to write (.yaml or .json)")
     consortium.add_argument("--name", default="", help="consortium name shown in reports")
+    consortium.add_argument(
+        "--coordinator-key",
+        default="",
+        help="the coordinator's published Ed25519 public key (hex): rounds must carry its signature",
+    )
+    consortium.add_argument(
+        "--coordinator-from",
+        default="",
+        help="take that key from RUN_DIR/run.json (the local demo, where you run the coordinator)",
+    )
     consortium.set_defaults(handler=_cmd_consortium)
 
     canary = commands.add_parser("canary", help="empirical one-run audit of a member's DP-SGD training with canaries")

@@ -11,6 +11,7 @@ Format (YAML or JSON, the same structure; ``kyodo-audit consortium`` writes it):
     format: kyodo-consortium       # required, exactly this
     version: 1                     # required
     name: demo                     # optional, shown in reports
+    coordinator_public_key: "9f3c...a1"  # optional: the Ed25519 key that signs committed rounds
     members:                       # required, at least one
       - member: honda              # the name members sign into their ledger entries
         public_key: "2242ac...d085"  # 64 hex characters: the raw Ed25519 public key
@@ -42,7 +43,7 @@ from privacy.ledger import parse_strict_json
 
 FORMAT = "kyodo-consortium"
 VERSION = 1
-_TOP_KEYS = {"format", "version", "name", "members"}
+_TOP_KEYS = {"format", "version", "name", "members", "coordinator_public_key"}
 _MEMBER_KEYS = {"member", "public_key", "epsilon", "delta", "embodiment", "accountant"}
 _REQUIRED_MEMBER_KEYS = ("member", "public_key", "epsilon", "delta")
 
@@ -82,6 +83,7 @@ class Consortium:
 
     members: dict[str, Member]
     name: str = ""
+    coordinator_public_key: str = ""  # 64 hex; empty: round signatures are not checked
 
     def key_owner(self, public_key_hex: str) -> str | None:
         """The member whose published key this is (None when it is nobody's)."""
@@ -91,6 +93,8 @@ class Consortium:
         out: dict[str, Any] = {"format": FORMAT, "version": VERSION}
         if self.name:
             out["name"] = self.name
+        if self.coordinator_public_key:
+            out["coordinator_public_key"] = self.coordinator_public_key
         out["members"] = [self.members[n].to_dict() for n in sorted(self.members)]
         return out
 
@@ -201,7 +205,18 @@ def parse_consortium(raw: Any, source: str = "consortium") -> Consortium:
             accountant=_text(entry.get("accountant"), f"{where}.accountant", required=False),
         )
     name = raw.get("name")
-    return Consortium(members, _text(name, f"{source}: name") if name is not None else "")
+    coordinator = raw.get("coordinator_public_key")
+    if coordinator is not None:
+        if not isinstance(coordinator, str):
+            raise ConsortiumError(f"{source}: coordinator_public_key must be a quoted string of 64 hex characters")
+        try:
+            load_public_key(coordinator)
+        except KeyFormatError as exc:
+            raise ConsortiumError(f"{source}: coordinator_public_key: {exc}") from None
+        coordinator = coordinator.strip().lower()
+        if coordinator in owners:
+            raise ConsortiumError(f"{source}: coordinator_public_key is also member {owners[coordinator]!r}'s key")
+    return Consortium(members, _text(name, f"{source}: name") if name is not None else "", coordinator or "")
 
 
 def load_consortium(path: str | Path) -> Consortium:
@@ -214,7 +229,7 @@ def load_consortium(path: str | Path) -> Consortium:
     return parse_consortium(_parse_text(text, path), str(path))
 
 
-def from_nodes(nodes_dir: str | Path, name: str = "") -> Consortium:
+def from_nodes(nodes_dir: str | Path, name: str = "", coordinator_public_key: str = "") -> Consortium:
     """Assemble the consortium from members' published ``member.json`` files (``<nodes>/<member>/``).
 
     In a deployment each member publishes its ``member.json`` (name, public key, budget);
@@ -238,6 +253,8 @@ def from_nodes(nodes_dir: str | Path, name: str = "") -> Consortium:
     raw: dict[str, Any] = {"format": FORMAT, "version": VERSION, "members": entries}
     if name:
         raw["name"] = name
+    if coordinator_public_key:
+        raw["coordinator_public_key"] = coordinator_public_key
     return parse_consortium(raw, str(nodes_dir))
 
 

@@ -60,6 +60,7 @@ from privacy.ledger import (
     verify_chain,
     verify_entry,
 )
+from privacy.round_signature import round_signature_problem
 from shared_model.store import ROUND_RECORD_KEY, ShardStore, StoreError
 
 
@@ -560,11 +561,13 @@ def _check_coverage(
 
 def _check_store(
     result: AuditResult,
+    consortium: Consortium,
     run: RunFiles,
     records: dict[int, dict[str, Any]],
     indexes: dict[str, _LedgerIndex],
 ) -> None:
-    """Manifests along HEAD's chain, every object's hash, and that model changes were aggregated."""
+    """Manifests along HEAD's chain, every object's hash, that model changes were aggregated,
+    and that the coordinator signed every committed round."""
     root = run.store_dir
     if not (root / "STORE").is_file() or not (root / "HEAD").is_file():
         result.add("store", str(root), "no shard store with a HEAD: the recorded rounds cannot be checked")
@@ -598,6 +601,12 @@ def _check_store(
         if manifest.extra.get("run") != run.run_id:
             result.add("store", subject, f"manifest belongs to run {manifest.extra.get('run')!r}, not {run.run_id!r}")
         _compare_committed_record(result, subject, manifest.extra.get(ROUND_RECORD_KEY), records.get(rnd))
+        if consortium.coordinator_public_key and rnd in records and run.run_id:
+            problem = round_signature_problem(
+                records[rnd].get("coordinator"), run.run_id, rnd, manifest.digest, consortium.coordinator_public_key
+            )
+            if problem:
+                result.add("store", subject, problem)
         by_object = {oid: shard for shard, oid in manifest.shards.items()}
         for oid in sorted(manifest.object_ids()):
             if oid in verified:
@@ -720,7 +729,14 @@ def audit_inputs(
                 severity="fail" if trained else NOTE,
             )
     forks = _check_rounds(result, consortium, run, records, indexes)
-    _check_store(result, run, records, indexes)
+    _check_store(result, consortium, run, records, indexes)
+    if not consortium.coordinator_public_key:
+        result.add(
+            "store",
+            consortium_path or "consortium",
+            "publishes no coordinator_public_key: round signatures not checked",
+            NOTE,
+        )
     _check_coverage(result, run, records, indexes, forks)
     for finding in result.failures:
         if finding.member in result.members:
