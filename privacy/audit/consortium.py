@@ -151,6 +151,17 @@ def _text(value: Any, where: str, required: bool = True) -> str:
     return value.strip()
 
 
+def _public_key(value: Any, where: str, field: str) -> str:
+    """A raw Ed25519 public key as 64 lowercase hex characters."""
+    if not isinstance(value, str):
+        raise ConsortiumError(f"{where}: {field} must be a quoted string of 64 hex characters, got {value!r}")
+    try:
+        load_public_key(value)
+    except KeyFormatError as exc:
+        raise ConsortiumError(f"{where}: {field}: {exc}") from None
+    return value.strip().lower()
+
+
 def parse_consortium(raw: Any, source: str = "consortium") -> Consortium:
     """Validate the parsed file content; ConsortiumError names the first problem and where it is."""
     if not isinstance(raw, Mapping):
@@ -177,14 +188,7 @@ def parse_consortium(raw: Any, source: str = "consortium") -> Consortium:
             raise ConsortiumError(f"{where}: missing keys {missing}, unknown keys {unknown}")
         name = _text(entry["member"], f"{where}.member")
         where = f"{source}: member {name!r}"
-        key = entry["public_key"]
-        if not isinstance(key, str):
-            raise ConsortiumError(f"{where}: public_key must be a quoted string of 64 hex characters, got {key!r}")
-        try:
-            load_public_key(key)
-        except KeyFormatError as exc:
-            raise ConsortiumError(f"{where}: {exc}") from None
-        key = key.strip().lower()
+        key = _public_key(entry["public_key"], where, "public_key")
         epsilon = _number(entry["epsilon"], f"{where}.epsilon")
         delta = _number(entry["delta"], f"{where}.delta")
         if epsilon <= 0:
@@ -207,13 +211,7 @@ def parse_consortium(raw: Any, source: str = "consortium") -> Consortium:
     name = raw.get("name")
     coordinator = raw.get("coordinator_public_key")
     if coordinator is not None:
-        if not isinstance(coordinator, str):
-            raise ConsortiumError(f"{source}: coordinator_public_key must be a quoted string of 64 hex characters")
-        try:
-            load_public_key(coordinator)
-        except KeyFormatError as exc:
-            raise ConsortiumError(f"{source}: coordinator_public_key: {exc}") from None
-        coordinator = coordinator.strip().lower()
+        coordinator = _public_key(coordinator, source, "coordinator_public_key")
         if coordinator in owners:
             raise ConsortiumError(f"{source}: coordinator_public_key is also member {owners[coordinator]!r}'s key")
     return Consortium(members, _text(name, f"{source}: name") if name is not None else "", coordinator or "")
