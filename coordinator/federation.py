@@ -98,28 +98,22 @@ def _signed(record: dict, key: Ed25519PrivateKey, run_id: str, manifest: Manifes
     return {**record, "coordinator": sign_round(key, run_id, manifest.round, manifest.digest).to_dict()}
 
 
-def coordinator_key_path(cfg: KyodoConfig) -> Path:
+def _coordinator_key_path(cfg: KyodoConfig) -> Path:
     return Path(cfg.coordinator_key) if cfg.coordinator_key else Path(cfg.out_dir) / "coordinator_ed25519.pem"
 
 
-def _publish_coordinator_key(out_dir: Path, public_key: str) -> None:
-    """``run.json`` names the key that signs this run's rounds (auditors take the key from the
-    consortium file; this copy is for the local demo and for operators to publish)."""
-    path = out_dir / "run.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("coordinator_public_key") != public_key:
-        path.write_text(json.dumps({**data, "coordinator_public_key": public_key}), encoding="utf-8")
-
-
-def _run_id(out_dir: Path) -> str:
+def _run_id(out_dir: Path, coordinator_public_key: str) -> str:
     """The run id members' ledgers key their entries by: kept in ``run.json`` so a resumed
-    run is the same run (a member never trains one of its rounds twice)."""
+    run is the same run (a member never trains one of its rounds twice). ``run.json`` also
+    names the key that signs the run's rounds (auditors take it from the consortium file;
+    this copy is for the local demo and for operators to publish)."""
     path = out_dir / "run.json"
-    if path.is_file():
-        return str(json.loads(path.read_text(encoding="utf-8"))["run"])
-    run_id = f"{re.sub(r'[^A-Za-z0-9_.-]', '-', out_dir.name)[:40]}-{secrets.token_hex(4)}"
-    path.write_text(json.dumps({"run": run_id}), encoding="utf-8")
-    return run_id
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if "run" not in data:
+        data["run"] = f"{re.sub(r'[^A-Za-z0-9_.-]', '-', out_dir.name)[:40]}-{secrets.token_hex(4)}"
+    if data.get("coordinator_public_key") != coordinator_public_key:
+        path.write_text(json.dumps({**data, "coordinator_public_key": coordinator_public_key}), encoding="utf-8")
+    return str(data["run"])
 
 
 def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None) -> RunSummary:
@@ -127,9 +121,8 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    run_id = _run_id(out_dir)
-    key = load_or_create_signing_key(coordinator_key_path(cfg))
-    _publish_coordinator_key(out_dir, public_key_hex(key))
+    key = load_or_create_signing_key(_coordinator_key_path(cfg))
+    run_id = _run_id(out_dir, public_key_hex(key))
     state = RunState(cfg, out_dir)
     resumed = state.resume()
     summary = RunSummary(out_dir=out_dir)
