@@ -45,7 +45,7 @@ from member_node.synthetic import generate_dataset
 from member_node.trainer import UniformSampler, adamw, evaluate, per_sample_loss, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
 from shared_model.config import KyodoConfig, load_config
-from shared_model.protocol import EvaluateRequest, TrainDeclined, TrainHyperParams, TrainRequest
+from shared_model.protocol import TrainDeclined, TrainHyperParams, TrainRequest
 from shared_model.shards import ShardLayout, set_trainable, shard_of
 
 
@@ -75,6 +75,12 @@ def _held_out_mse(cfg: KyodoConfig, node: MemberNode, policy: torch.nn.Module | 
     return evaluate(policy, node.identity.embodiment, node.held_windows, per_episode=per_episode).action_mse
 
 
+def _exact_mse(cfg: KyodoConfig, node: MemberNode, model: dict[str, torch.Tensor]) -> float:
+    """The exact held-out error of ``model`` (a bench may read it; a DP node reports it noised)."""
+    node.policy.load_state_dict(model)
+    return _held_out_mse(cfg, node)
+
+
 def federated(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
     model = initial_model(cfg)
     layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
@@ -100,7 +106,7 @@ def federated(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
         for acc in accs.values():
             if len(acc.contributors) >= (1 if acc.shard_id.startswith("adapter/emb/") else cfg.train.min_cohort):
                 model.update(FedAvg(cfg.train.server_lr).apply(model, acc.mean()))
-    return {n.identity.name: n.evaluate(EvaluateRequest(0, model)).action_mse for n in nodes}
+    return {n.identity.name: _exact_mse(cfg, n, model) for n in nodes}
 
 
 def alone_dp(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
@@ -117,7 +123,7 @@ def alone_dp(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
             if isinstance(reply, TrainDeclined):
                 continue
             model.update(FedAvg(1.0).apply(model, reply.deltas))
-        out[node.identity.name] = node.evaluate(EvaluateRequest(0, model)).action_mse
+        out[node.identity.name] = _exact_mse(cfg, node, model)
     return out
 
 

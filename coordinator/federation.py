@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -36,9 +37,14 @@ class RunSummary:
     history: list[tuple[int, dict[str, EvaluateReply]]] = field(default_factory=list)
     results: list[RoundResult] = field(default_factory=list)
 
-    def mean_mse(self, index: int) -> float:
+    def mean_mse(self, index: int) -> float | None:
+        """Mean held-out error of the members that released one (None when none did)."""
         ev = self.history[index][1]
-        return sum(r.action_mse for r in ev.values()) / max(len(ev), 1)
+        return sum(r.action_mse for r in ev.values()) / len(ev) if ev else None
+
+
+def _fmt(mse: float | None) -> str:
+    return "withheld by every member" if mse is None else f"{mse:.4f}"
 
 
 def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
@@ -69,12 +75,19 @@ def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str,
     }
 
 
+def _evaluation_entry(reply: EvaluateReply) -> dict:
+    """One member's evaluation as the round record keeps it. A private release (with its
+    receipt, which the auditor matches to the member's ledger) has no MAE: None, not NaN."""
+    entry: dict = {"action_mse": reply.action_mse, "num_examples": reply.num_examples}
+    entry["action_mae"] = reply.action_mae if math.isfinite(reply.action_mae) else None
+    if reply.receipt:
+        entry["receipt"] = reply.receipt
+    return entry
+
+
 def _evaluation(result: RoundResult) -> dict:
     return {
-        "evaluation": {
-            m: {"action_mse": e.action_mse, "action_mae": e.action_mae, "num_examples": e.num_examples}
-            for m, e in result.evaluation.items()
-        },
+        "evaluation": {m: _evaluation_entry(e) for m, e in result.evaluation.items()},
         "seconds": round(result.seconds, 3),
     }
 
@@ -138,14 +151,14 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         summary.history.append((0, initial))
         record = {
             "round": 0,
-            "evaluation": {m: {"action_mse": e.action_mse} for m, e in initial.items()},
+            "evaluation": {m: _evaluation_entry(e) for m, e in initial.items()},
             "sync_bytes": dict(runner.sync.sent_bytes),
         }
         append_record(out_dir, _signed(record, key, run_id, initial_manifest))
         console.print(
             f"[bold]kyodo[/] run: model [cyan]{cfg.model.name}[/], {len(runner.members)} members "
             f"({', '.join(sorted(m.name for m in runner.members.values()))}), {cfg.train.rounds} rounds; "
-            f"initial held-out MSE {summary.mean_mse(0):.4f} ({time.monotonic() - t0:.1f}s)"
+            f"initial held-out MSE {_fmt(summary.mean_mse(0))} ({time.monotonic() - t0:.1f}s)"
         )
     else:
         # Weights and optimiser state stay in the store: the runner reads each shard when it needs it.

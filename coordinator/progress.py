@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 from rich.console import Console
@@ -70,6 +71,8 @@ def round_table(result: RoundResult, epsilons: dict[str, tuple[float, float]] | 
             loss = "[red]failed" if member in result.failed else "-"
         budget = epsilons.get(member, (None, None))[1] if epsilons else None
         spent = receipt["epsilon"] if receipt else (epsilons.get(member, (None, None))[0] if epsilons else None)
+        if ev and ev.receipt:  # the evaluation's release came after training: its receipt is the latest spend
+            spent = json.loads(ev.receipt)["epsilon"]
         eps = (
             "no DP" if reply and not receipt else (f"{spent:.2f} / {budget:g}" if spent is not None and budget else "-")
         )
@@ -78,8 +81,8 @@ def round_table(result: RoundResult, epsilons: dict[str, tuple[float, float]] | 
             str(len(result.plan.shards_of(member))),
             str(reply.steps) if reply else "-",
             loss,
-            f"{ev.action_mse:.4f}" if ev else "-",
-            f"{ev.action_mae:.4f}" if ev else "-",
+            (f"{ev.action_mse:.4f}" + (" (DP)" if ev.receipt else "")) if ev else "-",
+            ("private" if ev.receipt else f"{ev.action_mae:.4f}") if ev else "-",
             eps,
         )
     return table

@@ -58,7 +58,7 @@ from coordinator.run_state import RunState
 from coordinator.secure_round import mean_update, secure_aggregate
 from coordinator.sync import ModelSync
 from privacy.keys import load_public_key
-from privacy.ledger import LedgerError, receipt_from_json, verify_entry
+from privacy.ledger import RELEASE_EVALUATION, LedgerError, receipt_from_json, verify_entry
 from shared_model.config import KyodoConfig
 from shared_model.protocol import (
     EVALUATE,
@@ -453,6 +453,19 @@ class RoundRunner:
             raise ProtocolError(f"receipt records {entry['mechanism']['steps']} steps, reply ran {reply.steps}")
         return entry
 
+    def _check_evaluation_receipt(self, member: str, round_number: int, reply: EvaluateReply) -> dict:
+        """A private evaluation's receipt: this member's signed ledger entry of this round's release."""
+        entry = receipt_from_json(reply.receipt)
+        key = self.public_keys.get(member, "")
+        if not key or entry.get("public_key") != key:
+            raise ProtocolError("evaluation receipt is not signed with the key the member registered in query")
+        verify_entry(entry, load_public_key(key))
+        expected = {"member": member, "round": round_number, "run": self.run_id, "release": RELEASE_EVALUATION}
+        for field_name, value in expected.items():
+            if entry.get(field_name) != value:
+                raise ProtocolError(f"evaluation receipt {field_name} {entry.get(field_name)!r} != {value!r}")
+        return entry
+
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, round_number: int, members: Iterable[int]) -> dict[str, EvaluateReply]:
         out: dict[str, EvaluateReply] = {}
@@ -464,13 +477,19 @@ class RoundRunner:
                 log.warning("%s: evaluate error %s: %s", member, reply.error.code, reply.error.reason)
                 return
             try:
-                out[member] = EvaluateReply.from_content(reply.content)
-            except ProtocolError as err:
-                log.warning("%s: %s", member, err)
+                parsed = EvaluateReply.from_content(reply.content)
+                if parsed.withheld:
+                    log.info("%s released no held-out error: %s", member, parsed.withheld)
+                    return
+                if parsed.receipt:
+                    self._check_evaluation_receipt(member, round_number, parsed)
+                out[member] = parsed
+            except (ProtocolError, LedgerError) as err:
+                log.warning("%s: evaluation not used: %s", member, err)
 
         def requests() -> Iterator[Message]:
             for node in members:
-                request = EvaluateRequest(round_number, None, self.sync.ref_for(node_to_name[node]))
+                request = EvaluateRequest(round_number, None, self.sync.ref_for(node_to_name[node]), run=self.run_id)
                 yield Message(request.to_content(), node, EVALUATE)
 
         exchange(self.grid, requests(), self.timeout, on_reply)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privacy.eval_release import EvalPrivacy
 from shared_model.config import KyodoConfig
 
 
@@ -32,6 +33,11 @@ class MemberIdentity:
     delta: float = 1e-5
     dp: bool = True
     noise_multiplier: float = 0.0  # 0: planned from the budget over the run's rounds
+    eval_noise_multiplier: float = 5.0  # held-out error release under DP; 0: none
+    eval_loss_bound: float = 0.02
+
+    def eval_privacy(self) -> EvalPrivacy:
+        return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
 
 
 def _float(node_config: Mapping[str, Any], key: str, default: float) -> float:
@@ -67,6 +73,8 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             delta=_float(node_config, "delta", 1e-5),
             dp=_bool(node_config, "dp", True),
             noise_multiplier=_float(node_config, "noise-multiplier", 0.0),
+            eval_noise_multiplier=_float(node_config, "eval-noise-multiplier", 5.0),
+            eval_loss_bound=_float(node_config, "eval-loss-bound", 0.02),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -86,6 +94,8 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             delta=m.delta,
             dp=m.dp,
             noise_multiplier=m.noise_multiplier,
+            eval_noise_multiplier=m.eval_noise_multiplier,
+            eval_loss_bound=m.eval_loss_bound,
         )
     else:
         raise NodeConfigError("node config names no member: set member, embodiment and data-dir")
@@ -93,6 +103,11 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         raise NodeConfigError(
             f"member {identity.name!r}: privacy budget needs epsilon > 0 and 0 < delta < 1 "
             f"(got epsilon={identity.epsilon}, delta={identity.delta})"
+        )
+    if not (identity.eval_noise_multiplier >= 0 and identity.eval_loss_bound > 0):
+        raise NodeConfigError(
+            f"member {identity.name!r}: evaluation release needs eval-noise-multiplier >= 0 and "
+            f"eval-loss-bound > 0 (got {identity.eval_noise_multiplier} and {identity.eval_loss_bound})"
         )
     if identity.embodiment not in cfg.embodiments:
         raise NodeConfigError(

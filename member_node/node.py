@@ -7,7 +7,9 @@ each round the node computes the epsilon the round would reach and trains fewer 
 declines. The ledger entry of a round is appended *before* training starts (write-ahead):
 a crash after that point still counts the round as spent, so a restarted node can never
 forget a spend; the ledger is also the accountant's only state (its history of
-mechanisms), so a restart can never double count one either.
+mechanisms), so a restart can never double count one either. Under DP the held-out error
+the node reports is a release too (``member_node.private_eval``): noised, within the
+budget, and in the same ledger; the plan for the noise multiplier reserves room for it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ import torch
 
 from member_node.identity import MemberIdentity
 from member_node.lerobot import read_dataset
+from member_node.private_eval import EvaluationReleaser
 from member_node.secagg_client import MemberSecAgg
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
@@ -79,6 +83,15 @@ class MemberNode:
         self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
         self._plan_path = state / "noise_plan.json"
         self.secagg = MemberSecAgg(state, identity.name, self.signing_key)
+        self.eval_releaser = EvaluationReleaser(
+            state,
+            self.ledger,
+            self.budget,
+            identity.eval_privacy(),
+            member=identity.name,
+            accountant=cfg.privacy.accountant,
+            dataset_fingerprint=self.dataset.fingerprint,
+        )
         # The node's replica of the shared model: content-addressed objects, fetched only
         # when missing. ``_loaded`` says which object each shard of the policy holds now.
         self.replica = ShardStore(state / "replica")
@@ -202,15 +215,26 @@ class MemberNode:
         key = f"{request.run}|{sample_rate!r}|{request.hparams.local_steps}"
         if key not in plans:
             remaining_rounds = max(1, request.planned_rounds - request.round + 1)
-            plans[key] = noise_for_target(
+            # Room for the held-out error released after each remaining round. When even the
+            # releases alone would not fit (hundreds of planned rounds), training comes first:
+            # the releases that no longer fit are withheld (private_eval checks each one).
+            evaluations = self.eval_releaser.privacy
+            reserve = [evaluations.mechanism()] * remaining_rounds if evaluations.enabled else []
+            plan = partial(
+                noise_for_target,
                 self.budget.epsilon,
                 self.budget.delta,
                 sample_rate,
                 request.hparams.local_steps,
                 remaining_rounds,
                 accountant=self.cfg.privacy.accountant,
-                history=history,
             )
+            try:
+                plans[key] = plan(history=[*history, *reserve])
+            except ValueError:
+                if not reserve:
+                    raise
+                plans[key] = plan(history=history)
             tmp = self._plan_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(plans, indent=2), encoding="utf-8")
             tmp.replace(self._plan_path)
@@ -325,9 +349,20 @@ class MemberNode:
             self.held_windows,
             per_episode=self.cfg.train.eval_windows_per_episode,
         )
+        if not self.identity.dp:
+            return EvaluateReply(
+                member=self.identity.name,
+                num_examples=result.num_examples,
+                action_mse=result.action_mse,
+                action_mae=result.action_mae,
+            )
+        released, receipt, withheld = self.eval_releaser.release(request.run, request.round, result)
+        if released is None:
+            return EvaluateReply(self.identity.name, 0, float("nan"), float("nan"), withheld=withheld)
         return EvaluateReply(
             member=self.identity.name,
-            num_examples=result.num_examples,
-            action_mse=result.action_mse,
-            action_mae=result.action_mae,
+            num_examples=released.episodes,
+            action_mse=released.action_mse,
+            action_mae=float("nan"),  # not released: one noised metric costs less than two
+            receipt=receipt,
         )

@@ -18,7 +18,7 @@ from rich.table import Table
 from privacy.accountant import Mechanism
 from privacy.accountant import epsilon as composed_epsilon
 from privacy.keys import load_public_key
-from privacy.ledger import Ledger, LedgerError, verify_chain
+from privacy.ledger import RELEASE_EVALUATION, Ledger, LedgerError, release_of, verify_chain
 
 
 def _load_member(state_dir: Path) -> dict:
@@ -31,6 +31,15 @@ def _load_member(state_dir: Path) -> dict:
         raise LedgerError(f"{path}: not valid JSON: {err}") from None
 
 
+def _released_evaluations(state_dir: Path) -> dict[str, dict]:
+    """What the node sent as its held-out error (noised), by "run|round"; {} if none was kept."""
+    path = state_dir / "evaluations.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def ledger_rows(entries: list[dict], delta: float, accountant: str) -> list[dict]:
     """One row per entry, with epsilon recomputed from the mechanisms (not copied from the node)."""
     rows, history = [], []
@@ -41,6 +50,7 @@ def ledger_rows(entries: list[dict], delta: float, accountant: str) -> list[dict
             {
                 "run": entry["run"],
                 "round": entry["round"],
+                "release": release_of(entry),
                 "shards": len(entry["shards"]),
                 "steps": mech["steps"],
                 "noise_multiplier": mech["noise_multiplier"],
@@ -64,7 +74,7 @@ def plot_epsilon(rows: list[dict], budget: float, member: str, path: Path) -> Pa
     ax.step([0, *xs], [0.0] + [r["epsilon_recomputed"] for r in rows], where="post", label="ε spent", color="tab:blue")
     ax.plot(xs, [r["epsilon_recomputed"] for r in rows], "o", color="tab:blue", markersize=4)
     ax.axhline(budget, color="tab:red", linestyle="--", label=f"budget ε = {budget:g}")
-    ax.set_xlabel("rounds trained (ledger entries)")
+    ax.set_xlabel("releases (ledger entries: rounds trained and held-out errors reported)")
     ax.set_ylabel("ε")
     ax.set_ylim(0, max(budget, max((r["epsilon_recomputed"] for r in rows), default=0)) * 1.15)
     ax.set_title(f"{member}: privacy spent")
@@ -90,13 +100,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     budget, delta = float(member["epsilon"]), float(member["delta"])
     accountant = member.get("accountant", "rdp")
     rows = ledger_rows(entries, delta, accountant)
+    released = _released_evaluations(state_dir)
     table = Table(title=f"{member['member']} ({member['embodiment']}): privacy ledger, budget ε={budget:g} δ={delta:g}")
-    for col in ("run", "round", "shards", "steps", "σ", "q", "decision", "ε after", "ε left"):
-        table.add_column(col, justify="left" if col in ("run", "decision") else "right")
+    for col in ("run", "round", "release", "shards", "steps", "σ", "q", "decision", "ε after", "ε left", "sent"):
+        table.add_column(col, justify="left" if col in ("run", "release", "decision") else "right")
     for r in rows:
+        sent = released.get(f"{r['run']}|{r['round']}") if r["release"] == RELEASE_EVALUATION else None
         table.add_row(
             r["run"],
             str(r["round"]),
+            "evaluation" if r["release"] == RELEASE_EVALUATION else "training",
             str(r["shards"]),
             str(r["steps"]),
             f"{r['noise_multiplier']:.3f}",
@@ -104,6 +117,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             r["decision"],
             f"{r['epsilon_recomputed']:.3f}",
             f"{budget - r['epsilon_recomputed']:.3f}",
+            f"MSE {sent['action_mse']:.4f}" if sent else "update" if r["release"] != RELEASE_EVALUATION else "-",
         )
     console.print(table)
     spent = rows[-1]["epsilon_recomputed"] if rows else 0.0

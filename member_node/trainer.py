@@ -10,7 +10,7 @@ by replacing :class:`EpisodeSampler` (Poisson sampling) and wrapping the optimis
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -205,6 +205,9 @@ class EvalResult:
     num_examples: int
     action_mse: float  # normalised units, comparable across embodiments
     action_mae: float  # physical units of the embodiment
+    # Per held-out episode (positions in the windows), the mean squared error over its
+    # evaluation windows: what a private release clips per episode (privacy.eval_release).
+    episode_mse: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
 
 @torch.no_grad()
@@ -214,16 +217,24 @@ def evaluate(
     """Held-out action error over the held-out episodes' windows (padding excluded): every
     window, or ``per_episode`` evenly spaced ones per episode (:meth:`EpisodeWindows.all_windows`)."""
     policy.eval()
-    sq_sum = abs_sum = count = 0.0
-    n = 0
+    sq, abs_err, counts = [], [], []
     for batch in windows.all_windows(batch_size, per_episode):
         pred, _ = _forward(policy, embodiment, batch)
         mask = (~batch.action_pad).to(pred.dtype).unsqueeze(-1).expand_as(pred)
-        sq_sum += float((((pred - batch.action) ** 2) * mask).sum())
+        sq.append((((pred - batch.action) ** 2) * mask).sum(dim=(1, 2)))
         phys = windows.denormalize_action(pred, batch.obs) - windows.denormalize_action(batch.action, batch.obs)
-        abs_sum += float((phys.abs() * mask).sum())
-        count += float(mask.sum())
-        n += pred.shape[0]
+        abs_err.append((phys.abs() * mask).sum(dim=(1, 2)))
+        counts.append(mask.sum(dim=(1, 2)))
+    count = float(torch.cat(counts).sum()) if counts else 0.0
     if count == 0:
         raise ValueError("no held-out windows to evaluate")
-    return EvalResult(num_examples=n, action_mse=sq_sum / count, action_mae=abs_sum / count)
+    sq_w, abs_w, count_w = (torch.cat(x).double().numpy() for x in (sq, abs_err, counts))
+    episode = windows.evaluation_episodes(per_episode)
+    ep_sq = np.bincount(episode, weights=sq_w, minlength=len(windows))
+    ep_count = np.bincount(episode, weights=count_w, minlength=len(windows))
+    return EvalResult(
+        num_examples=len(sq_w),
+        action_mse=float(sq_w.sum()) / count,
+        action_mae=float(abs_w.sum()) / count,
+        episode_mse=ep_sq[ep_count > 0] / ep_count[ep_count > 0],
+    )

@@ -196,6 +196,11 @@ class EpisodeWindows:
         for lo in range(0, len(chosen), batch_size):
             yield self._gather(chosen[lo : lo + batch_size])
 
+    def evaluation_episodes(self, per_episode: int = 0) -> np.ndarray:
+        """The episode (position) of each window :meth:`all_windows` yields, in the same order."""
+        episode_of = np.repeat(np.arange(len(self.lengths)), self.lengths)
+        return episode_of[self._evaluation_windows(per_episode)]
+
     def _evaluation_windows(self, per_episode: int) -> np.ndarray:
         if per_episode == 0 or np.all(self.lengths <= per_episode):
             return np.arange(self.num_windows(), dtype=np.int64)

@@ -1,8 +1,11 @@
 """The node's append-only, hash-chained, signed privacy ledger, and the receipts cut from it.
 
-One JSON line per round the node trained: the mechanism it ran, the epsilon composed over
-everything it ever ran, and the hash of the previous entry, signed with the member's
-Ed25519 key. The ledger is the node's persistent accountant state (``Ledger.history``), so
+One JSON line per release the node made from its data: per round it trained (``release``
+"dp-sgd": the DP-SGD steps behind its shard update) and per held-out evaluation it reported
+(``release`` "evaluation": a Gaussian mechanism on its clipped held-out error,
+``privacy.eval_release``). Each line holds the mechanism, the epsilon composed over
+everything the node ever released, and the hash of the previous entry, signed with the
+member's Ed25519 key. The ledger is the node's persistent accountant state (``Ledger.history``), so
 a restarted node neither forgets what it spent nor counts it twice. Each entry, as signed,
 is also the *receipt* that travels with the round's update to the coordinator.
 
@@ -37,12 +40,18 @@ from privacy.accountant import ACCOUNTANTS, PRV_EPS_ERROR, Mechanism, epsilon
 from privacy.keys import KeyFormatError, load_public_key, public_key_hex
 from shared_model.durable import fsync_dir
 
-VERSION = 1
+# Version 2 added ``release``; version-1 entries (no such field) are DP-SGD rounds and stay valid.
+VERSION = 2
+VERSIONS = (1, 2)
+RELEASE_TRAIN = "dp-sgd"
+RELEASE_EVALUATION = "evaluation"
+RELEASES = (RELEASE_TRAIN, RELEASE_EVALUATION)
 GENESIS_HASH = "0" * 64
 PRIVACY_UNIT = "episode"
 DECISIONS = ("full", "shortened")
 MECHANISM_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clipping_norm", "opacus_mode")
-# Fields the caller of ``Ledger.append`` provides (``privacy_unit`` defaults to "episode").
+# Fields the caller of ``Ledger.append`` provides (``privacy_unit`` defaults to "episode",
+# ``release`` to "dp-sgd").
 CALLER_FIELDS = (
     "run",
     "round",
@@ -55,8 +64,10 @@ CALLER_FIELDS = (
     "delta",
     "accountant",
     "decision",
+    "release",
 )
 ENTRY_FIELDS = ("version", *CALLER_FIELDS, "public_key", "prev_hash", "time", "signature")
+V1_ENTRY_FIELDS = tuple(f for f in ENTRY_FIELDS if f != "release")
 
 _HEX = frozenset(string.hexdigits.lower())
 # A node must never under-state its epsilon; this only absorbs float noise.
@@ -191,15 +202,13 @@ def _key_problems(obj: Mapping[str, Any], expected: Sequence[str], prefix: str =
 
 
 _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
-    "version": (lambda v: _is_int(v) and v == VERSION, f"{VERSION}"),
+    "version": (lambda v: _is_int(v) and v in VERSIONS, f"one of {VERSIONS}"),
     "run": (_is_text, "a non-empty string"),
     "round": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "member": (_is_text, "a non-empty string"),
     "public_key": (lambda v: _is_hex(v, 64), "64 lowercase hex characters"),
-    "shards": (
-        lambda v: isinstance(v, list) and bool(v) and all(_is_text(s) for s in v),
-        "a non-empty list of shard names",
-    ),
+    "shards": (lambda v: isinstance(v, list) and all(_is_text(s) for s in v), "a list of shard names"),
+    "release": (lambda v: v in RELEASES, f"one of {RELEASES}"),
     "privacy_unit": (lambda v: v == PRIVACY_UNIT, f"{PRIVACY_UNIT!r}"),
     "dataset_fingerprint": (_is_text, "a non-empty string"),
     "epsilon": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
@@ -212,10 +221,19 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
 }
 
 
-def field_problems(entry: Any, fields: Sequence[str] = ENTRY_FIELDS) -> list[str]:
-    """Every missing, unknown or ill-typed field of an entry (empty when well formed)."""
+def release_of(entry: Mapping[str, Any]) -> str:
+    """What an entry released: "dp-sgd" (a round's training) or "evaluation"; version 1 knew only training."""
+    return str(entry.get("release", RELEASE_TRAIN))
+
+
+def field_problems(entry: Any, fields: Sequence[str] | None = None) -> list[str]:
+    """Every missing, unknown or ill-typed field of an entry (empty when well formed).
+
+    ``fields`` defaults to the fields of the entry's own version."""
     if not isinstance(entry, dict):
         return [f"not a JSON object but {type(entry).__name__}"]
+    if fields is None:
+        fields = V1_ENTRY_FIELDS if entry.get("version") == 1 else ENTRY_FIELDS
     problems = _key_problems(entry, fields)
     for name in fields:
         if name not in entry:
@@ -226,6 +244,13 @@ def field_problems(entry: Any, fields: Sequence[str] = ENTRY_FIELDS) -> list[str
         ok, want = _FIELD_CHECKS[name]
         if not ok(entry[name]):
             problems.append(f"field '{name}' must be {want}, got {_short(entry[name])}")
+    shards = entry.get("shards")
+    if isinstance(shards, list) and entry.get("release", RELEASE_TRAIN) in RELEASES:
+        # A training round trained some shards; an evaluation released no shard at all.
+        if release_of(entry) == RELEASE_TRAIN and not shards:
+            problems.append("field 'shards' must name the shards a dp-sgd round trained, got []")
+        elif release_of(entry) == RELEASE_EVALUATION and shards:
+            problems.append(f"field 'shards' must be [] for an evaluation, got {_short(shards)}")
     return problems
 
 
@@ -244,6 +269,8 @@ def _label(index: int | None, entry: Any, line: bool = False) -> str:
             parts.append(f"run {_short(entry['run'])}")
         if "round" in entry:
             parts.append(f"round {_short(entry['round'])}")
+        if entry.get("release") == RELEASE_EVALUATION:
+            parts.append("evaluation")
     head = "entry" if index is None else f"entry {index}"
     return f"{head} ({', '.join(parts)})" if parts else head
 
@@ -302,13 +329,13 @@ def verify_chain(
 
     Checks each entry (format, key, signature), the hash chain (first entry chained to 64
     zeros, each next one to the previous entry's hash: catches dropped, inserted, reordered
-    and edited entries), rounds strictly increasing within a run, and epsilon never
+    and edited entries), rounds strictly increasing within a run (per kind of release), and epsilon never
     decreasing for the same accountant and delta. It does not recompute epsilon: that is the
     auditor's job, with an independent accountant.
     """
     key, key_hex = _as_public_key(public_key)
     problems: list[str] = []
-    last_round: dict[str, tuple[int, int]] = {}
+    last_round: dict[tuple[str, str], tuple[int, int]] = {}
     last_eps: dict[tuple[str, float], tuple[float, int]] = {}
     for i, entry in enumerate(entries):
         label = _label(i, entry, line_numbers)
@@ -341,13 +368,16 @@ def _link_problems(entries: Sequence[Any], i: int) -> list[str]:
     return []
 
 
-def _round_problems(entry: dict[str, Any], i: int, last_round: dict[str, tuple[int, int]]) -> list[str]:
-    run, rnd = entry["run"], entry["round"]
-    previous = last_round.get(run)
-    last_round[run] = (rnd, i) if previous is None else (max(rnd, previous[0]), i)
+def _round_problems(entry: dict[str, Any], i: int, last_round: dict[tuple[str, str], tuple[int, int]]) -> list[str]:
+    """A round is trained once and evaluated once: rounds increase per run and kind of release."""
+    run, rnd, release = entry["run"], entry["round"], release_of(entry)
+    previous = last_round.get((run, release))
+    last_round[run, release] = (rnd, i) if previous is None else (max(rnd, previous[0]), i)
     if previous is not None and rnd <= previous[0]:
+        kind = "" if release == RELEASE_TRAIN else f" for {release}s"
         return [
-            f"field 'round' ({rnd}) does not increase within run {run!r} (entry {previous[1]} had round {previous[0]})"
+            f"field 'round' ({rnd}) does not increase within run {run!r}{kind} "
+            f"(entry {previous[1]} had round {previous[0]})"
         ]
     return []
 
@@ -430,7 +460,7 @@ class Ledger:
         return entry_hash(entries[-1]) if entries else GENESIS_HASH
 
     def history(self) -> list[Mechanism]:
-        """The accountant's history: one Mechanism per recorded round, in order."""
+        """The accountant's history: one Mechanism per recorded release, in order."""
         return [mechanism_of(e) for e in self.entries()]
 
     def spent_epsilon(self) -> float:
@@ -438,9 +468,13 @@ class Ledger:
         entries = self.entries()
         return float(entries[-1]["epsilon"]) if entries else 0.0
 
-    def find(self, run: str, round_number: int) -> dict[str, Any] | None:
-        """The entry of ``(run, round_number)`` if the node already recorded it (e.g. before a crash)."""
-        return next((e for e in self.entries() if e["run"] == run and e["round"] == round_number), None)
+    def find(self, run: str, round_number: int, release: str = RELEASE_TRAIN) -> dict[str, Any] | None:
+        """The entry of ``(run, round_number)`` and kind of release if the node already recorded it
+        (e.g. before a crash)."""
+        return next(
+            (e for e in self.entries() if e["run"] == run and e["round"] == round_number and release_of(e) == release),
+            None,
+        )
 
     def _read(self) -> tuple[bytes, list[dict[str, Any]]]:
         try:
@@ -463,7 +497,7 @@ class Ledger:
     def append(self, **fields: Any) -> dict[str, Any]:
         """Sign and durably append one round's entry; returns it (the receipt).
 
-        The caller gives the round's facts (``CALLER_FIELDS``; ``privacy_unit`` defaults to
+        The caller gives the release's facts (``CALLER_FIELDS``; ``privacy_unit`` defaults to
         "episode"); version, public key, previous hash, time and signature are filled here.
         Refused (LedgerError) when the existing ledger does not verify, the round does not
         increase within its run, or the claimed epsilon is below what the recorded history
@@ -481,6 +515,7 @@ class Ledger:
     def _new_entry(self, fields: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
         fields = dict(fields)
         fields.setdefault("privacy_unit", PRIVACY_UNIT)
+        fields.setdefault("release", RELEASE_TRAIN)
         unknown = sorted(set(fields) - set(CALLER_FIELDS))
         missing = [k for k in CALLER_FIELDS if k not in fields]
         if unknown or missing:
@@ -519,7 +554,7 @@ class Ledger:
 
 def _rule_problems(entries: list[dict[str, Any]], entry: dict[str, Any]) -> list[str]:
     """The chain rules (round increases within its run, epsilon does not decrease) for a new entry."""
-    last_round: dict[str, tuple[int, int]] = {}
+    last_round: dict[tuple[str, str], tuple[int, int]] = {}
     last_eps: dict[tuple[str, float], tuple[float, int]] = {}
     for i, old in enumerate(entries):
         _round_problems(old, i, last_round)

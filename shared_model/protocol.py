@@ -448,31 +448,54 @@ class EvaluateRequest:
     round: int
     model: dict[str, torch.Tensor] | None = field(repr=False)
     model_ref: ModelRef | None = field(default=None, repr=False)
+    # The run the evaluated model belongs to: a node under DP records its release of the
+    # held-out error in its ledger under (run, round), and answers a re-sent request from it.
+    run: str = ""
 
     def to_content(self) -> RecordDict:
         return RecordDict(
-            {REC_REQUEST: ConfigRecord({"round": self.round}), **_model_to_content(self.model, self.model_ref)}
+            {
+                REC_REQUEST: ConfigRecord({"round": self.round, "run": self.run}),
+                **_model_to_content(self.model, self.model_ref),
+            }
         )
 
     @classmethod
     def from_content(cls, content: RecordDict) -> EvaluateRequest:
         where = "evaluate request"
-        rnd = _require(_config(content, REC_REQUEST, where), "round", int, where)
+        rec = _config(content, REC_REQUEST, where)
+        rnd = _require(rec, "round", int, where)
+        run = _require(rec, "run", str, where) if "run" in rec else ""
         model, ref = _model_from_content(content, where)
-        return cls(round=rnd, model=model, model_ref=ref)
+        return cls(round=rnd, model=model, model_ref=ref, run=run)
 
 
 @dataclass
 class EvaluateReply:
+    """A member's held-out error on the model it was sent.
+
+    Without DP the values are exact. Under DP they are a private release
+    (``privacy.eval_release``): ``action_mse`` and ``num_examples`` (held-out episodes) are
+    noised, ``action_mae`` is NaN (not released) and ``receipt`` is the signed ledger entry
+    that accounts for the release. ``withheld`` says why a node released nothing (its budget
+    cannot pay for it, or the member releases no evaluation); the metrics are then NaN / 0.
+    """
+
     member: str
     num_examples: int
     action_mse: float  # in normalised action units (comparable across embodiments)
-    action_mae: float  # in the embodiment's physical units
+    action_mae: float  # in the embodiment's physical units; NaN when not released
+    receipt: str = ""
+    withheld: str = ""
+
+    @property
+    def released(self) -> bool:
+        return not self.withheld
 
     def to_content(self) -> RecordDict:
         return RecordDict(
             {
-                REC_REPLY: ConfigRecord({"member": self.member}),
+                REC_REPLY: ConfigRecord({"member": self.member, "receipt": self.receipt, "withheld": self.withheld}),
                 REC_METRICS: MetricRecord(
                     {
                         "num-examples": int(self.num_examples),
@@ -487,15 +510,20 @@ class EvaluateReply:
     def from_content(cls, content: RecordDict) -> EvaluateReply:
         where = "evaluate reply"
         metrics = _metrics(content, REC_METRICS, where)
+        rec = _config(content, REC_REPLY, where)
         mse = float(_require(metrics, "action-mse", (int, float), where))
         mae = float(_require(metrics, "action-mae", (int, float), where))
-        if not (math.isfinite(mse) and math.isfinite(mae)):
-            raise ProtocolError(f"{where}: metrics must be finite")
+        receipt = _require(rec, "receipt", str, where) if "receipt" in rec else ""
+        withheld = _require(rec, "withheld", str, where) if "withheld" in rec else ""
+        if math.isinf(mse) or math.isinf(mae) or (math.isnan(mse) and not withheld):
+            raise ProtocolError(f"{where}: metrics must be finite (action-mae may be NaN: not released)")
         return cls(
-            member=_require(_config(content, REC_REPLY, where), "member", str, where),
+            member=_require(rec, "member", str, where),
             num_examples=_require(metrics, "num-examples", int, where),
             action_mse=mse,
             action_mae=mae,
+            receipt=receipt,
+            withheld=withheld,
         )
 
 

@@ -37,6 +37,7 @@ from shared_model.store import ROUND_RECORD_KEY, ShardStore
 RUN, OLD_RUN = "run-a", "run-old"
 MEMBERS = ("alpha", "beta", "gamma")
 SIGMA, RATE, STEPS, DELTA, BUDGET = 1.5, 0.2, 20, 1e-5, 8.0
+EVAL_SIGMA = 5.0
 SHARDS = {1: ["adapter/shared", "expert/L0/E0"], 2: ["adapter/shared", "expert/L0/E1"]}
 ALL_SHARDS = ["backbone", "adapter/shared", "expert/L0/E0", "expert/L0/E1"]
 
@@ -66,15 +67,41 @@ def _append(ledger: Ledger, history: list[Mechanism], member: str, run: str, rnd
     )
 
 
+def _append_evaluation(ledger: Ledger, history: list[Mechanism], member: str, run: str, rnd: int) -> dict:
+    """A held-out error released under DP (``privacy.eval_release``) after round ``rnd``."""
+    history.append(Mechanism(EVAL_SIGMA, 1.0, 1))
+    return ledger.append(
+        run=run,
+        round=rnd,
+        member=member,
+        shards=[],
+        mechanism={
+            "noise_multiplier": EVAL_SIGMA,
+            "sample_rate": 1.0,
+            "steps": 1,
+            "clipping_norm": 0.02,
+            "opacus_mode": "gaussian-sum-count",
+        },
+        dataset_fingerprint="ab" * 32,
+        epsilon=epsilon(history, DELTA),
+        delta=DELTA,
+        accountant="rdp",
+        decision="full",
+        release="evaluation",
+    )
+
+
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))}
 
 
-def build_federation(root: Path, commit_records: bool = False) -> None:
+def build_federation(root: Path, commit_records: bool = False, evaluations: bool = False) -> None:
     """Run dir ``root/run`` (run.json, rounds.jsonl, store/, nodes/<member>/) and ``root/consortium.yaml``.
     ``commit_records``: each round's record also goes into its manifest and is signed with a
     coordinator key the consortium file publishes, as the coordinator does (without, as older
-    runs: the tampering tests below edit records freely)."""
+    runs: the tampering tests below edit records freely). ``evaluations``: after round 2 each
+    member releases its held-out error under DP (a ledger entry, a receipt in the record);
+    without, members withheld it."""
     coordinator = Ed25519PrivateKey.generate()
 
     def signed(record: dict[str, Any], manifest: Any) -> dict[str, Any]:
@@ -86,6 +113,7 @@ def build_federation(root: Path, commit_records: bool = False) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"run": RUN}))
     receipts: dict[int, dict[str, dict]] = {1: {}, 2: {}}
+    released: dict[str, dict] = {}  # round 2's private held-out errors, with their receipts
     for member in MEMBERS:
         state = run_dir / "nodes" / member
         key = load_or_create_signing_key(state / "member_ed25519.pem")
@@ -93,6 +121,9 @@ def build_federation(root: Path, commit_records: bool = False) -> None:
         _append(ledger, history, member, OLD_RUN, 1, ["adapter/shared"])
         for rnd in (1, 2):
             receipts[rnd][member] = _append(ledger, history, member, RUN, rnd, SHARDS[rnd])
+        if evaluations:
+            receipt = canonical_json(_append_evaluation(ledger, history, member, RUN, 2)).decode()
+            released[member] = {"action_mse": 0.01, "num_examples": 40, "receipt": receipt}
         published = {"member": member, "embodiment": "so100", "epsilon": BUDGET, "delta": DELTA}
         (state / "member.json").write_text(
             json.dumps({**published, "accountant": "rdp", "public_key": public_key_hex(key)})
@@ -104,7 +135,8 @@ def build_federation(root: Path, commit_records: bool = False) -> None:
         model_config="cfg",
         extra={"run": RUN},
     )
-    append_record(run_dir, signed({"round": 0, "evaluation": {m: {"action_mse": 0.1} for m in MEMBERS}}, head))
+    # round 0: every member withheld its held-out error (nothing recorded, nothing spent)
+    append_record(run_dir, signed({"round": 0, "evaluation": {}}, head))
     for rnd in (1, 2):
         changed = {s: store.put_shard(s, _tensors(100 * rnd + i)) for i, s in enumerate(SHARDS[rnd])}
         record = {
@@ -120,7 +152,8 @@ def build_federation(root: Path, commit_records: bool = False) -> None:
         }
         extra = {"run": RUN, **({ROUND_RECORD_KEY: json.dumps(record)} if commit_records else {})}
         head = store.commit(head, changed, round_number=rnd, extra=extra)
-        append_record(run_dir, signed(record, head))
+        evaluation = {"evaluation": released} if rnd == 2 else {}
+        append_record(run_dir, signed({**record, **evaluation}, head))
     published = public_key_hex(coordinator) if commit_records else ""
     dump_consortium(from_nodes(run_dir / "nodes", coordinator_public_key=published), root / "consortium.yaml")
 
@@ -422,6 +455,37 @@ def test_every_committed_round_carries_the_published_coordinators_signature(tmp_
     assert_found(result, "store", "store round 1", "not the consortium's coordinator key")
     assert_found(result, "store", "store round 2", "no coordinator signature")
     assert_found(result, "store", "store round 0", "does not verify")
+
+
+def test_private_evaluations_are_matched_to_the_ledgers(tmp_path: Path) -> None:
+    """Each DP member's held-out error of round 2 is a ledger entry and a receipt in the record."""
+    build_federation(tmp_path, evaluations=True)
+    result = run_audit(tmp_path)
+    assert result.ok, [f.text() for f in result.failures]
+    assert [e.status for e in result.entries if e.member == "alpha"][-1] == "evaluation in round 2"
+    spent = epsilon([Mechanism(SIGMA, RATE, STEPS)] * 3 + [Mechanism(EVAL_SIGMA, 1.0, 1)], DELTA)
+    assert result.members["alpha"].epsilon_recorded == pytest.approx(spent)
+    assert spent > epsilon([Mechanism(SIGMA, RATE, STEPS)] * 3, DELTA)  # the release is paid for
+
+
+def test_held_out_error_without_a_receipt_is_a_release_outside_the_ledger(tmp_path: Path) -> None:
+    build_federation(tmp_path, evaluations=True)
+    records = read_records(tmp_path)
+    del records[2]["evaluation"]["beta"]["receipt"]  # beta's node sent its exact error
+    records[2]["evaluation"]["gamma"]["receipt"] = records[2]["evaluation"]["alpha"]["receipt"]
+    write_records(tmp_path, records)
+    result = run_audit(tmp_path)
+    assert_found(result, "accounting", "round 2 evaluation of beta", "without a receipt")
+    assert_found(result, "identity", "round 2 evaluation of gamma", "signed by another member's key")
+    # beta's and gamma's releases are still in their ledgers: spent, not used, and said so
+    notes = [f.text() for f in result.findings if f.severity == "note" and f.check == "coverage"]
+    assert any("beta ledger" in n and "evaluation release" in n for n in notes), notes
+
+
+def test_an_evaluation_receipt_dropped_from_the_ledger_is_caught(tmp_path: Path) -> None:
+    build_federation(tmp_path, evaluations=True)
+    write_entries(tmp_path, "gamma", read_entries(tmp_path, "gamma")[:-1])
+    assert_found(run_audit(tmp_path), "receipt", "round 2 evaluation of gamma", "is not in gamma's ledger")
 
 
 def test_a_consortium_without_a_coordinator_key_says_signatures_were_not_checked(fed: Path) -> None:

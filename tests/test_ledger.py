@@ -120,7 +120,7 @@ def test_append_read_round_trip(ledger: Ledger, key: Ed25519PrivateKey) -> None:
     for prev, entry in zip(entries, entries[1:], strict=False):
         assert entry["prev_hash"] == entry_hash(prev)
     first = entries[0]
-    assert first["version"] == 1 and first["privacy_unit"] == "episode"
+    assert first["version"] == 2 and first["privacy_unit"] == "episode" and first["release"] == "dp-sgd"
     assert first["public_key"] == public_key_hex(key)
     assert first["time"].endswith("+00:00")
     assert ledger.head_hash() == entry_hash(entries[-1])
@@ -157,6 +157,65 @@ def test_empty_ledger(tmp_path: Path, key: Ed25519PrivateKey) -> None:
 def test_rounds_restart_in_a_new_run(ledger: Ledger) -> None:
     entry = append_round(ledger, 1, 1.0, 0.01, 10, run="run-2")
     assert entry["run"] == "run-2" and len(ledger.entries()) == 5
+
+
+def append_evaluation(ledger: Ledger, rnd: int, run: str = "run-1", shards: list[str] | None = None) -> dict:
+    history = [*ledger.history(), Mechanism(5.0, 1.0, 1)]
+    return ledger.append(
+        run=run,
+        round=rnd,
+        member="clinic-a",
+        shards=[] if shards is None else shards,
+        mechanism={
+            "noise_multiplier": 5.0,
+            "sample_rate": 1.0,
+            "steps": 1,
+            "clipping_norm": 0.02,
+            "opacus_mode": "gaussian-sum-count",
+        },
+        dataset_fingerprint="sha256:" + "ab" * 32,
+        epsilon=epsilon(history, DELTA),
+        delta=DELTA,
+        accountant="rdp",
+        decision="full",
+        release="evaluation",
+    )
+
+
+def test_a_round_is_trained_once_and_evaluated_once(ledger: Ledger) -> None:
+    """Evaluations are releases of their own: the same round number as the training, once each."""
+    evaluation = append_evaluation(ledger, 4)
+    assert evaluation["release"] == "evaluation" and evaluation["shards"] == []
+    assert ledger.find("run-1", 4) is not None and ledger.find("run-1", 4)["release"] == "dp-sgd"
+    assert ledger.find("run-1", 4, "evaluation") == evaluation
+    assert ledger.history()[-1] == Mechanism(5.0, 1.0, 1)  # the accountant composes it
+    with pytest.raises(LedgerError, match=r"round' \(4\) does not increase within run 'run-1' for evaluations"):
+        append_evaluation(ledger, 4)
+    with pytest.raises(LedgerError, match=r"must be \[\] for an evaluation"):
+        append_evaluation(ledger, 5, shards=["lora_b"])
+    fields = raw_entries(ledger.path)[3]
+    for name in ("version", "public_key", "prev_hash", "time", "signature"):
+        del fields[name]
+    fields.update(round=5, shards=[], epsilon=99.0)
+    with pytest.raises(LedgerError, match="must name the shards a dp-sgd round trained"):
+        ledger.append(**fields)
+
+
+def test_version_1_entries_stay_valid_and_chain_into_version_2(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """A ledger written before ``release`` existed: its entries are DP-SGD rounds."""
+    old = Ledger(tmp_path / "old.jsonl", key)
+    append_round(old, 1, 1.0, 0.01, 10)
+    entry = raw_entries(old.path)[0]
+    del entry["release"], entry["signature"]
+    entry["version"] = 1
+    entry["signature"] = key.sign(signing_payload(entry)).hex()
+    write_entries(old.path, [entry])
+    assert Ledger(old.path).entries() == [entry] and not verify_chain([entry], public_key_hex(key))
+    assert old.find("run-1", 1) == entry
+    second = append_round(old, 2, 1.0, 0.01, 10)
+    assert second["version"] == 2 and not verify_chain(old.entries(), public_key_hex(key))
+    entry["release"] = "dp-sgd"  # a version-1 entry has no such field
+    assert any("'release' is not part of the format" in p for p in verify_chain([entry], public_key_hex(key)))
 
 
 # --------------------------------------------------------------------------- refusals on append
@@ -286,10 +345,7 @@ def test_malformed_field_is_named(ledger: Ledger, key: Ed25519PrivateKey) -> Non
     entries[0]["mechanism"]["steps"] = -3
     entries[0]["shards"] = "lora_b"
     problems = problems_after(ledger, key, entries)
-    assert (
-        "entry 0 (run 'run-1', round 1): field 'shards' must be a non-empty list of shard names, got 'lora_b'"
-        in problems
-    )
+    assert "entry 0 (run 'run-1', round 1): field 'shards' must be a list of shard names, got 'lora_b'" in problems
     assert "entry 0 (run 'run-1', round 1): field 'mechanism.steps' must be an integer >= 1, got -3" in problems
 
 

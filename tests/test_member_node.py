@@ -110,10 +110,34 @@ def test_wrong_model_tensors_refused(setup):
         node.evaluate(EvaluateRequest(1, {k: v for k, v in model.items() if k != name}))
 
 
-def test_evaluate(setup):
-    _, node, model = setup
-    reply = node.evaluate(EvaluateRequest(0, model))
+def test_evaluate_without_dp_is_exact(setup, tmp_path):
+    cfg, node, model = setup
+    open_node = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", dp=False))
+    reply = open_node.evaluate(EvaluateRequest(0, model, run="r"))
     assert reply.num_examples > 0 and reply.action_mse > 0 and reply.action_mae > 0
+    assert reply.receipt == "" and reply.released and open_node.ledger.entries() == []
+
+
+def test_evaluate_under_dp_is_a_recorded_release(fresh_node, setup):
+    """The held-out error leaves a DP node noised, within budget, with its ledger entry as receipt."""
+    from privacy.ledger import receipt_from_json
+
+    _, _, model = setup
+    reply = fresh_node.evaluate(EvaluateRequest(0, model, run="r"))
+    assert reply.released and reply.action_mae != reply.action_mae, "the exact MAE does not leave a DP node"
+    assert 0 <= reply.action_mse <= fresh_node.identity.eval_loss_bound
+    entry = receipt_from_json(reply.receipt)
+    assert entry == fresh_node.ledger.find("r", 0, "evaluation") and entry["mechanism"]["sample_rate"] == 1.0
+    assert fresh_node.epsilon_spent() == pytest.approx(entry["epsilon"]) and entry["epsilon"] > 0
+    # the same request again (a resumed coordinator): the same answer, nothing more spent
+    again = fresh_node.evaluate(EvaluateRequest(0, model, run="r"))
+    assert (again.action_mse, again.receipt) == (reply.action_mse, reply.receipt)
+    assert len(fresh_node.ledger.entries()) == 1
+    # training the next round after it: both in one chain, the plan reserved room for evaluations
+    trained = fresh_node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=2))
+    assert receipt_from_json(trained.receipt)["epsilon"] > entry["epsilon"]
+    withheld = fresh_node.evaluate(EvaluateRequest(1, model))  # no run named: cannot be recorded
+    assert not withheld.released and "names no run" in withheld.withheld
 
 
 # ---------------------------------------------------------------- the ClientApp itself
@@ -246,8 +270,8 @@ def test_incremental_sync_checks_hashes_and_fetches_only_what_is_missing(fresh_n
     sync.manifest = type("M", (), {"shards": manifest})()  # a committed head's shard map
     sync.reported("sony", node.query(QueryRequest(0)).objects)
     first = sync.ref_for("sony")
-    reply = node.evaluate(EvaluateRequest.from_content(EvaluateRequest(0, None, first).to_content()))
-    assert reply.num_examples > 0
+    reply = node.evaluate(EvaluateRequest.from_content(EvaluateRequest(0, None, first, run="r").to_content()))
+    assert reply.released and reply.receipt
     # The node now holds every object; a new version of one shard is the only thing sent.
     new_tensors = {k: v + 1.0 for k, v in shards["adapter/emb/so100"].items()}
     manifest2 = dict(manifest, **{"adapter/emb/so100": store.put_shard("adapter/emb/so100", new_tensors)})
@@ -261,3 +285,13 @@ def test_incremental_sync_checks_hashes_and_fetches_only_what_is_missing(fresh_n
     loaded = node.policy.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in new_tensors.items())
     assert set(node.query(QueryRequest(2)).objects) == set(manifest2.values())  # the old version is dropped
+
+
+def test_a_long_plan_trains_first_when_evaluations_cannot_all_fit(fresh_node, setup):
+    """100 planned rounds: 100 evaluation releases at noise 5 alone exceed epsilon 8, so the
+    plan reserves nothing for them and training goes on; releases are then checked one by one."""
+    from shared_model.protocol import TrainReply
+
+    _, _, model = setup
+    reply = fresh_node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="long", planned_rounds=100))
+    assert isinstance(reply, TrainReply) and reply.steps == HP.local_steps

@@ -36,6 +36,18 @@ def test_round_trips():
     ev = EvaluateReply.from_content(EvaluateReply("sony", 10, 0.1, 0.2).to_content())
     assert ev.action_mae == 0.2
     assert EvaluateRequest.from_content(EvaluateRequest(1, model).to_content()).round == 1
+    assert EvaluateRequest.from_content(EvaluateRequest(1, model, run="r-7").to_content()).run == "r-7"
+
+
+def test_private_and_withheld_evaluations_round_trip_and_bad_metrics_are_refused():
+    private = EvaluateReply.from_content(EvaluateReply("sony", 51, 0.004, math.nan, receipt="{}").to_content())
+    assert private.receipt == "{}" and math.isnan(private.action_mae) and private.released
+    withheld = EvaluateReply("sony", 0, math.nan, math.nan, withheld="budget spent")
+    parsed = EvaluateReply.from_content(withheld.to_content())
+    assert not parsed.released and parsed.withheld == "budget spent"
+    for mse, mae in ((math.nan, 0.1), (math.inf, 0.1), (0.1, math.inf)):
+        with pytest.raises(ProtocolError, match="metrics must be finite"):
+            EvaluateReply.from_content(EvaluateReply("sony", 1, mse, mae).to_content())
 
 
 def _train_content(**changes):

@@ -52,10 +52,14 @@ from privacy.audit.findings import NOTE, AuditResult, EntryRow, MemberRow, Round
 from privacy.audit.inputs import LedgerFile, RunFiles, find_ledgers, read_run
 from privacy.keys import load_public_key
 from privacy.ledger import (
+    RELEASE_EVALUATION,
+    RELEASE_TRAIN,
     LedgerError,
     entry_hash,
     field_problems,
     parse_strict_json,
+    receipt_from_json,
+    release_of,
     signing_payload,
     verify_chain,
     verify_entry,
@@ -84,6 +88,8 @@ def entry_label(index: int, entry: Any) -> str:
             parts.append(f"run {entry['run']!r}")
         if "round" in entry:
             parts.append(f"round {entry['round']!r}")
+        if entry.get("release") == RELEASE_EVALUATION:
+            parts.append("evaluation")
     return f"entry {index} ({', '.join(parts)})"
 
 
@@ -196,7 +202,8 @@ def _check_ledger(result: AuditResult, consortium: Consortium, ledger: LedgerFil
         if not field_problems(entry):
             index.entries[i] = entry
             index.by_hash.setdefault(entry_hash(entry), i)
-            index.by_run_round.setdefault((entry["run"], entry["round"]), i)
+            if release_of(entry) == RELEASE_TRAIN:
+                index.by_run_round.setdefault((entry["run"], entry["round"]), i)
     history = _account(result, ledger, index, run_id)
     if member is not None:
         _check_budget(result, ledger, index, history, member.epsilon, member.delta)
@@ -382,6 +389,8 @@ def _check_receipt(
         )
     elif receipt.get("round") != rnd:
         add("receipt", subject, f"is for round {receipt.get('round')!r}, but recorded in round {rnd}")
+    if release_of(receipt) != RELEASE_TRAIN:
+        add("receipt", subject, f"records a {release_of(receipt)!r} release, not the training behind an update")
     shards = receipt.get("shards")
     if isinstance(shards, list) and sorted(map(str, shards)) != assigned:
         add("receipt", subject, f"covers shards {sorted(map(str, shards))}, the record assigned {assigned}")
@@ -523,7 +532,12 @@ def _check_coverage(
             label = entry_label(i, entry)
             record = records.get(rnd)
             explained = None
-            if record is None:
+            if release_of(entry) == RELEASE_EVALUATION:
+                explained = (
+                    f"an evaluation release that round {rnd}'s record does not hold (not used, or lost in a "
+                    "crash): spent, not used"
+                )
+            elif record is None:
                 if rnd > last:
                     explained = f"round {rnd} was never committed (the run ends at round {last}): spent, not used"
             elif record.get("recovered_from_store"):
@@ -694,6 +708,61 @@ def _compare_committed_record(result: AuditResult, subject: str, committed: Any,
 # --------------------------------------------------------------------------- entry point
 
 
+def _check_evaluations(
+    result: AuditResult,
+    consortium: Consortium,
+    run: RunFiles,
+    records: dict[int, dict[str, Any]],
+    indexes: dict[str, _LedgerIndex],
+) -> None:
+    """Every held-out error a DP member reported came with a receipt that is in its ledger.
+
+    A member with DP entries in this run whose evaluation carries no receipt released its
+    held-out error outside its accounting: that is a failure, whatever the number was.
+    """
+    for rnd, record in sorted(records.items()):
+        evaluation = record.get("evaluation")
+        if not isinstance(evaluation, dict):
+            continue
+        for member, reported in sorted(evaluation.items()):
+            add = partial(result.add, member=member)
+            subject = f"round {rnd} evaluation of {member}"
+            index = indexes.get(member)
+            text = reported.get("receipt") if isinstance(reported, dict) else None
+            if text is None:
+                if index is not None and any(e["run"] == run.run_id for e in index.entries.values()):
+                    add(
+                        "accounting",
+                        subject,
+                        "a DP member's held-out error was recorded without a receipt: a release outside its ledger",
+                    )
+                continue
+            try:
+                receipt = receipt_from_json(text)
+                published = consortium.members.get(member)
+                if published is None:
+                    add("consortium", subject, f"{member!r} is not a consortium member: the receipt cannot be verified")
+                    continue
+                verify_entry(receipt, published.public_key)
+            except LedgerError as exc:
+                for problem in exc.problems:
+                    add(_classify(problem), subject, problem)
+                continue
+            found = {"run": receipt.get("run"), "round": receipt.get("round"), "member": receipt.get("member")}
+            found["release"] = release_of(receipt)
+            expected = {"run": run.run_id, "round": rnd, "member": member, "release": RELEASE_EVALUATION}
+            wrong = [f"{k} {found[k]!r} != {v!r}" for k, v in expected.items() if found[k] != v]
+            if wrong:
+                add("receipt", subject, "receipt does not belong here: " + "; ".join(wrong))
+                continue
+            i = index.by_hash.get(entry_hash(receipt)) if index is not None else None
+            if i is None:
+                add("receipt", subject, f"receipt is not in {member}'s ledger: dropped from it, or never written")
+                continue
+            index.matched.add(i)
+            index.rows[i].status = f"evaluation in round {rnd}"
+
+
 def audit_inputs(
     consortium: Consortium,
     ledgers: dict[str, LedgerFile],
@@ -729,6 +798,7 @@ def audit_inputs(
                 severity="fail" if trained else NOTE,
             )
     forks = _check_rounds(result, consortium, run, records, indexes)
+    _check_evaluations(result, consortium, run, records, indexes)
     _check_store(result, consortium, run, records, indexes)
     if not consortium.coordinator_public_key:
         result.add(

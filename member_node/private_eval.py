@@ -1,0 +1,114 @@
+"""The node's side of releasing its held-out error under DP: budget, ledger, and replay.
+
+The mechanism itself is ``privacy.eval_release``. This module decides whether the member's
+budget can pay for a release, records it in the ledger like a training round, and keeps
+what it released so that a re-sent request (a coordinator resumed after a crash) gets the
+same numbers again: answering it with fresh noise would be a second release of the same
+round, which the ledger does not allow and the budget would pay for twice.
+
+Order of writes: the released values are stored first, then the ledger entry is appended,
+then the reply goes out. A crash between the two writes leaves stored values without an
+entry; the next request appends the entry before sending them, so nothing ever leaves the
+node unaccounted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from member_node.trainer import EvalResult
+from privacy.accountant import epsilon as composed_epsilon
+from privacy.budget import Budget
+from privacy.eval_release import EvalPrivacy, ReleasedEvaluation, release_evaluation
+from privacy.ledger import RELEASE_EVALUATION, Ledger, receipt_to_json
+
+
+class EvaluationReleaser:
+    """Turns an exact held-out evaluation into what may leave the node under DP."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        ledger: Ledger,
+        budget: Budget,
+        privacy: EvalPrivacy,
+        *,
+        member: str,
+        accountant: str,
+        dataset_fingerprint: Callable[[], str],
+    ) -> None:
+        self._path = Path(state_dir) / "evaluations.json"
+        self.ledger = ledger
+        self.budget = budget
+        self.privacy = privacy
+        self.member = member
+        self.accountant = accountant
+        self.dataset_fingerprint = dataset_fingerprint
+
+    def release(self, run: str, round_number: int, result: EvalResult) -> tuple[ReleasedEvaluation | None, str, str]:
+        """``(released, receipt, withheld)``: the noised evaluation and its signed ledger entry,
+        or ``None`` and the reason nothing was released."""
+        if not self.privacy.enabled:
+            return None, "", "this member releases no held-out error under DP (eval noise multiplier 0)"
+        if not run:
+            return None, "", "the request names no run, so a release could not be recorded in the ledger"
+        key = f"{run}|{round_number}"
+        stored = self._stored()
+        entry = self.ledger.find(run, round_number, RELEASE_EVALUATION)
+        if key in stored:
+            released = ReleasedEvaluation(**stored[key])
+        elif entry is not None:
+            # Only possible if evaluations.json was lost: the spend stands, the numbers are gone.
+            return None, "", f"round {round_number} of run {run} was already released; its values were not kept"
+        else:
+            history = [*self.ledger.history(), self.privacy.mechanism()]
+            after = composed_epsilon(history, self.budget.delta, self.accountant)
+            if after > self.budget.epsilon:
+                return (
+                    None,
+                    "",
+                    (
+                        f"releasing the held-out error would take epsilon to {after:.4g}, "
+                        f"over the member's budget {self.budget.epsilon:g}"
+                    ),
+                )
+            released = release_evaluation(result.episode_mse, self.privacy)
+            self._store(key, released)
+        if entry is None:
+            entry = self._append(run, round_number)
+        return released, receipt_to_json(entry), ""
+
+    def _append(self, run: str, round_number: int) -> dict:
+        history = [*self.ledger.history(), self.privacy.mechanism()]
+        return self.ledger.append(
+            run=run,
+            round=round_number,
+            member=self.member,
+            shards=[],
+            privacy_unit="episode",
+            mechanism=self.privacy.ledger_mechanism(),
+            dataset_fingerprint=self.dataset_fingerprint(),
+            epsilon=composed_epsilon(history, self.budget.delta, self.accountant),
+            delta=self.budget.delta,
+            accountant=self.accountant,
+            decision="full",
+            release=RELEASE_EVALUATION,
+        )
+
+    def _stored(self) -> dict[str, dict]:
+        if not self._path.is_file():
+            return {}
+        return json.loads(self._path.read_text(encoding="utf-8"))
+
+    def _store(self, key: str, released: ReleasedEvaluation) -> None:
+        stored = self._stored()
+        stored[key] = {"action_mse": released.action_mse, "episodes": released.episodes}
+        tmp = self._path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(stored, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self._path)
