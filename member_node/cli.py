@@ -163,6 +163,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
             epsilon=args.epsilon,
             delta=args.delta,
             dp=not args.no_dp,
+            eval_noise_multiplier=args.eval_noise_multiplier,
+            eval_loss_bound=args.eval_loss_bound,
             superlink=args.superlink,
             root_certificates=args.root_certificates,
             runtime_port=args.port,
@@ -222,6 +224,18 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     init.add_argument("--epsilon", type=float, default=8.0, help="privacy budget epsilon (the member's own)")
     init.add_argument("--delta", type=float, default=1e-5, help="privacy budget delta")
     init.add_argument("--no-dp", action="store_true", help="train without DP-SGD (debugging only)")
+    init.add_argument(
+        "--eval-noise-multiplier",
+        type=float,
+        default=5.0,
+        help="noise of the held-out error the node releases under DP (0: release none)",
+    )
+    init.add_argument(
+        "--eval-loss-bound",
+        type=float,
+        default=0.02,
+        help="per-episode held-out error bound of that release (normalised action units)",
+    )
     init.add_argument("--superlink", default="", help="HOST:PORT of the consortium's SuperLink")
     init.add_argument("--root-certificates", default="", help="the consortium's CA certificate (ca.pem)")
     init.add_argument("--port", type=int, default=0, help="SuperNode runtime API port (0: a free one at start)")

@@ -92,6 +92,10 @@ class MemberSetup:
     epsilon: float = 8.0
     delta: float = 1e-5
     dp: bool = True
+    # Releasing the held-out error under DP (privacy.eval_release): noise multiplier (0: none)
+    # and per-episode error bound. Older member.yaml files without them get these defaults.
+    eval_noise_multiplier: float = 5.0
+    eval_loss_bound: float = 0.02
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
     runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
@@ -129,6 +133,8 @@ class MemberSetup:
             "epsilon": float(self.epsilon),
             "delta": float(self.delta),
             "dp": bool(self.dp),
+            "eval-noise-multiplier": float(self.eval_noise_multiplier),
+            "eval-loss-bound": float(self.eval_loss_bound),
         }
 
 
@@ -211,6 +217,8 @@ def init_member(
     epsilon: float,
     delta: float,
     dp: bool = True,
+    eval_noise_multiplier: float = 5.0,
+    eval_loss_bound: float = 0.02,
     superlink: str = "",
     root_certificates: Path | str = "",
     runtime_port: int = 0,
@@ -227,6 +235,11 @@ def init_member(
         raise SetupError(f"unknown embodiment {embodiment!r}; known: {', '.join(sorted(known_embodiments))}")
     if not (epsilon > 0 and 0 < delta < 1):
         raise SetupError(f"privacy budget needs epsilon > 0 and 0 < delta < 1 (got {epsilon}, {delta})")
+    if not (eval_noise_multiplier >= 0 and eval_loss_bound > 0):
+        raise SetupError(
+            f"evaluation release needs a noise multiplier >= 0 and a loss bound > 0 "
+            f"(got {eval_noise_multiplier}, {eval_loss_bound})"
+        )
     if superlink:
         parse_address(superlink)
     setup = MemberSetup(
@@ -237,6 +250,8 @@ def init_member(
         epsilon=float(epsilon),
         delta=float(delta),
         dp=dp,
+        eval_noise_multiplier=float(eval_noise_multiplier),
+        eval_loss_bound=float(eval_loss_bound),
         superlink=superlink,
         root_certificates=str(Path(root_certificates).expanduser().resolve()) if root_certificates else "",
         runtime_port=runtime_port,

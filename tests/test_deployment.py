@@ -156,6 +156,7 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     assert (identity.name, identity.embodiment, identity.epsilon, identity.delta, identity.dp) == (
         "sony", "so100", 8.0, 1e-5, True,
     )  # fmt: skip
+    assert (identity.eval_noise_multiplier, identity.eval_loss_bound) == (5.0, 0.02)
     assert str(identity.data_dir) == setup.data_dir and str(identity.state_dir) == setup.state_dir
     with pytest.raises(supernode.SetupError, match="cannot carry a double quote"):
         supernode.init_member(
@@ -381,10 +382,12 @@ def _wait_for(what: str, predicate, timeout: float, poll: float = 0.5, procs: li
 
 
 def _ledger_rounds(setup: supernode.MemberSetup) -> list[int]:
+    """Rounds the member started training (its held-out error releases are entries too)."""
     path = Path(setup.state_dir) / "ledger.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line)["round"] for line in path.read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e["round"] for e in entries if e.get("release", "dp-sgd") == "dp-sgd"]
 
 
 def _head(out_dir: Path) -> int | None:
