@@ -81,7 +81,7 @@ def round_table(result: RoundResult, epsilons: dict[str, tuple[float, float]] | 
             str(len(result.plan.shards_of(member))),
             str(reply.steps) if reply else "-",
             loss,
-            (f"{ev.action_mse:.4f}" + (" (DP)" if ev.receipt else "")) if ev else "-",
+            f"{ev.action_mse:.4f}" if ev else "-",  # under DP: the member's noised release
             ("private" if ev.receipt else f"{ev.action_mae:.4f}") if ev else "-",
             eps,
         )

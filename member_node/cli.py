@@ -233,7 +233,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     init.add_argument(
         "--eval-loss-bound",
         type=float,
-        default=0.02,
+        default=0.05,
         help="per-episode held-out error bound of that release (normalised action units)",
     )
     init.add_argument("--superlink", default="", help="HOST:PORT of the consortium's SuperLink")

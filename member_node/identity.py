@@ -34,7 +34,7 @@ class MemberIdentity:
     dp: bool = True
     noise_multiplier: float = 0.0  # 0: planned from the budget over the run's rounds
     eval_noise_multiplier: float = 5.0  # held-out error release under DP; 0: none
-    eval_loss_bound: float = 0.02
+    eval_loss_bound: float = 0.05
 
     def eval_privacy(self) -> EvalPrivacy:
         return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
@@ -74,7 +74,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             dp=_bool(node_config, "dp", True),
             noise_multiplier=_float(node_config, "noise-multiplier", 0.0),
             eval_noise_multiplier=_float(node_config, "eval-noise-multiplier", 5.0),
-            eval_loss_bound=_float(node_config, "eval-loss-bound", 0.02),
+            eval_loss_bound=_float(node_config, "eval-loss-bound", 0.05),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])

@@ -101,15 +101,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     accountant = member.get("accountant", "rdp")
     rows = ledger_rows(entries, delta, accountant)
     released = _released_evaluations(state_dir)
-    table = Table(title=f"{member['member']} ({member['embodiment']}): privacy ledger, budget ε={budget:g} δ={delta:g}")
-    for col in ("run", "round", "release", "shards", "steps", "σ", "q", "decision", "ε after", "ε left", "sent"):
-        table.add_column(col, justify="left" if col in ("run", "release", "decision") else "right")
+    runs = sorted({r["run"] for r in rows})
+    one_run = len(runs) == 1
+    title = f"{member['member']} ({member['embodiment']}): privacy ledger, budget ε={budget:g} δ={delta:g}"
+    table = Table(title=title + (f", run {runs[0]}" if one_run else ""))
+    # sent: what left the node, the shard update (Δ) or the noised held-out MSE
+    columns = ("round", "release", "shards", "steps", "σ", "q", "decision", "ε after", "ε left", "sent")
+    for col in columns if one_run else ("run", *columns):
+        table.add_column(
+            col,
+            justify="left" if col in ("run", "release", "decision", "sent") else "right",
+            no_wrap=col in ("release", "sent"),
+            min_width=6 if col == "sent" else None,
+        )
     for r in rows:
-        sent = released.get(f"{r['run']}|{r['round']}") if r["release"] == RELEASE_EVALUATION else None
-        table.add_row(
-            r["run"],
+        evaluation = r["release"] == RELEASE_EVALUATION
+        sent = released.get(f"{r['run']}|{r['round']}") if evaluation else None
+        cells = [
             str(r["round"]),
-            "evaluation" if r["release"] == RELEASE_EVALUATION else "training",
+            "eval" if evaluation else "train",
             str(r["shards"]),
             str(r["steps"]),
             f"{r['noise_multiplier']:.3f}",
@@ -117,8 +127,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             r["decision"],
             f"{r['epsilon_recomputed']:.3f}",
             f"{budget - r['epsilon_recomputed']:.3f}",
-            f"MSE {sent['action_mse']:.4f}" if sent else "update" if r["release"] != RELEASE_EVALUATION else "-",
-        )
+            f"{sent['action_mse']:.4f}" if sent else "-" if evaluation else "Δ",
+        ]
+        table.add_row(*(cells if one_run else [r["run"], *cells]))
     console.print(table)
     spent = rows[-1]["epsilon_recomputed"] if rows else 0.0
     mismatched = [r for r in rows if abs(r["epsilon_recorded"] - r["epsilon_recomputed"]) > 1e-6 * max(1.0, spent)]

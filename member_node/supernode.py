@@ -95,7 +95,7 @@ class MemberSetup:
     # Releasing the held-out error under DP (privacy.eval_release): noise multiplier (0: none)
     # and per-episode error bound. Older member.yaml files without them get these defaults.
     eval_noise_multiplier: float = 5.0
-    eval_loss_bound: float = 0.02
+    eval_loss_bound: float = 0.05
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
     runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
@@ -218,7 +218,7 @@ def init_member(
     delta: float,
     dp: bool = True,
     eval_noise_multiplier: float = 5.0,
-    eval_loss_bound: float = 0.02,
+    eval_loss_bound: float = 0.05,
     superlink: str = "",
     root_certificates: Path | str = "",
     runtime_port: int = 0,

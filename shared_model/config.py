@@ -104,10 +104,11 @@ class MemberConfig:
     noise_multiplier: float = 0.0  # 0: plan it from the budget over the run's rounds
     # Releasing the held-out error under DP (privacy.eval_release): the Gaussian mechanism's
     # noise multiplier (0: release none) and the per-episode error bound, in normalised
-    # action units. At 5 a release costs the DP-SGD plan about 2% more noise (4 rounds at
-    # epsilon 8) and strays by ~3.5e-4 from the clipped error with 400 held-out episodes.
+    # action units (untrained policies err 0.004-0.04 per episode). At 5 a release costs the
+    # DP-SGD plan about 2% more noise (4 rounds at epsilon 8); with 400 held-out episodes
+    # the released mean strays from the clipped one by ~9e-4 (one standard deviation).
     eval_noise_multiplier: float = 5.0
-    eval_loss_bound: float = 0.02
+    eval_loss_bound: float = 0.05
     # Who may answer as this member (deployment: from the consortium file and the SuperLink's
     # registrations). A node that names this member but is another Flower node, or signs with
     # another key, is left out of the run. Empty / 0: not pinned (simulation).
