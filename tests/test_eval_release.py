@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from member_node.private_eval import EvaluationReleaser
 from member_node.trainer import EvalResult
 from privacy.accountant import Mechanism, epsilon
-from privacy.budget import Budget
+from privacy.budget import Budget, allow_round
 from privacy.eval_release import SENSITIVITY, EvalPrivacy, release_evaluation
 from privacy.keys import load_or_create_signing_key
 from privacy.ledger import RELEASE_EVALUATION, Ledger, receipt_from_json, verify_chain
@@ -146,3 +148,40 @@ def test_a_release_whose_values_were_lost_is_not_made_twice(tmp_path: Path) -> N
     released, _, withheld = releaser.release("run-1", 0, _result())
     assert released is None and "already released" in withheld
     assert len(releaser.ledger.entries()) == 1
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    budget_eps=st.floats(0.5, 10.0),
+    eval_noise=st.sampled_from((1.0, 3.0, 5.0)),
+    schedule=st.lists(
+        st.one_of(st.just("eval"), st.tuples(st.sampled_from((0.6, 1.0, 2.0)), st.integers(1, 200))),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_training_and_evaluations_together_never_exceed_the_budget(
+    tmp_path_factory: pytest.TempPathFactory, budget_eps: float, eval_noise: float, schedule: list
+) -> None:
+    """Random interleavings of DP-SGD rounds (allow_round) and evaluation releases on one ledger."""
+    state = tmp_path_factory.mktemp("interleaved")
+    releaser = _releaser(state, budget=budget_eps, privacy=EvalPrivacy(eval_noise, 0.05))
+    ledger, budget = releaser.ledger, releaser.budget
+    for rnd, step in enumerate(schedule):
+        before = len(ledger.entries())
+        if step == "eval":
+            released, _, withheld = releaser.release("run", rnd, _result())
+            assert (released is None) == bool(withheld)
+            assert len(ledger.entries()) == before + (released is not None)
+        else:
+            noise, steps = step
+            allowance = allow_round(budget, ledger.history(), noise, 0.05, steps, min_steps=1)
+            if allowance.decision != "declined":
+                mechanism = {"noise_multiplier": noise, "sample_rate": 0.05, "steps": allowance.steps}
+                mechanism |= {"clipping_norm": 0.1, "opacus_mode": "bk"}
+                ledger.append(
+                    run="run", round=rnd, member="sony", shards=["adapter/shared"], mechanism=mechanism,
+                    dataset_fingerprint="fp", epsilon=allowance.epsilon_after, delta=budget.delta,
+                    accountant="rdp", decision=allowance.decision,
+                )  # fmt: skip
+        assert epsilon(ledger.history(), budget.delta) <= budget.epsilon * (1 + 1e-9)
