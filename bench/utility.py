@@ -102,7 +102,7 @@ def federated(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
             for name, delta in reply.deltas.items():
                 grouped.setdefault(shard_of(name), {})[name] = delta
             for shard in reply.shards:
-                accs[shard].add(node.identity.name, grouped[shard], reply.num_examples)
+                accs[shard].add(node.identity.name, grouped[shard], reply.num_examples or 1)  # 0: withheld (DP)
         for acc in accs.values():
             if len(acc.contributors) >= (1 if acc.shard_id.startswith("adapter/emb/") else cfg.train.min_cohort):
                 model.update(FedAvg(cfg.train.server_lr).apply(model, acc.mean()))

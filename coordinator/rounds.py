@@ -99,6 +99,9 @@ class RoundResult:
     # shard -> how it was aggregated: "secagg" (the coordinator saw only the cohort sum),
     # "single" (a cohort of one under secagg: its sum is its update), "plaintext" (secagg off)
     aggregation: dict[str, str] = field(default_factory=dict)
+    # "examples": FedAvg by each member's (coarse) episode count; "equal": a member of the
+    # round withholds its count under DP, so every contribution weighs the same (DP-FedAvg)
+    weighting: str = "examples"
     seconds: float = 0.0
 
 
@@ -274,6 +277,9 @@ class RoundRunner:
             max_grad_norm=self.cfg.privacy.max_grad_norm,
         )
         by_name = {m.name: node for node, m in self.members.items()}
+        # Mixing counts with withheld ones would let the counted members outweigh the rest.
+        equal = any(m.episodes == 0 for m in self.members.values() if m.name in plan.members)
+        result.weighting = "equal" if equal else "examples"
         self.pending, self.pending_state = {}, {}
         pool = self.last_pool = SumPool(self.sum_budget_bytes, self.state.scratch_dir)
         secure = self.cfg.secagg.enabled
@@ -332,7 +338,7 @@ class RoundRunner:
                 if sorted(parsed.shards) != sorted(plan.shards_of(member)):
                     raise ProtocolError(f"reply covers shards {parsed.shards}, assigned {plan.shards_of(member)}")
                 receipt = self._check_receipt(member, round_number, parsed) if parsed.receipt else None
-                weight = float(parsed.num_examples)
+                weight = 1.0 if equal or not parsed.num_examples else float(parsed.num_examples)
                 if server is not None:
                     if parsed.deltas or parsed.advert is None:
                         raise ProtocolError("under secure aggregation a train reply carries a key advert, no deltas")

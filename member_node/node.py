@@ -120,7 +120,9 @@ class MemberNode:
         return QueryReply(
             member=self.identity.name,
             embodiments=[self.identity.embodiment],
-            episodes=coarse_count(len(self.dataset.episodes)),
+            # Under DP the dataset size is withheld too: even rounded, a count is not a DP
+            # release (999 and 1000 episodes round to 900 and 1000).
+            episodes=0 if self.identity.dp else coarse_count(len(self.dataset.episodes)),
             public_key=public_key_hex(self.signing_key),
             epsilon_spent=spent,
             epsilon_budget=self.budget.epsilon,
@@ -307,10 +309,10 @@ class MemberNode:
             self.policy, self.identity.embodiment, self.train_windows, request.shards, hparams, dp=dp, **common
         )
         # Under DP only the noised deltas may carry information about the data: the training
-        # loss is not noised and the exact dataset size is not public, so neither is sent
-        # (NaN loss, the same coarse count that ``query`` reports).
+        # loss is not noised and the dataset size is not public, so neither is sent (NaN loss,
+        # 0 examples: the coordinator then weighs the round's contributions equally).
         result.loss = float("nan")
-        result.num_examples = coarse_count(len(self.train_windows))
+        result.num_examples = 0
         return self._reply(request, result, receipt=receipt_to_json(receipt))
 
     def _reply(self, request: TrainRequest, result, receipt: str) -> TrainReply:

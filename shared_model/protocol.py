@@ -212,7 +212,7 @@ def coarse_count(n: int) -> int:
 class QueryReply:
     member: str
     embodiments: list[str]
-    episodes: int  # coarse (one significant figure)
+    episodes: int  # coarse (one significant figure); 0 under DP: the size is private
     public_key: str = ""  # hex Ed25519 key that signs the member's privacy receipts
     epsilon_spent: float = 0.0
     epsilon_budget: float = 0.0
@@ -388,8 +388,8 @@ class TrainReply:
         rec = _config(content, REC_REPLY, where)
         metrics = _metrics(content, REC_METRICS, where)
         num_examples = _require(metrics, "num-examples", int, where)
-        if num_examples <= 0:
-            raise ProtocolError(f"{where}: num-examples must be positive")
+        if num_examples < 0:
+            raise ProtocolError(f"{where}: num-examples must be >= 0 (0: withheld under DP)")
         loss = float(_require(metrics, "loss", (int, float), where))
         advert_text = _require(rec, "advert", str, where)
         advert = None

@@ -42,7 +42,8 @@ class FakeGrid:
     reverse member order (the worst order for sorted-order folding). ``held``: the object ids
     every member's replica reports in ``query`` (e.g. the current manifest's, so requests
     carry no objects, as after a member's first round). ``answers_as`` maps a member to the
-    name its node claims in ``query``; ``public_keys`` a member to the ledger key it reports."""
+    name its node claims in ``query``; ``public_keys`` a member to the ledger key it reports.
+    ``private``: members that, as DP nodes do, withhold their dataset size (0 in query and train)."""
 
     def __init__(
         self,
@@ -53,7 +54,9 @@ class FakeGrid:
         held: Iterable[str] = (),
         answers_as: Mapping[str, str] | None = None,
         public_keys: Mapping[str, str] | None = None,
+        private: Iterable[str] = (),
     ):
+        self.private = set(private)
         self.held = sorted(set(held))
         self.answers_as, self.public_keys = dict(answers_as or {}), dict(public_keys or {})
         # Flower's Message() reads the running task's identity; a ServerApp has one, set it here.
@@ -90,15 +93,25 @@ class FakeGrid:
         if kind == QUERY:
             claimed = self.answers_as.get(name, name)
             key = self.public_keys.get(name, "")
-            return QueryReply(claimed, [self.members[name]], 100, objects=self.held, public_key=key).to_content()
+            episodes = 0 if name in self.private else 100
+            return QueryReply(claimed, [self.members[name]], episodes, objects=self.held, public_key=key).to_content()
         if kind == EVALUATE:
             return EvaluateReply(name, 10, 0.5, 0.5).to_content()
         assert kind == TRAIN
+        deltas = self.deltas(node, shards)
+        examples = 0 if name in self.private else self.num_examples(node)
+        return TrainReply(name, list(shards), deltas, num_examples=examples, loss=0.1, steps=1).to_content()
+
+    @staticmethod
+    def num_examples(node: int) -> int:
+        return 50 + 10 * node
+
+    def deltas(self, node: int, shards: Iterable[str]) -> dict[str, torch.Tensor]:
+        """What member ``node`` answers for ``shards`` (the same every time)."""
         rng = np.random.default_rng([self.seed, node])
-        deltas = {
+        return {
             spec.name: torch.from_numpy(rng.standard_normal(tuple(spec.shape), dtype=np.float32) * 1e-3)
             for shard in sorted(shards)
             for spec in self.layout.shards[shard]
             if not (shard == "adapter/shared" and ".lora_A." in spec.name)
         }
-        return TrainReply(name, list(shards), deltas, num_examples=50 + 10 * node, loss=0.1, steps=1).to_content()

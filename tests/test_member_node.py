@@ -57,10 +57,12 @@ def test_identity_from_node_config(setup):
         resolve_identity({"partition-id": 9}, cfg)
 
 
-def test_query_is_coarse(setup):
-    _, node, _ = setup
+def test_query_is_coarse_and_private_under_dp(setup, tmp_path):
+    cfg, node, _ = setup
     reply = node.query(QueryRequest(0))
-    assert reply.member == "sony" and reply.embodiments == ["so100"] and reply.episodes == 10  # 12 -> 10
+    assert reply.member == "sony" and reply.embodiments == ["so100"] and reply.episodes == 0  # DP: withheld
+    open_node = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", dp=False))
+    assert open_node.query(QueryRequest(0)).episodes == 10  # 12 -> 10
 
 
 def test_train_returns_exactly_the_assigned_shards(fresh_node, setup):
@@ -72,7 +74,7 @@ def test_train_returns_exactly_the_assigned_shards(fresh_node, setup):
     assert not any(".lora_A." in n for n in reply.deltas), "LoRA A is frozen"
     assert all(torch.isfinite(d).all() for d in reply.deltas.values())
     assert any(d.abs().sum() > 0 for d in reply.deltas.values())
-    assert reply.num_examples > 0 and reply.steps == 3
+    assert reply.num_examples == 0 and reply.steps == 3  # DP: the size is withheld
 
 
 def test_non_private_training_is_reproducible(fresh_node, setup):
@@ -195,7 +197,7 @@ def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
     assert 0 < entry["epsilon"] <= node.budget.epsilon
     assert node.ledger.entries() == [entry]
     assert reply.loss != reply.loss, "the un-noised training loss does not leave a DP node"
-    assert reply.num_examples == 10  # 12 episodes -> ~10 for training, reported coarsely
+    assert reply.num_examples == 0, "the dataset size does not leave a DP node either"
 
 
 def test_resent_round_is_not_trained_twice(fresh_node, setup):

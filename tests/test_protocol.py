@@ -30,6 +30,10 @@ def test_round_trips():
     assert torch.equal(req.model["a.weight"], model["a.weight"])
     rep = TrainReply.from_content(TrainReply("sony", ["adapter/shared"], model, 40, 0.5, 5).to_content())
     assert rep.member == "sony" and rep.num_examples == 40 and math.isclose(rep.loss, 0.5)
+    withheld = TrainReply.from_content(TrainReply("sony", ["adapter/shared"], model, 0, math.nan, 5).to_content())
+    assert withheld.num_examples == 0  # under DP the size is withheld
+    with pytest.raises(ProtocolError, match="num-examples must be >= 0"):
+        TrainReply.from_content(TrainReply("sony", ["adapter/shared"], model, -1, 0.5, 5).to_content())
     assert QueryRequest.from_content(QueryRequest(0).to_content()).round == 0
     q = QueryReply.from_content(QueryReply("sony", ["so100"], 60).to_content())
     assert q.embodiments == ["so100"]

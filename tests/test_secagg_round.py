@@ -107,8 +107,9 @@ class Round:
             # The member's own disk (the test peeks; the coordinator cannot).
             stored = node.secagg.root / RUN / f"r{self.round}" / "update.safetensors"
             self.plaintext[member] = load_file(str(stored))
-            self.weights[member] = float(reply.num_examples)
-            self.server.add_advert(member, reply.advert, public_key_hex(node.signing_key), reply.num_examples)
+            # DP nodes withhold their size (0): the coordinator then weighs everyone equally
+            self.weights[member] = float(reply.num_examples or 1)
+            self.server.add_advert(member, reply.advert, public_key_hex(node.signing_key), self.weights[member])
         for member, request in self.server.share_keys_requests().items():
             reply = self._answer(member, "share_keys", request, MemberNode.share_keys, ShareKeysReply)
             if reply is not None:

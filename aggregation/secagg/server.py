@@ -24,6 +24,7 @@ of a member is only recovered for members whose masked vector is already inside 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -131,6 +132,8 @@ class SecAggServer:
     def add_advert(self, member: str, advert: KeyAdvert, identity_key: str, weight: float) -> None:
         if not self.setup.groups_of(member):
             raise SecAggError(f"{member} is in no aggregation group of this round")
+        if not (math.isfinite(weight) and weight > 0):
+            raise SecAggError(f"{member}: FedAvg weight must be a positive number, got {weight!r}")
         self.adverts[member] = advert
         self.identity_keys[member] = identity_key
         self.weights[member] = float(weight)
