@@ -58,7 +58,14 @@ from coordinator.run_state import RunState
 from coordinator.secure_round import mean_update, secure_aggregate
 from coordinator.sync import ModelSync
 from privacy.keys import load_public_key
-from privacy.ledger import RELEASE_EVALUATION, LedgerError, receipt_from_json, verify_entry
+from privacy.ledger import (
+    RELEASE_EVALUATION,
+    RELEASE_TRAIN,
+    LedgerError,
+    receipt_from_json,
+    release_of,
+    verify_entry,
+)
 from shared_model.config import KyodoConfig
 from shared_model.protocol import (
     EVALUATE,
@@ -446,30 +453,28 @@ class RoundRunner:
 
     def _check_receipt(self, member: str, round_number: int, reply: TrainReply) -> dict:
         """The receipt must be this member's signed ledger entry for exactly this update."""
-        entry = receipt_from_json(reply.receipt)
-        key = self.public_keys.get(member, "")
-        if not key or entry.get("public_key") != key:
-            raise ProtocolError("receipt is not signed with the key the member registered in query")
-        verify_entry(entry, load_public_key(key))
         expected = {"member": member, "round": round_number, "run": self.run_id, "shards": sorted(reply.shards)}
-        for field_name, value in expected.items():
-            if entry.get(field_name) != value:
-                raise ProtocolError(f"receipt {field_name} {entry.get(field_name)!r} != {value!r}")
+        entry = self._signed_entry(member, reply.receipt, {**expected, "release": RELEASE_TRAIN}, "receipt")
         if entry["mechanism"]["steps"] != reply.steps:
             raise ProtocolError(f"receipt records {entry['mechanism']['steps']} steps, reply ran {reply.steps}")
         return entry
 
     def _check_evaluation_receipt(self, member: str, round_number: int, reply: EvaluateReply) -> dict:
         """A private evaluation's receipt: this member's signed ledger entry of this round's release."""
-        entry = receipt_from_json(reply.receipt)
+        expected = {"member": member, "round": round_number, "run": self.run_id, "release": RELEASE_EVALUATION}
+        return self._signed_entry(member, reply.receipt, expected, "evaluation receipt")
+
+    def _signed_entry(self, member: str, text: str, expected: dict, what: str) -> dict:
+        """``text`` parsed, signed with the key ``member`` announced in query, and saying ``expected``."""
+        entry = receipt_from_json(text)
         key = self.public_keys.get(member, "")
         if not key or entry.get("public_key") != key:
-            raise ProtocolError("evaluation receipt is not signed with the key the member registered in query")
+            raise ProtocolError(f"{what} is not signed with the key the member registered in query")
         verify_entry(entry, load_public_key(key))
-        expected = {"member": member, "round": round_number, "run": self.run_id, "release": RELEASE_EVALUATION}
         for field_name, value in expected.items():
-            if entry.get(field_name) != value:
-                raise ProtocolError(f"evaluation receipt {field_name} {entry.get(field_name)!r} != {value!r}")
+            found = release_of(entry) if field_name == "release" else entry.get(field_name)
+            if found != value:
+                raise ProtocolError(f"{what} {field_name} {found!r} != {value!r}")
         return entry
 
     # ------------------------------------------------------------------ evaluate
