@@ -46,49 +46,33 @@ ALL_SHARDS = ["backbone", "adapter/shared", "expert/L0/E0", "expert/L0/E1"]
 
 
 def _append(ledger: Ledger, history: list[Mechanism], member: str, run: str, rnd: int, shards: list[str]) -> dict:
-    history.append(Mechanism(SIGMA, RATE, STEPS))
-    return ledger.append(
-        run=run,
-        round=rnd,
-        member=member,
-        shards=sorted(shards),
-        mechanism={
-            "noise_multiplier": SIGMA,
-            "sample_rate": RATE,
-            "steps": STEPS,
-            "clipping_norm": 0.1,
-            "opacus_mode": "bk",
-        },
-        dataset_fingerprint="ab" * 32,
-        epsilon=epsilon(history, DELTA),
-        delta=DELTA,
-        accountant="rdp",
-        decision="full",
-    )
+    mechanism = {"noise_multiplier": SIGMA, "sample_rate": RATE, "steps": STEPS, "clipping_norm": 0.1}
+    return _append_entry(ledger, history, member, run, rnd, sorted(shards), {**mechanism, "opacus_mode": "bk"})
 
 
 def _append_evaluation(ledger: Ledger, history: list[Mechanism], member: str, run: str, rnd: int) -> dict:
     """A held-out error released under DP (``privacy.eval_release``) after round ``rnd``."""
-    history.append(Mechanism(EVAL_SIGMA, 1.0, 1))
+    mechanism = {"noise_multiplier": EVAL_SIGMA, "sample_rate": 1.0, "steps": 1, "clipping_norm": 0.05}
+    mechanism["opacus_mode"] = "gaussian-sum-count"
+    return _append_entry(ledger, history, member, run, rnd, [], mechanism, release="evaluation")
+
+
+def _append_entry(
+    ledger: Ledger,
+    history: list[Mechanism],
+    member: str,
+    run: str,
+    rnd: int,
+    shards: list[str],
+    mechanism: dict[str, Any],
+    release: str = "dp-sgd",
+) -> dict:
+    history.append(Mechanism(mechanism["noise_multiplier"], mechanism["sample_rate"], mechanism["steps"]))
+    epsilon_after = epsilon(history, DELTA)
     return ledger.append(
-        run=run,
-        round=rnd,
-        member=member,
-        shards=[],
-        mechanism={
-            "noise_multiplier": EVAL_SIGMA,
-            "sample_rate": 1.0,
-            "steps": 1,
-            "clipping_norm": 0.02,
-            "opacus_mode": "gaussian-sum-count",
-        },
-        dataset_fingerprint="ab" * 32,
-        epsilon=epsilon(history, DELTA),
-        delta=DELTA,
-        accountant="rdp",
-        decision="full",
-        release="evaluation",
-    )
+        run=run, round=rnd, member=member, shards=shards, mechanism=mechanism, dataset_fingerprint="ab" * 32,
+        epsilon=epsilon_after, delta=DELTA, accountant="rdp", decision="full", release=release,
+    )  # fmt: skip
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from privacy.accountant import Mechanism, epsilon
 from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
 from privacy.ledger import (
+    CALLER_FIELDS,
     GENESIS_HASH,
     Ledger,
     LedgerError,
@@ -160,26 +161,14 @@ def test_rounds_restart_in_a_new_run(ledger: Ledger) -> None:
 
 
 def append_evaluation(ledger: Ledger, rnd: int, run: str = "run-1", shards: list[str] | None = None) -> dict:
+    """A held-out error released under DP: one full-batch Gaussian step, no shards."""
     history = [*ledger.history(), Mechanism(5.0, 1.0, 1)]
-    return ledger.append(
-        run=run,
-        round=rnd,
-        member="clinic-a",
-        shards=[] if shards is None else shards,
-        mechanism={
-            "noise_multiplier": 5.0,
-            "sample_rate": 1.0,
-            "steps": 1,
-            "clipping_norm": 0.02,
-            "opacus_mode": "gaussian-sum-count",
-        },
-        dataset_fingerprint="sha256:" + "ab" * 32,
-        epsilon=epsilon(history, DELTA),
-        delta=DELTA,
-        accountant="rdp",
-        decision="full",
-        release="evaluation",
-    )
+    entry = {k: v for k, v in raw_entries(ledger.path)[-1].items() if k in CALLER_FIELDS}
+    entry["mechanism"] = {"noise_multiplier": 5.0, "sample_rate": 1.0, "steps": 1, "clipping_norm": 0.05}
+    entry["mechanism"]["opacus_mode"] = "gaussian-sum-count"
+    entry.update(run=run, round=rnd, shards=[] if shards is None else shards, release="evaluation")
+    entry["epsilon"] = epsilon(history, DELTA)
+    return ledger.append(**entry)
 
 
 def test_a_round_is_trained_once_and_evaluated_once(ledger: Ledger) -> None:
