@@ -81,13 +81,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     summary = json.loads(summary_path.read_text())
     first, last = summary["mean_mse"][0], summary["mean_mse"][-1]
-    private = any(m.dp for m in cfg.federation.members)
-    change = (
-        f"{first:.4f} -> {last:.4f} ({last / first:.2f}x of the initial error"
-        + ("; as the members released it under DP: noised, clipped per episode)" if private else ")")
-        if first and last is not None
-        else "withheld by the members"
-    )
+    if not first or last is None:
+        change = "withheld by the members"
+    else:
+        private = any(m.dp for m in cfg.federation.members)
+        how = "; as the members released it under DP: noised, clipped per episode" if private else ""
+        change = f"{first:.4f} -> {last:.4f} ({last / first:.2f}x of the initial error{how})"
     console.print(
         f"[bold green]done[/] in {time.monotonic() - start:.0f}s: mean held-out action MSE {change}. "
         f"Run directory: {cfg.out_dir}"

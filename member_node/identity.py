@@ -104,11 +104,10 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             f"member {identity.name!r}: privacy budget needs epsilon > 0 and 0 < delta < 1 "
             f"(got epsilon={identity.epsilon}, delta={identity.delta})"
         )
-    if not (identity.eval_noise_multiplier >= 0 and identity.eval_loss_bound > 0):
-        raise NodeConfigError(
-            f"member {identity.name!r}: evaluation release needs eval-noise-multiplier >= 0 and "
-            f"eval-loss-bound > 0 (got {identity.eval_noise_multiplier} and {identity.eval_loss_bound})"
-        )
+    try:
+        identity.eval_privacy()
+    except ValueError as err:
+        raise NodeConfigError(f"member {identity.name!r}: eval-noise-multiplier / eval-loss-bound: {err}") from None
     if identity.embodiment not in cfg.embodiments:
         raise NodeConfigError(
             f"member {identity.name!r} declares embodiment {identity.embodiment!r}, "

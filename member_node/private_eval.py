@@ -25,6 +25,18 @@ from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy, ReleasedEvaluation, release_evaluation
 from privacy.ledger import RELEASE_EVALUATION, Ledger, receipt_to_json
 
+EVALUATIONS_FILE = "evaluations.json"  # in the node's state directory: what it released, by run and round
+
+
+def release_key(run: str, round_number: int) -> str:
+    return f"{run}|{round_number}"
+
+
+def released_evaluations(state_dir: Path) -> dict[str, dict]:
+    """What the node released as its held-out error, by :func:`release_key` ({} if nothing yet)."""
+    path = Path(state_dir) / EVALUATIONS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
 
 class EvaluationReleaser:
     """Turns an exact held-out evaluation into what may leave the node under DP."""
@@ -40,7 +52,7 @@ class EvaluationReleaser:
         accountant: str,
         dataset_fingerprint: Callable[[], str],
     ) -> None:
-        self._path = Path(state_dir) / "evaluations.json"
+        self.state_dir = Path(state_dir)
         self.ledger = ledger
         self.budget = budget
         self.privacy = privacy
@@ -55,34 +67,31 @@ class EvaluationReleaser:
             return None, "", "this member releases no held-out error under DP (eval noise multiplier 0)"
         if not run:
             return None, "", "the request names no run, so a release could not be recorded in the ledger"
-        key = f"{run}|{round_number}"
-        stored = self._stored()
+        key = release_key(run, round_number)
+        stored = released_evaluations(self.state_dir).get(key)
         entry = self.ledger.find(run, round_number, RELEASE_EVALUATION)
-        if key in stored:
-            released = ReleasedEvaluation(**stored[key])
-        elif entry is not None:
-            # Only possible if evaluations.json was lost: the spend stands, the numbers are gone.
-            return None, "", f"round {round_number} of run {run} was already released; its values were not kept"
-        else:
-            history = [*self.ledger.history(), self.privacy.mechanism()]
-            after = composed_epsilon(history, self.budget.delta, self.accountant)
-            if after > self.budget.epsilon:
-                return (
-                    None,
-                    "",
-                    (
-                        f"releasing the held-out error would take epsilon to {after:.4g}, "
-                        f"over the member's budget {self.budget.epsilon:g}"
-                    ),
-                )
+        if entry is not None:
+            if stored is None:
+                # Only possible if evaluations.json was lost: the spend stands, the numbers are gone.
+                return None, "", f"round {round_number} of run {run} was already released; its values were not kept"
+            return ReleasedEvaluation(**stored), receipt_to_json(entry), ""
+        # Checked also for values stored before a crash: the ledger may have grown since.
+        after = composed_epsilon([*self.ledger.history(), self.privacy.mechanism()], self.budget.delta, self.accountant)
+        if after > self.budget.epsilon:
+            reason = (
+                f"releasing the held-out error would take epsilon to {after:.4g}, "
+                f"over the member's budget {self.budget.epsilon:g}"
+            )
+            return None, "", reason
+        if stored is None:
             released = release_evaluation(result.episode_mse, self.privacy)
             self._store(key, released)
-        if entry is None:
-            entry = self._append(run, round_number)
+        else:
+            released = ReleasedEvaluation(**stored)
+        entry = self._append(run, round_number, after)
         return released, receipt_to_json(entry), ""
 
-    def _append(self, run: str, round_number: int) -> dict:
-        history = [*self.ledger.history(), self.privacy.mechanism()]
+    def _append(self, run: str, round_number: int, epsilon_after: float) -> dict:
         return self.ledger.append(
             run=run,
             round=round_number,
@@ -91,24 +100,20 @@ class EvaluationReleaser:
             privacy_unit="episode",
             mechanism=self.privacy.ledger_mechanism(),
             dataset_fingerprint=self.dataset_fingerprint(),
-            epsilon=composed_epsilon(history, self.budget.delta, self.accountant),
+            epsilon=epsilon_after,
             delta=self.budget.delta,
             accountant=self.accountant,
             decision="full",
             release=RELEASE_EVALUATION,
         )
 
-    def _stored(self) -> dict[str, dict]:
-        if not self._path.is_file():
-            return {}
-        return json.loads(self._path.read_text(encoding="utf-8"))
-
     def _store(self, key: str, released: ReleasedEvaluation) -> None:
-        stored = self._stored()
+        stored = released_evaluations(self.state_dir)
         stored[key] = {"action_mse": released.action_mse, "episodes": released.episodes}
-        tmp = self._path.with_suffix(".tmp")
+        path = self.state_dir / EVALUATIONS_FILE
+        tmp = path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(stored, fh, indent=2)
             fh.flush()
             os.fsync(fh.fileno())
-        tmp.replace(self._path)
+        tmp.replace(path)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from member_node.private_eval import release_key, released_evaluations
 from privacy.accountant import Mechanism
 from privacy.accountant import epsilon as composed_epsilon
 from privacy.keys import load_public_key
@@ -32,10 +33,9 @@ def _load_member(state_dir: Path) -> dict:
 
 
 def _released_evaluations(state_dir: Path) -> dict[str, dict]:
-    """What the node sent as its held-out error (noised), by "run|round"; {} if none was kept."""
-    path = state_dir / "evaluations.json"
+    """What the node sent as its held-out error (noised); {} if none was kept or the file is damaged."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return released_evaluations(state_dir)
     except json.JSONDecodeError:
         return {}
 
@@ -116,7 +116,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         )
     for r in rows:
         evaluation = r["release"] == RELEASE_EVALUATION
-        sent = released.get(f"{r['run']}|{r['round']}") if evaluation else None
+        sent = released.get(release_key(r["run"], r["round"])) if evaluation else None
         cells = [
             str(r["round"]),
             "eval" if evaluation else "train",

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from privacy.eval_release import EvalPrivacy
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from shared_model.flower_processes import flower_executable, flower_path, log_retry, still_catches
 
@@ -235,11 +236,10 @@ def init_member(
         raise SetupError(f"unknown embodiment {embodiment!r}; known: {', '.join(sorted(known_embodiments))}")
     if not (epsilon > 0 and 0 < delta < 1):
         raise SetupError(f"privacy budget needs epsilon > 0 and 0 < delta < 1 (got {epsilon}, {delta})")
-    if not (eval_noise_multiplier >= 0 and eval_loss_bound > 0):
-        raise SetupError(
-            f"evaluation release needs a noise multiplier >= 0 and a loss bound > 0 "
-            f"(got {eval_noise_multiplier}, {eval_loss_bound})"
-        )
+    try:
+        EvalPrivacy(eval_noise_multiplier, eval_loss_bound)
+    except ValueError as err:
+        raise SetupError(f"--eval-noise-multiplier / --eval-loss-bound: {err}") from None
     if superlink:
         parse_address(superlink)
     setup = MemberSetup(
