@@ -13,10 +13,12 @@ subsampled Gaussian of Abadi et al. 2016, with Opacus' ``DPOptimizer`` semantics
   the *expected* batch size ``q N`` (not the realised one, which would leak the batch size),
   then the wrapped optimizer steps. Only the trainable (assigned) parameters take part;
   frozen ones get no hooks and cost only their ordinary forward and backward.
-- Noise comes from a ``torch.Generator`` seeded with ``secrets.randbits(64)`` for every
-  :class:`DPSGD` (one per round), never from anything the coordinator sends; an explicit
-  ``noise_seed`` exists for tests only. The Poisson sampler likewise draws from its own
-  secretly seeded generator: privacy amplification by subsampling assumes nobody outside
+- Noise comes from :class:`privacy.secure_noise.SecureRandom` (ChaCha20 under a fresh
+  256-bit key from ``secrets`` for every :class:`DPSGD`, one per round; Gaussians drawn and
+  added in float64, rounded once), never from anything the coordinator sends; it replaces
+  Opacus' torch-generator noise (see that module for why and what it costs). An explicit
+  ``noise_seed`` exists for tests only. The Poisson sampler draws from its own
+  :class:`SecureRandom` too: privacy amplification by subsampling assumes nobody outside
   the node knows which episodes were sampled, and the trainer's ``rng`` is derived from
   the coordinator's seed.
 
@@ -69,8 +71,8 @@ weight-gradient matmuls autograd would otherwise do (its backward is ~15 ms shor
 ``bk`` meets both targets of issue 3 (<= 1.3x with 2 experts, <= 2x with all experts),
 keeps peak memory at non-private level, and produces the same clipped update as Opacus
 hooks (tests/test_dp_sgd.py checks both against a single-sample loop to < 1e-5). Opacus stays in
-charge of what it does well here: noise generation, the averaging / optimizer step, and
-(elsewhere) accounting. ``ew`` cannot take the policy's ``(embodiment, obs, ...)`` call
+charge of what it does well here: the averaging / optimizer step and (elsewhere)
+accounting; the noise itself comes from :mod:`privacy.secure_noise`. ``ew`` cannot take the policy's ``(embodiment, obs, ...)`` call
 directly and fails on an empty batch; :class:`DPSGD` works around both so it can be
 measured, but it is not recommended.
 
@@ -80,8 +82,8 @@ implementation, not a different mechanism.
 
 from __future__ import annotations
 
+import functools
 import math
-import secrets
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,6 +95,7 @@ import torch
 from torch import nn
 
 from privacy.bookkeeping import BookKeepingClipper
+from privacy.secure_noise import SecureRandom
 
 DEFAULT_MODE = "bk"
 MODES = ("bk", "hooks", "ghost", "functorch", "ew")
@@ -155,24 +158,38 @@ class PoissonEpisodeSampler:
     ``rng`` the trainer passes is ignored on purpose: it is derived from the coordinator's
     seed, so the coordinator could replay which episodes were sampled, which voids the
     amplification-by-subsampling the accountant assumes. The sampler draws from its own
-    generator seeded with ``secrets.randbits(128)``; ``seed`` exists for tests only.
+    :class:`SecureRandom` (a fresh secret key); ``seed`` exists for tests only.
     """
 
     def __init__(self, sample_rate: float, *, seed: int | None = None) -> None:
         if not (0.0 < sample_rate <= 1.0):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.sample_rate = float(sample_rate)
-        self._rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+        self._random = SecureRandom(seed=seed)
 
     def __call__(self, n_episodes: int, rng: np.random.Generator | None = None) -> np.ndarray:
         del rng  # see the class docstring
-        return np.flatnonzero(self._rng.random(n_episodes) < self.sample_rate)
+        return np.flatnonzero(self._random.uniform(n_episodes) < self.sample_rate)
 
 
-def _noise_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(secrets.randbits(64) if seed is None else int(seed))
-    return gen
+@functools.cache
+def _with_secure_noise(base: type) -> type:
+    """``base`` (an Opacus DP optimizer class) with its noise drawn by :class:`SecureRandom`.
+
+    Opacus' ``add_noise`` takes a ``torch.Generator``; everything else (clipping checks,
+    averaging by ``q N``, the wrapped step) stays Opacus'. The noise std is the one Opacus
+    would use, including its adjusted multiplier where adaptive clipping sets one.
+    """
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise(self: Any) -> None:
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = self.noise_source.add_noise(p.summed_grad, std).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    return type(f"Secure{base.__name__}", (base,), {"add_noise": add_noise})
 
 
 @contextmanager
@@ -200,8 +217,8 @@ class DPSGD:
         optimizer: an optimizer over exactly those trainable parameters.
         config: the mechanism.
         expected_batch_size: ``q * N`` (``config.expected_batch_size(N)``).
-        noise_seed: tests only. ``None`` (always in production) seeds the noise generator
-            from ``secrets.randbits(64)``.
+        noise_seed: tests only. ``None`` (always in production) keys the noise stream
+            with a fresh secret (:class:`SecureRandom`).
     """
 
     def __init__(
@@ -235,38 +252,37 @@ class DPSGD:
         self._clipper: BookKeepingClipper | None = None
         self._gsm: nn.Module | None = None
         self._closed = False
-        device = trainable[0].device
         noise = {
             "noise_multiplier": config.noise_multiplier,
             "max_grad_norm": config.max_grad_norm,
             "expected_batch_size": self.expected_batch_size,  # type: ignore[dict-item]  # float: q*N exactly
             "loss_reduction": "mean",  # i.e. divide the noised sum by expected_batch_size
-            "generator": _noise_generator(noise_seed, device),
         }
         mode = config.mode
         # Every wrapper below sees sum-reduced losses ("sum"), so per-sample gradients are
         # those of each sample's own loss; the optimizer then divides by q*N ("mean").
         if mode == "bk":
             self._clipper = BookKeepingClipper(model, config.max_grad_norm)
-            self.optimizer = DPOptimizerFastGradientClipping(optimizer, **noise)
+            self.optimizer = _with_secure_noise(DPOptimizerFastGradientClipping)(optimizer, **noise)
         elif mode in ("hooks", "functorch"):
             from opacus import GradSampleModule
 
             self._gsm = GradSampleModule(
                 model, batch_first=True, loss_reduction="sum", force_functorch=(mode == "functorch")
             )
-            self.optimizer = DPOptimizer(optimizer, **noise)
+            self.optimizer = _with_secure_noise(DPOptimizer)(optimizer, **noise)
         elif mode == "ghost":
             from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
             self._gsm = GradSampleModuleFastGradientClipping(
                 model, batch_first=True, loss_reduction="sum", max_grad_norm=config.max_grad_norm
             )
-            self.optimizer = DPOptimizerFastGradientClipping(optimizer, **noise)
+            self.optimizer = _with_secure_noise(DPOptimizerFastGradientClipping)(optimizer, **noise)
         elif mode == "ew":
-            self.optimizer = DPOptimizer(optimizer, **noise)
+            self.optimizer = _with_secure_noise(DPOptimizer)(optimizer, **noise)
         else:  # DPConfig validates; this guards direct construction with a bad mode
             raise ValueError(f"unknown DP-SGD mode {mode!r}")
+        self.optimizer.noise_source = SecureRandom(seed=noise_seed)
 
     # ------------------------------------------------------------------ step parts
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import secrets
 
 import numpy as np
 import pytest
@@ -243,6 +244,29 @@ def test_noise_is_secret_by_default_and_seedable_for_tests(cfg, base):
 
     assert torch.equal(noise(3), noise(3))
     assert not torch.equal(noise(None), noise(None))
+
+
+def test_noise_and_sampling_each_take_a_fresh_secret_key_not_torch_generator(cfg, base, monkeypatch):
+    """One ChaCha20 key per DPSGD (per round) and one per Poisson sampler, from ``secrets``;
+    torch's global generator is neither used nor advanced."""
+    model = copy.deepcopy(base)
+    set_trainable(model, [SHARED_ADAPTER])
+    params = [p for p in model.parameters() if p.requires_grad]
+    real = secrets.token_bytes
+    calls: list[int] = []
+    monkeypatch.setattr(secrets, "token_bytes", lambda n: calls.append(n) or real(n))
+    state = torch.random.get_rng_state()
+    before = torch.cat([p.detach().flatten() for p in params])
+    with make_private(model, torch.optim.SGD(params, lr=1.0), DPConfig(1.0, 1.0, 0.5), 4) as dp:
+        obs, image, target = _batch(cfg, 0)
+        dp.zero_grad()
+        pred, aux = dp(EMB, obs, image)
+        dp.backward(_loss(pred, aux, target))
+        dp.step()
+    PoissonEpisodeSampler(0.5)(10)
+    assert calls == [32, 32]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert (torch.cat([p.detach().flatten() for p in params]) - before).abs().min() > 0
 
 
 def test_poisson_sampler():

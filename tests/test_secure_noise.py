@@ -1,0 +1,66 @@
+"""SecureRandom: DP-SGD's noise and sampling stream (ChaCha20, float64 Gaussians)."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from privacy.secure_noise import SecureRandom
+
+
+def test_uniforms_are_uniform_inside_the_open_interval_with_52_random_bits():
+    u = SecureRandom(seed=1).uniform(200_000)
+    assert u.dtype == np.float64 and u.min() > 0.0 and u.max() < 1.0
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    k = u * 2.0**52 - 0.5
+    assert np.array_equal(k, np.round(k))  # exactly the (k + 1/2) / 2^52 grid
+    low_bit = k.astype(np.int64) & 1
+    assert abs(low_bit.mean() - 0.5) < 0.01  # the last of the 52 bits is random too
+
+
+def test_normals_are_standard_normal_for_any_length():
+    rnd = SecureRandom(seed=2)
+    z = rnd.normal(100_001)  # odd: the last Box-Muller pair is cut
+    assert z.dtype == torch.float64 and z.shape == (100_001,)
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+    assert rnd.normal(0).shape == (0,) and rnd.normal(1).shape == (1,)
+
+
+def test_seed_is_for_tests_and_the_default_key_comes_from_secrets(monkeypatch):
+    assert torch.equal(SecureRandom(seed=5).normal(16), SecureRandom(seed=5).normal(16))
+    assert not torch.equal(SecureRandom(seed=5).normal(16), SecureRandom(seed=6).normal(16))
+    calls = []
+    real = secrets.token_bytes
+
+    def spy(n):
+        calls.append(n)
+        return real(n)
+
+    monkeypatch.setattr(secrets, "token_bytes", spy)
+    a, b = SecureRandom().normal(16), SecureRandom().normal(16)
+    assert calls == [32, 32] and not torch.equal(a, b)
+
+
+def test_the_stream_never_repeats_within_one_key():
+    rnd = SecureRandom(seed=3)
+    assert not np.array_equal(rnd.uniform(64), rnd.uniform(64))
+
+
+def test_add_noise_sums_in_float64_and_rounds_once_to_the_input_dtype():
+    value = torch.full((50_000,), 1.25, dtype=torch.float32)
+    out = SecureRandom(seed=4).add_noise(value, 0.5)
+    assert out.dtype == torch.float32 and out.shape == value.shape
+    assert abs(float((out - 1.25).std()) - 0.5) < 0.01
+    want = (value.double() + SecureRandom(seed=4).normal(value.numel()) * 0.5).float()
+    assert torch.equal(out, want)
+    assert torch.equal(SecureRandom().add_noise(value, 0.0), value)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="std"):
+            SecureRandom().add_noise(value, bad)
+    with pytest.raises(ValueError):
+        SecureRandom().uniform(-1)
