@@ -35,6 +35,7 @@ from privacy.budget import Budget, allow_round
 from privacy.dp_sgd import DEFAULT_MODE, DPConfig
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from privacy.ledger import Ledger, receipt_to_json
+from privacy.secure_noise import NOISE_SOURCE
 from shared_model.config import KyodoConfig
 from shared_model.policy import Policy
 from shared_model.protocol import (
@@ -297,6 +298,7 @@ class MemberNode:
                 "steps": allowance.steps,
                 "clipping_norm": dp.max_grad_norm,
                 "opacus_mode": dp.mode,
+                "noise_source": NOISE_SOURCE,
             },
             dataset_fingerprint=self.dataset.fingerprint(),
             epsilon=allowance.epsilon_after,

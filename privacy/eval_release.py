@@ -34,6 +34,7 @@ import numpy as np
 from privacy.accountant import Mechanism
 
 MECHANISM_NAME = "gaussian-sum-count"  # what the ledger's "opacus_mode" field holds for evaluations
+NOISE_SOURCE = "os-csprng-gauss"  # the ledger's "noise_source": secrets.SystemRandom().gauss
 SENSITIVITY = math.sqrt(2.0)  # L2 change of (clipped sum / L, count) when one episode is added or removed
 
 
@@ -71,6 +72,7 @@ class EvalPrivacy:
             "steps": 1,
             "clipping_norm": float(self.loss_bound),
             "opacus_mode": MECHANISM_NAME,
+            "noise_source": NOISE_SOURCE,
         }
 
     def noise_std_of_mean(self, episodes: int) -> float:

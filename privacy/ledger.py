@@ -3,7 +3,8 @@
 One JSON line per release the node made from its data: per round it trained (``release``
 "dp-sgd": the DP-SGD steps behind its shard update) and per held-out evaluation it reported
 (``release`` "evaluation": a Gaussian mechanism on its clipped held-out error,
-``privacy.eval_release``). Each line holds the mechanism, the epsilon composed over
+``privacy.eval_release``). Each line holds the mechanism (with the generator that drew its
+noise, from version 3 on), the epsilon composed over
 everything the node ever released, and the hash of the previous entry, signed with the
 member's Ed25519 key. The ledger is the node's persistent accountant state (``Ledger.history``), so
 a restarted node neither forgets what it spent nor counts it twice. Each entry, as signed,
@@ -41,15 +42,19 @@ from privacy.keys import KeyFormatError, load_public_key, public_key_hex
 from shared_model.durable import fsync_dir
 
 # Version 2 added ``release``; version-1 entries (no such field) are DP-SGD rounds and stay valid.
-VERSION = 2
-VERSIONS = (1, 2)
+# Version 3 added ``mechanism.noise_source``: which generator drew the noise (a guarantee is
+# only as good as its randomness, and an auditor could not tell otherwise); version-2
+# entries without it stay valid.
+VERSION = 3
+VERSIONS = (1, 2, 3)
 RELEASE_TRAIN = "dp-sgd"
 RELEASE_EVALUATION = "evaluation"
 RELEASES = (RELEASE_TRAIN, RELEASE_EVALUATION)
 GENESIS_HASH = "0" * 64
 PRIVACY_UNIT = "episode"
 DECISIONS = ("full", "shortened")
-MECHANISM_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clipping_norm", "opacus_mode")
+MECHANISM_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clipping_norm", "opacus_mode", "noise_source")
+V2_MECHANISM_FIELDS = tuple(f for f in MECHANISM_FIELDS if f != "noise_source")
 # Fields the caller of ``Ledger.append`` provides (``privacy_unit`` defaults to "episode",
 # ``release`` to "dp-sgd").
 CALLER_FIELDS = (
@@ -176,16 +181,18 @@ def _is_utc_time(value: Any) -> bool:
     return parsed.tzinfo is not None and parsed.utcoffset() == dt.timedelta(0)
 
 
-def _mechanism_problems(mech: Any) -> list[str]:
+def _mechanism_problems(mech: Any, version: Any = VERSION) -> list[str]:
     if not isinstance(mech, dict):
         return [f"field 'mechanism' must be an object, got {type(mech).__name__}"]
-    problems = _key_problems(mech, MECHANISM_FIELDS, "mechanism.")
+    fields = V2_MECHANISM_FIELDS if version in (1, 2) else MECHANISM_FIELDS
+    problems = _key_problems(mech, fields, "mechanism.")
     checks = {
         "noise_multiplier": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
         "sample_rate": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
         "steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
         "clipping_norm": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
         "opacus_mode": (_is_text, "a non-empty string"),
+        "noise_source": (_is_text, "a non-empty string"),
     }
     for name, (ok, want) in checks.items():
         if name in mech and not ok(mech[name]):
@@ -239,7 +246,7 @@ def field_problems(entry: Any, fields: Sequence[str] | None = None) -> list[str]
         if name not in entry:
             continue
         if name == "mechanism":
-            problems += _mechanism_problems(entry[name])
+            problems += _mechanism_problems(entry[name], entry.get("version"))
             continue
         ok, want = _FIELD_CHECKS[name]
         if not ok(entry[name]):

@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 # Random bits per uniform: k + 1/2 must be exact in float64's 53-bit significand, so that
 # no uniform rounds to 0 or 1 (log(0)) and every value keeps its own grid point.
 _MANTISSA = 52
+# What the ledger records as ``mechanism.noise_source`` for a DP-SGD round.
+NOISE_SOURCE = "chacha20-box-muller-f64"
 
 
 class SecureRandom:

@@ -47,13 +47,21 @@ ALL_SHARDS = ["backbone", "adapter/shared", "expert/L0/E0", "expert/L0/E1"]
 
 def _append(ledger: Ledger, history: list[Mechanism], member: str, run: str, rnd: int, shards: list[str]) -> dict:
     mechanism = {"noise_multiplier": SIGMA, "sample_rate": RATE, "steps": STEPS, "clipping_norm": 0.1}
-    return _append_entry(ledger, history, member, run, rnd, sorted(shards), {**mechanism, "opacus_mode": "bk"})
+    return _append_entry(
+        ledger,
+        history,
+        member,
+        run,
+        rnd,
+        sorted(shards),
+        {**mechanism, "opacus_mode": "bk", "noise_source": "chacha20-box-muller-f64"},
+    )
 
 
 def _append_evaluation(ledger: Ledger, history: list[Mechanism], member: str, run: str, rnd: int) -> dict:
     """A held-out error released under DP (``privacy.eval_release``) after round ``rnd``."""
     mechanism = {"noise_multiplier": EVAL_SIGMA, "sample_rate": 1.0, "steps": 1, "clipping_norm": 0.05}
-    mechanism["opacus_mode"] = "gaussian-sum-count"
+    mechanism |= {"opacus_mode": "gaussian-sum-count", "noise_source": "os-csprng-gauss"}
     return _append_entry(ledger, history, member, run, rnd, [], mechanism, release="evaluation")
 
 
@@ -229,6 +237,44 @@ def test_clean_run_passes(fed: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert audit_main(["verify", *args, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] and all(c["ok"] for c in data["checks"].values()) and len(data["entries"]) == 9
+
+
+def _replace_receipts(value: Any, new_by_signature: dict[str, dict[str, Any]]) -> Any:
+    """``value`` (a round record) with every receipt, dict or JSON text, replaced by its re-signed entry."""
+    if isinstance(value, dict):
+        if value.get("signature") in new_by_signature:
+            return new_by_signature[value["signature"]]
+        return {k: _replace_receipts(v, new_by_signature) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_receipts(v, new_by_signature) for v in value]
+    if isinstance(value, str) and value.startswith("{") and '"signature"' in value:
+        parsed = json.loads(value)
+        if parsed.get("signature") in new_by_signature:
+            return canonical_json(new_by_signature[parsed["signature"]]).decode()
+    return value
+
+
+def test_entries_before_version_3_pass_with_a_note_on_their_noise_source(fed: Path) -> None:
+    """A ledger written before ``mechanism.noise_source`` existed is still valid; the auditor says
+    that it cannot tell how that noise was drawn."""
+    assert not [f for f in run_audit(fed).findings if "predate ledger version 3" in f.message]
+    key, prev, renamed = key_of(fed, "alpha"), "0" * 64, {}
+    rewritten = []
+    for entry in read_entries(fed, "alpha"):
+        old_signature = entry.pop("signature")
+        del entry["mechanism"]["noise_source"]
+        entry.update(version=2, prev_hash=prev)
+        entry = sign(entry, key)
+        renamed[old_signature] = entry
+        prev = entry_hash(entry)
+        rewritten.append(entry)
+    write_entries(fed, "alpha", rewritten)
+    write_records(fed, [_replace_receipts(r, renamed) for r in read_records(fed)])
+    result = run_audit(fed)
+    assert result.ok, [f.text() for f in result.failures]
+    notes = [f for f in result.findings if "predate ledger version 3" in f.message]
+    assert len(notes) == 1 and notes[0].member == "alpha" and notes[0].severity == "note"
+    assert notes[0].message.startswith(f"{len(rewritten)} entries (first: entry 0)")
 
 
 def test_flat_ledger_layout(fed: Path) -> None:

@@ -44,6 +44,7 @@ def test_the_mechanism_is_one_full_batch_gaussian_step() -> None:
         "steps": 1,
         "clipping_norm": 0.02,
         "opacus_mode": "gaussian-sum-count",
+        "noise_source": "os-csprng-gauss",
     }
     # RDP of the Gaussian mechanism at noise multiplier z is alpha / (2 z^2) at every order
     one = epsilon([PRIVACY.mechanism()], 1e-5)
@@ -178,7 +179,7 @@ def test_training_and_evaluations_together_never_exceed_the_budget(
             allowance = allow_round(budget, ledger.history(), noise, 0.05, steps, min_steps=1)
             if allowance.decision != "declined":
                 mechanism = {"noise_multiplier": noise, "sample_rate": 0.05, "steps": allowance.steps}
-                mechanism |= {"clipping_norm": 0.1, "opacus_mode": "bk"}
+                mechanism |= {"clipping_norm": 0.1, "opacus_mode": "bk", "noise_source": "chacha20-box-muller-f64"}
                 ledger.append(
                     run="run", round=rnd, member="sony", shards=["adapter/shared"], mechanism=mechanism,
                     dataset_fingerprint="fp", epsilon=allowance.epsilon_after, delta=budget.delta,

@@ -51,6 +51,7 @@ def append_round(ledger: Ledger, rnd: int, noise: float, rate: float, steps: int
             "steps": steps,
             "clipping_norm": 1.0,
             "opacus_mode": "ghost",
+            "noise_source": "chacha20-box-muller-f64",
         },
         dataset_fingerprint="sha256:" + "ab" * 32,
         epsilon=epsilon(history, DELTA),
@@ -121,7 +122,7 @@ def test_append_read_round_trip(ledger: Ledger, key: Ed25519PrivateKey) -> None:
     for prev, entry in zip(entries, entries[1:], strict=False):
         assert entry["prev_hash"] == entry_hash(prev)
     first = entries[0]
-    assert first["version"] == 2 and first["privacy_unit"] == "episode" and first["release"] == "dp-sgd"
+    assert first["version"] == 3 and first["privacy_unit"] == "episode" and first["release"] == "dp-sgd"
     assert first["public_key"] == public_key_hex(key)
     assert first["time"].endswith("+00:00")
     assert ledger.head_hash() == entry_hash(entries[-1])
@@ -165,7 +166,7 @@ def append_evaluation(ledger: Ledger, rnd: int, run: str = "run-1", shards: list
     history = [*ledger.history(), Mechanism(5.0, 1.0, 1)]
     entry = {k: v for k, v in raw_entries(ledger.path)[-1].items() if k in CALLER_FIELDS}
     entry["mechanism"] = {"noise_multiplier": 5.0, "sample_rate": 1.0, "steps": 1, "clipping_norm": 0.05}
-    entry["mechanism"]["opacus_mode"] = "gaussian-sum-count"
+    entry["mechanism"] |= {"opacus_mode": "gaussian-sum-count", "noise_source": "os-csprng-gauss"}
     entry.update(run=run, round=rnd, shards=[] if shards is None else shards, release="evaluation")
     entry["epsilon"] = epsilon(history, DELTA)
     return ledger.append(**entry)
@@ -190,21 +191,47 @@ def test_a_round_is_trained_once_and_evaluated_once(ledger: Ledger) -> None:
         ledger.append(**fields)
 
 
-def test_version_1_entries_stay_valid_and_chain_into_version_2(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+def test_version_1_entries_stay_valid_and_chain_into_the_current_version(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
     """A ledger written before ``release`` existed: its entries are DP-SGD rounds."""
     old = Ledger(tmp_path / "old.jsonl", key)
     append_round(old, 1, 1.0, 0.01, 10)
     entry = raw_entries(old.path)[0]
-    del entry["release"], entry["signature"]
+    del entry["release"], entry["signature"], entry["mechanism"]["noise_source"]
     entry["version"] = 1
     entry["signature"] = key.sign(signing_payload(entry)).hex()
     write_entries(old.path, [entry])
     assert Ledger(old.path).entries() == [entry] and not verify_chain([entry], public_key_hex(key))
     assert old.find("run-1", 1) == entry
     second = append_round(old, 2, 1.0, 0.01, 10)
-    assert second["version"] == 2 and not verify_chain(old.entries(), public_key_hex(key))
+    assert second["version"] == 3 and not verify_chain(old.entries(), public_key_hex(key))
     entry["release"] = "dp-sgd"  # a version-1 entry has no such field
     assert any("'release' is not part of the format" in p for p in verify_chain([entry], public_key_hex(key)))
+
+
+def test_version_2_entries_stay_valid_without_a_noise_source(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Version 3 added ``mechanism.noise_source``: older entries lack it, newer ones must have it."""
+    old = Ledger(tmp_path / "old.jsonl", key)
+    append_round(old, 1, 1.0, 0.01, 10)
+    entry = raw_entries(old.path)[0]
+    del entry["mechanism"]["noise_source"], entry["signature"]
+    entry["version"] = 2
+    entry["signature"] = key.sign(signing_payload(entry)).hex()
+    write_entries(old.path, [entry])
+    assert not verify_chain([entry], public_key_hex(key))
+    third = append_round(old, 2, 1.0, 0.01, 10)
+    assert third["mechanism"]["noise_source"] and not verify_chain(old.entries(), public_key_hex(key))
+    entry["mechanism"]["noise_source"] = "x"
+    assert any("'mechanism.noise_source' is not part" in p for p in verify_chain([entry], public_key_hex(key)))
+    fields = {k: v for k, v in third.items() if k in CALLER_FIELDS}
+    del fields["mechanism"]["noise_source"]
+    fields["round"] = 3
+    with pytest.raises(LedgerError, match="'mechanism.noise_source' is missing"):
+        old.append(**fields)
+    fields["mechanism"]["noise_source"] = ""
+    with pytest.raises(LedgerError, match="'mechanism.noise_source' must be a non-empty string"):
+        old.append(**fields)
 
 
 # --------------------------------------------------------------------------- refusals on append

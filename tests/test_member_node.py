@@ -130,6 +130,7 @@ def test_evaluate_under_dp_is_a_recorded_release(fresh_node, setup):
     assert 0 <= reply.action_mse <= fresh_node.identity.eval_loss_bound
     entry = receipt_from_json(reply.receipt)
     assert entry == fresh_node.ledger.find("r", 0, "evaluation") and entry["mechanism"]["sample_rate"] == 1.0
+    assert entry["mechanism"]["noise_source"] == "os-csprng-gauss"
     assert fresh_node.epsilon_spent() == pytest.approx(entry["epsilon"]) and entry["epsilon"] > 0
     # the same request again (a resumed coordinator): the same answer, nothing more spent
     again = fresh_node.evaluate(EvaluateRequest(0, model, run="r"))
@@ -194,6 +195,7 @@ def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
     verify_entry(entry, public_key_hex(node.signing_key))
     assert entry["run"] == "r1" and entry["round"] == 1 and entry["privacy_unit"] == "episode"
     assert entry["mechanism"]["steps"] == reply.steps
+    assert entry["version"] == 3 and entry["mechanism"]["noise_source"] == "chacha20-box-muller-f64"
     assert 0 < entry["epsilon"] <= node.budget.epsilon
     assert node.ledger.entries() == [entry]
     assert reply.loss != reply.loss, "the un-noised training loss does not leave a DP node"

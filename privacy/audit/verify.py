@@ -204,6 +204,16 @@ def _check_ledger(result: AuditResult, consortium: Consortium, ledger: LedgerFil
             index.by_hash.setdefault(entry_hash(entry), i)
             if release_of(entry) == RELEASE_TRAIN:
                 index.by_run_round.setdefault((entry["run"], entry["round"]), i)
+    unrecorded = [i for i, entry in index.entries.items() if "noise_source" not in entry["mechanism"]]
+    if unrecorded:
+        add(
+            "format",
+            subject,
+            f"{len(unrecorded)} entries (first: entry {unrecorded[0]}) predate ledger version 3 and do not "
+            "record how their noise was drawn (kyodo nodes before version 3 drew DP-SGD noise from torch's "
+            "generator, not a cryptographic one)",
+            severity=NOTE,
+        )
     history = _account(result, ledger, index, run_id)
     if member is not None:
         _check_budget(result, ledger, index, history, member.epsilon, member.delta)
