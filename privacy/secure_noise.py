@@ -25,6 +25,12 @@ Why kyodo draws its own instead of using torch's generator or Opacus' ``secure_m
 
 The stream is ChaCha20 (``cryptography``) under a 256-bit key from :mod:`secrets`, one key
 per :class:`SecureRandom`. ``seed`` derives the key deterministically: tests only.
+
+It runs on one CPU core: about 1.6e8 normals per second here (868k in 5.3 ms). That is
+fine up to ``small``-sized shards, but a member training the 5.5e9 parameters per round the
+``trillion`` plan gives it would spend about 35 s of every step drawing noise. At that scale
+the same construction (a counter-mode cipher under a secret key, float64 transform, one
+rounding) has to run on the accelerator or across cores with one key per stream.
 """
 
 from __future__ import annotations
