@@ -70,11 +70,11 @@ weight-gradient matmuls autograd would otherwise do (its backward is ~15 ms shor
 
 ``bk`` meets both targets of issue 3 (<= 1.3x with 2 experts, <= 2x with all experts),
 keeps peak memory at non-private level, and produces the same clipped update as Opacus
-hooks (tests/test_dp_sgd.py checks both against a single-sample loop to < 1e-5). Opacus stays in
-charge of what it does well here: the averaging / optimizer step and (elsewhere)
-accounting; the noise itself comes from :mod:`privacy.secure_noise`. ``ew`` cannot take the policy's ``(embodiment, obs, ...)`` call
-directly and fails on an empty batch; :class:`DPSGD` works around both so it can be
-measured, but it is not recommended.
+hooks (tests/test_dp_sgd.py checks both against a single-sample loop to < 1e-5). Opacus
+stays in charge of what it does well here: the averaging / optimizer step and (elsewhere)
+accounting; the noise itself comes from :mod:`privacy.secure_noise`. ``ew`` cannot take the
+policy's ``(embodiment, obs, ...)`` call directly and fails on an empty batch;
+:class:`DPSGD` works around both so it can be measured, but it is not recommended.
 
 Record ``DPSGD.mode`` (or ``TrainResult.dp_mode``) in the ledger: it names the clipping
 implementation, not a different mechanism.
