@@ -20,7 +20,9 @@ same steps as (a) and for 4x as many. A flat curve means more episodes (another 
 cannot lower that member's error, whatever the privacy cost.
 
 Runs in-process (no Flower transport: the transport does not change the numbers; the
-end-to-end tests cover it). Usage: ``python bench/utility.py [--model tiny] [overrides]``.
+end-to-end tests cover it). Usage: ``python bench/utility.py [--model tiny] [overrides]``;
+``public.rounds=16`` starts every column from a checkpoint pretrained on public simulated
+episodes (``coordinator.public_checkpoint``) instead of a random initialisation.
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ from member_node.windows import EpisodeWindows, split_episodes
 from shared_model.config import KyodoConfig, load_config
 from shared_model.protocol import TrainDeclined, TrainHyperParams, TrainRequest
 from shared_model.shards import ShardLayout, set_trainable, shard_of
+
+_INITIAL: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _initial(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
+    """Every column starts from the same round-0 model (pretrained once with ``public.rounds``)."""
+    t = cfg.train
+    key = repr((cfg.model, sorted(cfg.embodiments.items()), cfg.public, t.local_steps, t.lr, t.batch_size))
+    if key not in _INITIAL:
+        _INITIAL[key] = initial_model(cfg)
+    return {k: v.clone() for k, v in _INITIAL[key].items()}
 
 
 def _hparams(cfg: KyodoConfig) -> TrainHyperParams:
@@ -82,7 +95,7 @@ def _exact_mse(cfg: KyodoConfig, node: MemberNode, model: dict[str, torch.Tensor
 
 
 def federated(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
-    model = initial_model(cfg)
+    model = _initial(cfg)
     layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
     hp = _hparams(cfg)
     for rnd in range(1, cfg.train.rounds + 1):
@@ -115,7 +128,7 @@ def alone_dp(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
     out = {}
     hp = _hparams(cfg)
     for node in nodes:
-        model = initial_model(cfg)
+        model = _initial(cfg)
         for rnd in range(1, cfg.train.rounds + 1):
             shards = _plan(cfg, nodes, rnd).shards_of(node.identity.name)
             req = TrainRequest(rnd, shards, hp, model, run="utility-alone", planned_rounds=cfg.train.rounds)
@@ -130,7 +143,7 @@ def alone_dp(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
 def untrained(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
     """The initial model: the scale against which every column's learning shows."""
     policy = nodes[0].policy
-    policy.load_state_dict(initial_model(cfg))
+    policy.load_state_dict(_initial(cfg))
     return {n.identity.name: _held_out_mse(cfg, n, policy) for n in nodes}
 
 
@@ -139,7 +152,7 @@ def _train_alone(
 ) -> float:
     """Non-private, own data only, the federation's shards of each round; held-out MSE."""
     hp = _hparams(cfg)
-    node.policy.load_state_dict(initial_model(cfg))
+    node.policy.load_state_dict(_initial(cfg))
     rng = np.random.default_rng(cfg.train.seed)
     for rnd in range(1, rounds + 1):
         shards = _plan(cfg, nodes, rnd).shards_of(node.identity.name)
@@ -182,7 +195,7 @@ def pooled(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
     """One model and one optimiser over all data: per round the union of the federation's
     shards, the same number of steps per member, one step of each member's data in turn."""
     policy = nodes[0].policy
-    policy.load_state_dict(initial_model(cfg))
+    policy.load_state_dict(_initial(cfg))
     hp = _hparams(cfg)
     rng = np.random.default_rng(cfg.train.seed)
     sampler = UniformSampler(hp.batch_size)
@@ -257,6 +270,14 @@ def main() -> None:
     print(
         f"held-out action MSE, model {cfg.model.name}, {cfg.train.rounds} rounds x {cfg.train.local_steps} steps ({seconds:.0f}s)"
     )
+    pub = cfg.public
+    start_from = (
+        f"a public checkpoint ({pub.rounds} rounds on {pub.episodes} public episodes per embodiment, "
+        f"control rate x{pub.fps_scale})"
+        if pub.rounds
+        else "a random initialisation"
+    )
+    print(f"every column starts from {start_from}; 'untrained' is that round-0 model")
     print(
         f"{'member':10s} {'untrained':>9s} {'(a) alone':>10s} {'alone+DP':>9s} {'(b) pooled':>11s} {'fed no DP':>10s}"
         f" {'(c) fed+DP':>11s} {'eps':>5s} {'c/a':>6s} {'c/b':>6s} {'c/aDP':>6s}"
@@ -289,7 +310,14 @@ def main() -> None:
             print(f"{name:10s} {cells}")
     out = Path(__file__).parent / "results" / "utility.json"
     out.parent.mkdir(exist_ok=True)
-    result = {"model": cfg.model.name, "federation": cfg.federation.name, "rows": rows, "targets_met": met}
+    result = {
+        "model": cfg.model.name,
+        "federation": cfg.federation.name,
+        "public_rounds": pub.rounds,
+        "public_fps_scale": pub.fps_scale,
+        "rows": rows,
+        "targets_met": met,
+    }
     if curve is not None:
         result["data_curve"] = curve
     out.write_text(json.dumps(result, indent=2))

@@ -48,7 +48,13 @@ def _fmt(mse: float | None) -> str:
 
 
 def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
-    """The round-0 model: the policy's deterministic initialisation from ``model.init_seed``."""
+    """The round-0 model: pretrained on public data when ``public.rounds`` > 0
+    (``coordinator.public_checkpoint``), else the policy's deterministic initialisation
+    from ``model.init_seed``."""
+    if cfg.public.rounds > 0:
+        from coordinator.public_checkpoint import public_checkpoint
+
+        return public_checkpoint(cfg)
     return {k: v.detach().clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
 
 
@@ -141,8 +147,9 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
     resumed = state.resume()
     summary = RunSummary(out_dir=out_dir)
     if resumed is None:
-        # The one time the whole model is in RAM: the policy's initialisation, written shard by
-        # shard and dropped; from here on the coordinator reads shards from the store.
+        # The one time the whole model is in RAM: the policy's initialisation (or the public
+        # checkpoint pretrained from it, public.rounds), written shard by shard and dropped;
+        # from here on the coordinator reads shards from the store.
         initial_manifest = state.commit_initial(initial_model(cfg), {"run": run_id})
         runner = RoundRunner(cfg, grid, state, run_id=run_id, sync=ModelSync(state.store))
         first_round = 1

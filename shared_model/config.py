@@ -197,6 +197,20 @@ class SecAggConfig:
 
 
 @dataclass
+class PublicConfig:
+    """The round-0 model from public data (``coordinator.public_checkpoint``); 0 rounds: a
+    random initialisation. Public simulated episodes only, never a member's."""
+
+    rounds: int = 0  # rounds of pretraining, each train.local_steps steps per embodiment
+    episodes: int = 2000  # public episodes per embodiment
+    episode_seconds: float = 4.0
+    # The public simulator's control rate relative to the members' robots: the stand-in for
+    # the gap between public data and a member's own robot (1 = the members' own dynamics).
+    fps_scale: float = 1.5
+    seed: int = 1000  # public seeds: seed + i for the i-th embodiment (sorted by name)
+
+
+@dataclass
 class KyodoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     embodiments: dict[str, EmbodimentConfig] = field(default_factory=dict)
@@ -204,6 +218,7 @@ class KyodoConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    public: PublicConfig = field(default_factory=PublicConfig)
     out_dir: str = "runs/demo"
     data_root: str = "data/demo"
     # Where simulated members keep their ledger and keys; empty: ``<out_dir>/nodes``.
@@ -377,6 +392,11 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError("train.held_out_fraction must be in (0, 1)")
     if cfg.train.eval_windows_per_episode < 0:
         raise ConfigError("train.eval_windows_per_episode must be >= 0 (0 = every window)")
+    pub = cfg.public
+    if pub.rounds < 0 or pub.episodes < 1 or not pub.episode_seconds > 0:
+        raise ConfigError("public.rounds must be >= 0 (0 = no pretraining), public.episodes >= 1, episode_seconds > 0")
+    if not (math.isfinite(pub.fps_scale) and pub.fps_scale > 0):
+        raise ConfigError(f"public.fps_scale ({pub.fps_scale}) must be a positive finite number")
     sa = cfg.secagg
     if not 1 <= sa.bits <= 62:
         raise ConfigError(f"secagg.bits ({sa.bits}) must be in 1..62")
