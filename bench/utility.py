@@ -55,8 +55,7 @@ _INITIAL: dict[str, dict[str, torch.Tensor]] = {}
 
 def _initial(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     """Every column starts from the same round-0 model (pretrained once with ``public.rounds``)."""
-    t = cfg.train
-    key = repr((cfg.model, sorted(cfg.embodiments.items()), cfg.public, t.local_steps, t.lr, t.batch_size))
+    key = repr((cfg.model, sorted(cfg.embodiments.items()), cfg.public, cfg.train))
     if key not in _INITIAL:
         _INITIAL[key] = initial_model(cfg)
     return {k: v.clone() for k, v in _INITIAL[key].items()}

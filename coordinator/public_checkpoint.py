@@ -30,10 +30,12 @@ import numpy as np
 import torch
 
 from member_node.synthetic import generate_episodes
-from member_node.trainer import UniformSampler, per_sample_loss
+from member_node.trainer import UniformSampler, train_plain
 from member_node.windows import EpisodeWindows
 from shared_model.config import EmbodimentConfig, KyodoConfig
 from shared_model.policy import Policy
+from shared_model.protocol import TrainHyperParams
+from shared_model.shards import set_trainable
 
 
 def public_embodiments(cfg: KyodoConfig) -> dict[str, EmbodimentConfig]:
@@ -60,25 +62,18 @@ def public_checkpoint(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
         episodes = generate_episodes(name, emb, pub.episodes, pub.episode_seconds, pub.seed + i)
         windows[name] = EpisodeWindows(episodes, cfg.embodiments[name], model.history, model.chunk)
     params = _pretrainable(policy)
-    for p in policy.parameters():
-        p.requires_grad_(False)
+    set_trainable(policy, [])
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr or model.lr, weight_decay=cfg.train.weight_decay)
+    hp = TrainHyperParams(optimizer.defaults["lr"], cfg.train.local_steps, cfg.train.batch_size)
     sampler = UniformSampler(cfg.train.batch_size)
     rng = np.random.default_rng(pub.seed)
     policy.train()
     try:
         for _ in range(pub.rounds):
             for name, data in windows.items():
-                for _ in range(cfg.train.local_steps):
-                    batch = data.sample(sampler(len(data), rng), rng)
-                    pred, aux = policy(name, batch.obs, batch.image)
-                    loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, model.aux_loss_coef).mean()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                train_plain(policy, name, data, hp, model.aux_loss_coef, rng, sampler, optimizer, [])
     finally:
-        for p in policy.parameters():
-            p.requires_grad_(False)
+        set_trainable(policy, [])
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}

@@ -116,7 +116,7 @@ def train_shards(
     losses: list[float] = []
     try:
         if dp is None:
-            _train_plain(
+            train_plain(
                 policy,
                 embodiment,
                 windows,
@@ -150,7 +150,7 @@ def train_shards(
     )
 
 
-def _train_plain(
+def train_plain(
     policy: Policy,
     embodiment: str,
     windows: EpisodeWindows,
@@ -161,6 +161,9 @@ def _train_plain(
     optimizer: torch.optim.Optimizer,
     losses: list[float],
 ) -> None:
+    """``hp.local_steps`` non-private steps of ``optimizer`` over whatever requires grad
+    (the caller sets that and keeps the optimizer, e.g. across embodiments); appends each
+    step's mean loss to ``losses``."""
     for _ in range(hp.local_steps):
         ids = sampler(len(windows), rng)
         batch = windows.sample(ids, rng)
