@@ -7,7 +7,8 @@ same policy for the same number of rounds x local steps:
   (b) pooled: all members' data in one place, non-private (a reference no consortium may
       run: it is the upper bound);
   (c) federated: the real member nodes and planner, each member under DP-SGD at its own
-      epsilon (default 8), aggregated per shard (FedAvg).
+      epsilon (default 8), aggregated per shard by the coordinator's server optimiser
+      (``train.server_optimizer``, FedAvg by default).
 Two more columns separate the two costs: "fed no DP" (the federation with the members' DP
 switched off: what federating costs or gains) and "alone+DP" (each member alone under the
 same DP budget: what federating gains at equal privacy).
@@ -41,6 +42,7 @@ from aggregation.server_opt import FedAvg
 from aggregation.weighted_mean import ShardMean
 from coordinator.federation import initial_model
 from coordinator.planner import MemberInfo, plan_round
+from coordinator.rounds import server_optimizer
 from member_node.identity import resolve_identity
 from member_node.node import MemberNode
 from member_node.synthetic import generate_dataset
@@ -97,6 +99,7 @@ def federated(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
     model = _initial(cfg)
     layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
     hp = _hparams(cfg)
+    optimizer = server_optimizer(cfg)  # the coordinator's own, per shard, as configured
     for rnd in range(1, cfg.train.rounds + 1):
         plan = _plan(cfg, nodes, rnd)
         accs = {
@@ -117,7 +120,7 @@ def federated(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
                 accs[shard].add(node.identity.name, grouped[shard], reply.num_examples or 1)  # 0: withheld (DP)
         for acc in accs.values():
             if len(acc.contributors) >= (1 if acc.shard_id.startswith("adapter/emb/") else cfg.train.min_cohort):
-                model.update(FedAvg(cfg.train.server_lr).apply(model, acc.mean()))
+                model.update(optimizer.apply(model, acc.mean(), acc.shard_id))
     return {n.identity.name: _exact_mse(cfg, n, model) for n in nodes}
 
 
