@@ -5,6 +5,9 @@ each member prepares its own synthetic LeRobot dataset with its own tool (``kyod
 data synth``, run as a separate process, as a member would), then the ServerApp and the
 ClientApps run for ``train.rounds`` rounds.
 
+``pretrain`` makes the round-0 checkpoint a consortium publishes (its sha256) and every
+run imports (``public.checkpoint``).
+
 ``init``, ``add-member``, ``start``, ``register``, ``run`` and ``status`` deploy the same
 ServerApp on a real SuperLink with TLS and node authentication (:mod:`coordinator.deploy`).
 """
@@ -64,6 +67,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ConfigError as err:
         console.print(f"[red]config error:[/] {err}")
         return 2
+    if cfg.public.checkpoint:  # a wrong file fails here, before members prepare data and Ray starts
+        from coordinator.public_checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            load_checkpoint(cfg)
+        except CheckpointError as err:
+            console.print(f"[red]error:[/] {err}", highlight=False)
+            return 2
     # The run writes into fresh directories so round files of an older run never mix in.
     if not any(o.startswith("out_dir=") for o in overrides):
         overrides.append(f"out_dir={Path(cfg.out_dir) / time.strftime('%Y%m%d-%H%M%S')}")
@@ -121,6 +132,36 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     console.print(
         f"{total:.3e} parameters in {len(layout.shards):,} shards; layout built in {seconds:.1f}s, peak RSS {peak_mb:.0f} MB"
+    )
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Pretrain the round-0 checkpoint on public simulated episodes, once, outside any run."""
+    from coordinator.public_checkpoint import checkpoint_metadata, public_checkpoint, write_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        console.print(f"[red]error:[/] {out} exists (--overwrite replaces it)", highlight=False)
+        return 2
+    if not out.parent.is_dir():
+        console.print(f"[red]error:[/] directory {out.parent} does not exist", highlight=False)
+        return 2
+    try:
+        cfg = load_config(model=args.model, overrides=[f"public.rounds={args.rounds}", *args.overrides])
+        if cfg.public.checkpoint:
+            raise ConfigError("public.checkpoint is what pretrain makes, not an input: leave it unset")
+    except ConfigError as err:
+        console.print(f"[red]config error:[/] {err}", highlight=False)
+        return 2
+    start = time.monotonic()
+    digest = write_checkpoint(public_checkpoint(cfg), out, checkpoint_metadata(cfg))
+    console.print(
+        f"model {cfg.model.name!r}: {cfg.public.rounds} rounds on public episodes in "
+        f"{time.monotonic() - start:.0f}s; wrote {out}\nsha256 {digest}\n"
+        f"publish the hash; runs import it with: public.checkpoint={out.resolve()} public.checkpoint_sha256={digest}",
+        highlight=False,
+        soft_wrap=True,
     )
     return 0
 
@@ -347,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default="small", help="model preset (configs/model/*.yaml)")
     info.add_argument("overrides", nargs="*", help="config overrides as a dotlist")
     info.set_defaults(func=cmd_model_info)
+    pretrain = sub.add_parser("pretrain", help="pretrain a round-0 checkpoint on public simulated episodes")
+    pretrain.add_argument("--model", default="small", help="model preset (configs/model/*.yaml)")
+    pretrain.add_argument("--rounds", type=int, default=16, help="rounds of pretraining (public.rounds)")
+    pretrain.add_argument("--out", required=True, help="the safetensors file to write (outside the app directory)")
+    pretrain.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pretrain.add_argument("overrides", nargs="*", help="config overrides as a dotlist: public.fps_scale=2")
+    pretrain.set_defaults(func=cmd_pretrain)
     plan = sub.add_parser("plan", help="per-round bytes per shard kind, member and store, for a model size")
     plan.add_argument("--model", default="trillion", help="model preset (configs/model/*.yaml)")
     plan.add_argument("--members", type=int, default=10, help="number of members (robots cycle over embodiments)")

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 
 from coordinator.progress import STAGES, cohort_table, make_progress, round_table, summary_table
+from coordinator.public_checkpoint import initial_source
 from coordinator.records import append_record, read_records
 from coordinator.rounds import RoundResult, RoundRunner
 from coordinator.run_state import RunState, failpoint
@@ -48,9 +49,14 @@ def _fmt(mse: float | None) -> str:
 
 
 def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
-    """The round-0 model: pretrained on public data when ``public.rounds`` > 0
-    (``coordinator.public_checkpoint``), else the policy's deterministic initialisation
-    from ``model.init_seed``."""
+    """The round-0 model: the published public checkpoint (``public.checkpoint``), or one
+    pretrained on public data in this process (``public.rounds`` > 0; both in
+    ``coordinator.public_checkpoint``), else the policy's deterministic initialisation from
+    ``model.init_seed``."""
+    if cfg.public.checkpoint:
+        from coordinator.public_checkpoint import load_checkpoint
+
+        return load_checkpoint(cfg)
     if cfg.public.rounds > 0:
         from coordinator.public_checkpoint import public_checkpoint
 
@@ -150,7 +156,10 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         # The one time the whole model is in RAM: the policy's initialisation (or the public
         # checkpoint pretrained from it, public.rounds), written shard by shard and dropped;
         # from here on the coordinator reads shards from the store.
-        initial_manifest = state.commit_initial(initial_model(cfg), {"run": run_id})
+        source = initial_source(cfg)
+        initial_manifest = state.commit_initial(
+            initial_model(cfg), {"run": run_id, "initial": json.dumps(source, sort_keys=True)}
+        )
         runner = RoundRunner(cfg, grid, state, run_id=run_id, sync=ModelSync(state.store))
         first_round = 1
         t0 = time.monotonic()
@@ -159,6 +168,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         summary.history.append((0, initial))
         record = {
             "round": 0,
+            "initial": source,
             "evaluation": {m: _evaluation_entry(e) for m, e in initial.items()},
             "sync_bytes": dict(runner.sync.sent_bytes),
         }

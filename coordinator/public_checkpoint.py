@@ -20,22 +20,36 @@ Every embodiment trains in turn for ``train.local_steps`` steps per round (batch
 ``train.batch_size``), for ``public.rounds`` rounds, one AdamW over every parameter but
 LoRA A (the backbone included: it is frozen only during federated rounds), at the
 model's lr. Deterministic for a given config (seeded data, sampling and initialisation).
+
+In a consortium the operator pretrains once, outside any run (``kyodo-coordinator
+pretrain``), publishes the file's sha256 with the run configuration, and every run imports
+it (``public.checkpoint`` + ``public.checkpoint_sha256``): the ServerApp does not spend
+minutes pretraining at every start (about 12 on ``small``), and the signed round-0 record
+names exactly which weights round 1 started from (:func:`initial_source`), so an auditor or
+a member can check it against the published file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from member_node.synthetic import generate_episodes
 from member_node.trainer import UniformSampler, train_plain
 from member_node.windows import EpisodeWindows
 from shared_model.config import EmbodimentConfig, KyodoConfig
+from shared_model.durable import fsync_dir
 from shared_model.policy import Policy
 from shared_model.protocol import TrainHyperParams
-from shared_model.shards import set_trainable
+from shared_model.shards import ShardLayout, set_trainable
 
 
 def public_embodiments(cfg: KyodoConfig) -> dict[str, EmbodimentConfig]:
@@ -77,3 +91,99 @@ def public_checkpoint(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     finally:
         set_trainable(policy, [])
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+FORMAT = "kyodo-public-checkpoint/1"  # safetensors metadata "format" of a file this module writes
+
+
+class CheckpointError(ValueError):
+    """The configured public checkpoint cannot be round 0: missing, not the published bytes,
+    or not this model's tensors. Raised before anything is committed."""
+
+
+def checkpoint_metadata(cfg: KyodoConfig) -> dict[str, str]:
+    """What a checkpoint file says about how it was made (safetensors metadata: str -> str)."""
+    pub = cfg.public
+    made_with = {
+        "rounds": pub.rounds,
+        "episodes": pub.episodes,
+        "episode_seconds": pub.episode_seconds,
+        "fps_scale": pub.fps_scale,
+        "seed": pub.seed,
+        "lr": cfg.train.lr or cfg.model.lr,
+        "local_steps": cfg.train.local_steps,
+        "batch_size": cfg.train.batch_size,
+    }
+    return {"format": FORMAT, "model": cfg.model.name, "public": json.dumps(made_with, sort_keys=True)}
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str]) -> str:
+    """Write ``state`` as safetensors at ``path`` (complete or absent: temp name, fsync, rename)
+    and return the sha256 of the file's bytes, which the operator publishes."""
+    path = Path(path)
+    data = safetensors.torch.save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
+    """The state dict in ``public.checkpoint``, after checking it is the published file and
+    exactly this model's tensors.
+
+    The bytes are read once, hashed, and parsed from that same buffer, so a file swapped
+    between the check and the load cannot slip in, and nothing unverified is parsed. This
+    holds the file and the model in RAM together, once per run (``initial_model`` holds the
+    whole model anyway).
+    """
+    pub = cfg.public
+    path = Path(pub.checkpoint)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"public.checkpoint {path}: cannot read it ({err.strerror or err})") from err
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != pub.checkpoint_sha256:
+        raise CheckpointError(
+            f"public.checkpoint {path} has sha256 {digest}, not the published public.checkpoint_sha256 "
+            f"{pub.checkpoint_sha256}: refusing to start from it"
+        )
+    try:
+        state = safetensors.torch.load(data)
+    except Exception as err:  # safetensors raises its own SafetensorError for malformed headers
+        raise CheckpointError(f"public.checkpoint {path} is not a safetensors file: {err}") from err
+    _check_fits(cfg, state, path)
+    return state
+
+
+def _check_fits(cfg: KyodoConfig, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor of the policy, with its shape and dtype, and nothing else; all finite."""
+    layout = ShardLayout.from_config(cfg.model, cfg.embodiments)  # meta device: nothing allocated
+    expected = {spec.name: spec for specs in layout.shards.values() for spec in specs}
+    problems = [f"missing {name}" for name in sorted(set(expected) - set(state))]
+    problems += [f"unexpected {name}" for name in sorted(set(state) - set(expected))]
+    for name in sorted(set(expected) & set(state)):
+        want, got = expected[name], state[name]
+        if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
+            problems.append(f"{name}: {got.dtype} {tuple(got.shape)}, model has {want.dtype} {tuple(want.shape)}")
+        elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            problems.append(f"{name}: not finite")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"public.checkpoint {path} does not fit model {cfg.model.name!r}: {shown}")
+
+
+def initial_source(cfg: KyodoConfig) -> dict[str, Any]:
+    """Where round 0 came from, for the coordinator's signed round-0 record."""
+    pub = cfg.public
+    if pub.checkpoint:
+        # "sha256:" prefix: a bare 64-hex string in a manifest reads as a store object id.
+        return {"source": "public-checkpoint", "sha256": f"sha256:{pub.checkpoint_sha256}"}
+    if pub.rounds > 0:
+        return {"source": "public-pretraining", **json.loads(checkpoint_metadata(cfg)["public"])}
+    return {"source": "init", "init_seed": cfg.model.init_seed}

@@ -208,6 +208,11 @@ class PublicConfig:
     # the gap between public data and a member's own robot (1 = the members' own dynamics).
     fps_scale: float = 1.5
     seed: int = 1000  # public seeds: seed + i for the i-th embodiment (sorted by name)
+    # A checkpoint made once by `kyodo-coordinator pretrain` (or any safetensors file of
+    # exactly this model's tensors), imported as round 0 instead of pretraining in the run;
+    # refused unless its bytes hash to checkpoint_sha256, the value the operator published.
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
 
 
 @dataclass
@@ -261,8 +266,13 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
     try:
-        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+        current = OmegaConf.select(cfg, key, default=_MISSING)
+        if current is _MISSING:
             raise ConfigKeyError(f"Key '{key}' does not exist")
+        if isinstance(current, str) and isinstance(value, int | float | bool):
+            # A string setting keeps its text: YAML would read a hash of digits ("0123...") as
+            # an int and drop its leading zeros, or "1e5" as a float.
+            value = raw.strip()
         OmegaConf.update(cfg, key, value, merge=True)
     except (OmegaConfBaseException, TypeError, ValueError) as err:
         raise ConfigError(f"override {item!r}: unknown key or bad value for {key!r}: {_describe(err)}") from None
@@ -397,6 +407,15 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError("public.rounds must be >= 0 (0 = no pretraining), public.episodes >= 1, episode_seconds > 0")
     if not (math.isfinite(pub.fps_scale) and pub.fps_scale > 0):
         raise ConfigError(f"public.fps_scale ({pub.fps_scale}) must be a positive finite number")
+    if pub.checkpoint and not re.fullmatch(r"[0-9a-f]{64}", pub.checkpoint_sha256):
+        raise ConfigError(
+            "public.checkpoint needs public.checkpoint_sha256: the published sha256 of the file "
+            f"(64 lowercase hex digits), got {pub.checkpoint_sha256!r}"
+        )
+    if pub.checkpoint_sha256 and not pub.checkpoint:
+        raise ConfigError("public.checkpoint_sha256 is set but public.checkpoint (the file) is not")
+    if pub.checkpoint and pub.rounds > 0:
+        raise ConfigError("public.checkpoint and public.rounds > 0 both make round 0: set one of them")
     sa = cfg.secagg
     if not 1 <= sa.bits <= 62:
         raise ConfigError(f"secagg.bits ({sa.bits}) must be in 1..62")

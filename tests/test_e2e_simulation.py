@@ -4,12 +4,14 @@ Runs ``kyodo-coordinator demo`` as a separate process (as a user would) on ``tin
 the 4-member default federation for 2 rounds, then checks the outcome on disk.
 """
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from shared_model.shards import shard_of
@@ -56,9 +58,25 @@ def dp_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def plaintext_run(tmp_path_factory):
-    """Secure aggregation switched off (the operator's debugging switch), one round."""
-    return _demo(tmp_path_factory.mktemp("plain"), "secagg.enabled=false", rounds=1)
+def published_checkpoint(tmp_path_factory):
+    """The operator's round-0 checkpoint, made once with ``kyodo-coordinator pretrain``."""
+    out = tmp_path_factory.mktemp("public") / "round0.safetensors"
+    cmd = [
+        sys.executable, "-m", "coordinator.cli", "pretrain", "--model", "tiny", "--rounds", "2", "--out", str(out),
+        "public.episodes=24", "train.local_steps=10", "train.batch_size=16",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out, hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def plaintext_run(tmp_path_factory, published_checkpoint):
+    """Secure aggregation switched off (the operator's debugging switch), one round, from
+    the published public checkpoint."""
+    path, digest = published_checkpoint
+    checkpoint = (f"public.checkpoint={path}", f"public.checkpoint_sha256={digest}")
+    return _demo(tmp_path_factory.mktemp("plain"), "secagg.enabled=false", *checkpoint, rounds=1)
 
 
 def test_secure_aggregation_can_be_switched_off_and_the_record_says_so(plaintext_run):
@@ -68,6 +86,19 @@ def test_secure_aggregation_can_be_switched_off_and_the_record_says_so(plaintext
     assert records[1]["secure_aggregation"] is False
     assert records[1]["updated_shards"]
     assert set(records[1]["aggregation"].values()) == {"plaintext"}
+
+
+def test_a_run_starts_from_the_published_checkpoint_and_records_its_hash(plaintext_run, published_checkpoint):
+    out_dir, _, _ = plaintext_run
+    path, digest = published_checkpoint
+    want = safetensors.torch.load_file(str(path))
+    store = ShardStore(out_dir / "store")
+    got = store.load_model(0)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    source = {"source": "public-checkpoint", "sha256": f"sha256:{digest}"}
+    assert json.loads(store.manifest(0).extra["initial"]) == source
+    record = json.loads((out_dir / "rounds.jsonl").read_text().splitlines()[0])
+    assert record["round"] == 0 and record["initial"] == source
 
 
 def test_every_member_prepared_its_own_data(demo_run):
