@@ -271,7 +271,10 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     state = RunState(tiny_cfg, run)
     model = initial_model(tiny_cfg)
     state.commit_initial(model, {"run": "t"})
-    append_record(run, {"round": 0, "evaluation": {"sony": {"action_mse": 0.2}, "honda": {"action_mse": 0.4}}})
+    initial = {"source": "public-checkpoint", "sha256": "sha256:" + "ab" * 32}
+    append_record(
+        run, {"round": 0, "initial": initial, "evaluation": {"sony": {"action_mse": 0.2}, "honda": {"action_mse": 0.4}}}
+    )
     name = next(n for n in model if n.startswith("adapters.so100."))
     model[name] = model[name] + 1
     state.commit_round(1, model, ["adapter/emb/so100"], {}, {"run": "t"})
@@ -287,6 +290,7 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     assert coordinator_main(["status", str(run)]) == 0
     out = capsys.readouterr().out
     assert "HEAD" in out and "adapter/emb/so100" in out and "1.250" in out
+    assert "round 0: public checkpoint sha256:" + "ab" * 32 in " ".join(out.split())
     assert coordinator_main(["status", str(tmp_path / "nowhere")]) == 2
 
 
