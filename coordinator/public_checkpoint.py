@@ -123,11 +123,15 @@ def write_checkpoint(state: dict[str, torch.Tensor], path: Path | str, metadata:
     path = Path(path)
     data = safetensors.torch.save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
     return hashlib.sha256(data).hexdigest()
 
