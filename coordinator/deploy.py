@@ -198,10 +198,7 @@ def init_operator(
         raise DeployError(f"{op.consortium} already exists: this directory is set up")
     if rounds < 1:
         raise DeployError("--rounds must be >= 1")
-    try:
-        load_config(model=model, overrides=list(overrides))
-    except ConfigError as err:
-        raise DeployError(f"config: {err}") from None
+    _check_run_config(model, list(overrides))
     hosts = list(dict.fromkeys([host, *san]))
     op.root.mkdir(parents=True, exist_ok=True)
     try:
@@ -535,11 +532,18 @@ def run_config(
         *consortium.overrides,
         *overrides,
     ]
-    try:
-        load_config(model=consortium.model, overrides=items)
-    except ConfigError as err:
-        raise DeployError(f"config: {err}") from None
+    _check_run_config(consortium.model, items)
     return {"model": consortium.model, "federation": "default", "overrides": " ".join(shlex.quote(i) for i in items)}
+
+
+def _check_run_config(model: str, overrides: list[str]) -> None:
+    """The run config must load, and a public checkpoint it names must be the published file."""
+    from coordinator.public_checkpoint import CheckpointError, check_published
+
+    try:
+        check_published(load_config(model=model, overrides=overrides))
+    except (ConfigError, CheckpointError) as err:
+        raise DeployError(f"config: {err}") from None
 
 
 @dataclass

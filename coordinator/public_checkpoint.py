@@ -165,6 +165,27 @@ def load_checkpoint(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_published(cfg: KyodoConfig) -> None:
+    """Fail early (``kyodo-coordinator init`` and ``run``) if ``public.checkpoint`` is not the
+    published file: a streaming hash, so it costs no RAM at any model size. The run itself
+    still checks everything again, on the bytes it loads (:func:`load_checkpoint`)."""
+    pub = cfg.public
+    if not pub.checkpoint:
+        return
+    digest = hashlib.sha256()
+    try:
+        with open(pub.checkpoint, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    except OSError as err:
+        raise CheckpointError(f"public.checkpoint {pub.checkpoint}: cannot read it ({err.strerror or err})") from err
+    if digest.hexdigest() != pub.checkpoint_sha256:
+        raise CheckpointError(
+            f"public.checkpoint {pub.checkpoint} has sha256 {digest.hexdigest()}, not the published "
+            f"public.checkpoint_sha256 {pub.checkpoint_sha256}"
+        )
+
+
 def _check_fits(cfg: KyodoConfig, state: dict[str, torch.Tensor], path: Path) -> None:
     """Every tensor of the policy, with its shape and dtype, and nothing else; all finite."""
     layout = ShardLayout.from_config(cfg.model, cfg.embodiments)  # meta device: nothing allocated

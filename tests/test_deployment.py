@@ -199,6 +199,29 @@ def test_member_start_fails_fast_on_what_the_member_must_fix(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the operator's side
 
 
+def test_operator_init_and_run_check_the_published_checkpoint(tmp_path, capsys, tiny_cfg):
+    """The checkpoint every run imports is checked against its published hash at init and at
+    every submission (the file may have changed in between), before anything starts."""
+    from coordinator.federation import initial_model
+    from coordinator.public_checkpoint import write_checkpoint
+
+    path = tmp_path / "round0.safetensors"
+    digest = write_checkpoint(initial_model(tiny_cfg), path, {})
+    wrong = "0" * 64
+    op_dir = tmp_path / "operator"
+    argv = ["init", str(op_dir), "--model", "tiny", f"public.checkpoint={path}"]
+    assert coordinator_main([*argv, f"public.checkpoint_sha256={wrong}"]) == 3
+    assert f"has sha256 {digest}, not the published public.checkpoint_sha256 {wrong}" in capsys.readouterr().out
+    assert not op_dir.exists()
+    assert coordinator_main([*argv, f"public.checkpoint_sha256={digest}"]) == 0
+    consortium = deploy.load_consortium(deploy.operator_dir(op_dir))
+    assert f"public.checkpoint_sha256={digest}" in consortium.overrides
+    deploy.run_config(consortium, tmp_path / "run", None, [], {})  # the published file: accepted
+    path.write_bytes(path.read_bytes() + b" ")
+    with pytest.raises(deploy.DeployError, match="not the published public.checkpoint_sha256"):
+        deploy.run_config(consortium, tmp_path / "run", None, [], {})
+
+
 def test_operator_init_add_member_and_run_config(tmp_path, capsys):
     op_dir = tmp_path / "operator"
     assert coordinator_main(["init", str(op_dir), "--model", "tiny", "--rounds", "3", "--port", "9555"]) == 0
