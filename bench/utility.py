@@ -23,7 +23,9 @@ cannot lower that member's error, whatever the privacy cost.
 Runs in-process (no Flower transport: the transport does not change the numbers; the
 end-to-end tests cover it). Usage: ``python bench/utility.py [--model tiny] [overrides]``;
 ``public.rounds=16`` starts every column from a checkpoint pretrained on public simulated
-episodes (``coordinator.public_checkpoint``) instead of a random initialisation.
+episodes (``coordinator.public_checkpoint``) instead of a random initialisation;
+``public.checkpoint=FILE public.checkpoint_sha256=HASH`` from one ``kyodo-coordinator
+pretrain`` wrote.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from aggregation.server_opt import FedAvg
 from aggregation.weighted_mean import ShardMean
 from coordinator.federation import initial_model
 from coordinator.planner import MemberInfo, plan_round
+from coordinator.public_checkpoint import initial_source
 from coordinator.rounds import server_optimizer
 from member_node.identity import resolve_identity
 from member_node.node import MemberNode
@@ -273,12 +276,15 @@ def main() -> None:
         f"held-out action MSE, model {cfg.model.name}, {cfg.train.rounds} rounds x {cfg.train.local_steps} steps ({seconds:.0f}s)"
     )
     pub = cfg.public
-    start_from = (
-        f"a public checkpoint ({pub.rounds} rounds on {pub.episodes} public episodes per embodiment, "
-        f"control rate x{pub.fps_scale})"
-        if pub.rounds
-        else "a random initialisation"
-    )
+    source = initial_source(cfg)
+    start_from = "a random initialisation"
+    if source["source"] == "public-checkpoint":
+        start_from = f"the published public checkpoint {pub.checkpoint} ({source['sha256']})"
+    elif source["source"] == "public-pretraining":
+        start_from = (
+            f"a public checkpoint ({pub.rounds} rounds on {pub.episodes} public episodes per embodiment, "
+            f"control rate x{pub.fps_scale})"
+        )
     print(f"every column starts from {start_from}; 'untrained' is that round-0 model")
     print(
         f"{'member':10s} {'untrained':>9s} {'(a) alone':>10s} {'alone+DP':>9s} {'(b) pooled':>11s} {'fed no DP':>10s}"
@@ -315,6 +321,7 @@ def main() -> None:
     result = {
         "model": cfg.model.name,
         "federation": cfg.federation.name,
+        "initial": source,
         "public_rounds": pub.rounds,
         "public_fps_scale": pub.fps_scale,
         "rows": rows,
