@@ -154,8 +154,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except ConfigError as err:
         console.print(f"[red]config error:[/] {err}", highlight=False)
         return 2
+    from coordinator.progress import make_progress
+
     start = time.monotonic()
-    digest = write_checkpoint(public_checkpoint(cfg), out, checkpoint_metadata(cfg))
+    with make_progress(console) as progress:
+        bar = progress.add_task("pretraining", total=cfg.public.rounds * len(cfg.embodiments), stage="")
+        state = public_checkpoint(
+            cfg, on_block=lambda rnd, name: progress.update(bar, advance=1, stage=f"round {rnd}: {name}")
+        )
+    digest = write_checkpoint(state, out, checkpoint_metadata(cfg))
     console.print(
         f"model {cfg.model.name!r}: {cfg.public.rounds} rounds on public episodes in "
         f"{time.monotonic() - start:.0f}s; wrote {out}\nsha256 {digest}\n"

@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,11 @@ def _pretrainable(policy: Policy) -> list[torch.nn.Parameter]:
     return [p for name, p in policy.named_parameters() if ".lora_A." not in name]
 
 
-def public_checkpoint(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
-    """The pretrained round-0 state dict (``public.rounds`` > 0), trained on public episodes only."""
+def public_checkpoint(cfg: KyodoConfig, on_block: Callable[[int, str], None] | None = None) -> dict[str, torch.Tensor]:
+    """The pretrained round-0 state dict (``public.rounds`` > 0), trained on public episodes only.
+
+    ``on_block(round, embodiment)`` is called after each embodiment's steps of each round (a
+    progress bar: ``small`` takes minutes)."""
     pub = cfg.public
     if pub.rounds < 1:
         raise ValueError(f"public.rounds must be >= 1 to pretrain, got {pub.rounds}")
@@ -85,9 +89,11 @@ def public_checkpoint(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(pub.seed)
     policy.train()
     try:
-        for _ in range(pub.rounds):
+        for rnd in range(1, pub.rounds + 1):
             for name, data in windows.items():
                 train_plain(policy, name, data, hp, model.aux_loss_coef, rng, sampler, optimizer, [])
+                if on_block is not None:
+                    on_block(rnd, name)
     finally:
         set_trainable(policy, [])
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}

@@ -60,6 +60,13 @@ def test_the_checkpoint_is_deterministic_and_trains_every_shard_kind(cfg, checkp
     assert all(torch.isfinite(v).all() for v in checkpoint.values())
 
 
+def test_progress_is_reported_after_each_embodiments_steps():
+    cfg = load_config(model="tiny", overrides=["public.rounds=2", *FAST])
+    calls: list[tuple[int, str]] = []
+    public_checkpoint(cfg, on_block=lambda rnd, name: calls.append((rnd, name)))
+    assert calls == [(rnd, name) for rnd in (1, 2) for name in sorted(cfg.embodiments)]
+
+
 def test_public_episodes_come_from_another_control_rate(cfg):
     public = public_embodiments(cfg)
     assert public.keys() == cfg.embodiments.keys()
