@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 
 from coordinator.progress import STAGES, cohort_table, make_progress, round_table, summary_table
-from coordinator.public_checkpoint import initial_source
+from coordinator.public_checkpoint import initial_source, load_checkpoint, public_checkpoint
 from coordinator.records import append_record, read_records
 from coordinator.rounds import RoundResult, RoundRunner
 from coordinator.run_state import RunState, failpoint
@@ -54,12 +54,8 @@ def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     ``coordinator.public_checkpoint``), else the policy's deterministic initialisation from
     ``model.init_seed``."""
     if cfg.public.checkpoint:
-        from coordinator.public_checkpoint import load_checkpoint
-
         return load_checkpoint(cfg)
     if cfg.public.rounds > 0:
-        from coordinator.public_checkpoint import public_checkpoint
-
         return public_checkpoint(cfg)
     return {k: v.detach().clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
 
@@ -153,9 +149,9 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
     resumed = state.resume()
     summary = RunSummary(out_dir=out_dir)
     if resumed is None:
-        # The one time the whole model is in RAM: the policy's initialisation (or the public
-        # checkpoint pretrained from it, public.rounds), written shard by shard and dropped;
-        # from here on the coordinator reads shards from the store.
+        # The one time the whole model is in RAM: the policy's initialisation, or the public
+        # checkpoint (imported, public.checkpoint, or pretrained here, public.rounds), written
+        # shard by shard and dropped; from here on the coordinator reads shards from the store.
         source = initial_source(cfg)
         initial_manifest = state.commit_initial(
             initial_model(cfg), {"run": run_id, "initial": json.dumps(source, sort_keys=True)}
