@@ -270,8 +270,8 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
         if current is _MISSING:
             raise ConfigKeyError(f"Key '{key}' does not exist")
         if isinstance(current, str) and isinstance(value, int | float | bool):
-            # A string setting keeps its text: YAML would read a hash of digits ("0123...") as
-            # an int and drop its leading zeros, or "1e5" as a float.
+            # A string setting keeps its text: YAML reads a hash of digits ("000...01") as the
+            # int 1, "0123" as the octal 83, "1.5e+3" as a float.
             value = raw.strip()
         OmegaConf.update(cfg, key, value, merge=True)
     except (OmegaConfBaseException, TypeError, ValueError) as err:

@@ -34,10 +34,11 @@ def test_dotlist_overrides_every_section():
 
 
 def test_a_string_setting_keeps_its_text():
-    """YAML reads "0123" as 123 and "1e5" as a float; a string setting (a hash, a path) must not."""
+    """YAML reads "000...01" as 1, "0123" as the octal 83 and "1.5e+3" as a float; a string
+    setting (a hash, a path) must keep its text."""
     digest = "0" * 63 + "1"
-    cfg = load_config(overrides=[f"public.checkpoint_sha256={digest}", "public.checkpoint=1e5", "data_root=0123"])
-    assert (cfg.public.checkpoint_sha256, cfg.public.checkpoint, cfg.data_root) == (digest, "1e5", "0123")
+    cfg = load_config(overrides=[f"public.checkpoint_sha256={digest}", "public.checkpoint=1.5e+3", "data_root=0123"])
+    assert (cfg.public.checkpoint_sha256, cfg.public.checkpoint, cfg.data_root) == (digest, "1.5e+3", "0123")
     assert load_config(overrides=["data_root='quoted'"]).data_root == "quoted"
 
 
