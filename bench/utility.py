@@ -46,6 +46,7 @@ from coordinator.federation import initial_model
 from coordinator.planner import MemberInfo, plan_round
 from coordinator.public_checkpoint import initial_source
 from coordinator.rounds import server_optimizer
+from coordinator.run_status import describe_round_zero
 from member_node.identity import resolve_identity
 from member_node.node import MemberNode
 from member_node.synthetic import generate_dataset
@@ -277,15 +278,7 @@ def main() -> None:
     )
     pub = cfg.public
     source = initial_source(cfg)
-    start_from = "a random initialisation"
-    if source["source"] == "public-checkpoint":
-        start_from = f"the published public checkpoint {pub.checkpoint} ({source['sha256']})"
-    elif source["source"] == "public-pretraining":
-        start_from = (
-            f"a public checkpoint ({pub.rounds} rounds on {pub.episodes} public episodes per embodiment, "
-            f"control rate x{pub.fps_scale})"
-        )
-    print(f"every column starts from {start_from}; 'untrained' is that round-0 model")
+    print(f"every column starts from the same round 0, {describe_round_zero(source)}; 'untrained' is that model")
     print(
         f"{'member':10s} {'untrained':>9s} {'(a) alone':>10s} {'alone+DP':>9s} {'(b) pooled':>11s} {'fed no DP':>10s}"
         f" {'(c) fed+DP':>11s} {'eps':>5s} {'c/a':>6s} {'c/b':>6s} {'c/aDP':>6s}"

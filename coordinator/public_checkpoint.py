@@ -109,8 +109,13 @@ class CheckpointError(ValueError):
 
 def checkpoint_metadata(cfg: KyodoConfig) -> dict[str, str]:
     """What a checkpoint file says about how it was made (safetensors metadata: str -> str)."""
+    return {"format": FORMAT, "model": cfg.model.name, "public": json.dumps(_made_with(cfg), sort_keys=True)}
+
+
+def _made_with(cfg: KyodoConfig) -> dict[str, Any]:
+    """The settings pretraining depends on."""
     pub = cfg.public
-    made_with = {
+    return {
         "rounds": pub.rounds,
         "episodes": pub.episodes,
         "episode_seconds": pub.episode_seconds,
@@ -120,7 +125,6 @@ def checkpoint_metadata(cfg: KyodoConfig) -> dict[str, str]:
         "local_steps": cfg.train.local_steps,
         "batch_size": cfg.train.batch_size,
     }
-    return {"format": FORMAT, "model": cfg.model.name, "public": json.dumps(made_with, sort_keys=True)}
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str]) -> str:
@@ -151,18 +155,12 @@ def load_checkpoint(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     holds the file and the model in RAM together, once per run (``initial_model`` holds the
     whole model anyway).
     """
-    pub = cfg.public
-    path = Path(pub.checkpoint)
+    path = Path(cfg.public.checkpoint)
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise CheckpointError(f"public.checkpoint {path}: cannot read it ({err.strerror or err})") from err
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != pub.checkpoint_sha256:
-        raise CheckpointError(
-            f"public.checkpoint {path} has sha256 {digest}, not the published public.checkpoint_sha256 "
-            f"{pub.checkpoint_sha256}: refusing to start from it"
-        )
+        raise _unreadable(path, err) from err
+    _require_published(cfg, hashlib.sha256(data).hexdigest())
     try:
         state = safetensors.torch.load(data)
     except Exception as err:  # safetensors raises its own SafetensorError for malformed headers
@@ -175,20 +173,28 @@ def check_published(cfg: KyodoConfig) -> None:
     """Fail early (``kyodo-coordinator init`` and ``run``) if ``public.checkpoint`` is not the
     published file: a streaming hash, so it costs no RAM at any model size. The run itself
     still checks everything again, on the bytes it loads (:func:`load_checkpoint`)."""
-    pub = cfg.public
-    if not pub.checkpoint:
+    if not cfg.public.checkpoint:
         return
+    path = Path(cfg.public.checkpoint)
     digest = hashlib.sha256()
     try:
-        with open(pub.checkpoint, "rb") as fh:
+        with open(path, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 digest.update(chunk)
     except OSError as err:
-        raise CheckpointError(f"public.checkpoint {pub.checkpoint}: cannot read it ({err.strerror or err})") from err
-    if digest.hexdigest() != pub.checkpoint_sha256:
+        raise _unreadable(path, err) from err
+    _require_published(cfg, digest.hexdigest())
+
+
+def _unreadable(path: Path, err: OSError) -> CheckpointError:
+    return CheckpointError(f"public.checkpoint {path}: cannot read it ({err.strerror or err})")
+
+
+def _require_published(cfg: KyodoConfig, digest: str) -> None:
+    if digest != cfg.public.checkpoint_sha256:
         raise CheckpointError(
-            f"public.checkpoint {pub.checkpoint} has sha256 {digest.hexdigest()}, not the published "
-            f"public.checkpoint_sha256 {pub.checkpoint_sha256}"
+            f"public.checkpoint {cfg.public.checkpoint} has sha256 {digest}, not the published "
+            f"public.checkpoint_sha256 {cfg.public.checkpoint_sha256}: refusing to start from it"
         )
 
 
@@ -216,5 +222,5 @@ def initial_source(cfg: KyodoConfig) -> dict[str, Any]:
         # "sha256:" prefix: a bare 64-hex string in a manifest reads as a store object id.
         return {"source": "public-checkpoint", "sha256": f"sha256:{pub.checkpoint_sha256}"}
     if pub.rounds > 0:
-        return {"source": "public-pretraining", **json.loads(checkpoint_metadata(cfg)["public"])}
+        return {"source": "public-pretraining", **_made_with(cfg)}
     return {"source": "init", "init_seed": cfg.model.init_seed}

@@ -84,20 +84,24 @@ def rounds_table(report: RunReport) -> Table:
             str(len([k for k in rec.get("failed") or {} if "/" not in k])),
             f"{mse:.4f}" if mse is not None else "-", f"{rec['seconds']:.0f}" if "seconds" in rec else "-",
         )  # fmt: skip
-    table.caption = _round_zero(report.records.get(0, {}).get("initial"))
+    table.caption = "round 0: " + describe_round_zero(report.records.get(0, {}).get("initial"))
     return table
 
 
-def _round_zero(source: Any) -> str:
-    """Where round 0 came from (the round-0 record's ``initial``; runs before it: unrecorded)."""
+def describe_round_zero(source: Any) -> str:
+    """Where round 0 came from, from the round-0 record's ``initial``
+    (``coordinator.public_checkpoint.initial_source``; runs before it did not record one)."""
     if not isinstance(source, dict):
-        return "round 0: source not recorded"
+        return "source not recorded"
     kind = source.get("source")
     if kind == "public-checkpoint":
-        return f"round 0: public checkpoint {source.get('sha256')}"
+        return f"public checkpoint {source.get('sha256')}"
     if kind == "public-pretraining":
-        return f"round 0: pretrained on public episodes in the run ({source.get('rounds')} rounds)"
-    return f"round 0: random initialisation (model.init_seed {source.get('init_seed')})"
+        return (
+            f"pretrained on public episodes in the run ({source.get('rounds')} rounds, "
+            f"{source.get('episodes')} episodes per embodiment, control rate x{source.get('fps_scale')})"
+        )
+    return f"random initialisation (model.init_seed {source.get('init_seed')})"
 
 
 def cohorts_table(report: RunReport, rounds: Sequence[int] | None = None) -> Table:
