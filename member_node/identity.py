@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from privacy.eval_release import EvalPrivacy
 from shared_model.config import KyodoConfig
+from shared_model.device import resolve_device
 
 
 class NodeConfigError(ValueError):
@@ -35,9 +38,13 @@ class MemberIdentity:
     noise_multiplier: float = 0.0  # 0: planned from the budget over the run's rounds
     eval_noise_multiplier: float = 5.0  # held-out error release under DP; 0: none
     eval_loss_bound: float = 0.05
+    device: str = "cpu"  # where the node trains and evaluates (shared_model.device)
 
     def eval_privacy(self) -> EvalPrivacy:
         return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
 
 
 def _float(node_config: Mapping[str, Any], key: str, default: float) -> float:
@@ -75,6 +82,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             noise_multiplier=_float(node_config, "noise-multiplier", 0.0),
             eval_noise_multiplier=_float(node_config, "eval-noise-multiplier", 5.0),
             eval_loss_bound=_float(node_config, "eval-loss-bound", 0.05),
+            device=str(node_config.get("device", "cpu")),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -96,6 +104,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             noise_multiplier=m.noise_multiplier,
             eval_noise_multiplier=m.eval_noise_multiplier,
             eval_loss_bound=m.eval_loss_bound,
+            device=m.device,
         )
     else:
         raise NodeConfigError("node config names no member: set member, embodiment and data-dir")
@@ -108,6 +117,10 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         identity.eval_privacy()
     except ValueError as err:
         raise NodeConfigError(f"member {identity.name!r}: eval-noise-multiplier / eval-loss-bound: {err}") from None
+    try:
+        identity.torch_device()
+    except ValueError as err:
+        raise NodeConfigError(f"member {identity.name!r}: node config 'device': {err}") from None
     if identity.embodiment not in cfg.embodiments:
         raise NodeConfigError(
             f"member {identity.name!r} declares embodiment {identity.embodiment!r}, "

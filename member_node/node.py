@@ -75,7 +75,8 @@ class MemberNode:
         self.held_windows = EpisodeWindows(
             [self.dataset.episodes[i] for i in held_ids], emb_cfg, history=m.history, chunk=m.chunk
         )
-        self.policy = Policy(cfg.model, cfg.embodiments)
+        self.device = identity.torch_device()
+        self.policy = Policy(cfg.model, cfg.embodiments, device=self.device)
         self.layout = ShardLayout.from_model(self.policy)
         self.budget = Budget(identity.epsilon, identity.delta)
         state = Path(identity.state_dir)

@@ -49,6 +49,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from privacy.eval_release import EvalPrivacy
 from privacy.keys import load_or_create_signing_key, public_key_hex
+from shared_model.device import resolve_device
 from shared_model.flower_processes import flower_executable, flower_path, log_retry, still_catches
 
 log = logging.getLogger("kyodo.member")
@@ -97,6 +98,7 @@ class MemberSetup:
     # and per-episode error bound. Older member.yaml files without them get these defaults.
     eval_noise_multiplier: float = 5.0
     eval_loss_bound: float = 0.05
+    device: str = "cpu"  # where the node trains (cpu, cuda, cuda:N, mps); older files: cpu
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
     runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
@@ -136,6 +138,7 @@ class MemberSetup:
             "dp": bool(self.dp),
             "eval-noise-multiplier": float(self.eval_noise_multiplier),
             "eval-loss-bound": float(self.eval_loss_bound),
+            "device": self.device,
         }
 
 
@@ -220,6 +223,7 @@ def init_member(
     dp: bool = True,
     eval_noise_multiplier: float = 5.0,
     eval_loss_bound: float = 0.05,
+    device: str = "cpu",
     superlink: str = "",
     root_certificates: Path | str = "",
     runtime_port: int = 0,
@@ -240,6 +244,7 @@ def init_member(
         EvalPrivacy(eval_noise_multiplier, eval_loss_bound)
     except ValueError as err:
         raise SetupError(f"--eval-noise-multiplier / --eval-loss-bound: {err}") from None
+    _check_device(device)
     if superlink:
         parse_address(superlink)
     setup = MemberSetup(
@@ -252,6 +257,7 @@ def init_member(
         dp=dp,
         eval_noise_multiplier=float(eval_noise_multiplier),
         eval_loss_bound=float(eval_loss_bound),
+        device=str(device),
         superlink=superlink,
         root_certificates=str(Path(root_certificates).expanduser().resolve()) if root_certificates else "",
         runtime_port=runtime_port,
@@ -347,10 +353,18 @@ def preflight(setup: MemberSetup, check_data: Callable[[MemberSetup], None] | No
     except ssl.SSLError as err:
         raise SetupError(f"CA certificate {ca} is not a PEM certificate ({err.reason})") from None
     load_auth_key(setup.auth_key)
+    _check_device(setup.device)
     if not setup.signing_key.is_file():
         raise SetupError(f"ledger key {setup.signing_key} is missing (kyodo-member init creates it)")
     if check_data is not None:
         check_data(setup)
+
+
+def _check_device(device: str) -> None:
+    try:
+        resolve_device(device)
+    except ValueError as err:
+        raise SetupError(f"--device: {err}") from None
 
 
 def probe_superlink(address: str, ca_file: str, timeout: float = 5.0) -> None:

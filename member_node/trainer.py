@@ -75,6 +75,11 @@ def adamw(params: Iterable[torch.nn.Parameter], hp: TrainHyperParams) -> torch.o
     return torch.optim.AdamW(list(params), lr=hp.lr, weight_decay=hp.weight_decay)
 
 
+def policy_device(policy: Policy) -> torch.device:
+    """Where the policy's parameters live: every batch goes there, every delta comes back."""
+    return next(policy.parameters()).device
+
+
 def _forward(policy: Policy, embodiment: str, batch: WindowBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return policy(embodiment, batch.obs, batch.image)
 
@@ -139,7 +144,9 @@ def train_shards(
     finally:
         set_trainable(policy, [])
     tail = losses[-max(1, len(losses) // 4) :]
-    deltas = {n: (p.detach() - before[n]).contiguous() for n, p in params.items()}
+    # Deltas leave through secure aggregation and the protocol's encoders, which work on host
+    # memory: bring them back from an accelerator here, once per round.
+    deltas = {n: (p.detach() - before[n]).to("cpu").contiguous() for n, p in params.items()}
     return TrainResult(
         deltas=deltas,
         num_examples=len(windows),
@@ -164,9 +171,10 @@ def train_plain(
     """``hp.local_steps`` non-private steps of ``optimizer`` over whatever requires grad
     (the caller sets that and keeps the optimizer, e.g. across embodiments); appends each
     step's mean loss to ``losses``."""
+    device = policy_device(policy)
     for _ in range(hp.local_steps):
         ids = sampler(len(windows), rng)
-        batch = windows.sample(ids, rng)
+        batch = windows.sample(ids, rng).to(device)
         pred, aux = _forward(policy, embodiment, batch)
         loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, aux_coef)
         optimizer.zero_grad(set_to_none=True)
@@ -190,9 +198,10 @@ def _train_private(
 ) -> tuple[int, int, str]:
     """DP-SGD steps; returns (steps run, empty steps, mode). The engine is always closed."""
     with make_private(policy, optimizer, dp, len(windows), noise_seed=noise_seed) as engine:
+        device = policy_device(policy)
         for _ in range(hp.local_steps):
             ids = sampler(len(windows), rng)
-            batch = windows.sample(ids, rng)
+            batch = windows.sample(ids, rng).to(device)
             engine.zero_grad()
             pred, aux = engine(embodiment, batch.obs, batch.image)
             loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, aux_coef)
@@ -220,8 +229,10 @@ def evaluate(
     """Held-out action error over the held-out episodes' windows (padding excluded): every
     window, or ``per_episode`` evenly spaced ones per episode (:meth:`EpisodeWindows.all_windows`)."""
     policy.eval()
+    device = policy_device(policy)
     sq, abs_err, counts = [], [], []
     for batch in windows.all_windows(batch_size, per_episode):
+        batch = batch.to(device)
         pred, _ = _forward(policy, embodiment, batch)
         mask = (~batch.action_pad).to(pred.dtype).unsqueeze(-1).expand_as(pred)
         sq.append((((pred - batch.action) ** 2) * mask).sum(dim=(1, 2)))
@@ -231,7 +242,7 @@ def evaluate(
     count = float(torch.cat(counts).sum()) if counts else 0.0
     if count == 0:
         raise ValueError("no held-out windows to evaluate")
-    sq_w, abs_w, count_w = (torch.cat(x).double().numpy() for x in (sq, abs_err, counts))
+    sq_w, abs_w, count_w = (torch.cat(x).double().cpu().numpy() for x in (sq, abs_err, counts))
     episode = windows.evaluation_episodes(per_episode)
     ep_sq = np.bincount(episode, weights=sq_w, minlength=len(windows))
     ep_count = np.bincount(episode, weights=count_w, minlength=len(windows))

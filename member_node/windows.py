@@ -241,4 +241,4 @@ class EpisodeWindows:
         if obs is None:
             raise ValueError("this embodiment predicts actions relative to the current state: pass the window's obs")
         gain = torch.as_tensor(self._ref_gain * self._action_scale, dtype=a.dtype, device=a.device)
-        return phys + (obs[:, -1, torch.as_tensor(self._ref_idx)] * gain)[:, None, :]
+        return phys + (obs[:, -1, torch.as_tensor(self._ref_idx, device=obs.device)] * gain)[:, None, :]

@@ -109,6 +109,9 @@ class MemberConfig:
     # the released mean strays from the clipped one by ~9e-4 (one standard deviation).
     eval_noise_multiplier: float = 5.0
     eval_loss_bound: float = 0.05
+    # The torch device the node trains and evaluates on (cpu, cuda, cuda:N, mps), checked by
+    # the node when it starts (shared_model.device). Deployment: ``device`` in the node config.
+    device: str = "cpu"
     # Who may answer as this member (deployment: from the consortium file and the SuperLink's
     # registrations). A node that names this member but is another Flower node, or signs with
     # another key, is left out of the run. Empty / 0: not pinned (simulation).

@@ -156,13 +156,16 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     assert (identity.name, identity.embodiment, identity.epsilon, identity.delta, identity.dp) == (
         "sony", "so100", 8.0, 1e-5, True,
     )  # fmt: skip
-    assert (identity.eval_noise_multiplier, identity.eval_loss_bound) == (5.0, 0.05)
+    assert (identity.eval_noise_multiplier, identity.eval_loss_bound, identity.device) == (5.0, 0.05, "cpu")
     assert str(identity.data_dir) == setup.data_dir and str(identity.state_dir) == setup.state_dir
     with pytest.raises(supernode.SetupError, match="cannot carry a double quote"):
         supernode.init_member(
             tmp_path / "q", member="q", embodiment="so100", data_dir=tmp_path / 'da"ta', epsilon=8, delta=1e-5
         )
     assert not (tmp_path / "q").exists(), "nothing is written for a config Flower could not carry"
+    with pytest.raises(supernode.SetupError, match="--device: device 'gpu'"):
+        _member(tmp_path, name="g", device="gpu")
+    assert not (tmp_path / "g").exists(), "nothing is written for a device this node cannot train on"
 
 
 def test_supernode_command_has_tls_auth_node_config_and_its_own_port(tmp_path):
@@ -183,6 +186,8 @@ def test_member_start_fails_fast_on_what_the_member_must_fix(tmp_path, capsys):
     assert member_main(["start", str(setup.dir), "--root-certificates", str(tmp_path / "nope.pem")]) == 3
     assert "ca.pem from the operator" in capsys.readouterr().err
     paths = create_tls(tmp_path / "tls", "test")
+    assert member_main(["start", str(setup.dir), "--root-certificates", str(paths.ca_cert), "--device", "tpu"]) == 3
+    assert "--device: device 'tpu' is not one of" in capsys.readouterr().err
     assert member_main(["start", str(setup.dir), "--root-certificates", str(paths.ca_cert)]) == 3
     assert "prepare it with `kyodo-member data synth`" in capsys.readouterr().err
     # The ledger key (Ed25519) is no SuperNode key: say so instead of letting Flower fail later.
