@@ -194,7 +194,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             runner.query(rnd)
             progress.update(task, advance=1, stage=STAGES[1])
             plan = runner.plan(rnd)
-            result = RoundResult(round=rnd, plan=plan)
+            result = RoundResult(round=rnd, plan=plan, declined=dict(runner.sits_out))
             progress.update(task, advance=1, stage=STAGES[2])
             if plan.members:
                 runner.train_and_aggregate(rnd, plan, result)

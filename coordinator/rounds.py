@@ -197,11 +197,13 @@ class RoundRunner:
         self.members: dict[int, MemberInfo] = {}
         self.public_keys: dict[str, str] = {}  # member -> hex Ed25519 key from query
         self.epsilon: dict[str, tuple[float, float]] = {}  # member -> (spent, budget) as reported
+        self.sits_out: dict[str, str] = {}  # member -> why it cannot train this round (its query reply)
 
     # ------------------------------------------------------------------ query
     def query(self, round_number: int) -> dict[int, MemberInfo]:
         node_ids = list(self.grid.get_node_ids())
         members: dict[int, MemberInfo] = {}
+        self.sits_out = {}
 
         def on_reply(reply: Message) -> None:
             node = reply.metadata.src_node_id
@@ -220,11 +222,15 @@ class RoundRunner:
             members[node] = MemberInfo(
                 node, info.member, tuple(info.embodiments), info.episodes, can_train=info.can_train
             )
+            if not info.can_train:
+                self.sits_out[info.member] = info.reason or "no privacy budget left"
             self.public_keys[info.member] = info.public_key
             self.sync.reported(info.member, info.objects)
             self.epsilon[info.member] = (info.epsilon_spent, info.epsilon_budget)
 
-        msgs = [Message(QueryRequest(round_number).to_content(), n, QUERY) for n in node_ids]
+        # The round's plan goes with the query, so a DP node answers whether it would train it.
+        query = QueryRequest(round_number, self.run_id, self._hparams(), self.cfg.train.rounds)
+        msgs = [Message(query.to_content(), n, QUERY) for n in node_ids]
         missing = exchange(self.grid, msgs, self.timeout, on_reply)
         for node in missing:
             log.warning("node %s did not answer query in time", node)
@@ -254,7 +260,7 @@ class RoundRunner:
         available = [m for m in self.members.values() if m.can_train]
         for m in self.members.values():
             if not m.can_train:
-                log.info("round %d: %s has no privacy budget left and is not asked", round_number, m.name)
+                log.info("round %d: %s sits out (%s)", round_number, m.name, self.sits_out.get(m.name, "?"))
         return plan_round(
             round_number,
             available,
@@ -273,9 +279,9 @@ class RoundRunner:
             if not (shard == "adapter/shared" and ".lora_A." in spec.name)
         }
 
-    def train_and_aggregate(self, round_number: int, plan: RoundPlan, result: RoundResult) -> None:
+    def _hparams(self) -> TrainHyperParams:
         t = self.cfg.train
-        hp = TrainHyperParams(
+        return TrainHyperParams(
             lr=t.lr,
             local_steps=t.local_steps,
             batch_size=t.batch_size,
@@ -283,6 +289,10 @@ class RoundRunner:
             seed=t.seed,
             max_grad_norm=self.cfg.privacy.max_grad_norm,
         )
+
+    def train_and_aggregate(self, round_number: int, plan: RoundPlan, result: RoundResult) -> None:
+        t = self.cfg.train
+        hp = self._hparams()
         by_name = {m.name: node for node, m in self.members.items()}
         # Mixing counts with withheld ones would let the counted members outweigh the rest.
         equal = any(m.episodes == 0 for m in self.members.values() if m.name in plan.members)
@@ -510,7 +520,7 @@ class RoundRunner:
         start = time.monotonic()
         self.query(round_number)
         plan = self.plan(round_number)
-        result = RoundResult(round=round_number, plan=plan)
+        result = RoundResult(round=round_number, plan=plan, declined=dict(self.sits_out))
         if plan.members:
             self.train_and_aggregate(round_number, plan, result)
         result.evaluation = self.evaluate(round_number, list(self.members))

@@ -31,7 +31,7 @@ from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
 from privacy.accountant import Mechanism, noise_for_target
 from privacy.accountant import epsilon as composed_epsilon
-from privacy.budget import Budget, allow_round
+from privacy.budget import Budget, RoundAllowance, allow_round
 from privacy.dp_sgd import DEFAULT_MODE, DPConfig
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from privacy.ledger import Ledger, receipt_to_json
@@ -50,6 +50,7 @@ from shared_model.protocol import (
     ShareKeysReply,
     ShareKeysRequest,
     TrainDeclined,
+    TrainHyperParams,
     TrainReply,
     TrainRequest,
     UnmaskReply,
@@ -119,6 +120,16 @@ class MemberNode:
     # ------------------------------------------------------------------ query
     def query(self, request: QueryRequest) -> QueryReply:
         spent = self.epsilon_spent()
+        reason = ""
+        if self.identity.dp:
+            if spent >= self.budget.epsilon:
+                reason = f"privacy budget exhausted: epsilon {spent:.4g} of {self.budget.epsilon:g} spent"
+            elif request.hparams is not None:
+                # The decision a train request would get, without recording anything.
+                decision = self._dp_round(
+                    request.run, request.round, request.hparams, request.planned_rounds, persist_plan=False
+                )
+                reason = decision if isinstance(decision, str) else ""
         return QueryReply(
             member=self.identity.name,
             embodiments=[self.identity.embodiment],
@@ -128,8 +139,9 @@ class MemberNode:
             public_key=public_key_hex(self.signing_key),
             epsilon_spent=spent,
             epsilon_budget=self.budget.epsilon,
-            can_train=(not self.identity.dp) or spent < self.budget.epsilon,
+            can_train=not reason,
             objects=sorted(self.replica.objects()),
+            reason=reason,
         )
 
     # ------------------------------------------------------------------ train
@@ -206,7 +218,17 @@ class MemberNode:
         digest = hashlib.sha256(f"{self.identity.name}/{round_number}/{seed}".encode()).digest()
         return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
-    def _noise_multiplier(self, history: list[Mechanism], sample_rate: float, request: TrainRequest) -> float:
+    def _noise_multiplier(
+        self,
+        history: list[Mechanism],
+        sample_rate: float,
+        run: str,
+        round_number: int,
+        local_steps: int,
+        planned_rounds: int,
+        *,
+        persist: bool = True,
+    ) -> float:
         """The member's own sigma, or one planned once per run to spend the budget evenly.
 
         Planned once and kept (``noise_plan.json``): one mechanism per run keeps the
@@ -216,9 +238,9 @@ class MemberNode:
         if self.identity.noise_multiplier > 0:
             return self.identity.noise_multiplier
         plans = json.loads(self._plan_path.read_text()) if self._plan_path.is_file() else {}
-        key = f"{request.run}|{sample_rate!r}|{request.hparams.local_steps}"
+        key = f"{run}|{sample_rate!r}|{local_steps}"
         if key not in plans:
-            remaining_rounds = max(1, request.planned_rounds - request.round + 1)
+            remaining_rounds = max(1, planned_rounds - round_number + 1)
             # Room for the held-out error released after each remaining round. When even the
             # releases alone would not fit (hundreds of planned rounds), training comes first:
             # the releases that no longer fit are withheld (private_eval checks each one).
@@ -229,7 +251,7 @@ class MemberNode:
                 self.budget.epsilon,
                 self.budget.delta,
                 sample_rate,
-                request.hparams.local_steps,
+                local_steps,
                 remaining_rounds,
                 accountant=self.cfg.privacy.accountant,
             )
@@ -239,10 +261,56 @@ class MemberNode:
                 if not reserve:
                     raise
                 plans[key] = plan(history=history)
+            if not persist:
+                return float(plans[key])
             tmp = self._plan_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(plans, indent=2), encoding="utf-8")
             tmp.replace(self._plan_path)
         return float(plans[key])
+
+    def _dp_round(
+        self, run: str, round_number: int, hparams: TrainHyperParams, planned_rounds: int, *, persist_plan: bool = True
+    ) -> tuple[float, float, RoundAllowance] | str:
+        """(noise multiplier, sample rate, allowance) of a DP round, or why the node declines it.
+
+        One decision for both messages: ``query`` asks it (nothing recorded) so the coordinator
+        leaves out a member that would decline; ``train`` asks it again before training.
+        """
+        if self.ledger.find(run, round_number) is not None:
+            # A re-sent round is never trained twice: that would spend the budget twice.
+            return f"round {round_number} of run {run} was already trained"
+        sample_rate = min(1.0, hparams.batch_size / len(self.train_windows))
+        history = self.ledger.history()
+        try:
+            sigma = self._noise_multiplier(
+                history, sample_rate, run, round_number, hparams.local_steps, planned_rounds, persist=persist_plan
+            )
+        except ValueError as err:
+            spent = composed_epsilon(history, self.budget.delta, self.cfg.privacy.accountant)
+            return (
+                f"privacy budget exhausted: epsilon {spent:.6g} of {self.budget.epsilon:g} spent, and no noise "
+                f"level lets another round fit ({err})"
+            )
+        cap = self.cfg.privacy.max_noise_multiplier
+        if self.identity.noise_multiplier == 0 and sigma > cap:
+            spent = composed_epsilon(history, self.budget.delta, self.cfg.privacy.accountant)
+            return (
+                f"privacy budget nearly exhausted: epsilon {spent:.6g} of {self.budget.epsilon:g} spent; the rest "
+                f"would need noise multiplier {sigma:.3g} (privacy.max_noise_multiplier {cap:g}): an update that "
+                "would be mostly noise"
+            )
+        allowance = allow_round(
+            self.budget,
+            history,
+            sigma,
+            sample_rate,
+            hparams.local_steps,
+            accountant=self.cfg.privacy.accountant,
+            min_steps=self.cfg.privacy.min_steps,
+        )
+        if allowance.decision == "declined":
+            return allowance.reason
+        return sigma, sample_rate, allowance
 
     def train(self, request: TrainRequest) -> TrainReply | TrainDeclined:
         self.check_assignment(request.shards)
@@ -257,30 +325,10 @@ class MemberNode:
             )
             return self._reply(request, result, receipt="")
 
-        if self.ledger.find(request.run, request.round) is not None:
-            # A re-sent round is never trained twice: that would spend the budget twice.
-            return TrainDeclined(
-                self.identity.name,
-                f"round {request.round} of run {request.run} was already trained",
-                self.epsilon_spent(),
-            )
-        sample_rate = min(1.0, request.hparams.batch_size / len(self.train_windows))
-        history = self.ledger.history()
-        try:
-            sigma = self._noise_multiplier(history, sample_rate, request)
-        except ValueError as err:
-            return TrainDeclined(self.identity.name, f"no noise level fits the budget: {err}", self.epsilon_spent())
-        allowance = allow_round(
-            self.budget,
-            history,
-            sigma,
-            sample_rate,
-            request.hparams.local_steps,
-            accountant=self.cfg.privacy.accountant,
-            min_steps=self.cfg.privacy.min_steps,
-        )
-        if allowance.decision == "declined":
-            return TrainDeclined(self.identity.name, allowance.reason, allowance.epsilon_before)
+        decision = self._dp_round(request.run, request.round, request.hparams, request.planned_rounds)
+        if isinstance(decision, str):
+            return TrainDeclined(self.identity.name, decision, self.epsilon_spent())
+        sigma, sample_rate, allowance = decision
         dp = DPConfig(
             noise_multiplier=sigma,
             max_grad_norm=request.hparams.max_grad_norm,

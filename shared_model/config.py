@@ -177,6 +177,11 @@ class PrivacyConfig:
     max_grad_norm: float = 0.1
     accountant: str = "rdp"
     min_steps: int = 5  # a round shortened below this is declined instead
+    # A node whose remaining budget would need a planned noise multiplier above this declines
+    # the round: such an update is mostly noise (sigma 0.9 spends epsilon 8 over the default
+    # run), and in a cohort it only dilutes the others' mean. It can only make nodes decline,
+    # never spend more.
+    max_noise_multiplier: float = 10.0
 
 
 @dataclass
@@ -389,6 +394,8 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError(f"privacy.accountant {cfg.privacy.accountant!r} is not one of rdp, prv")
     if not cfg.privacy.max_grad_norm > 0:
         raise ConfigError("privacy.max_grad_norm must be positive")
+    if not cfg.privacy.max_noise_multiplier > 0:
+        raise ConfigError("privacy.max_noise_multiplier must be positive")
     if cfg.train.server_optimizer not in ("fedavg", "fedavgm", "fedadam"):
         raise ConfigError(
             f"train.server_optimizer {cfg.train.server_optimizer!r} is not one of fedavg, fedavgm, fedadam"

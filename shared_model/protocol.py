@@ -51,6 +51,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_\-\.]{1,64}$")
 MAX_LOCAL_STEPS = 100_000
 MAX_BATCH_SIZE = 65_536
 MAX_OBJECTS = 10_000_000
+MAX_REASON = 500  # characters of a node's free-text reason kept (it ends up in logs)
 _OBJECT_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -174,18 +175,36 @@ def _model_from_content(content: RecordDict, where: str) -> tuple[dict[str, torc
 # ------------------------------------------------------------------------------ query
 @dataclass
 class QueryRequest:
+    """Who is there, and (with ``hparams``) whether each node could train this round.
+
+    The round's run, hyper-parameters and planned rounds let a DP node run the very decision
+    it would make on a train request (noise plan, budget check) and answer ``can_train``
+    exactly: a node that would decline is then left out of the cohorts instead of breaking
+    one it was counted in (secure aggregation needs min_cohort members who actually train).
+    """
+
     round: int
+    run: str = ""
+    hparams: TrainHyperParams | None = None
+    planned_rounds: int = 1
 
     def to_content(self) -> RecordDict:
-        return RecordDict({REC_REQUEST: ConfigRecord({"round": self.round})})
+        request: dict = {"round": self.round}
+        if self.hparams is not None:
+            request.update(run=self.run, planned_rounds=self.planned_rounds, **self.hparams.to_record())
+        return RecordDict({REC_REQUEST: ConfigRecord(request)})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> QueryRequest:
         where = "query request"
-        rnd = _require(_config(content, REC_REQUEST, where), "round", int, where)
+        rec = _config(content, REC_REQUEST, where)
+        rnd = _require(rec, "round", int, where)
         if rnd < 0:
             raise ProtocolError(f"{where}: round must be >= 0")
-        return cls(round=rnd)
+        if "run" not in rec:
+            return cls(round=rnd)
+        run, planned = _run_and_planned_rounds(rec, where)
+        return cls(round=rnd, run=run, hparams=TrainHyperParams.from_record(rec, where), planned_rounds=planned)
 
 
 def _object_list(values: list, where: str) -> list[str]:
@@ -218,6 +237,7 @@ class QueryReply:
     epsilon_budget: float = 0.0
     can_train: bool = True  # False when the remaining budget cannot pay for a useful round
     objects: list[str] = field(default_factory=list)  # shard objects held in the node's replica
+    reason: str = ""  # why can_train is False, in the member's words (shown in the coordinator's log)
 
     def to_content(self) -> RecordDict:
         return RecordDict(
@@ -232,6 +252,7 @@ class QueryReply:
                         "epsilon_budget": float(self.epsilon_budget),
                         "can_train": bool(self.can_train),
                         "objects": list(self.objects),
+                        "reason": self.reason[:MAX_REASON],
                     }
                 )
             }
@@ -262,6 +283,7 @@ class QueryReply:
             epsilon_budget=budget,
             can_train=_require(rec, "can_train", bool, where),
             objects=_object_list(_require(rec, "objects", list, where), where),
+            reason=str(rec.get("reason", ""))[:MAX_REASON],
         )
 
 
@@ -300,6 +322,16 @@ class TrainHyperParams:
         return cls(lr=lr, local_steps=steps, batch_size=batch, weight_decay=wd, seed=seed, max_grad_norm=clip)
 
 
+def _run_and_planned_rounds(rec: Mapping, where: str) -> tuple[str, int]:
+    run = _require(rec, "run", str, where)
+    if not _NAME_RE.match(run):
+        raise ProtocolError(f"{where}: run id {run!r} is not valid")
+    planned = _require(rec, "planned_rounds", int, where)
+    if not 1 <= planned <= 1_000_000:
+        raise ProtocolError(f"{where}: planned_rounds {planned} outside 1..1000000")
+    return run, planned
+
+
 @dataclass
 class TrainRequest:
     round: int
@@ -331,12 +363,7 @@ class TrainRequest:
         if not shards:
             raise ProtocolError(f"{where}: no shards assigned")
         hparams = TrainHyperParams.from_record(rec, where)
-        run = _require(rec, "run", str, where)
-        if not _NAME_RE.match(run):
-            raise ProtocolError(f"{where}: run id {run!r} is not valid")
-        planned = _require(rec, "planned_rounds", int, where)
-        if not 1 <= planned <= 1_000_000:
-            raise ProtocolError(f"{where}: planned_rounds {planned} outside 1..1000000")
+        run, planned = _run_and_planned_rounds(rec, where)
         secagg_text = _require(rec, "secagg", str, where)
         secagg = SecAggSetup.from_json(secagg_text, where) if secagg_text else None
         if secagg is not None:

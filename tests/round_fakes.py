@@ -22,6 +22,7 @@ from shared_model.protocol import (
     TRAIN,
     EvaluateReply,
     QueryReply,
+    QueryRequest,
     TrainReply,
     TrainRequest,
 )
@@ -43,7 +44,9 @@ class FakeGrid:
     every member's replica reports in ``query`` (e.g. the current manifest's, so requests
     carry no objects, as after a member's first round). ``answers_as`` maps a member to the
     name its node claims in ``query``; ``public_keys`` a member to the ledger key it reports.
-    ``private``: members that, as DP nodes do, withhold their dataset size (0 in query and train)."""
+    ``private``: members that, as DP nodes do, withhold their dataset size (0 in query and train).
+    ``sitting_out``: member -> the reason its node gives in ``query`` for not being able to train.
+    Every query request received is kept in ``queries``."""
 
     def __init__(
         self,
@@ -55,8 +58,11 @@ class FakeGrid:
         answers_as: Mapping[str, str] | None = None,
         public_keys: Mapping[str, str] | None = None,
         private: Iterable[str] = (),
+        sitting_out: Mapping[str, str] | None = None,
     ):
         self.private = set(private)
+        self.sitting_out = dict(sitting_out or {})
+        self.queries: list[QueryRequest] = []
         self.held = sorted(set(held))
         self.answers_as, self.public_keys = dict(answers_as or {}), dict(public_keys or {})
         # Flower's Message() reads the running task's identity; a ServerApp has one, set it here.
@@ -74,6 +80,8 @@ class FakeGrid:
             mid = uuid.uuid4().hex
             kind = msg.metadata.message_type
             request = TrainRequest.from_content(msg.content).shards if kind == TRAIN else None
+            if kind == QUERY:
+                self.queries.append(QueryRequest.from_content(msg.content))
             self._queue[mid] = (msg.metadata.dst_node_id, kind, request)
             ids.append(mid)
         return ids
@@ -94,7 +102,11 @@ class FakeGrid:
             claimed = self.answers_as.get(name, name)
             key = self.public_keys.get(name, "")
             episodes = 0 if name in self.private else 100
-            return QueryReply(claimed, [self.members[name]], episodes, objects=self.held, public_key=key).to_content()
+            reason = self.sitting_out.get(name, "")
+            return QueryReply(
+                claimed, [self.members[name]], episodes, objects=self.held, public_key=key,
+                can_train=not reason, reason=reason,
+            ).to_content()  # fmt: skip
         if kind == EVALUATE:
             return EvaluateReply(name, 10, 0.5, 0.5).to_content()
         assert kind == TRAIN

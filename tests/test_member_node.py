@@ -227,6 +227,40 @@ def test_budget_is_never_exceeded_and_node_declines(setup, tmp_path):
     assert tight.query(QueryRequest(10)).epsilon_spent <= 1.0
 
 
+def test_query_answers_what_train_would_decide_and_records_nothing(setup, tmp_path):
+    """A node that would decline the round says so at query, so the coordinator leaves it out
+    of the cohorts instead of counting on it (a decline inside a cohort of min_cohort breaks it)."""
+    from shared_model.protocol import TrainDeclined
+
+    cfg, node, model = setup
+    # No evaluation releases, so the plan gives the whole budget to training.
+    member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", epsilon=1.0, eval_noise_multiplier=0))
+    ask = QueryRequest(1, "r", HP, planned_rounds=1)
+    assert member.query(ask).can_train and member.query(ask).reason == ""
+    assert member.ledger.entries() == [] and not (tmp_path / "s" / "noise_plan.json").exists()
+    # The one planned round spends the budget (planned to land just under it) ...
+    assert not isinstance(member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r")), TrainDeclined)
+    spent = member.epsilon_spent()
+    assert 0.99 < spent <= 1.0
+    # ... after which it is out, with the member's reason, both for the same round and for
+    # another run (the budget is the member's, over every run).
+    for planned in (1, 4):
+        for again in (QueryRequest(1, "r", HP, planned), QueryRequest(1, "r2", HP, planned)):
+            reply = member.query(again)
+            declined = member.train(
+                TrainRequest(1, ["adapter/emb/so100"], HP, model, run=again.run, planned_rounds=planned)
+            )
+            assert not reply.can_train and isinstance(declined, TrainDeclined)
+            assert reply.reason == declined.reason
+    assert "already trained" in member.query(QueryRequest(1, "r", HP)).reason
+    # What is left (under 1%) would need a noise multiplier far above the cap.
+    for planned in (1, 4):
+        assert "privacy budget nearly exhausted" in member.query(QueryRequest(1, "r2", HP, planned)).reason
+    assert member.epsilon_spent() == spent and len(member.ledger.entries()) == 1
+    # Without the round's plan (an older coordinator) only an exhausted budget is known.
+    assert member.query(QueryRequest(1)).can_train == (spent < 1.0)
+
+
 def test_restarted_node_keeps_its_ledger(setup, tmp_path):
     cfg, node, model = setup
     ident = replace(node.identity, state_dir=tmp_path / "s")

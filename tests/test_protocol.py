@@ -34,9 +34,15 @@ def test_round_trips():
     assert withheld.num_examples == 0  # under DP the size is withheld
     with pytest.raises(ProtocolError, match="num-examples must be >= 0"):
         TrainReply.from_content(TrainReply("sony", ["adapter/shared"], model, -1, 0.5, 5).to_content())
-    assert QueryRequest.from_content(QueryRequest(0).to_content()).round == 0
+    assert QueryRequest.from_content(QueryRequest(0).to_content()) == QueryRequest(0)
+    planned = QueryRequest(3, "run-1", HP, planned_rounds=8)
+    assert QueryRequest.from_content(planned.to_content()) == planned
+    with pytest.raises(ProtocolError, match="run id"):
+        QueryRequest.from_content(QueryRequest(3, "bad run", HP).to_content())
     q = QueryReply.from_content(QueryReply("sony", ["so100"], 60).to_content())
-    assert q.embodiments == ["so100"]
+    assert q.embodiments == ["so100"] and q.can_train and q.reason == ""
+    out = QueryReply.from_content(QueryReply("sony", ["so100"], 0, can_train=False, reason="x" * 900).to_content())
+    assert not out.can_train and out.reason == "x" * 500  # a node's free text is bounded before it is logged
     ev = EvaluateReply.from_content(EvaluateReply("sony", 10, 0.1, 0.2).to_content())
     assert ev.action_mae == 0.2
     assert EvaluateRequest.from_content(EvaluateRequest(1, model).to_content()).round == 1

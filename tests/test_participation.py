@@ -1,0 +1,40 @@
+"""Who trains a round: a node that says at query it cannot (no budget left, round already
+trained) is left out of every cohort, and the round record keeps its reason.
+
+A real RoundRunner over the in-process grid of ``tests.round_fakes``; the node side of the
+same decision (query answers what train would) is in tests/test_member_node.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from coordinator.federation import initial_model
+from coordinator.rounds import RoundRunner
+from coordinator.run_state import RunState
+from shared_model.config import load_config
+from tests.round_fakes import FakeGrid
+
+EXHAUSTED = "privacy budget exhausted: epsilon 8 of 8 spent"
+
+
+def test_a_member_that_cannot_train_is_in_no_cohort_and_the_round_says_why(tmp_path, caplog):
+    cfg = load_config(model="tiny", overrides=["secagg.enabled=false", "train.min_cohort=3", "train.rounds=5"])
+    state = RunState(cfg, tmp_path)
+    state.commit_initial(initial_model(cfg), {"run": "t"})
+    members = {m.name: m.embodiment for m in cfg.federation.members}
+    grid = FakeGrid(members, state.layout, sitting_out={"sony": EXHAUSTED})
+    runner = RoundRunner(cfg, grid, state, run_id="t", timeout=30)
+    with caplog.at_level(logging.INFO, logger="kyodo"):
+        result = runner.run_round(1)
+    # The query carried the round's plan, so a DP node can run the decision train would.
+    query = grid.queries[0]
+    assert (query.round, query.run, query.planned_rounds) == (1, "t", 5)
+    assert query.hparams is not None and query.hparams.local_steps == cfg.train.local_steps
+    assert "sony" not in result.plan.members and "sony" not in result.train
+    assert all("sony" not in cohort for cohort in result.plan.cohorts.values())
+    assert result.declined == {"sony": EXHAUSTED}
+    # Three members remain: the shared shards still find their cohort of three and train.
+    assert "adapter/shared" in result.updated_shards and "adapter/emb/so100" not in result.plan.cohorts
+    assert f"sony sits out ({EXHAUSTED})" in caplog.text
+    assert "sony" in result.evaluation, "a member without budget is still asked to evaluate"
