@@ -264,6 +264,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         f"kept rounds {sorted(report.kept_rounds)} ({report.kept_objects} objects); removed "
         f"{len(report.removed_rounds)} rounds, {report.removed_objects} objects ({_human(report.removed_bytes)})"
     )
+    if report.removed_rounds:
+        console.print(
+            f"rounds {sorted(report.removed_rounds)} can no longer be verified by `kyodo-audit verify` "
+            "(it checks every committed round's manifest and shards): audit or archive a run before its gc"
+        )
     return 0
 
 

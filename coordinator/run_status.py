@@ -59,7 +59,11 @@ def load_report(run_dir: Path | str) -> RunReport:
 def rounds_table(report: RunReport) -> Table:
     table = Table(title=f"rounds of {report.run_dir} (HEAD: round {report.head})")
     for col in ("round", "committed", "changed", "aggregation", "trained", "declined", "failed", "MSE", "s"):
-        table.add_column(col, justify="left" if col in ("committed", "aggregation") else "right")
+        # Only the aggregation kinds may wrap: at 80 columns (a log, a pipe) the short
+        # tokens stay whole and readable.
+        table.add_column(
+            col, justify="left" if col in ("committed", "aggregation") else "right", no_wrap=col != "aggregation"
+        )
     rounds = sorted(set(report.manifests) | set(report.records))
     for rnd in rounds:
         rec = report.records.get(rnd, {})
@@ -77,7 +81,13 @@ def rounds_table(report: RunReport) -> Table:
             kinds = [*kinds, "evaluation lost in a crash"]
         evaluation = rec.get("evaluation") or {}
         mse = sum(e["action_mse"] for e in evaluation.values()) / len(evaluation) if evaluation else None
-        committed = "HEAD" if rnd == report.head else ("yes" if manifest else "no")
+        committed = (
+            "HEAD" if rnd == report.head
+            else "yes" if manifest
+            # A record of a round before the oldest stored manifest: committed, then collected.
+            else "yes (gc)" if report.manifests and rnd < min(report.manifests) and rec
+            else "no"
+        )  # fmt: skip
         table.add_row(
             str(rnd), committed, changed, ", ".join(kinds) or "-",
             str(len(rec.get("train") or {})), str(len(rec.get("declined") or {})),

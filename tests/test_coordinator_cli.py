@@ -63,5 +63,6 @@ def test_export_and_gc_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     assert loaded.keys() == model.keys() and all(torch.equal(loaded[k], model[k]) for k in model)
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 1  # refuses to overwrite
     assert main(["gc", str(run), "--keep-last", "1"]) == 0
-    assert "removed 1 rounds, 1 objects" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "removed 1 rounds, 1 objects" in out and "rounds [0] can no longer be verified" in " ".join(out.split())
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2

@@ -319,6 +319,12 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     out = capsys.readouterr().out
     assert "HEAD" in out and "adapter/emb/so100" in out and "1.250" in out
     assert "round 0: public checkpoint sha256:" + "ab" * 32 in " ".join(out.split())
+    # After gc, round 0 was still committed: its manifest is gone, not its commit.
+    assert coordinator_main(["gc", str(run), "--keep-last", "1"]) == 0
+    capsys.readouterr()
+    assert coordinator_main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "yes (gc)" in out, out
     assert coordinator_main(["status", str(tmp_path / "nowhere")]) == 2
 
 
