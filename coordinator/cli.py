@@ -356,11 +356,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         wait_members=args.wait_members,
     )
     console.print(f"run {submission.run_id} submitted; run directory {submission.out_dir}", highlight=False)
+    console.print(f"its log: kyodo-coordinator log {args.dir} {submission.run_id} [--follow]", highlight=False)
     if not args.wait:
         return 0
     status = wait_for_run(operator_dir(args.dir), submission.run_id, timeout=args.timeout)
     console.print(f"run {submission.run_id}: {status}", highlight=False)
     return 0 if status == "finished:completed" else 1
+
+
+@_deploy_errors
+def cmd_log(args: argparse.Namespace) -> int:
+    """The coordinator's log of a deployed run (flwr log)."""
+    from coordinator.deploy import operator_dir, show_log
+
+    return show_log(operator_dir(args.dir), str(args.run_id), follow=args.follow)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -457,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("overrides", nargs="*", help="config overrides for this run: train.local_steps=20")
     run.set_defaults(func=cmd_run)
+    show = sub.add_parser("log", help="the coordinator's log of a deployed run (flwr log)")
+    show.add_argument("dir", help="the operator directory")
+    show.add_argument("run_id", help="the run id `run` printed (also in DIR/runs.jsonl)")
+    show.add_argument("--follow", action="store_true", help="keep streaming until the run ends")
+    show.set_defaults(func=cmd_log)
     status = sub.add_parser("status", help="rounds, cohorts, shard versions and participation of a run")
     status.add_argument("run_dir", help="a run directory (store/, rounds.jsonl)")
     status.add_argument("--round", type=int, default=None, help="show the cohorts of this round only")

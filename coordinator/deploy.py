@@ -242,6 +242,10 @@ def add_member(path: Path | str, membership_file: Path | str) -> MemberEntry:
     both keys parse and neither name nor SuperNode key is taken already."""
     op = operator_dir(path)
     consortium = load_consortium(op)
+    if not Path(membership_file).is_file():
+        raise DeployError(
+            f"{membership_file} not found: pass the membership.json the member's `kyodo-member init` wrote"
+        )
     try:
         data = json.loads(Path(membership_file).read_text(encoding="utf-8"))
         entry = MemberEntry(
@@ -580,6 +584,15 @@ def submit_run(
     with open(op.root / "runs.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"run_id": submission.run_id, "out_dir": str(out), "submitted": time.time()}) + "\n")
     return submission
+
+
+def show_log(op: OperatorDir, run_id: str, follow: bool = False) -> int:
+    """The ServerApp's log of a run (progress, cohorts, who sat out and why) on this terminal:
+    ``flwr log`` through the operator's connection, printed once or followed."""
+    if not run_id.isdigit():
+        raise DeployError(f"run id {run_id!r} is not a number (see DIR/runs.jsonl)")
+    cmd = [flower_executable("flwr"), "log", run_id, CONNECTION, "--stream" if follow else "--show"]
+    return subprocess.run(cmd, env=flwr_env(op), cwd=op.root, check=False).returncode
 
 
 def run_status(op: OperatorDir, run_id: str) -> str:

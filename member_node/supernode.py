@@ -247,6 +247,11 @@ def init_member(
     _check_device(device)
     if superlink:
         parse_address(superlink)
+    if root_certificates and not Path(root_certificates).expanduser().is_file():
+        raise SetupError(
+            f"CA certificate {Path(root_certificates).expanduser().resolve()} does not exist: get the consortium's "
+            "ca.pem from the operator first (or leave --root-certificates out and pass it to `start`)"
+        )
     setup = MemberSetup(
         member=member,
         embodiment=embodiment,

@@ -163,12 +163,16 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
             tmp_path / "q", member="q", embodiment="so100", data_dir=tmp_path / 'da"ta', epsilon=8, delta=1e-5
         )
     assert not (tmp_path / "q").exists(), "nothing is written for a config Flower could not carry"
+    with pytest.raises(supernode.SetupError, match="ca.pem from the operator first"):
+        _member(tmp_path, name="c", root_certificates=tmp_path / "missing-ca.pem")
+    assert not (tmp_path / "c").exists()
     with pytest.raises(supernode.SetupError, match="--device: device 'gpu'"):
         _member(tmp_path, name="g", device="gpu")
     assert not (tmp_path / "g").exists(), "nothing is written for a device this node cannot train on"
 
 
 def test_supernode_command_has_tls_auth_node_config_and_its_own_port(tmp_path):
+    (tmp_path / "ca.pem").write_text("the operator's CA certificate")
     setup = _member(tmp_path, superlink="127.0.0.1:9093", root_certificates=tmp_path / "ca.pem")
     cmd = supernode.supernode_command(setup, 9301)
     flags = dict(zip(cmd[1::2], cmd[2::2], strict=False))
@@ -239,6 +243,10 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
         assert coordinator_main(["add-member", str(op_dir), str(m.dir / "membership.json")]) == 0
     assert coordinator_main(["add-member", str(op_dir), str(members[0].dir / "membership.json")]) == 3
     assert "already in" in capsys.readouterr().out
+    assert coordinator_main(["add-member", str(op_dir), str(tmp_path / "sony-membership.json")]) == 3
+    assert "sony-membership.json not found" in " ".join(capsys.readouterr().out.split())
+    assert coordinator_main(["log", str(op_dir), "x1"]) == 3
+    assert "run id 'x1' is not a number" in capsys.readouterr().out
     consortium = deploy.load_consortium(op)
     assert [m.name for m in consortium.members] == ["honda", "sony", "softbank"]
     assert (op.members / "sony.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
@@ -546,12 +554,13 @@ def deployment(tmp_path_factory, procs):
     times["restart + resumed round 2"] = time.monotonic() - t
     run_ids = [json.loads(line)["run_id"] for line in (op_dir / "runs.jsonl").read_text().splitlines()]
     status = deploy.run_status(op, run_ids[-1])
+    server_log = _cli("coordinator.cli", "log", str(op_dir), run_ids[-1])
     times["total"] = time.monotonic() - t0
     print("deployment wall times (s):", {k: round(v, 1) for k, v in times.items()})
     return {
         "root": root, "op": op, "out_dir": out_dir, "setups": setups, "nodes": nodes, "link": link,
         "refused": refused, "codes": codes, "head_at_kill": head_at_kill, "status": status, "run_ids": run_ids,
-        "times": times,
+        "times": times, "server_log": server_log,
     }  # fmt: skip
 
 
@@ -562,6 +571,7 @@ def test_the_deployed_run_completes_and_commits_two_rounds(deployment):
 
     out_dir = deployment["out_dir"]
     assert deployment["status"] == "finished:completed"
+    assert "round 2" in deployment["server_log"], deployment["server_log"][-3000:]  # kyodo-coordinator log
     assert ShardStore(out_dir / "store").head().round == 2
     records = read_records(out_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
