@@ -160,8 +160,9 @@ def load_consortium(op: OperatorDir) -> Consortium:
 def save_consortium(op: OperatorDir, consortium: Consortium) -> None:
     text = (
         "# kyodo consortium (kyodo-coordinator init / add-member). Members appear here with their\n"
-        "# public keys only; each member's privacy budget is its own and is not known here.\n"
-        + yaml.safe_dump(asdict(consortium), sort_keys=False, width=200)
+        "# public keys and the budget each claims in its membership.json (what auditors check its\n"
+        "# receipts against). The budget that binds is in the member's own node config: nothing here\n"
+        "# can raise it.\n" + yaml.safe_dump(asdict(consortium), sort_keys=False, width=200)
     )
     tmp = op.consortium.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -262,7 +262,11 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         default=90.0,
         help="seconds to retry when the SuperLink refuses a key it accepted before (a lingering old session)",
     )
-    start.add_argument("--dry-run", action="store_true", help="check everything, print the command, start nothing")
+    start.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the command, start nothing (runtime port 0: a free one, new at each start)",
+    )
     start.set_defaults(handler=_cmd_start)
 
 
