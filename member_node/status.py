@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -104,14 +105,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     runs = sorted({r["run"] for r in rows})
     one_run = len(runs) == 1
     title = f"{member['member']} ({member['embodiment']}): privacy ledger, budget ε={budget:g} δ={delta:g}"
-    table = Table(title=title + (f", run {runs[0]}" if one_run else ""))
+    # Numbers are never cut: a budget table whose digits read "7.2…" says nothing. No
+    # vertical rules and collapsed padding keep it inside 80 columns (a log, a pipe).
+    table = Table(title=title + (f", run {runs[0]}" if one_run else ""), box=box.SIMPLE_HEAD, collapse_padding=True)
     # sent: what left the node, the shard update (Δ) or the noised held-out MSE
-    columns = ("round", "release", "shards", "steps", "σ", "q", "decision", "ε after", "ε left", "sent")
+    columns = ("round", "what", "shards", "steps", "σ", "q", "decision", "ε after", "ε left", "sent")
     for col in columns if one_run else ("run", *columns):
         table.add_column(
             col,
-            justify="left" if col in ("run", "release", "decision", "sent") else "right",
-            no_wrap=col in ("release", "sent"),
+            justify="left" if col in ("run", "what", "decision", "sent") else "right",
+            no_wrap=col != "run",
             min_width=6 if col == "sent" else None,
         )
     for r in rows:

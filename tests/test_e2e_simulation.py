@@ -285,4 +285,5 @@ def test_member_status_shows_the_ledger(dp_run, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "verified" in proc.stdout and "NOT verified" not in proc.stdout
+    assert "…" not in proc.stdout, "at 80 columns (a pipe) no number or header is cut"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
