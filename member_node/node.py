@@ -315,6 +315,11 @@ class MemberNode:
     def train(self, request: TrainRequest) -> TrainReply | TrainDeclined:
         self.check_assignment(request.shards)
         self._load_request_model(request.model, request.model_ref)
+        # Training moves these shards away from the committed objects: the next request
+        # reloads them, so the node never evaluates or trains from its own unaggregated
+        # update (a shard whose aggregate was not committed keeps its old object id).
+        for shard in request.shards:
+            self._loaded.pop(shard, None)
         common = dict(
             aux_coef=self.cfg.model.aux_loss_coef,
             rng=self._rng(request.hparams.seed, request.round),

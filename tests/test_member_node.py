@@ -325,6 +325,26 @@ def test_incremental_sync_checks_hashes_and_fetches_only_what_is_missing(fresh_n
     assert set(node.query(QueryRequest(2)).objects) == set(manifest2.values())  # the old version is dropped
 
 
+def test_after_training_the_node_holds_the_committed_model_again(setup, tmp_path):
+    """Training moves the node's policy; what it evaluates (and trains from) next must be the
+    model the request names, even where a shard's committed object did not change (its
+    cohort failed, or its aggregate was refused), not the member's own unaggregated update."""
+    from shared_model.protocol import ModelRef
+
+    cfg, node, model = setup
+    store, manifest, _ = _store_with(tmp_path / "store", model)
+    ref = ModelRef(manifest, {oid: store.object_bytes(oid) for oid in manifest.values()})
+    plain = replace(node.identity, dp=False)
+    member = MemberNode(cfg, replace(plain, state_dir=tmp_path / "m"))
+    before = member.evaluate(EvaluateRequest(0, None, ref)).action_mse
+    trained = member.train(TrainRequest(1, ["adapter/emb/so100", "adapter/shared"], HP, None, model_ref=ref))
+    assert any(d.abs().sum() > 0 for d in trained.deltas.values())
+    after = member.evaluate(EvaluateRequest(1, None, ModelRef(manifest, {})))  # nothing changed: nothing sent
+    assert after.action_mse == before
+    fresh = MemberNode(cfg, replace(plain, state_dir=tmp_path / "f"))
+    assert fresh.evaluate(EvaluateRequest(1, None, ref)).action_mse == before
+
+
 def test_a_long_plan_trains_first_when_evaluations_cannot_all_fit(fresh_node, setup):
     """100 planned rounds: 100 evaluation releases at noise 5 alone exceed epsilon 8, so the
     plan reserves nothing for them and training goes on; releases are then checked one by one."""
