@@ -166,6 +166,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
             eval_noise_multiplier=args.eval_noise_multiplier,
             eval_loss_bound=args.eval_loss_bound,
             device=args.device,
+            workers=args.workers,
             superlink=args.superlink,
             root_certificates=args.root_certificates,
             runtime_port=args.port,
@@ -206,6 +207,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
             setup.runtime_port = args.port
         if args.device:
             setup.device = args.device
+        if args.workers is not None:
+            setup.workers = args.workers
         preflight(setup, check_data=_check_data)
         if args.dry_run:
             print(shlex.join(supernode_command(setup, setup.runtime_port or free_port())))
@@ -242,6 +245,9 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     init.add_argument(
         "--device", default="cpu", help="where the node trains: cpu, cuda, cuda:N or mps (checked here and at start)"
     )
+    init.add_argument(
+        "--workers", type=int, default=1, help="data-parallel DP-SGD processes (with cuda: one per device)"
+    )
     init.add_argument("--superlink", default="", help="HOST:PORT of the consortium's SuperLink")
     init.add_argument("--root-certificates", default="", help="the consortium's CA certificate (ca.pem)")
     init.add_argument("--port", type=int, default=0, help="SuperNode runtime API port (0: a free one at start)")
@@ -253,6 +259,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     start.add_argument("--root-certificates", default="", help="override member.yaml: the consortium's ca.pem")
     start.add_argument("--port", type=int, default=None, help="override member.yaml: runtime API port")
     start.add_argument("--device", default="", help="override member.yaml: cpu, cuda, cuda:N or mps")
+    start.add_argument("--workers", type=int, default=None, help="override member.yaml: data-parallel processes")
     start.add_argument(
         "--connect-timeout", type=float, default=60.0, help="seconds to retry a SuperLink that refuses connections"
     )

@@ -39,6 +39,7 @@ class MemberIdentity:
     eval_noise_multiplier: float = 5.0  # held-out error release under DP; 0: none
     eval_loss_bound: float = 0.05
     device: str = "cpu"  # where the node trains and evaluates (shared_model.device)
+    workers: int = 1  # data-parallel DP-SGD processes (member_node.parallel); cuda: one per device
 
     def eval_privacy(self) -> EvalPrivacy:
         return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
@@ -52,6 +53,29 @@ def _float(node_config: Mapping[str, Any], key: str, default: float) -> float:
         return float(node_config.get(key, default))
     except (TypeError, ValueError):
         raise NodeConfigError(f"node config {key!r} must be a number, got {node_config[key]!r}") from None
+
+
+def _int(node_config: Mapping[str, Any], key: str, default: int) -> int:
+    value = node_config.get(key, default)
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        raise NodeConfigError(f"node config {key!r} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def workers_problem(workers: int, device: str) -> str:
+    """Why ``workers`` data-parallel processes cannot train on ``device`` here ('' if they can)."""
+    if workers < 1:
+        return f"must be >= 1, got {workers}"
+    if workers == 1:
+        return ""
+    kind = torch.device(device.strip().lower()).type
+    if kind == "mps":
+        return "data-parallel training runs on cpu or cuda devices, not mps"
+    if kind == "cuda" and device.strip().lower() != "cuda":
+        return f"with {workers} workers name the device 'cuda' (worker r uses cuda:r), not {device!r}"
+    if kind == "cuda" and torch.cuda.device_count() < workers:
+        return f"{workers} workers need {workers} CUDA devices, this machine has {torch.cuda.device_count()}"
+    return ""
 
 
 def _bool(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -83,6 +107,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             eval_noise_multiplier=_float(node_config, "eval-noise-multiplier", 5.0),
             eval_loss_bound=_float(node_config, "eval-loss-bound", 0.05),
             device=str(node_config.get("device", "cpu")),
+            workers=_int(node_config, "workers", 1),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -105,6 +130,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             eval_noise_multiplier=m.eval_noise_multiplier,
             eval_loss_bound=m.eval_loss_bound,
             device=m.device,
+            workers=m.workers,
         )
     else:
         raise NodeConfigError("node config names no member: set member, embodiment and data-dir")
@@ -121,6 +147,9 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         identity.torch_device()
     except ValueError as err:
         raise NodeConfigError(f"member {identity.name!r}: node config 'device': {err}") from None
+    problem = workers_problem(identity.workers, identity.device)
+    if problem:
+        raise NodeConfigError(f"member {identity.name!r}: node config 'workers': {problem}")
     if identity.embodiment not in cfg.embodiments:
         raise NodeConfigError(
             f"member {identity.name!r} declares embodiment {identity.embodiment!r}, "

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from member_node.identity import MemberIdentity
+from member_node.identity import MemberIdentity, NodeConfigError
 from member_node.lerobot import read_dataset
+from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
 from member_node.secagg_client import MemberSecAgg
 from member_node.trainer import evaluate, train_shards
@@ -70,9 +71,13 @@ class MemberNode:
         indices = list(range(len(self.dataset.episodes)))
         train_ids, held_ids = split_episodes(indices, cfg.train.held_out_fraction, seed=cfg.train.seed)
         m = cfg.model
-        self.train_windows = EpisodeWindows(
-            [self.dataset.episodes[i] for i in train_ids], emb_cfg, history=m.history, chunk=m.chunk
-        )
+        self.train_episodes = [self.dataset.episodes[i] for i in train_ids]
+        if identity.workers > len(self.train_episodes):
+            raise NodeConfigError(
+                f"member {identity.name!r}: node config 'workers' {identity.workers} exceeds its "
+                f"{len(self.train_episodes)} training episodes (each worker needs at least one)"
+            )
+        self.train_windows = EpisodeWindows(self.train_episodes, emb_cfg, history=m.history, chunk=m.chunk)
         self.held_windows = EpisodeWindows(
             [self.dataset.episodes[i] for i in held_ids], emb_cfg, history=m.history, chunk=m.chunk
         )
@@ -361,9 +366,23 @@ class MemberNode:
             decision=allowance.decision,
         )
         hparams = replace(request.hparams, local_steps=allowance.steps)
-        result = train_shards(
-            self.policy, self.identity.embodiment, self.train_windows, request.shards, hparams, dp=dp, **common
-        )
+        if self.identity.workers > 1:
+            result = train_shards_parallel(
+                self.policy,
+                self.identity.embodiment,
+                self.train_episodes,
+                request.shards,
+                hparams,
+                dp=dp,
+                workers=self.identity.workers,
+                aux_coef=common["aux_coef"],
+                seed=int(common["rng"].integers(2**63)),
+                device_type=self.device.type,
+            )
+        else:
+            result = train_shards(
+                self.policy, self.identity.embodiment, self.train_windows, request.shards, hparams, dp=dp, **common
+            )
         # Under DP only the noised deltas may carry information about the data: the training
         # loss is not noised and the dataset size is not public, so neither is sent (NaN loss,
         # 0 examples: the coordinator then weighs the round's contributions equally).

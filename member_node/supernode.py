@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from member_node.identity import workers_problem
 from privacy.eval_release import EvalPrivacy
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from shared_model.device import resolve_device
@@ -99,6 +100,7 @@ class MemberSetup:
     eval_noise_multiplier: float = 5.0
     eval_loss_bound: float = 0.05
     device: str = "cpu"  # where the node trains (cpu, cuda, cuda:N, mps); older files: cpu
+    workers: int = 1  # data-parallel DP-SGD processes (cuda: one per device, device "cuda")
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
     runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
@@ -126,7 +128,7 @@ class MemberSetup:
         data.pop("dir")
         return data
 
-    def node_config(self) -> dict[str, str | float | bool]:
+    def node_config(self) -> dict[str, str | int | float | bool]:
         """The ``--node-config`` of this member: keys :func:`member_node.identity.resolve_identity` reads."""
         return {
             "member": self.member,
@@ -139,6 +141,7 @@ class MemberSetup:
             "eval-noise-multiplier": float(self.eval_noise_multiplier),
             "eval-loss-bound": float(self.eval_loss_bound),
             "device": self.device,
+            "workers": int(self.workers),
         }
 
 
@@ -224,6 +227,7 @@ def init_member(
     eval_noise_multiplier: float = 5.0,
     eval_loss_bound: float = 0.05,
     device: str = "cpu",
+    workers: int = 1,
     superlink: str = "",
     root_certificates: Path | str = "",
     runtime_port: int = 0,
@@ -244,7 +248,7 @@ def init_member(
         EvalPrivacy(eval_noise_multiplier, eval_loss_bound)
     except ValueError as err:
         raise SetupError(f"--eval-noise-multiplier / --eval-loss-bound: {err}") from None
-    _check_device(device)
+    _check_device(device, workers)
     if superlink:
         parse_address(superlink)
     if root_certificates and not Path(root_certificates).expanduser().is_file():
@@ -263,6 +267,7 @@ def init_member(
         eval_noise_multiplier=float(eval_noise_multiplier),
         eval_loss_bound=float(eval_loss_bound),
         device=str(device),
+        workers=int(workers),
         superlink=superlink,
         root_certificates=str(Path(root_certificates).expanduser().resolve()) if root_certificates else "",
         runtime_port=runtime_port,
@@ -292,7 +297,7 @@ def init_member(
 # ----------------------------------------------------------------------------- the command line of flower-supernode
 
 
-def _node_config_value(value: str | float | bool) -> str:
+def _node_config_value(value: str | int | float | bool) -> str:
     """One value in Flower's ``--node-config`` syntax (each ``k=v`` is read as a TOML line).
 
     Strings go in double quotes, as Flower's own examples write them. Flower's splitter ends a
@@ -301,14 +306,16 @@ def _node_config_value(value: str | float | bool) -> str:
     """
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(float(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
     if any(c in value for c in '"\\\n'):
         raise SetupError(f"{value!r}: Flower's --node-config cannot carry a double quote, backslash or newline")
     return f'"{value}"'
 
 
-def node_config_arg(config: Mapping[str, str | float | bool]) -> str:
+def node_config_arg(config: Mapping[str, str | int | float | bool]) -> str:
     return " ".join(f"{key}={_node_config_value(value)}" for key, value in config.items())
 
 
@@ -358,18 +365,21 @@ def preflight(setup: MemberSetup, check_data: Callable[[MemberSetup], None] | No
     except ssl.SSLError as err:
         raise SetupError(f"CA certificate {ca} is not a PEM certificate ({err.reason})") from None
     load_auth_key(setup.auth_key)
-    _check_device(setup.device)
+    _check_device(setup.device, setup.workers)
     if not setup.signing_key.is_file():
         raise SetupError(f"ledger key {setup.signing_key} is missing (kyodo-member init creates it)")
     if check_data is not None:
         check_data(setup)
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, workers: int = 1) -> None:
     try:
         resolve_device(device)
     except ValueError as err:
         raise SetupError(f"--device: {err}") from None
+    problem = workers_problem(workers, device)
+    if problem:
+        raise SetupError(f"--workers: {problem}")
 
 
 def probe_superlink(address: str, ca_file: str, timeout: float = 5.0) -> None:

@@ -97,6 +97,7 @@ def train_shards(
     make_optimizer: OptimizerFactory = adamw,
     dp: DPConfig | None = None,
     dp_noise_seed: int | None = None,
+    distributed: bool = False,
 ) -> TrainResult:
     """Train only ``shards`` (everything else frozen) for ``hp.local_steps`` steps; return their deltas.
 
@@ -108,9 +109,18 @@ def train_shards(
     seed one); ``dp_noise_seed`` is for tests only -- by default the noise is seeded from
     ``secrets``. The policy is returned unwrapped: no hooks, no Opacus attributes, all
     parameters frozen, the same state-dict keys, ready for the next round.
+
+    ``distributed``: this process is one data-parallel worker of the member
+    (``member_node.parallel``), ``windows`` its part of the episodes; DP only. ``q N`` and
+    ``num_examples`` count every worker's episodes; the step's noise is drawn once.
     """
     if len(windows) == 0:
         raise ValueError("no training episodes")
+    n_episodes = len(windows)
+    if distributed:
+        if dp is None:
+            raise ValueError("data-parallel training is for DP-SGD (non-private training runs in one process)")
+        n_episodes = _all_workers_sum(n_episodes)
     names = set(set_trainable(policy, shards))
     if not names:
         raise ValueError(f"shards {shards} have no trainable parameters")
@@ -139,7 +149,19 @@ def train_shards(
             elif not isinstance(sampler, PoissonEpisodeSampler) or sampler.sample_rate != dp.sample_rate:
                 raise ValueError("DP-SGD needs Poisson sampling at dp.sample_rate (a PoissonEpisodeSampler)")
             steps, empty, mode = _train_private(
-                policy, embodiment, windows, hp, aux_coef, rng, sampler, optimizer, losses, dp, dp_noise_seed
+                policy,
+                embodiment,
+                windows,
+                hp,
+                aux_coef,
+                rng,
+                sampler,
+                optimizer,
+                losses,
+                dp,
+                dp_noise_seed,
+                n_episodes,
+                distributed,
             )
     finally:
         set_trainable(policy, [])
@@ -149,7 +171,7 @@ def train_shards(
     deltas = {n: (p.detach() - before[n]).to("cpu").contiguous() for n, p in params.items()}
     return TrainResult(
         deltas=deltas,
-        num_examples=len(windows),
+        num_examples=n_episodes,
         loss=float(np.mean(tail)) if tail else float("nan"),
         steps=steps,
         dp_mode=mode,
@@ -195,9 +217,14 @@ def _train_private(
     losses: list[float],
     dp: DPConfig,
     noise_seed: int | None,
+    n_episodes: int,
+    distributed: bool,
 ) -> tuple[int, int, str]:
-    """DP-SGD steps; returns (steps run, empty steps, mode). The engine is always closed."""
-    with make_private(policy, optimizer, dp, len(windows), noise_seed=noise_seed) as engine:
+    """DP-SGD steps; returns (steps run, empty steps, mode). The engine is always closed.
+
+    ``n_episodes``: N of the step's ``q N`` (every worker's episodes when ``distributed``).
+    """
+    with make_private(policy, optimizer, dp, n_episodes, noise_seed=noise_seed, distributed=distributed) as engine:
         device = policy_device(policy)
         for _ in range(hp.local_steps):
             ids = sampler(len(windows), rng)
@@ -210,6 +237,14 @@ def _train_private(
             if len(batch):
                 losses.append(float(loss.detach().mean()))
         return engine.steps, engine.empty_steps, engine.mode
+
+
+def _all_workers_sum(value: int) -> int:
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 @dataclass

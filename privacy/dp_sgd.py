@@ -192,6 +192,40 @@ def _with_secure_noise(base: type) -> type:
     return type(f"Secure{base.__name__}", (base,), {"add_noise": add_noise})
 
 
+@functools.cache
+def _with_distributed_secure_noise(base: type) -> type:
+    """``base`` for data-parallel DP-SGD over a ``torch.distributed`` group (one member's workers).
+
+    Every worker holds the clipped sum of its own Poisson-sampled episodes (its partition of
+    the member's episodes, sampled at the same q: the union is one Poisson sample of all of
+    them). The sums are added up across workers first (one all-reduce of every trainable
+    parameter, flattened), then rank 0 alone adds the noise, in float64 and rounded once as
+    in the single-process case, and broadcasts the noised sum. So the noise is drawn once
+    per step, from rank 0's own secret key, and the mechanism is exactly the one the ledger
+    records: every worker then divides by the same q N and takes the same optimizer step.
+    """
+    import torch.distributed as dist
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise(self: Any) -> None:
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+        flat = torch.cat([p.summed_grad.reshape(-1) for p in self.params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        sums = flat.split([p.numel() for p in self.params])
+        if dist.get_rank() == 0:
+            # Parameter by parameter, as the single-process optimizer draws it: the same key
+            # gives the same noise either way.
+            flat = torch.cat([self.noise_source.add_noise(s, std) for s in sums])
+        dist.broadcast(flat, src=0)
+        for p, noised in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
+            p.grad = noised.view_as(p).clone()
+            _mark_as_processed(p.summed_grad)
+
+    return type(f"DistributedSecure{base.__name__}", (base,), {"add_noise": add_noise})
+
+
 @contextmanager
 def _quiet_opacus() -> Iterator[None]:
     """Opacus' full backward hooks warn for every module whose inputs need no grad (the
@@ -219,6 +253,10 @@ class DPSGD:
         expected_batch_size: ``q * N`` (``config.expected_batch_size(N)``).
         noise_seed: tests only. ``None`` (always in production) keys the noise stream
             with a fresh secret (:class:`SecureRandom`).
+        distributed: one of several data-parallel workers of the same member in the default
+            ``torch.distributed`` group, each with a disjoint part of the episodes and the
+            same ``expected_batch_size`` (of all of them); ``bk`` mode only. See
+            :func:`_with_distributed_secure_noise`.
     """
 
     def __init__(
@@ -229,6 +267,7 @@ class DPSGD:
         expected_batch_size: float,
         *,
         noise_seed: int | None = None,
+        distributed: bool = False,
     ) -> None:
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
@@ -261,7 +300,16 @@ class DPSGD:
         mode = config.mode
         # Every wrapper below sees sum-reduced losses ("sum"), so per-sample gradients are
         # those of each sample's own loss; the optimizer then divides by q*N ("mean").
-        if mode == "bk":
+        if distributed:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError("distributed DP-SGD needs an initialised torch.distributed default group")
+            if mode != "bk":
+                raise ValueError(f"distributed DP-SGD supports the bk mode only, not {mode!r}")
+            self._clipper = BookKeepingClipper(model, config.max_grad_norm)
+            self.optimizer = _with_distributed_secure_noise(DPOptimizerFastGradientClipping)(optimizer, **noise)
+        elif mode == "bk":
             self._clipper = BookKeepingClipper(model, config.max_grad_norm)
             self.optimizer = _with_secure_noise(DPOptimizerFastGradientClipping)(optimizer, **noise)
         elif mode in ("hooks", "functorch"):
@@ -392,6 +440,10 @@ def make_private(
     n_episodes: int,
     *,
     noise_seed: int | None = None,
+    distributed: bool = False,
 ) -> DPSGD:
-    """:class:`DPSGD` for a member with ``n_episodes`` training episodes (``q N`` averaging)."""
-    return DPSGD(model, optimizer, config, config.expected_batch_size(n_episodes), noise_seed=noise_seed)
+    """:class:`DPSGD` for a member with ``n_episodes`` training episodes (``q N`` averaging;
+    with ``distributed``, N counts every worker's episodes)."""
+    return DPSGD(
+        model, optimizer, config, config.expected_batch_size(n_episodes), noise_seed=noise_seed, distributed=distributed
+    )

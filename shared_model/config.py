@@ -112,6 +112,7 @@ class MemberConfig:
     # The torch device the node trains and evaluates on (cpu, cuda, cuda:N, mps), checked by
     # the node when it starts (shared_model.device). Deployment: ``device`` in the node config.
     device: str = "cpu"
+    workers: int = 1  # data-parallel DP-SGD processes of the node (``workers`` in the node config)
     # Who may answer as this member (deployment: from the consortium file and the SuperLink's
     # registrations). A node that names this member but is another Flower node, or signs with
     # another key, is left out of the run. Empty / 0: not pinned (simulation).

@@ -156,7 +156,9 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     assert (identity.name, identity.embodiment, identity.epsilon, identity.delta, identity.dp) == (
         "sony", "so100", 8.0, 1e-5, True,
     )  # fmt: skip
-    assert (identity.eval_noise_multiplier, identity.eval_loss_bound, identity.device) == (5.0, 0.05, "cpu")
+    assert (identity.eval_noise_multiplier, identity.eval_loss_bound, identity.device, identity.workers) == (
+        5.0, 0.05, "cpu", 1,
+    )  # fmt: skip
     assert str(identity.data_dir) == setup.data_dir and str(identity.state_dir) == setup.state_dir
     with pytest.raises(supernode.SetupError, match="cannot carry a double quote"):
         supernode.init_member(
@@ -166,6 +168,9 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     with pytest.raises(supernode.SetupError, match="ca.pem from the operator first"):
         _member(tmp_path, name="c", root_certificates=tmp_path / "missing-ca.pem")
     assert not (tmp_path / "c").exists()
+    with pytest.raises(supernode.SetupError, match="--workers: must be >= 1"):
+        _member(tmp_path, name="w", workers=0)
+    assert _member(tmp_path, name="w2", workers=2).node_config()["workers"] == 2
     with pytest.raises(supernode.SetupError, match="--device: device 'gpu'"):
         _member(tmp_path, name="g", device="gpu")
     assert not (tmp_path / "g").exists(), "nothing is written for a device this node cannot train on"

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from member_node.identity import NodeConfigError, resolve_identity
+from member_node.identity import NodeConfigError, resolve_identity, workers_problem
 from member_node.node import MemberNode
 from member_node.synthetic import generate_dataset
 from privacy.secure_noise import SecureRandom
@@ -60,6 +60,21 @@ def test_the_node_config_device_is_checked_before_the_node_starts(tmp_path):
     with pytest.raises(NodeConfigError, match="member 'x': node config 'device': device 'tpu'"):
         resolve_identity({**base, "device": "tpu"}, cfg)
     assert not (tmp_path / "d").exists() and not (tmp_path / "d-state").exists()
+    assert resolve_identity({**base, "workers": 3}, cfg).workers == 3
+    for workers, match in ((0, "must be >= 1"), ("two", "whole number"), (True, "whole number")):
+        with pytest.raises(NodeConfigError, match=f"'workers'.*{match}"):
+            resolve_identity({**base, "workers": workers}, cfg)
+    if NO_CUDA:
+        with pytest.raises(NodeConfigError, match="sees no CUDA device"):
+            resolve_identity({**base, "workers": 2, "device": "cuda"}, cfg)
+
+
+def test_which_devices_data_parallel_workers_can_share():
+    assert workers_problem(1, "mps") == "" and workers_problem(4, "cpu") == ""
+    assert "not mps" in workers_problem(2, "mps")
+    assert "name the device 'cuda'" in workers_problem(2, "cuda:1")  # worker r takes cuda:r
+    if torch.cuda.device_count() < 64:
+        assert "64 workers need 64 CUDA devices" in workers_problem(64, "cuda")
 
 
 def test_noise_made_for_a_device_is_the_host_stream_moved_there():
