@@ -150,12 +150,28 @@ def _worker(rank: int, world: int, port: int, job: ParallelJob, out: str) -> Non
             distributed=True,
         )
         _check_in_step(result, device)
+        peaks = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+        dist.all_gather(peaks, torch.tensor([_peak_rss_mb()], dtype=torch.float64, device=device))
+        result.workers_peak_rss_mb = max(float(p) for p in peaks)
         if rank == 0:
             # A file, not a queue: a pipe would block a large update until the parent reads,
             # while the parent waits for the workers to exit.
             torch.save(asdict(result), out)
+        # Nobody tears the group down while a peer may still use it: without this barrier a
+        # worker leaving early aborted at exit ("terminate called without an active
+        # exception") in 1 of 6 rounds here.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _peak_rss_mb() -> float:
+    """This worker's own peak resident memory (VmHWM). Not ``ru_maxrss``: Linux carries that
+    across exec, so a spawned worker would report the parent's size at fork time."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _check_in_step(result: TrainResult, device: torch.device) -> None:

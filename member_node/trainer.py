@@ -66,6 +66,7 @@ class TrainResult:
     steps: int  # steps actually run; under DP every one counts for the accountant, empty or not
     dp_mode: str | None = None  # DPSGD.mode used (record it in the ledger); None = non-private
     empty_steps: int = 0  # DP steps whose Poisson batch was empty (they added noise only)
+    workers_peak_rss_mb: float | None = None  # data-parallel rounds: the largest worker's peak RSS
 
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter], TrainHyperParams], torch.optim.Optimizer]
