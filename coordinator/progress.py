@@ -56,7 +56,7 @@ def round_table(result: RoundResult, epsilons: dict[str, tuple[float, float]] | 
     table = Table(title=f"Round {result.round}: members ({result.seconds:.1f}s)")
     for col in ("member", "shards", "steps", "train loss", "held-out MSE", "held-out MAE", "ε spent / budget"):
         table.add_column(col, justify="right" if col != "member" else "left")
-    members = sorted(set(result.plan.members) | set(result.evaluation) | set(result.failed))
+    members = sorted(set(result.plan.members) | set(result.evaluation) | set(result.failed) | set(result.declined))
     for member in members:
         if member.startswith(("expert/", "adapter/", "backbone")):
             continue
@@ -85,6 +85,8 @@ def round_table(result: RoundResult, epsilons: dict[str, tuple[float, float]] | 
             ("private" if ev.receipt else f"{ev.action_mae:.4f}") if ev else "-",
             eps,
         )
+    if result.declined:
+        table.caption = "; ".join(f"{m} sat out: {reason}" for m, reason in sorted(result.declined.items()))
     return table
 
 

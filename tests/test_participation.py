@@ -38,3 +38,14 @@ def test_a_member_that_cannot_train_is_in_no_cohort_and_the_round_says_why(tmp_p
     assert "adapter/shared" in result.updated_shards and "adapter/emb/so100" not in result.plan.cohorts
     assert f"sony sits out ({EXHAUSTED})" in caplog.text
     assert "sony" in result.evaluation, "a member without budget is still asked to evaluate"
+    # The operator's round table lists the member with its reason.
+    from rich.console import Console
+
+    from coordinator.progress import round_table
+
+    console = Console(width=200, record=True)
+    console.print(round_table(result, {"sony": (8.0, 8.0)}))
+    text = console.export_text()
+    sony = next(line for line in text.splitlines() if line.startswith("│ sony"))
+    assert "declined" in sony and "8.00 / 8" in sony
+    assert f"sony sat out: {EXHAUSTED}" in text
