@@ -69,7 +69,9 @@ def _initial(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
 
 def _hparams(cfg: KyodoConfig) -> TrainHyperParams:
     t = cfg.train
-    return TrainHyperParams(t.lr, t.local_steps, t.batch_size, t.weight_decay, t.seed, cfg.privacy.max_grad_norm)
+    return TrainHyperParams(
+        t.lr, t.local_steps, t.batch_size, t.weight_decay, t.seed, cfg.privacy.max_grad_norm, cfg.privacy.sample_rate
+    )
 
 
 def _plan(cfg: KyodoConfig, nodes: list[MemberNode], rnd: int):

@@ -288,6 +288,7 @@ class RoundRunner:
             weight_decay=t.weight_decay,
             seed=t.seed,
             max_grad_norm=self.cfg.privacy.max_grad_norm,
+            sample_rate=self.cfg.privacy.sample_rate,
         )
 
     def train_and_aggregate(self, round_number: int, plan: RoundPlan, result: RoundResult) -> None:

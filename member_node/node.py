@@ -284,7 +284,9 @@ class MemberNode:
         if self.ledger.find(run, round_number) is not None:
             # A re-sent round is never trained twice: that would spend the budget twice.
             return f"round {round_number} of run {run} was already trained"
-        sample_rate = min(1.0, hparams.batch_size / len(self.train_windows))
+        # The consortium's public rate; derived from the batch size only when it sends none
+        # (then the receipt's q reveals this node's episode count: q = batch / N).
+        sample_rate = hparams.sample_rate or min(1.0, hparams.batch_size / len(self.train_windows))
         history = self.ledger.history()
         try:
             sigma = self._noise_multiplier(

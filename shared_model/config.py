@@ -183,6 +183,12 @@ class PrivacyConfig:
     # run), and in a cohort it only dilutes the others' mean. It can only make nodes decline,
     # never spend more.
     max_noise_multiplier: float = 10.0
+    # Poisson sampling rate q of DP-SGD, the same public number for every DP member: the
+    # expected batch is q x the member's own training episodes. A rate derived from the
+    # member's size (train.batch_size / episodes) would put that size in every signed
+    # receipt (q = batch / N), which the coordinator keeps. 0.08 is 128 / 1600, the default
+    # federation's training episodes. 0: derive it from train.batch_size (reveals N).
+    sample_rate: float = 0.08
 
 
 @dataclass
@@ -397,6 +403,10 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError("privacy.max_grad_norm must be positive")
     if not cfg.privacy.max_noise_multiplier > 0:
         raise ConfigError("privacy.max_noise_multiplier must be positive")
+    if not 0 <= cfg.privacy.sample_rate <= 1:
+        raise ConfigError(
+            f"privacy.sample_rate must be in [0, 1] (0: train.batch_size / episodes), got {cfg.privacy.sample_rate}"
+        )
     if cfg.train.server_optimizer not in ("fedavg", "fedavgm", "fedadam"):
         raise ConfigError(
             f"train.server_optimizer {cfg.train.server_optimizer!r} is not one of fedavg, fedavgm, fedadam"

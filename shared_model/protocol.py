@@ -296,6 +296,7 @@ class TrainHyperParams:
     weight_decay: float = 0.0
     seed: int = 0
     max_grad_norm: float = 1.0  # DP-SGD clipping norm C, shared by the cohort
+    sample_rate: float = 0.0  # DP-SGD's public Poisson rate q; 0: batch_size / the member's episodes
 
     def to_record(self) -> dict:
         return {
@@ -305,6 +306,7 @@ class TrainHyperParams:
             "weight_decay": float(self.weight_decay),
             "seed": int(self.seed),
             "max_grad_norm": float(self.max_grad_norm),
+            "sample_rate": float(self.sample_rate),
         }
 
     @classmethod
@@ -319,7 +321,13 @@ class TrainHyperParams:
         wd = _finite_positive(_require(rec, "weight_decay", float, where), "weight_decay", where, allow_zero=True)
         seed = _require(rec, "seed", int, where)
         clip = _finite_positive(_require(rec, "max_grad_norm", float, where), "max_grad_norm", where)
-        return cls(lr=lr, local_steps=steps, batch_size=batch, weight_decay=wd, seed=seed, max_grad_norm=clip)
+        rate = rec.get("sample_rate", 0.0)  # absent from older coordinators' requests
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise ProtocolError(f"{where}: sample_rate must be a number in [0, 1], got {rate!r}")
+        return cls(
+            lr=lr, local_steps=steps, batch_size=batch, weight_decay=wd, seed=seed, max_grad_norm=clip,
+            sample_rate=float(rate),
+        )  # fmt: skip
 
 
 def _run_and_planned_rounds(rec: Mapping, where: str) -> tuple[str, int]:

@@ -52,9 +52,10 @@ def dp_run(tmp_path_factory):
     at 200 the relative-action policy barely moves off holding still (0.98x in 2 rounds).
     Steps, not episodes, set the training time. 3 rounds, not 2: after 2 the mean held-out
     error was 0.90-0.98x of the initial one (the noise is drawn afresh every run), after 3
-    0.75-0.78x."""
+    0.75-0.78x. The sample rate is the one those numbers were measured at (128 / 800
+    training episodes); every receipt must then carry exactly it."""
     episodes = (f"federation.members.{i}.episodes=1000" for i in range(4))
-    return _demo(tmp_path_factory.mktemp("dp"), *episodes, rounds=3)
+    return _demo(tmp_path_factory.mktemp("dp"), *episodes, "privacy.sample_rate=0.16", rounds=3)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +193,8 @@ def test_dp_run_records_verified_receipts_within_budget(dp_run):
         assert all(e["epsilon"] <= meta["epsilon"] for e in entries)
         # The coordinator's copy of each receipt is exactly the member's ledger entry.
         assert [records[r]["receipts"][member] for r in (1, 2, 3)] == trained
+        # q is the consortium's public rate, not batch / this member's episodes (its size).
+        assert {e["mechanism"]["sample_rate"] for e in trained} == {0.16}
     assert "ε spent" in stdout
 
 

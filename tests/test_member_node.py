@@ -202,6 +202,18 @@ def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
     assert reply.num_examples == 0, "the dataset size does not leave a DP node either"
 
 
+def test_the_sample_rate_in_a_receipt_is_the_public_one_not_the_members_size(fresh_node, setup):
+    """A rate derived from the member's episodes would tell the coordinator its size (q = B / N)."""
+    from privacy.ledger import receipt_from_json
+
+    _, _, model = setup
+    reply = fresh_node.train(TrainRequest(1, ["adapter/emb/so100"], replace(HP, sample_rate=0.3), model, run="q"))
+    assert receipt_from_json(reply.receipt)["mechanism"]["sample_rate"] == 0.3
+    # Without one (an older coordinator) the node falls back to batch / episodes: 8 / 10.
+    reply = fresh_node.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="q"))
+    assert receipt_from_json(reply.receipt)["mechanism"]["sample_rate"] == pytest.approx(8 / 10)
+
+
 def test_resent_round_is_not_trained_twice(fresh_node, setup):
     from shared_model.protocol import TrainDeclined
 
