@@ -243,7 +243,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="per-episode held-out error bound of that release (normalised action units)",
     )
     init.add_argument(
-        "--device", default="cpu", help="where the node trains: cpu, cuda, cuda:N or mps (checked here and at start)"
+        "--device", default="cpu", help="where the node trains: cpu, cuda or cuda:N (checked here and at start)"
     )
     init.add_argument(
         "--workers", type=int, default=1, help="data-parallel DP-SGD processes (with cuda: one per device)"
@@ -258,7 +258,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     start.add_argument("--superlink", default="", help="override member.yaml: HOST:PORT of the SuperLink")
     start.add_argument("--root-certificates", default="", help="override member.yaml: the consortium's ca.pem")
     start.add_argument("--port", type=int, default=None, help="override member.yaml: runtime API port")
-    start.add_argument("--device", default="", help="override member.yaml: cpu, cuda, cuda:N or mps")
+    start.add_argument("--device", default="", help="override member.yaml: cpu, cuda or cuda:N")
     start.add_argument("--workers", type=int, default=None, help="override member.yaml: data-parallel processes")
     start.add_argument(
         "--connect-timeout", type=float, default=60.0, help="seconds to retry a SuperLink that refuses connections"

@@ -69,8 +69,6 @@ def workers_problem(workers: int, device: str) -> str:
     if workers == 1:
         return ""
     kind = torch.device(device.strip().lower()).type
-    if kind == "mps":
-        return "data-parallel training runs on cpu or cuda devices, not mps"
     if kind == "cuda" and device.strip().lower() != "cuda":
         return f"with {workers} workers name the device 'cuda' (worker r uses cuda:r), not {device!r}"
     if kind == "cuda" and torch.cuda.device_count() < workers:

@@ -284,9 +284,14 @@ class MemberNode:
         if self.ledger.find(run, round_number) is not None:
             # A re-sent round is never trained twice: that would spend the budget twice.
             return f"round {round_number} of run {run} was already trained"
-        # The consortium's public rate; derived from the batch size only when it sends none
-        # (then the receipt's q reveals this node's episode count: q = batch / N).
-        sample_rate = hparams.sample_rate or min(1.0, hparams.batch_size / len(self.train_windows))
+        if not hparams.sample_rate:
+            # A rate derived from this node's size (batch / N) would be in the receipt, and
+            # the query's answer would let the coordinator probe N for free: refuse it.
+            return (
+                "the request names no DP sample rate; this node does not derive one from its episode "
+                "count (q = batch / N would reveal it): set privacy.sample_rate"
+            )
+        sample_rate = hparams.sample_rate
         history = self.ledger.history()
         try:
             sigma = self._noise_multiplier(

@@ -103,9 +103,10 @@ def train_shards_parallel(
     )
     with tempfile.TemporaryDirectory(prefix="kyodo-workers-") as tmp:
         out = Path(tmp) / "result.pt"
+        store = Path(tmp) / "rendezvous"
         try:
             mp.start_processes(
-                _worker, args=(workers, _free_port(), job, str(out)), nprocs=workers, join=True, start_method="spawn"
+                _worker, args=(workers, str(store), job, str(out)), nprocs=workers, join=True, start_method="spawn"
             )
         except mp.ProcessRaisedException as err:
             # The worker's own exception is the last line of the traceback torch relays.
@@ -117,21 +118,25 @@ def train_shards_parallel(
     return TrainResult(**saved)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _loopback_interface() -> str:
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), "lo")
 
 
-def _worker(rank: int, world: int, port: int, job: ParallelJob, out: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank: int, world: int, store: str, job: ParallelJob, out: str) -> None:
+    # The un-noised clipped sums travel between the workers: nothing of that may be reachable
+    # from the member's network. The rendezvous is a file in the round's private temporary
+    # directory (a TCP store listens on every interface, unauthenticated), and gloo's and
+    # NCCL's own sockets are bound to the loopback interface (by default they take the
+    # address the host name resolves to). The workers of one node share one host.
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = _loopback_interface()
     torch.set_num_threads(job.threads)
     if job.device_type == "cuda":
         torch.cuda.set_device(rank)
         device, backend = torch.device("cuda", rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         policy = Policy(job.model, job.embodiments, device=device)
         policy.load_state_dict(job.state)

@@ -99,7 +99,7 @@ class MemberSetup:
     # and per-episode error bound. Older member.yaml files without them get these defaults.
     eval_noise_multiplier: float = 5.0
     eval_loss_bound: float = 0.05
-    device: str = "cpu"  # where the node trains (cpu, cuda, cuda:N, mps); older files: cpu
+    device: str = "cpu"  # where the node trains (cpu, cuda, cuda:N); older files: cpu
     workers: int = 1  # data-parallel DP-SGD processes (cuda: one per device, device "cuda")
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)

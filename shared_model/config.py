@@ -109,7 +109,7 @@ class MemberConfig:
     # the released mean strays from the clipped one by ~9e-4 (one standard deviation).
     eval_noise_multiplier: float = 5.0
     eval_loss_bound: float = 0.05
-    # The torch device the node trains and evaluates on (cpu, cuda, cuda:N, mps), checked by
+    # The torch device the node trains and evaluates on (cpu, cuda, cuda:N), checked by
     # the node when it starts (shared_model.device). Deployment: ``device`` in the node config.
     device: str = "cpu"
     workers: int = 1  # data-parallel DP-SGD processes of the node (``workers`` in the node config)
@@ -187,7 +187,7 @@ class PrivacyConfig:
     # expected batch is q x the member's own training episodes. A rate derived from the
     # member's size (train.batch_size / episodes) would put that size in every signed
     # receipt (q = batch / N), which the coordinator keeps. 0.08 is 128 / 1600, the default
-    # federation's training episodes. 0: derive it from train.batch_size (reveals N).
+    # federation's training episodes. DP nodes refuse a request without one (0).
     sample_rate: float = 0.08
 
 

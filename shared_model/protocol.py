@@ -296,7 +296,7 @@ class TrainHyperParams:
     weight_decay: float = 0.0
     seed: int = 0
     max_grad_norm: float = 1.0  # DP-SGD clipping norm C, shared by the cohort
-    sample_rate: float = 0.0  # DP-SGD's public Poisson rate q; 0: batch_size / the member's episodes
+    sample_rate: float = 0.0  # DP-SGD's public Poisson rate q; DP nodes decline 0 (none named)
 
     def to_record(self) -> dict:
         return {

@@ -23,7 +23,7 @@ from shared_model.protocol import (
 )
 from shared_model.shards import shard_of
 
-HP = TrainHyperParams(lr=0.01, local_steps=3, batch_size=8, weight_decay=0.0, seed=0)
+HP = TrainHyperParams(lr=0.01, local_steps=3, batch_size=8, weight_decay=0.0, seed=0, sample_rate=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -207,11 +207,17 @@ def test_the_sample_rate_in_a_receipt_is_the_public_one_not_the_members_size(fre
     from privacy.ledger import receipt_from_json
 
     _, _, model = setup
+    from shared_model.protocol import TrainDeclined
+
     reply = fresh_node.train(TrainRequest(1, ["adapter/emb/so100"], replace(HP, sample_rate=0.3), model, run="q"))
     assert receipt_from_json(reply.receipt)["mechanism"]["sample_rate"] == 0.3
-    # Without one (an older coordinator) the node falls back to batch / episodes: 8 / 10.
-    reply = fresh_node.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="q"))
-    assert receipt_from_json(reply.receipt)["mechanism"]["sample_rate"] == pytest.approx(8 / 10)
+    # A request without one (an older coordinator, privacy.sample_rate=0) is declined, at
+    # query too: deriving q from the episode count would reveal it, probing included.
+    no_rate = replace(HP, sample_rate=0.0)
+    declined = fresh_node.train(TrainRequest(2, ["adapter/emb/so100"], no_rate, model, run="q"))
+    assert isinstance(declined, TrainDeclined) and "names no DP sample rate" in declined.reason
+    assert fresh_node.query(QueryRequest(2, "q", no_rate)).reason == declined.reason
+    assert len(fresh_node.ledger.entries()) == 1
 
 
 def test_resent_round_is_not_trained_twice(fresh_node, setup):

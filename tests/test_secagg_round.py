@@ -37,7 +37,9 @@ from shared_model.protocol import (
 from shared_model.shards import ShardLayout
 
 RUN = "secagg-test"
-HP = TrainHyperParams(lr=0.01, local_steps=3, batch_size=6, weight_decay=0.0, seed=0, max_grad_norm=0.1)
+HP = TrainHyperParams(
+    lr=0.01, local_steps=3, batch_size=6, weight_decay=0.0, seed=0, max_grad_norm=0.1, sample_rate=0.75
+)
 # Every embodiment has two owners, so every shard's cohort has at least two members and
 # every update leaves its node masked (a cohort of one is covered separately below).
 EMBODIMENTS = {"honda": "aloha", "sony": "so100", "softbank": "so100", "fanuc": "aloha"}
