@@ -81,7 +81,9 @@ def train_shards_parallel(
     noise_seed: int | None = None,
 ) -> TrainResult:
     """One DP round over ``workers`` processes; ``policy`` is left as it was (the deltas say
-    what changed, as the node applies nothing itself)."""
+    what changed, as the node applies nothing itself). ``deltas``, ``steps`` and
+    ``num_examples`` are the round's; ``loss`` and ``empty_steps`` are rank 0's own (its
+    part's), which is all the node reads of them (neither leaves it under DP)."""
     if device_type == "cuda" and torch.cuda.device_count() < workers:
         raise ValueError(f"{workers} workers need {workers} CUDA devices, this machine has {torch.cuda.device_count()}")
     if device_type not in ("cpu", "cuda"):
