@@ -15,7 +15,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from aggregation.secagg.errors import SecAggError
-from member_node.identity import NodeConfigError, resolve_identity
+from member_node.identity import MemberIdentity, NodeConfigError, resolve_identity
 from member_node.lerobot import DatasetError
 from member_node.node import MemberNode
 from shared_model.config import ConfigError, config_from_run_config, to_yaml
@@ -38,13 +38,13 @@ app = ClientApp()
 
 # In simulation one process serves many messages; building the node (reading the dataset)
 # once per member and config saves seconds per message. Keyed by everything that shapes it.
-_NODES: dict[tuple[str, str, str], MemberNode] = {}
+_NODES: dict[tuple[MemberIdentity, str], MemberNode] = {}
 
 
 def _node(context: Context) -> MemberNode:
     cfg = config_from_run_config(context.run_config)
     identity = resolve_identity(context.node_config, cfg)
-    key = (identity.name, str(identity.data_dir), to_yaml(cfg))
+    key = (identity, to_yaml(cfg))  # the whole identity: a changed budget or device is a new node
     if key not in _NODES:
         torch.set_num_threads(max(1, cfg.train.threads))
         _NODES[key] = MemberNode(cfg, identity)
@@ -59,12 +59,21 @@ def _serve(message: Message, context: Context, handler: Callable[[MemberNode, An
         return Message(reply.to_content(), reply_to=message)
     except ProtocolError as err:
         return Message(Error(ERR_INVALID_REQUEST, f"invalid request: {err}"), reply_to=message)
-    except (NodeConfigError, ConfigError) as err:
-        return Message(Error(ERR_NODE_CONFIG, f"node configuration: {err}"), reply_to=message)
+    except ConfigError as err:  # the run config the coordinator sent: its own text
+        return Message(Error(ERR_NODE_CONFIG, f"run configuration: {err}"), reply_to=message)
+    except NodeConfigError as err:
+        # The detail can hold what the coordinator must not learn (paths, the episode
+        # count): it goes to the member's own log, the reply says only where to look.
+        log.error("node configuration: %s", err)
+        return Message(
+            Error(ERR_NODE_CONFIG, "the member's node configuration is invalid (see its node log)"), reply_to=message
+        )
     except SecAggError as err:
         return Message(Error(ERR_INVALID_REQUEST, f"secure aggregation: {err}"), reply_to=message)
     except DatasetError as err:
-        return Message(Error(ERR_DATA, f"member data: {err}"), reply_to=message)
+        # Dataset errors name files, frame counts and episode lengths: the member's log only.
+        log.error("member data: %s", err)
+        return Message(Error(ERR_DATA, "the member's data cannot be used (see its node log)"), reply_to=message)
     except Exception as err:  # noqa: BLE001 - a node answers, it does not crash
         log.exception("unexpected failure handling %s", message.metadata.message_type)
         return Message(Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}"), reply_to=message)

@@ -1,6 +1,7 @@
 """The member node's logic and its ClientApp, on generated data (no Flower runtime needed)."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +182,12 @@ def test_client_app_answers_and_refuses(setup):
 
     reply = app(_message(QueryRequest(0).to_content(), "query"), _context(cfg, {}))
     assert reply.has_error() and reply.error.code == ERR_NODE_CONFIG
+    # What is wrong goes to the member's log; the reply (the coordinator's) says only that.
+    data_dir = str(Path(cfg.data_root) / "sony")
+    workers = _context(cfg, {"member": "sony", "embodiment": "so100", "data-dir": data_dir, "workers": 50})
+    reply = app(_message(QueryRequest(0).to_content(), "query"), workers)
+    assert reply.has_error() and reply.error.code == ERR_NODE_CONFIG
+    assert reply.error.reason == "the member's node configuration is invalid (see its node log)"
 
 
 # ---------------------------------------------------------------- privacy on the node
