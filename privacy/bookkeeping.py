@@ -241,6 +241,20 @@ class BookKeepingClipper:
                 sq_norms += g.sum(dim=1).square().sum(dim=1)
         norms = sq_norms.sqrt()
         factor = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        bad = ~torch.isfinite(norms)
+        if bool(bad.any()):
+            # A sample whose gradient is not finite (a diverged model, an extreme episode)
+            # contributes nothing: still a per-sample function of norm <= C, so the mechanism
+            # is unchanged, and the update stays finite, so no data-dependent failure (NaN
+            # update, refused quantization) reaches the coordinator. Its rows are zeroed, as
+            # 0 x NaN would still be NaN.
+            factor = torch.where(bad, torch.zeros_like(factor), factor)
+            keep = (~bad).view(-1, 1, 1)
+            work = [
+                (tape, None if a is None else torch.where(keep, a, 0.0), None if g is None else torch.where(keep, g, 0.0),
+                 None if ps is None else torch.where(keep, ps, 0.0))
+                for tape, a, g, ps in work
+            ]  # fmt: skip
         per_token = factor.view(-1, 1, 1)
 
         for tape, a, g, per_sample in work:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import secrets
 
 import numpy as np
@@ -159,6 +160,20 @@ def test_bookkeeping_norms_match_loop_and_opacus_hooks(cfg, base):
     bk = _clipped_sum(base, "bk", clip, obs, image, target)
     hooks = _clipped_sum(base, "hooks", clip, obs, image, target)
     assert max((bk[n] - hooks[n]).abs().max().item() for n in bk) < 1e-6
+
+
+def test_a_sample_with_a_non_finite_gradient_contributes_nothing(cfg, base):
+    """bk drops it (clipped to 0, still a per-sample function of norm <= C), so the update is
+    the clipped sum of the others and stays finite: no NaN update, no refused quantization,
+    no data-dependent failure the coordinator could see."""
+    obs, image, target = _batch(cfg, 5, seed=4)
+    broken = target.clone()
+    broken[2] = math.nan
+    dropped = _clipped_sum(base, "bk", 0.05, obs, image, broken)
+    keep = [0, 1, 3, 4]
+    others = _clipped_sum(base, "bk", 0.05, obs[keep], image[keep], target[keep])
+    assert all(torch.isfinite(d).all() for d in dropped.values())
+    assert max((dropped[n] - others[n]).abs().max().item() for n in others) < 1e-6
 
 
 def test_no_noise_and_huge_clip_is_plain_sgd(cfg, base):

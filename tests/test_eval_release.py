@@ -31,8 +31,10 @@ def test_settings_are_checked() -> None:
     assert not EvalPrivacy(0.0, 0.02).enabled
     with pytest.raises(ValueError, match="disabled"):
         release_evaluation(np.ones(3), EvalPrivacy(0.0, 0.02))
-    with pytest.raises(ValueError, match="finite"):
-        release_evaluation(np.array([0.01, math.nan]), PRIVACY)
+    # Non-finite errors count as the bound, never as an error the coordinator could observe.
+    zero = _Zero()
+    assert release_evaluation(np.array([math.nan, math.inf]), PRIVACY, zero).action_mse == PRIVACY.loss_bound
+    assert release_evaluation(np.array([0.0, -math.inf]), PRIVACY, zero).action_mse == PRIVACY.loss_bound / 2
 
 
 def test_the_mechanism_is_one_full_batch_gaussian_step() -> None:
@@ -186,3 +188,10 @@ def test_training_and_evaluations_together_never_exceed_the_budget(
                     accountant="rdp", decision=allowance.decision,
                 )  # fmt: skip
         assert epsilon(ledger.history(), budget.delta) <= budget.epsilon * (1 + 1e-9)
+
+
+class _Zero:
+    """A noise source that draws 0: the release's arithmetic, without its noise."""
+
+    def gauss(self, mu: float, sigma: float) -> float:
+        return mu
