@@ -244,10 +244,17 @@ def _exact_held_out_mse(out_dir: Path, data_root: Path, round_number: int) -> di
 
 
 def test_dp_run_still_learns(dp_run):
-    """On the exact held-out error: the reported one is a noised, clipped release."""
+    """On the exact held-out error: the reported one is a noised, clipped release.
+
+    Per member, because the noise is drawn afresh every run and one member dominates a sum:
+    after 3 rounds honda, sony and fanuc ended at 0.91-0.96x of their initial error in five
+    runs, softbank anywhere from 0.59x to 1.01x; the summed error at 0.72-0.98x, so a bound
+    on the sum failed one run in five. A DP path that stopped learning leaves every ratio
+    near or above 1."""
     out_dir, data_root, _ = dp_run
     first, last = _exact_held_out_mse(out_dir, data_root, 0), _exact_held_out_mse(out_dir, data_root, 3)
-    assert sum(last.values()) < 0.95 * sum(first.values()), (first, last)
+    ratios = sorted(last[m] / first[m] for m in first)
+    assert sum(r < 1.0 for r in ratios) >= 3 and (ratios[1] + ratios[2]) / 2 < 0.97, (first, last)
 
 
 def test_dp_members_release_their_held_out_error_privately(dp_run):
