@@ -247,10 +247,10 @@ def test_dp_run_still_learns(dp_run):
     """On the exact held-out error: the reported one is a noised, clipped release.
 
     Per member, because the noise is drawn afresh every run and one member dominates a sum:
-    after 3 rounds honda, sony and fanuc ended at 0.91-0.96x of their initial error in five
-    runs, softbank anywhere from 0.59x to 1.01x; the summed error at 0.72-0.98x, so a bound
-    on the sum failed one run in five. A DP path that stopped learning leaves every ratio
-    near or above 1."""
+    after 3 rounds honda, sony and fanuc ended at 0.89-0.96x of their initial error in four
+    runs, softbank anywhere from 0.67x to 1.01x; the summed error at 0.77-0.98x, so the old
+    bound on the sum (0.95x) failed one run in four. A DP path that stopped learning leaves
+    every ratio near or above 1."""
     out_dir, data_root, _ = dp_run
     first, last = _exact_held_out_mse(out_dir, data_root, 0), _exact_held_out_mse(out_dir, data_root, 3)
     ratios = sorted(last[m] / first[m] for m in first)
