@@ -36,6 +36,7 @@ from member_node.supernode import (
     wait_for_superlink,
 )
 from member_node.synthetic import generate_dataset
+from privacy.keys import FINGERPRINT_KEY_FILE, keyed_fingerprint, load_or_create_fingerprint_key
 from shared_model.config import ConfigError, EmbodimentConfig, load_config
 from shared_model.flower_processes import log_to_stderr
 
@@ -101,6 +102,14 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     console.print(_summary_table(dataset, embodiment))
     # On its own line, unwrapped: it is meant to be copied into ledgers and compared.
     console.print(f"fingerprint {fingerprint}", soft_wrap=True, highlight=False)
+    if args.state_dir:
+        # What this node's receipts record for this data: keyed, so only the member (and an
+        # auditor it gives the key to) can match it.
+        key_file = Path(args.state_dir) / FINGERPRINT_KEY_FILE
+        if not key_file.is_file():
+            raise CommandError(f"{key_file} does not exist: the node creates it when it first starts")
+        keyed = keyed_fingerprint(load_or_create_fingerprint_key(key_file), fingerprint)
+        console.print(f"receipts record {keyed}", soft_wrap=True, highlight=False)
     return 0
 
 
@@ -143,6 +152,9 @@ def add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     inspect = sub.add_parser("inspect", help="validate a dataset against an embodiment and summarise it")
     inspect.add_argument("dir", type=Path)
     inspect.add_argument("--embodiment", required=True, help="name from configs/embodiments.yaml")
+    inspect.add_argument(
+        "--state-dir", default="", help="the node's state directory: also print the value its receipts record"
+    )
     inspect.set_defaults(handler=_cmd_data_inspect)
 
 

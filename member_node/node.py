@@ -34,7 +34,13 @@ from privacy.accountant import Mechanism, noise_for_target
 from privacy.accountant import epsilon as composed_epsilon
 from privacy.budget import Budget, RoundAllowance, allow_round
 from privacy.dp_sgd import DEFAULT_MODE, DPConfig
-from privacy.keys import load_or_create_signing_key, public_key_hex
+from privacy.keys import (
+    FINGERPRINT_KEY_FILE,
+    keyed_fingerprint,
+    load_or_create_fingerprint_key,
+    load_or_create_signing_key,
+    public_key_hex,
+)
 from privacy.ledger import Ledger, receipt_to_json
 from privacy.secure_noise import NOISE_SOURCE
 from shared_model.config import KyodoConfig
@@ -88,6 +94,7 @@ class MemberNode:
         state = Path(identity.state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self.signing_key = load_or_create_signing_key(state / "member_ed25519.pem")
+        self._fingerprint_key = load_or_create_fingerprint_key(state / FINGERPRINT_KEY_FILE)
         self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
         self._plan_path = state / "noise_plan.json"
         self.secagg = MemberSecAgg(state, identity.name, self.signing_key)
@@ -98,7 +105,7 @@ class MemberNode:
             identity.eval_privacy(),
             member=identity.name,
             accountant=cfg.privacy.accountant,
-            dataset_fingerprint=self.dataset.fingerprint,
+            dataset_fingerprint=self.dataset_fingerprint,
         )
         # The node's replica of the shared model: content-addressed objects, fetched only
         # when missing. ``_loaded`` says which object each shard of the policy holds now.
@@ -118,6 +125,11 @@ class MemberNode:
             ),
             encoding="utf-8",
         )
+
+    def dataset_fingerprint(self) -> str:
+        """What receipts say about the data: the manifest's fingerprint under the member's key
+        (privacy.keys.keyed_fingerprint), never the plain hash the coordinator could test."""
+        return keyed_fingerprint(self._fingerprint_key, self.dataset.fingerprint())
 
     def epsilon_spent(self) -> float:
         return composed_epsilon(self.ledger.history(), self.budget.delta, self.cfg.privacy.accountant)
@@ -366,7 +378,7 @@ class MemberNode:
                 "opacus_mode": dp.mode,
                 "noise_source": NOISE_SOURCE,
             },
-            dataset_fingerprint=self.dataset.fingerprint(),
+            dataset_fingerprint=self.dataset_fingerprint(),
             epsilon=allowance.epsilon_after,
             delta=self.budget.delta,
             accountant=self.cfg.privacy.accountant,

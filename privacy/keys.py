@@ -8,8 +8,11 @@ readable by other users. Nothing here logs or prints private material.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
+import secrets
 import stat
 import string
 from pathlib import Path
@@ -49,6 +52,33 @@ def load_or_create_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKe
         return _load(path)
     log.info("created signing key %s (public key %s)", path, public_key_hex(key))
     return key
+
+
+FINGERPRINT_KEY_FILE = "dataset_fingerprint.key"
+KEYED_FINGERPRINT_PREFIX = "hmac-sha256:"
+
+
+def load_or_create_fingerprint_key(path: str | os.PathLike[str]) -> bytes:
+    """The member's secret key for the dataset fingerprints its receipts carry (32 bytes, 0600).
+
+    Why keyed: a plain hash of the dataset manifest in every receipt would let the coordinator
+    confirm a guessed dataset exactly (add or drop one episode and the hash changes). Keyed,
+    the value still pins the dataset for the member and for an auditor the member gives the
+    key to, and tells the coordinator no more than whether it changed between rounds.
+    """
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _create_exclusive(path, secrets.token_bytes(32).hex().encode())
+    key = bytes.fromhex(path.read_text(encoding="ascii").strip())
+    if len(key) != 32:
+        raise ValueError(f"{path}: a dataset fingerprint key is 32 bytes (64 hex digits)")
+    return key
+
+
+def keyed_fingerprint(key: bytes, fingerprint: str) -> str:
+    """What a receipt records for a dataset: HMAC-SHA256 of its manifest fingerprint."""
+    return KEYED_FINGERPRINT_PREFIX + hmac.new(key, fingerprint.encode(), hashlib.sha256).hexdigest()
 
 
 def _create_exclusive(path: Path, data: bytes) -> bool:

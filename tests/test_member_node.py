@@ -207,14 +207,24 @@ def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
     assert node.ledger.entries() == [entry]
     assert reply.loss != reply.loss, "the un-noised training loss does not leave a DP node"
     assert reply.num_examples == 0, "the dataset size does not leave a DP node either"
+    # The dataset is pinned under the member's own key: the coordinator cannot test a guess.
+    import hashlib
+    import hmac as hmac_lib
+
+    key = bytes.fromhex((node.identity.state_dir / "dataset_fingerprint.key").read_text())
+    plain = node.dataset.fingerprint()
+    assert plain not in reply.receipt
+    expected = hmac_lib.new(key, plain.encode(), hashlib.sha256).hexdigest()
+    assert entry["dataset_fingerprint"] == "hmac-sha256:" + expected
+    assert (node.identity.state_dir / "dataset_fingerprint.key").stat().st_mode & 0o777 == 0o600
 
 
 def test_the_sample_rate_in_a_receipt_is_the_public_one_not_the_members_size(fresh_node, setup):
     """A rate derived from the member's episodes would tell the coordinator its size (q = B / N)."""
     from privacy.ledger import receipt_from_json
+    from shared_model.protocol import TrainDeclined
 
     _, _, model = setup
-    from shared_model.protocol import TrainDeclined
 
     reply = fresh_node.train(TrainRequest(1, ["adapter/emb/so100"], replace(HP, sample_rate=0.3), model, run="q"))
     assert receipt_from_json(reply.receipt)["mechanism"]["sample_rate"] == 0.3

@@ -166,6 +166,15 @@ def test_cli_synth_then_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[st
     text = capsys.readouterr().out
     fingerprint = read_dataset(out, EMBODIMENTS["agv"], "agv").fingerprint()
     assert f"fingerprint {fingerprint}" in text
+    # With the node's state dir: the keyed value its receipts record (the node made the key).
+    from privacy.keys import keyed_fingerprint, load_or_create_fingerprint_key
+
+    state = tmp_path / "state"
+    assert cli.main(["data", "inspect", str(out), "--embodiment", "agv", "--state-dir", str(state)]) == 1
+    assert "node creates it" in capsys.readouterr().err
+    key = load_or_create_fingerprint_key(state / "dataset_fingerprint.key")
+    assert cli.main(["data", "inspect", str(out), "--embodiment", "agv", "--state-dir", str(state)]) == 0
+    assert f"receipts record {keyed_fingerprint(key, fingerprint)}" in capsys.readouterr().out
     for fragment in ("episodes", "frames", "fps", "image features"):
         assert fragment in text, fragment
     assert cli.main([*argv, str(out)]) == 1  # refuses to overwrite without --force
