@@ -138,7 +138,7 @@ class TrainConfig:
     # weight; the best one depends on the model size, so it lives in model.lr.
     rounds: int = 4
     local_steps: int = 25
-    batch_size: int = 128
+    batch_size: int = 128  # members without DP; DP members sample at privacy.sample_rate
     lr: float = 0.0  # 0: the model size's own DP-tuned lr (model.lr)
     weight_decay: float = 0.0
     min_cohort: int = 3
