@@ -397,10 +397,18 @@ class MemberNode:
                 aux_coef=common["aux_coef"],
                 seed=int(common["rng"].integers(2**63)),
                 device_type=self.device.type,
+                physical_batch=self.cfg.train.physical_batch,
             )
         else:
             result = train_shards(
-                self.policy, self.identity.embodiment, self.train_windows, request.shards, hparams, dp=dp, **common
+                self.policy,
+                self.identity.embodiment,
+                self.train_windows,
+                request.shards,
+                hparams,
+                dp=dp,
+                physical_batch=self.cfg.train.physical_batch,
+                **common,
             )
         # Under DP only the noised deltas may carry information about the data: the training
         # loss is not noised and the dataset size is not public, so neither is sent (NaN loss,

@@ -56,6 +56,7 @@ class ParallelJob:
     device_type: str  # "cpu" (gloo) or "cuda" (nccl, worker r on cuda:r)
     threads: int
     noise_seed: int | None = None  # tests only
+    physical_batch: int | None = None
 
 
 def split_episodes_for_workers(episodes: Sequence[Episode], workers: int) -> list[list[Episode]]:
@@ -80,6 +81,7 @@ def train_shards_parallel(
     seed: int = 0,
     device_type: str = "cpu",
     noise_seed: int | None = None,
+    physical_batch: int | None = None,
 ) -> TrainResult:
     """One DP round over ``workers`` processes; ``policy`` is left as it was (the deltas say
     what changed, as the node applies nothing itself). ``deltas``, ``steps`` and
@@ -103,6 +105,7 @@ def train_shards_parallel(
         device_type=device_type,
         threads=max(1, torch.get_num_threads() // workers) if device_type == "cpu" else 1,
         noise_seed=noise_seed,
+        physical_batch=physical_batch,
     )
     with tempfile.TemporaryDirectory(prefix="kyodo-workers-") as tmp:
         out = Path(tmp) / "result.pt"
@@ -156,6 +159,7 @@ def _worker(rank: int, world: int, store: str, job: ParallelJob, out: str) -> No
             dp=job.dp,
             dp_noise_seed=job.noise_seed,
             distributed=True,
+            physical_batch=job.physical_batch,
         )
         _check_in_step(result, device)
         peaks = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]

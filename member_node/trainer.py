@@ -99,6 +99,7 @@ def train_shards(
     dp: DPConfig | None = None,
     dp_noise_seed: int | None = None,
     distributed: bool = False,
+    physical_batch: int | None = None,
 ) -> TrainResult:
     """Train only ``shards`` (everything else frozen) for ``hp.local_steps`` steps; return their deltas.
 
@@ -163,6 +164,7 @@ def train_shards(
                 dp_noise_seed,
                 n_episodes,
                 distributed,
+                physical_batch,
             )
     finally:
         set_trainable(policy, [])
@@ -220,23 +222,32 @@ def _train_private(
     noise_seed: int | None,
     n_episodes: int,
     distributed: bool,
+    physical_batch: int | None,
 ) -> tuple[int, int, str]:
     """DP-SGD steps; returns (steps run, empty steps, mode). The engine is always closed.
 
     ``n_episodes``: N of the step's ``q N`` (every worker's episodes when ``distributed``).
+    ``physical_batch``: the most episodes in one forward/backward (``bk`` mode); a larger
+    Poisson sample goes through in chunks that add up to the same clipped sum, so memory
+    does not grow with the member's data.
     """
     with make_private(policy, optimizer, dp, n_episodes, noise_seed=noise_seed, distributed=distributed) as engine:
         device = policy_device(policy)
+        chunk = physical_batch if physical_batch and engine.mode == "bk" else None
         for _ in range(hp.local_steps):
             ids = sampler(len(windows), rng)
-            batch = windows.sample(ids, rng).to(device)
             engine.zero_grad()
-            pred, aux = engine(embodiment, batch.obs, batch.image)
-            loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, aux_coef)
-            engine.backward(loss)
+            step_losses = []
+            parts = [ids] if chunk is None or len(ids) <= chunk else np.array_split(ids, -(-len(ids) // chunk))
+            for part in parts:
+                batch = windows.sample(part, rng).to(device)
+                pred, aux = engine(embodiment, batch.obs, batch.image)
+                loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, aux_coef)
+                engine.backward(loss)
+                step_losses.append(loss.detach())
             engine.step()
-            if len(batch):
-                losses.append(float(loss.detach().mean()))
+            if len(ids):
+                losses.append(float(torch.cat(step_losses).mean()))
         return engine.steps, engine.empty_steps, engine.mode
 
 

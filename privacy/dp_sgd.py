@@ -354,6 +354,11 @@ class DPSGD:
         """Backward of the per-sample losses ``[B]``; leaves the clipped *sum* in ``p.grad``.
 
         ``B = 0`` is fine: the clipped sum is zero and :meth:`step` adds only noise.
+
+        In ``bk`` mode a step's sample may go through in chunks (one forward and one
+        ``backward`` per chunk, then one :meth:`step`): each chunk's clipped sum is added to
+        the previous ones, so memory follows the chunk, not the Poisson batch (q N grows with
+        the member's data), and the step is the same. Other modes take the whole batch at once.
         """
         self._check_open()
         if loss_per_sample.dim() != 1:
@@ -361,8 +366,16 @@ class DPSGD:
         batch = loss_per_sample.shape[0]
         if self.mode == "bk":
             assert self._clipper is not None
+            earlier = [p.grad for p in self._params]  # the step's previous chunks, if any
+            for p in self._params:
+                p.grad = None  # the clipper refuses a gradient it did not write
             loss_per_sample.sum().backward()
             self._clipper.clip_and_accumulate()
+            for p, grad in zip(self._params, earlier, strict=True):
+                if grad is not None:
+                    p.grad.add_(grad)
+        elif self._last_batch is not None:
+            raise RuntimeError(f"mode {self.mode!r} takes a step's whole batch in one backward; call step() first")
         elif self.mode == "ghost":
             from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
@@ -381,7 +394,7 @@ class DPSGD:
                     p.grad = torch.zeros_like(p)
                 if self.mode in ("hooks", "functorch") and getattr(p, "grad_sample", None) is None:
                     p.grad_sample = p.new_zeros((0, *p.shape))
-        self._last_batch = batch
+        self._last_batch = (self._last_batch or 0) + batch
 
     def step(self) -> None:
         """Noise, average over ``q N``, and the wrapped optimizer's step."""

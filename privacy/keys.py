@@ -70,6 +70,9 @@ def load_or_create_fingerprint_key(path: str | os.PathLike[str]) -> bytes:
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _create_exclusive(path, secrets.token_bytes(32).hex().encode())
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("dataset fingerprint key %s is accessible by other users (mode %o); it should be 0600", path, mode)
     key = bytes.fromhex(path.read_text(encoding="ascii").strip())
     if len(key) != 32:
         raise ValueError(f"{path}: a dataset fingerprint key is 32 bytes (64 hex digits)")

@@ -61,6 +61,20 @@ def test_unknown_key_is_named(override, named):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("privacy.sample_rate=0", r"privacy.sample_rate must be in \(0, 1\]"),
+        ("privacy.sample_rate=1.5", r"privacy.sample_rate must be in \(0, 1\]"),
+        ("privacy.max_noise_multiplier=0", "privacy.max_noise_multiplier must be positive"),
+        ("train.physical_batch=0", "train.physical_batch must be >= 1"),
+    ],
+)
+def test_privacy_and_batch_settings_out_of_range_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
 def test_bad_value_type():
     with pytest.raises(ConfigError, match="train.rounds"):
         load_config(overrides=["train.rounds=many"])

@@ -176,6 +176,37 @@ def test_a_sample_with_a_non_finite_gradient_contributes_nothing(cfg, base):
     assert max((dropped[n] - others[n]).abs().max().item() for n in others) < 1e-6
 
 
+def test_a_step_taken_in_chunks_is_the_same_step(cfg, base):
+    """bk adds each chunk's clipped sum to the step's: memory follows the chunk, not the
+    Poisson sample, and the update does not change."""
+    obs, image, target = _batch(cfg, 5, seed=6)
+    whole = _clipped_sum(base, "bk", 0.05, obs, image, target)
+    model = copy.deepcopy(base)
+    names = set_trainable(model, SHARDS)
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD([params[n] for n in names], lr=1.0)
+    before = {n: params[n].detach().clone() for n in names}
+    with DPSGD(model, opt, DPConfig(0.0, 0.05, 0.5, "bk"), expected_batch_size=1.0, noise_seed=0) as dp:
+        dp.zero_grad()
+        for part in (slice(0, 2), slice(2, 3), slice(3, 5)):
+            pred, aux = dp(EMB, obs[part], image[part])
+            dp.backward(_loss(pred, aux, target[part]))
+        dp.step()
+    chunked = {n: before[n] - params[n].detach() for n in names}
+    assert max((chunked[n] - whole[n]).abs().max().item() for n in whole) < 1e-6
+    # Modes that need the whole batch at once say so instead of mixing chunks up.
+    model = copy.deepcopy(base)
+    names = set_trainable(model, SHARDS)
+    opt = torch.optim.SGD([dict(model.named_parameters())[n] for n in names], lr=1.0)
+    with DPSGD(model, opt, DPConfig(0.0, 0.05, 0.5, "hooks"), expected_batch_size=1.0, noise_seed=0) as dp:
+        dp.zero_grad()
+        pred, aux = dp(EMB, obs[:2], image[:2])
+        dp.backward(_loss(pred, aux, target[:2]))
+        pred, aux = dp(EMB, obs[2:], image[2:])
+        with pytest.raises(RuntimeError, match="whole batch in one backward"):
+            dp.backward(_loss(pred, aux, target[2:]))
+
+
 def test_no_noise_and_huge_clip_is_plain_sgd(cfg, base):
     obs, image, target = _batch(cfg, 8, seed=5)
     ref = copy.deepcopy(base)

@@ -64,6 +64,26 @@ def test_two_workers_take_the_single_process_step(cfg):
     assert any(d.abs().max() > 0 for d in parallel.deltas.values())
 
 
+def test_a_physical_batch_smaller_than_the_sample_gives_the_same_round(cfg):
+    """A member with many episodes: its Poisson sample goes through in chunks, same update."""
+    episodes = _one_frame_episodes(cfg, 12)
+    windows = EpisodeWindows(episodes, cfg.embodiments[EMB], history=cfg.model.history, chunk=cfg.model.chunk)
+    hp = TrainHyperParams(lr=1e-2, local_steps=2, batch_size=12)
+    dp = DPConfig(noise_multiplier=0.7, max_grad_norm=0.1, sample_rate=1.0)
+
+    def run(physical_batch):
+        policy = Policy(cfg.model, cfg.embodiments)
+        return train_shards(
+            policy, EMB, windows, SHARDS, hp, aux_coef=0.01, rng=np.random.default_rng(0), dp=dp, dp_noise_seed=2,
+            physical_batch=physical_batch,
+        )  # fmt: skip
+
+    whole, chunked = run(None), run(5)  # 12 episodes a step: chunks of 5, 5 and 2
+    assert chunked.steps == whole.steps == 2
+    for name, delta in whole.deltas.items():
+        torch.testing.assert_close(chunked.deltas[name], delta, rtol=1e-4, atol=1e-6)
+
+
 def test_poisson_rounds_over_workers_stay_in_step(cfg):
     """At q < 1 a worker's own sample is often empty; every step still runs everywhere and the
     workers end on the same update (the round checks it before returning)."""
