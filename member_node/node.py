@@ -310,16 +310,14 @@ class MemberNode:
                 history, sample_rate, run, round_number, hparams.local_steps, planned_rounds, persist=persist_plan
             )
         except ValueError as err:
-            spent = composed_epsilon(history, self.budget.delta, self.cfg.privacy.accountant)
             return (
-                f"privacy budget exhausted: epsilon {spent:.6g} of {self.budget.epsilon:g} spent, and no noise "
+                f"privacy budget exhausted: epsilon {self.epsilon_spent():.6g} of {self.budget.epsilon:g} spent, and no noise "
                 f"level lets another round fit ({err})"
             )
         cap = self.cfg.privacy.max_noise_multiplier
         if self.identity.noise_multiplier == 0 and sigma > cap:
-            spent = composed_epsilon(history, self.budget.delta, self.cfg.privacy.accountant)
             return (
-                f"privacy budget nearly exhausted: epsilon {spent:.6g} of {self.budget.epsilon:g} spent; the rest "
+                f"privacy budget nearly exhausted: epsilon {self.epsilon_spent():.6g} of {self.budget.epsilon:g} spent; the rest "
                 f"would need noise multiplier {sigma:.3g} (privacy.max_noise_multiplier {cap:g}): an update that "
                 "would be mostly noise"
             )

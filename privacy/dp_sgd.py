@@ -211,15 +211,16 @@ def _with_distributed_secure_noise(base: type) -> type:
         std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
+        sizes = [p.numel() for p in self.params]
         flat = torch.cat([p.summed_grad.reshape(-1) for p in self.params])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        sums = flat.split([p.numel() for p in self.params])
+        sums = flat.split(sizes)
         if dist.get_rank() == 0:
             # Parameter by parameter, as the single-process optimizer draws it: the same key
             # gives the same noise either way.
             flat = torch.cat([self.noise_source.add_noise(s, std) for s in sums])
         dist.broadcast(flat, src=0)
-        for p, noised in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
+        for p, noised in zip(self.params, flat.split(sizes), strict=True):
             p.grad = noised.view_as(p).clone()
             _mark_as_processed(p.summed_grad)
 
