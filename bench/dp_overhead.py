@@ -93,7 +93,7 @@ def _worker(variant: str, which: str, conn) -> None:
             optimizer.step()
     else:
         config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.05, mode=variant)
-        dp = DPSGD(policy, optimizer, config, expected_batch_size=float(BATCH))
+        dp = DPSGD(policy, optimizer, config, normaliser=float(BATCH))
 
         def step() -> None:
             dp.zero_grad()

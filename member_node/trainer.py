@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from member_node.windows import EpisodeWindows, WindowBatch
-from privacy.dp_sgd import DPConfig, PoissonEpisodeSampler, make_private
+from privacy.dp_sgd import DPSGD, DPConfig, PoissonEpisodeSampler
 from shared_model.policy import Policy
 from shared_model.protocol import TrainHyperParams
 from shared_model.shards import set_trainable
@@ -104,17 +104,17 @@ def train_shards(
     """Train only ``shards`` (everything else frozen) for ``hp.local_steps`` steps; return their deltas.
 
     With ``dp``: DP-SGD (``privacy.dp_sgd``). Episodes are Poisson-sampled at
-    ``dp.sample_rate`` (``hp.batch_size`` is then unused: the expected batch is
-    ``dp.sample_rate * len(windows)``), each step's update is clipped per episode, noised
-    and averaged over that expected batch, and an empty batch still makes a (noise-only)
-    step. ``sampler`` may only be a :class:`PoissonEpisodeSampler` at the same rate (tests
+    ``dp.sample_rate`` (the expected batch is ``dp.sample_rate * len(windows)``), each
+    step's update is clipped per episode, noised and divided by the public ``hp.batch_size``
+    (never by a number derived from the member's episode count), and an empty batch still
+    makes a (noise-only) step. ``sampler`` may only be a :class:`PoissonEpisodeSampler` at the same rate (tests
     seed one); ``dp_noise_seed`` is for tests only -- by default the noise is seeded from
     ``secrets``. The policy is returned unwrapped: no hooks, no Opacus attributes, all
     parameters frozen, the same state-dict keys, ready for the next round.
 
     ``distributed``: this process is one data-parallel worker of the member
-    (``member_node.parallel``), ``windows`` its part of the episodes; DP only. ``q N`` and
-    ``num_examples`` count every worker's episodes; the step's noise is drawn once.
+    (``member_node.parallel``), ``windows`` its part of the episodes; DP only.
+    ``num_examples`` counts every worker's episodes; the step's noise is drawn once.
     """
     if len(windows) == 0:
         raise ValueError("no training episodes")
@@ -162,7 +162,6 @@ def train_shards(
                 losses,
                 dp,
                 dp_noise_seed,
-                n_episodes,
                 distributed,
                 physical_batch,
             )
@@ -220,18 +219,16 @@ def _train_private(
     losses: list[float],
     dp: DPConfig,
     noise_seed: int | None,
-    n_episodes: int,
     distributed: bool,
     physical_batch: int | None,
 ) -> tuple[int, int, str]:
     """DP-SGD steps; returns (steps run, empty steps, mode). The engine is always closed.
 
-    ``n_episodes``: N of the step's ``q N`` (every worker's episodes when ``distributed``).
     ``physical_batch``: the most episodes in one forward/backward (``bk`` mode); a larger
     Poisson sample goes through in chunks that add up to the same clipped sum, so memory
     does not grow with the member's data.
     """
-    with make_private(policy, optimizer, dp, n_episodes, noise_seed=noise_seed, distributed=distributed) as engine:
+    with DPSGD(policy, optimizer, dp, hp.batch_size, noise_seed=noise_seed, distributed=distributed) as engine:
         device = policy_device(policy)
         chunk = physical_batch if physical_batch and engine.mode == "bk" else None
         for _ in range(hp.local_steps):

@@ -10,8 +10,13 @@ subsampled Gaussian of Abadi et al. 2016, with Opacus' ``DPOptimizer`` semantics
   together is clipped to L2 norm ``max_grad_norm`` = C (flat clipping,
   ``c_i = min(1, C / (||g_i|| + 1e-6))``).
 - Gaussian noise ``N(0, (sigma C)^2)`` is added to the clipped sum and the result divided by
-  the *expected* batch size ``q N`` (not the realised one, which would leak the batch size),
-  then the wrapped optimizer steps. Only the trainable (assigned) parameters take part;
+  a *public* normaliser (the consortium's ``train.batch_size``), then the wrapped optimizer
+  steps. Not by the realised batch (that would release the batch size), and not by the
+  expected batch ``q N`` either (Opacus' usual choice, where N is public): the accountant's guarantee covers the noised
+  sum and whatever is computed from it with public values only, and a member's N is not
+  public. Dividing by ``q N`` would scale the released update by ``1/N`` outside the
+  mechanism (invisible under Adam, which is scale-invariant, but not under SGD, and not in
+  the proof). For the default federation the two are equal (128 = 0.08 x 1600). Only the trainable (assigned) parameters take part;
   frozen ones get no hooks and cost only their ordinary forward and backward.
 - Noise comes from :class:`privacy.secure_noise.SecureRandom` (ChaCha20 under a fresh
   256-bit key from ``secrets`` for every :class:`DPSGD`, one per round; Gaussians drawn and
@@ -134,12 +139,6 @@ class DPConfig:
         if self.mode not in MODES:
             raise ValueError(f"unknown DP-SGD mode {self.mode!r}; choose one of {MODES}")
 
-    def expected_batch_size(self, n_episodes: int) -> float:
-        """``q * N``: the denominator of every step's average."""
-        if n_episodes < 1:
-            raise ValueError("DP-SGD needs at least one training episode")
-        return self.sample_rate * n_episodes
-
     def to_record(self) -> dict[str, Any]:
         """The mechanism's fields for a ledger entry (steps are added by the caller)."""
         return {
@@ -177,7 +176,7 @@ def _with_secure_noise(base: type) -> type:
     """``base`` (an Opacus DP optimizer class) with its noise drawn by :class:`SecureRandom`.
 
     Opacus' ``add_noise`` takes a ``torch.Generator``; everything else (clipping checks,
-    averaging by ``q N``, the wrapped step) stays Opacus'. The noise std is the one Opacus
+    averaging by the normaliser, the wrapped step) stays Opacus'. The noise std is the one Opacus
     would use, including its adjusted multiplier where adaptive clipping sets one.
     """
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -202,7 +201,7 @@ def _with_distributed_secure_noise(base: type) -> type:
     parameter, flattened), then rank 0 alone adds the noise, in float64 and rounded once as
     in the single-process case, and broadcasts the noised sum. So the noise is drawn once
     per step, from rank 0's own secret key, and the mechanism is exactly the one the ledger
-    records: every worker then divides by the same q N and takes the same optimizer step.
+    records: every worker then divides by the same normaliser and takes the same optimizer step.
     """
     import torch.distributed as dist
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -245,18 +244,20 @@ class DPSGD:
         dp.zero_grad()
         pred, aux = dp(embodiment, obs, image)        # forward (B may be 0)
         dp.backward(per_sample_loss(pred, ..., aux))  # [B] -> clipped sum in p.grad
-        dp.step()                                     # + noise, / (q N), optimizer step
+        dp.step()                                     # + noise, / normaliser, optimizer step
 
     Args:
         model: the policy, with exactly the trainable parameters set (``set_trainable``).
         optimizer: an optimizer over exactly those trainable parameters.
         config: the mechanism.
-        expected_batch_size: ``q * N`` (``config.expected_batch_size(N)``).
+        normaliser: what the noised clipped sum is divided by (Opacus' "expected batch
+            size"). It must not depend on the member's data: pass a public number (the
+            consortium's ``train.batch_size``), never ``q * N`` of a private N.
         noise_seed: tests only. ``None`` (always in production) keys the noise stream
             with a fresh secret (:class:`SecureRandom`).
         distributed: one of several data-parallel workers of the same member in the default
             ``torch.distributed`` group, each with a disjoint part of the episodes and the
-            same ``expected_batch_size`` (of all of them); ``bk`` mode only. See
+            same ``normaliser``; ``bk`` mode only. See
             :func:`_with_distributed_secure_noise`.
     """
 
@@ -265,15 +266,15 @@ class DPSGD:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         config: DPConfig,
-        expected_batch_size: float,
+        normaliser: float,
         *,
         noise_seed: int | None = None,
         distributed: bool = False,
     ) -> None:
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-        if not expected_batch_size > 0:
-            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+        if not (math.isfinite(normaliser) and normaliser > 0):
+            raise ValueError(f"the normaliser must be finite and > 0, got {normaliser}")
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
@@ -283,7 +284,7 @@ class DPSGD:
 
         self.config = config
         self.mode = config.mode
-        self.expected_batch_size = float(expected_batch_size)
+        self.normaliser = float(normaliser)
         self.steps = 0  # optimizer steps taken, empty batches included (each one is spent)
         self.empty_steps = 0
         self._last_batch: int | None = None
@@ -295,12 +296,12 @@ class DPSGD:
         noise = {
             "noise_multiplier": config.noise_multiplier,
             "max_grad_norm": config.max_grad_norm,
-            "expected_batch_size": self.expected_batch_size,  # type: ignore[dict-item]  # float: q*N exactly
-            "loss_reduction": "mean",  # i.e. divide the noised sum by expected_batch_size
+            "expected_batch_size": self.normaliser,  # type: ignore[dict-item]  # Opacus' name; a public float
+            "loss_reduction": "mean",  # i.e. divide the noised sum by the normaliser
         }
         mode = config.mode
         # Every wrapper below sees sum-reduced losses ("sum"), so per-sample gradients are
-        # those of each sample's own loss; the optimizer then divides by q*N ("mean").
+        # those of each sample's own loss; the optimizer then divides by the normaliser ("mean").
         if distributed:
             import torch.distributed as dist
 
@@ -398,7 +399,7 @@ class DPSGD:
         self._last_batch = (self._last_batch or 0) + batch
 
     def step(self) -> None:
-        """Noise, average over ``q N``, and the wrapped optimizer's step."""
+        """Noise, division by the normaliser, and the wrapped optimizer's step."""
         self._check_open()
         self.optimizer.step()
         self.steps += 1
@@ -445,19 +446,3 @@ class DPSGD:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def make_private(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: DPConfig,
-    n_episodes: int,
-    *,
-    noise_seed: int | None = None,
-    distributed: bool = False,
-) -> DPSGD:
-    """:class:`DPSGD` for a member with ``n_episodes`` training episodes (``q N`` averaging;
-    with ``distributed``, N counts every worker's episodes)."""
-    return DPSGD(
-        model, optimizer, config, config.expected_batch_size(n_episodes), noise_seed=noise_seed, distributed=distributed
-    )

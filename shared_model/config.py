@@ -138,7 +138,10 @@ class TrainConfig:
     # weight; the best one depends on the model size, so it lives in model.lr.
     rounds: int = 4
     local_steps: int = 25
-    batch_size: int = 128  # members without DP; DP members sample at privacy.sample_rate
+    # Members without DP draw this many episodes per step. DP members sample at
+    # privacy.sample_rate and divide each noised step by this public number (never by q x
+    # their private episode count, which would scale the update outside the mechanism).
+    batch_size: int = 128
     # The most episodes a DP step puts through one forward/backward: its Poisson sample (q x
     # the member's episodes, unbounded in N) goes in chunks of this size, adding up to the
     # same clipped sum, so a member's memory does not grow with its data (measured ~1.5 MB

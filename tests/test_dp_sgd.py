@@ -21,7 +21,7 @@ from member_node.synthetic import generate_episodes
 from member_node.trainer import train_shards
 from member_node.windows import EpisodeWindows
 from privacy.bookkeeping import BookKeepingClipper, trainable_linears
-from privacy.dp_sgd import DEFAULT_MODE, DPSGD, MODES, DPConfig, PoissonEpisodeSampler, make_private
+from privacy.dp_sgd import DEFAULT_MODE, DPSGD, MODES, DPConfig, PoissonEpisodeSampler
 from shared_model.config import load_config
 from shared_model.policy import Policy
 from shared_model.protocol import TrainHyperParams
@@ -93,7 +93,7 @@ def _clipped_sum(model: Policy, mode: str, clip: float, obs, image, target, weig
     params = dict(model.named_parameters())
     opt = torch.optim.SGD([params[n] for n in names], lr=1.0)
     before = {n: params[n].detach().clone() for n in names}
-    with DPSGD(model, opt, DPConfig(0.0, clip, 0.5, mode), expected_batch_size=1.0, noise_seed=0) as dp:
+    with DPSGD(model, opt, DPConfig(0.0, clip, 0.5, mode), normaliser=1.0, noise_seed=0) as dp:
         dp.zero_grad()
         pred, aux = dp(EMB, obs, image)
         loss = _loss(pred, aux, target)
@@ -186,7 +186,7 @@ def test_a_step_taken_in_chunks_is_the_same_step(cfg, base):
     params = dict(model.named_parameters())
     opt = torch.optim.SGD([params[n] for n in names], lr=1.0)
     before = {n: params[n].detach().clone() for n in names}
-    with DPSGD(model, opt, DPConfig(0.0, 0.05, 0.5, "bk"), expected_batch_size=1.0, noise_seed=0) as dp:
+    with DPSGD(model, opt, DPConfig(0.0, 0.05, 0.5, "bk"), normaliser=1.0, noise_seed=0) as dp:
         dp.zero_grad()
         for part in (slice(0, 2), slice(2, 3), slice(3, 5)):
             pred, aux = dp(EMB, obs[part], image[part])
@@ -198,7 +198,7 @@ def test_a_step_taken_in_chunks_is_the_same_step(cfg, base):
     model = copy.deepcopy(base)
     names = set_trainable(model, SHARDS)
     opt = torch.optim.SGD([dict(model.named_parameters())[n] for n in names], lr=1.0)
-    with DPSGD(model, opt, DPConfig(0.0, 0.05, 0.5, "hooks"), expected_batch_size=1.0, noise_seed=0) as dp:
+    with DPSGD(model, opt, DPConfig(0.0, 0.05, 0.5, "hooks"), normaliser=1.0, noise_seed=0) as dp:
         dp.zero_grad()
         pred, aux = dp(EMB, obs[:2], image[:2])
         dp.backward(_loss(pred, aux, target[:2]))
@@ -223,8 +223,8 @@ def test_no_noise_and_huge_clip_is_plain_sgd(cfg, base):
         set_trainable(model, SHARDS)
         mp = dict(model.named_parameters())
         opt = torch.optim.SGD([mp[n] for n in names], lr=0.1)
-        # expected batch = actual batch, so DP's "sum / (q N)" is the plain mean
-        with DPSGD(model, opt, DPConfig(0.0, 1e6, 0.5, mode), expected_batch_size=8.0) as dp:
+        # normaliser = actual batch, so DP's "sum / normaliser" is the plain mean
+        with DPSGD(model, opt, DPConfig(0.0, 1e6, 0.5, mode), normaliser=8.0) as dp:
             dp.zero_grad()
             pred, aux = dp(EMB, obs, image)
             dp.backward(_loss(pred, aux, target))
@@ -241,7 +241,7 @@ def test_empty_batch_is_a_noise_only_step(cfg, base, mode):
     before = {n: params[n].detach().clone() for n in names}
     opt = torch.optim.SGD([params[n] for n in names], lr=1.0)
     obs, image, target = _batch(cfg, 0)
-    with DPSGD(model, opt, DPConfig(1.0, 1.0, 0.1, mode), expected_batch_size=4.0, noise_seed=7) as dp:
+    with DPSGD(model, opt, DPConfig(1.0, 1.0, 0.1, mode), normaliser=4.0, noise_seed=7) as dp:
         dp.zero_grad()
         pred, aux = dp(EMB, obs, image)
         dp.backward(_loss(pred, aux, target))
@@ -252,7 +252,7 @@ def test_empty_batch_is_a_noise_only_step(cfg, base, mode):
 
 
 def test_noise_has_the_right_scale(cfg, base):
-    """Zero data gradient (an empty batch): the SGD update is pure noise of std sigma*C/(qN)*lr."""
+    """Zero data gradient (an empty batch): the SGD update is pure noise of std sigma*C/normaliser*lr."""
     sigma, clip, expected, lr = 2.0, 0.5, 10.0, 0.1
     model = copy.deepcopy(base)
     set_trainable(
@@ -262,7 +262,7 @@ def test_noise_has_the_right_scale(cfg, base):
     before = torch.cat([p.detach().flatten() for p in params])
     opt = torch.optim.SGD(params, lr=lr)
     obs, image, target = _batch(cfg, 0)
-    with DPSGD(model, opt, DPConfig(sigma, clip, 0.1, "bk"), expected_batch_size=expected) as dp:
+    with DPSGD(model, opt, DPConfig(sigma, clip, 0.1, "bk"), normaliser=expected) as dp:
         dp.zero_grad()
         pred, aux = dp(EMB, obs, image)
         dp.backward(_loss(pred, aux, target))
@@ -280,7 +280,7 @@ def test_noise_is_secret_by_default_and_seedable_for_tests(cfg, base):
         set_trainable(model, [SHARED_ADAPTER])
         params = [p for p in model.parameters() if p.requires_grad]
         before = torch.cat([p.detach().flatten() for p in params])
-        with make_private(model, torch.optim.SGD(params, lr=1.0), DPConfig(1.0, 1.0, 0.5), 4, noise_seed=seed) as dp:
+        with DPSGD(model, torch.optim.SGD(params, lr=1.0), DPConfig(1.0, 1.0, 0.5), 2.0, noise_seed=seed) as dp:
             obs, image, target = _batch(cfg, 0)
             dp.zero_grad()
             pred, aux = dp(EMB, obs, image)
@@ -303,7 +303,7 @@ def test_noise_and_sampling_each_take_a_fresh_secret_key_not_torch_generator(cfg
     monkeypatch.setattr(secrets, "token_bytes", lambda n: calls.append(n) or real(n))
     state = torch.random.get_rng_state()
     before = torch.cat([p.detach().flatten() for p in params])
-    with make_private(model, torch.optim.SGD(params, lr=1.0), DPConfig(1.0, 1.0, 0.5), 4) as dp:
+    with DPSGD(model, torch.optim.SGD(params, lr=1.0), DPConfig(1.0, 1.0, 0.5), 2.0) as dp:
         obs, image, target = _batch(cfg, 0)
         dp.zero_grad()
         pred, aux = dp(EMB, obs, image)
@@ -348,7 +348,6 @@ def test_config_validation_and_record():
         "mode": DEFAULT_MODE,
         "privacy_unit": "episode",
     }
-    assert DPConfig(1.0, 1.0, 0.02).expected_batch_size(150) == pytest.approx(3.0)
 
 
 def test_bookkeeping_refuses_parameters_it_cannot_clip(cfg):
@@ -487,3 +486,38 @@ def test_train_shards_dp_is_reproducible_only_with_test_seeds(cfg, windows):
 def test_dp_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         DPConfig(1.0, 1.0, 0.1).noise_multiplier = 0.0  # type: ignore[misc]
+
+
+def test_dp_update_is_divided_by_the_public_batch_size_not_by_the_members_episode_count(cfg, windows):
+    """The accountant covers the noised clipped sum and what public numbers make of it. The
+    member's N is private, so the divisor is the consortium's ``batch_size``: with plain SGD,
+    one noise-free step at q = 1 (the same clipped sum every time) halves when the public
+    batch doubles, and does not change when the member has more episodes than that."""
+    dp = DPConfig(noise_multiplier=0.0, max_grad_norm=1e-3, sample_rate=1.0)
+    start = Policy(cfg.model, cfg.embodiments)
+
+    def sgd(params, hp):
+        return torch.optim.SGD(list(params), lr=hp.lr)
+
+    def step(batch_size: int) -> dict[str, torch.Tensor]:
+        hp = TrainHyperParams(lr=1.0, local_steps=1, batch_size=batch_size)
+        return train_shards(
+            copy.deepcopy(start),
+            EMB,
+            windows,
+            SHARDS,
+            hp,
+            aux_coef=0.01,
+            rng=np.random.default_rng(0),
+            sampler=PoissonEpisodeSampler(1.0, seed=0),
+            make_optimizer=sgd,
+            dp=dp,
+        ).deltas
+
+    small, large = step(4), step(8)
+    for name in small:
+        torch.testing.assert_close(small[name], 2 * large[name], rtol=1e-3, atol=2e-8)  # p + step - p in float32
+    # Every one of the 12 episodes is clipped to 1e-3, so the step's norm is at most 12e-3 / 4
+    # (and far above 1e-3 / 4: the clipped gradients point roughly the same way).
+    norm = torch.cat([d.flatten() for d in small.values()]).norm().item()
+    assert 1e-3 / 4 < norm <= 12e-3 / 4 * (1 + 1e-4)
