@@ -171,7 +171,7 @@ class RoundRunner:
         grid: Grid,
         state: RunState,
         run_id: str = "run",
-        timeout: float = 600.0,
+        timeout: float | None = None,
         sync: ModelSync | None = None,
         sum_budget_bytes: int | None = None,
     ):
@@ -181,7 +181,7 @@ class RoundRunner:
         self.sync = sync if sync is not None else ModelSync(state.store)
         self.run_id = run_id
         self.grid = grid
-        self.timeout = timeout
+        self.timeout = cfg.train.reply_timeout if timeout is None else timeout
         self.layout = ShardLayout.from_config(cfg.model, cfg.embodiments)
         self.optimizer = server_optimizer(cfg)
         if sum_budget_bytes is None:

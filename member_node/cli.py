@@ -179,6 +179,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
             eval_loss_bound=args.eval_loss_bound,
             device=args.device,
             workers=args.workers,
+            train_reply_after=args.train_reply_after,
+            eval_reply_after=args.eval_reply_after,
             superlink=args.superlink,
             root_certificates=args.root_certificates,
             runtime_port=args.port,
@@ -259,6 +261,19 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     init.add_argument(
         "--workers", type=int, default=1, help="data-parallel DP-SGD processes (with cuda: one per device)"
+    )
+    init.add_argument(
+        "--train-reply-after",
+        type=float,
+        default=0.0,
+        help="seconds after a train request arrives before its reply leaves, whatever the work took "
+        "(hides the round time, which grows with the data; 0: off)",
+    )
+    init.add_argument(
+        "--eval-reply-after",
+        type=float,
+        default=0.0,
+        help="the same for evaluation replies (the held-out error; 0: off)",
     )
     init.add_argument("--superlink", default="", help="HOST:PORT of the consortium's SuperLink")
     init.add_argument("--root-certificates", default="", help="the consortium's CA certificate (ca.pem)")

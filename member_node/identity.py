@@ -10,6 +10,7 @@ which picks the matching member of the federation config, with its data under
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ class MemberIdentity:
     eval_loss_bound: float = 0.05
     device: str = "cpu"  # where the node trains and evaluates (shared_model.device)
     workers: int = 1  # data-parallel DP-SGD processes (member_node.parallel); cuda: one per device
+    # Replies leave no earlier than this many seconds after their request arrived
+    # (member_node.reply_timing: hides how long the work took); 0: as soon as ready.
+    train_reply_after: float = 0.0
+    eval_reply_after: float = 0.0
 
     def eval_privacy(self) -> EvalPrivacy:
         return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
@@ -106,6 +111,8 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             eval_loss_bound=_float(node_config, "eval-loss-bound", 0.05),
             device=str(node_config.get("device", "cpu")),
             workers=_int(node_config, "workers", 1),
+            train_reply_after=_float(node_config, "train-reply-after", 0.0),
+            eval_reply_after=_float(node_config, "eval-reply-after", 0.0),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -129,6 +136,8 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             eval_loss_bound=m.eval_loss_bound,
             device=m.device,
             workers=m.workers,
+            train_reply_after=m.train_reply_after,
+            eval_reply_after=m.eval_reply_after,
         )
     else:
         raise NodeConfigError("node config names no member: set member, embodiment and data-dir")
@@ -141,6 +150,11 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         identity.eval_privacy()
     except ValueError as err:
         raise NodeConfigError(f"member {identity.name!r}: eval-noise-multiplier / eval-loss-bound: {err}") from None
+    for what, seconds in (("train", identity.train_reply_after), ("eval", identity.eval_reply_after)):
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise NodeConfigError(
+                f"member {identity.name!r}: node config '{what}-reply-after' must be seconds >= 0, got {seconds!r}"
+            )
     try:
         identity.torch_device()
     except ValueError as err:

@@ -14,6 +14,7 @@ budget, and in the same ledger; the plan for the noise multiplier reserves room 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from dataclasses import replace
@@ -27,6 +28,7 @@ from member_node.identity import MemberIdentity, NodeConfigError
 from member_node.lerobot import read_dataset
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
+from member_node.reply_timing import ReplyDelay
 from member_node.secagg_client import MemberSecAgg
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
@@ -88,6 +90,8 @@ class MemberNode:
             [self.dataset.episodes[i] for i in held_ids], emb_cfg, history=m.history, chunk=m.chunk
         )
         self.device = identity.torch_device()
+        self.train_delay = ReplyDelay(identity.train_reply_after, "train")
+        self.eval_delay = ReplyDelay(identity.eval_reply_after, "eval")
         self.policy = Policy(cfg.model, cfg.embodiments, device=self.device)
         self.layout = ShardLayout.from_model(self.policy)
         self.budget = Budget(identity.epsilon, identity.delta)
@@ -335,6 +339,11 @@ class MemberNode:
         return sigma, sample_rate, allowance
 
     def train(self, request: TrainRequest) -> TrainReply | TrainDeclined:
+        arrived = dt.datetime.now(dt.UTC)  # the receipt's time: never how long the work took
+        with self.train_delay.held():
+            return self._train(request, arrived)
+
+    def _train(self, request: TrainRequest, arrived: dt.datetime) -> TrainReply | TrainDeclined:
         self.check_assignment(request.shards)
         self._load_request_model(request.model, request.model_ref)
         # Training moves these shards away from the committed objects: the next request
@@ -363,6 +372,7 @@ class MemberNode:
             mode=DEFAULT_MODE,
         )
         receipt = self.ledger.append(
+            at=arrived,
             run=request.run,
             round=request.round,
             member=self.identity.name,
@@ -444,6 +454,11 @@ class MemberNode:
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
+        arrived = dt.datetime.now(dt.UTC)
+        with self.eval_delay.held():
+            return self._evaluate(request, arrived)
+
+    def _evaluate(self, request: EvaluateRequest, arrived: dt.datetime) -> EvaluateReply:
         self._load_request_model(request.model, request.model_ref)
         result = evaluate(
             self.policy,
@@ -458,7 +473,7 @@ class MemberNode:
                 action_mse=result.action_mse,
                 action_mae=result.action_mae,
             )
-        released, receipt, withheld = self.eval_releaser.release(request.run, request.round, result)
+        released, receipt, withheld = self.eval_releaser.release(request.run, request.round, result, arrived=arrived)
         if released is None:
             return EvaluateReply(self.identity.name, 0, float("nan"), float("nan"), withheld=withheld)
         return EvaluateReply(

@@ -14,6 +14,7 @@ node unaccounted.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from collections.abc import Callable
@@ -60,9 +61,13 @@ class EvaluationReleaser:
         self.accountant = accountant
         self.dataset_fingerprint = dataset_fingerprint
 
-    def release(self, run: str, round_number: int, result: EvalResult) -> tuple[ReleasedEvaluation | None, str, str]:
+    def release(
+        self, run: str, round_number: int, result: EvalResult, *, arrived: dt.datetime | None = None
+    ) -> tuple[ReleasedEvaluation | None, str, str]:
         """``(released, receipt, withheld)``: the noised evaluation and its signed ledger entry,
-        or ``None`` and the reason nothing was released."""
+        or ``None`` and the reason nothing was released. ``arrived``: when the request reached
+        the node, the entry's time (so it does not time the evaluation: that grows with the
+        held-out episodes)."""
         if not self.privacy.enabled:
             return None, "", "this member releases no held-out error under DP (eval noise multiplier 0)"
         if not run:
@@ -88,11 +93,12 @@ class EvaluationReleaser:
             self._store(key, released)
         else:
             released = ReleasedEvaluation(**stored)
-        entry = self._append(run, round_number, after)
+        entry = self._append(run, round_number, after, arrived)
         return released, receipt_to_json(entry), ""
 
-    def _append(self, run: str, round_number: int, epsilon_after: float) -> dict:
+    def _append(self, run: str, round_number: int, epsilon_after: float, arrived: dt.datetime | None) -> dict:
         return self.ledger.append(
+            at=arrived,
             run=run,
             round=round_number,
             member=self.member,

@@ -28,6 +28,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -101,6 +102,10 @@ class MemberSetup:
     eval_loss_bound: float = 0.05
     device: str = "cpu"  # where the node trains (cpu, cuda, cuda:N); older files: cpu
     workers: int = 1  # data-parallel DP-SGD processes (cuda: one per device, device "cuda")
+    # Seconds after a train / evaluate request arrived before the reply leaves (hides how long
+    # the work took: member_node.reply_timing); 0: off. Older files: off.
+    train_reply_after: float = 0.0
+    eval_reply_after: float = 0.0
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
     runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
@@ -142,6 +147,8 @@ class MemberSetup:
             "eval-loss-bound": float(self.eval_loss_bound),
             "device": self.device,
             "workers": int(self.workers),
+            "train-reply-after": float(self.train_reply_after),
+            "eval-reply-after": float(self.eval_reply_after),
         }
 
 
@@ -228,6 +235,8 @@ def init_member(
     eval_loss_bound: float = 0.05,
     device: str = "cpu",
     workers: int = 1,
+    train_reply_after: float = 0.0,
+    eval_reply_after: float = 0.0,
     superlink: str = "",
     root_certificates: Path | str = "",
     runtime_port: int = 0,
@@ -249,6 +258,9 @@ def init_member(
     except ValueError as err:
         raise SetupError(f"--eval-noise-multiplier / --eval-loss-bound: {err}") from None
     _check_device(device, workers)
+    for what, seconds in (("train", train_reply_after), ("eval", eval_reply_after)):
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise SetupError(f"--{what}-reply-after must be seconds >= 0, got {seconds!r}")
     if superlink:
         parse_address(superlink)
     if root_certificates and not Path(root_certificates).expanduser().is_file():
@@ -268,6 +280,8 @@ def init_member(
         eval_loss_bound=float(eval_loss_bound),
         device=str(device),
         workers=int(workers),
+        train_reply_after=float(train_reply_after),
+        eval_reply_after=float(eval_reply_after),
         superlink=superlink,
         root_certificates=str(Path(root_certificates).expanduser().resolve()) if root_certificates else "",
         runtime_port=runtime_port,

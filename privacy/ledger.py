@@ -501,11 +501,13 @@ class Ledger:
 
     # ---- appending
 
-    def append(self, **fields: Any) -> dict[str, Any]:
+    def append(self, *, at: dt.datetime | None = None, **fields: Any) -> dict[str, Any]:
         """Sign and durably append one round's entry; returns it (the receipt).
 
         The caller gives the release's facts (``CALLER_FIELDS``; ``privacy_unit`` defaults to
         "episode"); version, public key, previous hash, time and signature are filled here.
+        ``time`` is ``at`` (timezone-aware; a node passes the moment the request reached it, so
+        the receipt does not say how long the work on the member's data took) or now.
         Refused (LedgerError) when the existing ledger does not verify, the round does not
         increase within its run, or the claimed epsilon is below what the recorded history
         plus this round composes to: the ledger never signs an under-stated spend.
@@ -514,12 +516,16 @@ class Ledger:
             raise LedgerError(f"ledger {self.path} was opened without a signing key: it is read-only")
         with self._locked():
             raw, entries = self._read()
-            entry = self._new_entry(fields, entries)
+            entry = self._new_entry(fields, entries, at)
             line = canonical_json(entry) + b"\n"
             _atomic_write(self.path, raw + line)
         return dict(entry)
 
-    def _new_entry(self, fields: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
+    def _new_entry(
+        self, fields: dict[str, Any], entries: list[dict[str, Any]], at: dt.datetime | None = None
+    ) -> dict[str, Any]:
+        if at is not None and at.utcoffset() is None:
+            raise LedgerError("an entry's time must be timezone-aware (UTC)")
         fields = dict(fields)
         fields.setdefault("privacy_unit", PRIVACY_UNIT)
         fields.setdefault("release", RELEASE_TRAIN)
@@ -534,7 +540,7 @@ class Ledger:
             version=VERSION,
             public_key=self._public_hex,
             prev_hash=entry_hash(entries[-1]) if entries else GENESIS_HASH,
-            time=dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+            time=(at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(timespec="microseconds"),
         )
         problems = field_problems(entry, [f for f in ENTRY_FIELDS if f != "signature"])
         if problems:

@@ -113,6 +113,10 @@ class MemberConfig:
     # the node when it starts (shared_model.device). Deployment: ``device`` in the node config.
     device: str = "cpu"
     workers: int = 1  # data-parallel DP-SGD processes of the node (``workers`` in the node config)
+    # Seconds after a train / evaluate request reached the node before its reply may leave
+    # (member_node.reply_timing; node config train-reply-after / eval-reply-after); 0: off.
+    train_reply_after: float = 0.0
+    eval_reply_after: float = 0.0
     # Who may answer as this member (deployment: from the consortium file and the SuperLink's
     # registrations). A node that names this member but is another Flower node, or signs with
     # another key, is left out of the run. Empty / 0: not pinned (simulation).
@@ -161,6 +165,10 @@ class TrainConfig:
     # An aggregated shard update whose L2 norm exceeds this (or that is not finite) is
     # rejected: the shard keeps its previous version and the round record says why. 0 = no bound.
     max_update_norm: float = 0.0
+    # Seconds the coordinator waits for a stage's replies (query, train, each secure-
+    # aggregation stage, evaluate); a node that has not answered by then is left out of the
+    # round. Must exceed what members pad their replies to (train-reply-after).
+    reply_timeout: float = 600.0
     held_out_fraction: float = 0.2
     # Held-out windows evaluated per episode, evenly spaced (0 = every window). 4 of an
     # episode's ~120 over ~400 held-out episodes keep evaluation affordable at thousands of
@@ -401,6 +409,8 @@ def validate(cfg: KyodoConfig) -> None:
             raise ConfigError(f"federation.members[{i}]: need epsilon > 0, 0 < delta < 1, noise_multiplier >= 0")
         if not (member.eval_noise_multiplier >= 0 and member.eval_loss_bound > 0):
             raise ConfigError(f"federation.members[{i}]: need eval_noise_multiplier >= 0 and eval_loss_bound > 0")
+        if not (member.train_reply_after >= 0 and member.eval_reply_after >= 0):
+            raise ConfigError(f"federation.members[{i}]: need train_reply_after >= 0 and eval_reply_after >= 0")
         if member.ledger_public_key and not re.fullmatch(r"[0-9a-f]{64}", member.ledger_public_key):
             raise ConfigError(f"federation.members[{i}].ledger_public_key must be 64 lowercase hex characters")
         if member.node_id < 0:
@@ -415,6 +425,8 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError(
             f"privacy.sample_rate must be in (0, 1] (the public DP sampling rate), got {cfg.privacy.sample_rate}"
         )
+    if not (math.isfinite(cfg.train.reply_timeout) and cfg.train.reply_timeout > 0):
+        raise ConfigError(f"train.reply_timeout must be a positive number of seconds, got {cfg.train.reply_timeout}")
     if cfg.train.physical_batch < 1:
         raise ConfigError(f"train.physical_batch must be >= 1, got {cfg.train.physical_batch}")
     if cfg.train.server_optimizer not in ("fedavg", "fedavgm", "fedadam"):

@@ -68,6 +68,8 @@ def test_unknown_key_is_named(override, named):
         ("privacy.sample_rate=1.5", r"privacy.sample_rate must be in \(0, 1\]"),
         ("privacy.max_noise_multiplier=0", "privacy.max_noise_multiplier must be positive"),
         ("train.physical_batch=0", "train.physical_batch must be >= 1"),
+        ("train.reply_timeout=0", "train.reply_timeout must be a positive number of seconds"),
+        ("federation.members.0.train_reply_after=-1", r"federation.members\[0\]: need train_reply_after"),
     ],
 )
 def test_privacy_and_batch_settings_out_of_range_are_refused(override, message):

@@ -174,6 +174,11 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     with pytest.raises(supernode.SetupError, match="--device: device 'gpu'"):
         _member(tmp_path, name="g", device="gpu")
     assert not (tmp_path / "g").exists(), "nothing is written for a device this node cannot train on"
+    padded = _member(tmp_path, name="p", train_reply_after=600, eval_reply_after=30)
+    identity = resolve_identity(parse_config_args([supernode.node_config_arg(padded.node_config())]), tiny_cfg)
+    assert (identity.train_reply_after, identity.eval_reply_after) == (600.0, 30.0)
+    with pytest.raises(supernode.SetupError, match="--eval-reply-after must be seconds >= 0"):
+        _member(tmp_path, name="n", eval_reply_after=-1)
 
 
 def test_supernode_command_has_tls_auth_node_config_and_its_own_port(tmp_path):
