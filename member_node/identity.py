@@ -10,7 +10,6 @@ which picks the matching member of the federation config, with its data under
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from member_node.reply_timing import ReplyDelay
 from privacy.eval_release import EvalPrivacy
 from shared_model.config import KyodoConfig
 from shared_model.device import resolve_device
@@ -48,6 +48,10 @@ class MemberIdentity:
 
     def eval_privacy(self) -> EvalPrivacy:
         return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
+
+    def reply_delays(self) -> tuple[ReplyDelay, ReplyDelay]:
+        """How long train and evaluation replies are held (ValueError names a bad setting)."""
+        return ReplyDelay(self.train_reply_after, "train"), ReplyDelay(self.eval_reply_after, "eval")
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -150,11 +154,10 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         identity.eval_privacy()
     except ValueError as err:
         raise NodeConfigError(f"member {identity.name!r}: eval-noise-multiplier / eval-loss-bound: {err}") from None
-    for what, seconds in (("train", identity.train_reply_after), ("eval", identity.eval_reply_after)):
-        if not (math.isfinite(seconds) and seconds >= 0):
-            raise NodeConfigError(
-                f"member {identity.name!r}: node config '{what}-reply-after' must be seconds >= 0, got {seconds!r}"
-            )
+    try:
+        identity.reply_delays()
+    except ValueError as err:
+        raise NodeConfigError(f"member {identity.name!r}: node config {err}") from None
     try:
         identity.torch_device()
     except ValueError as err:

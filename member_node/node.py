@@ -28,7 +28,6 @@ from member_node.identity import MemberIdentity, NodeConfigError
 from member_node.lerobot import read_dataset
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
-from member_node.reply_timing import ReplyDelay
 from member_node.secagg_client import MemberSecAgg
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
@@ -90,8 +89,7 @@ class MemberNode:
             [self.dataset.episodes[i] for i in held_ids], emb_cfg, history=m.history, chunk=m.chunk
         )
         self.device = identity.torch_device()
-        self.train_delay = ReplyDelay(identity.train_reply_after, "train")
-        self.eval_delay = ReplyDelay(identity.eval_reply_after, "eval")
+        self.train_delay, self.eval_delay = identity.reply_delays()
         self.policy = Policy(cfg.model, cfg.embodiments, device=self.device)
         self.layout = ShardLayout.from_model(self.policy)
         self.budget = Budget(identity.epsilon, identity.delta)

@@ -7,8 +7,8 @@ release. A member that cares sets a time its rounds always fit in (node config
 ``train-reply-after`` / ``eval-reply-after``, seconds); the reply then leaves at that
 time whatever the data, and the coordinator learns nothing from it. When the work takes
 longer, the reply leaves as soon as it is ready and the node warns: that round's duration
-was visible. The ledger entry of a DP round is written before training, so its time stamp
-carries no training time either. Off (0) by default: waiting costs the whole consortium's
+was visible. The ledger entries (receipts) of the node's releases are stamped with the
+moment the request arrived, so they carry no duration either. Off (0) by default: waiting costs the whole consortium's
 round time, and the coordinator's round timeout must exceed the padding.
 """
 

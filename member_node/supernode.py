@@ -28,7 +28,6 @@ import hashlib
 import http.client
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -49,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from member_node.identity import workers_problem
+from member_node.reply_timing import ReplyDelay
 from privacy.eval_release import EvalPrivacy
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from shared_model.device import resolve_device
@@ -259,8 +259,10 @@ def init_member(
         raise SetupError(f"--eval-noise-multiplier / --eval-loss-bound: {err}") from None
     _check_device(device, workers)
     for what, seconds in (("train", train_reply_after), ("eval", eval_reply_after)):
-        if not (math.isfinite(seconds) and seconds >= 0):
-            raise SetupError(f"--{what}-reply-after must be seconds >= 0, got {seconds!r}")
+        try:
+            ReplyDelay(seconds, what)
+        except ValueError as err:
+            raise SetupError(f"--{err}") from None
     if superlink:
         parse_address(superlink)
     if root_certificates and not Path(root_certificates).expanduser().is_file():
