@@ -185,9 +185,7 @@ def data_curve(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, list[dict
     m = cfg.model
     for node in nodes:
         emb = cfg.embodiments[node.identity.embodiment]
-        train_ids, _ = split_episodes(
-            range(len(node.dataset.episodes)), cfg.train.held_out_fraction, seed=cfg.train.seed
-        )
+        train_ids, _ = split_episodes(node.dataset.episodes, cfg.train.held_out_fraction, seed=cfg.train.seed)
         rows = []
         for fraction in CURVE_FRACTIONS:
             n = max(1, round(fraction * len(train_ids)))

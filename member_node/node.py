@@ -75,8 +75,7 @@ class MemberNode:
         self.identity = identity
         emb_cfg = cfg.embodiments[identity.embodiment]
         self.dataset = read_dataset(identity.data_dir, emb_cfg, identity.embodiment)
-        indices = list(range(len(self.dataset.episodes)))
-        train_ids, held_ids = split_episodes(indices, cfg.train.held_out_fraction, seed=cfg.train.seed)
+        train_ids, held_ids = split_episodes(self.dataset.episodes, cfg.train.held_out_fraction, seed=cfg.train.seed)
         m = cfg.model
         self.train_episodes = [self.dataset.episodes[i] for i in train_ids]
         if identity.workers > len(self.train_episodes):

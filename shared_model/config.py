@@ -169,6 +169,8 @@ class TrainConfig:
     # aggregation stage, evaluate); a node that has not answered by then is left out of the
     # round. Must exceed what members pad their replies to (train-reply-after).
     reply_timeout: float = 600.0
+    # Share of a member's episodes held out for evaluation, each episode decided by its own
+    # content (member_node.windows.split_episodes), so the share is binomial around it.
     held_out_fraction: float = 0.2
     # Held-out windows evaluated per episode, evenly spaced (0 = every window). 4 of an
     # episode's ~120 over ~400 held-out episodes keep evaluation affordable at thousands of

@@ -237,7 +237,7 @@ def _exact_held_out_mse(out_dir: Path, data_root: Path, round_number: int) -> di
     for m in cfg.federation.members:
         emb = cfg.embodiments[m.embodiment]
         episodes = read_dataset(data_root / m.name, emb, m.embodiment).episodes
-        _, held = split_episodes(range(len(episodes)), cfg.train.held_out_fraction, seed=cfg.train.seed)
+        _, held = split_episodes(episodes, cfg.train.held_out_fraction, seed=cfg.train.seed)
         windows = EpisodeWindows([episodes[i] for i in held], emb, cfg.model.history, cfg.model.chunk)
         out[m.name] = evaluate(policy, m.embodiment, windows, per_episode=cfg.train.eval_windows_per_episode).action_mse
     return out

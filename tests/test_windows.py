@@ -179,24 +179,47 @@ def test_no_image_features_gives_none() -> None:
     assert float(batch.obs.abs().max()) <= 1.0 and float(batch.action.abs().max()) <= 1.0
 
 
+def _episodes(n: int, seed: int = 0):
+    return generate_episodes("so100", load_config(model="tiny").embodiments["so100"], n, 0.5, seed=seed)
+
+
 def test_split_is_disjoint_deterministic_and_by_episode() -> None:
-    ids = list(range(60))
-    train, held = split_episodes(ids, 0.2, seed=7)
-    assert len(held) == 12 and len(train) == 48
-    assert set(train).isdisjoint(held) and sorted(train + held) == ids
-    assert split_episodes(ids, 0.2, seed=7) == (train, held)
-    assert split_episodes(ids[::-1], 0.2, seed=7) == (train, held)
-    assert split_episodes(ids, 0.2, seed=8) != (train, held)
+    episodes = _episodes(200)
+    train, held = split_episodes(episodes, 0.2, seed=7)
+    assert 20 <= len(held) <= 60  # binomial(200, 0.2): 40 +- 5.7
+    assert set(train).isdisjoint(held) and sorted(train + held) == list(range(200))
+    assert split_episodes(episodes, 0.2, seed=7) == (train, held)
+    # Order does not matter: the same episodes end on the same side.
+    flipped_train, _ = split_episodes(episodes[::-1], 0.2, seed=7)
+    assert sorted(199 - i for i in flipped_train) == train
+    assert split_episodes(episodes, 0.2, seed=8) != (train, held)
 
 
-@pytest.mark.parametrize(("n", "fraction"), [(2, 0.01), (2, 0.99), (3, 0.0), (5, 1.0)])
+def test_a_neighbouring_dataset_moves_only_the_episode_that_differs() -> None:
+    """The privacy unit is the episode: adding or removing one must not reshuffle which other
+    episodes are trained on (a seeded permutation of the count did: DP-SGD's guarantee covers
+    training sets that differ in one episode, not in a hundred)."""
+    episodes = _episodes(101)
+    base, extra = episodes[:100], episodes[100]
+    train, held = split_episodes(base, 0.2, seed=0)
+    train_plus, held_plus = split_episodes([*base, extra], 0.2, seed=0)
+    assert {*train_plus, *held_plus} - {*train, *held} == {100}
+    assert set(train_plus) - {100} == set(train) and set(held_plus) - {100} == set(held)
+    for removed in (0, 37, 99):
+        rest = [e for i, e in enumerate(base) if i != removed]
+        names = [i for i in range(100) if i != removed]
+        t, h = split_episodes(rest, 0.2, seed=0)
+        assert {names[i] for i in t} == set(train) - {removed} and {names[i] for i in h} == set(held) - {removed}
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(2, 0.0), (2, 0.99), (3, 0.0), (5, 1.0)])
 def test_split_keeps_one_on_each_side(n: int, fraction: float) -> None:
-    train, held = split_episodes(range(n), fraction, seed=0)
+    train, held = split_episodes(_episodes(n), fraction, seed=0)
     assert train and held and len(train) + len(held) == n
 
 
 def test_split_degenerate_sizes() -> None:
     assert split_episodes([], 0.2, seed=0) == ([], [])
-    assert split_episodes([4], 0.2, seed=0) == ([4], [])
-    with pytest.raises(ValueError):
-        split_episodes([1, 1, 2], 0.2, seed=0)
+    assert split_episodes(_episodes(1), 0.2, seed=0) == ([0], [])
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        split_episodes(_episodes(3), 1.5, seed=0)

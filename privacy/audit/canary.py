@@ -170,7 +170,7 @@ def _member_episodes(cfg: KyodoConfig, setup: CanarySetup) -> list[Episode]:
         episodes = read_dataset(Path(setup.data_dir), emb, setup.embodiment).episodes
     else:
         episodes = generate_episodes(setup.embodiment, emb, setup.episodes, 4.0, setup.seed + 22)
-    train_ids, _ = split_episodes(list(range(len(episodes))), cfg.train.held_out_fraction, seed=cfg.train.seed)
+    train_ids, _ = split_episodes(episodes, cfg.train.held_out_fraction, seed=cfg.train.seed)
     return [episodes[i] for i in train_ids]
 
 
