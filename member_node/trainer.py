@@ -214,7 +214,7 @@ def _train_private(
     hp: TrainHyperParams,
     aux_coef: float,
     rng: np.random.Generator,
-    sampler: EpisodeSampler,
+    sampler: PoissonEpisodeSampler,
     optimizer: torch.optim.Optimizer,
     losses: list[float],
     dp: DPConfig,
@@ -233,11 +233,12 @@ def _train_private(
         chunk = physical_batch if physical_batch and engine.mode == "bk" else None
         for _ in range(hp.local_steps):
             ids = sampler(len(windows), rng)
+            offsets = sampler.window_offsets(windows.lengths[ids])
             engine.zero_grad()
             step_losses = []
-            parts = [ids] if chunk is None or len(ids) <= chunk else np.array_split(ids, -(-len(ids) // chunk))
-            for part in parts:
-                batch = windows.sample(part, rng).to(device)
+            pieces = 1 if chunk is None or len(ids) <= chunk else -(-len(ids) // chunk)
+            for part, part_offsets in zip(np.array_split(ids, pieces), np.array_split(offsets, pieces), strict=True):
+                batch = windows.at(part, part_offsets).to(device)
                 pred, aux = engine(embodiment, batch.obs, batch.image)
                 loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, aux_coef)
                 engine.backward(loss)

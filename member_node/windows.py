@@ -193,11 +193,24 @@ class EpisodeWindows:
         Exactly one window per listed episode is what bounds each episode's contribution
         to a DP-SGD step, so the episode is the privacy unit.
         """
+        ids = self._check_ids(episode_ids)
+        offsets = rng.integers(0, self.lengths[ids]) if len(ids) else np.zeros(0, dtype=np.int64)
+        return self._gather(self.starts[ids] + offsets)
+
+    def at(self, episode_ids: Sequence[int], offsets: np.ndarray) -> WindowBatch:
+        """The window starting ``offsets[i]`` frames into listed episode i (DP-SGD draws the
+        offsets from its own secret stream: ``PoissonEpisodeSampler.window_offsets``)."""
+        ids = self._check_ids(episode_ids)
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        if offsets.shape != ids.shape or (len(ids) and (offsets.min() < 0 or np.any(offsets >= self.lengths[ids]))):
+            raise IndexError("one offset per listed episode, each inside that episode")
+        return self._gather(self.starts[ids] + offsets)
+
+    def _check_ids(self, episode_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(episode_ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
             raise IndexError(f"episode ids must be in 0..{len(self) - 1}, got {ids.min()}..{ids.max()}")
-        offsets = rng.integers(0, self.lengths[ids]) if len(ids) else np.zeros(0, dtype=np.int64)
-        return self._gather(self.starts[ids] + offsets)
+        return ids
 
     def all_windows(self, batch_size: int = 256, per_episode: int = 0) -> Iterator[WindowBatch]:
         """Windows for evaluation, in order: every window, or ``per_episode`` evenly spaced

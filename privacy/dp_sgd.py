@@ -6,8 +6,9 @@ subsampled Gaussian of Abadi et al. 2016, with Opacus' ``DPOptimizer`` semantics
 - Each step, every training episode is included independently with probability
   ``sample_rate`` = q (Poisson sampling, :class:`PoissonEpisodeSampler`). The batch may be
   empty; that step still runs (it adds only noise) and still counts for the accountant.
-- Each sampled episode contributes one window; its gradient over all trainable parameters
-  together is clipped to L2 norm ``max_grad_norm`` = C (flat clipping,
+- Each sampled episode contributes one window, drawn uniformly from the sampler's secret
+  stream (:meth:`PoissonEpisodeSampler.window_offsets`); its gradient over all trainable
+  parameters together is clipped to L2 norm ``max_grad_norm`` = C (flat clipping,
   ``c_i = min(1, C / (||g_i|| + 1e-6))``).
 - Gaussian noise ``N(0, (sigma C)^2)`` is added to the clipped sum and the result divided by
   a *public* normaliser (the consortium's ``train.batch_size``), then the wrapped optimizer
@@ -169,6 +170,18 @@ class PoissonEpisodeSampler:
     def __call__(self, n_episodes: int, rng: np.random.Generator | None = None) -> np.ndarray:
         del rng  # see the class docstring
         return np.flatnonzero(self._random.uniform(n_episodes) < self.sample_rate)
+
+    def window_offsets(self, lengths: np.ndarray) -> np.ndarray:
+        """Which window of each sampled episode the step uses (uniform in ``[0, length)``),
+        from the same secret stream. Not from the trainer's ``rng``: the coordinator knows that
+        stream, and drawn from it in batch order, one episode more in the sample would shift
+        the window of every episode after it, so neighbouring datasets would differ in many
+        clipped terms of the sum, not one. Secret, the windows are independent uniform draws
+        whatever else is sampled, and the sum differs by exactly that episode's term."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if np.any(lengths < 1):
+            raise ValueError("every episode needs at least one window")
+        return np.minimum((self._random.uniform(len(lengths)) * lengths).astype(np.int64), lengths - 1)
 
 
 @functools.cache

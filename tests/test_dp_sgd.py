@@ -521,3 +521,51 @@ def test_dp_update_is_divided_by_the_public_batch_size_not_by_the_members_episod
     # (and far above 1e-3 / 4: the clipped gradients point roughly the same way).
     norm = torch.cat([d.flatten() for d in small.values()]).norm().item()
     assert 1e-3 / 4 < norm <= 12e-3 / 4 * (1 + 1e-4)
+
+
+def test_window_offsets_are_uniform_inside_each_episode():
+    sampler = PoissonEpisodeSampler(0.5, seed=4)
+    lengths = np.array([1, 3, 10] * 4000)
+    offsets = sampler.window_offsets(lengths)
+    assert offsets.dtype == np.int64 and np.all((offsets >= 0) & (offsets < lengths))
+    counts = np.bincount(offsets[lengths == 10], minlength=10)
+    assert np.all(np.abs(counts - 400) < 5 * np.sqrt(400 * 0.9))
+    with pytest.raises(ValueError, match="at least one window"):
+        sampler.window_offsets(np.array([3, 0]))
+
+
+def test_a_dp_round_draws_nothing_from_the_coordinators_generator(cfg, windows):
+    """Which episodes and which of their windows a DP step uses come from the node's secret
+    stream only. Drawn from the trainer's ``rng`` (derived from the coordinator's seed), one
+    episode more in a sample would shift the windows of every episode after it: neighbouring
+    datasets would then differ in many clipped terms of a step's sum, not in one."""
+    hp = TrainHyperParams(lr=1e-2, local_steps=3, batch_size=4)
+    dp = DPConfig(noise_multiplier=0.5, max_grad_norm=1.0, sample_rate=0.5)
+    start = Policy(cfg.model, cfg.embodiments)
+    assert windows.lengths.min() > 1  # several windows per episode: the choice matters
+
+    def run(rng_seed: int) -> dict[str, torch.Tensor]:
+        return train_shards(
+            copy.deepcopy(start),
+            EMB,
+            windows,
+            SHARDS,
+            hp,
+            aux_coef=0.01,
+            rng=np.random.default_rng(rng_seed),
+            sampler=PoissonEpisodeSampler(0.5, seed=3),
+            dp=dp,
+            dp_noise_seed=3,
+        ).deltas
+
+    a, b = run(0), run(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_windows_at_checks_its_offsets(windows):
+    batch = windows.at([0, 2], np.array([0, int(windows.lengths[2]) - 1]))
+    assert len(batch) == 2
+    with pytest.raises(IndexError, match="inside that episode"):
+        windows.at([0], np.array([int(windows.lengths[0])]))
+    with pytest.raises(IndexError, match="one offset per listed episode"):
+        windows.at([0, 1], np.array([0]))

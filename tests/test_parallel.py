@@ -138,5 +138,6 @@ def test_a_member_node_with_two_workers_trains_a_private_round(tmp_path):
     assert all(torch.isfinite(d).all() for d in reply.deltas.values())
     assert any(d.abs().max() > 0 for d in reply.deltas.values())
     assert all(torch.equal(v, model[k]) for k, v in node.policy.state_dict().items())
-    with pytest.raises(NodeConfigError, match="exceeds its 10 training episodes"):
-        MemberNode(cfg, replace(identity, workers=11, state_dir=tmp_path / "w"))
+    n_train = len(node.train_episodes)
+    with pytest.raises(NodeConfigError, match=f"exceeds its {n_train} training episodes"):
+        MemberNode(cfg, replace(identity, workers=n_train + 1, state_dir=tmp_path / "w"))
