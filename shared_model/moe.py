@@ -5,12 +5,13 @@ The usual MoE dispatch flattens batch x tokens before the experts; with Opacus t
 fails or, worse, silently clips per *token* instead of per sample (the privacy guarantee
 would then be false). So this layer never flattens: for each expert it gathers, per sample,
 the tokens routed to that expert into a ``[B, C, D]`` tensor (C = the largest per-sample
-load for that expert, padding with gate-0 tokens), runs the expert on it, and scatter-adds
-the gate-weighted outputs back. Padding has gate 0, so it adds nothing to outputs or
-gradients; every sample's gradient depends only on that sample.
+load for that expert, padding with zero vectors at gate 0), runs the expert on it, and
+scatter-adds the gate-weighted outputs back. Padding is exactly zero in and out, so it adds
+nothing to outputs or gradients, even where a real token would overflow the expert; every
+sample's output and gradient depends only on that sample.
 
 Every expert is called on every forward, even when nothing routes to it (then with one
-gate-0 padding token per sample): a trainable module that is skipped leaves Opacus without
+zero padding slot per sample): a trainable module that is skipped leaves Opacus without
 activations for it and breaks the step. See ``/work/shared/notes/dp-on-moe.md``.
 """
 
@@ -108,6 +109,13 @@ class MoELayer(nn.Module):
             pos = order[:, e, :cap]  # [B, C]; beyond a sample's own load: gate-0 padding
             gate = combine_t[:, e].gather(1, pos)  # [B, C]
             index = pos.unsqueeze(-1).expand(b, cap, d)
-            out = expert(x.gather(1, index))  # [B, C, D]: batch dimension preserved for Opacus
+            # Padding slots get zero vectors, not the sample's unrouted tokens: a bias-free
+            # SwiGLU maps 0 to exactly 0 (with zero activations), whereas a real token could
+            # overflow there, and inf x gate 0 is NaN. How many padding slots a sample gets
+            # depends on the other samples' loads, so a NaN there would make one sample's
+            # output (and DP-SGD's clipped sum) depend on who else is in the batch.
+            slot_used = routed_t[:, e].gather(1, pos).unsqueeze(-1)  # [B, C, 1]
+            inputs = torch.where(slot_used, x.gather(1, index), torch.zeros((), dtype=x.dtype, device=x.device))
+            out = expert(inputs)  # [B, C, D]: batch dimension preserved for Opacus
             y = y.scatter_add(1, index, out * gate.unsqueeze(-1))
         return y, aux.to(x.dtype)

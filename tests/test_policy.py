@@ -183,6 +183,33 @@ def test_moe_calls_every_expert_even_when_starved_and_on_empty_batch():
     assert y.shape == (0, 5, 8) and aux.shape == (0,) and len(calls) == 4
 
 
+def test_moe_padding_is_zero_so_an_overflowing_expert_cannot_couple_samples():
+    """A sample's padding slots depend on the other samples' loads. Padded with the sample's
+    own unrouted tokens, an expert that overflows on one of them gives inf x gate 0 = NaN in
+    that sample's output, only when some other sample raised the capacity: one episode could
+    then wipe out other episodes' terms of a DP step. Padded with zeros, it cannot."""
+    d, n_exp = 8, 4
+    moe = MoELayer(d_model=d, n_experts=n_exp, top_k=1, hidden=16)
+    with torch.no_grad():
+        route = torch.zeros(n_exp, d)
+        route[:, :n_exp] = 100 * torch.eye(n_exp)  # each token goes to the expert of its largest of dims 0..3
+        moe.router.proj.weight.copy_(route)
+        for lin in (moe.experts[3].w_gate, moe.experts[3].w_up, moe.experts[3].w_down):
+            lin.weight.fill_(1e9)  # overflows float32 on any sizeable input
+    a = torch.zeros(1, 4, d)
+    a[..., 0] = 1.0
+    a[0, 1, 4:] = 1e6  # every token of a goes to expert 0; token 1 would overflow expert 3
+    b = torch.zeros(1, 4, d)
+    b[0, :, 0] = 1.0
+    b[0, :2, 0] = 0.0
+    b[0, :2, 3] = 1e-6  # two tokens of b go to expert 3, so its capacity is 2 in a batch with b
+    with torch.no_grad():
+        alone, _ = moe(a)
+        together, _ = moe(torch.cat([a, b]))
+    assert torch.isfinite(alone).all() and torch.isfinite(together[0]).all()
+    torch.testing.assert_close(together[0], alone[0])
+
+
 def test_build_meta_allocates_nothing(cfg):
     meta = build_meta(cfg.model, cfg.embodiments)
     real = Policy(cfg.model, cfg.embodiments)
