@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from member_node.identity import MemberIdentity, NodeConfigError
+from member_node.identity import MemberIdentity
 from member_node.lerobot import read_dataset
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
@@ -68,6 +69,8 @@ from shared_model.protocol import (
 from shared_model.shards import BACKBONE, ShardLayout, embodiment_shard, load_shard, shard_kind
 from shared_model.store import ShardStore, StoreError
 
+log = logging.getLogger("kyodo.member")
+
 
 class MemberNode:
     def __init__(self, cfg: KyodoConfig, identity: MemberIdentity):
@@ -78,10 +81,27 @@ class MemberNode:
         train_ids, held_ids = split_episodes(self.dataset.episodes, cfg.train.held_out_fraction, seed=cfg.train.seed)
         m = cfg.model
         self.train_episodes = [self.dataset.episodes[i] for i in train_ids]
-        if identity.workers > len(self.train_episodes):
-            raise NodeConfigError(
-                f"member {identity.name!r}: node config 'workers' {identity.workers} exceeds its "
-                f"{len(self.train_episodes)} training episodes (each worker needs at least one)"
+        # Each worker needs an episode. Fewer episodes than workers is not an error the node
+        # could reply with (it would tell the coordinator how few it holds): it uses fewer
+        # workers, which changes nothing in the mechanism, and says so in its own log.
+        self.workers = max(1, min(identity.workers, len(self.train_episodes)))
+        if self.workers < identity.workers:
+            log.warning(
+                "member %s: %d training episodes, so %d data-parallel workers instead of %d",
+                identity.name,
+                len(self.train_episodes),
+                self.workers,
+                identity.workers,
+            )
+        if not self.train_episodes or not held_ids:
+            log.warning(
+                "member %s: %d training and %d held-out episodes: %s",
+                identity.name,
+                len(self.train_episodes),
+                len(held_ids),
+                "DP rounds will add noise only / release the noised error of no episode"
+                if identity.dp
+                else "this node cannot train or evaluate",
             )
         self.train_windows = EpisodeWindows(self.train_episodes, emb_cfg, history=m.history, chunk=m.chunk)
         self.held_windows = EpisodeWindows(
@@ -390,7 +410,7 @@ class MemberNode:
             decision=allowance.decision,
         )
         hparams = replace(request.hparams, local_steps=allowance.steps)
-        if self.identity.workers > 1:
+        if self.workers > 1:
             result = train_shards_parallel(
                 self.policy,
                 self.identity.embodiment,
@@ -398,7 +418,7 @@ class MemberNode:
                 request.shards,
                 hparams,
                 dp=dp,
-                workers=self.identity.workers,
+                workers=self.workers,
                 aux_coef=common["aux_coef"],
                 seed=int(common["rng"].integers(2**63)),
                 device_type=self.device.type,
@@ -464,6 +484,8 @@ class MemberNode:
             per_episode=self.cfg.train.eval_windows_per_episode,
         )
         if not self.identity.dp:
+            if result.num_examples == 0:
+                raise ValueError("no held-out episodes to evaluate")
             return EvaluateReply(
                 member=self.identity.name,
                 num_examples=result.num_examples,

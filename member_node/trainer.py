@@ -116,8 +116,10 @@ def train_shards(
     (``member_node.parallel``), ``windows`` its part of the episodes; DP only.
     ``num_examples`` counts every worker's episodes; the step's noise is drawn once.
     """
-    if len(windows) == 0:
+    if len(windows) == 0 and dp is None:
         raise ValueError("no training episodes")
+    # Under DP an empty training set is not an error: every step samples nothing and adds
+    # only noise. Failing instead would tell the coordinator N = 0 apart from N = 1.
     n_episodes = len(windows)
     if distributed:
         if dp is None:
@@ -286,7 +288,8 @@ def evaluate(
         counts.append(mask.sum(dim=(1, 2)))
     count = float(torch.cat(counts).sum()) if counts else 0.0
     if count == 0:
-        raise ValueError("no held-out windows to evaluate")
+        # No held-out episode (a DP node still releases its noised error: of nothing).
+        return EvalResult(num_examples=0, action_mse=float("nan"), action_mae=float("nan"), episode_mse=np.zeros(0))
     sq_w, abs_w, count_w = (torch.cat(x).double().cpu().numpy() for x in (sq, abs_err, counts))
     episode = windows.evaluation_episodes(per_episode)
     ep_sq = np.bincount(episode, weights=sq_w, minlength=len(windows))

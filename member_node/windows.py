@@ -64,22 +64,14 @@ def split_episodes(episodes: Sequence[Episode], held_out_fraction: float, seed: 
     are trained on, so two neighbouring datasets could give training sets that differ in
     hundreds of episodes, outside what DP-SGD's accounting covers. Here a neighbour changes
     exactly one side by exactly that episode. The held-out share is then binomial around
-    the fraction (400 +- 18 of 2000 at 0.2). With two or more episodes each side keeps at
-    least one: if the hash put all on one side, the episode nearest the threshold moves
-    (only at sizes where no DP guarantee means much; it moves one episode, within the
-    sensitivity the evaluation release is noised for). Order does not matter; identical
-    episodes go to the same side.
+    the fraction (400 +- 18 of 2000 at 0.2), and either side may be empty for a tiny
+    dataset: moving an episode across to fill it would make the split depend on the others
+    again (a DP node then trains on noise only, or releases the noised error of nothing).
+    Order does not matter; identical episodes go to the same side.
     """
     if not 0.0 <= held_out_fraction <= 1.0:
         raise ValueError(f"held_out_fraction must be in [0, 1], got {held_out_fraction}")
-    draws = np.array([_content_draw(e, seed) for e in episodes], dtype=np.float64)
-    held = draws < held_out_fraction
-    if len(draws) >= 2 and not held.any():
-        held[np.argmin(draws)] = True
-    if len(draws) >= 2 and held.all():
-        held[np.argmax(draws)] = False
-    if len(draws) == 1:
-        held[:] = False
+    held = np.array([_content_draw(e, seed) < held_out_fraction for e in episodes], dtype=bool)
     return np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
 
 
@@ -152,7 +144,7 @@ class EpisodeWindows:
         self.lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
         if np.any(self.lengths < 1):
             raise ValueError("every episode needs at least one frame")
-        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        self.starts = (np.cumsum(self.lengths) - self.lengths).astype(np.int64)
         self._obs = self._stack(episodes, "obs", self.obs_dim) / self._obs_scale
         self._action = self._stack(episodes, "action", self.action_dim) / self._action_scale
         self._image = self._stack(episodes, "image_features", self.image_dim) if self.image_dim else None

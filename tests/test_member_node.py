@@ -184,8 +184,8 @@ def test_client_app_answers_and_refuses(setup):
     assert reply.has_error() and reply.error.code == ERR_NODE_CONFIG
     # What is wrong goes to the member's log; the reply (the coordinator's) says only that.
     data_dir = str(Path(cfg.data_root) / "sony")
-    workers = _context(cfg, {"member": "sony", "embodiment": "so100", "data-dir": data_dir, "workers": 50})
-    reply = app(_message(QueryRequest(0).to_content(), "query"), workers)
+    bad_budget = _context(cfg, {"member": "sony", "embodiment": "so100", "data-dir": data_dir, "epsilon": -1})
+    reply = app(_message(QueryRequest(0).to_content(), "query"), bad_budget)
     assert reply.has_error() and reply.error.code == ERR_NODE_CONFIG
     assert reply.error.reason == "the member's node configuration is invalid (see its node log)"
 
@@ -388,3 +388,22 @@ def test_a_long_plan_trains_first_when_evaluations_cannot_all_fit(fresh_node, se
     _, _, model = setup
     reply = fresh_node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="long", planned_rounds=100))
     assert isinstance(reply, TrainReply) and reply.steps == HP.local_steps
+
+
+@pytest.mark.parametrize("fraction", [1e-9, 1 - 1e-9], ids=["nothing-held-out", "nothing-to-train"])
+def test_a_dp_node_with_an_empty_side_still_answers_with_noise(tmp_path, fraction):
+    """A tiny dataset may split with one side empty. A DP node then answers as usual (noise-
+    only steps; the noised error of no episode) instead of failing, which would tell the
+    coordinator how few episodes it holds."""
+    overrides = [f"data_root={tmp_path}", f"state_root={tmp_path / 'state'}", f"train.held_out_fraction={fraction}"]
+    cfg = load_config(model="tiny", overrides=overrides)
+    generate_dataset(tmp_path / "sony", "so100", cfg.embodiments["so100"], episodes=3, episode_seconds=2.0, seed=1)
+    node = MemberNode(cfg, resolve_identity({"partition-id": 1}, cfg))
+    assert min(len(node.train_windows), len(node.held_windows)) == 0
+    model = {k: v.clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
+    reply = node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=2))
+    assert isinstance(reply, TrainReply) and reply.steps == HP.local_steps and reply.receipt
+    assert all(torch.isfinite(d).all() for d in reply.deltas.values())
+    assert any(d.abs().max() > 0 for d in reply.deltas.values())  # at least the noise
+    released = node.evaluate(EvaluateRequest(1, model, run="r"))
+    assert released.receipt and 0.0 <= released.action_mse <= node.identity.eval_loss_bound
