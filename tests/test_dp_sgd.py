@@ -488,6 +488,23 @@ def test_dp_config_is_frozen():
         DPConfig(1.0, 1.0, 0.1).noise_multiplier = 0.0  # type: ignore[misc]
 
 
+def _seeded_dp_round(start, windows, hp, dp, *, rng_seed=0, secret_seed=0, **kwargs) -> dict[str, torch.Tensor]:
+    """The deltas of one DP round of ``SHARDS`` from a copy of ``start``, the node's secret
+    sampling stream seeded for the test."""
+    return train_shards(
+        copy.deepcopy(start),
+        EMB,
+        windows,
+        SHARDS,
+        hp,
+        aux_coef=0.01,
+        rng=np.random.default_rng(rng_seed),
+        sampler=PoissonEpisodeSampler(dp.sample_rate, seed=secret_seed),
+        dp=dp,
+        **kwargs,
+    ).deltas
+
+
 def test_dp_update_is_divided_by_the_public_batch_size_not_by_the_members_episode_count(cfg, windows):
     """The accountant covers the noised clipped sum and what public numbers make of it. The
     member's N is private, so the divisor is the consortium's ``batch_size``: with plain SGD,
@@ -501,18 +518,7 @@ def test_dp_update_is_divided_by_the_public_batch_size_not_by_the_members_episod
 
     def step(batch_size: int) -> dict[str, torch.Tensor]:
         hp = TrainHyperParams(lr=1.0, local_steps=1, batch_size=batch_size)
-        return train_shards(
-            copy.deepcopy(start),
-            EMB,
-            windows,
-            SHARDS,
-            hp,
-            aux_coef=0.01,
-            rng=np.random.default_rng(0),
-            sampler=PoissonEpisodeSampler(1.0, seed=0),
-            make_optimizer=sgd,
-            dp=dp,
-        ).deltas
+        return _seeded_dp_round(start, windows, hp, dp, make_optimizer=sgd)
 
     small, large = step(4), step(8)
     for name in small:
@@ -544,21 +550,7 @@ def test_a_dp_round_draws_nothing_from_the_coordinators_generator(cfg, windows):
     start = Policy(cfg.model, cfg.embodiments)
     assert windows.lengths.min() > 1  # several windows per episode: the choice matters
 
-    def run(rng_seed: int) -> dict[str, torch.Tensor]:
-        return train_shards(
-            copy.deepcopy(start),
-            EMB,
-            windows,
-            SHARDS,
-            hp,
-            aux_coef=0.01,
-            rng=np.random.default_rng(rng_seed),
-            sampler=PoissonEpisodeSampler(0.5, seed=3),
-            dp=dp,
-            dp_noise_seed=3,
-        ).deltas
-
-    a, b = run(0), run(1)
+    a, b = (_seeded_dp_round(start, windows, hp, dp, rng_seed=r, secret_seed=3, dp_noise_seed=3) for r in (0, 1))
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
