@@ -6,6 +6,7 @@ and a request that does not validate is refused before the member's data is touc
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from aggregation.secagg.errors import SecAggError
 from member_node.identity import MemberIdentity, NodeConfigError, resolve_identity
 from member_node.lerobot import DatasetError
 from member_node.node import MemberNode
+from member_node.reply_timing import ReplyDelay
 from shared_model.config import ConfigError, config_from_run_config, to_yaml
 from shared_model.protocol import (
     ERR_DATA,
@@ -51,11 +53,39 @@ def _node(context: Context) -> MemberNode:
     return _NODES[key]
 
 
-def _serve(message: Message, context: Context, handler: Callable[[MemberNode, Any], Any], parse) -> Message:
+def _reply_delay(context: Context, which: str) -> ReplyDelay:
+    """The member's padding for ``which`` replies ("train", "eval"; "" for none). Resolved
+    before anything else, so the clock starts before the node is built: in deployment Flower
+    starts a ClientApp process per message, and building the node is part of the work. A node
+    config that does not resolve is not padded (its error says nothing about the data)."""
+    if not which:
+        return ReplyDelay(0.0, "")
+    try:
+        train, evaluation = resolve_identity(
+            context.node_config, config_from_run_config(context.run_config)
+        ).reply_delays()
+    except (ConfigError, NodeConfigError, ValueError):
+        return ReplyDelay(0.0, which)
+    return train if which == "train" else evaluation
+
+
+def _serve(
+    message: Message,
+    context: Context,
+    handler: Callable[[MemberNode, Any, dt.datetime], Any],
+    parse: Callable[[Any], Any],
+    padded: str = "",
+) -> Message:
+    arrived = dt.datetime.now(dt.UTC)
+    with _reply_delay(context, padded).held():
+        return _handle(message, context, handler, parse, arrived)
+
+
+def _handle(message: Message, context: Context, handler, parse, arrived: dt.datetime) -> Message:
     try:
         node = _node(context)
         request = parse(message.content)
-        reply = handler(node, request)
+        reply = handler(node, request, arrived)
         return Message(reply.to_content(), reply_to=message)
     except ProtocolError as err:
         return Message(Error(ERR_INVALID_REQUEST, f"invalid request: {err}"), reply_to=message)
@@ -79,32 +109,42 @@ def _serve(message: Message, context: Context, handler: Callable[[MemberNode, An
         return Message(Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}"), reply_to=message)
 
 
+def _unpadded(method: Callable[[MemberNode, Any], Any]) -> Callable[[MemberNode, Any, dt.datetime], Any]:
+    """A handler whose work does not touch the member's data: no padding, no arrival time."""
+    return lambda node, request, _arrived: method(node, request)
+
+
+def _at_arrival(method: Callable[..., Any]) -> Callable[[MemberNode, Any, dt.datetime], Any]:
+    return lambda node, request, arrived: method(node, request, arrived=arrived)
+
+
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    return _serve(message, context, MemberNode.query, QueryRequest.from_content)
+    return _serve(message, context, _unpadded(MemberNode.query), QueryRequest.from_content)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    return _serve(message, context, MemberNode.train, TrainRequest.from_content)
+    return _serve(message, context, _at_arrival(MemberNode.train), TrainRequest.from_content, padded="train")
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    return _serve(message, context, MemberNode.evaluate, EvaluateRequest.from_content)
+    return _serve(message, context, _at_arrival(MemberNode.evaluate), EvaluateRequest.from_content, padded="eval")
 
 
-# Secure aggregation stages (SecAgg+): Flower routes "train.<action>" here.
+# Secure aggregation stages (SecAgg+): Flower routes "train.<action>" here. They work on the
+# node's stored masked-update state and keys only, never the member's data.
 @app.train("share_keys")
 def share_keys(message: Message, context: Context) -> Message:
-    return _serve(message, context, MemberNode.share_keys, ShareKeysRequest.from_content)
+    return _serve(message, context, _unpadded(MemberNode.share_keys), ShareKeysRequest.from_content)
 
 
 @app.train("masked_input")
 def masked_input(message: Message, context: Context) -> Message:
-    return _serve(message, context, MemberNode.masked_input, MaskedInputRequest.from_content)
+    return _serve(message, context, _unpadded(MemberNode.masked_input), MaskedInputRequest.from_content)
 
 
 @app.train("unmask")
 def unmask(message: Message, context: Context) -> Message:
-    return _serve(message, context, MemberNode.unmask, UnmaskRequest.from_content)
+    return _serve(message, context, _unpadded(MemberNode.unmask), UnmaskRequest.from_content)

@@ -15,6 +15,7 @@ budget, and in the same ledger; the plan for the noise multiplier reserves room 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from member_node.identity import MemberIdentity
-from member_node.lerobot import read_dataset
+from member_node.lerobot import Episode, LeRobotDataset, read_dataset
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
 from member_node.secagg_client import MemberSecAgg
@@ -76,39 +77,7 @@ class MemberNode:
     def __init__(self, cfg: KyodoConfig, identity: MemberIdentity):
         self.cfg = cfg
         self.identity = identity
-        emb_cfg = cfg.embodiments[identity.embodiment]
-        self.dataset = read_dataset(identity.data_dir, emb_cfg, identity.embodiment)
-        train_ids, held_ids = split_episodes(self.dataset.episodes, cfg.train.held_out_fraction, seed=cfg.train.seed)
-        m = cfg.model
-        self.train_episodes = [self.dataset.episodes[i] for i in train_ids]
-        # Each worker needs an episode. Fewer episodes than workers is not an error the node
-        # could reply with (it would tell the coordinator how few it holds): it uses fewer
-        # workers, which changes nothing in the mechanism, and says so in its own log.
-        self.workers = max(1, min(identity.workers, len(self.train_episodes)))
-        if self.workers < identity.workers:
-            log.warning(
-                "member %s: %d training episodes, so %d data-parallel workers instead of %d",
-                identity.name,
-                len(self.train_episodes),
-                self.workers,
-                identity.workers,
-            )
-        if not self.train_episodes or not held_ids:
-            log.warning(
-                "member %s: %d training and %d held-out episodes: %s",
-                identity.name,
-                len(self.train_episodes),
-                len(held_ids),
-                "DP rounds will add noise only / release the noised error of no episode"
-                if identity.dp
-                else "this node cannot train or evaluate",
-            )
-        self.train_windows = EpisodeWindows(self.train_episodes, emb_cfg, history=m.history, chunk=m.chunk)
-        self.held_windows = EpisodeWindows(
-            [self.dataset.episodes[i] for i in held_ids], emb_cfg, history=m.history, chunk=m.chunk
-        )
         self.device = identity.torch_device()
-        self.train_delay, self.eval_delay = identity.reply_delays()
         self.policy = Policy(cfg.model, cfg.embodiments, device=self.device)
         self.layout = ShardLayout.from_model(self.policy)
         self.budget = Budget(identity.epsilon, identity.delta)
@@ -146,6 +115,66 @@ class MemberNode:
             ),
             encoding="utf-8",
         )
+
+    # ------------------------------------------------------------------ the member's data
+    # Read when a request first needs it (train, evaluate, a non-DP query), not when the node
+    # is built: in deployment Flower starts a ClientApp process per message, and reading the
+    # data for a query or a secure-aggregation stage would make those replies take longer the
+    # more episodes the member holds (train and evaluate replies can be padded, those not).
+
+    @functools.cached_property
+    def dataset(self) -> LeRobotDataset:
+        emb = self.cfg.embodiments[self.identity.embodiment]
+        return read_dataset(self.identity.data_dir, emb, self.identity.embodiment)
+
+    @functools.cached_property
+    def _split(self) -> tuple[list[Episode], list[Episode]]:
+        episodes = self.dataset.episodes
+        train_ids, held_ids = split_episodes(episodes, self.cfg.train.held_out_fraction, seed=self.cfg.train.seed)
+        train, held = [episodes[i] for i in train_ids], [episodes[i] for i in held_ids]
+        if not train or not held:
+            log.warning(
+                "member %s: %d training and %d held-out episodes: %s",
+                self.identity.name,
+                len(train),
+                len(held),
+                "DP rounds will add noise only / release the noised error of no episode"
+                if self.identity.dp
+                else "this node cannot train or evaluate",
+            )
+        return train, held
+
+    @property
+    def train_episodes(self) -> list[Episode]:
+        return self._split[0]
+
+    @functools.cached_property
+    def train_windows(self) -> EpisodeWindows:
+        return self._windows(self.train_episodes)
+
+    @functools.cached_property
+    def held_windows(self) -> EpisodeWindows:
+        return self._windows(self._split[1])
+
+    def _windows(self, episodes: list[Episode]) -> EpisodeWindows:
+        m = self.cfg.model
+        return EpisodeWindows(episodes, self.cfg.embodiments[self.identity.embodiment], m.history, m.chunk)
+
+    @functools.cached_property
+    def workers(self) -> int:
+        """Data-parallel processes: each needs an episode. Fewer episodes than configured
+        workers is not an error the node could reply with (it would tell the coordinator how
+        few it holds): it uses fewer, which changes nothing in the mechanism, and logs it."""
+        workers = max(1, min(self.identity.workers, len(self.train_episodes)))
+        if workers < self.identity.workers:
+            log.warning(
+                "member %s: %d training episodes, so %d data-parallel workers instead of %d",
+                self.identity.name,
+                len(self.train_episodes),
+                workers,
+                self.identity.workers,
+            )
+        return workers
 
     def dataset_fingerprint(self) -> str:
         """What receipts say about the data: the manifest's fingerprint under the member's key
@@ -355,12 +384,10 @@ class MemberNode:
             return allowance.reason
         return sigma, sample_rate, allowance
 
-    def train(self, request: TrainRequest) -> TrainReply | TrainDeclined:
-        arrived = dt.datetime.now(dt.UTC)  # the receipt's time: never how long the work took
-        with self.train_delay.held():
-            return self._train(request, arrived)
-
-    def _train(self, request: TrainRequest, arrived: dt.datetime) -> TrainReply | TrainDeclined:
+    def train(self, request: TrainRequest, arrived: dt.datetime | None = None) -> TrainReply | TrainDeclined:
+        """``arrived``: when the request reached the node (the ClientApp's clock, before the
+        node was even built), the time its receipt carries: never how long the work took."""
+        arrived = arrived or dt.datetime.now(dt.UTC)
         self.check_assignment(request.shards)
         self._load_request_model(request.model, request.model_ref)
         # Training moves these shards away from the committed objects: the next request
@@ -470,12 +497,9 @@ class MemberNode:
         return self.secagg.unmask(request)
 
     # ------------------------------------------------------------------ evaluate
-    def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
-        arrived = dt.datetime.now(dt.UTC)
-        with self.eval_delay.held():
-            return self._evaluate(request, arrived)
-
-    def _evaluate(self, request: EvaluateRequest, arrived: dt.datetime) -> EvaluateReply:
+    def evaluate(self, request: EvaluateRequest, arrived: dt.datetime | None = None) -> EvaluateReply:
+        """``arrived``: as for :meth:`train`."""
+        arrived = arrived or dt.datetime.now(dt.UTC)
         self._load_request_model(request.model, request.model_ref)
         result = evaluate(
             self.policy,

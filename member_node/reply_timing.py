@@ -39,11 +39,16 @@ class ReplyDelay:
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        """Run the request's work inside; on a normal exit wait out the rest of ``seconds``.
-        (An exception leaves at once: its reply is a fixed error text, and waiting would only
-        delay the coordinator's handling of it.)"""
+        """Run the request's work inside, then wait out the rest of ``seconds``, on an error
+        too: an error reply's text is fixed, but when it leaves would say how far the work on
+        the data got."""
         started = self.clock()
-        yield
+        try:
+            yield
+        finally:
+            self._wait(started)
+
+    def _wait(self, started: float) -> None:
         if self.seconds <= 0:
             return
         elapsed = self.clock() - started

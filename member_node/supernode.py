@@ -258,11 +258,7 @@ def init_member(
     except ValueError as err:
         raise SetupError(f"--eval-noise-multiplier / --eval-loss-bound: {err}") from None
     _check_device(device, workers)
-    for what, seconds in (("train", train_reply_after), ("eval", eval_reply_after)):
-        try:
-            ReplyDelay(seconds, what)
-        except ValueError as err:
-            raise SetupError(f"--{err}") from None
+    _check_reply_delays(train_reply_after, eval_reply_after)
     if superlink:
         parse_address(superlink)
     if root_certificates and not Path(root_certificates).expanduser().is_file():
@@ -382,10 +378,22 @@ def preflight(setup: MemberSetup, check_data: Callable[[MemberSetup], None] | No
         raise SetupError(f"CA certificate {ca} is not a PEM certificate ({err.reason})") from None
     load_auth_key(setup.auth_key)
     _check_device(setup.device, setup.workers)
+    _check_reply_delays(setup.train_reply_after, setup.eval_reply_after)
     if not setup.signing_key.is_file():
         raise SetupError(f"ledger key {setup.signing_key} is missing (kyodo-member init creates it)")
     if check_data is not None:
         check_data(setup)
+
+
+def _check_reply_delays(train: Any, evaluation: Any) -> None:
+    for what, seconds in (("train", train), ("eval", evaluation)):
+        try:
+            ReplyDelay(float(seconds), what)
+        except (TypeError, ValueError):
+            raise SetupError(
+                f"--{what}-reply-after (member.yaml: {what}_reply_after) must be a finite number of seconds >= 0, "
+                f"got {seconds!r}"
+            ) from None
 
 
 def _check_device(device: str, workers: int = 1) -> None:

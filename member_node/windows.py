@@ -180,17 +180,17 @@ class EpisodeWindows:
         return int(self.lengths.sum())
 
     def sample(self, episode_ids: Sequence[int], rng: np.random.Generator) -> WindowBatch:
-        """One uniformly random window from each listed episode (positions in the list).
-
-        Exactly one window per listed episode is what bounds each episode's contribution
-        to a DP-SGD step, so the episode is the privacy unit.
+        """One uniformly random window from each listed episode (positions in the list), drawn
+        from ``rng``: non-private training. DP-SGD draws its windows from its own secret
+        stream and takes them with :meth:`at` (one window per sampled episode is what makes
+        the episode the privacy unit).
         """
         ids = self._check_ids(episode_ids)
         offsets = rng.integers(0, self.lengths[ids]) if len(ids) else np.zeros(0, dtype=np.int64)
         return self._gather(self.starts[ids] + offsets)
 
     def at(self, episode_ids: Sequence[int], offsets: np.ndarray) -> WindowBatch:
-        """The window starting ``offsets[i]`` frames into listed episode i (DP-SGD draws the
+        """For listed episode i, the window at its frame ``offsets[i]`` (DP-SGD draws the
         offsets from its own secret stream: ``PoissonEpisodeSampler.window_offsets``)."""
         ids = self._check_ids(episode_ids)
         offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)

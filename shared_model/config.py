@@ -396,6 +396,8 @@ def validate(cfg: KyodoConfig) -> None:
                 f"embodiments.{name}.action_relative_to needs one state index (0..{emb.state_dim - 1}) or -1 per "
                 f"action dimension ({emb.action_dim}), got {list(rel)}"
             )
+    if not (math.isfinite(cfg.train.reply_timeout) and cfg.train.reply_timeout > 0):
+        raise ConfigError(f"train.reply_timeout must be a positive number of seconds, got {cfg.train.reply_timeout}")
     seen = set()
     for i, member in enumerate(cfg.federation.members):
         if not member.name:
@@ -411,8 +413,13 @@ def validate(cfg: KyodoConfig) -> None:
             raise ConfigError(f"federation.members[{i}]: need epsilon > 0, 0 < delta < 1, noise_multiplier >= 0")
         if not (member.eval_noise_multiplier >= 0 and member.eval_loss_bound > 0):
             raise ConfigError(f"federation.members[{i}]: need eval_noise_multiplier >= 0 and eval_loss_bound > 0")
-        if not (member.train_reply_after >= 0 and member.eval_reply_after >= 0):
-            raise ConfigError(f"federation.members[{i}]: need train_reply_after >= 0 and eval_reply_after >= 0")
+        for what in ("train_reply_after", "eval_reply_after"):
+            seconds = getattr(member, what)
+            if not (math.isfinite(seconds) and 0 <= seconds < cfg.train.reply_timeout):
+                raise ConfigError(
+                    f"federation.members[{i}]: need 0 <= {what} < train.reply_timeout ({cfg.train.reply_timeout:g} s), "
+                    f"got {seconds}"
+                )
         if member.ledger_public_key and not re.fullmatch(r"[0-9a-f]{64}", member.ledger_public_key):
             raise ConfigError(f"federation.members[{i}].ledger_public_key must be 64 lowercase hex characters")
         if member.node_id < 0:
@@ -427,8 +434,6 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError(
             f"privacy.sample_rate must be in (0, 1] (the public DP sampling rate), got {cfg.privacy.sample_rate}"
         )
-    if not (math.isfinite(cfg.train.reply_timeout) and cfg.train.reply_timeout > 0):
-        raise ConfigError(f"train.reply_timeout must be a positive number of seconds, got {cfg.train.reply_timeout}")
     if cfg.train.physical_batch < 1:
         raise ConfigError(f"train.physical_batch must be >= 1, got {cfg.train.physical_batch}")
     if cfg.train.server_optimizer not in ("fedavg", "fedavgm", "fedadam"):

@@ -69,7 +69,11 @@ def test_unknown_key_is_named(override, named):
         ("privacy.max_noise_multiplier=0", "privacy.max_noise_multiplier must be positive"),
         ("train.physical_batch=0", "train.physical_batch must be >= 1"),
         ("train.reply_timeout=0", "train.reply_timeout must be a positive number of seconds"),
-        ("federation.members.0.train_reply_after=-1", r"federation.members\[0\]: need train_reply_after"),
+        (
+            "federation.members.0.train_reply_after=-1",
+            r"federation.members\[0\]: need 0 <= train_reply_after < train.reply_timeout",
+        ),
+        ("federation.members.1.eval_reply_after=600", r"federation.members\[1\]: need 0 <= eval_reply_after < train"),
     ],
 )
 def test_privacy_and_batch_settings_out_of_range_are_refused(override, message):

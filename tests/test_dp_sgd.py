@@ -509,7 +509,7 @@ def test_dp_update_is_divided_by_the_public_batch_size_not_by_the_members_episod
     """The accountant covers the noised clipped sum and what public numbers make of it. The
     member's N is private, so the divisor is the consortium's ``batch_size``: with plain SGD,
     one noise-free step at q = 1 (the same clipped sum every time) halves when the public
-    batch doubles, and does not change when the member has more episodes than that."""
+    batch doubles (divided by q N, it would not move)."""
     dp = DPConfig(noise_multiplier=0.0, max_grad_norm=1e-3, sample_rate=1.0)
     start = Policy(cfg.model, cfg.embodiments)
 

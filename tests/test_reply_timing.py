@@ -17,7 +17,7 @@ from member_node.reply_timing import ReplyDelay
 from member_node.synthetic import generate_dataset
 from shared_model.config import load_config
 from shared_model.policy import Policy
-from shared_model.protocol import EvaluateRequest, TrainDeclined, TrainHyperParams, TrainRequest
+from shared_model.protocol import EvaluateRequest, TrainHyperParams, TrainRequest
 
 
 class FakeTime:
@@ -50,13 +50,16 @@ def test_a_slow_reply_leaves_at_once_and_the_node_warns(caplog):
     assert "eval reply took 7.5 s, more than eval-reply-after 5.0 s" in caplog.text
 
 
-def test_off_by_default_and_errors_are_not_held():
+def test_off_by_default_and_errors_are_held_too():
+    """An error reply's text is fixed, but when it leaves would say how far the work got."""
     t = FakeTime()
     with ReplyDelay(0.0, "train", clock=t.clock, sleep=t.sleep).held():
         t.now += 1.0
-    with pytest.raises(RuntimeError), ReplyDelay(5.0, "train", clock=t.clock, sleep=t.sleep).held():
-        raise RuntimeError("the work failed")
     assert t.slept == []
+    with pytest.raises(RuntimeError), ReplyDelay(5.0, "train", clock=t.clock, sleep=t.sleep).held():
+        t.now += 1.5
+        raise RuntimeError("the work failed")
+    assert t.slept == [3.5]
 
 
 @pytest.mark.parametrize("seconds", [-1.0, float("nan"), float("inf")])
@@ -77,25 +80,71 @@ def test_node_config_keys(tmp_path):
         resolve_identity({**base, "train-reply-after": "soon"}, cfg)
 
 
-def test_a_node_holds_its_train_and_eval_replies(tmp_path):
-    """A real node: the replies (a DP update, a decline, a released error) leave no earlier
-    than the member's padding after the request."""
+def _member(tmp_path, **node_config):
+    """A sony node of the tiny default federation, served by the real ClientApp."""
+    from flwr.app import Context, RecordDict
+
     cfg = load_config(model="tiny", overrides=[f"data_root={tmp_path}", f"state_root={tmp_path / 'state'}"])
     generate_dataset(tmp_path / "sony", "so100", cfg.embodiments["so100"], episodes=12, episode_seconds=2.0, seed=1)
-    identity = replace(resolve_identity({"partition-id": 1}, cfg), train_reply_after=1.0, eval_reply_after=0.5)
-    node = MemberNode(cfg, identity)
+    config = {"member": "sony", "embodiment": "so100", "data-dir": str(tmp_path / "sony")}
+    config.update({"state-dir": str(tmp_path / "node-state"), **node_config})
+    context = Context(
+        run_id=1, node_id=1, node_config=config, state=RecordDict(),
+        run_config={"model": "tiny", "federation": "default", "overrides": f"data_root={tmp_path}"},
+    )  # fmt: skip
     model = {k: v.clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
-    hp = TrainHyperParams(lr=0.01, local_steps=2, batch_size=8, sample_rate=0.5)
+    return context, model
 
-    start = time.monotonic()
-    reply = node.train(TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r", planned_rounds=2))
-    assert not isinstance(reply, TrainDeclined) and time.monotonic() - start >= 1.0
-    start = time.monotonic()
-    declined = node.train(TrainRequest(2, ["adapter/emb/so100"], replace(hp, sample_rate=0.0), model, run="r"))
-    assert isinstance(declined, TrainDeclined) and time.monotonic() - start >= 1.0
-    start = time.monotonic()
-    node.evaluate(EvaluateRequest(1, model, run="r"))
-    assert time.monotonic() - start >= 0.5
+
+def _message(content, kind):
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    return Message(content, 1, kind)
+
+
+def test_the_client_app_holds_train_and_eval_replies_errors_included(tmp_path):
+    """Through the real ClientApp: a DP update, a decline, an error and a released error all
+    leave no earlier than the member's padding after the message arrived."""
+    from member_node.client_app import app
+
+    context, model = _member(tmp_path, **{"train-reply-after": 1.0, "eval-reply-after": 0.5})
+    hp = TrainHyperParams(lr=0.01, local_steps=2, batch_size=8, sample_rate=0.5)
+    requests = [
+        (TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r", planned_rounds=2), "train", 1.0),
+        (TrainRequest(2, ["adapter/emb/so100"], replace(hp, sample_rate=0.0), model, run="r"), "train", 1.0),
+        (TrainRequest(3, ["backbone"], hp, model, run="r"), "train", 1.0),  # refused: frozen shard
+        (EvaluateRequest(1, model, run="r"), "evaluate", 0.5),
+    ]
+    errors = []
+    for request, kind, padding in requests:
+        start = time.monotonic()
+        reply = app(_message(request.to_content(), kind), context)
+        assert time.monotonic() - start >= padding
+        errors.append(reply.has_error())
+    assert errors == [False, False, True, False]
+
+
+def test_the_clock_starts_before_the_node_reads_the_members_data(tmp_path, monkeypatch):
+    """In deployment every message starts a ClientApp process and builds the node: reading
+    the dataset (longer the more episodes) must fall inside the padded time."""
+    import member_node.identity as identity_module
+    from member_node.client_app import app
+
+    events: list = []
+
+    def recording_delay(seconds, what):
+        return ReplyDelay(seconds, what, clock=lambda: events.append("clock") or 0.0, sleep=lambda s: events.append(s))
+
+    real_read = node_module.read_dataset
+    monkeypatch.setattr(identity_module, "ReplyDelay", recording_delay)
+    monkeypatch.setattr(node_module, "read_dataset", lambda *a: events.append("read") or real_read(*a))
+    context, model = _member(tmp_path, **{"train-reply-after": 30.0})
+    hp = TrainHyperParams(lr=0.01, local_steps=1, batch_size=8, sample_rate=0.5)
+    reply = app(_message(TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r").to_content(), "train"), context)
+    assert not reply.has_error()
+    assert events[0] == "clock" and "read" in events and events[-1] == 30.0
 
 
 def test_receipts_carry_the_requests_arrival_not_the_end_of_the_work(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -206,7 +208,8 @@ def test_a_neighbouring_dataset_moves_only_the_episode_that_differs() -> None:
     assert {*train_plus, *held_plus} - {*train, *held} == {100}
     assert set(train_plus) - {100} == set(train) and set(held_plus) - {100} == set(held)
     for removed in (0, 37, 99):
-        rest = [e for i, e in enumerate(base) if i != removed]
+        # As a re-exported LeRobot dataset would be: the remaining episodes renumbered.
+        rest = [dataclasses.replace(e, index=k) for k, e in enumerate(e for i, e in enumerate(base) if i != removed)]
         names = [i for i in range(100) if i != removed]
         t, h = split_episodes(rest, 0.2, seed=0)
         assert {names[i] for i in t} == set(train) - {removed} and {names[i] for i in h} == set(held) - {removed}

@@ -77,8 +77,8 @@ class CanarySetup:
     max_grad_norm: float | None = None  # None: the consortium's privacy.max_grad_norm
     shards: list[str] = field(default_factory=list)  # empty: own adapter, shared adapter, all experts
     confidence: float = 0.95
-    seed: int = 0  # canaries, inclusion coins, the trainer's window choice
-    deterministic: bool = False  # also seed DP noise and Poisson sampling (tests); real audits: secret
+    seed: int = 0  # canaries, inclusion coins (and non-private training's window choice)
+    deterministic: bool = False  # also seed DP noise, Poisson sampling and windows (tests); real audits: secret
 
 
 @dataclass
