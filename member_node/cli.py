@@ -36,7 +36,8 @@ from member_node.supernode import (
     wait_for_superlink,
 )
 from member_node.synthetic import generate_dataset
-from privacy.keys import FINGERPRINT_KEY_FILE, keyed_fingerprint, load_or_create_fingerprint_key
+from privacy.keys import FINGERPRINT_KEY_FILE, fingerprint_matches, load_or_create_fingerprint_key
+from privacy.ledger import RELEASE_TRAIN, Ledger
 from shared_model.config import ConfigError, EmbodimentConfig, load_config
 from shared_model.flower_processes import log_to_stderr
 
@@ -103,13 +104,22 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     # On its own line, unwrapped: it is meant to be copied into ledgers and compared.
     console.print(f"fingerprint {fingerprint}", soft_wrap=True, highlight=False)
     if args.state_dir:
-        # What this node's receipts record for this data: keyed, so only the member (and an
-        # auditor it gives the key to) can match it.
+        # Which of this node's receipts were made from this data: their fingerprints are keyed
+        # (and each has its own nonce), so only the member, or an auditor it gives the key
+        # to, can match them.
         key_file = Path(args.state_dir) / FINGERPRINT_KEY_FILE
         if not key_file.is_file():
             raise CommandError(f"{key_file} does not exist: the node creates it when it first starts")
-        keyed = keyed_fingerprint(load_or_create_fingerprint_key(key_file), fingerprint)
-        console.print(f"receipts record {keyed}", soft_wrap=True, highlight=False)
+        key = load_or_create_fingerprint_key(key_file)
+        ledger = Path(args.state_dir) / "ledger.jsonl"
+        entries = Ledger(ledger).entries() if ledger.exists() else []
+        matching = [e for e in entries if fingerprint_matches(key, fingerprint, str(e.get("dataset_fingerprint", "")))]
+        rounds = ", ".join(f"{e['run']}/{e['round']} {e.get('release', RELEASE_TRAIN)}" for e in matching) or "none"
+        console.print(
+            f"receipts from this data: {len(matching)} of {len(entries)} ledger entries ({rounds})",
+            soft_wrap=True,
+            highlight=False,
+        )
     return 0
 
 
@@ -153,7 +163,9 @@ def add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     inspect.add_argument("dir", type=Path)
     inspect.add_argument("--embodiment", required=True, help="name from configs/embodiments.yaml")
     inspect.add_argument(
-        "--state-dir", default="", help="the node's state directory: also print the value its receipts record"
+        "--state-dir",
+        default="",
+        help="the node's state directory: also say which of its receipts were made from this data",
     )
     inspect.set_defaults(handler=_cmd_data_inspect)
 

@@ -177,8 +177,9 @@ class MemberNode:
         return workers
 
     def dataset_fingerprint(self) -> str:
-        """What receipts say about the data: the manifest's fingerprint under the member's key
-        (privacy.keys.keyed_fingerprint), never the plain hash the coordinator could test."""
+        """What a receipt says about the data: the manifest's fingerprint under the member's key
+        and a fresh nonce (privacy.keys.keyed_fingerprint), never the plain hash the coordinator
+        could test, and never the same value twice, which would say the data had not changed."""
         return keyed_fingerprint(self._fingerprint_key, self.dataset.fingerprint())
 
     def epsilon_spent(self) -> float:

@@ -64,7 +64,7 @@ def load_or_create_fingerprint_key(path: str | os.PathLike[str]) -> bytes:
     Why keyed: a plain hash of the dataset manifest in every receipt would let the coordinator
     confirm a guessed dataset exactly (add or drop one episode and the hash changes). Keyed,
     the value still pins the dataset for the member and for an auditor the member gives the
-    key to, and tells the coordinator no more than whether it changed between rounds.
+    key to (:func:`fingerprint_matches`).
     """
     path = Path(path)
     if not path.exists():
@@ -79,9 +79,34 @@ def load_or_create_fingerprint_key(path: str | os.PathLike[str]) -> bytes:
     return key
 
 
-def keyed_fingerprint(key: bytes, fingerprint: str) -> str:
-    """What a receipt records for a dataset: HMAC-SHA256 of its manifest fingerprint."""
-    return KEYED_FINGERPRINT_PREFIX + hmac.new(key, fingerprint.encode(), hashlib.sha256).hexdigest()
+def keyed_fingerprint(key: bytes, fingerprint: str, nonce: bytes | None = None) -> str:
+    """What a receipt records for a dataset: ``hmac-sha256:<nonce>:<HMAC(key, nonce || manifest
+    fingerprint)>``, with a fresh random 16-byte nonce per receipt (``nonce`` for checks only).
+
+    Why the nonce: with one value per dataset, every receipt told the coordinator whether the
+    member's data had changed since the last one. Under a fresh nonce two receipts of the same
+    data look unrelated to anyone without the key; with the key, each still pins its data.
+    """
+    nonce = secrets.token_bytes(16) if nonce is None else nonce
+    mac = hmac.new(key, nonce + fingerprint.encode(), hashlib.sha256).hexdigest()
+    return f"{KEYED_FINGERPRINT_PREFIX}{nonce.hex()}:{mac}"
+
+
+def fingerprint_matches(key: bytes, fingerprint: str, recorded: str) -> bool:
+    """Whether a receipt's ``recorded`` fingerprint is that of the data with manifest
+    ``fingerprint`` under ``key`` (also the older form without a nonce: HMAC of the manifest)."""
+    if not recorded.startswith(KEYED_FINGERPRINT_PREFIX):
+        return False
+    body = recorded[len(KEYED_FINGERPRINT_PREFIX) :]
+    if ":" not in body:
+        expected = KEYED_FINGERPRINT_PREFIX + hmac.new(key, fingerprint.encode(), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(expected, recorded)
+    nonce_hex = body.split(":", 1)[0]
+    try:
+        nonce = bytes.fromhex(nonce_hex)
+    except ValueError:
+        return False
+    return hmac.compare_digest(keyed_fingerprint(key, fingerprint, nonce), recorded)
 
 
 def _create_exclusive(path: Path, data: bytes) -> bool:

@@ -475,3 +475,22 @@ def test_public_key_hex_round_trip(key: Ed25519PrivateKey) -> None:
 def test_load_public_key_rejects_bad_input(bad: object) -> None:
     with pytest.raises(KeyFormatError, match="public key"):
         load_public_key(bad)  # type: ignore[arg-type]
+
+
+def test_keyed_fingerprints_are_unlinkable_without_the_key_and_checkable_with_it():
+    from privacy.keys import fingerprint_matches, keyed_fingerprint
+
+    key, other = b"k" * 32, b"o" * 32
+    a, b = keyed_fingerprint(key, "sha256:data"), keyed_fingerprint(key, "sha256:data")
+    assert a != b  # a fresh nonce each time: the coordinator cannot tell the data is the same
+    assert fingerprint_matches(key, "sha256:data", a) and fingerprint_matches(key, "sha256:data", b)
+    assert not fingerprint_matches(key, "sha256:other", a)
+    assert not fingerprint_matches(other, "sha256:data", a)
+    assert not fingerprint_matches(key, "sha256:data", "hmac-sha256:zz:" + a.rsplit(":", 1)[1])
+    assert not fingerprint_matches(key, "sha256:data", "sha256:data")
+    # Receipts written before the nonce (HMAC of the manifest alone) still match.
+    import hashlib
+    import hmac
+
+    legacy = "hmac-sha256:" + hmac.new(key, b"sha256:data", hashlib.sha256).hexdigest()
+    assert fingerprint_matches(key, "sha256:data", legacy)

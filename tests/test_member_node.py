@@ -214,8 +214,11 @@ def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
     key = bytes.fromhex((node.identity.state_dir / "dataset_fingerprint.key").read_text())
     plain = node.dataset.fingerprint()
     assert plain not in reply.receipt
-    expected = hmac_lib.new(key, plain.encode(), hashlib.sha256).hexdigest()
-    assert entry["dataset_fingerprint"] == "hmac-sha256:" + expected
+    prefix, nonce, mac = entry["dataset_fingerprint"].split(":")
+    assert prefix == "hmac-sha256" and len(bytes.fromhex(nonce)) == 16
+    assert mac == hmac_lib.new(key, bytes.fromhex(nonce) + plain.encode(), hashlib.sha256).hexdigest()
+    # A fresh nonce per receipt: the same data never gives the coordinator the same value twice.
+    assert node.dataset_fingerprint() != node.dataset_fingerprint()
     assert (node.identity.state_dir / "dataset_fingerprint.key").stat().st_mode & 0o777 == 0o600
 
 

@@ -166,15 +166,28 @@ def test_cli_synth_then_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[st
     text = capsys.readouterr().out
     fingerprint = read_dataset(out, EMBODIMENTS["agv"], "agv").fingerprint()
     assert f"fingerprint {fingerprint}" in text
-    # With the node's state dir: the keyed value its receipts record (the node made the key).
-    from privacy.keys import keyed_fingerprint, load_or_create_fingerprint_key
+    # With the node's state dir: which of its receipts were made from this data (the node
+    # made the key; each receipt's fingerprint has its own nonce).
+    from privacy.keys import keyed_fingerprint, load_or_create_fingerprint_key, load_or_create_signing_key
+    from privacy.ledger import Ledger
 
     state = tmp_path / "state"
     assert cli.main(["data", "inspect", str(out), "--embodiment", "agv", "--state-dir", str(state)]) == 1
     assert "node creates it" in capsys.readouterr().err
     key = load_or_create_fingerprint_key(state / "dataset_fingerprint.key")
     assert cli.main(["data", "inspect", str(out), "--embodiment", "agv", "--state-dir", str(state)]) == 0
-    assert f"receipts record {keyed_fingerprint(key, fingerprint)}" in capsys.readouterr().out
+    assert "receipts from this data: 0 of 0 ledger entries (none)" in capsys.readouterr().out
+    ledger = Ledger(state / "ledger.jsonl", load_or_create_signing_key(state / "member_ed25519.pem"))
+    mechanism = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1, "clipping_norm": 1.0,
+                 "opacus_mode": "bk", "noise_source": "chacha20"}  # fmt: skip
+    for rnd, data in ((1, fingerprint), (2, "sha256:" + "0" * 64), (3, fingerprint)):
+        ledger.append(
+            run="r", round=rnd, member="m", shards=["adapter/shared"], privacy_unit="episode", mechanism=mechanism,
+            dataset_fingerprint=keyed_fingerprint(key, data), epsilon=3.0 * rnd, delta=1e-5, accountant="rdp",
+            decision="full",
+        )  # fmt: skip
+    assert cli.main(["data", "inspect", str(out), "--embodiment", "agv", "--state-dir", str(state)]) == 0
+    assert "receipts from this data: 2 of 3 ledger entries (r/1 dp-sgd, r/3 dp-sgd)" in capsys.readouterr().out
     for fragment in ("episodes", "frames", "fps", "image features"):
         assert fragment in text, fragment
     assert cli.main([*argv, str(out)]) == 1  # refuses to overwrite without --force
