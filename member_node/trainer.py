@@ -108,8 +108,8 @@ def train_shards(
     step's update is clipped per episode, noised and divided by the public ``hp.batch_size``
     (never by a number derived from the member's episode count), and an empty batch still
     makes a (noise-only) step. ``sampler`` may only be a :class:`PoissonEpisodeSampler` at
-    the same rate (tests seed one); ``dp_noise_seed`` is for tests only -- by default the noise is seeded from
-    ``secrets``. The policy is returned unwrapped: no hooks, no Opacus attributes, all
+    the same rate (tests seed one); ``dp_noise_seed`` is for tests only -- by default the
+    noise is seeded from ``secrets``. The policy is returned unwrapped: no hooks, no Opacus attributes, all
     parameters frozen, the same state-dict keys, ready for the next round.
 
     ``distributed``: this process is one data-parallel worker of the member

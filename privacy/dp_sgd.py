@@ -13,12 +13,13 @@ subsampled Gaussian of Abadi et al. 2016, with Opacus' ``DPOptimizer`` semantics
 - Gaussian noise ``N(0, (sigma C)^2)`` is added to the clipped sum and the result divided by
   a *public* normaliser (the consortium's ``train.batch_size``), then the wrapped optimizer
   steps. Not by the realised batch (that would release the batch size), and not by the
-  expected batch ``q N`` either (Opacus' usual choice, where N is public): the accountant's guarantee covers the noised
-  sum and whatever is computed from it with public values only, and a member's N is not
-  public. Dividing by ``q N`` would scale the released update by ``1/N`` outside the
-  mechanism (invisible under Adam, which is scale-invariant, but not under SGD, and not in
-  the proof). For the default federation the two are equal (128 = 0.08 x 1600). Only the trainable (assigned) parameters take part;
-  frozen ones get no hooks and cost only their ordinary forward and backward.
+  expected batch ``q N`` either (Opacus' usual choice, where N is public): the accountant's
+  guarantee covers the noised sum and whatever is computed from it with public values only,
+  and a member's N is not public. Dividing by ``q N`` would scale the released update by
+  ``1/N`` outside the mechanism (invisible under Adam, which is scale-invariant, but not
+  under SGD, and not in the proof). For the default federation the two are equal (128 =
+  0.08 x 1600). Only the trainable (assigned) parameters take part; frozen ones get no
+  hooks and cost only their ordinary forward and backward.
 - Noise comes from :class:`privacy.secure_noise.SecureRandom` (ChaCha20 under a fresh
   256-bit key from ``secrets`` for every :class:`DPSGD`, one per round; Gaussians drawn and
   added in float64, rounded once), never from anything the coordinator sends; it replaces

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from clientapp_io import context, message
+from flwr.app import RecordDict
 
 from member_node.identity import NodeConfigError, resolve_identity
 from member_node.node import MemberNode
@@ -145,47 +146,28 @@ def test_evaluate_under_dp_is_a_recorded_release(fresh_node, setup):
 
 
 # ---------------------------------------------------------------- the ClientApp itself
-def _message(content: RecordDict, kind: str) -> Message:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    # A Message built outside a Flower runtime needs the identity a runtime would set.
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    return Message(content, 1, kind)
-
-
-def _context(cfg, node_config):
-    return Context(
-        run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-        run_config={
-            "model": "tiny",
-            "federation": "default",
-            "overrides": f"data_root={cfg.data_root} state_root={cfg.state_root}",
-        },
-    )  # fmt: skip
-
-
 def test_client_app_answers_and_refuses(setup):
     from member_node.client_app import app
 
     cfg, _, model = setup
-    ctx = _context(cfg, {"partition-id": 1})
-    reply = app(_message(TrainRequest(50, ["adapter/emb/so100"], HP, model).to_content(), "train"), ctx)
+    ctx = context(cfg, {"partition-id": 1})
+    reply = app(message(TrainRequest(50, ["adapter/emb/so100"], HP, model).to_content(), "train"), ctx)
     assert not reply.has_error(), reply.error
     assert TrainReply.from_content(reply.content).member == "sony"
 
     bad = TrainRequest(1, ["backbone"], HP, model).to_content()
-    reply = app(_message(bad, "train"), ctx)
+    reply = app(message(bad, "train"), ctx)
     assert reply.has_error() and reply.error.code == ERR_INVALID_REQUEST and "frozen" in reply.error.reason
 
-    reply = app(_message(RecordDict(), "train"), ctx)
+    reply = app(message(RecordDict(), "train"), ctx)
     assert reply.has_error() and reply.error.code == ERR_INVALID_REQUEST
 
-    reply = app(_message(QueryRequest(0).to_content(), "query"), _context(cfg, {}))
+    reply = app(message(QueryRequest(0).to_content(), "query"), context(cfg, {}))
     assert reply.has_error() and reply.error.code == ERR_NODE_CONFIG
     # What is wrong goes to the member's log; the reply (the coordinator's) says only that.
     data_dir = str(Path(cfg.data_root) / "sony")
-    bad_budget = _context(cfg, {"member": "sony", "embodiment": "so100", "data-dir": data_dir, "epsilon": -1})
-    reply = app(_message(QueryRequest(0).to_content(), "query"), bad_budget)
+    bad_budget = context(cfg, {"member": "sony", "embodiment": "so100", "data-dir": data_dir, "epsilon": -1})
+    reply = app(message(QueryRequest(0).to_content(), "query"), bad_budget)
     assert reply.has_error() and reply.error.code == ERR_NODE_CONFIG
     assert reply.error.reason == "the member's node configuration is invalid (see its node log)"
 

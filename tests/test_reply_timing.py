@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from clientapp_io import context, message
 
 import member_node.node as node_module
 from member_node.identity import NodeConfigError, resolve_identity
@@ -82,26 +83,12 @@ def test_node_config_keys(tmp_path):
 
 def _member(tmp_path, **node_config):
     """A sony node of the tiny default federation, served by the real ClientApp."""
-    from flwr.app import Context, RecordDict
-
     cfg = load_config(model="tiny", overrides=[f"data_root={tmp_path}", f"state_root={tmp_path / 'state'}"])
     generate_dataset(tmp_path / "sony", "so100", cfg.embodiments["so100"], episodes=12, episode_seconds=2.0, seed=1)
     config = {"member": "sony", "embodiment": "so100", "data-dir": str(tmp_path / "sony")}
     config.update({"state-dir": str(tmp_path / "node-state"), **node_config})
-    context = Context(
-        run_id=1, node_id=1, node_config=config, state=RecordDict(),
-        run_config={"model": "tiny", "federation": "default", "overrides": f"data_root={tmp_path}"},
-    )  # fmt: skip
     model = {k: v.clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
-    return context, model
-
-
-def _message(content, kind):
-    from flwr.app import Message
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    return Message(content, 1, kind)
+    return context(cfg, config), model
 
 
 def test_the_client_app_holds_train_and_eval_replies_errors_included(tmp_path):
@@ -109,7 +96,7 @@ def test_the_client_app_holds_train_and_eval_replies_errors_included(tmp_path):
     leave no earlier than the member's padding after the message arrived."""
     from member_node.client_app import app
 
-    context, model = _member(tmp_path, **{"train-reply-after": 1.0, "eval-reply-after": 0.5})
+    ctx, model = _member(tmp_path, **{"train-reply-after": 1.0, "eval-reply-after": 0.5})
     hp = TrainHyperParams(lr=0.01, local_steps=2, batch_size=8, sample_rate=0.5)
     requests = [
         (TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r", planned_rounds=2), "train", 1.0),
@@ -120,7 +107,7 @@ def test_the_client_app_holds_train_and_eval_replies_errors_included(tmp_path):
     errors = []
     for request, kind, padding in requests:
         start = time.monotonic()
-        reply = app(_message(request.to_content(), kind), context)
+        reply = app(message(request.to_content(), kind), ctx)
         assert time.monotonic() - start >= padding
         errors.append(reply.has_error())
     assert errors == [False, False, True, False]
@@ -140,9 +127,9 @@ def test_the_clock_starts_before_the_node_reads_the_members_data(tmp_path, monke
     real_read = node_module.read_dataset
     monkeypatch.setattr(identity_module, "ReplyDelay", recording_delay)
     monkeypatch.setattr(node_module, "read_dataset", lambda *a: events.append("read") or real_read(*a))
-    context, model = _member(tmp_path, **{"train-reply-after": 30.0})
+    ctx, model = _member(tmp_path, **{"train-reply-after": 30.0})
     hp = TrainHyperParams(lr=0.01, local_steps=1, batch_size=8, sample_rate=0.5)
-    reply = app(_message(TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r").to_content(), "train"), context)
+    reply = app(message(TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r").to_content(), "train"), ctx)
     assert not reply.has_error()
     assert events[0] == "clock" and "read" in events and events[-1] == 30.0
 
