@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import time
 from dataclasses import replace
 
 import pytest
@@ -18,7 +17,7 @@ from member_node.reply_timing import ReplyDelay
 from member_node.synthetic import generate_dataset
 from shared_model.config import load_config
 from shared_model.policy import Policy
-from shared_model.protocol import EvaluateRequest, TrainHyperParams, TrainRequest
+from shared_model.protocol import EvaluateRequest, QueryRequest, TrainHyperParams, TrainRequest
 
 
 class FakeTime:
@@ -91,41 +90,52 @@ def _member(tmp_path, **node_config):
     return context(cfg, config), model
 
 
-def test_the_client_app_holds_train_and_eval_replies_errors_included(tmp_path):
-    """Through the real ClientApp: a DP update, a decline, an error and a released error all
-    leave no earlier than the member's padding after the message arrived."""
+def _recording_delays(monkeypatch, events: list) -> None:
+    """Every ReplyDelay the node config makes reads a clock that records each read (and
+    stands still at 0) and records each wait instead of sleeping: what the ClientApp does
+    in which order, with no wall-clock timing in the test."""
+    import member_node.identity as identity_module
+
+    def recording_delay(seconds, what):
+        return ReplyDelay(seconds, what, clock=lambda: events.append("clock") or 0.0, sleep=lambda s: events.append(s))
+
+    monkeypatch.setattr(identity_module, "ReplyDelay", recording_delay)
+
+
+def test_the_client_app_holds_train_and_eval_replies_errors_included(tmp_path, monkeypatch):
+    """Through the real ClientApp: a DP update, a decline, an error and a released error each
+    wait out the member's padding for their kind; queries are not padded."""
     from member_node.client_app import app
 
-    ctx, model = _member(tmp_path, **{"train-reply-after": 1.0, "eval-reply-after": 0.5})
+    events: list = []
+    _recording_delays(monkeypatch, events)
+    ctx, model = _member(tmp_path, **{"train-reply-after": 30.0, "eval-reply-after": 5.0})
     hp = TrainHyperParams(lr=0.01, local_steps=2, batch_size=8, sample_rate=0.5)
     requests = [
-        (TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r", planned_rounds=2), "train", 1.0),
-        (TrainRequest(2, ["adapter/emb/so100"], replace(hp, sample_rate=0.0), model, run="r"), "train", 1.0),
-        (TrainRequest(3, ["backbone"], hp, model, run="r"), "train", 1.0),  # refused: frozen shard
-        (EvaluateRequest(1, model, run="r"), "evaluate", 0.5),
+        (TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r", planned_rounds=2), "train", 30.0),
+        (TrainRequest(2, ["adapter/emb/so100"], replace(hp, sample_rate=0.0), model, run="r"), "train", 30.0),
+        (TrainRequest(3, ["backbone"], hp, model, run="r"), "train", 30.0),  # refused: frozen shard
+        (EvaluateRequest(1, model, run="r"), "evaluate", 5.0),
+        (QueryRequest(0), "query", None),
     ]
     errors = []
     for request, kind, padding in requests:
-        start = time.monotonic()
+        events.clear()
         reply = app(message(request.to_content(), kind), ctx)
-        assert time.monotonic() - start >= padding
+        waits = [e for e in events if e != "clock"]
+        assert waits == ([] if padding is None else [padding]), kind
         errors.append(reply.has_error())
-    assert errors == [False, False, True, False]
+    assert errors == [False, False, True, False, False]
 
 
 def test_the_clock_starts_before_the_node_reads_the_members_data(tmp_path, monkeypatch):
     """In deployment every message starts a ClientApp process and builds the node: reading
     the dataset (longer the more episodes) must fall inside the padded time."""
-    import member_node.identity as identity_module
     from member_node.client_app import app
 
     events: list = []
-
-    def recording_delay(seconds, what):
-        return ReplyDelay(seconds, what, clock=lambda: events.append("clock") or 0.0, sleep=lambda s: events.append(s))
-
+    _recording_delays(monkeypatch, events)
     real_read = node_module.read_dataset
-    monkeypatch.setattr(identity_module, "ReplyDelay", recording_delay)
     monkeypatch.setattr(node_module, "read_dataset", lambda *a: events.append("read") or real_read(*a))
     ctx, model = _member(tmp_path, **{"train-reply-after": 30.0})
     hp = TrainHyperParams(lr=0.01, local_steps=1, batch_size=8, sample_rate=0.5)
@@ -134,25 +144,19 @@ def test_the_clock_starts_before_the_node_reads_the_members_data(tmp_path, monke
     assert events[0] == "clock" and "read" in events and events[-1] == 30.0
 
 
-def test_receipts_carry_the_requests_arrival_not_the_end_of_the_work(tmp_path, monkeypatch):
-    """The ledger entry of a release is stamped with the moment its request reached the node,
-    so a receipt does not time the work on the member's data either."""
+def test_receipts_carry_the_requests_arrival_not_the_end_of_the_work(tmp_path):
+    """The ledger entries of a node's releases are stamped with the moment their request
+    reached the node (the ClientApp passes it), so a receipt does not time the work."""
     cfg = load_config(model="tiny", overrides=[f"data_root={tmp_path}", f"state_root={tmp_path / 'state'}"])
     generate_dataset(tmp_path / "sony", "so100", cfg.embodiments["so100"], episodes=12, episode_seconds=2.0, seed=1)
     node = MemberNode(cfg, resolve_identity({"partition-id": 1}, cfg))
     model = {k: v.clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
-    real = node_module.evaluate
-
-    def slow_evaluate(*args, **kwargs):
-        time.sleep(1.5)  # as if the member held many more held-out episodes
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(node_module, "evaluate", slow_evaluate)
-    sent = dt.datetime.now(dt.UTC)
-    reply = node.evaluate(EvaluateRequest(0, model, run="r"))
-    stamped = dt.datetime.fromisoformat(json.loads(reply.receipt)["time"])
-    assert dt.datetime.now(dt.UTC) - sent >= dt.timedelta(seconds=1.5)
-    assert dt.timedelta(0) <= stamped - sent < dt.timedelta(seconds=1.0)
+    hp = TrainHyperParams(lr=0.01, local_steps=2, batch_size=8, sample_rate=0.5)
+    arrived = dt.datetime(2026, 12, 1, 8, 0, 0, 123456, tzinfo=dt.UTC)
+    trained = node.train(TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r", planned_rounds=2), arrived)
+    released = node.evaluate(EvaluateRequest(1, model, run="r"), arrived + dt.timedelta(seconds=1))
+    assert json.loads(trained.receipt)["time"] == "2026-12-01T08:00:00.123456+00:00"
+    assert json.loads(released.receipt)["time"] == "2026-12-01T08:00:01.123456+00:00"
 
 
 def test_a_ledger_entry_time_must_say_its_zone(tmp_path):
