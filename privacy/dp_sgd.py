@@ -199,10 +199,35 @@ def _with_secure_noise(base: type) -> type:
         std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            p.grad = self.noise_source.add_noise(p.summed_grad, std).view_as(p)
+        # One draw for every parameter, in place: see SecureRandom (measured there).
+        self.noise_source.add_noise_([p.summed_grad for p in self.params], std)
+        for p in self.params:
+            p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)
 
-    return type(f"Secure{base.__name__}", (base,), {"add_noise": add_noise})
+    return type(f"Secure{base.__name__}", (base,), {"add_noise": add_noise, **_accumulation(base)})
+
+
+def _accumulation(base: type) -> dict[str, Any]:
+    """For Opacus' fast-gradient-clipping optimizer: keep the clipped sum that is already in
+    ``p.grad`` as ``p.summed_grad`` instead of deep-copying it every step.
+
+    Safe because nothing reads the un-noised sum again: ``add_noise`` noises it in place and
+    makes it ``p.grad``, and ``zero_grad`` drops both. It saved about 2 ms of a 100 ms step
+    (``small``, 2 experts, 868k trainable). Other Opacus optimizers accumulate in
+    ``clip_and_accumulate`` and keep theirs.
+    """
+    if not hasattr(base, "accumulate"):
+        return {}
+
+    def accumulate(self: Any) -> None:
+        for p in self.params:
+            if p.summed_grad is None:
+                p.summed_grad = p.grad
+            else:
+                p.summed_grad.add_(p.grad)
+
+    return {"accumulate": accumulate}
 
 
 @functools.cache
@@ -229,15 +254,14 @@ def _with_distributed_secure_noise(base: type) -> type:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         sums = flat.split(sizes)
         if dist.get_rank() == 0:
-            # Parameter by parameter, as the single-process optimizer draws it: the same key
-            # gives the same noise either way.
-            flat = torch.cat([self.noise_source.add_noise(s, std) for s in sums])
+            # The same draw as the single-process optimizer's: the same key gives the same noise.
+            self.noise_source.add_noise_(sums, std)  # views of ``flat``
         dist.broadcast(flat, src=0)
         for p, noised in zip(self.params, flat.split(sizes), strict=True):
             p.grad = noised.view_as(p).clone()
             _mark_as_processed(p.summed_grad)
 
-    return type(f"DistributedSecure{base.__name__}", (base,), {"add_noise": add_noise})
+    return type(f"DistributedSecure{base.__name__}", (base,), {"add_noise": add_noise, **_accumulation(base)})
 
 
 @contextmanager

@@ -64,3 +64,33 @@ def test_add_noise_sums_in_float64_and_rounds_once_to_the_input_dtype():
             SecureRandom().add_noise(value, bad)
     with pytest.raises(ValueError):
         SecureRandom().uniform(-1)
+
+
+def test_noise_for_many_tensors_is_the_noise_for_their_concatenation_across_blocks():
+    """One draw for all of a step's tensors, whatever their sizes: the same numbers as
+    noising them flattened end to end, also where a tensor straddles a draw block."""
+    from privacy.secure_noise import _BLOCK
+
+    sizes = [(3, 5), (_BLOCK - 7,), (0,), (2, 17, 9), (_BLOCK + 1,), (1,)]  # odd and empty, across blocks
+    values = [torch.randn(s, dtype=torch.float32) for s in sizes]
+    flat = torch.cat([v.reshape(-1) for v in values])
+    want = SecureRandom(seed=7).add_noise(flat, 0.3)
+    noised = [v.clone() for v in values]
+    SecureRandom(seed=7).add_noise_(noised, 0.3)
+    assert torch.equal(torch.cat([v.reshape(-1) for v in noised]), want)
+    assert [tuple(v.shape) for v in noised] == sizes and all(v.dtype == torch.float32 for v in noised)
+    # A draw longer than a block is still standard normal, block seams included.
+    z = SecureRandom(seed=8).normal(2 * _BLOCK + 3)
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+    assert stats.kstest(z[_BLOCK - 1000 : _BLOCK + 1000].numpy(), "norm").pvalue > 1e-3
+
+
+def test_in_place_noise_refuses_what_it_cannot_write_and_leaves_it_untouched():
+    value = torch.randn(8, 6)
+    before = value.clone()
+    with pytest.raises(ValueError, match="contiguous"):
+        SecureRandom(seed=1).add_noise_([value.t()], 0.5)
+    with pytest.raises(ValueError, match="std"):
+        SecureRandom(seed=1).add_noise_([value], float("nan"))
+    assert torch.equal(value, before)
+    SecureRandom(seed=1).add_noise_([], 0.5)  # nothing to noise: no draw, no error
