@@ -74,6 +74,9 @@ all experts), ``bk``'s remaining overhead is the Gaussian noise for 3.2M paramet
 (~12 ms of Opacus' ~24 ms optimizer step, inherent to DP-SGD), the ghost norms (~6-8 ms
 of batched ``[B, T, T]`` products) and the clipped-gradient matmuls, which replace the
 weight-gradient matmuls autograd would otherwise do (its backward is ~15 ms shorter).
+Since the noise became one in-place draw per step (README, "dp_overhead"), a ``bk`` step
+on another VM measured 1.18-1.28x and 1.53-1.55x, against 1.31-1.34x and 2.12-2.13x for
+the per-tensor draws in alternating runs.
 
 ``bk`` meets both targets of issue 3 (<= 1.3x with 2 experts, <= 2x with all experts),
 keeps peak memory at non-private level, and produces the same clipped update as Opacus
@@ -227,7 +230,12 @@ def _accumulation(base: type) -> dict[str, Any]:
             else:
                 p.summed_grad.add_(p.grad)
 
-    return {"accumulate": accumulate}
+    def signal_skip_step(self: Any, do_skip: bool = True) -> None:
+        # A skipped step keeps summed_grad for the next one, and a zero_grad that zeroes in
+        # place would then zero the aliased sum with it. DPSGD never skips a step.
+        raise RuntimeError("kyodo's DP-SGD takes every step (each one is spent); skipping is not supported")
+
+    return {"accumulate": accumulate, "signal_skip_step": signal_skip_step}
 
 
 @functools.cache

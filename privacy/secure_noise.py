@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -64,16 +66,31 @@ _BLOCK = 1 << 18
 NOISE_SOURCE = "chacha20-box-muller-f64"
 
 
+@dataclass
+class _Buffers:
+    """One block's working memory, allocated on the first draw and reused by every later one."""
+
+    zeros: bytes = field(default_factory=lambda: bytes(8 * _BLOCK))  # the cipher's input
+    stream: bytearray = field(default_factory=lambda: bytearray(8 * _BLOCK))  # its output
+    uniforms: torch.Tensor = field(default_factory=lambda: torch.empty(_BLOCK, dtype=torch.float64))
+    cosines: torch.Tensor = field(default_factory=lambda: torch.empty(_BLOCK // 2, dtype=torch.float64))
+
+    def __post_init__(self) -> None:
+        self.words = torch.frombuffer(self.stream, dtype=torch.int64)  # a view: no copy
+
+
 class SecureRandom:
-    """Uniforms and standard normals from one ChaCha20 key stream (not thread-safe).
+    """Uniforms and standard normals from one ChaCha20 key stream.
 
     Draws run in blocks of :data:`_BLOCK` numbers through buffers allocated once per
     instance. Why: a DP step draws as many normals as there are trainable parameters, and
     fresh multi-megabyte buffers every step cost more than the arithmetic on them (on this
     VM first-touching 7 MB took 12 ms; the cipher's output for the same 868k normals, 1.7
-    ms). Blocks also bound the extra memory (4 MB) whatever the shard size. A draw of ``n``
+    ms). Blocks also bound the extra memory (6 MB) whatever the shard size. A draw of ``n``
     normals is defined block by block (each block its own Box-Muller halves), so it gives
-    the same numbers however the caller splits it across tensors.
+    the same numbers however the caller splits it across tensors. Because the buffers are
+    shared, draws hold a lock: two threads drawing at once could otherwise both read the
+    key stream one of them wrote, i.e. the same noise twice.
     """
 
     def __init__(self, *, seed: int | None = None) -> None:
@@ -83,27 +100,27 @@ class SecureRandom:
             key = hashlib.sha256(f"kyodo test noise {int(seed)}".encode()).digest()
         # The nonce can be fixed: every key is used for this one stream only.
         self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-        self._buffers: tuple[bytes, bytearray, torch.Tensor, torch.Tensor] | None = None
+        self._buffers: _Buffers | None = None
+        self._lock = threading.Lock()
 
     def _uniform_block(self, n: int) -> torch.Tensor:
         """``n <= _BLOCK`` float64 uniforms in this instance's buffer (valid until the next draw)."""
         if self._buffers is None:
-            block = bytearray(8 * _BLOCK)
-            words = torch.frombuffer(block, dtype=torch.int64)
-            self._buffers = (bytes(8 * _BLOCK), block, words, torch.empty(_BLOCK, dtype=torch.float64))
-        zeros, block, words, uniforms = self._buffers
-        self._stream.update_into(memoryview(zeros)[: 8 * n], block)
-        k = words[:n].bitwise_and_(_LOW_BITS)  # the low 52 bits: k uniform on [0, 2**52)
-        return uniforms[:n].copy_(k).add_(0.5).mul_(2.0**-_MANTISSA)
+            self._buffers = _Buffers()
+        buf = self._buffers
+        self._stream.update_into(memoryview(buf.zeros)[: 8 * n], buf.stream)
+        k = buf.words[:n].bitwise_and_(_LOW_BITS)  # the low 52 bits: k uniform on [0, 2**52)
+        return buf.uniforms[:n].copy_(k).add_(0.5).mul_(2.0**-_MANTISSA)
 
     def uniform(self, n: int) -> np.ndarray:
         """``n`` float64 uniforms strictly inside (0, 1): (k + 1/2) / 2**52, k uniform on 52 bits."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         out = np.empty(n, dtype=np.float64)
-        for start in range(0, n, _BLOCK):
-            size = min(_BLOCK, n - start)
-            out[start : start + size] = self._uniform_block(size).numpy()
+        with self._lock:
+            for start in range(0, n, _BLOCK):
+                size = min(_BLOCK, n - start)
+                out[start : start + size] = self._uniform_block(size).numpy()
         return out
 
     def _normal_blocks(self, n: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -120,9 +137,12 @@ class SecureRandom:
             radius = u[:pairs].log_().mul_(-2.0).sqrt_()
             angle = u[pairs:].mul_(2.0 * torch.pi)
             # Cosine half first, then the sine half; an odd block drops its last sine. The
-            # cosines overwrite the radii they are scaled by, the sines their angles, so a
-            # block needs no memory beyond the uniforms' buffer (on an accelerator, their copy).
-            cosine = torch.cos(angle)
+            # cosines overwrite the radii they are scaled by, the sines their angles.
+            if u.device.type == "cpu":
+                assert self._buffers is not None  # made by _uniform_block
+                cosine = torch.cos(angle, out=self._buffers.cosines[:pairs])
+            else:
+                cosine = torch.cos(angle)  # on the accelerator: its allocator caches
             angle.sin_().mul_(radius)
             radius.mul_(cosine)
             yield u[:size]
@@ -133,9 +153,10 @@ class SecureRandom:
             raise ValueError(f"n must be >= 0, got {n}")
         out = torch.empty(n, dtype=torch.float64, device=device)
         start = 0
-        for block in self._normal_blocks(n, torch.device(device)):
-            out[start : start + block.numel()] = block
-            start += block.numel()
+        with self._lock:
+            for block in self._normal_blocks(n, torch.device(device)):
+                out[start : start + block.numel()] = block
+                start += block.numel()
         return out
 
     def add_noise(self, value: torch.Tensor, std: float) -> torch.Tensor:
@@ -154,8 +175,15 @@ class SecureRandom:
         """
         if not (std >= 0 and np.isfinite(std)):
             raise ValueError(f"std must be finite and >= 0, got {std}")
-        if any(not v.is_contiguous() for v in values):
-            raise ValueError("add_noise_ needs contiguous tensors")
+        # Every check before the first draw: a refusal half-way would leave some tensors
+        # noised and key stream spent.
+        for v in values:
+            if not (v.is_contiguous() and v.is_floating_point() and not v.requires_grad):
+                raise ValueError(
+                    "add_noise_ writes in place: it needs contiguous floating-point tensors that do not"
+                    f" require grad, got {v.dtype} {tuple(v.shape)} (contiguous={v.is_contiguous()},"
+                    f" requires_grad={v.requires_grad})"
+                )
         devices = {v.device for v in values}
         if len(devices) > 1:
             raise ValueError(f"every tensor must be on one device, got {sorted(map(str, devices))}")
@@ -163,13 +191,14 @@ class SecureRandom:
             return
         flat = [v.view(-1) for v in values]
         index, offset = 0, 0  # where the next noise goes: tensor, element
-        for block in self._normal_blocks(sum(v.numel() for v in flat), devices.pop()):
-            used = 0
-            while used < block.numel():
-                while flat[index].numel() == offset:  # skip finished (and empty) tensors
-                    index, offset = index + 1, 0
-                take = min(block.numel() - used, flat[index].numel() - offset)
-                target = flat[index][offset : offset + take]
-                target.copy_(block[used : used + take].mul_(std).add_(target))  # float64 sum, rounded once
-                used += take
-                offset += take
+        with self._lock:
+            for block in self._normal_blocks(sum(v.numel() for v in flat), devices.pop()):
+                used = 0
+                while used < block.numel():
+                    while flat[index].numel() == offset:  # skip finished (and empty) tensors
+                        index, offset = index + 1, 0
+                    take = min(block.numel() - used, flat[index].numel() - offset)
+                    target = flat[index][offset : offset + take]
+                    target.copy_(block[used : used + take].mul_(std).add_(target))  # float64 sum, rounded once
+                    used += take
+                    offset += take

@@ -251,6 +251,20 @@ def test_empty_batch_is_a_noise_only_step(cfg, base, mode):
     assert all(torch.isfinite(params[n]).all() for n in names)
 
 
+def test_a_dp_step_cannot_be_skipped(cfg, base):
+    """Opacus lets a caller skip a step and keep the clipped sum for the next; kyodo's sum is
+    noised in place and every step is spent, so skipping is refused outright."""
+    model = copy.deepcopy(base)
+    names = set_trainable(model, SHARDS)
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD([params[n] for n in names], lr=1.0)
+    with (
+        DPSGD(model, opt, DPConfig(1.0, 1.0, 0.1, "bk"), normaliser=4.0, noise_seed=7) as dp,
+        pytest.raises(RuntimeError, match="skipping is not supported"),
+    ):
+        dp.optimizer.signal_skip_step()
+
+
 def test_noise_has_the_right_scale(cfg, base):
     """Zero data gradient (an empty batch): the SGD update is pure noise of std sigma*C/normaliser*lr."""
     sigma, clip, expected, lr = 2.0, 0.5, 10.0, 0.1

@@ -85,6 +85,51 @@ def test_noise_for_many_tensors_is_the_noise_for_their_concatenation_across_bloc
     assert stats.kstest(z[_BLOCK - 1000 : _BLOCK + 1000].numpy(), "norm").pvalue > 1e-3
 
 
+def _reference_normals(seed: int, n: int) -> torch.Tensor:
+    """Box-Muller written out from the uniform stream, block by block: what normal() must give."""
+    from privacy.secure_noise import _BLOCK
+
+    rnd, parts = SecureRandom(seed=seed), []
+    for start in range(0, n, _BLOCK):
+        size = min(_BLOCK, n - start)
+        pairs = (size + 1) // 2
+        u = torch.from_numpy(rnd.uniform(2 * pairs))
+        radius, angle = torch.sqrt(-2.0 * torch.log(u[:pairs])), 2.0 * torch.pi * u[pairs:]
+        parts.append(torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)))[:size])
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "blocks_and_extra", [(0, 0), (0, 1), (0, 2), (0, 3), (1, -1), (1, 0), (1, 1), (2, 0), (2, 1), (3, -1)]
+)
+def test_normals_are_box_muller_of_fresh_uniforms_in_every_block(blocks_and_extra):
+    """Pins every block to its own stretch of key stream: a block that reused an earlier
+    block's uniforms or buffer, or a sine half that repeated the cosine half, would pass the
+    distribution tests above but not this."""
+    from privacy.secure_noise import _BLOCK
+
+    blocks, extra = blocks_and_extra
+    n = blocks * _BLOCK + extra
+    z = SecureRandom(seed=11).normal(n)
+    torch.testing.assert_close(z, _reference_normals(11, n), rtol=0, atol=1e-12)
+    if n >= 2 * _BLOCK:
+        assert not torch.equal(z[:_BLOCK], z[_BLOCK : 2 * _BLOCK])
+        half = _BLOCK // 2
+        assert abs(float(torch.corrcoef(torch.stack((z[:half], z[half:_BLOCK])))[0, 1])) < 0.01
+
+
+def test_in_place_noise_across_tensors_and_blocks_is_the_draw_of_normals():
+    from privacy.secure_noise import _BLOCK
+
+    values = [torch.zeros(_BLOCK + 3, dtype=torch.float64), torch.zeros(7, 3, dtype=torch.float64), torch.zeros(_BLOCK)]
+    SecureRandom(seed=12).add_noise_(values, 2.0)
+    total = sum(v.numel() for v in values)
+    want = _reference_normals(12, total) * 2.0
+    got = torch.cat([v.reshape(-1).double() for v in values])
+    torch.testing.assert_close(got[: _BLOCK + 24], want[: _BLOCK + 24], rtol=0, atol=1e-11)
+    torch.testing.assert_close(got[_BLOCK + 24 :], want[_BLOCK + 24 :].float().double(), rtol=0, atol=1e-5)
+
+
 def test_in_place_noise_refuses_what_it_cannot_write_and_leaves_it_untouched():
     value = torch.randn(8, 6)
     before = value.clone()
@@ -92,5 +137,9 @@ def test_in_place_noise_refuses_what_it_cannot_write_and_leaves_it_untouched():
         SecureRandom(seed=1).add_noise_([value.t()], 0.5)
     with pytest.raises(ValueError, match="std"):
         SecureRandom(seed=1).add_noise_([value], float("nan"))
+    # Checked before any draw: the first tensor is not noised when the second is refused.
+    for bad in (torch.zeros(5, requires_grad=True), torch.zeros(5, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="in place"):
+            SecureRandom(seed=1).add_noise_([value, bad], 0.5)
     assert torch.equal(value, before)
     SecureRandom(seed=1).add_noise_([], 0.5)  # nothing to noise: no draw, no error
