@@ -86,7 +86,7 @@ class SecureRandom:
     instance. Why: a DP step draws as many normals as there are trainable parameters, and
     fresh multi-megabyte buffers every step cost more than the arithmetic on them (on this
     VM first-touching 7 MB took 12 ms; the cipher's output for the same 868k normals, 1.7
-    ms). Blocks also bound the extra memory (6 MB) whatever the shard size. A draw of ``n``
+    ms). Blocks also bound the extra memory (7 MB) whatever the shard size. A draw of ``n``
     normals is defined block by block (each block its own Box-Muller halves), so it gives
     the same numbers however the caller splits it across tensors. Because the buffers are
     shared, draws hold a lock: two threads drawing at once could otherwise both read the
@@ -161,7 +161,7 @@ class SecureRandom:
 
     def add_noise(self, value: torch.Tensor, std: float) -> torch.Tensor:
         """``value + N(0, std^2)`` per element, summed in float64, rounded once to ``value``'s dtype."""
-        out = value.clone(memory_format=torch.contiguous_format)
+        out = value.detach().clone(memory_format=torch.contiguous_format)
         self.add_noise_([out], std)
         return out
 
