@@ -137,9 +137,12 @@ def test_in_place_noise_refuses_what_it_cannot_write_and_leaves_it_untouched():
         SecureRandom(seed=1).add_noise_([value.t()], 0.5)
     with pytest.raises(ValueError, match="std"):
         SecureRandom(seed=1).add_noise_([value], float("nan"))
-    # Checked before any draw: the first tensor is not noised when the second is refused.
+    # Checked before any draw: the first tensor is not noised when the second is refused,
+    # and no key stream is spent.
+    rnd = SecureRandom(seed=1)
     for bad in (torch.zeros(5, requires_grad=True), torch.zeros(5, dtype=torch.int64)):
         with pytest.raises(ValueError, match="in place"):
-            SecureRandom(seed=1).add_noise_([value, bad], 0.5)
+            rnd.add_noise_([value, bad], 0.5)
     assert torch.equal(value, before)
+    assert torch.equal(rnd.normal(4), SecureRandom(seed=1).normal(4))
     SecureRandom(seed=1).add_noise_([], 0.5)  # nothing to noise: no draw, no error
