@@ -5,8 +5,9 @@ several CPU sockets (gloo). The episodes are split into disjoint parts, one per 
 every worker Poisson-samples its part at the round's rate q, so together they draw one
 Poisson sample of all the member's episodes: the mechanism, its accounting and the ledger
 entry are those of the single-process round. The clipped sums are added up across workers
-and the noise is drawn once, by rank 0 (``privacy.dp_sgd._with_distributed_secure_noise``);
-each worker then takes the identical optimizer step, so the replicas never diverge (checked
+and the noise is drawn once, each worker drawing its own slice's part of one draw from rank
+0's key (``privacy.dp_sgd._with_distributed_secure_noise``); each worker then takes the
+identical optimizer step, so the replicas never diverge (checked
 at the end of the round: a diverged round raises instead of returning an update).
 
 The node process itself stays the one the coordinator talks to: it hands the workers the

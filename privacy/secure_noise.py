@@ -39,9 +39,10 @@ float32 from MT19937: 5.2 ms in the same run), the step's noise 6-7 ms, against 
 every tensor drew its own normals into fresh buffers (first-touching fresh memory is dear on
 this VM: 12 ms for 7 MB). That is fine up to ``small``-sized shards, but a member training
 the 5.5e9 parameters per round the ``trillion`` plan gives it would spend about 16 s of every
-step on the cipher alone. On a node that trains on an accelerator the float64 transform runs
-there (the uniforms are copied over); at that scale the cipher has to run across cores with
-one key per stream.
+step on the cipher in one process. On a node that trains on an accelerator the float64
+transform runs there (the uniforms are copied over); the stream is addressable by position
+(:class:`_KeyStream`), so a member's data-parallel workers each draw their own slice of one
+step's noise from one key, on their own cores (``add_noise_(..., offset=, total=)``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +68,55 @@ _BLOCK = 1 << 18
 NOISE_SOURCE = "chacha20-box-muller-f64"
 
 
+class _KeyStream:
+    """ChaCha20's key stream under one key, addressable by byte position.
+
+    Why not one ``cryptography`` encryptor for the whole stream: it refuses to go past its
+    32-bit block counter (256 GiB of key stream, ``ValueError``), and the ``trillion`` plan's
+    5.5e9 trainable parameters per member draw 44 GB of it per DP step, so a round would
+    stop at its sixth step. Block ``p`` of this stream is ChaCha20's block counter
+    ``p mod 2**32`` under the nonce ``p // 2**32`` (bytes 4-12 of ``cryptography``'s 16-byte
+    nonce): a 64-bit counter, and below 2**32 blocks exactly the stream of an all-zero nonce.
+    Seeking lets data-parallel workers draw disjoint parts of one step's noise
+    (:meth:`SecureRandom.add_noise_` with ``offset``), each from its own core.
+    """
+
+    _SEGMENT = 64 << 32  # bytes under one nonce: 2**32 blocks of 64 bytes
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self.position = 0  # bytes of the stream read so far
+        self._encryptor: Any = None  # positioned at ``self.position`` when not None
+
+    def seek(self, position: int) -> None:
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        if position != self.position:
+            self.position, self._encryptor = position, None
+
+    def read_into(self, zeros: memoryview, out: memoryview) -> None:
+        """Fill ``out`` with the next ``len(out)`` bytes (``zeros``: as many zero bytes)."""
+        done = 0
+        while done < len(out):
+            if self._encryptor is None:
+                block, skip = divmod(self.position, 64)
+                nonce = (block % (1 << 32)).to_bytes(4, "little") + (block >> 32).to_bytes(12, "little")
+                self._encryptor = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+                self._encryptor.update(bytes(skip))
+            take = min(len(out) - done, self._SEGMENT - self.position % self._SEGMENT)
+            self._encryptor.update_into(zeros[:take], out[done : done + take])
+            done += take
+            self.position += take
+            if self.position % self._SEGMENT == 0:
+                self._encryptor = None  # the next byte is under the next nonce
+
+
+def _draw_bytes(n: int) -> int:
+    """Key-stream bytes a draw of ``n`` numbers uses: whole blocks, then the last one's pairs."""
+    full, rest = divmod(n, _BLOCK)
+    return 8 * _BLOCK * full + 16 * ((rest + 1) // 2)
+
+
 @dataclass
 class _Buffers:
     """One block's working memory, allocated on the first draw and reused by every later one."""
@@ -77,6 +128,14 @@ class _Buffers:
 
     def __post_init__(self) -> None:
         self.words = torch.frombuffer(self.stream, dtype=torch.int64)  # a view: no copy
+
+
+def _check_key(key: bytes, seed: int | None) -> bytes:
+    if seed is not None:
+        raise ValueError("give a key or a seed, not both")
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise ValueError("a ChaCha20 key is 32 bytes")
+    return key
 
 
 class SecureRandom:
@@ -93,22 +152,28 @@ class SecureRandom:
     key stream one of them wrote, i.e. the same noise twice.
     """
 
-    def __init__(self, *, seed: int | None = None) -> None:
-        if seed is None:
-            key = secrets.token_bytes(32)
-        else:
-            key = hashlib.sha256(f"kyodo test noise {int(seed)}".encode()).digest()
-        # The nonce can be fixed: every key is used for this one stream only.
-        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    def __init__(self, *, seed: int | None = None, key: bytes | None = None) -> None:
+        self._stream = _KeyStream(self.new_key(seed) if key is None else _check_key(key, seed))
         self._buffers: _Buffers | None = None
         self._lock = threading.Lock()
+
+    @staticmethod
+    def new_key(seed: int | None = None) -> bytes:
+        """A fresh 256-bit key from :mod:`secrets`; from ``seed``, a fixed one (tests only).
+
+        Each key serves one stream only, so ChaCha20's nonce can stay fixed. Data-parallel
+        workers of one member share their rank 0's key and draw disjoint parts of it.
+        """
+        if seed is None:
+            return secrets.token_bytes(32)
+        return hashlib.sha256(f"kyodo test noise {int(seed)}".encode()).digest()
 
     def _uniform_block(self, n: int) -> torch.Tensor:
         """``n <= _BLOCK`` float64 uniforms in this instance's buffer (valid until the next draw)."""
         if self._buffers is None:
             self._buffers = _Buffers()
         buf = self._buffers
-        self._stream.update_into(memoryview(buf.zeros)[: 8 * n], buf.stream)
+        self._stream.read_into(memoryview(buf.zeros)[: 8 * n], memoryview(buf.stream)[: 8 * n])
         k = buf.words[:n].bitwise_and_(_LOW_BITS)  # the low 52 bits: k uniform on [0, 2**52)
         return buf.uniforms[:n].copy_(k).add_(0.5).mul_(2.0**-_MANTISSA)
 
@@ -123,16 +188,22 @@ class SecureRandom:
                 out[start : start + size] = self._uniform_block(size).numpy()
         return out
 
-    def _normal_blocks(self, n: int, device: torch.device) -> Iterator[torch.Tensor]:
-        """``n`` standard normals as consecutive float64 blocks on ``device`` (Box-Muller, both
+    def _normal_blocks(
+        self, total: int, first: int, stop: int, device: torch.device
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Numbers ``[first, stop)`` of a draw of ``total`` standard normals that starts at the
+        stream's current position, as ``(index of the block's first number, float64 block on
+        device)`` for every block of the draw that holds some of them (Box-Muller, both
         halves). Each block lives in a reused buffer: use it before asking for the next.
 
         The key stream is always made on the host (the cipher runs there); the uniforms go to
         ``device`` and the transform runs there, so an accelerator does the float64 work.
         """
-        for start in range(0, n, _BLOCK):
-            size = min(_BLOCK, n - start)
+        base = self._stream.position
+        for start in range(first - first % _BLOCK, stop, _BLOCK):
+            size = min(_BLOCK, total - start)
             pairs = (size + 1) // 2
+            self._stream.seek(base + 8 * start)  # every earlier block of the draw is whole
             u = self._uniform_block(2 * pairs).to(device)
             radius = u[:pairs].log_().mul_(-2.0).sqrt_()
             angle = u[pairs:].mul_(2.0 * torch.pi)
@@ -145,7 +216,7 @@ class SecureRandom:
                 cosine = torch.cos(angle)  # on the accelerator: its allocator caches
             angle.sin_().mul_(radius)
             radius.mul_(cosine)
-            yield u[:size]
+            yield start, u[:size]
 
     def normal(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """``n`` float64 standard normals on ``device``."""
@@ -161,13 +232,20 @@ class SecureRandom:
         self.add_noise_([out], std)
         return out
 
-    def add_noise_(self, values: Sequence[torch.Tensor], std: float) -> None:
+    def add_noise_(
+        self, values: Sequence[torch.Tensor], std: float, *, offset: int = 0, total: int | None = None
+    ) -> None:
         """:meth:`add_noise` in place, for every tensor, from one draw of normals for all of them.
 
         The same numbers as :meth:`add_noise` of the tensors flattened and concatenated in
-        this order (so a data-parallel member that noises one flat sum draws what a single
-        process draws tensor by tensor). In place because a DP step's clipped sums are not
-        needed after noising: new tensors for them cost 1-2 ms of a 100 ms ``small`` step here.
+        this order. In place because a DP step's clipped sums are not needed after noising:
+        new tensors for them cost 1-2 ms of a 100 ms ``small`` step here.
+
+        With ``total``, the tensors are numbers ``[offset, offset + their size)`` of a draw of
+        ``total`` normals, and the stream moves past the whole draw (also when this part is
+        empty). So data-parallel workers that share one key and noise disjoint slices of one
+        flat sum, each its own, add exactly the noise one process adds to all of it, and
+        their streams stay in step for the next draw.
         """
         if not (std >= 0 and np.isfinite(std)):
             raise ValueError(f"std must be finite and >= 0, got {std}")
@@ -183,18 +261,26 @@ class SecureRandom:
         devices = {v.device for v in values}
         if len(devices) > 1:
             raise ValueError(f"every tensor must be on one device, got {sorted(map(str, devices))}")
-        if std == 0 or not devices:
+        size = sum(v.numel() for v in values)
+        total = size if total is None else total
+        if not (offset >= 0 and offset + size <= total):
+            raise ValueError(f"numbers [{offset}, {offset + size}) are not part of a draw of {total}")
+        if std == 0:
             return
-        flat = [v.view(-1) for v in values]
-        index, offset = 0, 0  # where the next noise goes: tensor, element
+        flat = [v.view(-1) for v in values if v.numel()]
+        index, position = 0, 0  # where the next noise goes: tensor, element within it
         with self._lock:
-            for block in self._normal_blocks(sum(v.numel() for v in flat), devices.pop()):
-                used = 0
-                while used < block.numel():
-                    while flat[index].numel() == offset:  # skip finished (and empty) tensors
-                        index, offset = index + 1, 0
-                    take = min(block.numel() - used, flat[index].numel() - offset)
-                    target = flat[index][offset : offset + take]
-                    target.copy_(block[used : used + take].mul_(std).add_(target))  # float64 sum, rounded once
-                    used += take
-                    offset += take
+            end = self._stream.position + _draw_bytes(total)
+            if flat:
+                for start, block in self._normal_blocks(total, offset, offset + size, devices.pop()):
+                    used = max(offset - start, 0)  # numbers of this block before the part
+                    need = min(block.numel(), offset + size - start)
+                    while used < need:
+                        take = min(need - used, flat[index].numel() - position)
+                        target = flat[index][position : position + take]
+                        target.copy_(block[used : used + take].mul_(std).add_(target))  # float64 sum, rounded once
+                        used += take
+                        position += take
+                        if position == flat[index].numel():
+                            index, position = index + 1, 0
+            self._stream.seek(end)

@@ -3,6 +3,11 @@ in a real ``torch.distributed`` group (gloo on 127.0.0.1), against the single-pr
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +147,41 @@ def test_a_member_node_with_two_workers_trains_a_private_round(tmp_path):
     # tell it how few episodes the member has); the node uses one worker per episode.
     n_train = len(node.train_episodes)
     assert MemberNode(cfg, replace(identity, workers=n_train + 1, state_dir=tmp_path / "w")).workers == n_train
+
+
+_KEY_SCRIPT = """
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from privacy.dp_sgd import _shared_noise_key
+
+def work(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    key = bytes([rank + 1]) * 32  # each worker its own key before the broadcast
+    shared = _shared_noise_key(key, torch.device("cpu"))
+    with open(f"{out}.{rank}", "wb") as f:
+        f.write(shared)
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    mp.spawn(work, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+def test_every_worker_noises_with_rank_0s_key(tmp_path):
+    """The workers' slices are parts of one draw only under one key: rank 0's reaches all."""
+    script = tmp_path / "keys.py"
+    script.write_text(_KEY_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "store"), str(tmp_path / "key")],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "key.0").read_bytes() == (tmp_path / "key.1").read_bytes() == bytes([1]) * 32

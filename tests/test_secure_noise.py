@@ -146,3 +146,113 @@ def test_in_place_noise_refuses_what_it_cannot_write_and_leaves_it_untouched():
     assert torch.equal(value, before)
     assert torch.equal(rnd.normal(4), SecureRandom(seed=1).normal(4))
     SecureRandom(seed=1).add_noise_([], 0.5)  # nothing to noise: no draw, no error
+
+
+def _chacha20(key: bytes, block: int, word1: int, n: int) -> bytes:
+    """``n`` bytes of ChaCha20 from block counter ``block`` under nonce word ``word1`` (reference)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    nonce = block.to_bytes(4, "little") + word1.to_bytes(12, "little")
+    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(n))
+
+
+def _read(stream, n: int) -> bytes:
+    out = bytearray(n)
+    stream.read_into(memoryview(bytes(n)), memoryview(out))
+    return bytes(out)
+
+
+def test_the_key_stream_seeks_to_any_byte_and_matches_reading_on():
+    from privacy.secure_noise import _KeyStream
+
+    key = SecureRandom.new_key(seed=20)
+    ahead = _read(_KeyStream(key), 1000)
+    assert ahead == _chacha20(key, 0, 0, 1000)
+    stream = _KeyStream(key)
+    stream.seek(333)
+    assert _read(stream, 400) == ahead[333:733] and stream.position == 733
+    stream.seek(5)
+    assert _read(stream, 64) == ahead[5:69]
+    with pytest.raises(ValueError, match="position"):
+        stream.seek(-1)
+
+
+def test_the_key_stream_goes_past_chacha20s_32_bit_block_counter():
+    """``cryptography`` refuses to run one nonce past 2**32 blocks (256 GiB: about six DP
+    steps of the trillion plan's 5.5e9 trainable parameters); the stream moves on to the
+    next nonce instead of stopping, and never repeats a block."""
+    from privacy.secure_noise import _KeyStream
+
+    key = SecureRandom.new_key(seed=21)
+    boundary = 64 << 32
+    stream = _KeyStream(key)
+    stream.seek(boundary - 100)
+    got = _read(stream, 300)
+    assert got[:100] == _chacha20(key, (1 << 32) - 2, 0, 128)[28:]
+    assert got[100:] == _chacha20(key, 0, 1, 200)
+    assert got[100:164] != _chacha20(key, 0, 0, 64)  # not the stream's first block again
+    stream.seek(boundary + 3 * 64)
+    assert _read(stream, 10) == _chacha20(key, 3, 1, 10)
+
+
+def test_a_draw_across_the_counter_boundary_is_a_draw_of_fresh_normals():
+    rnd = SecureRandom(seed=22)
+    rnd._stream.seek((64 << 32) - 8 * 1000)  # 1000 uniforms before the boundary
+    z = rnd.normal(5000)
+    assert torch.isfinite(z).all() and stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+
+
+def test_a_key_serves_one_stream_and_a_seed_is_not_a_key():
+    key = SecureRandom.new_key()
+    assert len(key) == 32 and key != SecureRandom.new_key()
+    assert torch.equal(SecureRandom(key=key).normal(9), SecureRandom(key=key).normal(9))
+    assert torch.equal(SecureRandom(key=SecureRandom.new_key(seed=3)).normal(9), SecureRandom(seed=3).normal(9))
+    with pytest.raises(ValueError, match="32 bytes"):
+        SecureRandom(key=key[:16])
+    with pytest.raises(ValueError, match="not both"):
+        SecureRandom(key=key, seed=1)
+
+
+def _parts(total: int, cuts: list[int]) -> list[tuple[int, int]]:
+    edges = [0, *cuts, total]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+@pytest.mark.parametrize(
+    "total_and_cuts",
+    [
+        (10, [4]),
+        (3 * (1 << 18) + 5, [1 << 18, 2 << 18]),  # at block seams, the last block odd
+        (3 * (1 << 18) + 5, [7, (1 << 18) + 1, (1 << 18) + 1, 3 * (1 << 18) + 4]),  # inside blocks; an empty part
+        (2 * (1 << 18), [2 * (1 << 18)]),  # the last part empty
+    ],
+)
+def test_disjoint_parts_of_one_draw_add_the_single_draws_noise_and_stay_in_step(total_and_cuts):
+    """What data-parallel workers rely on: each noises its own slice of one flat sum with the
+    shared key, and together they add exactly what one process adds to the whole; every
+    worker's stream then sits where the single process's does."""
+    total, cuts = total_and_cuts
+    value = torch.linspace(-1, 1, total)
+    whole = value.clone()
+    single = SecureRandom(seed=23)
+    single.add_noise_([whole], 0.7)
+    got = value.clone()
+    workers = []
+    for start, stop in _parts(total, cuts):
+        worker = SecureRandom(seed=23)
+        part = got[start:stop]
+        worker.add_noise_([part[: (stop - start) // 3], part[(stop - start) // 3 :]], 0.7, offset=start, total=total)
+        workers.append(worker)
+    assert torch.equal(got, whole)
+    after = single.normal(6)
+    assert all(torch.equal(w.normal(6), after) for w in workers)
+
+
+def test_a_part_outside_its_draw_is_refused_before_any_draw():
+    rnd = SecureRandom(seed=24)
+    value = torch.zeros(5)
+    for offset, total in ((-1, 10), (6, 10), (0, 4)):
+        with pytest.raises(ValueError, match="not part of a draw"):
+            rnd.add_noise_([value], 1.0, offset=offset, total=total)
+    assert torch.equal(value, torch.zeros(5))
+    assert torch.equal(rnd.normal(4), SecureRandom(seed=24).normal(4))
