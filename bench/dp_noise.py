@@ -11,7 +11,9 @@ runs them on CPU; the cipher runs on each worker's host core either way.
 P: ``small`` with 2 experts trainable (868k), all experts (3.4M), and larger flat sizes for
 where a member's shards are heading (the ``trillion`` plan gives a member 5.5e9 parameters
 per round). Reported per P: median seconds per noise step for each scheme (alternating,
-``--repeats`` each), the ratio, and the largest worker's peak RSS.
+``--repeats`` each), the ratio, the largest worker's peak RSS, and where the time goes
+(the noise of P and of P/W numbers on one worker; gloo's all-reduce, broadcast,
+reduce-scatter and all-gather of P floats).
 
 Usage: ``python bench/dp_noise.py [--workers 2] [--repeats 5] [--sizes 868000,3400000,20000000]``;
 writes ``bench/results/dp_noise.json``.
@@ -25,6 +27,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,35 +70,46 @@ def _rank0_alone(sums: list[torch.Tensor], source: SecureRandom) -> list[torch.T
     return [g.view_as(s).clone() for g, s in zip(flat.split([s.numel() for s in sums]), sums, strict=True)]
 
 
+def _measure(total: int, world: int, repeats: int) -> dict:
+    """Both schemes on P = ``total`` parameters in ``TENSORS`` tensors, and their parts."""
+    sizes = [total // TENSORS + (i < total % TENSORS) for i in range(TENSORS)]
+    g = torch.Generator().manual_seed(dist.get_rank())
+    sums = [torch.randn(n, generator=g) for n in sizes]
+    sharded, baseline = _optimizer(sizes, seed=1), SecureRandom(seed=1)
+    # Same key, same numbers: the sharded step adds exactly the baseline's noise.
+    _set_sums(sharded, sums)
+    sharded.add_noise()
+    want = _rank0_alone(sums, baseline)
+    same = all(torch.equal(p.grad, w) for p, w in zip(sharded.params, want, strict=True))
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, step: Callable[[], object]) -> None:
+        dist.barrier()
+        t = time.perf_counter()
+        step()
+        dist.barrier()
+        times.setdefault(name, []).append(time.perf_counter() - t)
+
+    flat, part = torch.zeros(total), torch.zeros(-(-total // world))
+    for _ in range(repeats):
+        timed("rank 0 alone", lambda: _rank0_alone(sums, baseline))
+        _set_sums(sharded, sums)
+        timed("sharded", sharded.add_noise)
+        # Where the time goes: the noise on one worker, and gloo's collectives.
+        timed("component: noise of all P", lambda: baseline.add_noise_([flat], STD))
+        timed("component: noise of P/W", lambda: baseline.add_noise_([part], STD))
+        timed("component: all-reduce", lambda: dist.all_reduce(flat))
+        timed("component: broadcast", lambda: dist.broadcast(flat, src=0))
+        timed("component: reduce-scatter", lambda: dist.reduce_scatter_single(part, flat))
+        timed("component: all-gather", lambda: dist.all_gather_single(flat, part))
+    return {"parameters": total, "same_noise": same, "samples_s": times}
+
+
 def _worker(rank: int, world: int, store: str, sizes_total: list[int], repeats: int, out: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    rows = []
-    for total in sizes_total:
-        sizes = [total // TENSORS + (i < total % TENSORS) for i in range(TENSORS)]
-        g = torch.Generator().manual_seed(rank)
-        sums = [torch.randn(n, generator=g) for n in sizes]
-        sharded, baseline = _optimizer(sizes, seed=1), SecureRandom(seed=1)
-        # Same key, same numbers: the sharded step adds exactly the baseline's noise.
-        _set_sums(sharded, sums)
-        sharded.add_noise()
-        want = _rank0_alone(sums, baseline)
-        same = all(torch.equal(p.grad, w) for p, w in zip(sharded.params, want, strict=True))
-        times: dict[str, list[float]] = {"rank 0 alone": [], "sharded": []}
-        for _ in range(repeats):
-            dist.barrier()
-            t = time.perf_counter()
-            _rank0_alone(sums, baseline)
-            dist.barrier()
-            times["rank 0 alone"].append(time.perf_counter() - t)
-            _set_sums(sharded, sums)
-            dist.barrier()
-            t = time.perf_counter()
-            sharded.add_noise()
-            dist.barrier()
-            times["sharded"].append(time.perf_counter() - t)
-        rows.append({"parameters": total, "same_noise": same, "samples_s": times})
+    rows = [_measure(total, world, repeats) for total in sizes_total]
     peak = torch.tensor([_peak_rss_mb()], dtype=torch.float64)
     peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
     dist.all_gather(peaks, peak)
@@ -136,6 +150,8 @@ def main() -> None:
             f"{args.workers} workers {med['sharded'] * 1e3:8.1f} ms -> {row['ratio_sharded_over_rank0']:.2f}x "
             "(same noise: yes)"
         )
+        parts = ", ".join(f"{k.split(': ')[1]} {v * 1e3:.1f}" for k, v in med.items() if k.startswith("component"))
+        print(f"    components, ms (one worker; collectives over {args.workers}): {parts}")
     print(f"peak RSS of the largest worker: {result['peak_rss_mb_largest_worker']:.0f} MB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
