@@ -34,6 +34,7 @@ from member_node.supernode import (
     preflight,
     supernode_command,
     wait_for_superlink,
+    warn_unpadded_replies,
 )
 from member_node.synthetic import generate_dataset
 from privacy.keys import FINGERPRINT_KEY_FILE, fingerprint_matches, load_or_create_fingerprint_key
@@ -236,6 +237,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         if args.workers is not None:
             setup.workers = args.workers
         preflight(setup, check_data=_check_data)
+        warn_unpadded_replies(setup)
         if args.dry_run:
             print(shlex.join(supernode_command(setup, setup.runtime_port or free_port())))
             print(f"node config: {node_config_arg(setup.node_config())}")

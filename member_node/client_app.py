@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from aggregation.secagg.errors import SecAggError
@@ -78,35 +78,36 @@ def _serve(
 ) -> Message:
     arrived = dt.datetime.now(dt.UTC)
     with _reply_delay(context, padded).held():
-        return _handle(message, context, handler, parse, arrived)
+        body = _handle(message, context, handler, parse, arrived)
+    # Built after the wait: Flower stamps a reply's metadata (``created_at``, and ``ttl``
+    # from it) when the Message is made, and the coordinator receives both unchanged, so a
+    # reply made before the padding would still say when the work on the data ended.
+    return Message(body, reply_to=message)
 
 
-def _handle(message: Message, context: Context, handler, parse, arrived: dt.datetime) -> Message:
+def _handle(message: Message, context: Context, handler, parse, arrived: dt.datetime) -> RecordDict | Error:
     try:
         node = _node(context)
         request = parse(message.content)
-        reply = handler(node, request, arrived)
-        return Message(reply.to_content(), reply_to=message)
+        return handler(node, request, arrived).to_content()
     except ProtocolError as err:
-        return Message(Error(ERR_INVALID_REQUEST, f"invalid request: {err}"), reply_to=message)
+        return Error(ERR_INVALID_REQUEST, f"invalid request: {err}")
     except ConfigError as err:  # the run config the coordinator sent: its own text
-        return Message(Error(ERR_NODE_CONFIG, f"run configuration: {err}"), reply_to=message)
+        return Error(ERR_NODE_CONFIG, f"run configuration: {err}")
     except NodeConfigError as err:
         # The detail can hold what the coordinator must not learn (paths, the episode
         # count): it goes to the member's own log, the reply says only where to look.
         log.error("node configuration: %s", err)
-        return Message(
-            Error(ERR_NODE_CONFIG, "the member's node configuration is invalid (see its node log)"), reply_to=message
-        )
+        return Error(ERR_NODE_CONFIG, "the member's node configuration is invalid (see its node log)")
     except SecAggError as err:
-        return Message(Error(ERR_INVALID_REQUEST, f"secure aggregation: {err}"), reply_to=message)
+        return Error(ERR_INVALID_REQUEST, f"secure aggregation: {err}")
     except DatasetError as err:
         # Dataset errors name files, frame counts and episode lengths: the member's log only.
         log.error("member data: %s", err)
-        return Message(Error(ERR_DATA, "the member's data cannot be used (see its node log)"), reply_to=message)
+        return Error(ERR_DATA, "the member's data cannot be used (see its node log)")
     except Exception as err:  # noqa: BLE001 - a node answers, it does not crash
         log.exception("unexpected failure handling %s", message.metadata.message_type)
-        return Message(Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}"), reply_to=message)
+        return Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}")
 
 
 def _unpadded(method: Callable[[MemberNode, Any], Any]) -> Callable[[MemberNode, Any, dt.datetime], Any]:

@@ -385,6 +385,32 @@ def preflight(setup: MemberSetup, check_data: Callable[[MemberSetup], None] | No
         check_data(setup)
 
 
+def warn_unpadded_replies(setup: MemberSetup) -> list[str]:
+    """Log a warning for each kind of DP reply that leaves as soon as its work is done.
+
+    Not an error: padding costs the whole consortium round time, so it is the member's
+    choice. But the choice must be seen: an unpadded reply's arrival time (and Flower's
+    metadata on it) tells the coordinator how long the work on the data took, which grows
+    with the member's episodes, and no DP budget accounts for that.
+    """
+    if not setup.dp:
+        return []
+    unpadded = [("train", setup.train_reply_after)]
+    if setup.eval_noise_multiplier > 0:  # 0: the node releases no held-out error at all
+        unpadded.append(("eval", setup.eval_reply_after))
+    warned = []
+    for what, seconds in unpadded:
+        if float(seconds) == 0:
+            log.warning(
+                "%s replies are not padded: the coordinator sees how long each %s took, which grows with "
+                "this member's episodes and is not covered by its DP budget; set --%s-reply-after (member.yaml: "
+                "%s_reply_after) to a time the work always fits in",
+                what, "round" if what == "train" else "evaluation", what, what,
+            )  # fmt: skip
+            warned.append(what)
+    return warned
+
+
 def _check_reply_delays(train: Any, evaluation: Any) -> None:
     for what, seconds in (("train", train), ("eval", evaluation)):
         try:

@@ -184,6 +184,23 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
         _member(tmp_path, name="n", eval_reply_after=-1)
 
 
+def test_start_warns_about_each_kind_of_dp_reply_that_is_not_padded(tmp_path, caplog):
+    """Padding is the member's choice (it costs everyone's round time), but an unpadded DP
+    reply times the work on the member's data: ``start`` says so, per kind, and no more."""
+    caplog.set_level("WARNING", logger="kyodo.member")
+    assert supernode.warn_unpadded_replies(_member(tmp_path, name="a")) == ["train", "eval"]
+    assert "train replies are not padded" in caplog.text and "--eval-reply-after" in caplog.text
+    caplog.clear()
+    assert supernode.warn_unpadded_replies(_member(tmp_path, name="b", train_reply_after=600)) == ["eval"]
+    assert (
+        supernode.warn_unpadded_replies(_member(tmp_path, name="c", train_reply_after=600, eval_noise_multiplier=0))
+        == []
+    )
+    padded = _member(tmp_path, name="d", train_reply_after=600, eval_reply_after=60)
+    assert supernode.warn_unpadded_replies(padded) == []
+    assert supernode.warn_unpadded_replies(_member(tmp_path, name="e", dp=False)) == []  # no budget to speak of
+
+
 def test_supernode_command_has_tls_auth_node_config_and_its_own_port(tmp_path):
     (tmp_path / "ca.pem").write_text("the operator's CA certificate")
     setup = _member(tmp_path, superlink="127.0.0.1:9093", root_certificates=tmp_path / "ca.pem")

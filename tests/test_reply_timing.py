@@ -176,3 +176,25 @@ def test_a_ledger_entry_time_must_say_its_zone(tmp_path):
     tokyo = dt.timezone(dt.timedelta(hours=9))
     entry = ledger.append(at=dt.datetime(2026, 12, 1, 17, 0, tzinfo=tokyo), **fields)
     assert entry["time"] == "2026-12-01T08:00:00.000000+00:00"
+
+
+def test_a_padded_reply_is_made_after_the_wait(tmp_path, monkeypatch):
+    """Flower stamps a reply's metadata (``created_at``, ``ttl``) when the Message is made and
+    passes both on to the coordinator: made before the padding, a reply would still say when
+    the work on the data ended. Train and evaluate replies, errors included, are made after."""
+    import member_node.client_app as client_app
+
+    events: list = []
+    _recording_delays(monkeypatch, events)
+    real_message = client_app.Message
+    monkeypatch.setattr(client_app, "Message", lambda *a, **k: events.append("reply made") or real_message(*a, **k))
+    ctx, model = _member(tmp_path, **{"train-reply-after": 30.0, "eval-reply-after": 5.0})
+    hp = TrainHyperParams(lr=0.01, local_steps=1, batch_size=8, sample_rate=0.5)
+    for request, kind, padding in [
+        (TrainRequest(1, ["adapter/emb/so100"], hp, model, run="r", planned_rounds=2), "train", 30.0),
+        (TrainRequest(2, ["backbone"], hp, model, run="r"), "train", 30.0),  # an error reply
+        (EvaluateRequest(1, model, run="r"), "evaluate", 5.0),
+    ]:
+        events.clear()
+        client_app.app(message(request.to_content(), kind), ctx)
+        assert events[-2:] == [padding, "reply made"] and events.count("reply made") == 1, (kind, events)
