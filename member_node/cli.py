@@ -124,6 +124,13 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _left_out(dropped: tuple[int, ...]) -> str:
+    if not dropped:
+        return "none"
+    shown = ", ".join(map(str, dropped[:20])) + (", ..." if len(dropped) > 20 else "")
+    return f"{len(dropped)} with non-finite values (episodes {shown}): the node trains without them"
+
+
 def _summary_table(dataset: LeRobotDataset, emb: EmbodimentConfig) -> Table:
     lengths = [ep.length for ep in dataset.episodes]
     table = Table(title=f"LeRobot dataset {dataset.root}", show_header=False)
@@ -133,6 +140,7 @@ def _summary_table(dataset: LeRobotDataset, emb: EmbodimentConfig) -> Table:
         ("format", str(dataset.info.get("codebase_version"))),
         ("embodiment", f"{dataset.embodiment_name} ({emb.kind})"),
         ("episodes", str(len(dataset.episodes))),
+        ("left out", _left_out(dataset.dropped)),
         ("frames", str(dataset.num_frames)),
         ("episode length", f"{min(lengths)}..{max(lengths)} frames" if lengths else "-"),
         ("fps", str(dataset.fps)),

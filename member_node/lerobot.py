@@ -102,6 +102,9 @@ class LeRobotDataset:
     data_files: tuple[Path, ...] = ()
     # (path relative to root, size, sha256) of every file read, hashed from the very bytes parsed
     manifest: tuple[tuple[str, int, str], ...] = field(default=(), repr=False)
+    # Episodes left out because some frame holds a non-finite value (their indices): see
+    # ``_split_file``. For the member's own eyes (``data inspect``, the node's log) only.
+    dropped: tuple[int, ...] = ()
 
     @property
     def fps(self) -> int:
@@ -417,7 +420,7 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
     info = _read_info(root, info_path, manifest)
     _check_info(info, info_path, embodiment, embodiment_name)
     meta, meta_files = _read_episode_meta(root, info, info_path, manifest)
-    episodes, data_files = _read_frames(root, info, meta, embodiment, manifest)
+    episodes, data_files, dropped = _read_frames(root, info, meta, embodiment, manifest)
     return LeRobotDataset(
         root=root,
         info=info,
@@ -426,6 +429,7 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
         meta_files=tuple(meta_files),
         data_files=tuple(data_files),
         manifest=tuple(manifest.entries),
+        dropped=tuple(dropped),
     )
 
 
@@ -598,14 +602,14 @@ def _list_lengths(column: pa.Array) -> np.ndarray:
 
 def _read_frames(
     root: Path, info: Mapping[str, Any], meta: Mapping[str, np.ndarray], emb: EmbodimentConfig, manifest: _Manifest
-) -> tuple[list[Episode], list[Path]]:
+) -> tuple[list[Episode], list[Path], list[int]]:
     vectors = {attr: (key, getattr(emb, dim_attr)) for key, dim_attr, attr in VECTOR_FEATURES if getattr(emb, dim_attr)}
     columns = ["episode_index", "frame_index", *(key for key, _ in vectors.values())]
     file_of = np.stack([meta["data/chunk_index"], meta["data/file_index"]], axis=1)
     keys, inverse = np.unique(file_of, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     episodes: list[Episode | None] = [None] * len(meta["episode_index"])
-    data_files = []
+    data_files, dropped = [], []
     for k, (chunk, file) in enumerate(keys):
         path = root / info["data_path"].format(chunk_index=int(chunk), file_index=int(file))
         rows = np.flatnonzero(inverse == k)
@@ -618,8 +622,10 @@ def _read_frames(
         table = _read_parquet(path, columns, manifest)
         for row, episode in zip(rows, _split_file(table, path, meta, rows, vectors), strict=True):
             episodes[row] = episode
+            if episode is None:
+                dropped.append(int(meta["episode_index"][row]))
         data_files.append(path)
-    return [ep for ep in episodes if ep is not None], data_files
+    return [ep for ep in episodes if ep is not None], data_files, dropped
 
 
 def _split_file(
@@ -628,19 +634,24 @@ def _split_file(
     meta: Mapping[str, np.ndarray],
     rows: np.ndarray,
     vectors: Mapping[str, tuple[str, int]],
-) -> list[Episode]:
-    """Cut one data file into its episodes, checking counts and frame order."""
+) -> list[Episode | None]:
+    """Cut one data file into its episodes, checking counts and frame order.
+
+    An episode with a non-finite value in any frame (a sensor drop-out) comes back as None:
+    left out, not an error. Why: refusing the whole dataset for it made one such episode
+    visible to the coordinator with certainty (every request answered with a data error
+    instead of an update), a difference between neighbouring datasets that no epsilon
+    covers. Leaving it out is decided by that episode alone, so a dataset with it behaves
+    exactly as the dataset without it. Structural faults (counts, frame order, files) are
+    faults of how the dataset was written, not of one episode's content, and stay errors.
+    """
     episode_index = _int_column(table, "episode_index", path)
     frame_index = _int_column(table, "frame_index", path)
     arrays = {attr: _vector_column(table, key, dim, path) for attr, (key, dim) in vectors.items()}
-    for attr, (key, _) in vectors.items():
-        bad = ~np.isfinite(arrays[attr]).all(axis=1)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise DatasetError(
-                f"{path}: column {key!r} has non-finite values "
-                f"(episode {int(episode_index[i])}, frame {int(frame_index[i])})"
-            )
+    finite = np.ones(len(episode_index), dtype=bool)
+    for values in arrays.values():
+        finite &= np.isfinite(values).all(axis=1)
+    non_finite_episodes = set(np.unique(episode_index[~finite]).tolist())
     order = np.lexsort((frame_index, episode_index))
     sorted_eps = episode_index[order]
     wanted = meta["episode_index"][rows]
@@ -661,6 +672,9 @@ def _split_file(
         idx = order[a:b]
         if not np.array_equal(frame_index[idx], np.arange(length)):
             raise DatasetError(f"{path}: column 'frame_index' of episode {int(ep_id)} is not 0..{int(length) - 1}")
+        if int(ep_id) in non_finite_episodes:
+            out.append(None)
+            continue
         out.append(
             Episode(
                 index=int(ep_id),

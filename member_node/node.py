@@ -125,7 +125,15 @@ class MemberNode:
     @functools.cached_property
     def dataset(self) -> LeRobotDataset:
         emb = self.cfg.embodiments[self.identity.embodiment]
-        return read_dataset(self.identity.data_dir, emb, self.identity.embodiment)
+        dataset = read_dataset(self.identity.data_dir, emb, self.identity.embodiment)
+        if dataset.dropped:  # the member's own log; replies never say
+            log.warning(
+                "member %s: %d episode(s) left out for non-finite values: %s",
+                self.identity.name,
+                len(dataset.dropped),
+                ", ".join(map(str, dataset.dropped)),
+            )
+        return dataset
 
     @functools.cached_property
     def _split(self) -> tuple[list[Episode], list[Episode]]:

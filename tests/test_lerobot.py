@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from member_node.lerobot import DatasetError, Episode, read_dataset, write_dataset
+from member_node.lerobot import IMAGE_FEATURES, STATE, DatasetError, Episode, read_dataset, write_dataset
 from member_node.synthetic import generate_dataset, generate_episodes
 from shared_model.config import EmbodimentConfig, load_config
 
@@ -269,8 +269,25 @@ def test_missing_episode_metadata_column(tmp_path: Path) -> None:
     _raises(root, str(path), "column 'length' is missing")
 
 
-def test_non_finite_values(tmp_path: Path) -> None:
+def test_an_episode_with_non_finite_values_is_left_out_not_the_dataset(tmp_path: Path) -> None:
+    """A sensor drop-out in one episode: that episode is left out and named for the member;
+    the others read as before. Refusing the whole dataset told the coordinator, with
+    certainty, that such an episode was there."""
     root = _synth(tmp_path)
+    clean = _read(root)
+    second_start = clean.episodes[0].length + clean.episodes[1].length + 2  # frame 2 of episode 2
+    _rewrite_data(root, lambda t: _edit_vector(t, "action", 3, np.nan))  # episode 0, frame 3
+    _rewrite_data(root, lambda t: _edit_vector(t, STATE, second_start, np.inf))
+    kept = _read(root)
+    assert kept.dropped == (0, 2)
+    assert [e.index for e in kept.episodes] == [1, 3, 4]
+    for episode in kept.episodes:
+        _assert_same(clean.episodes[episode.index], episode)
+    assert kept.fingerprint() != clean.fingerprint()  # the files did change
 
-    _rewrite_data(root, lambda t: _edit_vector(t, "action", 3, np.nan))
-    _raises(root, str(root / DATA0), "'action'", "non-finite", "episode 0, frame 3")
+
+def test_agv_image_features_that_are_not_finite_leave_their_episode_out(tmp_path: Path) -> None:
+    root = _synth(tmp_path, "agv")
+    _rewrite_data(root, lambda t: _edit_vector(t, IMAGE_FEATURES, 0, np.nan))
+    kept = _read(root, "agv")
+    assert kept.dropped == (0,) and [e.index for e in kept.episodes] == [1, 2, 3, 4]

@@ -392,3 +392,41 @@ def test_a_dp_node_with_an_empty_side_still_answers_with_noise(tmp_path, fractio
     assert any(d.abs().max() > 0 for d in reply.deltas.values())  # at least the noise
     released = node.evaluate(EvaluateRequest(1, model, run="r"))
     assert released.receipt and 0.0 <= released.action_mse <= node.identity.eval_loss_bound
+
+
+def test_an_episode_with_non_finite_values_changes_nothing_the_node_does(setup, tmp_path, caplog):
+    """A dataset with one drop-out episode trains and evaluates exactly as the dataset without
+    it (before, it made the node refuse every request: a certain tell for that episode). The
+    member's log names the episode; the replies do not."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from member_node.lerobot import ACTION, write_dataset
+    from member_node.synthetic import generate_episodes
+
+    cfg, node, model = setup
+    emb = cfg.embodiments["so100"]
+    episodes = generate_episodes("so100", emb, 10, 2.0, seed=5)
+    with_bad = write_dataset(tmp_path / "with", emb, "so100", episodes, task="reach")
+    data = with_bad / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data)
+    column = table.column(ACTION).combine_chunks()
+    values = column.flatten().to_numpy().copy()
+    start = sum(e.length for e in episodes[:4])  # episode 4's first frame
+    values[start * emb.action_dim] = np.nan
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values), emb.action_dim)
+    pq.write_table(table.set_column(table.schema.get_field_index(ACTION), ACTION, column), data)
+    clean = [replace(e, index=i) for i, e in enumerate(episodes[:4] + episodes[5:])]
+    without = write_dataset(tmp_path / "without", emb, "so100", clean, task="reach")
+
+    def run(data_dir, state):
+        member = MemberNode(cfg, replace(node.identity, data_dir=data_dir, state_dir=tmp_path / state, dp=False))
+        trained = member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=1))
+        return trained, member.evaluate(EvaluateRequest(1, model, run="r")), member
+
+    caplog.set_level("WARNING", logger="kyodo.member")
+    (a, a_eval, member), (b, b_eval, _) = run(with_bad, "s1"), run(without, "s2")
+    assert member.dataset.dropped == (4,) and "left out for non-finite values: 4" in caplog.text
+    assert (a.steps, a.num_examples, a_eval.action_mse) == (b.steps, b.num_examples, b_eval.action_mse)
+    assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in b.deltas)
