@@ -159,7 +159,10 @@ def test_bookkeeping_norms_match_loop_and_opacus_hooks(cfg, base):
     clip = float(loop_norms.median())
     bk = _clipped_sum(base, "bk", clip, obs, image, target)
     hooks = _clipped_sum(base, "hooks", clip, obs, image, target)
-    assert max((bk[n] - hooks[n]).abs().max().item() for n in bk) < 1e-6
+    # bk divides by an upper bound of each norm (the ghost sum plus its float32 rounding
+    # bound, ~1e-5 above it), so its clipped samples are scaled ~1e-5 less than Opacus'.
+    for n in bk:
+        assert ((bk[n] - hooks[n]).norm() / hooks[n].norm()).item() < 1e-4, n
 
 
 def test_a_sample_with_a_non_finite_gradient_contributes_nothing(cfg, base):
@@ -575,3 +578,31 @@ def test_windows_at_checks_its_offsets(windows):
         windows.at([0], np.array([int(windows.lengths[0])]))
     with pytest.raises(IndexError, match="one offset per listed episode"):
         windows.at([0, 1], np.array([0]))
+
+
+def test_a_ghost_norm_whose_tokens_cancel_still_clips_the_sample():
+    """One sample, two tokens: near-equal large inputs, opposite output gradients. Its true
+    gradient is small next to its token terms, whose ghost sum nearly cancels: it computed
+    to 0 while the true norm was 200, and the sample went in unclipped. The clip now
+    divides by an upper bound of the norm (the sum plus its rounding bound)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 64, bias=False)
+    worst = 0.0
+    for _ in range(200):
+        v = torch.randn(64, generator=gen)
+        v = v / v.norm() * 3e3
+        step = torch.randn(64, generator=gen)
+        step = step / step.norm() * 0.2
+        u = torch.randn(64, generator=gen)
+        u = u / u.norm() * 1e3
+        a = torch.stack([v, v + step]).unsqueeze(0)
+        g = torch.stack([u, -u]).unsqueeze(0)
+        clipper = BookKeepingClipper(layer, max_grad_norm=1.0)
+        try:
+            clipper.zero_grad()
+            (layer(a) * g).sum().backward()
+            clipper.clip_and_accumulate()
+            worst = max(worst, layer.weight.grad.double().norm().item())
+        finally:
+            clipper.close()
+    assert worst <= 1.0
