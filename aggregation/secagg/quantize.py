@@ -166,8 +166,9 @@ def quantize(x: np.ndarray, plan: QuantizationPlan, rng: np.random.Generator) ->
     # propagate into a garbage integer) and tell whether any clipping is needed at all.
     lo, hi = values.min(), values.max()
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-        raise SecAggError(f"cannot quantize non-finite values: {bad} of {values.size} entries are NaN or infinite")
+        # No count of them: a member's node passes this text on to the coordinator, and how
+        # many entries of its update overflowed is about its data.
+        raise SecAggError("cannot quantize non-finite values (NaN or infinite entries)")
 
     work = np.float32 if plan.bits <= _FLOAT32_MAX_BITS else np.float64
     r = float(plan.clip_range)
