@@ -314,13 +314,28 @@ class MemberNode:
         if self.identity.noise_multiplier > 0:
             return self.identity.noise_multiplier
         plans = json.loads(self._plan_path.read_text()) if self._plan_path.is_file() else {}
-        key = f"{run}|{sample_rate!r}|{local_steps}"
+        evaluations = self.eval_releaser.privacy
+        # Everything the plan depends on that the member can change between restarts: a
+        # member that lowers its budget must not keep a sigma planned for the larger one.
+        key = "|".join(
+            map(
+                repr,
+                (
+                    run,
+                    sample_rate,
+                    local_steps,
+                    self.budget.epsilon,
+                    self.budget.delta,
+                    self.cfg.privacy.accountant,
+                    evaluations.enabled and evaluations.mechanism(),
+                ),
+            )
+        )
         if key not in plans:
             remaining_rounds = max(1, planned_rounds - round_number + 1)
             # Room for the held-out error released after each remaining round. When even the
             # releases alone would not fit (hundreds of planned rounds), training comes first:
             # the releases that no longer fit are withheld (private_eval checks each one).
-            evaluations = self.eval_releaser.privacy
             reserve = [evaluations.mechanism()] * remaining_rounds if evaluations.enabled else []
             plan = partial(
                 noise_for_target,

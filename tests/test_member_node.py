@@ -430,3 +430,71 @@ def test_an_episode_with_non_finite_values_changes_nothing_the_node_does(setup, 
     assert member.dataset.dropped == (4,) and "left out for non-finite values: 4" in caplog.text
     assert (a.steps, a.num_examples, a_eval.action_mse) == (b.steps, b.num_examples, b_eval.action_mse)
     assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in b.deltas)
+
+
+def test_the_round_that_runs_is_the_mechanism_its_receipt_records(setup, tmp_path, monkeypatch):
+    """What trains (sigma, q, steps, C) is what the ledger says, for a round the budget
+    shortens too: a node that trained the requested steps, or another sigma or q, while
+    recording the allowed ones would under-count its epsilon."""
+    import member_node.node as node_module
+    from privacy.accountant import Mechanism, epsilon
+    from privacy.ledger import receipt_from_json
+
+    cfg, node, model = setup
+    ran = []
+    real = node_module.train_shards
+
+    def spy(policy, embodiment, windows, shards, hparams, **kw):
+        ran.append((hparams.local_steps, kw["dp"]))
+        return real(policy, embodiment, windows, shards, hparams, **kw)
+
+    monkeypatch.setattr(node_module, "train_shards", spy)
+    requested = replace(HP, local_steps=20, sample_rate=0.5)
+    fits = epsilon([Mechanism(1.3, 0.5, 7)], 1e-5) * 1.0001  # 7 of the 20 steps fit
+    own_sigma = replace(node.identity, state_dir=tmp_path / "own", noise_multiplier=1.3, epsilon=fits)
+    planned = replace(node.identity, state_dir=tmp_path / "planned")
+    for identity in (own_sigma, planned):
+        ran.clear()
+        member = MemberNode(cfg, identity)
+        reply = member.train(TrainRequest(1, ["adapter/emb/so100"], requested, model, run="r", planned_rounds=3))
+        recorded = receipt_from_json(reply.receipt)["mechanism"]
+        [(steps, dp)] = ran
+        assert (steps, dp.noise_multiplier, dp.sample_rate, dp.max_grad_norm) == (
+            recorded["steps"], recorded["noise_multiplier"], recorded["sample_rate"], recorded["clipping_norm"],
+        )  # fmt: skip
+        assert reply.steps == steps
+    assert receipt_from_json(reply.receipt)["decision"] == "full"
+    assert ran and MemberNode(cfg, own_sigma).ledger.entries()[0]["decision"] == "shortened"
+    assert MemberNode(cfg, own_sigma).ledger.entries()[0]["mechanism"]["steps"] == 7
+
+
+def test_the_noise_plan_leaves_room_for_every_planned_evaluation(setup, tmp_path):
+    """Planned over a run's rounds, sigma must leave budget for the held-out error released
+    after each of them; planned without that reserve, the last evaluations would not fit."""
+    from privacy.accountant import noise_for_target
+
+    cfg, node, model = setup
+    member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s"))
+    member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
+    sigma = member.ledger.entries()[0]["mechanism"]["noise_multiplier"]
+    without_reserve = noise_for_target(
+        member.budget.epsilon, member.budget.delta, HP.sample_rate, HP.local_steps, 4, accountant=cfg.privacy.accountant
+    )
+    with_reserve = noise_for_target(
+        member.budget.epsilon, member.budget.delta, HP.sample_rate, HP.local_steps, 4,
+        accountant=cfg.privacy.accountant, history=[member.eval_releaser.privacy.mechanism()] * 4,
+    )  # fmt: skip
+    assert sigma == pytest.approx(with_reserve) and sigma > without_reserve
+
+
+def test_a_member_that_lowers_its_budget_gets_a_new_noise_plan(setup, tmp_path):
+    """The plan is kept across restarts, but only for the budget it was made for: a member
+    that lowers its epsilon and restarts must not keep the old, smaller sigma."""
+    cfg, node, model = setup
+    state = tmp_path / "s"
+    first = MemberNode(cfg, replace(node.identity, state_dir=state))
+    first.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
+    stricter = MemberNode(cfg, replace(node.identity, state_dir=state, epsilon=node.identity.epsilon * 0.8))
+    stricter.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
+    sigmas = [e["mechanism"]["noise_multiplier"] for e in stricter.ledger.entries()]
+    assert sigmas[1] > sigmas[0]
