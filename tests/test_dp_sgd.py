@@ -337,6 +337,9 @@ def test_poisson_sampler():
     sampler = PoissonEpisodeSampler(0.1, seed=1)
     sizes = [len(sampler(200, rng)) for _ in range(400)]
     assert abs(np.mean(sizes) - 20) < 1.0  # E = qN
+    # At exactly q: the accountant assumes it. 2M Bernoulli(0.1) trials have sd 424, so a
+    # sampler at 1.04 q (8000 over) is 19 sd out and 5 sd is a false alarm once in 3.5M runs.
+    assert abs(len(sampler(2_000_000, rng)) - 200_000) < 5 * math.sqrt(2_000_000 * 0.1 * 0.9)
     ids = sampler(200, rng)
     assert len(set(ids.tolist())) == len(ids) and ids.max() < 200  # each episode at most once
     assert any(len(PoissonEpisodeSampler(0.01, seed=2)(20, rng)) == 0 for _ in range(50))  # empty happens

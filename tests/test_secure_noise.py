@@ -256,3 +256,16 @@ def test_a_part_outside_its_draw_is_refused_before_any_draw():
             rnd.add_noise_([value], 1.0, offset=offset, total=total)
     assert torch.equal(value, torch.zeros(5))
     assert torch.equal(rnd.normal(4), SecureRandom(seed=24).normal(4))
+
+
+@pytest.mark.parametrize("first", [1, 3, (1 << 18) + 1])
+def test_a_draw_of_odd_length_spends_its_last_pair_whole(first):
+    """Box-Muller takes uniforms in pairs: an odd draw still spends the last pair's two, so the
+    next draw starts on fresh key stream (spending one would hand the next step the same
+    uniform again: correlated noise across steps)."""
+    rnd = SecureRandom(seed=25)
+    rnd.normal(first)
+    spent = first + 1
+    assert torch.equal(
+        torch.from_numpy(rnd.uniform(3)), torch.from_numpy(SecureRandom(seed=25).uniform(spent + 3)[spent:])
+    )
