@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,40 @@ def sign(entry: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     return entry
 
 
+def rewrite_ledger(root: Path, member: str, edit: Callable[[int, dict[str, Any]], None]) -> None:
+    """Apply ``edit(index, entry)`` to each of ``member``'s entries, re-sign the whole chain with the
+    member's own key and put the re-signed entries in the round records where the originals were
+    receipts: a consistent rewrite by the member itself, which only checks of the content catch."""
+    key, prev, renamed, rewritten = key_of(root, member), "0" * 64, {}, []
+    for i, entry in enumerate(read_entries(root, member)):
+        old_signature = entry.pop("signature")
+        edit(i, entry)
+        entry = sign(dict(entry, prev_hash=prev), key)
+        renamed[old_signature] = entry
+        prev = entry_hash(entry)
+        rewritten.append(entry)
+    write_entries(root, member, rewritten)
+    write_records(root, [_replace_receipts(r, renamed) for r in read_records(root)])
+
+
+def add_member(root: Path, name: str) -> Ed25519PrivateKey:
+    """Publish another consortium member (its member.json, with a budget; the consortium file
+    rebuilt from the nodes, keeping its coordinator key). It has no ledger yet."""
+    state = root / "run" / "nodes" / name
+    key = load_or_create_signing_key(state / "member_ed25519.pem")
+    published = {"member": name, "embodiment": "so100", "epsilon": BUDGET, "delta": DELTA, "accountant": "rdp"}
+    (state / "member.json").write_text(json.dumps({**published, "public_key": public_key_hex(key)}))
+    coordinator = load_consortium(root / "consortium.yaml").coordinator_public_key
+    dump_consortium(from_nodes(root / "run" / "nodes", coordinator_public_key=coordinator), root / "consortium.yaml")
+    return key
+
+
+def set_budget(root: Path, member: str, budget: float) -> None:
+    cons = load_consortium(root / "consortium.yaml").to_dict()
+    next(m for m in cons["members"] if m["member"] == member)["epsilon"] = budget
+    (root / "consortium.yaml").write_text(json.dumps(cons))
+
+
 def failures(result: AuditResult, check: str) -> list[str]:
     return [f.text() for f in result.failures if f.check == check]
 
@@ -258,23 +293,17 @@ def test_entries_before_version_3_pass_with_a_note_on_their_noise_source(fed: Pa
     """A ledger written before ``mechanism.noise_source`` existed is still valid; the auditor says
     that it cannot tell how that noise was drawn."""
     assert not [f for f in run_audit(fed).findings if "predate ledger version 3" in f.message]
-    key, prev, renamed = key_of(fed, "alpha"), "0" * 64, {}
-    rewritten = []
-    for entry in read_entries(fed, "alpha"):
-        old_signature = entry.pop("signature")
+
+    def version_2(_: int, entry: dict[str, Any]) -> None:
         del entry["mechanism"]["noise_source"]
-        entry.update(version=2, prev_hash=prev)
-        entry = sign(entry, key)
-        renamed[old_signature] = entry
-        prev = entry_hash(entry)
-        rewritten.append(entry)
-    write_entries(fed, "alpha", rewritten)
-    write_records(fed, [_replace_receipts(r, renamed) for r in read_records(fed)])
+        entry["version"] = 2
+
+    rewrite_ledger(fed, "alpha", version_2)
     result = run_audit(fed)
     assert result.ok, [f.text() for f in result.failures]
     notes = [f for f in result.findings if "predate ledger version 3" in f.message]
     assert len(notes) == 1 and notes[0].member == "alpha" and notes[0].severity == "note"
-    assert notes[0].message.startswith(f"{len(rewritten)} entries (first: entry 0)")
+    assert notes[0].message.startswith(f"{len(read_entries(fed, 'alpha'))} entries (first: entry 0)")
 
 
 def test_flat_ledger_layout(fed: Path) -> None:
@@ -414,6 +443,42 @@ def test_contribution_claimed_for_a_member_who_never_trained(fed: Path) -> None:
     assert_found(result, "receipt", "round 1", "mallory contributed to 1 updated shard(s)", "no receipt")
 
 
+def test_receipt_signature_is_verified(fed: Path) -> None:
+    """A receipt the record holds is checked under the member's published key, not only matched
+    to the ledger: an edited receipt is named as one whose signature does not verify."""
+    records = read_records(fed)
+    records[1]["receipts"]["alpha"]["epsilon"] *= 2  # over-states, so only the signature shows the edit
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert_found(result, "signature", "round 1 receipt of alpha", "signature does not verify")
+
+
+def test_receipt_must_cover_the_shards_the_record_assigned(fed: Path) -> None:
+    records = read_records(fed)
+    records[1]["cohorts"]["expert/L0/E0"].remove("alpha")  # the record says alpha trained only adapter/shared
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert_found(
+        result,
+        "receipt",
+        "round 1 receipt of alpha",
+        "covers shards ['adapter/shared', 'expert/L0/E0'], the record assigned ['adapter/shared']",
+    )
+
+
+def test_receipt_must_record_the_steps_the_record_reports(fed: Path) -> None:
+    """The receipt's steps are what the member paid for; the record's are what ran. A record that
+    reports no steps for a member leaves the receipt unchecked, so that fails too."""
+    records = read_records(fed)
+    records[1]["train"]["alpha"]["steps"] = STEPS + 5
+    del records[2]["train"]["beta"]["steps"]
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert_found(result, "receipt", "round 1 receipt of alpha", f"records {STEPS} steps, the record says {STEPS + 5}")
+    assert_found(result, "receipt", "round 2 receipt of beta", "reports no step count for beta", "cannot be checked")
+    assert not [t for t in failures(result, "receipt") if "gamma" in t]
+
+
 def test_failed_reply_is_explained_not_a_failure(fed: Path) -> None:
     """A member whose reply failed spent budget its update never delivered: a note, not a failure."""
     records = read_records(fed)
@@ -518,6 +583,69 @@ def test_an_evaluation_receipt_dropped_from_the_ledger_is_caught(tmp_path: Path)
     assert_found(run_audit(tmp_path), "receipt", "round 2 evaluation of gamma", "is not in gamma's ledger")
 
 
+def test_a_training_receipt_cannot_stand_in_for_an_evaluation_receipt(tmp_path: Path) -> None:
+    build_federation(tmp_path, evaluations=True)
+    records = read_records(tmp_path)
+    trained = read_entries(tmp_path, "alpha")[2]  # alpha's round-2 training: this run, round, member
+    records[2]["evaluation"]["alpha"]["receipt"] = canonical_json(trained).decode()
+    write_records(tmp_path, records)
+    result = run_audit(tmp_path)
+    assert_found(result, "receipt", "round 2 evaluation of alpha", "release 'dp-sgd' != 'evaluation'")
+
+
+EXACT_ERROR = {"action_mse": 0.0123, "num_examples": 40, "action_mae": 0.21}  # no receipt: not a DP release
+
+
+@pytest.mark.parametrize("ledger", ["missing", "another run only"])
+def test_an_exact_held_out_error_fails_even_from_a_member_that_never_trained(fed: Path, ledger: str) -> None:
+    """Every consortium member publishes a budget, so an evaluation value without a receipt is a
+    release outside it, whether or not the member trained in this run or gave a ledger."""
+    key = add_member(fed, "delta")
+    if ledger == "another run only":
+        _append(Ledger(ledger_path(fed, "delta"), key), [], "delta", OLD_RUN, 1, ["adapter/shared"])
+    records = read_records(fed)
+    for record in records:
+        record.setdefault("evaluation", {})["delta"] = dict(EXACT_ERROR)
+    write_records(fed, records)
+    result = run_audit(fed)
+    assert not result.ok
+    for rnd in (0, 1, 2):
+        assert_found(result, "accounting", f"round {rnd} evaluation of delta", "without a receipt")
+    if ledger == "missing":
+        assert_found(result, "input", "delta ledger", "no ledger was given", "cannot be matched")
+    else:
+        assert not failures(result, "input") and not result.members["delta"].ok
+
+
+def test_a_held_out_error_of_a_member_outside_the_consortium_fails(fed: Path) -> None:
+    records = read_records(fed)
+    records[0]["evaluation"]["mallory"] = dict(EXACT_ERROR)
+    write_records(fed, records)
+    assert_found(run_audit(fed), "consortium", "round 0 evaluation of mallory", "not a consortium member")
+
+
+def test_a_member_that_only_evaluated_needs_its_ledger(tmp_path: Path) -> None:
+    """A DP member may release only its held-out error (no training in this run): with its ledger
+    the release is matched and the audit passes; without it the release cannot be matched."""
+    build_federation(tmp_path, evaluations=True)
+    key = add_member(tmp_path, "delta")
+    receipt = _append_evaluation(Ledger(ledger_path(tmp_path, "delta"), key), [], "delta", RUN, 2)
+    records = read_records(tmp_path)
+    records[2]["evaluation"]["delta"] = {
+        "action_mse": 0.01,
+        "num_examples": 40,
+        "receipt": canonical_json(receipt).decode(),
+    }
+    write_records(tmp_path, records)
+    result = run_audit(tmp_path)
+    assert result.ok, [f.text() for f in result.failures]
+    assert [e.status for e in result.entries if e.member == "delta"] == ["evaluation in round 2"]
+    ledger_path(tmp_path, "delta").unlink()
+    result = run_audit(tmp_path)
+    assert_found(result, "input", "delta ledger", "no ledger was given", "cannot be matched")
+    assert_found(result, "receipt", "round 2 evaluation of delta", "no ledger of 'delta' was given")
+
+
 def test_a_consortium_without_a_coordinator_key_says_signatures_were_not_checked(fed: Path) -> None:
     result = run_audit(fed)
     assert result.ok
@@ -541,6 +669,66 @@ def test_budget_exceeded(fed: Path) -> None:
     result = run_audit(fed)
     assert_found(result, "budget", "alpha budget", "over the published budget epsilon 2")
     assert_found(result, "budget", "alpha budget", "entry 2", "records epsilon")
+
+
+def test_budget_is_composed_at_the_published_delta(fed: Path) -> None:
+    """alpha's whole history composes to epsilon 5.77 (PLD; RDP 6.38) at delta 1e-5, but only to
+    4.93 (PLD; RDP 5.56) at 1e-4: a budget of 5.6 is exceeded at the published delta only."""
+    set_budget(fed, "alpha", 5.6)
+    result = run_audit(fed)
+    assert_found(result, "budget", "alpha budget", "composes to epsilon", "at delta 1e-05", "budget epsilon 5.6")
+
+
+def test_claim_at_a_looser_delta_than_published(fed: Path) -> None:
+    """An entry honest at delta 1e-4 (epsilon 5.55) hides that the spend at the published
+    delta 1e-5 is 6.37: a claim at a looser delta is a budget failure of its own."""
+    looser = 10 * DELTA
+
+    def at_looser_delta(i: int, entry: dict[str, Any]) -> None:
+        if i == 2:
+            entry.update(delta=looser, epsilon=epsilon([Mechanism(SIGMA, RATE, STEPS)] * 3, looser))
+
+    rewrite_ledger(fed, "alpha", at_looser_delta)
+    result = run_audit(fed)
+    assert not failures(result, "accounting") and not failures(result, "signature")
+    assert_found(result, "budget", "alpha budget", "entry 2", "claims at delta 0.0001, looser than", "delta 1e-05")
+
+
+def test_a_claim_ten_percent_below_the_true_epsilon_is_caught(fed: Path) -> None:
+    """alpha records 90% of the tight (PLD) epsilon of its history at entry 1, a consistent rewrite
+    signed with its own key. dp-accounting's RDP bound sits ~10% above PLD here, so the claim is
+    within 20% of RDP and within 0.5 of PLD: only the documented tolerances (2%, 0.02) catch it."""
+    totals = accounting.totals_of([accounting.Mech(SIGMA, RATE, STEPS)] * 2)
+    true_epsilon = accounting.pld_epsilon(totals, DELTA)
+    claim = 0.9 * true_epsilon
+
+    def under_report(i: int, entry: dict[str, Any]) -> None:
+        if i == 1:
+            entry["epsilon"] = claim
+
+    rewrite_ledger(fed, "alpha", under_report)
+    result = run_audit(fed)
+    assert not failures(result, "signature") and not failures(result, "chain")
+    assert_found(result, "accounting", "entry 1 (line 2, run 'run-a', round 1)", "under-states the spend")
+    assert [f.member for f in result.failures] == ["alpha"]
+
+
+def test_an_evaluation_release_is_composed_into_the_history(fed: Path) -> None:
+    """alpha appends an evaluation release (sigma 1) that claims it cost nothing: its recorded
+    epsilon stays 6.37, while the history with the release composes to 8.24 (RDP; PLD 7.55).
+    Its accounting fails, and so does a budget of 7 that the training alone (6.38) would keep."""
+    entries = read_entries(fed, "alpha")
+    mechanism = {"noise_multiplier": 1.0, "sample_rate": 1.0, "steps": 1, "clipping_norm": 0.05}
+    mechanism |= {"opacus_mode": "gaussian-sum-count", "noise_source": "os-csprng-gauss"}
+    free = {**entries[-1], "release": "evaluation", "shards": [], "mechanism": mechanism}
+    del free["signature"]
+    free = sign({**free, "prev_hash": entry_hash(entries[-1])}, key_of(fed, "alpha"))
+    write_entries(fed, "alpha", [*entries, free])
+    set_budget(fed, "alpha", 7.0)
+    result = run_audit(fed)
+    assert not failures(result, "signature") and not failures(result, "chain")
+    assert_found(result, "accounting", "entry 3 (line 4, run 'run-a', round 2, evaluation)", "under-states")
+    assert_found(result, "budget", "alpha budget", "composes to epsilon", "over the published budget epsilon 7")
 
 
 def test_store_object_corrupted(fed: Path) -> None:

@@ -20,7 +20,10 @@ establishes, per check (``findings.CHECKS``):
   verifies under the consortium key, names that member, this run, this round, exactly the
   shards the record assigned it and the steps it reported, and is byte for byte (hash) the
   entry in the member's ledger (a validly signed receipt that differs from the ledger entry
-  of the same run and round is a fork).
+  of the same run and round is a fork). A record that reports no steps for a member fails:
+  the receipt's steps cannot be checked. Every held-out error a record holds (``evaluation``)
+  carries a valid evaluation receipt that is in the member's ledger: every consortium member
+  publishes a budget, so one without a receipt is a release outside it (``accounting``).
 * **coverage**: every ledger entry of this run appears as a receipt in its round's record,
   or is explained: the member's reply failed in that round (``failed``: it spent budget but
   its update never reached the model), it declined the committed attempt of a round it had
@@ -406,7 +409,15 @@ def _check_receipt(
         add("receipt", subject, f"covers shards {sorted(map(str, shards))}, the record assigned {assigned}")
     steps = train.get("steps") if isinstance(train, dict) else None
     mech = receipt.get("mechanism")
-    if steps is not None and isinstance(mech, dict) and mech.get("steps") != steps:
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        said = f"steps {steps!r}" if isinstance(train, dict) else "no accepted update"
+        add(
+            "receipt",
+            subject,
+            f"the record reports no step count for {member} ({said}): the steps the receipt accounts for "
+            "cannot be checked against what ran",
+        )
+    elif isinstance(mech, dict) and mech.get("steps") != steps:
         add("receipt", subject, f"records {mech.get('steps')!r} steps, the record says {steps!r} ran")
     if index is None:
         add("receipt", subject, f"no ledger of {member!r} was given: the receipt cannot be matched to it")
@@ -725,10 +736,13 @@ def _check_evaluations(
     records: dict[int, dict[str, Any]],
     indexes: dict[str, _LedgerIndex],
 ) -> None:
-    """Every held-out error a DP member reported came with a receipt that is in its ledger.
+    """Every held-out error a round record holds came with a receipt that is in its member's ledger.
 
-    A member with DP entries in this run whose evaluation carries no receipt released its
-    held-out error outside its accounting: that is a failure, whatever the number was.
+    Every consortium member publishes a budget, so a held-out error recorded without a valid
+    evaluation receipt is a release outside its accounting: a failure, whatever the number
+    was, whether or not the member trained in this run (a node that switched DP off, a
+    debugging switch, fails here as its training fails the receipt check). A member the
+    consortium does not list has no budget an evaluation could be accounted against.
     """
     for rnd, record in sorted(records.items()):
         evaluation = record.get("evaluation")
@@ -738,21 +752,25 @@ def _check_evaluations(
             add = partial(result.add, member=member)
             subject = f"round {rnd} evaluation of {member}"
             index = indexes.get(member)
+            published = consortium.members.get(member)
+            if published is None:
+                add(
+                    "consortium",
+                    subject,
+                    f"{member!r} is not a consortium member: no published key or budget accounts for its held-out error",
+                )
+                continue
             text = reported.get("receipt") if isinstance(reported, dict) else None
             if text is None:
-                if index is not None and any(e["run"] == run.run_id for e in index.entries.values()):
-                    add(
-                        "accounting",
-                        subject,
-                        "a DP member's held-out error was recorded without a receipt: a release outside its ledger",
-                    )
+                add(
+                    "accounting",
+                    subject,
+                    "the held-out error was recorded without a receipt: a release outside the member's ledger "
+                    "and its published budget",
+                )
                 continue
             try:
                 receipt = receipt_from_json(text)
-                published = consortium.members.get(member)
-                if published is None:
-                    add("consortium", subject, f"{member!r} is not a consortium member: the receipt cannot be verified")
-                    continue
                 verify_entry(receipt, published.public_key)
             except LedgerError as exc:
                 for problem in exc.problems:
@@ -765,7 +783,10 @@ def _check_evaluations(
             if wrong:
                 add("receipt", subject, "receipt does not belong here: " + "; ".join(wrong))
                 continue
-            i = index.by_hash.get(entry_hash(receipt)) if index is not None else None
+            if index is None:
+                add("receipt", subject, f"no ledger of {member!r} was given: the receipt cannot be matched to it")
+                continue
+            i = index.by_hash.get(entry_hash(receipt))
             if i is None:
                 add("receipt", subject, f"receipt is not in {member}'s ledger: dropped from it, or never written")
                 continue
@@ -789,23 +810,23 @@ def audit_inputs(
     records = _records_by_round(result, run)
     for name in sorted(consortium.members):
         if name not in ledgers:
-            trained = any(
-                isinstance(r.get("train"), dict)
-                and name in r["train"]
-                or isinstance(r.get("receipts"), dict)
-                and name in r["receipts"]
+            # A member the round records say trained or released a held-out error must be
+            # matched to its ledger; one that did neither in this run is only a note.
+            released = any(
+                isinstance(r.get(field), dict) and name in r[field]
                 for r in records.values()
+                for field in ("train", "receipts", "evaluation")
             )
             result.add(
-                "input" if trained else "budget",
+                "input" if released else "budget",
                 f"{name} ledger",
                 "no ledger was given for this consortium member"
                 + (
-                    ": its receipts in the round records cannot be matched"
-                    if trained
-                    else " (it never trained in this run)"
+                    ": its training and evaluations in the round records cannot be matched to it"
+                    if released
+                    else " (it neither trained nor released a held-out error in this run)"
                 ),
-                severity="fail" if trained else NOTE,
+                severity="fail" if released else NOTE,
             )
     forks = _check_rounds(result, consortium, run, records, indexes)
     _check_evaluations(result, consortium, run, records, indexes)
