@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from member_node.parallel import peak_rss_mb
 from privacy.dp_sgd import _with_distributed_secure_noise
 from privacy.secure_noise import SecureRandom
 
@@ -110,20 +111,13 @@ def _worker(rank: int, world: int, store: str, sizes_total: list[int], repeats: 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     rows = [_measure(total, world, repeats) for total in sizes_total]
-    peak = torch.tensor([_peak_rss_mb()], dtype=torch.float64)
+    peak = torch.tensor([peak_rss_mb()], dtype=torch.float64)
     peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
     dist.all_gather(peaks, peak)
     if rank == 0:
         Path(out).write_text(json.dumps({"rows": rows, "peak_rss_mb_largest_worker": max(float(p) for p in peaks)}))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

@@ -317,20 +317,16 @@ class MemberNode:
         evaluations = self.eval_releaser.privacy
         # Everything the plan depends on that the member can change between restarts: a
         # member that lowers its budget must not keep a sigma planned for the larger one.
-        key = "|".join(
-            map(
-                repr,
-                (
-                    run,
-                    sample_rate,
-                    local_steps,
-                    self.budget.epsilon,
-                    self.budget.delta,
-                    self.cfg.privacy.accountant,
-                    evaluations.enabled and evaluations.mechanism(),
-                ),
-            )
+        depends_on = (
+            run,
+            sample_rate,
+            local_steps,
+            self.budget.epsilon,
+            self.budget.delta,
+            self.cfg.privacy.accountant,
+            evaluations.enabled and evaluations.mechanism(),
         )
+        key = "|".join(map(repr, depends_on))
         if key not in plans:
             remaining_rounds = max(1, planned_rounds - round_number + 1)
             # Room for the held-out error released after each remaining round. When even the

@@ -164,7 +164,7 @@ def _worker(rank: int, world: int, store: str, job: ParallelJob, out: str) -> No
         )
         _check_in_step(result, device)
         peaks = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
-        dist.all_gather(peaks, torch.tensor([_peak_rss_mb()], dtype=torch.float64, device=device))
+        dist.all_gather(peaks, torch.tensor([peak_rss_mb()], dtype=torch.float64, device=device))
         result.workers_peak_rss_mb = max(float(p) for p in peaks)
         if rank == 0:
             # A file, not a queue: a pipe would block a large update until the parent reads,
@@ -185,7 +185,7 @@ def _worker(rank: int, world: int, store: str, job: ParallelJob, out: str) -> No
     os._exit(0)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This worker's own peak resident memory (VmHWM). Not ``ru_maxrss``: Linux carries that
     across exec, so a spawned worker would report the parent's size at fork time."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -275,8 +275,9 @@ class BookKeepingClipper:
         # audit built one: computed 0, true 200, C = 1), and that sample went in unclipped.
         # Below 0 is rounding too, hence the clamp; a non-finite sum stays non-finite (NaN
         # passes the clamp) and the sample is dropped below. ``norms`` reports the sums.
-        norms = sq_norms.clamp(min=0.0).sqrt()
-        bounded = (sq_norms.clamp(min=0.0) + slack).sqrt()
+        sq_norms = sq_norms.clamp(min=0.0)
+        norms = sq_norms.sqrt()
+        bounded = (sq_norms + slack).sqrt()
         factor = (self.max_grad_norm / (bounded + CLIP_EPS)).clamp(max=1.0)
         bad = ~torch.isfinite(bounded)
         if bool(bad.any()):

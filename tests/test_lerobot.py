@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from parquet_edits import edit_vector, rewrite_parquet
 
 from member_node.lerobot import IMAGE_FEATURES, STATE, DatasetError, Episode, read_dataset, write_dataset
 from member_node.synthetic import generate_dataset, generate_episodes
@@ -46,18 +47,12 @@ def _edit_info(root: Path, edit) -> Path:
 
 
 def _rewrite_data(root: Path, edit, rel: Path = DATA0) -> Path:
-    path = root / rel
-    pq.write_table(edit(pq.read_table(path)), path)
-    return path
+    return rewrite_parquet(root / rel, edit)
 
 
 def _edit_vector(table: pa.Table, col: str, row: int, value: float) -> pa.Table:
     """Set element 1 of vector column ``col`` at ``row`` to ``value``."""
-    column = table.column(col).combine_chunks()
-    values = column.flatten().to_numpy().copy()
-    values[row * column.type.list_size + 1] = value
-    new = pa.FixedSizeListArray.from_arrays(pa.array(values), column.type.list_size)
-    return table.set_column(table.schema.get_field_index(col), col, new)
+    return edit_vector(table, col, row, value)
 
 
 def _raises(root: Path, *fragments: str, name: str = "so100") -> str:

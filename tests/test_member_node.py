@@ -399,8 +399,7 @@ def test_an_episode_with_non_finite_values_changes_nothing_the_node_does(setup, 
     it (before, it made the node refuse every request: a certain tell for that episode). The
     member's log names the episode; the replies do not."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from parquet_edits import edit_vector, rewrite_parquet
 
     from member_node.lerobot import ACTION, write_dataset
     from member_node.synthetic import generate_episodes
@@ -409,14 +408,11 @@ def test_an_episode_with_non_finite_values_changes_nothing_the_node_does(setup, 
     emb = cfg.embodiments["so100"]
     episodes = generate_episodes("so100", emb, 10, 2.0, seed=5)
     with_bad = write_dataset(tmp_path / "with", emb, "so100", episodes, task="reach")
-    data = with_bad / "data" / "chunk-000" / "file-000.parquet"
-    table = pq.read_table(data)
-    column = table.column(ACTION).combine_chunks()
-    values = column.flatten().to_numpy().copy()
     start = sum(e.length for e in episodes[:4])  # episode 4's first frame
-    values[start * emb.action_dim] = np.nan
-    column = pa.FixedSizeListArray.from_arrays(pa.array(values), emb.action_dim)
-    pq.write_table(table.set_column(table.schema.get_field_index(ACTION), ACTION, column), data)
+    rewrite_parquet(
+        with_bad / "data" / "chunk-000" / "file-000.parquet",
+        lambda t: edit_vector(t, ACTION, start, np.nan, element=0),
+    )
     clean = [replace(e, index=i) for i, e in enumerate(episodes[:4] + episodes[5:])]
     without = write_dataset(tmp_path / "without", emb, "so100", clean, task="reach")
 

@@ -219,8 +219,7 @@ def test_cli_inspect_names_the_episodes_the_node_leaves_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from parquet_edits import edit_vector, rewrite_parquet
 
     from member_node.lerobot import STATE
 
@@ -228,13 +227,10 @@ def test_cli_inspect_names_the_episodes_the_node_leaves_out(
     out = generate_dataset(tmp_path / "so100", "so100", EMBODIMENTS["so100"], 3, 0.5, seed=0)
     assert cli.main(["data", "inspect", str(out), "--embodiment", "so100"]) == 0
     assert "left out" in (text := capsys.readouterr().out) and "none" in text
-    data = out / "data" / "chunk-000" / "file-000.parquet"
-    table = pq.read_table(data)
-    column = table.column(STATE).combine_chunks()
-    values = column.flatten().to_numpy().copy()
-    values[-1] = np.inf  # the last episode's last frame
-    column = pa.FixedSizeListArray.from_arrays(pa.array(values), column.type.list_size)
-    pq.write_table(table.set_column(table.schema.get_field_index(STATE), STATE, column), data)
+    last = EMBODIMENTS["so100"].state_dim - 1  # the last episode's last frame, its last value
+    rewrite_parquet(
+        out / "data" / "chunk-000" / "file-000.parquet", lambda t: edit_vector(t, STATE, t.num_rows - 1, np.inf, last)
+    )
     assert cli.main(["data", "inspect", str(out), "--embodiment", "so100"]) == 0
     text = capsys.readouterr().out
     assert "1 with non-finite values (episodes 2)" in text and "the node trains without them" in text
