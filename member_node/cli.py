@@ -196,6 +196,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
             epsilon=args.epsilon,
             delta=args.delta,
             dp=not args.no_dp,
+            budget_rounds=args.budget_rounds,
             eval_noise_multiplier=args.eval_noise_multiplier,
             eval_loss_bound=args.eval_loss_bound,
             device=args.device,
@@ -266,6 +267,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     init.add_argument("--epsilon", type=float, default=8.0, help="privacy budget epsilon (the member's own)")
     init.add_argument("--delta", type=float, default=1e-5, help="privacy budget delta")
     init.add_argument("--no-dp", action="store_true", help="train without DP-SGD (debugging only)")
+    init.add_argument(
+        "--budget-rounds",
+        type=int,
+        default=0,
+        help="spread the budget over at least this many training rounds, over every run "
+        "(0: over the rounds each run's coordinator plans)",
+    )
     init.add_argument(
         "--eval-noise-multiplier",
         type=float,

@@ -37,6 +37,9 @@ class MemberIdentity:
     delta: float = 1e-5
     dp: bool = True
     noise_multiplier: float = 0.0  # 0: planned from the budget over the run's rounds
+    # The fewest training rounds, over every run, the member spreads its budget across; the
+    # coordinator's planned rounds count only when they are more (0: follow the coordinator).
+    budget_rounds: int = 0
     eval_noise_multiplier: float = 5.0  # held-out error release under DP; 0: none
     eval_loss_bound: float = 0.05
     device: str = "cpu"  # where the node trains and evaluates (shared_model.device)
@@ -111,6 +114,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             delta=_float(node_config, "delta", 1e-5),
             dp=_bool(node_config, "dp", True),
             noise_multiplier=_float(node_config, "noise-multiplier", 0.0),
+            budget_rounds=_int(node_config, "budget-rounds", 0),
             eval_noise_multiplier=_float(node_config, "eval-noise-multiplier", 5.0),
             eval_loss_bound=_float(node_config, "eval-loss-bound", 0.05),
             device=str(node_config.get("device", "cpu")),
@@ -136,6 +140,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             delta=m.delta,
             dp=m.dp,
             noise_multiplier=m.noise_multiplier,
+            budget_rounds=m.budget_rounds,
             eval_noise_multiplier=m.eval_noise_multiplier,
             eval_loss_bound=m.eval_loss_bound,
             device=m.device,
@@ -150,6 +155,8 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             f"member {identity.name!r}: privacy budget needs epsilon > 0 and 0 < delta < 1 "
             f"(got epsilon={identity.epsilon}, delta={identity.delta})"
         )
+    if identity.budget_rounds < 0:
+        raise NodeConfigError(f"member {identity.name!r}: node config 'budget-rounds' must be >= 0")
     try:
         identity.eval_privacy()
     except ValueError as err:

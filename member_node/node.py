@@ -44,7 +44,7 @@ from privacy.keys import (
     load_or_create_signing_key,
     public_key_hex,
 )
-from privacy.ledger import Ledger, receipt_to_json
+from privacy.ledger import RELEASE_TRAIN, Ledger, receipt_to_json, release_of
 from privacy.secure_noise import NOISE_SOURCE
 from shared_model.config import KyodoConfig
 from shared_model.policy import Policy
@@ -294,6 +294,13 @@ class MemberNode:
         digest = hashlib.sha256(f"{self.identity.name}/{round_number}/{seed}".encode()).digest()
         return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
+    def rounds_to_plan(self, planned_rounds: int, round_number: int) -> int:
+        """How many training rounds, this one included, the rest of the budget is spread over."""
+        coordinators = planned_rounds - round_number + 1
+        trained = sum(1 for entry in self.ledger.entries() if release_of(entry) == RELEASE_TRAIN)
+        members = self.identity.budget_rounds - trained
+        return max(1, coordinators, members)
+
     def _noise_multiplier(
         self,
         history: list[Mechanism],
@@ -306,6 +313,11 @@ class MemberNode:
         persist: bool = True,
     ) -> float:
         """The member's own sigma, or one planned once per run to spend the budget evenly.
+
+        Evenly over the run's remaining rounds, or over the rounds the member's own
+        ``budget-rounds`` has left when those are more: the budget covers every run the
+        node ever trains, and a coordinator that plans a short run must not be able to make
+        the member spend all of it there.
 
         Planned once and kept (``noise_plan.json``): one mechanism per run keeps the
         accountant's history short (PRV's cost grows with distinct mechanisms) and the
@@ -325,10 +337,11 @@ class MemberNode:
             self.budget.delta,
             self.cfg.privacy.accountant,
             evaluations.enabled and evaluations.mechanism(),
+            self.identity.budget_rounds,
         )
         key = "|".join(map(repr, depends_on))
         if key not in plans:
-            remaining_rounds = max(1, planned_rounds - round_number + 1)
+            remaining_rounds = self.rounds_to_plan(planned_rounds, round_number)
             # Room for the held-out error released after each remaining round. When even the
             # releases alone would not fit (hundreds of planned rounds), training comes first:
             # the releases that no longer fit are withheld (private_eval checks each one).

@@ -96,6 +96,9 @@ class MemberSetup:
     epsilon: float = 8.0
     delta: float = 1e-5
     dp: bool = True
+    # Spread the budget over at least this many training rounds over all runs (0: the
+    # coordinator's planned rounds). Older files: 0.
+    budget_rounds: int = 0
     # Releasing the held-out error under DP (privacy.eval_release): noise multiplier (0: none)
     # and per-episode error bound. Older member.yaml files without them get these defaults.
     eval_noise_multiplier: float = 5.0
@@ -143,6 +146,7 @@ class MemberSetup:
             "epsilon": float(self.epsilon),
             "delta": float(self.delta),
             "dp": bool(self.dp),
+            "budget-rounds": int(self.budget_rounds),
             "eval-noise-multiplier": float(self.eval_noise_multiplier),
             "eval-loss-bound": float(self.eval_loss_bound),
             "device": self.device,
@@ -231,6 +235,7 @@ def init_member(
     epsilon: float,
     delta: float,
     dp: bool = True,
+    budget_rounds: int = 0,
     eval_noise_multiplier: float = 5.0,
     eval_loss_bound: float = 0.05,
     device: str = "cpu",
@@ -253,6 +258,8 @@ def init_member(
         raise SetupError(f"unknown embodiment {embodiment!r}; known: {', '.join(sorted(known_embodiments))}")
     if not (epsilon > 0 and 0 < delta < 1):
         raise SetupError(f"privacy budget needs epsilon > 0 and 0 < delta < 1 (got {epsilon}, {delta})")
+    if budget_rounds < 0:
+        raise SetupError(f"--budget-rounds must be >= 0 (got {budget_rounds})")
     try:
         EvalPrivacy(eval_noise_multiplier, eval_loss_bound)
     except ValueError as err:
@@ -274,6 +281,7 @@ def init_member(
         epsilon=float(epsilon),
         delta=float(delta),
         dp=dp,
+        budget_rounds=int(budget_rounds),
         eval_noise_multiplier=float(eval_noise_multiplier),
         eval_loss_bound=float(eval_loss_bound),
         device=str(device),

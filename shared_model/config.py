@@ -102,6 +102,9 @@ class MemberConfig:
     delta: float = 1e-5
     dp: bool = True
     noise_multiplier: float = 0.0  # 0: plan it from the budget over the run's rounds
+    # Spread the budget over at least this many training rounds, counted over every run the
+    # node trains (0: over the rounds the coordinator plans). Node config ``budget-rounds``.
+    budget_rounds: int = 0
     # Releasing the held-out error under DP (privacy.eval_release): the Gaussian mechanism's
     # noise multiplier (0: release none) and the per-episode error bound, in normalised
     # action units (untrained policies err 0.004-0.04 per episode). At 5 a release costs the
@@ -411,6 +414,8 @@ def validate(cfg: KyodoConfig) -> None:
             )
         if not (member.epsilon > 0 and 0 < member.delta < 1 and member.noise_multiplier >= 0):
             raise ConfigError(f"federation.members[{i}]: need epsilon > 0, 0 < delta < 1, noise_multiplier >= 0")
+        if member.budget_rounds < 0:
+            raise ConfigError(f"federation.members[{i}].budget_rounds must be >= 0, got {member.budget_rounds}")
         if not (member.eval_noise_multiplier >= 0 and member.eval_loss_bound > 0):
             raise ConfigError(f"federation.members[{i}]: need eval_noise_multiplier >= 0 and eval_loss_bound > 0")
         for what in ("train_reply_after", "eval_reply_after"):

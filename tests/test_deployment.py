@@ -177,6 +177,14 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     padded = _member(tmp_path, name="p", train_reply_after=600, eval_reply_after=30)
     identity = resolve_identity(parse_config_args([supernode.node_config_arg(padded.node_config())]), tiny_cfg)
     assert (identity.train_reply_after, identity.eval_reply_after) == (600.0, 30.0)
+    paced = _member(tmp_path, name="r", budget_rounds=40)
+    assert (
+        resolve_identity(parse_config_args([supernode.node_config_arg(paced.node_config())]), tiny_cfg).budget_rounds
+        == 40
+    )
+    with pytest.raises(supernode.SetupError, match="--budget-rounds must be >= 0"):
+        _member(tmp_path, name="r2", budget_rounds=-1)
+    assert not (tmp_path / "r2").exists()
     with pytest.raises(
         supernode.SetupError,
         match=r"--eval-reply-after \(member.yaml: eval_reply_after\) must be a finite number of seconds",

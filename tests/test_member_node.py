@@ -494,3 +494,41 @@ def test_a_member_that_lowers_its_budget_gets_a_new_noise_plan(setup, tmp_path):
     stricter.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
     sigmas = [e["mechanism"]["noise_multiplier"] for e in stricter.ledger.entries()]
     assert sigmas[1] > sigmas[0]
+
+
+def test_a_member_spreads_its_budget_over_its_own_rounds_whatever_a_run_plans(setup, tmp_path):
+    """The budget covers every run the node trains. Without ``budget-rounds`` a run the
+    coordinator plans as one round gets all of it; with ``budget-rounds=4`` the same run gets
+    a sigma planned over four rounds, and later runs over what is left of the four."""
+    from privacy.accountant import noise_for_target
+
+    cfg, node, model = setup
+    quiet = replace(node.identity, eval_noise_multiplier=0.0)  # no evaluation reserve: sigmas compare exactly
+
+    def sigma_for(identity, state, run):
+        member = MemberNode(cfg, replace(identity, state_dir=tmp_path / state))
+        member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run=run, planned_rounds=1))
+        return member.ledger.entries()[-1]["mechanism"]["noise_multiplier"]
+
+    def planned(rounds, history=()):
+        return noise_for_target(
+            quiet.epsilon, quiet.delta, HP.sample_rate, HP.local_steps, rounds,
+            accountant=cfg.privacy.accountant, history=list(history),
+        )  # fmt: skip
+
+    assert sigma_for(quiet, "coordinators", "short") == pytest.approx(planned(1))
+    paced = replace(quiet, budget_rounds=4)
+    first = sigma_for(paced, "paced", "short")
+    assert first == pytest.approx(planned(4)) and first > planned(1)
+    second = sigma_for(paced, "paced", "next")  # a second one-round run: 3 of the member's 4 rounds left
+    spent = MemberNode(cfg, replace(paced, state_dir=tmp_path / "paced")).ledger.history()[:1]
+    assert second == pytest.approx(planned(3, spent))
+
+
+def test_budget_rounds_comes_from_the_node_config(setup):
+    cfg, _, _ = setup
+    node_config = {"member": "x", "embodiment": "agv", "data-dir": "/d"}
+    assert resolve_identity({**node_config, "budget-rounds": 12}, cfg).budget_rounds == 12
+    assert resolve_identity(node_config, cfg).budget_rounds == 0
+    with pytest.raises(NodeConfigError, match="budget-rounds"):
+        resolve_identity({**node_config, "budget-rounds": -1}, cfg)
