@@ -181,6 +181,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         recorded = {r["round"] for r in read_records(out_dir)}
         if resumed.round not in recorded:  # died after moving HEAD, before writing the record
             _recover_record(out_dir, state.store.manifest(resumed.round), key, run_id)
+        runner.restore_ledger_heads(read_records(out_dir))
         console.print(
             f"[bold]kyodo[/] run {run_id}: resuming after round {resumed.round} (HEAD of {state.store.root}), "
             f"rounds {first_round}..{cfg.train.rounds}"

@@ -62,6 +62,7 @@ from privacy.ledger import (
     RELEASE_EVALUATION,
     RELEASE_TRAIN,
     LedgerError,
+    entry_hash,
     receipt_from_json,
     release_of,
     verify_entry,
@@ -198,6 +199,9 @@ class RoundRunner:
         self.public_keys: dict[str, str] = {}  # member -> hex Ed25519 key from query
         self.epsilon: dict[str, tuple[float, float]] = {}  # member -> (spent, budget) as reported
         self.sits_out: dict[str, str] = {}  # member -> why it cannot train this round (its query reply)
+        # member -> (epsilon, hash) of the newest receipt it sent: every request carries the
+        # hash, and a node whose ledger lacks it (restored from a backup) spends nothing more.
+        self.ledger_heads: dict[str, tuple[float, str]] = {}
 
     # ------------------------------------------------------------------ query
     def query(self, round_number: int) -> dict[int, MemberInfo]:
@@ -229,8 +233,24 @@ class RoundRunner:
             self.epsilon[info.member] = (info.epsilon_spent, info.epsilon_budget)
 
         # The round's plan goes with the query, so a DP node answers whether it would train it.
-        query = QueryRequest(round_number, self.run_id, self._hparams(), self.cfg.train.rounds)
-        msgs = [Message(query.to_content(), n, QUERY) for n in node_ids]
+        # Whose node is whose: the last query's answers, or the consortium's registrations
+        # (after a restart the runner has not heard from anyone yet).
+        known = {m.node_id: m.name for m in self.cfg.federation.members if m.node_id}
+        known |= {node: m.name for node, m in self.members.items()}
+        msgs = [
+            Message(
+                QueryRequest(
+                    round_number,
+                    self.run_id,
+                    self._hparams(),
+                    self.cfg.train.rounds,
+                    self.ledger_head(known.get(n, "")),
+                ).to_content(),
+                n,
+                QUERY,
+            )
+            for n in node_ids
+        ]
         missing = exchange(self.grid, msgs, self.timeout, on_reply)
         for node in missing:
             log.warning("node %s did not answer query in time", node)
@@ -328,6 +348,7 @@ class RoundRunner:
                     planned_rounds=t.rounds,
                     secagg=setup,
                     model_ref=self.sync.ref_for(member),
+                    ledger_head=self.ledger_head(member),
                 )
                 yield Message(request.to_content(), by_name[member], TRAIN)
 
@@ -486,7 +507,27 @@ class RoundRunner:
             found = release_of(entry) if field_name == "release" else entry.get(field_name)
             if found != value:
                 raise ProtocolError(f"{what} {field_name} {found!r} != {value!r}")
+        self.saw_receipt(member, entry)
         return entry
+
+    def saw_receipt(self, member: str, entry: dict) -> None:
+        """Keep ``entry`` as the member's ledger head if it is its newest receipt so far (a
+        ledger's epsilon never falls, so the largest is the newest; a re-sent one is older)."""
+        newest = (float(entry["epsilon"]), entry_hash(entry))
+        if member not in self.ledger_heads or newest[0] >= self.ledger_heads[member][0]:
+            self.ledger_heads[member] = newest
+
+    def restore_ledger_heads(self, records: Iterable[dict]) -> None:
+        """After a restart: the heads from the receipts the run's round records kept."""
+        for record in records:
+            for member, entry in (record.get("receipts") or {}).items():
+                self.saw_receipt(member, entry)
+            for member, evaluation in (record.get("evaluation") or {}).items():
+                if evaluation.get("receipt"):
+                    self.saw_receipt(member, receipt_from_json(evaluation["receipt"]))
+
+    def ledger_head(self, member: str) -> str:
+        return self.ledger_heads[member][1] if member in self.ledger_heads else ""
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, round_number: int, members: Iterable[int]) -> dict[str, EvaluateReply]:
@@ -511,7 +552,10 @@ class RoundRunner:
 
         def requests() -> Iterator[Message]:
             for node in members:
-                request = EvaluateRequest(round_number, None, self.sync.ref_for(node_to_name[node]), run=self.run_id)
+                member = node_to_name[node]
+                request = EvaluateRequest(
+                    round_number, None, self.sync.ref_for(member), run=self.run_id, ledger_head=self.ledger_head(member)
+                )
                 yield Message(request.to_content(), node, EVALUATE)
 
         exchange(self.grid, requests(), self.timeout, on_reply)

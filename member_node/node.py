@@ -203,7 +203,12 @@ class MemberNode:
             elif request.hparams is not None:
                 # The decision a train request would get, without recording anything.
                 decision = self._dp_round(
-                    request.run, request.round, request.hparams, request.planned_rounds, persist_plan=False
+                    request.run,
+                    request.round,
+                    request.hparams,
+                    request.planned_rounds,
+                    ledger_head=request.ledger_head,
+                    persist_plan=False,
                 )
                 reason = decision if isinstance(decision, str) else ""
         return QueryReply(
@@ -368,14 +373,41 @@ class MemberNode:
             tmp.replace(self._plan_path)
         return float(plans[key])
 
+    def rolled_back(self, ledger_head: str) -> str:
+        """Why this node must not spend more ('' when it may): its ledger lacks an entry the
+        coordinator holds a receipt of.
+
+        The ledger is the accountant's only state, so a state directory restored from a backup
+        would count less than the node has released and let it overspend its budget; the node
+        cannot see that alone, the receipts it already sent can.
+        """
+        if not ledger_head or self.ledger.holds(ledger_head):
+            return ""
+        log.error("ledger rolled back: it lacks entry %s, whose receipt the coordinator holds", ledger_head)
+        return (
+            f"this node's ledger lacks entry {ledger_head[:16]}..., whose signed receipt the coordinator holds "
+            "(was the state directory restored from a backup?): its accountant would count less than was "
+            "released; restore the ledger that holds that entry"
+        )
+
     def _dp_round(
-        self, run: str, round_number: int, hparams: TrainHyperParams, planned_rounds: int, *, persist_plan: bool = True
+        self,
+        run: str,
+        round_number: int,
+        hparams: TrainHyperParams,
+        planned_rounds: int,
+        *,
+        ledger_head: str = "",
+        persist_plan: bool = True,
     ) -> tuple[float, float, RoundAllowance] | str:
         """(noise multiplier, sample rate, allowance) of a DP round, or why the node declines it.
 
         One decision for both messages: ``query`` asks it (nothing recorded) so the coordinator
         leaves out a member that would decline; ``train`` asks it again before training.
         """
+        rollback = self.rolled_back(ledger_head)
+        if rollback:
+            return rollback
         if self.ledger.find(run, round_number) is not None:
             # A re-sent round is never trained twice: that would spend the budget twice.
             return f"round {round_number} of run {run} was already trained"
@@ -438,7 +470,9 @@ class MemberNode:
             )
             return self._reply(request, result, receipt="")
 
-        decision = self._dp_round(request.run, request.round, request.hparams, request.planned_rounds)
+        decision = self._dp_round(
+            request.run, request.round, request.hparams, request.planned_rounds, ledger_head=request.ledger_head
+        )
         if isinstance(decision, str):
             return TrainDeclined(self.identity.name, decision, self.epsilon_spent())
         sigma, sample_rate, allowance = decision
@@ -533,6 +567,9 @@ class MemberNode:
     def evaluate(self, request: EvaluateRequest, arrived: dt.datetime | None = None) -> EvaluateReply:
         """``arrived``: as for :meth:`train`."""
         arrived = arrived or dt.datetime.now(dt.UTC)
+        rollback = self.rolled_back(request.ledger_head) if self.identity.dp else ""
+        if rollback:
+            return EvaluateReply(self.identity.name, 0, float("nan"), float("nan"), withheld=rollback)
         self._load_request_model(request.model, request.model_ref)
         result = evaluate(
             self.policy,

@@ -466,6 +466,10 @@ class Ledger:
         entries = self.entries()
         return entry_hash(entries[-1]) if entries else GENESIS_HASH
 
+    def holds(self, hash_hex: str) -> bool:
+        """Whether an entry of this ledger hashes to ``hash_hex`` (:func:`entry_hash`)."""
+        return any(entry_hash(entry) == hash_hex for entry in self.entries())
+
     def history(self) -> list[Mechanism]:
         """The accountant's history: one Mechanism per recorded release, in order."""
         return [mechanism_of(e) for e in self.entries()]

@@ -187,11 +187,17 @@ class QueryRequest:
     run: str = ""
     hparams: TrainHyperParams | None = None
     planned_rounds: int = 1
+    ledger_head: str = ""  # as in TrainRequest: the newest of the member's receipts the coordinator holds
 
     def to_content(self) -> RecordDict:
         request: dict = {"round": self.round}
         if self.hparams is not None:
-            request.update(run=self.run, planned_rounds=self.planned_rounds, **self.hparams.to_record())
+            request.update(
+                run=self.run,
+                planned_rounds=self.planned_rounds,
+                ledger_head=self.ledger_head,
+                **self.hparams.to_record(),
+            )
         return RecordDict({REC_REQUEST: ConfigRecord(request)})
 
     @classmethod
@@ -204,7 +210,13 @@ class QueryRequest:
         if "run" not in rec:
             return cls(round=rnd)
         run, planned = _run_and_planned_rounds(rec, where)
-        return cls(round=rnd, run=run, hparams=TrainHyperParams.from_record(rec, where), planned_rounds=planned)
+        return cls(
+            round=rnd,
+            run=run,
+            hparams=TrainHyperParams.from_record(rec, where),
+            planned_rounds=planned,
+            ledger_head=_ledger_head(rec, where),
+        )
 
 
 def _object_list(values: list, where: str) -> list[str]:
@@ -340,6 +352,14 @@ def _run_and_planned_rounds(rec: Mapping, where: str) -> tuple[str, int]:
     return run, planned
 
 
+def _ledger_head(rec: Mapping, where: str) -> str:
+    """The optional ``ledger_head``: '' or the 64-hex hash of a ledger entry (older requests lack it)."""
+    head = rec.get("ledger_head", "")
+    if not isinstance(head, str) or not (head == "" or re.fullmatch(r"[0-9a-f]{64}", head)):
+        raise ProtocolError(f"{where}: ledger_head must be '' or 64 lowercase hex characters")
+    return head
+
+
 @dataclass
 class TrainRequest:
     round: int
@@ -350,6 +370,9 @@ class TrainRequest:
     planned_rounds: int = 1  # lets a node spread its budget over the run; it never raises it
     model_ref: ModelRef | None = field(default=None, repr=False)  # ... or by reference (what rounds send)
     secagg: SecAggSetup | None = None  # None: reply with plaintext deltas (debugging only)
+    # Hash of the newest entry of this member's ledger that the coordinator holds a receipt
+    # of ('' for none): a node whose ledger lacks it was rolled back and declines.
+    ledger_head: str = ""
 
     def to_content(self) -> RecordDict:
         request = {
@@ -357,6 +380,7 @@ class TrainRequest:
             "shards": list(self.shards),
             "run": self.run,
             "planned_rounds": self.planned_rounds,
+            "ledger_head": self.ledger_head,
             "secagg": self.secagg.to_json() if self.secagg else "",
             **self.hparams.to_record(),
         }
@@ -388,6 +412,7 @@ class TrainRequest:
             planned_rounds=planned,
             secagg=secagg,
             model_ref=ref,
+            ledger_head=_ledger_head(rec, where),
         )
 
 
@@ -486,11 +511,12 @@ class EvaluateRequest:
     # The run the evaluated model belongs to: a node under DP records its release of the
     # held-out error in its ledger under (run, round), and answers a re-sent request from it.
     run: str = ""
+    ledger_head: str = ""  # as in TrainRequest
 
     def to_content(self) -> RecordDict:
         return RecordDict(
             {
-                REC_REQUEST: ConfigRecord({"round": self.round, "run": self.run}),
+                REC_REQUEST: ConfigRecord({"round": self.round, "run": self.run, "ledger_head": self.ledger_head}),
                 **_model_to_content(self.model, self.model_ref),
             }
         )
@@ -502,7 +528,7 @@ class EvaluateRequest:
         rnd = _require(rec, "round", int, where)
         run = _require(rec, "run", str, where) if "run" in rec else ""
         model, ref = _model_from_content(content, where)
-        return cls(round=rnd, model=model, model_ref=ref, run=run)
+        return cls(round=rnd, model=model, model_ref=ref, run=run, ledger_head=_ledger_head(rec, where))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from shared_model.protocol import (
     QUERY,
     TRAIN,
     EvaluateReply,
+    EvaluateRequest,
     QueryReply,
     QueryRequest,
     TrainReply,
@@ -46,7 +47,8 @@ class FakeGrid:
     name its node claims in ``query``; ``public_keys`` a member to the ledger key it reports.
     ``private``: members that, as DP nodes do, withhold their dataset size (0 in query and train).
     ``sitting_out``: member -> the reason its node gives in ``query`` for not being able to train.
-    Every query request received is kept in ``queries``."""
+    Every query request received is kept in ``queries``, and every request's ``ledger_head``
+    in ``ledger_heads`` as (message type, member, head)."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class FakeGrid:
         self.private = set(private)
         self.sitting_out = dict(sitting_out or {})
         self.queries: list[QueryRequest] = []
+        self.ledger_heads: list[tuple[str, str, str]] = []
         self.held = sorted(set(held))
         self.answers_as, self.public_keys = dict(answers_as or {}), dict(public_keys or {})
         # Flower's Message() reads the running task's identity; a ServerApp has one, set it here.
@@ -79,9 +82,13 @@ class FakeGrid:
         for msg in messages:
             mid = uuid.uuid4().hex
             kind = msg.metadata.message_type
-            request = TrainRequest.from_content(msg.content).shards if kind == TRAIN else None
+            parsed = {QUERY: QueryRequest, TRAIN: TrainRequest, EVALUATE: EvaluateRequest}[kind].from_content(
+                msg.content
+            )
+            request = parsed.shards if kind == TRAIN else None
             if kind == QUERY:
-                self.queries.append(QueryRequest.from_content(msg.content))
+                self.queries.append(parsed)
+            self.ledger_heads.append((kind, self.names[msg.metadata.dst_node_id], parsed.ledger_head))
             self._queue[mid] = (msg.metadata.dst_node_id, kind, request)
             ids.append(mid)
         return ids

@@ -532,3 +532,45 @@ def test_budget_rounds_comes_from_the_node_config(setup):
     assert resolve_identity(node_config, cfg).budget_rounds == 0
     with pytest.raises(NodeConfigError, match="budget-rounds"):
         resolve_identity({**node_config, "budget-rounds": -1}, cfg)
+
+
+def test_a_node_whose_ledger_was_rolled_back_spends_nothing_more(setup, tmp_path):
+    """A state directory restored from a backup has a ledger that lacks entries the node
+    already released receipts of; its accountant would count less than was spent. The
+    coordinator names the newest receipt it holds, and a node that lacks it declines to train
+    and withholds its evaluation (query says so first), whatever its budget would allow."""
+    from privacy.ledger import entry_hash, receipt_from_json
+    from shared_model.protocol import EvaluateReply, QueryReply, TrainDeclined
+
+    cfg, node, model = setup
+    identity = replace(node.identity, state_dir=tmp_path / "s")
+    member = MemberNode(cfg, identity)
+    member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=8))
+    backup = member.ledger.path.read_bytes()  # last night's backup: round 1 only
+    reply = member.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=8))
+    head = entry_hash(receipt_from_json(reply.receipt))
+    member.ledger.path.write_bytes(backup)  # the disk died; the state came back from the backup
+
+    def wire(request, cls):
+        return cls.from_content(request.to_content())
+
+    restored = MemberNode(cfg, identity)
+    spent = restored.epsilon_spent()
+    query = restored.query(wire(QueryRequest(3, "r", HP, 8, ledger_head=head), QueryRequest))
+    assert isinstance(query, QueryReply) and not query.can_train and "ledger lacks entry" in query.reason
+    declined = restored.train(
+        wire(TrainRequest(3, ["adapter/emb/so100"], HP, model, "r", 8, ledger_head=head), TrainRequest)
+    )
+    assert isinstance(declined, TrainDeclined) and "restored from a backup" in declined.reason
+    evaluation = restored.evaluate(wire(EvaluateRequest(3, model, run="r", ledger_head=head), EvaluateRequest))
+    assert isinstance(evaluation, EvaluateReply) and evaluation.receipt == "" and "ledger lacks" in evaluation.withheld
+    assert restored.epsilon_spent() == spent and len(restored.ledger.entries()) == 1, "nothing was spent"
+    # The head it does hold (round 1's) lets it go on; so does a request without one.
+    round_one = entry_hash(restored.ledger.entries()[0])
+    assert restored.query(QueryRequest(3, "r", HP, 8, ledger_head=round_one)).can_train
+    assert restored.query(QueryRequest(3, "r", HP, 8)).can_train
+
+
+def test_a_ledger_head_that_is_not_a_hash_is_refused():
+    with pytest.raises(ProtocolError, match="ledger_head"):
+        QueryRequest.from_content(QueryRequest(1, "r", HP, 2, ledger_head="nope").to_content())

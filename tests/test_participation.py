@@ -49,3 +49,60 @@ def test_a_member_that_cannot_train_is_in_no_cohort_and_the_round_says_why(tmp_p
     sony = next(line for line in text.splitlines() if line.startswith("│ sony"))
     assert "declined" in sony and "8.00 / 8" in sony
     assert f"sony sat out: {EXHAUSTED}" in text
+
+
+def test_every_request_names_the_newest_receipt_the_coordinator_holds_even_after_a_restart(tmp_path):
+    """The coordinator tells each node the newest of its receipts it holds (a node whose
+    ledger lacks it was rolled back: tests/test_member_node.py). Newest by epsilon, which a
+    ledger never lowers, so a re-sent older receipt does not move it back; a restarted
+    coordinator takes the heads from its round records, and knows whose node is whose from
+    the consortium's registrations before anyone has answered a query."""
+    import json
+
+    from privacy.ledger import entry_hash, receipt_to_json
+    from shared_model.protocol import EVALUATE, QUERY, TRAIN
+
+    cfg = load_config(
+        model="tiny", overrides=["secagg.enabled=false", "train.min_cohort=2", "federation.members.1.node_id=4"]
+    )
+    state = RunState(cfg, tmp_path)
+    state.commit_initial(initial_model(cfg), {"run": "t"})
+    members = {m.name: m.embodiment for m in cfg.federation.members}
+    grid = FakeGrid(members, state.layout)  # nodes 1.. in sorted name order: sony is node 4
+    old, new = _signed_entries(tmp_path / "sony-ledger.jsonl", 2)
+    records = [{"round": 1, "receipts": {"sony": old}, "evaluation": {"sony": {"receipt": receipt_to_json(new)}}}]
+    runner = RoundRunner(cfg, grid, state, run_id="t", timeout=30)
+    runner.restore_ledger_heads(json.loads(json.dumps(records)))  # as read back from rounds.jsonl
+    runner.saw_receipt("sony", old)  # re-sent: older
+    runner.run_round(2)
+    heads = {(kind, name): head for kind, name, head in grid.ledger_heads}
+    assert {heads[(kind, "sony")] for kind in (QUERY, TRAIN, EVALUATE)} == {entry_hash(new)}
+    assert heads[(QUERY, "honda")] == heads[(TRAIN, "honda")] == "", "no receipt of honda's yet"
+
+
+def _signed_entries(path, count: int) -> list[dict]:
+    """``count`` real signed entries of one ledger, each spending more than the one before."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privacy.accountant import Mechanism, epsilon
+    from privacy.ledger import Ledger
+
+    ledger, entries = Ledger(path, Ed25519PrivateKey.generate()), []
+    mechanism = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10, "clipping_norm": 1.0}
+    mechanism |= {"opacus_mode": "bk", "noise_source": "chacha20"}
+    for rnd in range(1, count + 1):
+        entries.append(
+            ledger.append(
+                run="t",
+                round=rnd,
+                member="sony",
+                shards=["adapter/emb/so100"],
+                mechanism=mechanism,
+                dataset_fingerprint="sha256:" + "ab" * 32,
+                epsilon=epsilon([Mechanism(1.0, 0.1, 10)] * rnd, 1e-5),
+                delta=1e-5,
+                accountant="rdp",
+                decision="full",
+            )  # fmt: skip
+        )
+    return entries
