@@ -94,6 +94,26 @@ def _evaluation_entry(reply: EvaluateReply) -> dict:
     return entry
 
 
+def _recorded_evaluations(records: list[dict], before: int) -> list[tuple[int, dict[str, EvaluateReply]]]:
+    """Each recorded round's held-out errors (rounds < ``before``), as the summary keeps them."""
+    history: dict[int, dict[str, EvaluateReply]] = {}
+    for record in records:
+        rnd = record.get("round")
+        if not isinstance(rnd, int) or rnd >= before:
+            continue
+        history[rnd] = {
+            member: EvaluateReply(
+                member,
+                int(entry.get("num_examples") or 0),
+                float(entry["action_mse"]),
+                float("nan") if entry.get("action_mae") is None else float(entry["action_mae"]),
+            )
+            for member, entry in (record.get("evaluation") or {}).items()
+            if isinstance(entry, dict) and isinstance(entry.get("action_mse"), (int, float))
+        }
+    return sorted(history.items())
+
+
 def _evaluation(result: RoundResult) -> dict:
     return {
         "evaluation": {m: _evaluation_entry(e) for m, e in result.evaluation.items()},
@@ -181,7 +201,11 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         recorded = {r["round"] for r in read_records(out_dir)}
         if resumed.round not in recorded:  # died after moving HEAD, before writing the record
             _recover_record(out_dir, state.store.manifest(resumed.round), key, run_id)
-        runner.restore_ledger_heads(read_records(out_dir))
+        records = read_records(out_dir)
+        runner.restore_ledger_heads(records)
+        # The rounds before the restart stay in the summary (and summary.json): without them a
+        # resumed run compared its last round with itself.
+        summary.history.extend(_recorded_evaluations(records, before=first_round))
         console.print(
             f"[bold]kyodo[/] run {run_id}: resuming after round {resumed.round} (HEAD of {state.store.root}), "
             f"rounds {first_round}..{cfg.train.rounds}"

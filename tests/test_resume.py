@@ -7,6 +7,7 @@ members' DP and secure aggregation off (both draw from the OS's randomness on pu
 replies folded in member order, the final model is bit-identical to an uninterrupted run.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,9 @@ def test_killed_after_commit_loses_only_the_evaluation(reference, tmp_path):
     assert rebuilt["coordinator"]["manifest"] == ShardStore(out_dir / "store").manifest(2).digest, "signed on rebuild"
     final = ShardStore(out_dir / "store").load_model(3)
     assert all(torch.equal(final[name], expected[name]) for name in expected)
+    # The summary covers the whole run, not only the rounds after the restart.
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert sorted(summary["per_member"], key=int) == ["0", "1", "2", "3"] and summary["per_member"]["2"] == {}
+    assert summary["mean_mse"][0] == pytest.approx(
+        sum(e["action_mse"] for e in records[0]["evaluation"].values()) / len(records[0]["evaluation"])
+    )
