@@ -88,10 +88,23 @@ def plot_epsilon(rows: list[dict], budget: float, member: str, path: Path) -> Pa
     return path
 
 
+def _state_dir_of(path: Path) -> Path:
+    """The state directory itself, or the one a deployed member's directory (``member.yaml``,
+    from ``kyodo-member init``) names: members know their directory, not where state lives."""
+    from member_node.supernode import MEMBER_FILE, SetupError, load_setup
+
+    if not (path / MEMBER_FILE).is_file():
+        return path
+    try:
+        return Path(load_setup(path).state_dir)
+    except SetupError as err:
+        raise LedgerError(str(err)) from None
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     console = Console()
-    state_dir = Path(args.state_dir)
     try:
+        state_dir = _state_dir_of(Path(args.state_dir))
         member = _load_member(state_dir)
         entries = Ledger(state_dir / "ledger.jsonl").entries()
         problems = verify_chain(entries, load_public_key(member["public_key"]))
@@ -155,6 +168,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser("status", help="privacy budget spent and left, from the node's signed ledger")
-    status.add_argument("--state-dir", required=True, help="the node's state directory (ledger.jsonl, member.json)")
+    status.add_argument(
+        "--state-dir",
+        required=True,
+        help="the node's state directory (ledger.jsonl, member.json), or a deployed member's directory "
+        "(the one `kyodo-member init` made)",
+    )
     status.add_argument("--plot", default="", help="where to write the PNG (default: STATE_DIR/epsilon.png)")
     status.set_defaults(handler=_cmd_status)

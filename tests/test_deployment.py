@@ -357,13 +357,15 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
         {
             "round": 1, "cohorts": {"adapter/emb/so100": ["sony"]}, "aggregation": {"adapter/emb/so100": "single"},
             "train": {"sony": {"steps": 5}}, "declined": {"honda": "no budget"}, "failed": {},
-            "receipts": {"sony": {"epsilon": 1.25}}, "evaluation": {"sony": {"action_mse": 0.1}},
+            "receipts": {"sony": {"epsilon": 1.25}},
+            "evaluation": {"sony": {"action_mse": 0.1, "receipt": json.dumps({"epsilon": 1.5})}},
             "sync_bytes": {"sony": 10, "honda": 10}, "seconds": 3.0,
         },
     )  # fmt: skip
     assert coordinator_main(["status", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "HEAD" in out and "adapter/emb/so100" in out and "1.250" in out
+    # epsilon after the member's newest receipt: the evaluation released after its training
+    assert "HEAD" in out and "adapter/emb/so100" in out and "1.500" in out
     assert "round 0: public checkpoint sha256:" + "ab" * 32 in " ".join(out.split())
     # After gc, round 0 was still committed: its manifest is gone, not its commit.
     assert coordinator_main(["gc", str(run), "--keep-last", "1"]) == 0
@@ -640,7 +642,8 @@ def test_members_ledgers_verify_and_count_each_round_once(deployment):
 
     status = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "member_node.cli", "status", "--state-dir", setup.state_dir],
+            # the member's own directory: what it knows (the state directory is inside it)
+            [sys.executable, "-m", "member_node.cli", "status", "--state-dir", str(setup.dir)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
