@@ -18,7 +18,7 @@ from rich.console import Console
 
 from coordinator.progress import STAGES, cohort_table, make_progress, round_table, summary_table
 from coordinator.public_checkpoint import initial_source, load_checkpoint, public_checkpoint
-from coordinator.records import append_record, read_records
+from coordinator.records import append_record, earlier_runs_records, read_records
 from coordinator.rounds import RoundResult, RoundRunner
 from coordinator.run_state import RunState, failpoint
 from coordinator.sync import ModelSync
@@ -121,6 +121,18 @@ def _evaluation(result: RoundResult) -> dict:
     }
 
 
+def _heads_from_earlier_runs(runner: RoundRunner, cfg: KyodoConfig, out_dir: Path) -> None:
+    """Members' ledger heads from the consortium's earlier runs beside this one.
+
+    Only for members pinned to a ledger key (a deployment's consortium), and only receipts
+    that key signed: simulated runs give every member fresh state, so their old receipts
+    name entries of ledgers that no longer exist."""
+    keys = {m.name: m.ledger_public_key for m in cfg.federation.members if m.ledger_public_key}
+    if keys:
+        for records in earlier_runs_records(out_dir):
+            runner.restore_ledger_heads(records, keys=keys)
+
+
 def _recover_record(out_dir: Path, head: Manifest, key: Ed25519PrivateKey, run_id: str) -> None:
     """The coordinator died after moving HEAD, before writing the round's line: write it from
     the record committed with the manifest (older runs' manifests lack it: a marker only)."""
@@ -177,6 +189,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             initial_model(cfg), {"run": run_id, "initial": json.dumps(source, sort_keys=True)}
         )
         runner = RoundRunner(cfg, grid, state, run_id=run_id, sync=ModelSync(state.store))
+        _heads_from_earlier_runs(runner, cfg, out_dir)
         first_round = 1
         t0 = time.monotonic()
         runner.query(0)
@@ -202,6 +215,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         if resumed.round not in recorded:  # died after moving HEAD, before writing the record
             _recover_record(out_dir, state.store.manifest(resumed.round), key, run_id)
         records = read_records(out_dir)
+        _heads_from_earlier_runs(runner, cfg, out_dir)
         runner.restore_ledger_heads(records)
         # The rounds before the restart stay in the summary (and summary.json): without them a
         # resumed run compared its last round with itself.

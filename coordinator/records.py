@@ -5,9 +5,13 @@ Models live in the store (``<out_dir>/store``), not here."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("kyodo.coordinator")
 
 
 def append_record(out_dir: Path, record: dict[str, Any]) -> None:
@@ -25,3 +29,20 @@ def read_records(out_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def earlier_runs_records(out_dir: Path) -> Iterator[list[dict[str, Any]]]:
+    """The round records of the other runs beside ``out_dir`` (a deployment's ``runs/<time>/``).
+
+    A run directory that cannot be read is skipped with a warning: an old run's damaged
+    records must not stop a new one."""
+    out_dir = Path(out_dir).resolve()
+    if not out_dir.parent.is_dir():
+        return
+    for run_dir in sorted(out_dir.parent.iterdir()):
+        if run_dir.resolve() == out_dir or not (run_dir / "rounds.jsonl").is_file():
+            continue
+        try:
+            yield read_records(run_dir)
+        except (OSError, ValueError) as err:
+            log.warning("round records of %s not read: %s", run_dir, err)

@@ -38,7 +38,7 @@ import gc
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -517,14 +517,18 @@ class RoundRunner:
         if member not in self.ledger_heads or newest[0] >= self.ledger_heads[member][0]:
             self.ledger_heads[member] = newest
 
-    def restore_ledger_heads(self, records: Iterable[dict]) -> None:
-        """After a restart: the heads from the receipts the run's round records kept."""
+    def restore_ledger_heads(self, records: Iterable[dict], keys: Mapping[str, str] | None = None) -> None:
+        """The heads from the receipts round records kept: this run's after a restart, and
+        (with ``keys``, member -> its pinned ledger key) earlier runs' whose receipts that key
+        signed: a ledger rolled back between runs is caught too."""
         for record in records:
-            for member, entry in (record.get("receipts") or {}).items():
-                self.saw_receipt(member, entry)
+            received = [*(record.get("receipts") or {}).items()]
             for member, evaluation in (record.get("evaluation") or {}).items():
-                if evaluation.get("receipt"):
-                    self.saw_receipt(member, receipt_from_json(evaluation["receipt"]))
+                if isinstance(evaluation, dict) and evaluation.get("receipt"):
+                    received.append((member, receipt_from_json(evaluation["receipt"])))
+            for member, entry in received:
+                if keys is None or (member in keys and entry.get("public_key") == keys[member]):
+                    self.saw_receipt(member, entry)
 
     def ledger_head(self, member: str) -> str:
         return self.ledger_heads[member][1] if member in self.ledger_heads else ""

@@ -106,3 +106,31 @@ def _signed_entries(path, count: int) -> list[dict]:
             )  # fmt: skip
         )
     return entries
+
+
+def test_a_consortium_run_starts_from_the_heads_its_earlier_runs_recorded(tmp_path, caplog):
+    """A ledger rolled back between runs: the new run takes each pinned member's newest
+    receipt from the runs beside it, but only receipts its pinned ledger key signed (a
+    simulated run's members start from fresh state, and are not pinned). A damaged earlier
+    run is skipped, not fatal."""
+    from coordinator.federation import _heads_from_earlier_runs
+    from coordinator.records import append_record
+    from privacy.ledger import entry_hash, receipt_to_json
+
+    first, second = _signed_entries(tmp_path / "sony-ledger.jsonl", 2)
+    stranger = _signed_entries(tmp_path / "other-ledger.jsonl", 3)[-1]  # spent more than sony's newest
+    runs = tmp_path / "runs"
+    append_record(runs / "1", {"round": 1, "receipts": {"sony": first}})
+    append_record(runs / "2", {"round": 1, "evaluation": {"sony": {"receipt": receipt_to_json(second)}}})
+    append_record(runs / "3", {"round": 1, "receipts": {"sony": stranger}})  # another key: not sony's
+    (runs / "4").mkdir()
+    (runs / "4" / "rounds.jsonl").write_text('{"round": 1, "recei')  # torn
+    pin = f"federation.members.1.ledger_public_key={first['public_key']}"
+    for overrides, expected in (([pin], entry_hash(second)), ([], "")):
+        cfg = load_config(model="tiny", overrides=["secagg.enabled=false", *overrides])
+        state = RunState(cfg, runs / "5")
+        runner = RoundRunner(cfg, FakeGrid({}, state.layout), state, run_id="t", timeout=30)
+        with caplog.at_level(logging.WARNING, logger="kyodo"):
+            _heads_from_earlier_runs(runner, cfg, runs / "5")
+        assert runner.ledger_head("sony") == expected
+    assert "round records of" in caplog.text and "/4" in caplog.text
