@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from coordinator.records import read_records
@@ -58,12 +59,21 @@ def load_report(run_dir: Path | str) -> RunReport:
 
 
 def rounds_table(report: RunReport) -> Table:
-    table = Table(title=f"rounds of {report.run_dir} (HEAD: round {report.head})")
+    # No vertical rules and collapsed padding: at 80 columns (a log, a pipe) the boxed table
+    # left the aggregation column one character wide ("a…").
+    table = Table(
+        title=f"rounds of {report.run_dir} (HEAD: round {report.head})",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
     for col in ("round", "committed", "changed", "aggregation", "trained", "declined", "failed", "MSE", "s"):
-        # Only the aggregation kinds may wrap: at 80 columns (a log, a pipe) the short
-        # tokens stay whole and readable.
+        # Only the aggregation kinds may wrap, word by word; the short tokens stay whole.
         table.add_column(
-            col, justify="left" if col in ("committed", "aggregation") else "right", no_wrap=col != "aggregation"
+            col,
+            justify="left" if col in ("committed", "aggregation") else "right",
+            no_wrap=col != "aggregation",
+            min_width=12 if col == "aggregation" else None,
         )
     rounds = sorted(set(report.manifests) | set(report.records))
     for rnd in rounds:

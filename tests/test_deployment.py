@@ -366,6 +366,7 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     out = capsys.readouterr().out
     # epsilon after the member's newest receipt: the evaluation released after its training
     assert "HEAD" in out and "adapter/emb/so100" in out and "1.500" in out
+    assert "…" not in out, "at 80 columns (a pipe) no cell is cut"
     assert "round 0: public checkpoint sha256:" + "ab" * 32 in " ".join(out.split())
     # After gc, round 0 was still committed: its manifest is gone, not its commit.
     assert coordinator_main(["gc", str(run), "--keep-last", "1"]) == 0
