@@ -109,6 +109,7 @@ class MemberNode:
                     "epsilon": identity.epsilon,
                     "delta": identity.delta,
                     "accountant": cfg.privacy.accountant,
+                    "budget_rounds": identity.budget_rounds,
                     "public_key": public_key_hex(self.signing_key),
                 },
                 indent=2,

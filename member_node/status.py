@@ -154,6 +154,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         f"ledger {verdict}: {len(rows)} entries, ε spent {spent:.3f} of {budget:g} ({accountant.upper()}, "
         f"δ={delta:g}), {budget - spent:.3f} left"
     )
+    pace = int(member.get("budget_rounds") or 0)
+    if pace:
+        trained = sum(1 for r in rows if r["release"] != RELEASE_EVALUATION)
+        console.print(
+            f"pace: the budget is spread over at least {pace} training rounds (budget-rounds); "
+            f"{trained} trained, {max(pace - trained, 0)} to go"
+        )
     for problem in problems:
         console.print(f"[red]- {escape(problem)}")
     for r in mismatched:

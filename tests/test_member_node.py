@@ -496,7 +496,7 @@ def test_a_member_that_lowers_its_budget_gets_a_new_noise_plan(setup, tmp_path):
     assert sigmas[1] > sigmas[0]
 
 
-def test_a_member_spreads_its_budget_over_its_own_rounds_whatever_a_run_plans(setup, tmp_path):
+def test_a_member_spreads_its_budget_over_its_own_rounds_whatever_a_run_plans(setup, tmp_path, capsys):
     """The budget covers every run the node trains. Without ``budget-rounds`` a run the
     coordinator plans as one round gets all of it; with ``budget-rounds=4`` the same run gets
     a sigma planned over four rounds, and later runs over what is left of the four."""
@@ -523,6 +523,12 @@ def test_a_member_spreads_its_budget_over_its_own_rounds_whatever_a_run_plans(se
     second = sigma_for(paced, "paced", "next")  # a second one-round run: 3 of the member's 4 rounds left
     spent = MemberNode(cfg, replace(paced, state_dir=tmp_path / "paced")).ledger.history()[:1]
     assert second == pytest.approx(planned(3, spent))
+    # The member sees its pace beside its spend.
+    from member_node.cli import main
+
+    assert main(["status", "--state-dir", str(tmp_path / "paced"), "--plot", str(tmp_path / "eps.png")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "spread over at least 4 training rounds (budget-rounds); 2 trained, 2 to go" in out
 
 
 def test_budget_rounds_comes_from_the_node_config(setup):
