@@ -34,6 +34,7 @@ left out of the round with a log line; the round goes on with the rest.
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import logging
 import secrets
@@ -91,6 +92,16 @@ POLL_INTERVAL_S = 0.2
 # than the floor (small models never spill; at 1e12 parameters the largest shard sets it).
 SUM_BUDGET_SHARDS = 4
 SUM_BUDGET_FLOOR_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class _Head:
+    """The newest ledger entry of a member the coordinator holds a receipt of."""
+
+    time: dt.datetime  # when the entry's request reached the node (UTC)
+    epsilon: float
+    hash: str
+    prev_hash: str
 
 
 @dataclass
@@ -201,7 +212,7 @@ class RoundRunner:
         self.sits_out: dict[str, str] = {}  # member -> why it cannot train this round (its query reply)
         # member -> (epsilon, hash) of the newest receipt it sent: every request carries the
         # hash, and a node whose ledger lacks it (restored from a backup) spends nothing more.
-        self.ledger_heads: dict[str, tuple[float, str]] = {}
+        self.ledger_heads: dict[str, _Head] = {}
 
     # ------------------------------------------------------------------ query
     def query(self, round_number: int) -> dict[int, MemberInfo]:
@@ -511,11 +522,19 @@ class RoundRunner:
         return entry
 
     def saw_receipt(self, member: str, entry: dict) -> None:
-        """Keep ``entry`` as the member's ledger head if it is its newest receipt so far (a
-        ledger's epsilon never falls, so the largest is the newest; a re-sent one is older)."""
-        newest = (float(entry["epsilon"]), entry_hash(entry))
-        if member not in self.ledger_heads or newest[0] >= self.ledger_heads[member][0]:
-            self.ledger_heads[member] = newest
+        """Keep ``entry`` as the member's ledger head if it is its newest receipt so far.
+
+        Newest by the chain where the two link (one names the other as its previous entry),
+        else by the entry's time, then epsilon. Not by epsilon alone: a member that changes its
+        delta, or PRV's error, can record a smaller epsilon later, and a head stuck on an older
+        entry would miss the rollback of everything after it. A re-sent receipt is older."""
+        at = dt.datetime.fromisoformat(str(entry["time"]))
+        seen = _Head(at, float(entry["epsilon"]), entry_hash(entry), str(entry["prev_hash"]))
+        head = self.ledger_heads.get(member)
+        follows = head is None or seen.prev_hash == head.hash
+        later = head is not None and (seen.time, seen.epsilon) > (head.time, head.epsilon)
+        if follows or (later and seen.hash not in (head.hash, head.prev_hash)):
+            self.ledger_heads[member] = seen
 
     def restore_ledger_heads(self, records: Iterable[dict], keys: Mapping[str, str] | None = None) -> None:
         """The heads from the receipts round records kept: this run's after a restart, and
@@ -531,7 +550,7 @@ class RoundRunner:
                     self.saw_receipt(member, entry)
 
     def ledger_head(self, member: str) -> str:
-        return self.ledger_heads[member][1] if member in self.ledger_heads else ""
+        return self.ledger_heads[member].hash if member in self.ledger_heads else ""
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, round_number: int, members: Iterable[int]) -> dict[str, EvaluateReply]:

@@ -157,6 +157,11 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         )
     if identity.budget_rounds < 0:
         raise NodeConfigError(f"member {identity.name!r}: node config 'budget-rounds' must be >= 0")
+    if identity.budget_rounds and identity.noise_multiplier:
+        raise NodeConfigError(
+            f"member {identity.name!r}: node config sets both 'noise-multiplier' (a fixed sigma) and 'budget-rounds' "
+            "(a sigma planned over that many rounds): set one"
+        )
     try:
         identity.eval_privacy()
     except ValueError as err:

@@ -44,7 +44,7 @@ from privacy.keys import (
     load_or_create_signing_key,
     public_key_hex,
 )
-from privacy.ledger import RELEASE_TRAIN, Ledger, receipt_to_json, release_of
+from privacy.ledger import RELEASE_EVALUATION, RELEASE_TRAIN, Ledger, receipt_to_json, release_of
 from privacy.secure_noise import NOISE_SOURCE
 from shared_model.config import KyodoConfig
 from shared_model.policy import Policy
@@ -374,6 +374,24 @@ class MemberNode:
             tmp.replace(self._plan_path)
         return float(plans[key])
 
+    def evaluation_pace(self, run: str, round_number: int) -> str:
+        """Why a new held-out error release would break the member's pace ('' when it would not).
+
+        Under ``budget-rounds`` a run gets one release per round the node trained in it, plus
+        its initial one: the noise plan reserves no more, and evaluations asked for beyond
+        that (60 rounds of a one-round run) would spend the budget the pace keeps for later
+        runs. A re-sent request is answered from the ledger as always."""
+        if not self.identity.budget_rounds or self.ledger.find(run, round_number, RELEASE_EVALUATION) is not None:
+            return ""
+        releases = [release_of(e) for e in self.ledger.entries() if e["run"] == run]
+        trained, evaluated = releases.count(RELEASE_TRAIN), releases.count(RELEASE_EVALUATION)
+        if evaluated <= trained:
+            return ""
+        return (
+            f"budget-rounds paces this member: one held-out error per round it trained in run {run} and the "
+            f"initial one ({evaluated} released, {trained} trained)"
+        )
+
     def rolled_back(self, ledger_head: str) -> str:
         """Why this node must not spend more ('' when it may): its ledger lacks an entry the
         coordinator holds a receipt of.
@@ -432,10 +450,16 @@ class MemberNode:
             )
         cap = self.cfg.privacy.max_noise_multiplier
         if self.identity.noise_multiplier == 0 and sigma > cap:
+            rounds = self.rounds_to_plan(planned_rounds, round_number)
+            paced = (
+                f"; budget-rounds {self.identity.budget_rounds} leaves {rounds} rounds to spread it over: lower it"
+                if self.identity.budget_rounds and rounds > planned_rounds - round_number + 1
+                else ""
+            )
             return (
                 f"privacy budget nearly exhausted: epsilon {self.epsilon_spent():.6g} of {self.budget.epsilon:g} spent; the rest "
                 f"would need noise multiplier {sigma:.3g} (privacy.max_noise_multiplier {cap:g}): an update that "
-                "would be mostly noise"
+                f"would be mostly noise{paced}"
             )
         allowance = allow_round(
             self.budget,
@@ -568,9 +592,13 @@ class MemberNode:
     def evaluate(self, request: EvaluateRequest, arrived: dt.datetime | None = None) -> EvaluateReply:
         """``arrived``: as for :meth:`train`."""
         arrived = arrived or dt.datetime.now(dt.UTC)
-        rollback = self.rolled_back(request.ledger_head) if self.identity.dp else ""
-        if rollback:
-            return EvaluateReply(self.identity.name, 0, float("nan"), float("nan"), withheld=rollback)
+        refusal = (
+            (self.rolled_back(request.ledger_head) or self.evaluation_pace(request.run, request.round))
+            if self.identity.dp
+            else ""
+        )
+        if refusal:
+            return EvaluateReply(self.identity.name, 0, float("nan"), float("nan"), withheld=refusal)
         self._load_request_model(request.model, request.model_ref)
         result = evaluate(
             self.policy,

@@ -414,8 +414,11 @@ def validate(cfg: KyodoConfig) -> None:
             )
         if not (member.epsilon > 0 and 0 < member.delta < 1 and member.noise_multiplier >= 0):
             raise ConfigError(f"federation.members[{i}]: need epsilon > 0, 0 < delta < 1, noise_multiplier >= 0")
-        if member.budget_rounds < 0:
-            raise ConfigError(f"federation.members[{i}].budget_rounds must be >= 0, got {member.budget_rounds}")
+        if member.budget_rounds < 0 or (member.budget_rounds and member.noise_multiplier):
+            raise ConfigError(
+                f"federation.members[{i}]: budget_rounds must be >= 0 and not set with a fixed noise_multiplier, "
+                f"got {member.budget_rounds}"
+            )
         if not (member.eval_noise_multiplier >= 0 and member.eval_loss_bound > 0):
             raise ConfigError(f"federation.members[{i}]: need eval_noise_multiplier >= 0 and eval_loss_bound > 0")
         for what in ("train_reply_after", "eval_reply_after"):

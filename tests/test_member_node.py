@@ -580,3 +580,41 @@ def test_a_node_whose_ledger_was_rolled_back_spends_nothing_more(setup, tmp_path
 def test_a_ledger_head_that_is_not_a_hash_is_refused():
     with pytest.raises(ProtocolError, match="ledger_head"):
         QueryRequest.from_content(QueryRequest(1, "r", HP, 2, ledger_head="nope").to_content())
+
+
+def test_pacing_counts_training_rounds_replans_when_changed_and_paces_evaluations(setup, tmp_path):
+    """Evaluation releases are not training rounds; a member that sets budget-rounds mid-run
+    gets a new plan at once; and under budget-rounds a run gets one held-out release per round
+    the node trained plus its initial one (more would spend what the pace keeps for later)."""
+    from privacy.ledger import RELEASE_EVALUATION, release_of
+
+    cfg, node, model = setup
+    state = tmp_path / "s"
+    member = MemberNode(cfg, replace(node.identity, state_dir=state, budget_rounds=2))
+    member.evaluate(EvaluateRequest(0, model, run="r"))
+    member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=1))
+    member.evaluate(EvaluateRequest(1, model, run="r"))
+    paced = MemberNode(cfg, replace(node.identity, state_dir=state, budget_rounds=6))
+    assert [release_of(e) for e in paced.ledger.entries()] == [RELEASE_EVALUATION, "dp-sgd", RELEASE_EVALUATION]
+    assert paced.rounds_to_plan(planned_rounds=1, round_number=2) == 5  # 6 - 1 trained
+    paced.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=1))
+    sigmas = [e["mechanism"]["noise_multiplier"] for e in paced.ledger.entries() if release_of(e) == "dp-sgd"]
+    assert sigmas[1] > sigmas[0], "planned again over the member's new rounds, not kept from the old plan"
+    assert paced.evaluate(EvaluateRequest(2, model, run="r")).receipt  # round 2 trained: its release is due
+    extra = paced.evaluate(EvaluateRequest(3, model, run="r"))  # round 3 was never trained
+    assert not extra.receipt and "budget-rounds paces this member" in extra.withheld
+    assert paced.evaluate(EvaluateRequest(2, model, run="r")).receipt, "a re-sent request is still answered"
+    assert len(paced.ledger.entries()) == 5
+
+
+def test_budget_rounds_and_a_fixed_noise_multiplier_are_exclusive(setup):
+    from shared_model.config import ConfigError
+
+    cfg, _, _ = setup
+    node_config = {"member": "x", "embodiment": "agv", "data-dir": "/d", "budget-rounds": 4}
+    with pytest.raises(NodeConfigError, match="set one"):
+        resolve_identity({**node_config, "noise-multiplier": 1.0}, cfg)
+    for bad in ("budget_rounds=-1", "noise_multiplier=1.0"):
+        overrides = ["federation.members.0.budget_rounds=4", f"federation.members.0.{bad}"]
+        with pytest.raises(ConfigError, match="budget_rounds"):
+            load_config(model="tiny", overrides=overrides[1:] if bad.startswith("budget") else overrides)

@@ -80,8 +80,9 @@ def test_every_request_names_the_newest_receipt_the_coordinator_holds_even_after
     assert heads[(QUERY, "honda")] == heads[(TRAIN, "honda")] == "", "no receipt of honda's yet"
 
 
-def _signed_entries(path, count: int) -> list[dict]:
-    """``count`` real signed entries of one ledger, each spending more than the one before."""
+def _signed_entries(path, count: int, deltas: tuple[float, ...] = ()) -> list[dict]:
+    """``count`` real signed entries of one ledger, each composing one more round (at
+    ``deltas[i]`` when given: a member that raises its delta records a smaller epsilon)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from privacy.accountant import Mechanism, epsilon
@@ -99,8 +100,8 @@ def _signed_entries(path, count: int) -> list[dict]:
                 shards=["adapter/emb/so100"],
                 mechanism=mechanism,
                 dataset_fingerprint="sha256:" + "ab" * 32,
-                epsilon=epsilon([Mechanism(1.0, 0.1, 10)] * rnd, 1e-5),
-                delta=1e-5,
+                epsilon=epsilon([Mechanism(1.0, 0.1, 10)] * rnd, deltas[rnd - 1] if deltas else 1e-5),
+                delta=deltas[rnd - 1] if deltas else 1e-5,
                 accountant="rdp",
                 decision="full",
             )  # fmt: skip
@@ -134,3 +135,19 @@ def test_a_consortium_run_starts_from_the_heads_its_earlier_runs_recorded(tmp_pa
             _heads_from_earlier_runs(runner, cfg, runs / "5")
         assert runner.ledger_head("sony") == expected
     assert "round records of" in caplog.text and "/4" in caplog.text
+
+
+def test_the_head_follows_the_chain_not_the_largest_epsilon(tmp_path):
+    """Every receipt the coordinator verifies moves the member's head to its newest entry:
+    newest by the chain, not by epsilon, which falls when a member raises its delta."""
+    from privacy.ledger import entry_hash, receipt_to_json
+
+    older, newer = _signed_entries(tmp_path / "l.jsonl", 2, deltas=(1e-6, 1e-2))
+    assert newer["epsilon"] < older["epsilon"]
+    cfg = load_config(model="tiny")
+    state = RunState(cfg, tmp_path / "run")
+    runner = RoundRunner(cfg, FakeGrid({}, state.layout), state, run_id="t", timeout=30)
+    runner.public_keys["sony"] = older["public_key"]
+    for entry in (older, newer, older):  # the last one re-sent
+        runner._signed_entry("sony", receipt_to_json(entry), {"member": "sony"}, "receipt")
+    assert runner.ledger_head("sony") == entry_hash(newer)
