@@ -618,3 +618,12 @@ def test_budget_rounds_and_a_fixed_noise_multiplier_are_exclusive(setup):
         overrides = ["federation.members.0.budget_rounds=4", f"federation.members.0.{bad}"]
         with pytest.raises(ConfigError, match="budget_rounds"):
             load_config(model="tiny", overrides=overrides[1:] if bad.startswith("budget") else overrides)
+
+
+def test_a_pace_the_noise_cap_cannot_meet_says_to_lower_budget_rounds(setup, tmp_path):
+    cfg, node, model = setup
+    member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", budget_rounds=100_000))
+    reply = member.query(QueryRequest(1, "r", HP, 4))
+    assert (
+        not reply.can_train and "budget-rounds 100000 leaves 100000 rounds to spread it over: lower it" in reply.reason
+    )
