@@ -210,8 +210,8 @@ class RoundRunner:
         self.public_keys: dict[str, str] = {}  # member -> hex Ed25519 key from query
         self.epsilon: dict[str, tuple[float, float]] = {}  # member -> (spent, budget) as reported
         self.sits_out: dict[str, str] = {}  # member -> why it cannot train this round (its query reply)
-        # member -> (epsilon, hash) of the newest receipt it sent: every request carries the
-        # hash, and a node whose ledger lacks it (restored from a backup) spends nothing more.
+        # member -> the newest receipt it sent: every request carries its hash, and a node
+        # whose ledger lacks it (restored from a backup) spends nothing more.
         self.ledger_heads: dict[str, _Head] = {}
 
     # ------------------------------------------------------------------ query

@@ -182,12 +182,12 @@ def participation_table(report: RunReport) -> Table:
                 cells.append("e")
             else:
                 cells.append("-")
-            # The member's newest receipt: its training's, then its evaluation release's.
+            # The member's newest receipt: a round's training, then its evaluation release.
             receipt = (rec.get("receipts") or {}).get(member)
             evaluation = ((rec.get("evaluation") or {}).get(member) or {}).get("receipt")
             for entry in (receipt, json.loads(evaluation) if evaluation else None):
                 if isinstance(entry, dict) and isinstance(entry.get("epsilon"), (int, float)):
-                    epsilon = max(epsilon or 0.0, float(entry["epsilon"]))
+                    epsilon = float(entry["epsilon"])
         for rec in report.records.values():
             received += int((rec.get("sync_bytes") or {}).get(member, 0))
         table.add_row(member, *cells, str(trained), f"{epsilon:.3f}" if epsilon is not None else "-", f"{received:,}")
