@@ -211,10 +211,10 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         # Weights and optimiser state stay in the store: the runner reads each shard when it needs it.
         runner = RoundRunner(cfg, grid, state, run_id=run_id, sync=ModelSync(state.store))
         first_round = resumed.round + 1
-        recorded = {r["round"] for r in read_records(out_dir)}
-        if resumed.round not in recorded:  # died after moving HEAD, before writing the record
-            _recover_record(out_dir, state.store.manifest(resumed.round), key, run_id)
         records = read_records(out_dir)
+        if resumed.round not in {r["round"] for r in records}:  # died after moving HEAD, before the record
+            _recover_record(out_dir, state.store.manifest(resumed.round), key, run_id)
+            records = read_records(out_dir)
         _heads_from_earlier_runs(runner, cfg, out_dir)
         runner.restore_ledger_heads(records)
         # The rounds before the restart stay in the summary (and summary.json): without them a
