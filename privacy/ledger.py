@@ -330,7 +330,11 @@ def verify_entry(entry: Mapping[str, Any], public_key: Ed25519PublicKey | str) -
 
 
 def verify_chain(
-    entries: Sequence[Mapping[str, Any]], public_key: Ed25519PublicKey | str, *, line_numbers: bool = False
+    entries: Sequence[Mapping[str, Any]],
+    public_key: Ed25519PublicKey | str,
+    *,
+    line_numbers: bool = False,
+    verified: int = 0,
 ) -> list[str]:
     """Every problem of a ledger's entries, in order; an empty list means the chain holds.
 
@@ -339,12 +343,20 @@ def verify_chain(
     and edited entries), rounds strictly increasing within a run (per kind of release), and epsilon never
     decreasing for the same accountant and delta. It does not recompute epsilon: that is the
     auditor's job, with an independent accountant.
+
+    ``verified``: how many leading entries are known to pass already (the same bytes checked
+    earlier under the same key): their signatures and links are not checked again, only
+    the rounds and epsilons they carry into the rules of the entries after them.
     """
     key, key_hex = _as_public_key(public_key)
     problems: list[str] = []
     last_round: dict[tuple[str, str], tuple[int, int]] = {}
     last_eps: dict[tuple[str, float], tuple[float, int]] = {}
     for i, entry in enumerate(entries):
+        if i < verified:
+            _round_problems(entry, i, last_round)
+            _epsilon_problems(entry, i, last_eps)
+            continue
         label = _label(i, entry, line_numbers)
         found = _entry_problems(entry, key, key_hex)
         found += _link_problems(entries, i)
@@ -454,6 +466,13 @@ class Ledger:
         self.path = Path(path)
         self._signing_key = signing_key
         self._public_hex = public_key_hex(signing_key) if signing_key is not None else None
+        # The bytes last verified, the key they verified under and how many entries they
+        # hold. A node reads its ledger several times per request (rollback check, replay
+        # check, history, plan, append); Ed25519 verification is most of a read's cost
+        # (1000 entries: 0.45 s per read here, 0.22 s of it verify()), so only the entries
+        # appended since are checked again. Any other change to the file (an edit, a
+        # truncation) no longer starts with those bytes and is verified in full.
+        self._verified: tuple[bytes, str, int] = (b"", "", 0)
 
     # ---- reading
 
@@ -495,12 +514,15 @@ class Ledger:
         entries = _parse_lines(raw, self.path)
         key_hex = self._public_hex or _ledger_key(entries, self.path)
         if key_hex is not None:
-            problems = verify_chain(entries, key_hex, line_numbers=True)
+            known, known_key, count = self._verified
+            verified = count if known_key == key_hex and raw.startswith(known) else 0
+            problems = verify_chain(entries, key_hex, line_numbers=True, verified=verified)
             if problems:
                 raise LedgerError(
                     f"ledger {self.path} failed verification:\n  " + "\n  ".join(problems),
                     problems,
                 )
+            self._verified = (raw, key_hex, len(entries))
         return raw, entries
 
     # ---- appending
@@ -523,6 +545,8 @@ class Ledger:
             entry = self._new_entry(fields, entries, at)
             line = canonical_json(entry) + b"\n"
             _atomic_write(self.path, raw + line)
+            # Signed here after the chain rules passed: the grown file is as verified as before.
+            self._verified = (raw + line, self._public_hex or "", len(entries) + 1)
         return dict(entry)
 
     def _new_entry(

@@ -346,6 +346,54 @@ def test_entry_forged_with_another_key_is_detected(ledger: Ledger, key: Ed25519P
     assert "not the expected member key" in problems[0]
 
 
+def test_a_ledger_read_again_checks_only_what_was_appended(
+    ledger: Ledger, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node reads its ledger several times per request: signatures already checked in the
+    same bytes are not checked again, and entries appended by another writer are."""
+    import privacy.ledger as ledger_module
+
+    checked: list[int] = []
+    real = ledger_module._entry_problems
+    monkeypatch.setattr(ledger_module, "_entry_problems", lambda e, *a: checked.append(e["round"]) or real(e, *a))
+    reader = Ledger(ledger.path)
+    reader.entries()
+    assert checked == [1, 2, 3, 4]
+    checked.clear()
+    reader.entries(), ledger.entries(), reader.history()
+    assert checked == [], "the writer signed every entry itself, and the reader checked each once"
+    checked.clear()
+    append_round(ledger, 5, 1.0, 0.01, 100)  # through another Ledger object on the same file
+    assert [e["round"] for e in reader.entries()] == [1, 2, 3, 4, 5] and checked == [5]
+    checked.clear()
+    ledger.entries()
+    assert checked == [], "the writer signed entry 5 itself"
+
+
+def test_a_change_to_verified_bytes_is_caught_by_the_same_reader(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    reader = Ledger(ledger.path)
+    assert len(reader.entries()) == 4 and len(ledger.entries()) == 4
+    original = ledger.path.read_bytes()
+    entries = raw_entries(ledger.path)
+    entries[1]["epsilon"] = entries[1]["epsilon"] * 1.5
+    write_entries(ledger.path, entries)
+    for read in (reader.entries, ledger.entries, lambda: append_round(ledger, 5, 1.0, 0.01, 100)):
+        with pytest.raises(LedgerError, match=r"entry 1 \(line 2, run 'run-1', round 2\): signature does not verify"):
+            read()
+    ledger.path.write_bytes(original)
+    assert len(reader.entries()) == 4
+    # An entry forged after the bytes the reader verified is checked as well.
+    forged = dict(raw_entries(ledger.path)[-1], round=5)
+    forged["prev_hash"] = entry_hash(raw_entries(ledger.path)[-1])
+    forged["signature"] = Ed25519PrivateKey.generate().sign(signing_payload(forged)).hex()
+    ledger.path.write_bytes(original + canonical_json(forged) + b"\n")
+    with pytest.raises(LedgerError, match=r"entry 4 \(line 5, run 'run-1', round 5\): signature does not verify"):
+        reader.entries()
+    # Truncated to fewer entries than were verified: verified afresh, and still a valid chain.
+    ledger.path.write_bytes(original[: original.index(b"\n") + 1])
+    assert [e["round"] for e in reader.entries()] == [1]
+
+
 def test_torn_last_line_is_detected(ledger: Ledger) -> None:
     data = ledger.path.read_bytes()
     ledger.path.write_bytes(data[:-40])
