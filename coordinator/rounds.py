@@ -248,23 +248,19 @@ class RoundRunner:
         # (after a restart the runner has not heard from anyone yet).
         known = {m.node_id: m.name for m in self.cfg.federation.members if m.node_id}
         known |= {node: m.name for node, m in self.members.items()}
-        msgs = [
-            Message(
-                QueryRequest(
-                    round_number,
-                    self.run_id,
-                    self._hparams(),
-                    self.cfg.train.rounds,
-                    self.ledger_head(known.get(n, "")),
-                ).to_content(),
-                n,
-                QUERY,
-            )
-            for n in node_ids
-        ]
-        missing = exchange(self.grid, msgs, self.timeout, on_reply)
-        for node in missing:
+        sent = {n: self.ledger_head(known.get(n, "")) for n in node_ids}
+        for node in self._exchange_queries(round_number, sent, on_reply):
             log.warning("node %s did not answer query in time", node)
+        # A node whose member turned out to be another than the head was sent for (node ids
+        # not pinned, after a restart) is asked again with its own member's head: a rolled-back
+        # node then sits the round out now, instead of declining at train and breaking its cohorts.
+        again = {n: self.ledger_head(m.name) for n, m in members.items() if self.ledger_head(m.name) != sent[n]}
+        if again:
+            for node in again:
+                self.sits_out.pop(members.pop(node).name, None)
+            log.info("asking nodes %s again with their members' ledger heads", sorted(again))
+            for node in self._exchange_queries(round_number, again, on_reply):
+                log.warning("node %s did not answer its second query in time: left out of round %d", node, round_number)
         names = [m.name for m in members.values()]
         duplicated = {n for n in names if names.count(n) > 1}
         if duplicated:
@@ -272,6 +268,20 @@ class RoundRunner:
             members = {k: v for k, v in members.items() if v.name not in duplicated}
         self.members = members
         return members
+
+    def _exchange_queries(
+        self, round_number: int, heads: Mapping[int, str], on_reply: Callable[[Message], None]
+    ) -> list[int]:
+        """Query each node with the ledger head it is sent; returns the nodes that did not answer."""
+        msgs = [
+            Message(
+                QueryRequest(round_number, self.run_id, self._hparams(), self.cfg.train.rounds, head).to_content(),
+                node,
+                QUERY,
+            )
+            for node, head in heads.items()
+        ]
+        return list(exchange(self.grid, msgs, self.timeout, on_reply))
 
     def _impersonation(self, node: int, info: QueryReply) -> str:
         """Why a node may not answer as the member it names ('' if it may). Flower checks a

@@ -151,3 +151,37 @@ def test_the_head_follows_the_chain_not_the_largest_epsilon(tmp_path):
     for entry in (older, newer, older):  # the last one re-sent
         runner._signed_entry("sony", receipt_to_json(entry), {"member": "sony"}, "receipt")
     assert runner.ledger_head("sony") == entry_hash(newer)
+
+
+def test_a_resumed_run_sends_the_heads_its_round_records_hold(tmp_path):
+    """The coordinator died after round 1; on resume the receipts it kept in ``rounds.jsonl``
+    are the heads it sends again, before any node has sent a new receipt, and in the query
+    already, so a rolled-back node sits the round out instead of breaking a cohort at train."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from coordinator.federation import run_federation
+    from privacy.ledger import entry_hash
+    from shared_model.protocol import QUERY, TRAIN
+
+    (receipt,) = _signed_entries(tmp_path / "sony-ledger.jsonl", 1)
+    base = ["secagg.enabled=false", "train.min_cohort=2", f"out_dir={tmp_path / 'run'}"]
+    members = {"honda": "aloha", "sony": "so100", "softbank": "agv", "fanuc": "franka"}
+    for rounds in (1, 2):
+        cfg = load_config(model="tiny", overrides=[*base, f"train.rounds={rounds}"])
+        grid = FakeGrid(members, RunState(cfg, tmp_path / "layout").layout)
+        run_federation(cfg, grid, Console(file=io.StringIO()))
+        if rounds == 1:
+            # As a DP node's train reply would have left it in round 1's record.
+            records = tmp_path / "run" / "rounds.jsonl"
+            lines = [json.loads(line) for line in records.read_text().splitlines()]
+            lines[-1]["receipts"] = {"sony": receipt}
+            records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+            assert {head for _, name, head in grid.ledger_heads if name == "sony"} == {""}
+    # Node ids are not pinned here: the first query could not know which node is sony's, so
+    # sony's node is asked again with its head before the round is planned.
+    queries = {name: [h for kind, n, h in grid.ledger_heads if kind == QUERY and n == name] for name in members}
+    assert queries == {"honda": [""], "sony": ["", entry_hash(receipt)], "softbank": [""], "fanuc": [""]}
+    assert [h for kind, n, h in grid.ledger_heads if kind == TRAIN and n == "sony"] == [entry_hash(receipt)]
