@@ -64,6 +64,82 @@ def ledger_rows(entries: list[dict], delta: float, accountant: str) -> list[dict
     return rows
 
 
+def _runs(rows: list[dict]) -> dict[str, dict]:
+    """Each run in ledger order: its number (#1 is the oldest), trainings, evaluations, rounds, epsilon after it."""
+    runs: dict[str, dict] = {}
+    for r in rows:
+        run = runs.setdefault(r["run"], {"number": len(runs) + 1, "train": 0, "eval": 0, "rounds": []})
+        run["eval" if r["release"] == RELEASE_EVALUATION else "train"] += 1
+        run["rounds"].append(r["round"])
+        run["epsilon_after"] = r["epsilon_recomputed"]
+    return runs
+
+
+RUNS_SHOWN = 10
+
+
+def _runs_table(runs: dict[str, dict], title: str, every: bool) -> Table:
+    shown = list(runs.items()) if every else list(runs.items())[-RUNS_SHOWN:]
+    caption = "" if len(shown) == len(runs) else f"the last {len(shown)} of {len(runs)} runs (--all: every one)"
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, collapse_padding=True)
+    for col in ("#", "run", "trained", "evals", "rounds", "ε after"):
+        # A long run id folds onto more lines rather than losing its end (which says which run).
+        table.add_column(
+            col,
+            justify="left" if col in ("run", "rounds") else "right",
+            no_wrap=col != "run",
+            overflow="fold" if col == "run" else "ellipsis",
+        )
+    for name, run in shown:
+        rounds = run["rounds"]
+        table.add_row(
+            f"#{run['number']}",
+            escape(name),
+            str(run["train"]),
+            str(run["eval"]),
+            f"{min(rounds)}-{max(rounds)}" if len(set(rounds)) > 1 else str(rounds[0]),
+            f"{run['epsilon_after']:.3f}",
+        )
+    return table
+
+
+def _entries_table(rows: list[dict], runs: dict[str, dict], released: dict, budget: float, title: str) -> Table:
+    """One line per release; with ``runs``, a first column names each entry's run by its number
+    (and "ε left" goes, to stay inside 80 columns: the line under the table says what is left)."""
+    # Numbers are never cut: a budget table whose digits read "7.2…" says nothing. No
+    # vertical rules and collapsed padding keep it inside 80 columns (a log, a pipe).
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True)
+    # sent: what left the node, the shard update (Δ) or the noised held-out MSE
+    columns = ("round", "what", "shards", "steps", "σ", "q", "decision", "ε after", "ε left", "sent")
+    if runs:
+        columns = ("run", *(c for c in columns if c != "ε left"))
+    for col in columns:
+        table.add_column(
+            col,
+            justify="left" if col in ("what", "decision", "sent") else "right",
+            no_wrap=True,
+            min_width=6 if col == "sent" else None,
+        )
+    for r in rows:
+        evaluation = r["release"] == RELEASE_EVALUATION
+        sent = released.get(release_key(r["run"], r["round"])) if evaluation else None
+        cells = {
+            "run": f"#{runs[r['run']]['number']}" if runs else "",
+            "round": str(r["round"]),
+            "what": "eval" if evaluation else "train",
+            "shards": str(r["shards"]),
+            "steps": str(r["steps"]),
+            "σ": f"{r['noise_multiplier']:.3f}",
+            "q": f"{r['sample_rate']:.3f}",
+            "decision": r["decision"],
+            "ε after": f"{r['epsilon_recomputed']:.3f}",
+            "ε left": f"{budget - r['epsilon_recomputed']:.3f}",
+            "sent": f"{sent['action_mse']:.4f}" if sent else "-" if evaluation else "Δ",
+        }
+        table.add_row(*(cells[col] for col in columns))
+    return table
+
+
 def plot_epsilon(rows: list[dict], budget: float, member: str, path: Path) -> Path:
     import matplotlib
 
@@ -115,38 +191,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     accountant = member.get("accountant", "rdp")
     rows = ledger_rows(entries, delta, accountant)
     released = _released_evaluations(state_dir)
-    runs = sorted({r["run"] for r in rows})
-    one_run = len(runs) == 1
+    runs = _runs(rows)
     title = f"{member['member']} ({member['embodiment']}): privacy ledger, budget ε={budget:g} δ={delta:g}"
-    # Numbers are never cut: a budget table whose digits read "7.2…" says nothing. No
-    # vertical rules and collapsed padding keep it inside 80 columns (a log, a pipe).
-    table = Table(title=title + (f", run {runs[0]}" if one_run else ""), box=box.SIMPLE_HEAD, collapse_padding=True)
-    # sent: what left the node, the shard update (Δ) or the noised held-out MSE
-    columns = ("round", "what", "shards", "steps", "σ", "q", "decision", "ε after", "ε left", "sent")
-    for col in columns if one_run else ("run", *columns):
-        table.add_column(
-            col,
-            justify="left" if col in ("run", "what", "decision", "sent") else "right",
-            no_wrap=col != "run",
-            min_width=6 if col == "sent" else None,
-        )
-    for r in rows:
-        evaluation = r["release"] == RELEASE_EVALUATION
-        sent = released.get(release_key(r["run"], r["round"])) if evaluation else None
-        cells = [
-            str(r["round"]),
-            "eval" if evaluation else "train",
-            str(r["shards"]),
-            str(r["steps"]),
-            f"{r['noise_multiplier']:.3f}",
-            f"{r['sample_rate']:.3f}",
-            r["decision"],
-            f"{r['epsilon_recomputed']:.3f}",
-            f"{budget - r['epsilon_recomputed']:.3f}",
-            f"{sent['action_mse']:.4f}" if sent else "-" if evaluation else "Δ",
-        ]
-        table.add_row(*(cells if one_run else [r["run"], *cells]))
-    console.print(table)
+    shown = rows if args.all else rows[-args.last :] if args.last > 0 else []
+    if len(runs) == 1 and len(shown) == len(rows):
+        console.print(_entries_table(shown, {}, released, budget, title + f", run {rows[0]['run']}"))
+    elif rows:
+        # A long-lived node has thousands of entries over many runs: a table per run, then
+        # its latest entries, each labelled by the run's number in the first table.
+        console.print(_runs_table(runs, title, every=args.all))
+        caption = "" if len(shown) == len(rows) else f"the last {len(shown)} of {len(rows)} entries (--all: every one)"
+        if shown:
+            console.print(_entries_table(shown, runs, released, budget, caption))
     spent = rows[-1]["epsilon_recomputed"] if rows else 0.0
     mismatched = [r for r in rows if abs(r["epsilon_recorded"] - r["epsilon_recomputed"]) > 1e-6 * max(1.0, spent)]
     verdict = "[green]verified[/]" if not problems and not mismatched else "[red]NOT verified[/]"
@@ -182,4 +238,6 @@ def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "(the one `kyodo-member init` made)",
     )
     status.add_argument("--plot", default="", help="where to write the PNG (default: STATE_DIR/epsilon.png)")
+    status.add_argument("--last", type=int, default=20, help="how many of the latest entries to list (default 20)")
+    status.add_argument("--all", action="store_true", help="list every entry and every run")
     status.set_defaults(handler=_cmd_status)
