@@ -48,6 +48,13 @@ RDP_ORDERS: tuple[float, ...] = tuple(
 # at most ``PRV_EPS_ERROR`` above the exact epsilon of the discretised composition.
 PRV_EPS_ERROR = 0.01
 PRV_DELTA_ERROR_FRACTION = 1e-3
+# Most distinct (noise multiplier, sample rate) pairs one PRV composition takes. Its cost grows
+# faster than linearly with them (1 pair: 0.4 s, 2: 1.1 s, 4: 4.6 s, 8: 13.7 s, 50: 142 s
+# for 5000 steps here), and a node plans one noise multiplier per run, so a node with PRV
+# that has run for a year would spend minutes per request. Beyond this many, the closest
+# noise multipliers are composed at the smallest of them (``_fewer_mechanisms``), and the
+# RDP bound is taken where it is the tighter of the two.
+PRV_MAX_MECHANISMS = 6
 # Largest discretisation grid the PRV accountant may build. Grids this large only arise when
 # epsilon is far beyond any budget (dozens); there the RDP bound (valid, looser) is returned.
 PRV_MAX_DOMAIN_POINTS = 4_000_000
@@ -158,6 +165,11 @@ def _prv_epsilon(totals: dict[tuple[float, float], int], delta: float) -> float:
     discretisation grid first so a hopeless history (epsilon in the dozens) cannot allocate
     gigabytes; there, and on the analysis' own numerical failures, the RDP bound is returned.
     """
+    joined = _fewer_mechanisms(totals, PRV_MAX_MECHANISMS)
+    if joined != totals:
+        # Both are valid upper bounds; the joined composition can be the looser one when the
+        # noise multipliers are far apart (20 runs at 0.7-5.0: joined 54.8, RDP 41.7, exact 38.9).
+        return min(_prv_epsilon(joined, delta), _rdp_epsilon(totals, delta))
     keys = sorted(totals)  # a fixed order: the same history gives the same bits
     counts = [totals[k] for k in keys]
     delta_error = delta * PRV_DELTA_ERROR_FRACTION
@@ -181,6 +193,33 @@ def _prv_epsilon(totals: dict[tuple[float, float], int], delta: float) -> float:
     if not math.isfinite(eps):
         return _prv_fallback(totals, delta, "non-finite result")
     return max(eps, 0.0)
+
+
+def _fewer_mechanisms(totals: dict[tuple[float, float], int], limit: int) -> dict[tuple[float, float], int]:
+    """At most ``limit`` distinct mechanisms (one per sample rate at least), never a smaller epsilon.
+
+    Repeatedly joins the two mechanisms of the same sample rate whose noise multipliers are
+    closest (in ratio) and composes their steps at the smaller of them. Valid because a
+    Gaussian mechanism with more noise is a post-processing of one with less (add the
+    difference as independent noise), so replacing a noise multiplier by a smaller one only
+    makes the composed bound larger. Measured (delta 1e-5, q 0.08, 200 rounds of 25 steps in
+    20 runs): noise multipliers 2.00-2.19, exact 15.80 in 18.4 s, joined to 6 15.94 in 4.9 s
+    (RDP 16.91); 2.00-2.95 with an evaluation release per round, exact 13.57 in 12.9 s, joined
+    14.13 in 4.3 s (RDP 14.54).
+    """
+    clusters = [[nm, nm, q, steps] for (nm, q), steps in sorted(totals.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    while len(clusters) > limit:
+        spans = [
+            (math.log(clusters[i + 1][1] / clusters[i][0]), i)
+            for i in range(len(clusters) - 1)
+            if clusters[i][2] == clusters[i + 1][2]
+        ]
+        if not spans:
+            break
+        _, i = min(spans)
+        low, high = clusters[i], clusters[i + 1]
+        clusters[i : i + 2] = [[low[0], high[1], low[2], low[3] + high[3]]]
+    return {(lowest, q): steps for lowest, _, q, steps in clusters}
 
 
 def _prv_fallback(totals: dict[tuple[float, float], int], delta: float, why: str) -> float:

@@ -108,6 +108,43 @@ def test_prv_falls_back_to_rdp_when_hopeless() -> None:
     assert value == epsilon(history, 1e-5, "rdp")
 
 
+def test_fewer_mechanisms_joins_the_closest_noise_at_the_smaller_one() -> None:
+    from privacy.accountant import _fewer_mechanisms
+
+    totals = {(2.0, 0.08): 25, (2.02, 0.08): 50, (3.0, 0.08): 25, (2.5, 0.08): 10, (20.0, 1.0): 3, (21.0, 1.0): 1}
+    assert _fewer_mechanisms(totals, 6) == totals
+    assert _fewer_mechanisms(totals, 5) == {
+        (2.0, 0.08): 75,
+        (2.5, 0.08): 10,
+        (3.0, 0.08): 25,
+        (20.0, 1.0): 3,
+        (21.0, 1.0): 1,
+    }
+    assert _fewer_mechanisms(totals, 4) == {(2.0, 0.08): 75, (2.5, 0.08): 10, (3.0, 0.08): 25, (20.0, 1.0): 4}
+    assert _fewer_mechanisms(totals, 2) == {(2.0, 0.08): 110, (20.0, 1.0): 4}
+    # Sample rates are never joined, so one mechanism per rate is the floor.
+    assert _fewer_mechanisms(totals, 1) == _fewer_mechanisms(totals, 2)
+
+
+def test_prv_over_many_runs_joins_mechanisms_into_a_valid_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node plans one noise multiplier per run: after many runs PRV composes the closest ones
+    at the smaller noise, which bounds the exact composition from above and stays close to it,
+    and never gives more than RDP."""
+    import privacy.accountant as accountant
+
+    history = [M(2.0 + 0.03 * run, 0.08, 25) for run in range(4) for _ in range(3)] + [M(20.0, 1.0, 1)] * 12
+    monkeypatch.setattr(accountant, "PRV_MAX_MECHANISMS", 2)
+    joined = epsilon(history, 1e-5, "prv")
+    monkeypatch.setattr(accountant, "PRV_MAX_MECHANISMS", 100)
+    exact = epsilon(history, 1e-5, "prv")
+    assert exact <= joined <= exact * 1.05
+    assert joined <= epsilon(history, 1e-5, "rdp")
+    # Noise far apart: the joined composition is looser than RDP, and RDP is what counts.
+    spread = [M(0.7, 0.08, 25), M(1.5, 0.08, 25), M(5.0, 0.08, 25)] * 4
+    monkeypatch.setattr(accountant, "PRV_MAX_MECHANISMS", 1)
+    assert epsilon(spread, 1e-5, "prv") == epsilon(spread, 1e-5, "rdp")
+
+
 def test_empty_and_zero_step_histories_spend_nothing() -> None:
     for accountant in ACCOUNTANTS:
         assert epsilon([], 1e-5, accountant) == 0.0
