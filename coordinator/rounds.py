@@ -217,8 +217,7 @@ class RoundRunner:
     # ------------------------------------------------------------------ query
     def query(self, round_number: int) -> dict[int, MemberInfo]:
         node_ids = list(self.grid.get_node_ids())
-        members: dict[int, MemberInfo] = {}
-        self.sits_out = {}
+        replies: dict[int, QueryReply] = {}
 
         def on_reply(reply: Message) -> None:
             node = reply.metadata.src_node_id
@@ -234,14 +233,7 @@ class RoundRunner:
             if refusal:
                 log.error("node %s is left out: %s", node, refusal)
                 return
-            members[node] = MemberInfo(
-                node, info.member, tuple(info.embodiments), info.episodes, can_train=info.can_train
-            )
-            if not info.can_train:
-                self.sits_out[info.member] = info.reason or "no privacy budget left"
-            self.public_keys[info.member] = info.public_key
-            self.sync.reported(info.member, info.objects)
-            self.epsilon[info.member] = (info.epsilon_spent, info.epsilon_budget)
+            replies[node] = info
 
         # The round's plan goes with the query, so a DP node answers whether it would train it.
         # Whose node is whose: the last query's answers, or the consortium's registrations
@@ -254,19 +246,42 @@ class RoundRunner:
         # A node whose member turned out to be another than the head was sent for (node ids
         # not pinned, after a restart) is asked again with its own member's head: a rolled-back
         # node then sits the round out now, instead of declining at train and breaking its cohorts.
-        again = {n: self.ledger_head(m.name) for n, m in members.items() if self.ledger_head(m.name) != sent[n]}
+        # Its first claim still counts for duplicates, and it must answer as the same member again.
+        claimed = {node: info.member for node, info in replies.items()}
+        again = {n: self.ledger_head(name) for n, name in claimed.items() if self.ledger_head(name) != sent[n]}
         if again:
             for node in again:
-                self.sits_out.pop(members.pop(node).name, None)
+                del replies[node]
             log.info("asking nodes %s again with their members' ledger heads", sorted(again))
             for node in self._exchange_queries(round_number, again, on_reply):
                 log.warning("node %s did not answer its second query in time: left out of round %d", node, round_number)
-        names = [m.name for m in members.values()]
+            for node in again:
+                if node in replies and replies[node].member != claimed[node]:
+                    log.error(
+                        "node %s answered as %r, then as %r: left out", node, claimed[node], replies.pop(node).member
+                    )
+        names = [info.member for info in replies.values()] + [claimed[n] for n in again if n not in replies]
         duplicated = {n for n in names if names.count(n) > 1}
         if duplicated:
             log.error("nodes claim the same member name %s: they are left out", sorted(duplicated))
-            members = {k: v for k, v in members.items() if v.name not in duplicated}
-        self.members = members
+        self.members = self._admit({node: info for node, info in replies.items() if info.member not in duplicated})
+        return self.members
+
+    def _admit(self, replies: Mapping[int, QueryReply]) -> dict[int, MemberInfo]:
+        """The round's members from their final query answers. Only here does an answer touch
+        what the runner keeps per member (its key, objects, epsilon): an answer that was
+        withdrawn or duplicated must not leave its key as the member's."""
+        members: dict[int, MemberInfo] = {}
+        self.sits_out = {}
+        for node, info in replies.items():
+            members[node] = MemberInfo(
+                node, info.member, tuple(info.embodiments), info.episodes, can_train=info.can_train
+            )
+            if not info.can_train:
+                self.sits_out[info.member] = info.reason or "no privacy budget left"
+            self.public_keys[info.member] = info.public_key
+            self.sync.reported(info.member, info.objects)
+            self.epsilon[info.member] = (info.epsilon_spent, info.epsilon_budget)
         return members
 
     def _exchange_queries(

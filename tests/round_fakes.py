@@ -48,7 +48,9 @@ class FakeGrid:
     ``private``: members that, as DP nodes do, withhold their dataset size (0 in query and train).
     ``sitting_out``: member -> the reason its node gives in ``query`` for not being able to train.
     Every query request received is kept in ``queries``, and every request's ``ledger_head``
-    in ``ledger_heads`` as (message type, member, head)."""
+    in ``ledger_heads`` as (message type, member, head). ``script`` (set at any time) maps a
+    member to how its node answers its next queries, one item each: the name it claims, a
+    (name, reason it cannot train) pair, or None for no answer at all."""
 
     def __init__(
         self,
@@ -72,7 +74,8 @@ class FakeGrid:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
         self.names = dict(enumerate(sorted(members), start=1))
         self.members, self.layout, self.seed, self.reverse = members, layout, seed, reverse
-        self._queue: dict[str, tuple[int, object]] = {}  # message id -> (node, request)
+        self.script: dict[str, list[str | tuple[str, str] | None]] = {}
+        self._queue: dict[str, tuple] = {}  # message id -> (node, kind, shards, scripted answer)
 
     def get_node_ids(self) -> list[int]:
         return list(self.names)
@@ -88,9 +91,12 @@ class FakeGrid:
             request = parsed.shards if kind == TRAIN else None
             if kind == QUERY:
                 self.queries.append(parsed)
-            self.ledger_heads.append((kind, self.names[msg.metadata.dst_node_id], parsed.ledger_head))
-            self._queue[mid] = (msg.metadata.dst_node_id, kind, request)
+            name = self.names[msg.metadata.dst_node_id]
+            self.ledger_heads.append((kind, name, parsed.ledger_head))
             ids.append(mid)
+            scripted = self.script[name].pop(0) if kind == QUERY and self.script.get(name) else ""
+            if scripted is not None:  # None: this node never answers
+                self._queue[mid] = (msg.metadata.dst_node_id, kind, request, scripted)
         return ids
 
     def pull_messages(self, ids: Iterable[str]) -> Iterator[_Reply]:
@@ -100,16 +106,20 @@ class FakeGrid:
             reverse=self.reverse,
         )
         for mid in ready[:1]:  # one reply per pull
-            node, kind, shards = self._queue.pop(mid)
-            yield _Reply(self._answer(node, kind, shards), SimpleNamespace(src_node_id=node, reply_to_message_id=mid))
+            node, kind, shards, scripted = self._queue.pop(mid)
+            yield _Reply(
+                self._answer(node, kind, shards, scripted), SimpleNamespace(src_node_id=node, reply_to_message_id=mid)
+            )
 
-    def _answer(self, node: int, kind: str, shards: list[str] | None):
+    def _answer(self, node: int, kind: str, shards: list[str] | None, scripted: str | tuple[str, str] = ""):
         name = self.names[node]
         if kind == QUERY:
             claimed = self.answers_as.get(name, name)
             key = self.public_keys.get(name, "")
             episodes = 0 if name in self.private else 100
             reason = self.sitting_out.get(name, "")
+            if scripted:
+                claimed, reason = scripted if isinstance(scripted, tuple) else (scripted, "")
             return QueryReply(
                 claimed, [self.members[name]], episodes, objects=self.held, public_key=key,
                 can_train=not reason, reason=reason,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from coordinator.federation import initial_model
 from coordinator.rounds import RoundRunner
 from coordinator.run_state import RunState
@@ -185,3 +187,61 @@ def test_a_resumed_run_sends_the_heads_its_round_records_hold(tmp_path):
     queries = {name: [h for kind, n, h in grid.ledger_heads if kind == QUERY and n == name] for name in members}
     assert queries == {"honda": [""], "sony": ["", entry_hash(receipt)], "softbank": [""], "fanuc": [""]}
     assert [h for kind, n, h in grid.ledger_heads if kind == TRAIN and n == "sony"] == [entry_hash(receipt)]
+
+
+def _runner_with_keys(tmp_path, keys: dict[str, str]):
+    cfg = load_config(model="tiny", overrides=["secagg.enabled=false", "train.min_cohort=2"])
+    state = RunState(cfg, tmp_path / "run")
+    state.commit_initial(initial_model(cfg), {"run": "t"})
+    grid = FakeGrid({m.name: m.embodiment for m in cfg.federation.members}, state.layout, public_keys=keys)
+    return RoundRunner(cfg, grid, state, run_id="t", timeout=1), grid
+
+
+@pytest.mark.parametrize("second", [None, "honda"], ids=["then-silent", "then-as-itself"])
+def test_a_claim_withdrawn_on_the_second_query_leaves_the_member_untouched(tmp_path, caplog, second):
+    """Honda's node answers as sony (node ids are not pinned), so it is asked again with
+    sony's head, and then stays silent or answers as honda. Its claim on sony still counts:
+    both nodes are left out, as before the second query existed, and sony's key stays the one
+    sony's node reported (receipts and secure aggregation are checked against it)."""
+    from privacy.ledger import receipt_to_json
+
+    (receipt,) = _signed_entries(tmp_path / "sony-ledger.jsonl", 1)
+    keys = {"honda": "11" * 32, "sony": receipt["public_key"], "softbank": "22" * 32, "fanuc": "33" * 32}
+    runner, grid = _runner_with_keys(tmp_path, keys)
+    assert sorted(m.name for m in runner.query(1).values()) == sorted(keys)
+    runner.saw_receipt("sony", receipt)
+    grid.script = {"honda": ["sony", second]}
+    with caplog.at_level(logging.INFO, logger="kyodo"):
+        members = {m.name for m in runner.query(2).values()}
+    assert "sony" not in members and "claim the same member name ['sony']" in caplog.text
+    assert runner.public_keys["sony"] == keys["sony"]
+    runner._signed_entry("sony", receipt_to_json(receipt), {"member": "sony"}, "receipt")  # still verifies
+
+
+def test_a_node_that_answers_its_second_query_as_another_member_is_left_out(tmp_path, caplog):
+    """Asked with sony's head, a node answers as honda: it was never asked with honda's head,
+    so its answer cannot stand for honda's (and its claim on sony counts as one)."""
+    (sony,) = _signed_entries(tmp_path / "sony-ledger.jsonl", 1)
+    (honda,) = _signed_entries(tmp_path / "honda-ledger.jsonl", 1)
+    runner, grid = _runner_with_keys(tmp_path, {})
+    runner.saw_receipt("sony", sony)
+    runner.saw_receipt("honda", honda)
+    grid.script = {"honda": ["sony", "honda"]}
+    with caplog.at_level(logging.INFO, logger="kyodo"):
+        members = {m.name for m in runner.query(1).values()}
+    assert "honda" not in members and "answered as 'sony', then as 'honda': left out" in caplog.text
+    assert "sony" not in members, "its first claim stands beside sony's own node: both are left out"
+
+
+def test_the_second_answer_replaces_the_first(tmp_path):
+    """Asked without its head, sony's node says it cannot train; asked again with it, it can:
+    it trains, and the round does not say it sat out. Silent the second time, it is left out."""
+    (receipt,) = _signed_entries(tmp_path / "sony-ledger.jsonl", 1)
+    runner, grid = _runner_with_keys(tmp_path, {})
+    runner.saw_receipt("sony", receipt)
+    grid.script = {"sony": [("sony", "some reason"), "sony"]}
+    members = {m.name: m for m in runner.query(1).values()}
+    assert members["sony"].can_train and "sony" not in runner.sits_out
+    grid.script = {"sony": ["sony", None]}
+    runner.members = {}  # as after a restart
+    assert "sony" not in {m.name for m in runner.query(2).values()}
