@@ -330,11 +330,7 @@ def verify_entry(entry: Mapping[str, Any], public_key: Ed25519PublicKey | str) -
 
 
 def verify_chain(
-    entries: Sequence[Mapping[str, Any]],
-    public_key: Ed25519PublicKey | str,
-    *,
-    line_numbers: bool = False,
-    verified: int = 0,
+    entries: Sequence[Mapping[str, Any]], public_key: Ed25519PublicKey | str, *, line_numbers: bool = False
 ) -> list[str]:
     """Every problem of a ledger's entries, in order; an empty list means the chain holds.
 
@@ -343,11 +339,17 @@ def verify_chain(
     and edited entries), rounds strictly increasing within a run (per kind of release), and epsilon never
     decreasing for the same accountant and delta. It does not recompute epsilon: that is the
     auditor's job, with an independent accountant.
-
-    ``verified``: how many leading entries are known to pass already (the same bytes checked
-    earlier under the same key): their signatures and links are not checked again, only
-    the rounds and epsilons they carry into the rules of the entries after them.
     """
+    return _chain_problems(entries, public_key, line_numbers, verified=0)
+
+
+def _chain_problems(
+    entries: Sequence[Mapping[str, Any]], public_key: Ed25519PublicKey | str, line_numbers: bool, verified: int
+) -> list[str]:
+    """``verify_chain``, where the first ``verified`` entries are known to pass already (the
+    same bytes checked earlier under the same key, by ``Ledger``): their signatures and links
+    are not checked again, only the rounds and epsilons they carry into the rules of the
+    entries after them. Private: auditors always verify everything."""
     key, key_hex = _as_public_key(public_key)
     problems: list[str] = []
     last_round: dict[tuple[str, str], tuple[int, int]] = {}
@@ -516,7 +518,7 @@ class Ledger:
         if key_hex is not None:
             known, known_key, count = self._verified
             verified = count if known_key == key_hex and raw.startswith(known) else 0
-            problems = verify_chain(entries, key_hex, line_numbers=True, verified=verified)
+            problems = _chain_problems(entries, key_hex, line_numbers=True, verified=verified)
             if problems:
                 raise LedgerError(
                     f"ledger {self.path} failed verification:\n  " + "\n  ".join(problems),

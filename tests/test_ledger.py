@@ -394,6 +394,57 @@ def test_a_change_to_verified_bytes_is_caught_by_the_same_reader(ledger: Ledger,
     assert [e["round"] for e in reader.entries()] == [1]
 
 
+def _resigned(entry: dict, key: Ed25519PrivateKey, **changes: Any) -> bytes:
+    """``entry`` changed and signed again with ``key``: a line as a buggy or forking writer makes it."""
+    out = {k: v for k, v in entry.items() if k != "signature"} | changes
+    out["signature"] = key.sign(signing_payload(out)).hex()
+    return canonical_json(out) + b"\n"
+
+
+@pytest.mark.parametrize("reader_kind", ["keyless", "writer"])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("round_repeats", r"round' \(4\) does not increase"),
+        ("epsilon_drops", r"epsilon' decreased"),
+        ("links_to_older", r"prev_hash' does not match the hash of entry 3"),
+    ],
+)
+def test_entries_after_the_verified_bytes_meet_every_rule_against_those_before(
+    ledger: Ledger, key: Ed25519PrivateKey, reader_kind: str, case: str, match: str
+) -> None:
+    """Signed with the member's own key (a spliced fork, a buggy writer), an entry appended
+    after the bytes a reader verified is judged against the entries it did not check again."""
+    reader = ledger if reader_kind == "writer" else Ledger(ledger.path)
+    original = ledger.path.read_bytes()
+    reader.entries()
+    last, before = raw_entries(ledger.path)[-1], raw_entries(ledger.path)[-2]
+    tail = {
+        "round_repeats": _resigned(last, key, prev_hash=entry_hash(last)),
+        "epsilon_drops": _resigned(last, key, round=5, epsilon=last["epsilon"] / 2, prev_hash=entry_hash(last)),
+        "links_to_older": _resigned(last, key, round=5, prev_hash=entry_hash(before)),
+    }[case]
+    ledger.path.write_bytes(original + tail)
+    for read in (Ledger(ledger.path).entries, reader.entries):  # a fresh reader, and one that verified the prefix
+        with pytest.raises(LedgerError, match=match):
+            read()
+
+
+def test_the_writer_checks_what_replaced_or_followed_its_own_append(ledger: Ledger, key: Ed25519PrivateKey) -> None:
+    before = ledger.path.read_bytes()
+    append_round(ledger, 5, 1.0, 0.01, 100)
+    mine = raw_entries(ledger.path)[-1]
+    stranger = Ed25519PrivateKey.generate()
+    ledger.path.write_bytes(
+        before + canonical_json(mine) + b"\n" + _resigned(mine, stranger, round=6, prev_hash=entry_hash(mine))
+    )
+    with pytest.raises(LedgerError, match=r"entry 5 .*signature does not verify"):
+        ledger.entries()
+    ledger.path.write_bytes(before + _resigned(mine, stranger, decision="shortened"))
+    with pytest.raises(LedgerError, match="signature does not verify"):
+        ledger.entries()
+
+
 def test_torn_last_line_is_detected(ledger: Ledger) -> None:
     data = ledger.path.read_bytes()
     ledger.path.write_bytes(data[:-40])
