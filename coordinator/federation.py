@@ -60,7 +60,7 @@ def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
 
 
-def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str, int]) -> dict:
+def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str, int], heads: dict[str, dict]) -> dict:
     """What the round did (cohorts, receipts, aggregation, updated shards): committed with the
     round's manifest before HEAD moves, so a coordinator that dies before it appends the line
     to ``rounds.jsonl`` loses only the evaluation, never the receipts."""
@@ -77,6 +77,7 @@ def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str,
         "failed": result.failed,
         "declined": result.declined,
         "receipts": result.receipts,
+        "ledger_heads": heads,
         "train": {
             m: {"loss": r.loss if r.loss == r.loss else None, "num_examples": r.num_examples, "steps": r.steps}
             for m, r in result.train.items()
@@ -200,6 +201,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             "initial": source,
             "evaluation": {m: _evaluation_entry(e) for m, e in initial.items()},
             "sync_bytes": dict(runner.sync.sent_bytes),
+            "ledger_heads": runner.head_receipts(),
         }
         append_record(out_dir, _signed(record, key, run_id, initial_manifest))
         console.print(
@@ -240,7 +242,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             else:
                 log.warning("round %d: no member available, nothing trained", rnd)
             failpoint(rnd, "after-train")
-            record = _record(result, cfg.secagg.enabled, dict(runner.sync.sent_bytes))
+            record = _record(result, cfg.secagg.enabled, dict(runner.sync.sent_bytes), runner.head_receipts())
             # As a JSON string: the receipts' 64-hex hashes and keys must not read as store object ids.
             extra = {"run": run_id, ROUND_RECORD_KEY: json.dumps(record, sort_keys=True)}
             manifest = state.commit_objects(rnd, runner.pending, runner.pending_state, extra)

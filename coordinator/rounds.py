@@ -102,6 +102,7 @@ class _Head:
     epsilon: float
     hash: str
     prev_hash: str
+    entry: dict = field(compare=False, repr=False)  # the signed receipt itself, for the round record
 
 
 @dataclass
@@ -554,7 +555,7 @@ class RoundRunner:
         delta, or PRV's error, can record a smaller epsilon later, and a head stuck on an older
         entry would miss the rollback of everything after it. A re-sent receipt is older."""
         at = dt.datetime.fromisoformat(str(entry["time"]))
-        seen = _Head(at, float(entry["epsilon"]), entry_hash(entry), str(entry["prev_hash"]))
+        seen = _Head(at, float(entry["epsilon"]), entry_hash(entry), str(entry["prev_hash"]), entry)
         head = self.ledger_heads.get(member)
         follows = head is None or seen.prev_hash == head.hash
         later = head is not None and (seen.time, seen.epsilon) > (head.time, head.epsilon)
@@ -566,7 +567,7 @@ class RoundRunner:
         (with ``keys``, member -> its pinned ledger key) earlier runs' whose receipts that key
         signed: a ledger rolled back between runs is caught too."""
         for record in records:
-            received = [*(record.get("receipts") or {}).items()]
+            received = [*(record.get("receipts") or {}).items(), *(record.get("ledger_heads") or {}).items()]
             for member, evaluation in (record.get("evaluation") or {}).items():
                 if isinstance(evaluation, dict) and evaluation.get("receipt"):
                     received.append((member, receipt_from_json(evaluation["receipt"])))
@@ -576,6 +577,12 @@ class RoundRunner:
 
     def ledger_head(self, member: str) -> str:
         return self.ledger_heads[member].hash if member in self.ledger_heads else ""
+
+    def head_receipts(self) -> dict[str, dict]:
+        """Each member's newest receipt the coordinator holds, as the round record keeps it: an
+        auditor of this run alone then sees a ledger rolled back behind a receipt of an earlier
+        run (the member may only have declined in this one, leaving no receipt of its own here)."""
+        return {member: head.entry for member, head in sorted(self.ledger_heads.items())}
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, round_number: int, members: Iterable[int]) -> dict[str, EvaluateReply]:

@@ -357,6 +357,27 @@ def test_dropped_last_entry(fed: Path) -> None:
     assert_found(result, "receipt", "round 2 receipt of gamma", "is not in gamma's ledger")
 
 
+def test_a_ledger_rolled_back_behind_a_receipt_the_coordinator_held_is_caught(fed: Path) -> None:
+    """Each round record keeps every member's newest receipt the coordinator held
+    (``ledger_heads``). A member whose node was restored from a backup declines in this run,
+    so this run holds no receipt of its own to miss; the head it was sent still is one."""
+    entries = read_entries(fed, "gamma")
+    later = sign(dict(entries[-1], round=3, prev_hash=entry_hash(entries[-1])), key_of(fed, "gamma"))
+    stranger = sign(dict(later), Ed25519PrivateKey.generate())
+    stranger["public_key"] = later["public_key"]  # claims gamma's key, signed by another
+    records = read_records(fed)
+    records[1]["ledger_heads"] = {"gamma": entries[0], "alpha": read_entries(fed, "alpha")[-1]}  # both held
+    records[2]["ledger_heads"] = {"gamma": later, "beta": stranger | {"member": "beta"}}
+    write_records(fed, records)
+    result = run_audit(fed)
+    texts = failures(result, "receipt")
+    assert_found(
+        result, "receipt", "round 2 ledger head of gamma", "gamma's ledger lacks entry", "round 3", "rolled back"
+    )
+    assert_found(result, "receipt", "round 2 ledger head of beta", "is not an entry beta's key signed")
+    assert not any("round 1 ledger head" in t for t in texts), "heads the ledgers hold are fine"
+
+
 def test_swapped_entries(fed: Path) -> None:
     entries = read_entries(fed, "alpha")
     entries[1], entries[2] = entries[2], entries[1]

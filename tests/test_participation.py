@@ -118,13 +118,13 @@ def test_a_consortium_run_starts_from_the_heads_its_earlier_runs_recorded(tmp_pa
     run is skipped, not fatal."""
     from coordinator.federation import _heads_from_earlier_runs
     from coordinator.records import append_record
-    from privacy.ledger import entry_hash, receipt_to_json
+    from privacy.ledger import entry_hash
 
     first, second = _signed_entries(tmp_path / "sony-ledger.jsonl", 2)
     stranger = _signed_entries(tmp_path / "other-ledger.jsonl", 3)[-1]  # spent more than sony's newest
     runs = tmp_path / "runs"
     append_record(runs / "1", {"round": 1, "receipts": {"sony": first}})
-    append_record(runs / "2", {"round": 1, "evaluation": {"sony": {"receipt": receipt_to_json(second)}}})
+    append_record(runs / "2", {"round": 1, "ledger_heads": {"sony": second}})  # held, e.g. from a run before
     append_record(runs / "3", {"round": 1, "receipts": {"sony": stranger}})  # another key: not sony's
     (runs / "4").mkdir()
     (runs / "4" / "rounds.jsonl").write_text('{"round": 1, "recei')  # torn
@@ -187,6 +187,10 @@ def test_a_resumed_run_sends_the_heads_its_round_records_hold(tmp_path):
     queries = {name: [h for kind, n, h in grid.ledger_heads if kind == QUERY and n == name] for name in members}
     assert queries == {"honda": [""], "sony": ["", entry_hash(receipt)], "softbank": [""], "fanuc": [""]}
     assert [h for kind, n, h in grid.ledger_heads if kind == TRAIN and n == "sony"] == [entry_hash(receipt)]
+    # Round 2's record keeps the head it held, for an auditor of this run alone (sony's node
+    # may only have declined here, leaving no receipt of this run to miss).
+    last = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[-1])
+    assert last["round"] == 2 and last["ledger_heads"] == {"sony": receipt}
 
 
 def _runner_with_keys(tmp_path, keys: dict[str, str]):

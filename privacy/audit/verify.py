@@ -452,6 +452,47 @@ def _check_receipt(
     return len(result.failures) == failures
 
 
+def _check_ledger_heads(
+    result: AuditResult, consortium: Consortium, records: dict[int, dict[str, Any]], indexes: dict[str, _LedgerIndex]
+) -> None:
+    """Every member's newest receipt the coordinator held when it wrote a round (``ledger_heads``)
+    must be in that member's ledger. The receipts of this run are checked with their rounds;
+    this catches a ledger rolled back behind a receipt of an *earlier* run, which an audit of
+    this run alone would otherwise pass: the rolled-back node declines (it knows it lacks the
+    entry), so this run holds no receipt of its own to miss."""
+    seen: set[tuple[str, str]] = set()
+    for rnd, record in sorted(records.items()):
+        heads = record.get("ledger_heads") or {}
+        if not isinstance(heads, dict):
+            result.add("format", f"round {rnd} record", "field 'ledger_heads' is not an object")
+            continue
+        for member, entry in sorted(heads.items()):
+            subject = f"round {rnd} ledger head of {member}"
+            published = consortium.members.get(member)
+            if published is None or not isinstance(entry, dict):
+                result.add("receipt", subject, "names no consortium member, or is not a signed ledger entry")
+                continue
+            try:
+                verify_entry(entry, published.public_key)
+                digest = entry_hash(entry)
+            except (LedgerError, ValueError) as exc:
+                result.add("receipt", subject, f"is not an entry {member}'s key signed ({exc})", member=member)
+                continue
+            index = indexes.get(member)
+            if index is None or (member, digest) in seen or digest in index.by_hash:
+                continue
+            seen.add((member, digest))
+            result.add(
+                "receipt",
+                subject,
+                f"{member}'s ledger lacks entry {digest[:16]}... (run {entry.get('run')!r}, round "
+                f"{entry.get('round')!r}, epsilon {entry.get('epsilon')!r}), whose receipt {member} signed and the "
+                "coordinator held: the ledger was rolled back (a state directory restored from a backup?) or the "
+                "entry dropped, and its accountant counts less than the member released",
+                member=member,
+            )
+
+
 def _check_rounds(
     result: AuditResult,
     consortium: Consortium,
@@ -829,6 +870,7 @@ def audit_inputs(
                 severity="fail" if released else NOTE,
             )
     forks = _check_rounds(result, consortium, run, records, indexes)
+    _check_ledger_heads(result, consortium, records, indexes)
     _check_evaluations(result, consortium, run, records, indexes)
     _check_store(result, consortium, run, records, indexes)
     if not consortium.coordinator_public_key:
