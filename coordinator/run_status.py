@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from coordinator.records import read_records
@@ -168,7 +169,7 @@ def participation_table(report: RunReport) -> Table:
     for col in ("rounds trained", "ε after last receipt", "bytes received"):
         table.add_column(col, justify="right")
     for member in report.members:
-        cells, trained, epsilon, received = [], 0, None, 0
+        cells, trained, received = [], 0, 0
         for rnd in rounds:
             rec = report.records[rnd]
             if member in (rec.get("train") or {}):
@@ -182,22 +183,59 @@ def participation_table(report: RunReport) -> Table:
                 cells.append("e")
             else:
                 cells.append("-")
-            # The member's newest receipt: a round's training, then its evaluation release.
-            receipt = (rec.get("receipts") or {}).get(member)
-            evaluation = ((rec.get("evaluation") or {}).get(member) or {}).get("receipt")
-            for entry in (receipt, json.loads(evaluation) if evaluation else None):
-                if isinstance(entry, dict) and isinstance(entry.get("epsilon"), (int, float)):
-                    epsilon = float(entry["epsilon"])
+        epsilon = _newest_receipt_epsilon(report, member)
         for rec in report.records.values():
             received += int((rec.get("sync_bytes") or {}).get(member, 0))
         table.add_row(member, *cells, str(trained), f"{epsilon:.3f}" if epsilon is not None else "-", f"{received:,}")
     return table
 
 
+def _newest_receipt_epsilon(report: RunReport, member: str) -> float | None:
+    """Epsilon of the member's newest receipt the records hold (by its time): a round's
+    training, its evaluation release, or the head the coordinator held from an earlier run
+    (``ledger_heads``): a member that only declined in this run still shows what it spent,
+    not what its node, perhaps restored from a backup, claims."""
+    newest: tuple[str, float] | None = None
+    for rnd in sorted(report.records):
+        rec = report.records[rnd]
+        evaluation = ((rec.get("evaluation") or {}).get(member) or {}).get("receipt")
+        candidates = (
+            (rec.get("receipts") or {}).get(member),
+            json.loads(evaluation) if evaluation else None,
+            (rec.get("ledger_heads") or {}).get(member),
+        )
+        for entry in candidates:
+            if isinstance(entry, dict) and isinstance(entry.get("epsilon"), (int, float)):
+                seen = (str(entry.get("time", "")), float(entry["epsilon"]))
+                newest = seen if newest is None or seen > newest else newest
+    return newest[1] if newest else None
+
+
+def declines_table(report: RunReport) -> Table | None:
+    """Why members sat rounds out or failed, one row per member and reason (None when no one
+    did): the participation table's D and F say only that they did."""
+    reasons: dict[tuple[str, str, str], list[int]] = {}
+    for rnd in sorted(r for r in report.records if r > 0):
+        rec = report.records[rnd]
+        for kind in ("declined", "failed"):
+            for member, why in (rec.get(kind) or {}).items():
+                reasons.setdefault((member, kind, str(why)), []).append(rnd)
+    if not reasons:
+        return None
+    table = Table(title="why members sat out or failed", box=box.SIMPLE_HEAD, collapse_padding=True)
+    for col in ("member", "rounds", "", "reason"):
+        table.add_column(col, no_wrap=col != "reason", overflow="fold")
+    for (member, kind, why), rounds in sorted(reasons.items(), key=lambda item: (item[0][0], item[1])):
+        table.add_row(member, ",".join(map(str, rounds)), kind, escape(why))
+    return table
+
+
 def status_tables(run_dir: Path | str, rounds: Sequence[int] | None = None) -> list[Table]:
     """Every table ``status`` prints; raises ``FileNotFoundError`` or ``StoreError``."""
     report = load_report(run_dir)
-    return [rounds_table(report), cohorts_table(report, rounds), shards_table(report), participation_table(report)]
+    tables = [rounds_table(report), cohorts_table(report, rounds), shards_table(report), participation_table(report)]
+    declines = declines_table(report)
+    return [*tables, declines] if declines is not None else tables
 
 
 __all__ = ["RunReport", "StoreError", "load_report", "status_tables"]

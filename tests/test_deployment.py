@@ -358,6 +358,7 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
             "round": 1, "cohorts": {"adapter/emb/so100": ["sony"]}, "aggregation": {"adapter/emb/so100": "single"},
             "train": {"sony": {"steps": 5}}, "declined": {"honda": "no budget"}, "failed": {},
             "receipts": {"sony": {"epsilon": 1.25}},
+            "ledger_heads": {"sony": {"epsilon": 1.25}, "honda": {"epsilon": 7.25, "time": "2026-11-30T00:00:00"}},
             "evaluation": {"sony": {"action_mse": 0.1, "receipt": json.dumps({"epsilon": 1.5})}},
             "sync_bytes": {"sony": 10, "honda": 10}, "seconds": 3.0,
         },
@@ -366,6 +367,10 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     out = capsys.readouterr().out
     # epsilon after the member's newest receipt: the evaluation released after its training
     assert "HEAD" in out and "adapter/emb/so100" in out and "1.500" in out
+    # honda only declined here: its epsilon is that of the receipt of an earlier run the
+    # coordinator held, and why it sat out is said
+    assert "7.250" in out and "why members sat out or failed" in out
+    assert any(line.split() == ["honda", "1", "declined", "no", "budget"] for line in out.splitlines())
     assert "…" not in out, "at 80 columns (a pipe) no cell is cut"
     assert "round 0: public checkpoint sha256:" + "ab" * 32 in " ".join(out.split())
     # After gc, round 0 was still committed: its manifest is gone, not its commit.
