@@ -70,6 +70,8 @@ from shared_model.protocol import (
 from shared_model.shards import BACKBONE, ShardLayout, embodiment_shard, load_shard, shard_kind
 from shared_model.store import ShardStore, StoreError
 
+# Written when a request names a receipt this node's ledger lacks (``MemberNode.rolled_back``).
+ROLLBACK_FILE = "rollback.json"
 log = logging.getLogger("kyodo.member")
 
 
@@ -87,6 +89,7 @@ class MemberNode:
         self._fingerprint_key = load_or_create_fingerprint_key(state / FINGERPRINT_KEY_FILE)
         self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
         self._plan_path = state / "noise_plan.json"
+        self._rollback_path = state / ROLLBACK_FILE
         self.secagg = MemberSecAgg(state, identity.name, self.signing_key)
         self.eval_releaser = EvaluationReleaser(
             state,
@@ -403,6 +406,11 @@ class MemberNode:
         if not ledger_head or self.ledger.holds(ledger_head):
             return ""
         log.error("ledger rolled back: it lacks entry %s, whose receipt the coordinator holds", ledger_head)
+        # For `kyodo-member status`: the member reads its state directory, not the node's log.
+        seen = {"missing_entry": ledger_head, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        tmp = self._rollback_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(seen), encoding="utf-8")
+        tmp.replace(self._rollback_path)
         return (
             f"this node's ledger lacks entry {ledger_head[:16]}..., whose signed receipt the coordinator holds "
             "(was the state directory restored from a backup?): its accountant would count less than was "

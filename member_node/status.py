@@ -16,11 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from member_node.node import ROLLBACK_FILE
 from member_node.private_eval import release_key, released_evaluations
 from privacy.accountant import Mechanism
 from privacy.accountant import epsilon as composed_epsilon
 from privacy.keys import load_public_key
-from privacy.ledger import RELEASE_EVALUATION, Ledger, LedgerError, release_of, verify_chain
+from privacy.ledger import RELEASE_EVALUATION, Ledger, LedgerError, entry_hash, release_of, verify_chain
 
 
 def _load_member(state_dir: Path) -> dict:
@@ -31,6 +32,25 @@ def _load_member(state_dir: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise LedgerError(f"{path}: not valid JSON: {err}") from None
+
+
+def _unresolved_rollback(state_dir: Path, entries: list[dict]) -> str:
+    """What the node saw ('' if nothing, or if the ledger now holds the entry again): the
+    coordinator named a receipt of this member that the ledger lacks. The ledger alone looks
+    whole after a restore from a backup, so without this the member would read a verified
+    ledger with budget left while its node declines every round."""
+    try:
+        seen = json.loads((state_dir / ROLLBACK_FILE).read_text(encoding="utf-8"))
+        missing = str(seen["missing_entry"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if any(entry_hash(entry) == missing for entry in entries):
+        return ""
+    return (
+        f"at {seen.get('time', '?')} the coordinator named entry {missing[:16]}..., a receipt this member signed, "
+        "which this ledger lacks (was the state directory restored from a backup?). The node declines every round "
+        "and the budget above under-counts what was released: restore the ledger that holds that entry."
+    )
 
 
 def _released_evaluations(state_dir: Path) -> dict[str, dict]:
@@ -217,6 +237,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"pace: the budget is spread over at least {pace} training rounds (budget-rounds); "
             f"{trained} trained, {max(pace - trained, 0)} to go"
         )
+    rollback = _unresolved_rollback(state_dir, entries)
+    if rollback:
+        console.print(f"[bold red]ledger rolled back:[/] {escape(rollback)}")
     for problem in problems:
         console.print(f"[red]- {escape(problem)}")
     for r in mismatched:
@@ -226,7 +249,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     plot = Path(args.plot) if args.plot else state_dir / "epsilon.png"
     plot_epsilon(rows, budget, member["member"], plot)
     console.print(f"plot: {plot}")
-    return 0 if not problems and not mismatched else 1
+    return 0 if not problems and not mismatched and not rollback else 1
 
 
 def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

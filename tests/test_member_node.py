@@ -540,7 +540,7 @@ def test_budget_rounds_comes_from_the_node_config(setup):
         resolve_identity({**node_config, "budget-rounds": -1}, cfg)
 
 
-def test_a_node_whose_ledger_was_rolled_back_spends_nothing_more(setup, tmp_path):
+def test_a_node_whose_ledger_was_rolled_back_spends_nothing_more(setup, tmp_path, capsys, monkeypatch):
     """A state directory restored from a backup has a ledger that lacks entries the node
     already released receipts of; its accountant would count less than was spent. The
     coordinator names the newest receipt it holds, and a node that lacks it declines to train
@@ -555,6 +555,7 @@ def test_a_node_whose_ledger_was_rolled_back_spends_nothing_more(setup, tmp_path
     backup = member.ledger.path.read_bytes()  # last night's backup: round 1 only
     reply = member.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=8))
     head = entry_hash(receipt_from_json(reply.receipt))
+    whole = member.ledger.path.read_bytes()
     member.ledger.path.write_bytes(backup)  # the disk died; the state came back from the backup
 
     def wire(request, cls):
@@ -575,6 +576,17 @@ def test_a_node_whose_ledger_was_rolled_back_spends_nothing_more(setup, tmp_path
     round_one = entry_hash(restored.ledger.entries()[0])
     assert restored.query(QueryRequest(3, "r", HP, 8, ledger_head=round_one)).can_train
     assert restored.query(QueryRequest(3, "r", HP, 8)).can_train
+    # The member sees it in `kyodo-member status` (the ledger alone looks whole), until the
+    # ledger that holds the entry is back.
+    from member_node.cli import main
+
+    monkeypatch.setenv("COLUMNS", "100")
+    status = ["status", "--state-dir", str(tmp_path / "s"), "--plot", str(tmp_path / "eps.png")]
+    assert main(status) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ledger rolled back: at " in out and f"named entry {head[:16]}..." in out and "restore the ledger" in out
+    member.ledger.path.write_bytes(whole)
+    assert main(status) == 0 and "rolled back" not in capsys.readouterr().out
 
 
 def test_a_ledger_head_that_is_not_a_hash_is_refused():
