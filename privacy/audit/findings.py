@@ -27,9 +27,15 @@ CHECKS: dict[str, str] = {
     "signature": "every entry and receipt verifies under the consortium's key for its member",
     "identity": "every entry and receipt is its member's own: its name and key, not another member's",
     "chain": "each ledger is one unbroken hash chain: no gap, reorder, fork or replay",
-    "accounting": "every recorded epsilon is at least the independent dp-accounting recomputation",
+    "accounting": (
+        "every recorded epsilon is a valid bound by the independent dp-accounting recomputation "
+        "(within 2% of its conservative RDP, else at least its tight PLD)"
+    ),
     "budget": "every member stayed within its published (epsilon, delta) budget",
-    "receipt": "every contribution in the round records has a matching valid receipt",
+    "receipt": (
+        "every contribution in the round records has a matching valid receipt, and every receipt the "
+        "coordinator held is in its member's ledger"
+    ),
     "coverage": "every ledger entry for this run appears in the round records, or is explained",
     "store": "every committed round's manifest and objects exist with their recorded hashes",
 }
