@@ -349,12 +349,22 @@ def test_dropped_entry(fed: Path) -> None:
     assert_found(result, "receipt", "round 1 receipt of gamma", "is not in gamma's ledger")
 
 
-def test_dropped_last_entry(fed: Path) -> None:
+def test_dropped_last_entry(fed: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Truncating the newest entry keeps the chain intact: the round records still catch it."""
     write_entries(fed, "gamma", read_entries(fed, "gamma")[:-1])
     result = run_audit(fed)
     assert not failures(result, "chain")
     assert_found(result, "receipt", "round 2 receipt of gamma", "is not in gamma's ledger")
+    # A failing audit lists each member's entries, readable at 80 columns (a pipe, a CI log).
+    monkeypatch.setenv("COLUMNS", "80")
+    args = ["--ledgers", str(fed / "run"), "--rounds", str(fed / "run"), "--consortium", str(fed / "consortium.yaml")]
+    assert audit_main(["verify", *args]) == 1
+    out = capsys.readouterr().out
+    tables = out[: out.index("FAIL [receipt]")]
+    assert "…" not in tables and "ledger entries of gamma" in tables
+    assert any(
+        line.split()[:7] == ["1", "run-a", "1", "20", "1.500", "0.200", "5.2343"] for line in tables.splitlines()
+    )
 
 
 def test_a_ledger_rolled_back_behind_a_receipt_the_coordinator_held_is_caught(fed: Path) -> None:

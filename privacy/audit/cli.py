@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -99,24 +100,8 @@ def print_result(result: AuditResult, console: Console, verbose: bool = False) -
         console.print(rounds)
 
     if verbose or not result.ok:
-        entries = Table(title="ledger entries", title_justify="left")
-        for col in ("member", "#", "run", "round", "steps", "σ", "q", "ε recorded", "ε recomputed", "ok", "status"):
-            entries.add_column(col, justify="left" if col in ("member", "run", "status") else "right")
-        for e in result.entries:
-            entries.add_row(
-                e.member,
-                str(e.index),
-                e.run,
-                "-" if e.round is None else str(e.round),
-                "-" if e.steps is None else str(e.steps),
-                _fmt(e.noise_multiplier, 3),
-                _fmt(e.sample_rate, 3),
-                _fmt(e.recorded),
-                f"{_fmt(e.recomputed)} {e.method.upper()}",
-                "[green]yes[/]" if e.ok else "[red]NO[/]",
-                e.status,
-            )
-        console.print(entries)
+        for member in sorted({e.member for e in result.entries}):
+            console.print(_entries_table(member, [e for e in result.entries if e.member == member]))
 
     for f in result.findings:
         style = "red" if f.severity == FAIL else "dim"
@@ -130,6 +115,30 @@ def print_result(result: AuditResult, console: Console, verbose: bool = False) -
         f"{verdict} ({len(result.entries)} ledger entries, {len(result.rounds)} rounds, store HEAD round "
         f"{result.head_round}, {result.objects_verified} objects verified)"
     )
+
+
+def _entries_table(member: str, rows: list) -> Table:
+    """One member's ledger entries. Numbers never wrap or get cut; the run id and the state
+    fold instead, so the table stays readable at 80 columns (a pipe, a CI log)."""
+    table = Table(title=f"ledger entries of {member}", title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True)
+    for col in ("#", "run", "round", "steps", "σ", "q", "ε recorded", "ε recomputed", "state"):
+        wraps = col in ("run", "state")
+        table.add_column(
+            col, justify="left" if wraps else "right", no_wrap=not wraps, overflow="fold" if wraps else "ellipsis"
+        )
+    for e in rows:
+        table.add_row(
+            str(e.index),
+            escape(e.run),
+            "-" if e.round is None else str(e.round),
+            "-" if e.steps is None else str(e.steps),
+            _fmt(e.noise_multiplier, 3),
+            _fmt(e.sample_rate, 3),
+            _fmt(e.recorded),
+            f"{_fmt(e.recomputed)} {e.method.upper()}",
+            ("[green]ok[/]" if e.ok else "[red]NO[/]") + (f" {escape(e.status)}" if e.status else ""),
+        )
+    return table
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
