@@ -97,10 +97,11 @@ def summary_table(history: list[tuple[int, dict[str, EvaluateReply]]]) -> Table:
     table.add_column("round", justify="right")
     for m in members:
         table.add_column(m, justify="right")
-    table.add_column("mean", justify="right", style="bold")
+    # "-": the member released no held-out error that round (withheld under DP, or absent)
+    table.add_column("mean", justify="right", style="bold", no_wrap=True)
     for rnd, ev in history:
         values = [ev[m].action_mse if m in ev else None for m in members]
         present = [v for v in values if v is not None]
-        mean = sum(present) / len(present) if present else float("nan")
-        table.add_row(str(rnd), *[f"{v:.4f}" if v is not None else "-" for v in values], f"{mean:.4f}")
+        mean = f"{sum(present) / len(present):.4f}" if present else "withheld"
+        table.add_row(str(rnd), *[f"{v:.4f}" if v is not None else "-" for v in values], mean)
     return table

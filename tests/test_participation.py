@@ -249,3 +249,18 @@ def test_the_second_answer_replaces_the_first(tmp_path):
     grid.script = {"sony": ["sony", None]}
     runner.members = {}  # as after a restart
     assert "sony" not in {m.name for m in runner.query(2).values()}
+
+
+def test_the_summary_says_withheld_when_no_member_released_a_held_out_error():
+    """A round in which every DP node withheld its release (or sat out) has no mean: it says
+    so rather than print NaN."""
+    from rich.console import Console
+
+    from coordinator.progress import summary_table
+    from shared_model.protocol import EvaluateReply
+
+    console = Console(width=80, record=True)
+    console.print(summary_table([(0, {"sony": EvaluateReply("sony", 10, 0.25, 0.1)}), (1, {})]))
+    rows = [line.replace("│", " ").split() for line in console.export_text().splitlines()]
+    assert ["0", "0.2500", "0.2500"] in rows and ["1", "-", "withheld"] in rows
+    assert "nan" not in console.export_text()
