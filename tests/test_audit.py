@@ -372,7 +372,7 @@ def test_a_ledger_rolled_back_behind_a_receipt_the_coordinator_held_is_caught(fe
     (``ledger_heads``). A member whose node was restored from a backup declines in this run,
     so this run holds no receipt of its own to miss; the head it was sent still is one."""
     entries = read_entries(fed, "gamma")
-    later = sign(dict(entries[-1], round=3, prev_hash=entry_hash(entries[-1])), key_of(fed, "gamma"))
+    later = sign(dict(entries[-1], run="run-later", round=3, prev_hash=entry_hash(entries[-1])), key_of(fed, "gamma"))
     stranger = sign(dict(later), Ed25519PrivateKey.generate())
     stranger["public_key"] = later["public_key"]  # claims gamma's key, signed by another
     records = read_records(fed)
@@ -386,6 +386,12 @@ def test_a_ledger_rolled_back_behind_a_receipt_the_coordinator_held_is_caught(fe
     )
     assert_found(result, "receipt", "round 2 ledger head of beta", "is not an entry beta's key signed")
     assert not any("round 1 ledger head" in t for t in texts), "heads the ledgers hold are fine"
+    # A receipt of this run is checked where it was recorded, not once more as a head.
+    write_entries(fed, "alpha", read_entries(fed, "alpha")[:-1])
+    records[2]["ledger_heads"] = {"alpha": records[2]["receipts"]["alpha"]}
+    write_records(fed, records)
+    texts = failures(run_audit(fed), "receipt")
+    assert any("round 2 receipt of alpha" in t for t in texts) and not any("ledger head of alpha" in t for t in texts)
 
 
 def test_swapped_entries(fed: Path) -> None:

@@ -453,7 +453,11 @@ def _check_receipt(
 
 
 def _check_ledger_heads(
-    result: AuditResult, consortium: Consortium, records: dict[int, dict[str, Any]], indexes: dict[str, _LedgerIndex]
+    result: AuditResult,
+    consortium: Consortium,
+    run_id: str | None,
+    records: dict[int, dict[str, Any]],
+    indexes: dict[str, _LedgerIndex],
 ) -> None:
     """Every member's newest receipt the coordinator held when it wrote a round (``ledger_heads``)
     must be in that member's ledger. The receipts of this run are checked with their rounds;
@@ -479,8 +483,8 @@ def _check_ledger_heads(
                 result.add("receipt", subject, f"is not an entry {member}'s key signed ({exc})", member=member)
                 continue
             index = indexes.get(member)
-            if index is None or (member, digest) in seen or digest in index.by_hash:
-                continue
+            if entry.get("run") == run_id or index is None or (member, digest) in seen or digest in index.by_hash:
+                continue  # this run's receipts are checked with their rounds and evaluations
             seen.add((member, digest))
             result.add(
                 "receipt",
@@ -870,7 +874,7 @@ def audit_inputs(
                 severity="fail" if released else NOTE,
             )
     forks = _check_rounds(result, consortium, run, records, indexes)
-    _check_ledger_heads(result, consortium, records, indexes)
+    _check_ledger_heads(result, consortium, run.run_id, records, indexes)
     _check_evaluations(result, consortium, run, records, indexes)
     _check_store(result, consortium, run, records, indexes)
     if not consortium.coordinator_public_key:
