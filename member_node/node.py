@@ -14,6 +14,7 @@ budget, and in the same ledger; the plan for the noise multiplier reserves room 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -407,7 +408,12 @@ class MemberNode:
             return ""
         log.error("ledger rolled back: it lacks entry %s, whose receipt the coordinator holds", ledger_head)
         # For `kyodo-member status`: the member reads its state directory, not the node's log.
-        seen = {"missing_entry": ledger_head, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        seen = {"missing_entry": ledger_head, "first": now, "last": now}
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            before = json.loads(self._rollback_path.read_text(encoding="utf-8"))
+            if before["missing_entry"] == ledger_head:
+                seen["first"] = str(before["first"])
         tmp = self._rollback_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(seen), encoding="utf-8")
         tmp.replace(self._rollback_path)

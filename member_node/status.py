@@ -47,7 +47,8 @@ def _unresolved_rollback(state_dir: Path, entries: list[dict]) -> str:
     if any(entry_hash(entry) == missing for entry in entries):
         return ""
     return (
-        f"at {seen.get('time', '?')} the coordinator named entry {missing[:16]}..., a receipt this member signed, "
+        f"since {seen.get('first', '?')} (last {seen.get('last', '?')}) the coordinator has named entry "
+        f"{missing[:16]}..., a receipt this member signed, "
         "which this ledger lacks (was the state directory restored from a backup?). The node declines every round "
         "and the budget above under-counts what was released: restore the ledger that holds that entry."
     )

@@ -1,5 +1,6 @@
 """The member node's logic and its ClientApp, on generated data (no Flower runtime needed)."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -584,7 +585,9 @@ def test_a_node_whose_ledger_was_rolled_back_spends_nothing_more(setup, tmp_path
     status = ["status", "--state-dir", str(tmp_path / "s"), "--plot", str(tmp_path / "eps.png")]
     assert main(status) == 1
     out = " ".join(capsys.readouterr().out.split())
-    assert "ledger rolled back: at " in out and f"named entry {head[:16]}..." in out and "restore the ledger" in out
+    assert "ledger rolled back: since " in out and f"named entry {head[:16]}..." in out and "restore the ledger" in out
+    seen = json.loads((tmp_path / "s" / "rollback.json").read_text())
+    assert seen["first"] <= seen["last"] and seen["missing_entry"] == head
     member.ledger.path.write_bytes(whole)
     assert main(status) == 0 and "rolled back" not in capsys.readouterr().out
 

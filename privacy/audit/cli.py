@@ -124,7 +124,11 @@ def _entries_table(member: str, rows: list) -> Table:
     for col in ("#", "run", "round", "steps", "σ", "q", "ε recorded", "ε recomputed", "state"):
         wraps = col in ("run", "state")
         table.add_column(
-            col, justify="left" if wraps else "right", no_wrap=not wraps, overflow="fold" if wraps else "ellipsis"
+            col,
+            justify="left" if wraps else "right",
+            no_wrap=not wraps,
+            overflow="fold" if col == "run" else "ellipsis",  # a run id has no spaces; a state wraps at words
+            min_width=10 if col == "state" else None,  # "evaluation" whole
         )
     for e in rows:
         table.add_row(
