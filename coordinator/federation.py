@@ -258,7 +258,8 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             summary.results.append(result)
             summary.history.append((rnd, result.evaluation))
             progress.console.print(cohort_table(plan))
-            progress.console.print(round_table(result, runner.epsilon))
+            held = {member: head.epsilon for member, head in runner.ledger_heads.items()}
+            progress.console.print(round_table(result, runner.epsilon, held))
 
     console.print(summary_table(summary.history))
     (out_dir / "summary.json").write_text(

@@ -47,11 +47,17 @@ def cohort_table(plan: RoundPlan) -> Table:
     return table
 
 
-def round_table(result: RoundResult, epsilons: dict[str, tuple[float, float]] | None = None) -> Table:
+def round_table(
+    result: RoundResult,
+    epsilons: dict[str, tuple[float, float]] | None = None,
+    held: dict[str, float] | None = None,
+) -> Table:
     """Per member: shards, steps run, loss, held-out error and privacy spent after the round.
 
     ``epsilons`` maps member -> (spent, budget) as the member reported in ``query``; the
-    spent value of a member that trained comes from its signed receipt instead.
+    spent value of a member that trained comes from its signed receipt instead, and of one
+    that did not from the newest receipt the coordinator holds (``held``): a node restored
+    from a backup reports what its rolled-back ledger counts, less than it signed for.
     """
     table = Table(title=f"Round {result.round}: members ({result.seconds:.1f}s)")
     for col in ("member", "shards", "steps", "train loss", "held-out MSE", "held-out MAE", "ε spent / budget"):
@@ -70,7 +76,8 @@ def round_table(result: RoundResult, epsilons: dict[str, tuple[float, float]] | 
         else:
             loss = "[red]failed" if member in result.failed else "-"
         budget = epsilons.get(member, (None, None))[1] if epsilons else None
-        spent = receipt["epsilon"] if receipt else (epsilons.get(member, (None, None))[0] if epsilons else None)
+        claimed = epsilons.get(member, (None, None))[0] if epsilons else None
+        spent = receipt["epsilon"] if receipt else (held or {}).get(member, claimed)
         if ev and ev.receipt:  # the evaluation's release came after training: its receipt is the latest spend
             spent = json.loads(ev.receipt)["epsilon"]
         eps = (
