@@ -542,6 +542,19 @@ def test_round_retried_after_a_coordinator_restart_is_explained(fed: Path) -> No
     assert any("declined the committed attempt" in f.message for f in result.findings if f.check == "coverage")
 
 
+def test_a_member_that_sat_a_round_out_at_query_is_one_of_its_members(fed: Path) -> None:
+    """Left out of every cohort (it declined at query), gamma still shows in the round's row:
+    an auditor reading the rounds table sees that it declined, not that it was absent."""
+    records = read_records(fed)
+    for field in ("receipts", "train"):
+        del records[2][field]["gamma"]
+    records[2]["cohorts"] = {s: [m for m in ms if m != "gamma"] for s, ms in records[2]["cohorts"].items()}
+    records[2]["declined"] = {"gamma": "privacy budget exhausted"}
+    write_records(fed, records)
+    row = next(r for r in run_audit(fed).rounds if r.round == 2)
+    assert row.members["gamma"]["state"] == "declined" and row.members["gamma"]["receipt"] == "-"
+
+
 def test_record_rebuilt_from_store_is_checked_against_ledgers(fed: Path) -> None:
     records = read_records(fed)
     records[2] = {"round": 2, "recovered_from_store": True}

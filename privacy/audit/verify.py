@@ -519,7 +519,12 @@ def _check_rounds(
         updated = [str(s) for s in fields["updated_shards"]]
         row = RoundRow(rnd, updated_shards=sorted(updated))
         members = set(train) | set(receipts) | set(fields["failed"]) | set(fields["declined"])
-        members = {m for m in members if any(m in ms for ms in cohorts.values()) or m in train or m in receipts}
+        # A member that sat the round out at query is in no cohort: still one of the round's.
+        members = {
+            m
+            for m in members
+            if any(m in ms for ms in cohorts.values()) or m in train or m in receipts or m in fields["declined"]
+        }
         for member in sorted(members):
             assigned = sorted(s for s, ms in cohorts.items() if member in ms)
             contributed = [s for s in assigned if s in updated] if member in train else []
