@@ -200,6 +200,7 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             "round": 0,
             "initial": source,
             "evaluation": {m: _evaluation_entry(e) for m, e in initial.items()},
+            "evaluation_withheld": dict(runner.eval_withheld),
             "sync_bytes": dict(runner.sync.sent_bytes),
             "ledger_heads": runner.head_receipts(),
         }
@@ -253,7 +254,12 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
             result.seconds = time.monotonic() - start
             progress.update(task, advance=1, stage="done")
             # sync_bytes again: evaluation sends members the objects they still lack
-            record = {**record, "sync_bytes": dict(runner.sync.sent_bytes), **_evaluation(result)}
+            record = {
+                **record,
+                "sync_bytes": dict(runner.sync.sent_bytes),
+                **_evaluation(result),
+                "evaluation_withheld": dict(runner.eval_withheld),
+            }
             append_record(out_dir, _signed(record, key, run_id, manifest))
             summary.results.append(result)
             summary.history.append((rnd, result.evaluation))

@@ -211,6 +211,7 @@ class RoundRunner:
         self.public_keys: dict[str, str] = {}  # member -> hex Ed25519 key from query
         self.epsilon: dict[str, tuple[float, float]] = {}  # member -> (spent, budget) as reported
         self.sits_out: dict[str, str] = {}  # member -> why it cannot train this round (its query reply)
+        self.eval_withheld: dict[str, str] = {}  # member -> why it released no held-out error (last evaluate)
         # member -> the newest receipt it sent: every request carries its hash, and a node
         # whose ledger lacks it (restored from a backup) spends nothing more.
         self.ledger_heads: dict[str, _Head] = {}
@@ -586,7 +587,9 @@ class RoundRunner:
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, round_number: int, members: Iterable[int]) -> dict[str, EvaluateReply]:
+        """Each member's held-out error; ``self.eval_withheld`` says why the others released none."""
         out: dict[str, EvaluateReply] = {}
+        self.eval_withheld = {}
         node_to_name = {node: m.name for node, m in self.members.items()}
 
         def on_reply(reply: Message) -> None:
@@ -598,6 +601,7 @@ class RoundRunner:
                 parsed = EvaluateReply.from_content(reply.content)
                 if parsed.withheld:
                     log.info("%s released no held-out error: %s", member, parsed.withheld)
+                    self.eval_withheld[member] = parsed.withheld
                     return
                 if parsed.receipt:
                     self._check_evaluation_receipt(member, round_number, parsed)

@@ -212,13 +212,14 @@ def _newest_receipt_epsilon(report: RunReport, member: str) -> float | None:
 
 
 def declines_table(report: RunReport) -> Table | None:
-    """Why members sat rounds out or failed, one row per member and reason (None when no one
-    did): the participation table's D and F say only that they did."""
+    """Why members sat rounds out, failed, or released no held-out error ("no eval", round 0
+    included), one row per member and reason (None when none did): the participation
+    table's D and F say only that they did."""
     reasons: dict[tuple[str, str, str], list[int]] = {}
-    for rnd in sorted(r for r in report.records if r > 0):
+    for rnd in sorted(report.records):
         rec = report.records[rnd]
-        for kind in ("declined", "failed"):
-            for member, why in (rec.get(kind) or {}).items():
+        for kind, key in (("declined", "declined"), ("failed", "failed"), ("no eval", "evaluation_withheld")):
+            for member, why in (rec.get(key) or {}).items():
                 reasons.setdefault((member, kind, str(why)), []).append(rnd)
     if not reasons:
         return None

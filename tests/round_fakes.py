@@ -47,6 +47,7 @@ class FakeGrid:
     name its node claims in ``query``; ``public_keys`` a member to the ledger key it reports.
     ``private``: members that, as DP nodes do, withhold their dataset size (0 in query and train).
     ``sitting_out``: member -> the reason its node gives in ``query`` for not being able to train.
+    ``withholding``: member -> the reason its node gives for releasing no held-out error.
     Every query request received is kept in ``queries``, and every request's ``ledger_head``
     in ``ledger_heads`` as (message type, member, head). ``script`` (set at any time) maps a
     member to how its node answers its next queries, one item each: the name it claims, a
@@ -63,8 +64,10 @@ class FakeGrid:
         public_keys: Mapping[str, str] | None = None,
         private: Iterable[str] = (),
         sitting_out: Mapping[str, str] | None = None,
+        withholding: Mapping[str, str] | None = None,
     ):
         self.private = set(private)
+        self.withholding = dict(withholding or {})
         self.sitting_out = dict(sitting_out or {})
         self.queries: list[QueryRequest] = []
         self.ledger_heads: list[tuple[str, str, str]] = []
@@ -125,6 +128,8 @@ class FakeGrid:
                 can_train=not reason, reason=reason,
             ).to_content()  # fmt: skip
         if kind == EVALUATE:
+            if name in self.withholding:
+                return EvaluateReply(name, 0, float("nan"), float("nan"), withheld=self.withholding[name]).to_content()
             return EvaluateReply(name, 10, 0.5, 0.5).to_content()
         assert kind == TRAIN
         deltas = self.deltas(node, shards)

@@ -347,8 +347,12 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     state.commit_initial(model, {"run": "t"})
     initial = {"source": "public-checkpoint", "sha256": "sha256:" + "ab" * 32}
     append_record(
-        run, {"round": 0, "initial": initial, "evaluation": {"sony": {"action_mse": 0.2}, "honda": {"action_mse": 0.4}}}
-    )
+        run,
+        {
+            "round": 0, "initial": initial, "evaluation": {"sony": {"action_mse": 0.2}},
+            "evaluation_withheld": {"honda": "privacy budget exhausted"},
+        },
+    )  # fmt: skip
     name = next(n for n in model if n.startswith("adapters.so100."))
     model[name] = model[name] + 1
     state.commit_round(1, model, ["adapter/emb/so100"], {}, {"run": "t"})
@@ -371,6 +375,9 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     # coordinator held, and why it sat out is said
     assert "7.250" in out and "why members sat out or failed" in out
     assert any(line.split() == ["honda", "1", "declined", "no", "budget"] for line in out.splitlines())
+    assert any(
+        line.split() == ["honda", "0", "no", "eval", "privacy", "budget", "exhausted"] for line in out.splitlines()
+    )
     assert "…" not in out, "at 80 columns (a pipe) no cell is cut"
     assert "round 0: public checkpoint sha256:" + "ab" * 32 in " ".join(out.split())
     # After gc, round 0 was still committed: its manifest is gone, not its commit.

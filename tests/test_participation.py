@@ -25,10 +25,11 @@ def test_a_member_that_cannot_train_is_in_no_cohort_and_the_round_says_why(tmp_p
     state = RunState(cfg, tmp_path)
     state.commit_initial(initial_model(cfg), {"run": "t"})
     members = {m.name: m.embodiment for m in cfg.federation.members}
-    grid = FakeGrid(members, state.layout, sitting_out={"sony": EXHAUSTED})
+    grid = FakeGrid(members, state.layout, sitting_out={"sony": EXHAUSTED}, withholding={"honda": EXHAUSTED})
     runner = RoundRunner(cfg, grid, state, run_id="t", timeout=30)
     with caplog.at_level(logging.INFO, logger="kyodo"):
         result = runner.run_round(1)
+    assert runner.eval_withheld == {"honda": EXHAUSTED} and "honda" not in result.evaluation
     # The query carried the round's plan, so a DP node can run the decision train would.
     query = grid.queries[0]
     assert (query.round, query.run, query.planned_rounds) == (1, "t", 5)
@@ -196,7 +197,7 @@ def test_a_resumed_run_sends_the_heads_its_round_records_hold(tmp_path):
     # Round 2's record keeps the head it held, for an auditor of this run alone (sony's node
     # may only have declined here, leaving no receipt of this run to miss).
     last = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[-1])
-    assert last["round"] == 2 and last["ledger_heads"] == {"sony": receipt}
+    assert last["round"] == 2 and last["ledger_heads"] == {"sony": receipt} and last["evaluation_withheld"] == {}
 
 
 def _runner_with_keys(tmp_path, keys: dict[str, str]):
