@@ -76,6 +76,13 @@ ROLLBACK_FILE = "rollback.json"
 log = logging.getLogger("kyodo.member")
 
 
+def _replace_json(path: Path, obj: object, indent: int | None = None) -> None:
+    """Write ``obj`` beside ``path`` and rename it over: a reader sees the old file or the new one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
+    tmp.replace(path)
+
+
 class MemberNode:
     def __init__(self, cfg: KyodoConfig, identity: MemberIdentity):
         self.cfg = cfg
@@ -373,9 +380,7 @@ class MemberNode:
                 plans[key] = plan(history=history)
             if not persist:
                 return float(plans[key])
-            tmp = self._plan_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(plans, indent=2), encoding="utf-8")
-            tmp.replace(self._plan_path)
+            _replace_json(self._plan_path, plans, indent=2)
         return float(plans[key])
 
     def evaluation_pace(self, run: str, round_number: int) -> str:
@@ -407,21 +412,23 @@ class MemberNode:
         if not ledger_head or self.ledger.holds(ledger_head):
             return ""
         log.error("ledger rolled back: it lacks entry %s, whose receipt the coordinator holds", ledger_head)
-        # For `kyodo-member status`: the member reads its state directory, not the node's log.
-        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        seen = {"missing_entry": ledger_head, "first": now, "last": now}
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            before = json.loads(self._rollback_path.read_text(encoding="utf-8"))
-            if before["missing_entry"] == ledger_head:
-                seen["first"] = str(before["first"])
-        tmp = self._rollback_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(seen), encoding="utf-8")
-        tmp.replace(self._rollback_path)
+        self._note_rollback(ledger_head)
         return (
             f"this node's ledger lacks entry {ledger_head[:16]}..., whose signed receipt the coordinator holds "
             "(was the state directory restored from a backup?): its accountant would count less than was "
             "released; restore the ledger that holds that entry"
         )
+
+    def _note_rollback(self, missing_entry: str) -> None:
+        """For `kyodo-member status`: the member reads its state directory, not the node's log.
+        Keeps when this entry was first found missing, and when last."""
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        seen = {"missing_entry": missing_entry, "first": now, "last": now}
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            before = json.loads(self._rollback_path.read_text(encoding="utf-8"))
+            if before["missing_entry"] == missing_entry:
+                seen["first"] = str(before["first"])
+        _replace_json(self._rollback_path, seen)
 
     def _dp_round(
         self,
