@@ -31,7 +31,9 @@ from rich.console import Console  # noqa: E402
 from shared_model.config import ConfigError, KyodoConfig, load_config  # noqa: E402
 from shared_model.flower_processes import log_to_stderr  # noqa: E402
 
-console = Console()
+# soft_wrap: messages are not re-wrapped at the terminal's width, so a path in one stays
+# whole for copying (tables still fit the width).
+console = Console(soft_wrap=True)
 
 
 def prepare_member_data(cfg: KyodoConfig, fresh: bool = False) -> None:
@@ -73,6 +75,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             load_checkpoint(cfg)
         except CheckpointError as err:
+            console.print(f"[red]error:[/] {err}", highlight=False)
+            return 2
+    if cfg.continue_from:  # likewise a run that cannot be continued
+        from coordinator.continuation import ContinuationError, earlier_round
+
+        try:
+            earlier_round(cfg)
+        except ContinuationError as err:
             console.print(f"[red]error:[/] {err}", highlight=False)
             return 2
     # The run writes into fresh directories so round files of an older run never mix in.
@@ -367,18 +377,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 @_deploy_errors
 def cmd_log(args: argparse.Namespace) -> int:
     """The coordinator's log of a deployed run (flwr log)."""
-    from coordinator.deploy import operator_dir, show_log
+    from coordinator.deploy import operator_dir, show_log, submitted_run_id
 
-    return show_log(operator_dir(args.dir), str(args.run_id), follow=args.follow)
+    op = operator_dir(args.dir)
+    return show_log(op, submitted_run_id(op, args.run), follow=args.follow)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Rounds, cohorts, shard versions and member participation of a run directory."""
+    from coordinator.deploy import DeployError, newest_run_dir, operator_dir
     from coordinator.run_status import StoreError, status_tables
 
+    run_dir = Path(args.run_dir)
     try:
-        tables = status_tables(args.run_dir, rounds=[args.round] if args.round is not None else None)
-    except (FileNotFoundError, StoreError) as err:
+        if operator_dir(run_dir).consortium.is_file():  # an operator directory: its newest run
+            run_dir = newest_run_dir(operator_dir(run_dir))
+            console.print(f"newest run: {run_dir}", highlight=False)
+        tables = status_tables(run_dir, rounds=[args.round] if args.round is not None else None)
+    except (FileNotFoundError, StoreError, DeployError) as err:
         console.print(f"[red]error:[/] {err}", highlight=False)
         return 2
     for table in tables:
@@ -468,11 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     show = sub.add_parser("log", help="the coordinator's log of a deployed run (flwr log)")
     show.add_argument("dir", help="the operator directory")
-    show.add_argument("run_id", help="the run id `run` printed (also in DIR/runs.jsonl)")
+    show.add_argument(
+        "run",
+        nargs="?",
+        default=None,
+        help="the Flower run id `run` printed, or the run's directory (DIR/runs.jsonl has both); default: the newest",
+    )
     show.add_argument("--follow", action="store_true", help="keep streaming until the run ends")
     show.set_defaults(func=cmd_log)
     status = sub.add_parser("status", help="rounds, cohorts, shard versions and participation of a run")
-    status.add_argument("run_dir", help="a run directory (store/, rounds.jsonl)")
+    status.add_argument(
+        "run_dir", help="a run directory (store/, rounds.jsonl), or the operator directory for its newest run"
+    )
     status.add_argument("--round", type=int, default=None, help="show the cohorts of this round only")
     status.set_defaults(func=cmd_status)
     return parser

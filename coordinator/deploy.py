@@ -542,12 +542,17 @@ def run_config(
 
 
 def _check_run_config(model: str, overrides: list[str]) -> None:
-    """The run config must load, and a public checkpoint it names must be the published file."""
+    """The run config must load, a public checkpoint it names must be the published file, and
+    a run it continues (``continue_from``) must have a committed round of the same model."""
+    from coordinator.continuation import ContinuationError, earlier_round
     from coordinator.public_checkpoint import CheckpointError, check_published
 
     try:
-        check_published(load_config(model=model, overrides=overrides))
-    except (ConfigError, CheckpointError) as err:
+        cfg = load_config(model=model, overrides=overrides)
+        check_published(cfg)
+        if cfg.continue_from:
+            earlier_round(cfg)
+    except (ConfigError, CheckpointError, ContinuationError) as err:
         raise DeployError(f"config: {err}") from None
 
 
@@ -585,6 +590,44 @@ def submit_run(
     with open(op.root / "runs.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"run_id": submission.run_id, "out_dir": str(out), "submitted": time.time()}) + "\n")
     return submission
+
+
+def _submissions(op: OperatorDir) -> list[dict[str, Any]]:
+    """``runs.jsonl``: one line per ``run`` (Flower run id, run directory, time), oldest first."""
+    try:
+        text = (op.root / "runs.jsonl").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _submission(op: OperatorDir, which: str | None) -> dict[str, Any]:
+    submissions = _submissions(op)
+    if which is None:
+        if not submissions:
+            raise DeployError(f"no run submitted from {op.root} yet ({op.root / 'runs.jsonl'} is empty)")
+        return submissions[-1]
+    wanted = Path(which).expanduser().resolve()
+    for sub in reversed(submissions):
+        if str(sub["run_id"]) == which or Path(sub["out_dir"]).resolve() == wanted:
+            return sub
+    raise DeployError(
+        f"{which!r} is neither a Flower run id (a number) nor the directory of a run submitted from {op.root} "
+        f"(see {op.root / 'runs.jsonl'})"
+    )
+
+
+def submitted_run_id(op: OperatorDir, which: str | None) -> str:
+    """The Flower run id of a submission: ``which`` as a Flower run id, or as the run
+    directory it wrote (what ``status`` takes), or the newest submission when None."""
+    if which is not None and which.isdigit():
+        return which
+    return str(_submission(op, which)["run_id"])
+
+
+def newest_run_dir(op: OperatorDir) -> Path:
+    """The run directory of the newest submission (what ``status OPERATOR_DIR`` shows)."""
+    return Path(_submission(op, None)["out_dir"])
 
 
 def show_log(op: OperatorDir, run_id: str, follow: bool = False) -> int:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.serverapp import Grid
 from rich.console import Console
 
+from coordinator.continuation import earlier_round, import_round
 from coordinator.progress import STAGES, cohort_table, make_progress, round_table, summary_table
 from coordinator.public_checkpoint import initial_source, load_checkpoint, public_checkpoint
 from coordinator.records import append_record, earlier_runs_records, read_records
@@ -58,6 +59,24 @@ def initial_model(cfg: KyodoConfig) -> dict[str, torch.Tensor]:
     if cfg.public.rounds > 0:
         return public_checkpoint(cfg)
     return {k: v.detach().clone() for k, v in Policy(cfg.model, cfg.embodiments).state_dict().items()}
+
+
+def _commit_round_zero(cfg: KyodoConfig, state: RunState, run_id: str) -> Manifest:
+    """Commit round 0, saying in its manifest where it came from.
+
+    An earlier run's HEAD (``continue_from``) is taken object by object and never loaded.
+    Otherwise this is the one time the whole model is in RAM: the policy's initialisation,
+    or the public checkpoint (imported, public.checkpoint, or pretrained here,
+    public.rounds), written shard by shard and dropped; from here on the coordinator reads
+    shards from the store."""
+    if cfg.continue_from:
+        earlier = earlier_round(cfg)
+        objects = import_round(state, earlier)
+        extra = {"run": run_id, "initial": json.dumps(earlier.source(), sort_keys=True)}
+        log.info("round 0 is round %d of run %s (%s)", earlier.manifest.round, earlier.run_id, earlier.run_dir)
+        return state.commit_initial_objects(objects, extra)
+    extra = {"run": run_id, "initial": json.dumps(initial_source(cfg), sort_keys=True)}
+    return state.commit_initial(initial_model(cfg), extra)
 
 
 def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str, int], heads: dict[str, dict]) -> dict:
@@ -182,13 +201,8 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
     resumed = state.resume()
     summary = RunSummary(out_dir=out_dir)
     if resumed is None:
-        # The one time the whole model is in RAM: the policy's initialisation, or the public
-        # checkpoint (imported, public.checkpoint, or pretrained here, public.rounds), written
-        # shard by shard and dropped; from here on the coordinator reads shards from the store.
-        source = initial_source(cfg)
-        initial_manifest = state.commit_initial(
-            initial_model(cfg), {"run": run_id, "initial": json.dumps(source, sort_keys=True)}
-        )
+        initial_manifest = _commit_round_zero(cfg, state, run_id)
+        source = json.loads(initial_manifest.extra["initial"])
         runner = RoundRunner(cfg, grid, state, run_id=run_id, sync=ModelSync(state.store))
         _heads_from_earlier_runs(runner, cfg, out_dir)
         first_round = 1

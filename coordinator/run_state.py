@@ -102,7 +102,13 @@ class RunState:
 
     def commit_initial(self, model: Mapping[str, torch.Tensor], extra: Mapping[str, Any]) -> Manifest:
         changed = {shard: self.store.put_shard(shard, self.shard_tensors(model, shard)) for shard in self.layout.shards}
-        self.head = self.store.commit(None, changed, round_number=0, model_config=self.config_hash, extra=dict(extra))
+        return self.commit_initial_objects(changed, extra)
+
+    def commit_initial_objects(self, objects: Mapping[str, str], extra: Mapping[str, Any]) -> Manifest:
+        """Round 0 from objects already in the store (shard -> object id; every shard)."""
+        self.head = self.store.commit(
+            None, dict(objects), round_number=0, model_config=self.config_hash, extra=dict(extra)
+        )
         return self.head
 
     def commit_round(

@@ -112,12 +112,17 @@ def rounds_table(report: RunReport) -> Table:
 
 def describe_round_zero(source: Any) -> str:
     """Where round 0 came from, from the round-0 record's ``initial``
-    (``coordinator.public_checkpoint.initial_source``; runs before it did not record one)."""
+    (``coordinator.public_checkpoint.initial_source``, ``coordinator.continuation``; runs
+    before them did not record one)."""
     if not isinstance(source, dict):
         return "source not recorded"
     kind = source.get("source")
     if kind == "public-checkpoint":
         return f"public checkpoint {source.get('sha256')}"
+    if kind == "run":
+        return (
+            f"continued from round {source.get('round')} of run {source.get('run')} (manifest {source.get('manifest')})"
+        )
     if kind == "public-pretraining":
         return (
             f"pretrained on public episodes in the run ({source.get('rounds')} rounds, "

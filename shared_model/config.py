@@ -261,6 +261,10 @@ class KyodoConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     public: PublicConfig = field(default_factory=PublicConfig)
     out_dir: str = "runs/demo"
+    # An earlier run's directory: this run's round 0 is that run's last committed model (its
+    # store's HEAD; ``coordinator.continuation``), so a consortium goes on training one model
+    # over many runs. Empty: round 0 comes from ``public`` (or the initialisation).
+    continue_from: str = ""
     data_root: str = "data/demo"
     # Where simulated members keep their ledger and keys; empty: ``<out_dir>/nodes``.
     state_root: str = ""
@@ -474,6 +478,9 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError("public.checkpoint_sha256 is set but public.checkpoint (the file) is not")
     if pub.checkpoint and pub.rounds > 0:
         raise ConfigError("public.checkpoint and public.rounds > 0 both make round 0: set one of them")
+    if cfg.continue_from and (pub.checkpoint or pub.rounds > 0):
+        other = "public.checkpoint" if pub.checkpoint else "public.rounds > 0"
+        raise ConfigError(f"continue_from and {other} both make round 0: set one of them")
     sa = cfg.secagg
     if not 1 <= sa.bits <= 62:
         raise ConfigError(f"secagg.bits ({sa.bits}) must be in 1..62")

@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -638,6 +639,41 @@ class ShardStore:
         except ValueError as exc:
             raise CorruptObjectError(object_id, f"not a valid safetensors file: {exc}") from None
         return self._store_bytes(object_id, data)
+
+    def import_object(self, source: ShardStore, object_id: str) -> bool:
+        """Take an object from another store on this machine (a run continuing an earlier
+        run's model, ``coordinator.continuation``); returns whether it was written.
+
+        Objects never change once written, so the file is hard-linked where both stores share
+        a filesystem (a trillion-parameter model then costs no second 2 TB on disk and no
+        copy time) and copied only where they do not. Either way the file taken is the one
+        verified: it is linked (or copied) into ``tmp/`` first, hashed there, and only then
+        renamed under its id, so a source file replaced or damaged meanwhile cannot slip in.
+        Removing it from either store later (``gc``) removes one name, never the other's data.
+        """
+        path = self.object_path(object_id)
+        if path.is_file() and self._file_digest(path) == object_id:
+            return False
+        src = source.object_path(object_id)
+        if not src.is_file():
+            raise MissingObjectError(object_id, path=src)
+        tmp = self._tmp / f"import.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:  # another filesystem (EXDEV) or no hard links there: copy
+                shutil.copyfile(src, tmp)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+            digest = self._file_digest(tmp)
+            if digest != object_id:
+                raise CorruptObjectError(object_id, f"its bytes hash to {digest}", path=src)
+            self._ensure_fan_dir(path)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def read_object(self, object_id: str, *, shard_id: str | None = None) -> StoredObject:
         """Read and verify an object: its bytes must hash to its id and parse as safetensors.

@@ -10,6 +10,7 @@ fails with a finding that names the entry (or round) and the problem.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import shutil
@@ -727,6 +728,26 @@ def test_budget_is_composed_at_the_published_delta(fed: Path) -> None:
     set_budget(fed, "alpha", 5.6)
     result = run_audit(fed)
     assert_found(result, "budget", "alpha budget", "composes to epsilon", "at delta 1e-05", "budget epsilon 5.6")
+
+
+def test_a_budget_settled_by_pld_says_so_where_the_members_table_is_read(fed: Path) -> None:
+    """A budget of 6.0 lies between alpha's PLD (5.77) and RDP (6.38) epsilon: within budget,
+    and the table a reader sees (terminal, HTML, markdown) explains why RDP is over it."""
+    from rich.console import Console
+
+    from privacy.audit.cli import print_result
+    from privacy.audit.report import PLD_DECIDED, render_html
+
+    set_budget(fed, "alpha", 6.0)
+    result = run_audit(fed)
+    alpha = result.members["alpha"]
+    assert alpha.within_budget and alpha.method == "pld" and alpha.epsilon_rdp > 6.0
+    console = Console(record=True, width=400)
+    print_result(result, console)
+    assert PLD_DECIDED in " ".join(console.export_text().split())
+    assert PLD_DECIDED in render_markdown(result) and html.escape(PLD_DECIDED) in render_html(result)
+    set_budget(fed, "alpha", 8.0)
+    assert PLD_DECIDED not in render_markdown(run_audit(fed))
 
 
 def test_claim_at_a_looser_delta_than_published(fed: Path) -> None:

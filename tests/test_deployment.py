@@ -283,8 +283,15 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
     assert "already in" in capsys.readouterr().out
     assert coordinator_main(["add-member", str(op_dir), str(tmp_path / "sony-membership.json")]) == 3
     assert "sony-membership.json not found" in " ".join(capsys.readouterr().out.split())
+    assert coordinator_main(["log", str(op_dir)]) == 3
+    assert "no run submitted from" in capsys.readouterr().out
     assert coordinator_main(["log", str(op_dir), "x1"]) == 3
-    assert "run id 'x1' is not a number" in capsys.readouterr().out
+    assert "'x1' is neither a Flower run id (a number) nor the directory of a run" in capsys.readouterr().out
+    # A run is named by its Flower id or by the directory `status` takes; none: the newest.
+    submissions = [{"run_id": 11, "out_dir": str(tmp_path / "r1")}, {"run_id": 12, "out_dir": str(tmp_path / "r2")}]
+    (op.root / "runs.jsonl").write_text("".join(json.dumps(s) + "\n" for s in submissions))
+    assert deploy.submitted_run_id(op, str(tmp_path / "r1")) == "11"
+    assert deploy.submitted_run_id(op, None) == "12" and deploy.submitted_run_id(op, "7") == "7"
     consortium = deploy.load_consortium(op)
     assert [m.name for m in consortium.members] == ["honda", "sony", "softbank"]
     assert (op.members / "sony.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
@@ -387,6 +394,15 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     out = capsys.readouterr().out
     assert "yes (gc)" in out, out
     assert coordinator_main(["status", str(tmp_path / "nowhere")]) == 2
+    # The operator directory stands for its newest run.
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
+    assert coordinator_main(["status", str(op_dir)]) == 2
+    assert "no run submitted from" in capsys.readouterr().out
+    (op_dir / "runs.jsonl").write_text(json.dumps({"run_id": 3, "out_dir": str(run)}) + "\n")
+    assert coordinator_main(["status", str(op_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"newest run: {run}" in out and "yes (gc)" in out
 
 
 # ----------------------------------------------------------------------------- end to end (slow)

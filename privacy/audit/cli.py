@@ -30,6 +30,7 @@ from rich.table import Table
 from privacy.audit.consortium import ConsortiumError, dump_consortium, from_nodes
 from privacy.audit.findings import CHECKS, FAIL, AuditResult
 from privacy.audit.inputs import InputError
+from privacy.audit.report import member_notes
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -75,6 +76,8 @@ def print_result(result: AuditResult, console: Console, verbose: bool = False) -
             "[green]yes[/]" if m.within_budget else "[red]NO[/]",
             "[green]ok[/]" if m.ok else "[red]FAIL[/]",
         )
+    members.caption = "\n".join(member_notes(result)) or None
+    members.caption_justify = "left"
     console.print(members)
 
     if result.rounds:

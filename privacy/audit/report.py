@@ -182,6 +182,17 @@ def _check_rows(result: AuditResult) -> list[tuple[str, str, str]]:
     ]
 
 
+PLD_DECIDED = (
+    "PLD: dp-accounting's RDP bound (in brackets) is looser than the budget or the claim; the tight "
+    "PLD composition of the same mechanisms decided. Both are valid upper bounds on ε."
+)
+
+
+def member_notes(result: AuditResult) -> list[str]:
+    """What a reader of the members table needs to read it right."""
+    return [PLD_DECIDED] if any(m.method == "pld" for m in result.members.values()) else []
+
+
 def _member_rows(result: AuditResult) -> list[list[str]]:
     rows = []
     for name, m in sorted(result.members.items()):
@@ -285,6 +296,7 @@ def render_html(result: AuditResult) -> str:
         _html_table(["check", "result", "what it establishes"], _check_rows(result)),
         "<h2>Members</h2>",
         _html_table(_MEMBER_HEAD, _member_rows(result), bad_col=6),
+        *(f"<p>{html.escape(note)}</p>" for note in member_notes(result)),
         "<h2>Findings</h2>",
     ]
     if result.findings:
@@ -343,6 +355,7 @@ def render_markdown(result: AuditResult, html_name: str = "report.html") -> str:
         "",
         _md_table(_MEMBER_HEAD, _member_rows(result)),
         "",
+        *(line for note in member_notes(result) for line in (note, "")),
     ]
     if result.failures:
         lines += ["## Problems", ""] + [f"- [{f.check}] {f.text()}" for f in result.failures] + [""]

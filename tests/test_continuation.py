@@ -1,0 +1,159 @@
+"""A run whose round 0 is an earlier run's committed model (``continue_from``): the store's
+object import, the coordinator's round 0 and record, and every refusal, with the real round
+runner over an in-process grid (``tests/round_fakes.py``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from coordinator.continuation import ContinuationError, earlier_round
+from coordinator.federation import run_federation
+from coordinator.run_state import RunState
+from coordinator.run_status import describe_round_zero
+from privacy.round_signature import round_signature_problem
+from shared_model.config import ConfigError, load_config
+from shared_model.store import CorruptObjectError, MissingObjectError, ShardStore
+from tests.round_fakes import FakeGrid
+
+MEMBERS = {"honda": "aloha", "sony": "so100", "softbank": "agv", "fanuc": "franka"}
+BASE = ["secagg.enabled=false", "train.min_cohort=2"]
+
+
+def _run(root: Path, name: str, *overrides: str, held: tuple[str, ...] = ()) -> tuple[Path, FakeGrid]:
+    out = root / name
+    cfg = load_config(model="tiny", overrides=[*BASE, f"out_dir={out}", "train.rounds=2", *overrides])
+    grid = FakeGrid(MEMBERS, RunState(cfg, root / "layout").layout, held=held)
+    run_federation(cfg, grid, Console(file=io.StringIO()))
+    return out, grid
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> Path:
+    out, _ = _run(tmp_path_factory.mktemp("runs"), "first")
+    return out
+
+
+def _object_file(store: ShardStore, object_id: str) -> os.stat_result:
+    return store.object_path(object_id).stat()
+
+
+def test_round_zero_is_the_earlier_heads_objects_linked_not_copied(first_run, tmp_path):
+    first = ShardStore(first_run / "store")
+    head = first.head_manifest()
+    out, grid = _run(tmp_path, "second", f"continue_from={first_run}")
+    store = ShardStore(out / "store")
+    zero = store.manifest(0)
+    assert zero.shards == head.shards
+    for object_id in set(zero.shards.values()):  # one file on disk, two names
+        assert _object_file(store, object_id).st_ino == _object_file(first, object_id).st_ino
+    run_id = json.loads((first_run / "run.json").read_text())["run"]
+    source = json.loads(zero.extra["initial"])
+    assert {k: source[k] for k in ("source", "run", "round", "manifest")} == {
+        "source": "run",
+        "run": run_id,
+        "round": 2,
+        "manifest": f"sha256:{head.digest}",
+    }
+    records = _records(out)
+    assert records[0]["initial"] == source and [r["round"] for r in records] == [0, 1, 2]
+    assert records[2]["updated_shards"], "the continued run trains on"
+    # The lineage is checkable from round 0's record alone: the earlier coordinator signed
+    # exactly that manifest as that round of that run.
+    signed = {"manifest": head.digest, **source["coordinator"]}
+    key = json.loads((first_run / "run.json").read_text())["coordinator_public_key"]
+    assert round_signature_problem(signed, run_id, 2, head.digest, key) is None
+    assert describe_round_zero(source) == f"continued from round 2 of run {run_id} (manifest sha256:{head.digest})"
+
+
+def test_members_that_hold_the_earlier_model_are_sent_nothing_for_round_zero(first_run, tmp_path):
+    held = tuple(sorted(set(ShardStore(first_run / "store").head_manifest().shards.values())))
+    out, _ = _run(tmp_path, "second", f"continue_from={first_run}", "train.rounds=1", held=held)
+    sent = _records(out)[0]["sync_bytes"]
+    assert sum(sent.values()) == 0, sent
+    assert all(_records(first_run)[0]["sync_bytes"][m] > 0 for m in MEMBERS)  # a fresh replica gets it all
+
+
+def test_a_changed_source_object_is_refused_and_nothing_is_committed(first_run, tmp_path):
+    copy = tmp_path / "first"
+    shutil.copytree(first_run, copy)
+    store = ShardStore(copy / "store")
+    victim = sorted(set(store.head_manifest().shards.values()))[0]
+    path = store.object_path(victim)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.unlink()  # a fresh inode: the first run's file stays intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptObjectError, match=victim):
+        _run(tmp_path, "second", f"continue_from={copy}")
+    assert ShardStore(tmp_path / "second" / "store").head() is None
+    assert not (tmp_path / "second" / "rounds.jsonl").exists()
+
+
+def test_import_copies_across_filesystems_and_reports_missing_objects(first_run, tmp_path, monkeypatch):
+    first = ShardStore(first_run / "store")
+    object_id = next(iter(first.head_manifest().shards.values()))
+    target = ShardStore(tmp_path / "store")
+
+    def no_link(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    assert target.import_object(first, object_id) is True
+    assert _object_file(target, object_id).st_ino != _object_file(first, object_id).st_ino
+    assert target.read_object(object_id).data == first.read_object(object_id).data
+    assert target.import_object(first, object_id) is False  # already there, intact
+    with pytest.raises(MissingObjectError):
+        target.import_object(ShardStore(tmp_path / "empty"), "ab" * 32)
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def _cfg(tmp_path: Path, source: Path, *overrides: str):
+    return load_config(
+        model="tiny", overrides=[*BASE, f"out_dir={tmp_path / 'next'}", f"continue_from={source}", *overrides]
+    )
+
+
+def test_refusals_say_what_to_do(first_run, tmp_path):
+    with pytest.raises(ContinuationError, match="no committed round there"):
+        earlier_round(_cfg(tmp_path, tmp_path / "nowhere"))
+    with pytest.raises(ContinuationError, match="this run's own directory"):
+        earlier_round(load_config(model="tiny", overrides=[f"out_dir={first_run}", f"continue_from={first_run}"]))
+    with pytest.raises(ContinuationError, match="another model config"):
+        earlier_round(_cfg(tmp_path, first_run, "model.n_experts=2"))
+    with pytest.raises(ConfigError, match="continue_from and public.rounds > 0 both make round 0"):
+        _cfg(tmp_path, first_run, "public.rounds=2")
+    # The HEAD round's record missing (the coordinator died after committing it), or forged.
+    for name, edit in (("unrecorded", lambda rs: rs[:-1]), ("forged", _forge)):
+        copy = tmp_path / name
+        shutil.copytree(first_run, copy)
+        records = edit(_records(copy))
+        (copy / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        with pytest.raises(ContinuationError, match="round 2 \\(its HEAD\\) has no valid signed record"):
+            earlier_round(_cfg(tmp_path, copy))
+
+
+def _forge(records: list[dict]) -> list[dict]:
+    sig = records[-1]["coordinator"]["signature"]
+    records[-1]["coordinator"]["signature"] = ("0" if sig[0] != "0" else "1") + sig[1:]
+    return records
+
+
+def test_demo_refuses_a_run_it_cannot_continue_before_anything_starts(tmp_path, capsys):
+    from coordinator.cli import main
+
+    data_root = tmp_path / "data"
+    argv = ["demo", "--model", "tiny", f"continue_from={tmp_path / 'nowhere'}", f"data_root={data_root}"]
+    assert main(argv) == 2
+    assert "no committed round there" in capsys.readouterr().out
+    assert not data_root.exists()  # no member prepared data
