@@ -324,7 +324,14 @@ def cmd_add_member(args: argparse.Namespace) -> int:
     """Admit a member from its membership.json (public keys only)."""
     from coordinator.deploy import add_member
 
-    entry = add_member(args.dir, args.membership)
+    entry = add_member(args.dir, args.membership, update=args.update)
+    if args.update:
+        console.print(
+            f"member [cyan]{entry.name}[/]: published budget now ε={entry.epsilon:g} δ={entry.delta:g} "
+            f"(consortium.yaml, audit-consortium.yaml)",
+            highlight=False,
+        )
+        return 0
     console.print(
         f"member [cyan]{entry.name}[/] ({entry.embodiment}) added; its SuperNode key is registered when the "
         f"SuperLink starts, or now with `kyodo-coordinator register {args.dir}`",
@@ -371,7 +378,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     status = wait_for_run(operator_dir(args.dir), submission.run_id, timeout=args.timeout)
     console.print(f"run {submission.run_id}: {status}", highlight=False)
-    return 0 if status == "finished:completed" else 1
+    if status == "finished:completed":
+        return 0
+    console.print(
+        f"why: kyodo-coordinator log {args.dir} {submission.run_id}\n"
+        f"to go on after its last committed round (same settings; the SuperLink running again: "
+        f"kyodo-coordinator start {args.dir}): kyodo-coordinator run {args.dir} --out-dir {submission.out_dir}",
+        highlight=False,
+    )
+    return 1
 
 
 @_deploy_errors
@@ -462,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = sub.add_parser("add-member", help="admit a member from its membership.json (public keys)")
     add.add_argument("dir", help="the operator directory")
     add.add_argument("membership", help="the membership.json `kyodo-member init` wrote")
+    add.add_argument(
+        "--update", action="store_true", help="take an admitted member's new budget (`kyodo-member budget`)"
+    )
     add.set_defaults(func=cmd_add_member)
     start = sub.add_parser("start", help="run the SuperLink (foreground; TLS, node auth, database)")
     start.add_argument("dir", help="the operator directory")

@@ -238,9 +238,12 @@ def _load_ssh_public(line: str, what: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def add_member(path: Path | str, membership_file: Path | str) -> MemberEntry:
+def add_member(path: Path | str, membership_file: Path | str, update: bool = False) -> MemberEntry:
     """Admit a member from the ``membership.json`` it sent (public keys only), after checking
-    both keys parse and neither name nor SuperNode key is taken already."""
+    both keys parse and neither name nor SuperNode key is taken already.
+
+    ``update``: take a member's new published budget (``kyodo-member budget``); its name,
+    embodiment and both keys must be those already admitted (a new key is a new member)."""
     op = operator_dir(path)
     consortium = load_consortium(op)
     if not Path(membership_file).is_file():
@@ -267,8 +270,12 @@ def add_member(path: Path | str, membership_file: Path | str) -> MemberEntry:
     except KeyFormatError as err:
         raise DeployError(f"member {entry.name!r}: ledger key: {err}") from None
     _load_ssh_public(entry.supernode_public_key, f"member {entry.name!r}: SuperNode key")
+    if update:
+        return _update_budget(op, consortium, entry)
     if consortium.member(entry.name):
-        raise DeployError(f"member {entry.name!r} is already in {op.consortium}")
+        raise DeployError(
+            f"member {entry.name!r} is already in {op.consortium} (a new budget: add-member ... --update)"
+        )
     for other in consortium.members:
         if other.supernode_public_key.split()[:2] == entry.supernode_public_key.split()[:2]:
             raise DeployError(f"member {entry.name!r} sent the SuperNode key of {other.name!r}")
@@ -278,6 +285,29 @@ def add_member(path: Path | str, membership_file: Path | str) -> MemberEntry:
     save_consortium(op, consortium)
     write_audit_consortium(op, consortium)
     return entry
+
+
+def _update_budget(op: OperatorDir, consortium: Consortium, entry: MemberEntry) -> MemberEntry:
+    current = consortium.member(entry.name)
+    if current is None:
+        raise DeployError(f"member {entry.name!r} is not in {op.consortium}: admit it first (without --update)")
+    same = (current.embodiment, current.ledger_public_key, current.supernode_public_key.split()[:2]) == (
+        entry.embodiment,
+        entry.ledger_public_key,
+        entry.supernode_public_key.split()[:2],
+    )
+    if not same:
+        raise DeployError(
+            f"member {entry.name!r}: --update changes only the budget; this file names another embodiment or key"
+        )
+    log.info(
+        "member %s: published budget epsilon %g -> %g, delta %g -> %g",
+        entry.name, current.epsilon, entry.epsilon, current.delta, entry.delta,
+    )  # fmt: skip
+    current.epsilon, current.delta = entry.epsilon, entry.delta
+    save_consortium(op, consortium)
+    write_audit_consortium(op, consortium)
+    return current
 
 
 def write_audit_consortium(op: OperatorDir, consortium: Consortium) -> Path:
@@ -363,7 +393,7 @@ def wait_healthy(address: str, ca_file: Path, timeout: float = 60.0, alive: Call
         retry=retry_if_exception_type(Unreachable),
         stop=stop_after_delay(timeout),
         wait=wait_exponential(multiplier=0.5, min=0.5, max=8),
-        before_sleep=log_retry(log, f"SuperLink {address} not healthy yet"),
+        before_sleep=log_retry(log, f"SuperLink {address} not healthy yet", level=logging.INFO),
         reraise=True,
     ):
         with attempt:
@@ -578,6 +608,7 @@ def submit_run(
     if not consortium.members:
         raise DeployError(f"{op.consortium} has no members: add them with `kyodo-coordinator add-member`")
     out = Path(out_dir).expanduser().resolve() if out_dir else op.runs / time.strftime("%Y%m%d-%H%M%S")
+    rounds, overrides = resubmitted(out, rounds, overrides)
     config = run_config(consortium, out, rounds, overrides, _registered(op), op.coordinator_key)
     require_superlink(op, consortium)
     if wait_members > 0:
@@ -585,11 +616,44 @@ def submit_run(
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "run-config.toml"
     config_file.write_text(tomli_w.dumps(config), encoding="utf-8")
+    settings = {"overrides": list(overrides), "rounds": rounds}
+    (out / SUBMITTED_SETTINGS).write_text(json.dumps(settings), encoding="utf-8")
     answer = flwr_cli(op, "run", str(APP_DIR), CONNECTION, "--run-config", str(config_file))
     submission = Submission(run_id=str(answer["run-id"]), out_dir=out)
     with open(op.root / "runs.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"run_id": submission.run_id, "out_dir": str(out), "submitted": time.time()}) + "\n")
     return submission
+
+
+SUBMITTED_SETTINGS = "submitted.json"  # in a run directory: the operator's overrides and rounds
+
+
+def _submitted_settings(out: Path) -> dict[str, Any] | None:
+    """What the operator submitted the run in ``out`` with (None for a new run directory).
+
+    A resume (``run --out-dir`` of a run the coordinator died in) must not fall back to the
+    consortium's defaults for what the first submission overrode: the rounds after the
+    restart would train with other steps, learning rate or rounds than those before it."""
+    path = out / SUBMITTED_SETTINGS
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise DeployError(f"{path} is unreadable ({err}): it holds the run's submitted settings") from None
+    if not (isinstance(data, dict) and isinstance(data.get("overrides"), list)):
+        raise DeployError(f"{path} is not a submission's settings (an object with a list of overrides)")
+    return {"overrides": [str(o) for o in data["overrides"]], "rounds": data.get("rounds")}
+
+
+def resubmitted(out: Path, rounds: int | None, overrides: Sequence[str]) -> tuple[int | None, list[str]]:
+    """The rounds and overrides to submit the run in ``out`` with: the operator's, after those
+    it was first submitted with when it is a resume (later ones win)."""
+    earlier = _submitted_settings(out)
+    if earlier is None:
+        return rounds, list(overrides)
+    log.info("%s was submitted before: its settings %s are kept (later ones win)", out, earlier["overrides"])
+    return rounds or earlier["rounds"], [*earlier["overrides"], *overrides]
 
 
 def _submissions(op: OperatorDir) -> list[dict[str, Any]]:
@@ -646,15 +710,24 @@ def run_status(op: OperatorDir, run_id: str) -> str:
     return str(runs[0].get("status", "?"))
 
 
+def _first_line(err: Exception) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
 def wait_for_run(op: OperatorDir, run_id: str, timeout: float, poll: float = 5.0) -> str:
     """Poll ``flwr ls`` until the run is finished; its final status (``finished:completed``...)."""
     deadline = time.monotonic() + timeout
-    last = ""
+    last, unreachable = "", False
     while time.monotonic() < deadline:
         try:
             status = run_status(op, run_id)
-        except DeployError as err:  # the SuperLink may be restarting: say so and keep waiting
-            log.warning("run %s: %s", run_id, err)
+            if unreachable:
+                log.info("run %s: the SuperLink answers again", run_id)
+                unreachable = False
+        except DeployError as err:  # the SuperLink may be restarting: say so once and keep waiting
+            if not unreachable:
+                log.warning("run %s: cannot ask the SuperLink (%s); waiting for it", run_id, _first_line(err))
+                unreachable = True
             status = last
         if status != last:
             log.info("run %s: %s", run_id, status)

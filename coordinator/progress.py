@@ -12,6 +12,7 @@ from rich.table import Table
 from coordinator.planner import RoundPlan
 from coordinator.rounds import RoundResult
 from shared_model.protocol import EvaluateReply
+from shared_model.shards import is_shard_id
 
 STAGES = ("query", "plan", "train + aggregate", "evaluate")
 
@@ -60,11 +61,12 @@ def round_table(
     from a backup reports what its rolled-back ledger counts, less than it signed for.
     """
     table = Table(title=f"Round {result.round}: members ({result.seconds:.1f}s)")
-    for col in ("member", "shards", "steps", "train loss", "held-out MSE", "held-out MAE", "ε spent / budget"):
-        table.add_column(col, justify="right" if col != "member" else "left")
+    for col in ("member", "shards", "steps", "train loss", "held-out MSE", "held-out MAE", "ε / budget"):
+        # the budget cell kept whole ("12.23 / 16"): at 80 columns it used to wrap after "/"
+        table.add_column(col, justify="right" if col != "member" else "left", no_wrap=col.startswith("ε"))
     members = sorted(set(result.plan.members) | set(result.evaluation) | set(result.failed) | set(result.declined))
     for member in members:
-        if member.startswith(("expert/", "adapter/", "backbone")):
+        if is_shard_id(member):  # ``failed`` also names the shards the round could not update
             continue
         reply = result.train.get(member)
         ev = result.evaluation.get(member)

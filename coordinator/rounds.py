@@ -129,9 +129,11 @@ def exchange(
     grid: Grid,
     messages: Iterable[Message],
     timeout: float,
-    on_reply: Callable[[Message], None],
+    on_reply: Callable[[Message, int], None],
 ) -> set[int]:
-    """Push messages, hand each reply to ``on_reply`` as soon as it arrives.
+    """Push messages, hand each reply to ``on_reply`` as soon as it arrives, with the node
+    the request went to: an error reply the SuperLink makes for a node that went away
+    (``Node Unavailable``) does not come from that node, so its source does not say whose it is.
 
     Messages are pushed one at a time as ``messages`` yields them, so a generator that
     builds each request (with the model objects that member lacks) keeps only one request
@@ -147,8 +149,8 @@ def exchange(
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(waiting)):
-            waiting.pop(reply.metadata.reply_to_message_id, None)
-            on_reply(reply)
+            node = waiting.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            on_reply(reply, node)
             # Flower 1.42's RecordDict keeps its arrays in a reference cycle: without a young-
             # generation collection a reply's tensors outlive the fold that freed them, and
             # the coordinator's memory grows by one update per reply (measured in bench/aggregate.py).
@@ -221,8 +223,7 @@ class RoundRunner:
         node_ids = list(self.grid.get_node_ids())
         replies: dict[int, QueryReply] = {}
 
-        def on_reply(reply: Message) -> None:
-            node = reply.metadata.src_node_id
+        def on_reply(reply: Message, node: int) -> None:
             if reply.has_error():
                 log.warning("node %s declined query: %s", node, reply.error.reason)
                 return
@@ -287,7 +288,7 @@ class RoundRunner:
         return members
 
     def _exchange_queries(
-        self, round_number: int, heads: Mapping[int, str], on_reply: Callable[[Message], None]
+        self, round_number: int, heads: Mapping[int, str], on_reply: Callable[[Message, int], None]
     ) -> list[int]:
         """Query each node with the ledger head it is sent; returns the nodes that did not answer."""
         msgs = [
@@ -392,8 +393,8 @@ class RoundRunner:
 
         node_to_name = {node: m.name for node, m in self.members.items()}
 
-        def on_reply(reply: Message) -> None:
-            member = node_to_name.get(reply.metadata.src_node_id, "?")
+        def on_reply(reply: Message, node: int) -> None:
+            member = node_to_name.get(node, f"node {node}")
             if reply.has_error():
                 result.failed[member] = f"train error {reply.error.code}: {reply.error.reason}"
                 log.warning("%s: %s", member, result.failed[member])
@@ -592,8 +593,8 @@ class RoundRunner:
         self.eval_withheld = {}
         node_to_name = {node: m.name for node, m in self.members.items()}
 
-        def on_reply(reply: Message) -> None:
-            member = node_to_name.get(reply.metadata.src_node_id, "?")
+        def on_reply(reply: Message, node: int) -> None:
+            member = node_to_name.get(node, f"node {node}")
             if reply.has_error():
                 log.warning("%s: evaluate error %s: %s", member, reply.error.code, reply.error.reason)
                 return

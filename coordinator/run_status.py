@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from coordinator.records import read_records
+from shared_model.shards import is_shard_id
 from shared_model.store import Manifest, ShardStore, StoreError
 
 
@@ -38,7 +39,7 @@ class RunReport:
                 names.update(rec.get(key) or {})
             for cohort in (rec.get("cohorts") or {}).values():
                 names.update(cohort)
-        return sorted(n for n in names if "/" not in n)  # "failed" may also name shards
+        return sorted(n for n in names if not is_shard_id(n))  # "failed" also names shards
 
 
 def load_report(run_dir: Path | str) -> RunReport:
@@ -103,7 +104,7 @@ def rounds_table(report: RunReport) -> Table:
         table.add_row(
             str(rnd), committed, changed, ", ".join(kinds) or "-",
             str(len(rec.get("train") or {})), str(len(rec.get("declined") or {})),
-            str(len([k for k in rec.get("failed") or {} if "/" not in k])),
+            str(len([k for k in rec.get("failed") or {} if not is_shard_id(k)])),
             f"{mse:.4f}" if mse is not None else "-", f"{rec['seconds']:.0f}" if "seconds" in rec else "-",
         )  # fmt: skip
     table.caption = "round 0: " + describe_round_zero(report.records.get(0, {}).get("initial"))
@@ -139,7 +140,8 @@ def cohorts_table(report: RunReport, rounds: Sequence[int] | None = None) -> Tab
         rec = report.records.get(rnd, {})
         aggregation = rec.get("aggregation") or {}
         for shard, cohort in sorted((rec.get("cohorts") or {}).items()):
-            how = aggregation.get(shard) or (rec.get("rejected") or {}).get(shard) or "not updated"
+            failed = (rec.get("rejected") or {}).get(shard) or (rec.get("failed") or {}).get(shard)
+            how = aggregation.get(shard) or (f"not updated: {failed}" if failed else "not updated")
             table.add_row(str(rnd), shard, ", ".join(cohort), how)
     return table
 
@@ -225,7 +227,8 @@ def declines_table(report: RunReport) -> Table | None:
         rec = report.records[rnd]
         for kind, key in (("declined", "declined"), ("failed", "failed"), ("no eval", "evaluation_withheld")):
             for member, why in (rec.get(key) or {}).items():
-                reasons.setdefault((member, kind, str(why)), []).append(rnd)
+                if not is_shard_id(member):  # a shard's failure is in the cohorts table
+                    reasons.setdefault((member, kind, str(why)), []).append(rnd)
     if not reasons:
         return None
     table = Table(title="why members sat out or failed", box=box.SIMPLE_HEAD, collapse_padding=True)

@@ -31,7 +31,7 @@ from shared_model.protocol import (
 
 log = logging.getLogger("kyodo.coordinator")
 
-Exchange = Callable[[Grid, list[Message], float, Callable[[Message], None]], set[int]]
+Exchange = Callable[[Grid, list[Message], float, Callable[[Message, int], None]], set[int]]
 
 
 def _stage(
@@ -48,8 +48,8 @@ def _stage(
     name_of = {node: name for name, node in node_of.items()}
     messages = [Message(req.to_content(), node_of[member], stage) for member, req in requests.items()]
 
-    def on_reply(reply: Message) -> None:
-        member = name_of.get(reply.metadata.src_node_id, "?")
+    def on_reply(reply: Message, node: int) -> None:
+        member = name_of.get(node, f"node {node}")
         if reply.has_error():
             failed[member] = f"{stage} error {reply.error.code}: {reply.error.reason}"
             log.warning("%s: %s", member, failed[member])

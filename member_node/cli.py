@@ -27,6 +27,7 @@ from member_node.supernode import (
     MemberSetup,
     SetupError,
     SuperNodeRunner,
+    change_budget,
     free_port,
     init_member,
     load_setup,
@@ -219,6 +220,27 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_budget(args: argparse.Namespace) -> int:
+    try:
+        setup, spent = change_budget(args.dir, epsilon=args.epsilon, delta=args.delta, budget_rounds=args.budget_rounds)
+    except SetupError as err:
+        raise CommandError(str(err), code=2) from None
+    pace = f", spread over at least {setup.budget_rounds} training rounds" if setup.budget_rounds else ""
+    console = Console(soft_wrap=True)
+    console.print(
+        f"member [cyan]{setup.member}[/]: budget ε={setup.epsilon:g} δ={setup.delta:g}{pace}; "
+        f"its ledger records ε {spent:.3f} spent",
+        highlight=False,
+    )
+    console.print(
+        f"restart the node (kyodo-member start {setup.dir}) for it to take effect, and send "
+        f"[bold]{setup.dir / MEMBERSHIP_FILE}[/] to the operator (kyodo-coordinator add-member DIR FILE --update): "
+        "auditors check every receipt against the published budget",
+        highlight=False,
+    )
+    return 0
+
+
 def _check_data(setup: MemberSetup) -> None:
     """The dataset must exist and match the declared embodiment before a SuperNode announces it."""
     embodiment = _embodiment(setup.embodiment)
@@ -309,6 +331,17 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     init.add_argument("--root-certificates", default="", help="the consortium's CA certificate (ca.pem)")
     init.add_argument("--port", type=int, default=0, help="SuperNode runtime API port (0: a free one at start)")
     init.set_defaults(handler=_cmd_init)
+
+    budget = commands.add_parser(
+        "budget", help="change this member's privacy budget (member.yaml and membership.json; keys unchanged)"
+    )
+    budget.add_argument("dir", type=Path, help="the member's directory (kyodo-member init)")
+    budget.add_argument("--epsilon", type=float, default=None, help="new epsilon (not below what the ledger records)")
+    budget.add_argument("--delta", type=float, default=None, help="new delta (only before the first ledger entry)")
+    budget.add_argument(
+        "--budget-rounds", type=int, default=None, help="new pace: at least this many training rounds (0: off)"
+    )
+    budget.set_defaults(handler=_cmd_budget)
 
     start = commands.add_parser("start", help="run this member's Flower SuperNode (foreground)")
     start.add_argument("dir", type=Path, help="the member's directory (kyodo-member init)")

@@ -300,18 +300,72 @@ def init_member(
     signing = load_or_create_signing_key(setup.signing_key)
     public_line = create_auth_key(setup.auth_key)
     save_setup(setup)
+    write_membership(setup, public_key_hex(signing), public_line)
+    return setup
+
+
+def write_membership(setup: MemberSetup, ledger_public_key: str, supernode_public_key: str) -> Path:
+    """``membership.json``: the public keys and the budget, what the member sends the operator."""
     membership = {
-        "member": member,
-        "embodiment": embodiment,
-        "ledger_public_key": public_key_hex(signing),
+        "member": setup.member,
+        "embodiment": setup.embodiment,
+        "ledger_public_key": ledger_public_key,
         # Published so auditors can check every receipt against it; the node enforces it itself.
-        "epsilon": float(epsilon),
-        "delta": float(delta),
-        "supernode_public_key": public_line,
+        "epsilon": float(setup.epsilon),
+        "delta": float(setup.delta),
+        "supernode_public_key": supernode_public_key,
         "supernode_key_fingerprint": key_fingerprint(load_auth_key(setup.auth_key)),
     }
-    (directory / MEMBERSHIP_FILE).write_text(json.dumps(membership, indent=2) + "\n", encoding="utf-8")
-    return setup
+    path = setup.dir / MEMBERSHIP_FILE
+    path.write_text(json.dumps(membership, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def change_budget(
+    directory: Path | str, *, epsilon: float | None, delta: float | None, budget_rounds: int | None
+) -> tuple[MemberSetup, float]:
+    """Set a new budget in ``member.yaml`` and ``membership.json`` (keys unchanged); returns the
+    setup and the epsilon the ledger already records.
+
+    The budget is the member's to change, and only it can. What it cannot do is publish a
+    budget its own signed ledger already breaks: an epsilon below what the ledger records, or
+    another delta once entries were accounted at the old one (an auditor checks every entry
+    against the published pair). A running node keeps the budget it was started with."""
+    from privacy.ledger import Ledger, LedgerError
+
+    setup = load_setup(directory)
+    try:
+        entries = Ledger(Path(setup.state_dir) / "ledger.jsonl").entries()
+    except LedgerError as err:
+        raise SetupError(f"the ledger does not verify ({err}): fix it before changing the budget") from None
+    spent = max((float(e["epsilon"]) for e in entries), default=0.0)
+    new_epsilon = setup.epsilon if epsilon is None else float(epsilon)
+    new_delta = setup.delta if delta is None else float(delta)
+    if not (new_epsilon > 0 and 0 < new_delta < 1):
+        raise SetupError(f"privacy budget needs epsilon > 0 and 0 < delta < 1 (got {new_epsilon}, {new_delta})")
+    if new_epsilon < spent:
+        raise SetupError(
+            f"epsilon {new_epsilon:g} is below the {spent:.6g} this member's signed ledger already records: "
+            "a published budget its own receipts break would fail every audit"
+        )
+    if entries and new_delta != setup.delta:
+        raise SetupError(
+            f"delta stays {setup.delta:g}: the ledger's {len(entries)} entries were accounted at it "
+            "(a new delta needs a new member identity)"
+        )
+    if budget_rounds is not None and budget_rounds < 0:
+        raise SetupError(f"--budget-rounds must be >= 0 (got {budget_rounds})")
+    setup.epsilon, setup.delta = new_epsilon, new_delta
+    if budget_rounds is not None:
+        setup.budget_rounds = int(budget_rounds)
+    for key in (setup.signing_key, setup.auth_public_key):
+        if not key.is_file():
+            raise SetupError(f"{key} is missing: this member's identity cannot be restated without it")
+    signing = load_or_create_signing_key(setup.signing_key)  # exists: loaded, never created here
+    public_line = setup.auth_public_key.read_text(encoding="utf-8").strip()
+    save_setup(setup)
+    write_membership(setup, public_key_hex(signing), public_line)
+    return setup, spent
 
 
 # ----------------------------------------------------------------------------- the command line of flower-supernode

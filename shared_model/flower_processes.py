@@ -30,13 +30,14 @@ def flower_executable(name: str) -> str:
     return str(candidate) if candidate.is_file() else name
 
 
-def log_retry(log: logging.Logger, what: str) -> Callable[[RetryCallState], None]:
-    """A tenacity ``before_sleep`` hook: one warning line per retry, with the error and the wait."""
+def log_retry(log: logging.Logger, what: str, level: int = logging.WARNING) -> Callable[[RetryCallState], None]:
+    """A tenacity ``before_sleep`` hook: one line per retry, with the error and the wait
+    (``level`` INFO where waiting is what normally happens, e.g. a server starting up)."""
 
     def before_sleep(state: RetryCallState) -> None:
         err = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning("%s (attempt %d): %s; retrying in %.1f s", what, state.attempt_number, err, wait)
+        log.log(level, "%s (attempt %d): %s; retrying in %.1f s", what, state.attempt_number, err, wait)
 
     return before_sleep
 

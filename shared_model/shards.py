@@ -95,6 +95,15 @@ def shard_kind(shard_id: str) -> str:
     )
 
 
+def is_shard_id(key: str) -> bool:
+    """Whether ``key`` is a shard id: a round's ``failed`` names members and shards alike."""
+    try:
+        shard_kind(key)
+    except ValueError:
+        return False
+    return True
+
+
 def shard_of(param_name: str) -> str:
     """The shard a policy tensor belongs to, from its state-dict name."""
     match = _EXPERT_PARAM.match(param_name)

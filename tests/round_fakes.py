@@ -34,9 +34,10 @@ from shared_model.shards import ShardLayout
 class _Reply:
     content: object
     metadata: SimpleNamespace
+    error: SimpleNamespace | None = None
 
     def has_error(self) -> bool:
-        return False
+        return self.error is not None
 
 
 class FakeGrid:
@@ -51,7 +52,9 @@ class FakeGrid:
     Every query request received is kept in ``queries``, and every request's ``ledger_head``
     in ``ledger_heads`` as (message type, member, head). ``script`` (set at any time) maps a
     member to how its node answers its next queries, one item each: the name it claims, a
-    (name, reason it cannot train) pair, or None for no answer at all."""
+    (name, reason it cannot train) pair, or None for no answer at all. ``gone``: member -> the
+    message types its node is gone for, answered as Flower's SuperLink answers for a node that
+    stopped heartbeating: an error reply whose source is the SuperLink, not the node."""
 
     def __init__(
         self,
@@ -65,7 +68,9 @@ class FakeGrid:
         private: Iterable[str] = (),
         sitting_out: Mapping[str, str] | None = None,
         withholding: Mapping[str, str] | None = None,
+        gone: Mapping[str, Iterable[str]] | None = None,
     ):
+        self.gone = {name: set(kinds) for name, kinds in (gone or {}).items()}
         self.private = set(private)
         self.withholding = dict(withholding or {})
         self.sitting_out = dict(sitting_out or {})
@@ -110,6 +115,10 @@ class FakeGrid:
         )
         for mid in ready[:1]:  # one reply per pull
             node, kind, shards, scripted = self._queue.pop(mid)
+            if kind in self.gone.get(self.names[node], ()):
+                error = SimpleNamespace(code=5, reason="Error: Node Unavailable - the node did not heartbeat")
+                yield _Reply(None, SimpleNamespace(src_node_id=SUPERLINK_NODE_ID, reply_to_message_id=mid), error)
+                continue
             yield _Reply(
                 self._answer(node, kind, shards, scripted), SimpleNamespace(src_node_id=node, reply_to_message_id=mid)
             )

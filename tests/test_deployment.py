@@ -246,6 +246,61 @@ def test_member_start_fails_fast_on_what_the_member_must_fix(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the operator's side
 
 
+def _spend(setup: supernode.MemberSetup, epsilon: float) -> None:
+    """One signed ledger entry recording ``epsilon`` spent, as the member's node would write it."""
+    from privacy.keys import load_or_create_signing_key
+    from privacy.ledger import Ledger
+
+    Ledger(Path(setup.state_dir) / "ledger.jsonl", load_or_create_signing_key(setup.signing_key)).append(
+        run="r", round=1, member=setup.member, shards=["adapter/emb/so100"],
+        mechanism={"noise_multiplier": 1.0, "sample_rate": 0.08, "steps": 25, "clipping_norm": 1.0,
+                   "opacus_mode": "bk", "noise_source": "chacha20"},
+        dataset_fingerprint="sha256:" + "ab" * 32, epsilon=epsilon, delta=setup.delta, accountant="rdp",
+        decision="full", release="dp-sgd",
+    )  # fmt: skip
+
+
+def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, capsys):
+    from member_node.cli import main as member_main
+
+    setup = _member(tmp_path)
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
+    assert coordinator_main(["add-member", str(op_dir), str(setup.dir / "membership.json")]) == 0
+    before = json.loads((setup.dir / "membership.json").read_text())
+    _spend(setup, 7.5)
+    capsys.readouterr()
+    # Not below what its signed ledger records, and not another delta once entries exist.
+    assert member_main(["budget", str(setup.dir), "--epsilon", "6"]) == 2
+    assert "below the 7.5 this member's signed ledger already records" in " ".join(capsys.readouterr().err.split())
+    assert member_main(["budget", str(setup.dir), "--delta", "1e-6"]) == 2
+    assert "delta stays 1e-05" in capsys.readouterr().err
+    assert supernode.load_setup(setup.dir).epsilon == 8.0, "a refused change changes nothing"
+    assert member_main(["budget", str(setup.dir), "--epsilon", "16", "--budget-rounds", "40"]) == 0
+    assert "ε 7.500 spent" in capsys.readouterr().out
+    changed = supernode.load_setup(setup.dir)
+    assert (changed.epsilon, changed.budget_rounds) == (16.0, 40)
+    after = json.loads((setup.dir / "membership.json").read_text())
+    assert after == before | {"epsilon": 16.0}, "the keys stay, the budget changes"
+    # The operator publishes it; the audit consortium file follows.
+    assert coordinator_main(["add-member", str(op_dir), str(setup.dir / "membership.json")]) == 3
+    assert "--update" in capsys.readouterr().out
+    assert coordinator_main(["add-member", str(op_dir), str(setup.dir / "membership.json"), "--update"]) == 0
+    from privacy.audit.consortium import load_consortium as load_audit_consortium
+
+    op = deploy.operator_dir(op_dir)
+    assert deploy.load_consortium(op).member("sony").epsilon == 16.0
+    assert load_audit_consortium(op.audit_consortium).members["sony"].epsilon == 16.0
+    # --update takes a budget only: not a key that was never admitted, nor a member that was not.
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(after | {"ledger_public_key": "cd" * 32}))
+    assert coordinator_main(["add-member", str(op_dir), str(forged), "--update"]) == 3
+    assert "changes only the budget" in capsys.readouterr().out
+    other = _member(tmp_path, "honda", "aloha")
+    assert coordinator_main(["add-member", str(op_dir), str(other.dir / "membership.json"), "--update"]) == 3
+    assert "admit it first" in capsys.readouterr().out
+
+
 def test_operator_init_and_run_check_the_published_checkpoint(tmp_path, capsys, tiny_cfg):
     """The checkpoint every run imports is checked against its published hash at init and at
     every submission (the file may have changed in between), before anything starts."""
@@ -324,6 +379,18 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
         deploy.init_operator(REPO / "runs" / "operator-test")
 
 
+def test_a_resubmitted_run_keeps_the_settings_it_was_first_submitted_with(tmp_path):
+    out = tmp_path / "run"
+    assert deploy.resubmitted(out, None, ["train.lr=0.01"]) == (None, ["train.lr=0.01"])  # a new run
+    out.mkdir()
+    (out / deploy.SUBMITTED_SETTINGS).write_text(json.dumps({"overrides": ["train.lr=0.01", "x=1"], "rounds": 4}))
+    assert deploy.resubmitted(out, None, []) == (4, ["train.lr=0.01", "x=1"])
+    assert deploy.resubmitted(out, 6, ["x=2"]) == (6, ["train.lr=0.01", "x=1", "x=2"])  # later ones win
+    (out / deploy.SUBMITTED_SETTINGS).write_text("[1]")
+    with pytest.raises(deploy.DeployError, match="not a submission's settings"):
+        deploy.resubmitted(out, None, [])
+
+
 def test_superlink_start_refuses_a_busy_port(tmp_path, capsys):
     op_dir = tmp_path / "operator"
     with socket.socket() as busy:
@@ -366,8 +433,11 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     append_record(
         run,
         {
-            "round": 1, "cohorts": {"adapter/emb/so100": ["sony"]}, "aggregation": {"adapter/emb/so100": "single"},
-            "train": {"sony": {"steps": 5}}, "declined": {"honda": "no budget"}, "failed": {},
+            "round": 1, "cohorts": {"adapter/emb/so100": ["sony"], "expert/L0/E1": ["sony", "softbank"]},
+            "aggregation": {"adapter/emb/so100": "single"},
+            "train": {"sony": {"steps": 5}}, "declined": {"honda": "no budget"},
+            # "failed" names members and shards alike
+            "failed": {"softbank": "share_keys error 5: Node Unavailable", "expert/L0/E1": "1 of 2 shared keys"},
             "receipts": {"sony": {"epsilon": 1.25}},
             "ledger_heads": {"sony": {"epsilon": 1.25}, "honda": {"epsilon": 7.25, "time": "2026-11-30T00:00:00"}},
             "evaluation": {"sony": {"action_mse": 0.1, "receipt": json.dumps({"epsilon": 1.5})}},
@@ -386,6 +456,10 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
         line.split() == ["honda", "0", "no", "eval", "privacy", "budget", "exhausted"] for line in out.splitlines()
     )
     assert "…" not in out, "at 80 columns (a pipe) no cell is cut"
+    # A shard the round could not update says why in the cohorts table, not as a member.
+    assert "not updated: 1 of 2 shared keys" in " ".join(out.split())
+    assert any(line.split()[:3] == ["softbank", "1", "failed"] for line in out.splitlines())
+    assert not any(line.split()[:1] == ["expert/L0/E1"] and "failed" in line for line in out.splitlines())
     assert "round 0: public checkpoint sha256:" + "ab" * 32 in " ".join(out.split())
     # After gc, round 0 was still committed: its manifest is gone, not its commit.
     assert coordinator_main(["gc", str(run), "--keep-last", "1"]) == 0
@@ -569,7 +643,8 @@ def deployment(tmp_path_factory, procs):
     link = start_superlink("1")
     nodes = {name: start_member(name) for name, _, _ in TRIO}
     out_dir = root / "run"
-    _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(out_dir), "--wait-members", "180")
+    # An override of this submission only: the resumed run must keep it without being told again.
+    _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(out_dir), "--wait-members", "180", "train.lr=0.0042")
     run_ids = [json.loads(line)["run_id"] for line in (op_dir / "runs.jsonl").read_text().splitlines()]
     times["start + submit"] = time.monotonic() - t
 
@@ -621,6 +696,7 @@ def deployment(tmp_path_factory, procs):
     _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(out_dir), "--wait-members", "180", "--wait",
          "--timeout", "900")  # fmt: skip
     times["restart + resumed round 2"] = time.monotonic() - t
+    assert "lr: 0.0042" in (out_dir / "config.yaml").read_text(), "the resume kept the first submission's override"
     run_ids = [json.loads(line)["run_id"] for line in (op_dir / "runs.jsonl").read_text().splitlines()]
     status = deploy.run_status(op, run_ids[-1])
     server_log = _cli("coordinator.cli", "log", str(op_dir), run_ids[-1])

@@ -60,6 +60,22 @@ def test_a_member_that_cannot_train_is_in_no_cohort_and_the_round_says_why(tmp_p
     assert f"sony sat out: {EXHAUSTED}" in text
 
 
+def test_a_node_gone_mid_round_is_named_by_the_request_it_left_unanswered(tmp_path, caplog):
+    """Flower's SuperLink answers for a node that stopped heartbeating (``Node Unavailable``):
+    the error reply comes from the SuperLink, and the failure is still that member's."""
+    cfg = load_config(model="tiny", overrides=["secagg.enabled=false", "train.min_cohort=3"])
+    state = RunState(cfg, tmp_path)
+    state.commit_initial(initial_model(cfg), {"run": "t"})
+    members = {m.name: m.embodiment for m in cfg.federation.members}
+    grid = FakeGrid(members, state.layout, gone={"honda": {"train", "evaluate"}})
+    runner = RoundRunner(cfg, grid, state, run_id="t", timeout=30)
+    with caplog.at_level(logging.WARNING, logger="kyodo"):
+        result = runner.run_round(1)
+    assert set(result.failed) >= {"honda"} and "Node Unavailable" in result.failed["honda"]
+    assert "?" not in result.failed and "honda" not in result.evaluation
+    assert "honda: train error 5" in caplog.text and "honda: evaluate error 5" in caplog.text
+
+
 def test_every_request_names_the_newest_receipt_the_coordinator_holds_even_after_a_restart(tmp_path):
     """The coordinator tells each node the newest of its receipts it holds (a node whose
     ledger lacks it was rolled back: tests/test_member_node.py). Newest by epsilon, which a

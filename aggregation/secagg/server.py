@@ -170,8 +170,14 @@ class SecAggServer:
                 active = [m for m in group.members if m in self.adverts]
             else:
                 active = [m for m in group.members if m in self.sealed]
-                if len(active) < max(2, group.threshold + 1):
-                    self._skip(group, f"{len(active)} of {len(group.members)} members shared keys")
+                need = max(2, group.threshold + 1)
+                if len(active) < need:
+                    # A survivor's self-mask needs `threshold` shares from neighbours that stayed.
+                    self._skip(
+                        group,
+                        f"{len(active)} of {len(group.members)} members shared keys; unmasking the sum needs "
+                        f"{need} (secret-sharing threshold {group.threshold})",
+                    )
                     active = []
             self.active[gid] = active
             if active:
