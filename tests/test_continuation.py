@@ -157,3 +157,31 @@ def test_demo_refuses_a_run_it_cannot_continue_before_anything_starts(tmp_path, 
     assert main(argv) == 2
     assert "no committed round there" in capsys.readouterr().out
     assert not data_root.exists()  # no member prepared data
+
+
+@pytest.mark.parametrize("case", ["consortium key", "another key", "forged"])
+def test_the_auditor_checks_the_lineage_round_zero_names(first_run, tmp_path, case):
+    """From round 0's manifest alone: a signature that does not verify is a failure; a valid
+    one by a key other than the consortium's is a note (the demo signs each run with its own)."""
+    import dataclasses
+
+    from privacy.audit.consortium import Consortium
+    from privacy.audit.findings import FAIL, NOTE, AuditResult
+    from privacy.audit.verify import _check_lineage
+
+    out, _ = _run(tmp_path, "second", f"continue_from={first_run}", "train.rounds=1")
+    zero = ShardStore(out / "store").manifest(0)
+    key = json.loads((first_run / "run.json").read_text())["coordinator_public_key"]
+    if case == "forged":
+        source = json.loads(zero.extra["initial"])
+        sig = source["coordinator"]["signature"]
+        source["coordinator"]["signature"] = ("1" if sig[0] == "0" else "0") + sig[1:]
+        zero = dataclasses.replace(zero, extra={**zero.extra, "initial": json.dumps(source)})
+    consortium = Consortium({}, coordinator_public_key=key if case != "another key" else "ef" * 32)
+    result = AuditResult(run="second", ledgers_dir="", run_dir=str(out), consortium="")
+    _check_lineage(result, consortium, zero)
+    severities = [(f.severity, f.check) for f in result.findings]
+    expected = {"consortium key": [], "another key": [(NOTE, "store")], "forged": [(FAIL, "store")]}[case]
+    assert severities == expected, [f.text() for f in result.findings]
+    if case == "forged":
+        assert "the coordinator signature does not verify" in result.findings[0].text()

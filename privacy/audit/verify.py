@@ -41,6 +41,7 @@ establishes, per check (``findings.CHECKS``):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,7 +69,7 @@ from privacy.ledger import (
     verify_entry,
 )
 from privacy.round_signature import round_signature_problem
-from shared_model.store import ROUND_RECORD_KEY, ShardStore, StoreError
+from shared_model.store import ROUND_RECORD_KEY, Manifest, ShardStore, StoreError
 
 
 @dataclass
@@ -644,6 +645,38 @@ def _check_coverage(
 # --------------------------------------------------------------------------- store
 
 
+def _check_lineage(result: AuditResult, consortium: Consortium, zero: Manifest) -> None:
+    """A run continued from another (``continue_from``): round 0 names the earlier run's round
+    and manifest with that coordinator's signature. A signature that does not verify is a
+    forged lineage; one by a key other than the consortium's is said, not failed (the
+    local demo signs each run with a key of its own)."""
+    try:
+        source = json.loads(zero.extra.get("initial", "null"))
+    except (TypeError, ValueError):
+        source = None
+    if not (isinstance(source, dict) and source.get("source") == "run"):
+        return
+    subject = "store round 0"
+    signed, digest = source.get("coordinator"), str(source.get("manifest", "")).removeprefix("sha256:")
+    key = signed.get("public_key") if isinstance(signed, dict) else None
+    where = f"round {source.get('round')} of run {source.get('run')!r}"
+    if not isinstance(key, str) or not isinstance(source.get("round"), int):
+        result.add("store", subject, f"round 0 continues {where} but names no signed manifest of it")
+        return
+    problem = round_signature_problem(
+        {**signed, "manifest": digest}, str(source.get("run")), source["round"], digest, key
+    )
+    if problem:
+        result.add("store", subject, f"round 0 continues {where}, but {problem}")
+    elif consortium.coordinator_public_key and key != consortium.coordinator_public_key:
+        result.add(
+            "store", subject,
+            f"round 0 continues {where}, signed by a coordinator key that is not the consortium's: "
+            "that model's lineage is not vouched for here (audit that run with its own key)",
+            severity=NOTE,
+        )  # fmt: skip
+
+
 def _check_store(
     result: AuditResult,
     consortium: Consortium,
@@ -692,6 +725,8 @@ def _check_store(
             )
             if problem:
                 result.add("store", subject, problem)
+        if rnd == 0:
+            _check_lineage(result, consortium, manifest)
         by_object = {oid: shard for shard, oid in manifest.shards.items()}
         for oid in sorted(manifest.object_ids()):
             if oid in verified:
