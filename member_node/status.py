@@ -101,7 +101,10 @@ RUNS_SHOWN = 10
 
 def _runs_table(runs: dict[str, dict], title: str, every: bool) -> Table:
     shown = list(runs.items()) if every else list(runs.items())[-RUNS_SHOWN:]
-    caption = "" if len(shown) == len(runs) else f"the last {len(shown)} of {len(runs)} runs (--all: every one)"
+    # The numbers are this ledger's: a run the node spent nothing in (sat out) has none.
+    caption = "# counts the runs this ledger has entries for; the run id is the coordinator's"
+    if len(shown) != len(runs):
+        caption += f"; the last {len(shown)} of {len(runs)} runs (--all: every one)"
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, collapse_padding=True)
     for col in ("#", "run", "trained", "evals", "rounds", "ε after"):
         # A long run id folds onto more lines rather than losing its end (which says which run).
