@@ -590,6 +590,12 @@ class ShardStore:
         self._write_atomic(path, data)
         return True
 
+    def _install(self, tmp: Path, path: Path) -> None:
+        """Rename a verified, fsynced temp file under its object path, durably."""
+        self._ensure_fan_dir(path)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
     def _ensure_fan_dir(self, path: Path) -> None:
         if not path.parent.is_dir():
             path.parent.mkdir(exist_ok=True)
@@ -616,9 +622,7 @@ class ShardStore:
                 os.fsync(fh.fileno())
             if path.is_file():
                 log.warning("object %s on disk is corrupt; replacing it with verified bytes", object_id)
-            self._ensure_fan_dir(path)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            self._install(tmp, path)
             return object_id
         finally:
             tmp.unlink(missing_ok=True)
@@ -668,9 +672,7 @@ class ShardStore:
             digest = self._file_digest(tmp)
             if digest != object_id:
                 raise CorruptObjectError(object_id, f"its bytes hash to {digest}", path=src)
-            self._ensure_fan_dir(path)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            self._install(tmp, path)
             return True
         finally:
             tmp.unlink(missing_ok=True)
