@@ -580,7 +580,8 @@ def _check_run_config(model: str, overrides: list[str]) -> None:
     try:
         cfg = load_config(model=model, overrides=overrides)
         check_published(cfg)
-        if cfg.continue_from:
+        # A resume (the run has committed rounds) never reads the run it continued again.
+        if cfg.continue_from and not (Path(cfg.out_dir) / "store" / "HEAD").is_file():
             earlier_round(cfg)
     except (ConfigError, CheckpointError, ContinuationError) as err:
         raise DeployError(f"config: {err}") from None

@@ -324,6 +324,21 @@ def test_operator_init_and_run_check_the_published_checkpoint(tmp_path, capsys, 
         deploy.run_config(consortium, tmp_path / "run", None, [], {})
 
 
+def test_a_run_that_cannot_be_continued_is_refused_at_submission_but_not_its_resume(tmp_path, tiny_cfg):
+    from coordinator.federation import initial_model
+    from coordinator.run_state import RunState
+
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
+    consortium = deploy.load_consortium(deploy.operator_dir(op_dir))
+    gone = [f"continue_from={tmp_path / 'gone'}"]
+    with pytest.raises(deploy.DeployError, match="no committed round there"):
+        deploy.run_config(consortium, tmp_path / "run", None, gone, {})
+    # Once the run has committed its round 0 it never reads the run it continued again.
+    RunState(tiny_cfg, tmp_path / "run").commit_initial(initial_model(tiny_cfg), {"run": "t"})
+    deploy.run_config(consortium, tmp_path / "run", None, gone, {})
+
+
 def test_operator_init_add_member_and_run_config(tmp_path, capsys):
     op_dir = tmp_path / "operator"
     assert coordinator_main(["init", str(op_dir), "--model", "tiny", "--rounds", "3", "--port", "9555"]) == 0
