@@ -300,10 +300,12 @@ def _update_budget(op: OperatorDir, consortium: Consortium, entry: MemberEntry) 
         raise DeployError(
             f"member {entry.name!r}: --update changes only the budget; this file names another embodiment or key"
         )
-    log.info(
-        "member %s: published budget epsilon %g -> %g, delta %g -> %g",
-        entry.name, current.epsilon, entry.epsilon, current.delta, entry.delta,
-    )  # fmt: skip
+    changes = [
+        f"{what} {old:g} -> {new:g}"
+        for what, old, new in (("epsilon", current.epsilon, entry.epsilon), ("delta", current.delta, entry.delta))
+        if old != new
+    ]
+    log.info("member %s: published budget %s", entry.name, ", ".join(changes) or "unchanged")
     current.epsilon, current.delta = entry.epsilon, entry.delta
     save_consortium(op, consortium)
     write_audit_consortium(op, consortium)

@@ -22,6 +22,7 @@ from coordinator.public_checkpoint import initial_source, load_checkpoint, publi
 from coordinator.records import append_record, earlier_runs_records, read_records
 from coordinator.rounds import RoundResult, RoundRunner
 from coordinator.run_state import RunState, failpoint
+from coordinator.run_status import describe_round_zero
 from coordinator.sync import ModelSync
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from privacy.round_signature import sign_round
@@ -222,7 +223,8 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         console.print(
             f"[bold]kyodo[/] run: model [cyan]{cfg.model.name}[/], {len(runner.members)} members "
             f"({', '.join(sorted(m.name for m in runner.members.values()))}), {cfg.train.rounds} rounds; "
-            f"initial held-out MSE {_fmt(summary.mean_mse(0))} ({time.monotonic() - t0:.1f}s)"
+            f"initial held-out MSE {_fmt(summary.mean_mse(0))} ({time.monotonic() - t0:.1f}s); "
+            f"round 0: {describe_round_zero(source)}"
         )
     else:
         # Weights and optimiser state stay in the store: the runner reads each shard when it needs it.

@@ -201,6 +201,27 @@ def _state_dir_of(path: Path) -> Path:
         raise LedgerError(str(err)) from None
 
 
+def _pending_budget(path: Path, member: dict) -> str:
+    """'' unless ``member.yaml`` (a deployed member's directory) sets another budget than the
+    one the node last ran with (``member.json``): ``kyodo-member budget`` was used and the
+    node has not answered a message since its restart."""
+    from member_node.supernode import MEMBER_FILE, SetupError, load_setup
+
+    if not (path / MEMBER_FILE).is_file():
+        return ""
+    try:
+        setup = load_setup(path)
+    except SetupError:
+        return ""
+    running = (float(member["epsilon"]), float(member["delta"]), int(member.get("budget_rounds") or 0))
+    if (setup.epsilon, setup.delta, setup.budget_rounds) == running:
+        return ""
+    return (
+        f"member.yaml sets ε={setup.epsilon:g} δ={setup.delta:g} budget-rounds={setup.budget_rounds}; the node "
+        f"takes it once restarted, at its next message: until then the above is what it runs with"
+    )
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     console = Console()
     try:
@@ -241,6 +262,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"pace: the budget is spread over at least {pace} training rounds (budget-rounds); "
             f"{trained} trained, {max(pace - trained, 0)} to go"
         )
+    pending = _pending_budget(Path(args.state_dir), member)
+    if pending:
+        console.print(f"[yellow]budget changed:[/] {escape(pending)}")
     rollback = _unresolved_rollback(state_dir, entries)
     if rollback:
         console.print(f"[bold red]ledger rolled back:[/] {escape(rollback)}")

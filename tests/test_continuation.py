@@ -30,7 +30,9 @@ def _run(root: Path, name: str, *overrides: str, held: tuple[str, ...] = ()) -> 
     out = root / name
     cfg = load_config(model="tiny", overrides=[*BASE, f"out_dir={out}", "train.rounds=2", *overrides])
     grid = FakeGrid(MEMBERS, RunState(cfg, root / "layout").layout, held=held)
-    run_federation(cfg, grid, Console(file=io.StringIO()))
+    log = io.StringIO()
+    run_federation(cfg, grid, Console(file=log, width=300))
+    (out / "console.txt").write_text(log.getvalue())
     return out, grid
 
 
@@ -74,6 +76,7 @@ def test_round_zero_is_the_earlier_heads_objects_linked_not_copied(first_run, tm
     key = json.loads((first_run / "run.json").read_text())["coordinator_public_key"]
     assert round_signature_problem(signed, run_id, 2, head.digest, key) is None
     assert describe_round_zero(source) == f"continued from round 2 of run {run_id} (manifest sha256:{head.digest})"
+    assert f"round 0: continued from round 2 of run {run_id}" in (out / "console.txt").read_text()  # the run's log
 
 
 def test_members_that_hold_the_earlier_model_are_sent_nothing_for_round_zero(first_run, tmp_path):

@@ -246,18 +246,21 @@ def test_member_start_fails_fast_on_what_the_member_must_fix(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the operator's side
 
 
-def _spend(setup: supernode.MemberSetup, epsilon: float) -> None:
-    """One signed ledger entry recording ``epsilon`` spent, as the member's node would write it."""
+def _spend(setup: supernode.MemberSetup, noise_multiplier: float) -> float:
+    """One signed ledger entry (25 steps at q 0.08), as the member's node would write it; its epsilon."""
+    from privacy.accountant import Mechanism, epsilon
     from privacy.keys import load_or_create_signing_key
     from privacy.ledger import Ledger
 
+    spent = epsilon([Mechanism(noise_multiplier, 0.08, 25)], setup.delta)
     Ledger(Path(setup.state_dir) / "ledger.jsonl", load_or_create_signing_key(setup.signing_key)).append(
         run="r", round=1, member=setup.member, shards=["adapter/emb/so100"],
-        mechanism={"noise_multiplier": 1.0, "sample_rate": 0.08, "steps": 25, "clipping_norm": 1.0,
+        mechanism={"noise_multiplier": noise_multiplier, "sample_rate": 0.08, "steps": 25, "clipping_norm": 1.0,
                    "opacus_mode": "bk", "noise_source": "chacha20"},
-        dataset_fingerprint="sha256:" + "ab" * 32, epsilon=epsilon, delta=setup.delta, accountant="rdp",
+        dataset_fingerprint="sha256:" + "ab" * 32, epsilon=spent, delta=setup.delta, accountant="rdp",
         decision="full", release="dp-sgd",
     )  # fmt: skip
+    return spent
 
 
 def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, capsys):
@@ -268,20 +271,32 @@ def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, cap
     assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
     assert coordinator_main(["add-member", str(op_dir), str(setup.dir / "membership.json")]) == 0
     before = json.loads((setup.dir / "membership.json").read_text())
-    _spend(setup, 7.5)
+    spent = _spend(setup, 0.8)
+    assert 2 < spent < 8
     capsys.readouterr()
     # Not below what its signed ledger records, and not another delta once entries exist.
-    assert member_main(["budget", str(setup.dir), "--epsilon", "6"]) == 2
-    assert "below the 7.5 this member's signed ledger already records" in " ".join(capsys.readouterr().err.split())
+    assert member_main(["budget", str(setup.dir), "--epsilon", str(spent - 0.1)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"below the {spent:.6g} this member's signed ledger already records" in err
     assert member_main(["budget", str(setup.dir), "--delta", "1e-6"]) == 2
     assert "delta stays 1e-05" in capsys.readouterr().err
     assert supernode.load_setup(setup.dir).epsilon == 8.0, "a refused change changes nothing"
     assert member_main(["budget", str(setup.dir), "--epsilon", "16", "--budget-rounds", "40"]) == 0
-    assert "ε 7.500 spent" in capsys.readouterr().out
+    assert f"ε {spent:.3f} spent" in capsys.readouterr().out
     changed = supernode.load_setup(setup.dir)
     assert (changed.epsilon, changed.budget_rounds) == (16.0, 40)
     after = json.loads((setup.dir / "membership.json").read_text())
     assert after == before | {"epsilon": 16.0}, "the keys stay, the budget changes"
+    # Until the node restarts, status shows the budget it runs with and says a new one waits.
+    node = {"member": "sony", "embodiment": "so100", "epsilon": 8.0, "delta": 1e-5, "accountant": "rdp",
+            "budget_rounds": 0, "public_key": before["ledger_public_key"]}  # fmt: skip
+    (Path(setup.state_dir) / "member.json").write_text(json.dumps(node))
+    assert member_main(["status", "--state-dir", str(setup.dir), "--plot", str(tmp_path / "e.png")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "budget ε=8" in out and "member.yaml sets ε=16 δ=1e-05 budget-rounds=40; the node takes it" in out
+    (Path(setup.state_dir) / "member.json").write_text(json.dumps(node | {"epsilon": 16.0, "budget_rounds": 40}))
+    assert member_main(["status", "--state-dir", str(setup.dir), "--plot", str(tmp_path / "e.png")]) == 0
+    assert "budget changed" not in capsys.readouterr().out
     # The operator publishes it; the audit consortium file follows.
     assert coordinator_main(["add-member", str(op_dir), str(setup.dir / "membership.json")]) == 3
     assert "--update" in capsys.readouterr().out
