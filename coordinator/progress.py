@@ -61,9 +61,8 @@ def round_table(
     from a backup reports what its rolled-back ledger counts, less than it signed for.
     """
     table = Table(title=f"Round {result.round}: members ({result.seconds:.1f}s)")
-    for col in ("member", "shards", "steps", "train loss", "held-out MSE", "held-out MAE", "ε / budget"):
-        # the budget cell kept whole ("12.23 / 16"): at 80 columns it used to wrap after "/"
-        table.add_column(col, justify="right" if col != "member" else "left", no_wrap=col.startswith("ε"))
+    for col in ("member", "shards", "steps", "train loss", "held-out MSE", "held-out MAE", "ε spent / budget"):
+        table.add_column(col, justify="right" if col != "member" else "left")
     members = sorted(set(result.plan.members) | set(result.evaluation) | set(result.failed) | set(result.declined))
     for member in members:
         if is_shard_id(member):  # ``failed`` also names the shards the round could not update
@@ -82,9 +81,8 @@ def round_table(
         spent = receipt["epsilon"] if receipt else (held or {}).get(member, claimed)
         if ev and ev.receipt:  # the evaluation's release came after training: its receipt is the latest spend
             spent = json.loads(ev.receipt)["epsilon"]
-        eps = (
-            "no DP" if reply and not receipt else (f"{spent:.2f} / {budget:g}" if spent is not None and budget else "-")
-        )
+        # no spaces: at 80 columns "12.23 / 16" wrapped after the "/" and lost the budget
+        eps = "no DP" if reply and not receipt else (f"{spent:.2f}/{budget:g}" if spent is not None and budget else "-")
         table.add_row(
             member,
             str(len(result.plan.shards_of(member))),
