@@ -403,10 +403,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from coordinator.deploy import DeployError, newest_run_dir, operator_dir
     from coordinator.run_status import StoreError, status_tables
 
-    run_dir = Path(args.run_dir)
+    run_dir, op = Path(args.run_dir), operator_dir(args.run_dir)
     try:
-        if operator_dir(run_dir).consortium.is_file():  # an operator directory: its newest run
-            run_dir = newest_run_dir(operator_dir(run_dir))
+        if op.consortium.is_file():  # an operator directory: its newest run
+            run_dir = newest_run_dir(op)
             console.print(f"newest run: {run_dir}", highlight=False)
         tables = status_tables(run_dir, rounds=[args.round] if args.round is not None else None)
     except (FileNotFoundError, StoreError, DeployError) as err:

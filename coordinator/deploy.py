@@ -669,6 +669,7 @@ def _submissions(op: OperatorDir) -> list[dict[str, Any]]:
 
 
 def _submission(op: OperatorDir, which: str | None) -> dict[str, Any]:
+    """The newest submission (``which`` None) or the one that wrote run directory ``which``."""
     submissions = _submissions(op)
     if which is None:
         if not submissions:
@@ -676,7 +677,7 @@ def _submission(op: OperatorDir, which: str | None) -> dict[str, Any]:
         return submissions[-1]
     wanted = Path(which).expanduser().resolve()
     for sub in reversed(submissions):
-        if str(sub["run_id"]) == which or Path(sub["out_dir"]).resolve() == wanted:
+        if Path(sub["out_dir"]).resolve() == wanted:
             return sub
     raise DeployError(
         f"{which!r} is neither a Flower run id (a number) nor the directory of a run submitted from {op.root} "
