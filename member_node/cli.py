@@ -114,7 +114,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
             raise CommandError(f"{key_file} does not exist: the node creates it when it first starts")
         key = load_or_create_fingerprint_key(key_file)
         ledger = Path(args.state_dir) / "ledger.jsonl"
-        entries = Ledger(ledger).entries() if ledger.exists() else []
+        entries = Ledger(ledger).releases() if ledger.exists() else []
         matching = [e for e in entries if fingerprint_matches(key, fingerprint, str(e.get("dataset_fingerprint", "")))]
         rounds = ", ".join(f"{e['run']}/{e['round']} {e.get('release', RELEASE_TRAIN)}" for e in matching) or "none"
         console.print(
@@ -233,7 +233,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         highlight=False,
     )
     console.print(
-        f"restart the node (kyodo-member start {setup.dir}) for it to take effect, and send "
+        f"restart the node (kyodo-member start {setup.dir}) for it to take effect (it signs the new budget "
+        "into its ledger before its next release), and send "
         f"[bold]{setup.dir / MEMBERSHIP_FILE}[/] to the operator (kyodo-coordinator add-member DIR FILE --update): "
         "auditors check every receipt against the published budget",
         highlight=False,

@@ -392,7 +392,7 @@ class MemberNode:
         runs. A re-sent request is answered from the ledger as always."""
         if not self.identity.budget_rounds or self.ledger.find(run, round_number, RELEASE_EVALUATION) is not None:
             return ""
-        releases = [release_of(e) for e in self.ledger.entries() if e["run"] == run]
+        releases = [release_of(e) for e in self.ledger.releases() if e["run"] == run]
         trained, evaluated = releases.count(RELEASE_TRAIN), releases.count(RELEASE_EVALUATION)
         if evaluated <= trained:
             return ""
@@ -528,6 +528,8 @@ class MemberNode:
             sample_rate=sample_rate,
             mode=DEFAULT_MODE,
         )
+        # The budget this release is planned under is declared first (a no-op once declared).
+        self.ledger.declare_budget(self.identity.name, self.budget.epsilon, self.budget.delta, at=arrived)
         receipt = self.ledger.append(
             at=arrived,
             run=request.run,

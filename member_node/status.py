@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich import box
@@ -21,7 +22,16 @@ from member_node.private_eval import release_key, released_evaluations
 from privacy.accountant import Mechanism
 from privacy.accountant import epsilon as composed_epsilon
 from privacy.keys import load_public_key
-from privacy.ledger import RELEASE_EVALUATION, Ledger, LedgerError, entry_hash, release_of, verify_chain
+from privacy.ledger import (
+    RELEASE_EVALUATION,
+    Ledger,
+    LedgerError,
+    declared_budget,
+    entry_hash,
+    is_release,
+    release_of,
+    verify_chain,
+)
 
 
 def _load_member(state_dir: Path) -> dict:
@@ -164,7 +174,22 @@ def _entries_table(rows: list[dict], runs: dict[str, dict], released: dict, budg
     return table
 
 
-def plot_epsilon(rows: list[dict], budget: float, member: str, path: Path) -> Path:
+def declared_steps(entries: list[dict]) -> list[tuple[int, float]]:
+    """(releases before it, epsilon) of each budget declaration, in ledger order."""
+    steps, releases = [], 0
+    for entry in entries:
+        if is_release(entry):
+            releases += 1
+        else:
+            steps.append((releases, declared_budget(entry)[0]))
+    return steps
+
+
+def plot_epsilon(
+    rows: list[dict], budget: float, member: str, path: Path, declared: Sequence[tuple[int, float]] = ()
+) -> Path:
+    """Epsilon spent per release against today's budget and, when the member changed it, the
+    budget its ledger declared for each release."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,11 +200,16 @@ def plot_epsilon(rows: list[dict], budget: float, member: str, path: Path) -> Pa
     ax.step([0, *xs], [0.0] + [r["epsilon_recomputed"] for r in rows], where="post", label="ε spent", color="tab:blue")
     ax.plot(xs, [r["epsilon_recomputed"] for r in rows], "o", color="tab:blue", markersize=4)
     ax.axhline(budget, color="tab:red", linestyle="--", label=f"budget ε = {budget:g}")
+    if len({eps for _, eps in declared}) > 1:
+        xs_declared = [at for at, _ in declared] + [len(rows)]
+        ys_declared = [eps for _, eps in declared] + [declared[-1][1]]
+        ax.step(xs_declared, ys_declared, where="post", color="tab:orange", label="budget declared in the ledger")
     ax.set_xlabel("releases (ledger entries: rounds trained and held-out errors reported)")
     ax.set_ylabel("ε")
-    ax.set_ylim(0, max(budget, max((r["epsilon_recomputed"] for r in rows), default=0)) * 1.15)
+    highest = max([budget, *(r["epsilon_recomputed"] for r in rows), *(eps for _, eps in declared)])
+    ax.set_ylim(0, highest * 1.15)
     ax.set_title(f"{member}: privacy spent")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +252,24 @@ def _pending_budget(path: Path, member: dict) -> str:
     )
 
 
+def budget_history(entries: list[dict], running: tuple[float, float]) -> list[str]:
+    """The budgets the ledger declared, oldest first, each with the release it came before;
+    [] for a ledger that declared none (written before ledger version 4)."""
+    lines, release_count, last = [], 0, None
+    for entry in entries:
+        if is_release(entry):
+            release_count += 1
+            continue
+        last = declared_budget(entry)
+        when = entry["time"][:19].replace("T", " ")
+        lines.append(f"  ε={last[0]:g} δ={last[1]:g} from release {release_count + 1} ({when} UTC)")
+    if last is None:
+        return []
+    if last != running:
+        lines.append(f"  the node declares ε={running[0]:g} δ={running[1]:g} before its next release")
+    return ["budget declared in the signed ledger:", *lines]
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     console = Console()
     try:
@@ -234,7 +282,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 1
     budget, delta = float(member["epsilon"]), float(member["delta"])
     accountant = member.get("accountant", "rdp")
-    rows = ledger_rows(entries, delta, accountant)
+    rows = ledger_rows([e for e in entries if is_release(e)], delta, accountant)
     released = _released_evaluations(state_dir)
     runs = _runs(rows)
     title = f"{member['member']} ({member['embodiment']}): privacy ledger, budget ε={budget:g} δ={delta:g}"
@@ -262,6 +310,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"pace: the budget is spread over at least {pace} training rounds (budget-rounds); "
             f"{trained} trained, {max(pace - trained, 0)} to go"
         )
+    for line in budget_history(entries, (budget, delta)):
+        console.print(escape(line), highlight=False)
     pending = _pending_budget(Path(args.state_dir), member)
     if pending:
         console.print(f"[yellow]budget changed:[/] {escape(pending)}")
@@ -275,7 +325,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"[red]- round {r['round']}: recorded ε {r['epsilon_recorded']} != recomputed {r['epsilon_recomputed']}"
         )
     plot = Path(args.plot) if args.plot else state_dir / "epsilon.png"
-    plot_epsilon(rows, budget, member["member"], plot)
+    plot_epsilon(rows, budget, member["member"], plot, declared_steps(entries))
     console.print(f"plot: {plot}")
     return 0 if not problems and not mismatched and not rollback else 1
 

@@ -335,7 +335,7 @@ def change_budget(
 
     setup = load_setup(directory)
     try:
-        entries = Ledger(Path(setup.state_dir) / "ledger.jsonl").entries()
+        entries = Ledger(Path(setup.state_dir) / "ledger.jsonl").releases()
     except LedgerError as err:
         raise SetupError(f"the ledger does not verify ({err}): fix it before changing the budget") from None
     spent = max((float(e["epsilon"]) for e in entries), default=0.0)

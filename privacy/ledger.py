@@ -6,7 +6,11 @@ One JSON line per release the node made from its data: per round it trained (``r
 ``privacy.eval_release``). Each line holds the mechanism (with the generator that drew its
 noise, from version 3 on), the epsilon composed over
 everything the node ever released, and the hash of the previous entry, signed with the
-member's Ed25519 key. The ledger is the node's persistent accountant state (``Ledger.history``), so
+member's Ed25519 key. From version 4 on, a line may instead declare the member's budget
+(``release`` "budget": the (epsilon, delta) its node enforces from then on), written before
+the first release under a budget the ledger has not declared yet: which budget governed
+which release, and when a member raised it, is then in the signed chain itself, where an
+auditor reads it, not only in whatever the consortium publishes today. The ledger is the node's persistent accountant state (``Ledger.history``), so
 a restarted node neither forgets what it spent nor counts it twice. Each entry, as signed,
 is also the *receipt* that travels with the round's update to the coordinator.
 
@@ -45,11 +49,15 @@ from shared_model.durable import fsync_dir
 # Version 3 added ``mechanism.noise_source``: which generator drew the noise (a guarantee is
 # only as good as its randomness, and an auditor could not tell otherwise); version-2
 # entries without it stay valid.
-VERSION = 3
-VERSIONS = (1, 2, 3)
+# Version 4 added budget declarations (``release`` "budget", ``BUDGET_ENTRY_FIELDS``); its
+# releases have version 3's fields.
+VERSION = 4
+VERSIONS = (1, 2, 3, 4)
 RELEASE_TRAIN = "dp-sgd"
 RELEASE_EVALUATION = "evaluation"
+RELEASE_BUDGET = "budget"
 RELEASES = (RELEASE_TRAIN, RELEASE_EVALUATION)
+KINDS = (*RELEASES, RELEASE_BUDGET)
 GENESIS_HASH = "0" * 64
 PRIVACY_UNIT = "episode"
 DECISIONS = ("full", "shortened")
@@ -73,6 +81,9 @@ CALLER_FIELDS = (
 )
 ENTRY_FIELDS = ("version", *CALLER_FIELDS, "public_key", "prev_hash", "time", "signature")
 V1_ENTRY_FIELDS = tuple(f for f in ENTRY_FIELDS if f != "release")
+# A budget declaration releases nothing: no run, round, shards, mechanism or spend.
+BUDGET_ENTRY_FIELDS = ("version", "release", "member", "budget", "public_key", "prev_hash", "time", "signature")
+BUDGET_FIELDS = ("epsilon", "delta")
 
 _HEX = frozenset(string.hexdigits.lower())
 # A node must never under-state its epsilon; this only absorbs float noise.
@@ -215,7 +226,7 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
     "member": (_is_text, "a non-empty string"),
     "public_key": (lambda v: _is_hex(v, 64), "64 lowercase hex characters"),
     "shards": (lambda v: isinstance(v, list) and all(_is_text(s) for s in v), "a list of shard names"),
-    "release": (lambda v: v in RELEASES, f"one of {RELEASES}"),
+    "release": (lambda v: v in KINDS, f"one of {KINDS}"),
     "privacy_unit": (lambda v: v == PRIVACY_UNIT, f"{PRIVACY_UNIT!r}"),
     "dataset_fingerprint": (_is_text, "a non-empty string"),
     "epsilon": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
@@ -229,24 +240,59 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
 
 
 def release_of(entry: Mapping[str, Any]) -> str:
-    """What an entry released: "dp-sgd" (a round's training) or "evaluation"; version 1 knew only training."""
+    """What an entry released: "dp-sgd" (a round's training) or "evaluation"; version 1 knew only
+    training. A budget declaration says "budget" (it released nothing)."""
     return str(entry.get("release", RELEASE_TRAIN))
+
+
+def is_release(entry: Mapping[str, Any]) -> bool:
+    """Whether the entry records a release from the member's data (not a budget declaration)."""
+    return release_of(entry) != RELEASE_BUDGET
+
+
+def declared_budget(entry: Mapping[str, Any]) -> tuple[float, float]:
+    """A budget declaration's (epsilon, delta)."""
+    return float(entry["budget"]["epsilon"]), float(entry["budget"]["delta"])
+
+
+def _budget_problems(budget: Any) -> list[str]:
+    if not isinstance(budget, dict):
+        return [f"field 'budget' must be an object, got {type(budget).__name__}"]
+    problems = _key_problems(budget, BUDGET_FIELDS, "budget.")
+    if "epsilon" in budget and not (_is_number(budget["epsilon"]) and budget["epsilon"] > 0):
+        problems.append(f"field 'budget.epsilon' must be a finite number > 0, got {_short(budget['epsilon'])}")
+    if "delta" in budget and not (_is_number(budget["delta"]) and 0 < budget["delta"] < 1):
+        problems.append(f"field 'budget.delta' must be a number in (0, 1), got {_short(budget['delta'])}")
+    return problems
+
+
+def _fields_of(entry: Mapping[str, Any]) -> tuple[str, ...]:
+    if entry.get("version") == 1:
+        return V1_ENTRY_FIELDS
+    if entry.get("release") == RELEASE_BUDGET:
+        return BUDGET_ENTRY_FIELDS
+    return ENTRY_FIELDS
 
 
 def field_problems(entry: Any, fields: Sequence[str] | None = None) -> list[str]:
     """Every missing, unknown or ill-typed field of an entry (empty when well formed).
 
-    ``fields`` defaults to the fields of the entry's own version."""
+    ``fields`` defaults to the fields of the entry's own version and kind."""
     if not isinstance(entry, dict):
         return [f"not a JSON object but {type(entry).__name__}"]
     if fields is None:
-        fields = V1_ENTRY_FIELDS if entry.get("version") == 1 else ENTRY_FIELDS
+        fields = _fields_of(entry)
     problems = _key_problems(entry, fields)
+    if entry.get("release") == RELEASE_BUDGET and _is_int(entry.get("version")) and entry["version"] < 4:
+        problems.append(f"a budget declaration needs version 4 or later, got version {entry['version']}")
     for name in fields:
         if name not in entry:
             continue
         if name == "mechanism":
             problems += _mechanism_problems(entry[name], entry.get("version"))
+            continue
+        if name == "budget":
+            problems += _budget_problems(entry[name])
             continue
         ok, want = _FIELD_CHECKS[name]
         if not ok(entry[name]):
@@ -276,8 +322,8 @@ def _label(index: int | None, entry: Any, line: bool = False) -> str:
             parts.append(f"run {_short(entry['run'])}")
         if "round" in entry:
             parts.append(f"round {_short(entry['round'])}")
-        if entry.get("release") == RELEASE_EVALUATION:
-            parts.append("evaluation")
+        if entry.get("release") in (RELEASE_EVALUATION, RELEASE_BUDGET):
+            parts.append(str(entry["release"]))
     head = "entry" if index is None else f"entry {index}"
     return f"{head} ({', '.join(parts)})" if parts else head
 
@@ -356,13 +402,14 @@ def _chain_problems(
     last_eps: dict[tuple[str, float], tuple[float, int]] = {}
     for i, entry in enumerate(entries):
         if i < verified:
-            _round_problems(entry, i, last_round)
-            _epsilon_problems(entry, i, last_eps)
+            if is_release(entry):
+                _round_problems(entry, i, last_round)
+                _epsilon_problems(entry, i, last_eps)
             continue
         label = _label(i, entry, line_numbers)
         found = _entry_problems(entry, key, key_hex)
         found += _link_problems(entries, i)
-        if isinstance(entry, dict) and not field_problems(entry):
+        if isinstance(entry, dict) and not field_problems(entry) and is_release(entry):
             found += _round_problems(entry, i, last_round)
             found += _epsilon_problems(entry, i, last_eps)
         problems += [f"{label}: {p}" for p in found]
@@ -491,20 +538,28 @@ class Ledger:
         """Whether an entry of this ledger hashes to ``hash_hex`` (:func:`entry_hash`)."""
         return any(entry_hash(entry) == hash_hex for entry in self.entries())
 
+    def releases(self) -> list[dict[str, Any]]:
+        """The entries that record a release from the member's data (budget declarations left out)."""
+        return [e for e in self.entries() if is_release(e)]
+
+    def budgets(self) -> list[dict[str, Any]]:
+        """The budget declarations, oldest first."""
+        return [e for e in self.entries() if not is_release(e)]
+
     def history(self) -> list[Mechanism]:
         """The accountant's history: one Mechanism per recorded release, in order."""
-        return [mechanism_of(e) for e in self.entries()]
+        return [mechanism_of(e) for e in self.releases()]
 
     def spent_epsilon(self) -> float:
-        """The epsilon recorded after the last round (0.0 when nothing was trained yet)."""
-        entries = self.entries()
-        return float(entries[-1]["epsilon"]) if entries else 0.0
+        """The epsilon recorded after the last release (0.0 when nothing was released yet)."""
+        releases = self.releases()
+        return float(releases[-1]["epsilon"]) if releases else 0.0
 
     def find(self, run: str, round_number: int, release: str = RELEASE_TRAIN) -> dict[str, Any] | None:
         """The entry of ``(run, round_number)`` and kind of release if the node already recorded it
         (e.g. before a crash)."""
         return next(
-            (e for e in self.entries() if e["run"] == run and e["round"] == round_number and release_of(e) == release),
+            (e for e in self.releases() if e["run"] == run and e["round"] == round_number and release_of(e) == release),
             None,
         )
 
@@ -548,6 +603,48 @@ class Ledger:
             line = canonical_json(entry) + b"\n"
             _atomic_write(self.path, raw + line)
             # Signed here after the chain rules passed: the grown file is as verified as before.
+            self._verified = (raw + line, self._public_hex or "", len(entries) + 1)
+        return dict(entry)
+
+    def declare_budget(
+        self, member: str, epsilon_budget: float, delta_budget: float, *, at: dt.datetime | None = None
+    ) -> dict[str, Any] | None:
+        """Sign and append a budget declaration unless the newest one already says the same;
+        returns the new entry (None when nothing was written).
+
+        A node calls this before each release, so the declaration in force precedes every
+        release it governs. Refused (LedgerError) for a budget the ledger already breaks: an
+        epsilon below what it records at that delta, or a new delta once releases were
+        accounted at another one (every earlier claim would have to be re-read at it)."""
+        if self._signing_key is None:
+            raise LedgerError(f"ledger {self.path} was opened without a signing key: it is read-only")
+        if at is not None and at.utcoffset() is None:
+            raise LedgerError("an entry's time must be timezone-aware (UTC)")
+        budget = {"epsilon": float(epsilon_budget), "delta": float(delta_budget)}
+        problems = _budget_problems(budget)
+        if problems:
+            raise LedgerError("cannot declare the budget: " + "; ".join(problems), problems)
+        with self._locked():
+            raw, entries = self._read()
+            member = _one_member(entries, member, self.path)
+            declared = [e for e in entries if not is_release(e)]
+            if declared and declared_budget(declared[-1]) == (budget["epsilon"], budget["delta"]):
+                return None
+            problems = _declaration_problems(entries, budget)
+            if problems:
+                raise LedgerError("cannot declare the budget: " + "; ".join(problems), problems)
+            entry: dict[str, Any] = {
+                "version": VERSION,
+                "release": RELEASE_BUDGET,
+                "member": member,
+                "budget": budget,
+                "public_key": self._public_hex,
+                "prev_hash": entry_hash(entries[-1]) if entries else GENESIS_HASH,
+                "time": (at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(timespec="microseconds"),
+            }
+            entry["signature"] = self._signing_key.sign(signing_payload(entry)).hex()
+            line = canonical_json(entry) + b"\n"
+            _atomic_write(self.path, raw + line)
             self._verified = (raw + line, self._public_hex or "", len(entries) + 1)
         return dict(entry)
 
@@ -596,19 +693,61 @@ class Ledger:
 
 
 def _rule_problems(entries: list[dict[str, Any]], entry: dict[str, Any]) -> list[str]:
-    """The chain rules (round increases within its run, epsilon does not decrease) for a new entry."""
+    """The chain rules for a new release: its round increases within its run, epsilon does not
+    decrease, and it stays within the budget the ledger declared last (if it declared one)."""
     last_round: dict[tuple[str, str], tuple[int, int]] = {}
     last_eps: dict[tuple[str, float], tuple[float, int]] = {}
+    in_force: tuple[float, float] | None = None
     for i, old in enumerate(entries):
-        _round_problems(old, i, last_round)
-        _epsilon_problems(old, i, last_eps)
+        if is_release(old):
+            _round_problems(old, i, last_round)
+            _epsilon_problems(old, i, last_eps)
+        else:
+            in_force = declared_budget(old)
     index = len(entries)
-    return _round_problems(entry, index, last_round) + _epsilon_problems(entry, index, last_eps)
+    problems = _round_problems(entry, index, last_round) + _epsilon_problems(entry, index, last_eps)
+    if in_force is not None:
+        problems += over_budget_problems(entry, in_force)
+    return problems
+
+
+def over_budget_problems(entry: Mapping[str, Any], budget: tuple[float, float]) -> list[str]:
+    """Where a release's claim lies outside a declared (epsilon, delta) budget."""
+    epsilon_budget, delta_budget = budget
+    problems = []
+    if float(entry["delta"]) > delta_budget * (1 + 1e-12):
+        problems.append(f"claims at delta {entry['delta']:g}, looser than the declared budget's delta {delta_budget:g}")
+    if float(entry["epsilon"]) > epsilon_budget * (1 + 1e-12):
+        problems.append(f"records epsilon {entry['epsilon']:.6g}, over the declared budget {epsilon_budget:g}")
+    return problems
+
+
+def _one_member(entries: list[dict[str, Any]], member: str, path: Path) -> str:
+    """``member``, if every entry so far names it (a ledger is one member's)."""
+    others = sorted({str(e["member"]) for e in entries} - {member})
+    if not _is_text(member) or others:
+        raise LedgerError(f"ledger {path} holds entries of {others}: it cannot declare {member!r}'s budget")
+    return member
+
+
+def _declaration_problems(entries: list[dict[str, Any]], budget: Mapping[str, float]) -> list[str]:
+    """A declared budget must hold for what the ledger already records."""
+    releases = [e for e in entries if is_release(e)]
+    deltas = sorted({float(e["delta"]) for e in releases})
+    if deltas and deltas != [budget["delta"]]:
+        return [
+            f"delta {budget['delta']:g} differs from the {', '.join(f'{d:g}' for d in deltas)} the ledger's "
+            "releases were accounted at"
+        ]
+    spent = max((float(e["epsilon"]) for e in releases), default=0.0)
+    if budget["epsilon"] < spent:
+        return [f"epsilon {budget['epsilon']:g} is below the {spent:.6g} the ledger already records"]
+    return []
 
 
 def _check_claim(entry: dict[str, Any], entries: list[dict[str, Any]]) -> None:
     """Refuse to sign an epsilon below what the recorded history plus this round composes to."""
-    history = [*(mechanism_of(e) for e in entries), mechanism_of(entry)]
+    history = [*(mechanism_of(e) for e in entries if is_release(e)), mechanism_of(entry)]
     composed = epsilon(history, entry["delta"], entry["accountant"])
     if entry["epsilon"] < composed * (1 - _CLAIM_RTOL):
         raise LedgerError(

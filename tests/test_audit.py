@@ -713,6 +713,66 @@ def test_uncommitted_round_is_explained(fed: Path) -> None:
     assert any("never committed" in f.message for f in result.findings if f.check == "coverage")
 
 
+def declare_budgets(root: Path, member: str, declarations: dict[int, float]) -> None:
+    """Rewrite ``member``'s ledger as a version-4 node writes it: a budget declaration (epsilon
+    at DELTA) signed into the chain before entry ``i`` for each ``i: epsilon``; receipts in the
+    round records follow their re-signed entries."""
+    key, prev, renamed, rewritten = key_of(root, member), "0" * 64, {}, []
+    for i, entry in enumerate(read_entries(root, member)):
+        if i in declarations:
+            budget = {"epsilon": float(declarations[i]), "delta": DELTA}
+            declared = {"version": 4, "release": "budget", "member": member, "budget": budget}
+            declared = sign({**declared, "prev_hash": prev, "time": entry["time"]}, key)
+            rewritten.append(declared)
+            prev = entry_hash(declared)
+        old_signature = entry.pop("signature")
+        entry = sign(dict(entry, prev_hash=prev), key)
+        renamed[old_signature] = entry
+        prev = entry_hash(entry)
+        rewritten.append(entry)
+    write_entries(root, member, rewritten)
+    write_records(root, [_replace_receipts(r, renamed) for r in read_records(root)])
+
+
+def notes_of(result: AuditResult, member: str) -> list[str]:
+    return [f.message for f in result.findings if f.severity == "note" and f.member == member]
+
+
+def test_a_ledger_without_budget_declarations_is_checked_against_the_published_budget(fed: Path) -> None:
+    """Ledgers written before version 4 declare no budget: they pass, and the audit says what
+    it could not check."""
+    result = run_audit(fed)
+    assert result.ok
+    assert any("declares no budget (its 3 releases predate ledger version 4)" in n for n in notes_of(result, "alpha"))
+
+
+def test_budget_declarations_show_when_a_member_raised_its_budget(fed: Path) -> None:
+    declare_budgets(fed, "alpha", {0: 6.0, 2: 8.0})  # alpha spends ~6.4: raised before its last round
+    result = run_audit(fed)
+    assert result.ok, [f.text() for f in result.failures]
+    notes = notes_of(result, "alpha")
+    assert any("changed its budget: ε=6 δ=1e-05 at entry 0" in n and "then ε=8 δ=1e-05 at entry 3" in n for n in notes)
+    assert not any("declares no budget" in n or "out of date" in n for n in notes)
+    # the consortium still publishing the old budget is said, not failed (the spend is checked against it anyway)
+    set_budget(fed, "alpha", 7.0)
+    notes = notes_of(run_audit(fed), "alpha")
+    assert any("last declares ε=8 δ=1e-05 (entry 3), the consortium publishes ε=7" in n for n in notes)
+
+
+def test_a_release_over_the_budget_declared_before_it_fails(fed: Path) -> None:
+    """Within the published budget, but over the one the member's own node declared at the time."""
+    declare_budgets(fed, "alpha", {0: 5.0})
+    result = run_audit(fed)
+    assert_found(result, "budget", "alpha budget", "entry 3", "over the declared budget 5", "(declared at entry 0)")
+    assert not failures(result, "signature") and not failures(result, "chain")
+
+
+def test_a_declaration_below_what_the_ledger_records_fails(fed: Path) -> None:
+    declare_budgets(fed, "alpha", {0: 8.0, 2: 1.0})
+    result = run_audit(fed)
+    assert_found(result, "budget", "alpha budget", "entry 3 (line 4, budget)", "declares epsilon 1, below the")
+
+
 def test_budget_exceeded(fed: Path) -> None:
     cons = load_consortium(fed / "consortium.yaml").to_dict()
     cons["members"][0]["epsilon"] = 2.0  # alpha's published budget, below what it spent

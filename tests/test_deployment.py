@@ -788,8 +788,9 @@ def test_members_ledgers_verify_and_count_each_round_once(deployment):
     }
     for name, setup in deployment["setups"].items():
         meta = json.loads((Path(setup.state_dir) / "member.json").read_text())
-        entries = Ledger(Path(setup.state_dir) / "ledger.jsonl").entries()
-        assert verify_chain(entries, load_public_key(meta["public_key"])) == [], name
+        ledger = Ledger(Path(setup.state_dir) / "ledger.jsonl")
+        assert verify_chain(ledger.entries(), load_public_key(meta["public_key"])) == [], name
+        entries = ledger.releases()
         trained = [e["round"] for e in entries if e["release"] == "dp-sgd"]
         evaluated = [e["round"] for e in entries if e["release"] == "evaluation"]
         assert trained == [1, 2], name

@@ -186,8 +186,12 @@ def test_dp_run_records_verified_receipts_within_budget(dp_run):
     for member in MEMBERS:
         state = out_dir / "nodes" / member
         meta = json.loads((state / "member.json").read_text())
-        entries = Ledger(state / "ledger.jsonl").entries()
-        assert verify_chain(entries, load_public_key(meta["public_key"])) == []
+        ledger = Ledger(state / "ledger.jsonl")
+        assert verify_chain(ledger.entries(), load_public_key(meta["public_key"])) == []
+        # The budget the node enforced is declared, signed, before the first release.
+        assert ledger.entries()[0]["budget"] == {"epsilon": meta["epsilon"], "delta": meta["delta"]}
+        assert len(ledger.budgets()) == 1
+        entries = ledger.releases()
         trained = [e for e in entries if e["release"] == "dp-sgd"]
         assert [e["round"] for e in trained] == [1, 2, 3]
         assert all(e["epsilon"] <= meta["epsilon"] for e in entries)
@@ -268,7 +272,7 @@ def test_dp_members_release_their_held_out_error_privately(dp_run):
     for member in MEMBERS:
         evaluations = {
             e["round"]: e
-            for e in Ledger(out_dir / "nodes" / member / "ledger.jsonl").entries()
+            for e in Ledger(out_dir / "nodes" / member / "ledger.jsonl").releases()
             if e["release"] == "evaluation"
         }
         assert sorted(evaluations) == [0, 1, 2, 3], member

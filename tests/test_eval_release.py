@@ -112,12 +112,15 @@ def test_a_release_is_recorded_before_it_leaves_and_replayed_unchanged(tmp_path:
     # a re-sent request (a resumed coordinator) gets the same numbers and spends nothing more
     again, receipt_again, _ = releaser.release("run-1", 0, _result())
     assert again == released and receipt_again == receipt
-    assert len(releaser.ledger.entries()) == 1
+    assert len(releaser.ledger.releases()) == 1
     # the next round is a new release
     releaser.release("run-1", 1, _result())
-    entries = releaser.ledger.entries()
+    entries = releaser.ledger.releases()
     assert [e["round"] for e in entries] == [0, 1]
-    assert not verify_chain(entries, entries[0]["public_key"])
+    everything = releaser.ledger.entries()
+    assert not verify_chain(everything, entries[0]["public_key"])
+    # the budget the release was made under is declared before it, once
+    assert [e["release"] for e in everything] == ["budget", RELEASE_EVALUATION, RELEASE_EVALUATION]
 
 
 def test_values_stored_before_a_crash_are_recorded_before_they_are_sent(tmp_path: Path) -> None:
@@ -134,7 +137,7 @@ def test_a_release_over_budget_is_withheld_and_spends_nothing(tmp_path: Path) ->
     releaser = _releaser(tmp_path, budget=0.5)
     released, receipt, withheld = releaser.release("run-1", 0, _result())
     assert released is None and receipt == "" and "over the member's budget 0.5" in withheld
-    assert releaser.ledger.entries() == [] and not (tmp_path / "evaluations.json").exists()
+    assert releaser.ledger.releases() == [] and not (tmp_path / "evaluations.json").exists()
 
 
 def test_disabled_release_and_unnamed_run_are_withheld(tmp_path: Path) -> None:
@@ -150,7 +153,7 @@ def test_a_release_whose_values_were_lost_is_not_made_twice(tmp_path: Path) -> N
     (tmp_path / "evaluations.json").unlink()
     released, _, withheld = releaser.release("run-1", 0, _result())
     assert released is None and "already released" in withheld
-    assert len(releaser.ledger.entries()) == 1
+    assert len(releaser.ledger.releases()) == 1
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -171,11 +174,11 @@ def test_training_and_evaluations_together_never_exceed_the_budget(
     releaser = _releaser(state, budget=budget_eps, privacy=EvalPrivacy(eval_noise, 0.05))
     ledger, budget = releaser.ledger, releaser.budget
     for rnd, step in enumerate(schedule):
-        before = len(ledger.entries())
+        before = len(ledger.releases())
         if step == "eval":
             released, _, withheld = releaser.release("run", rnd, _result())
             assert (released is None) == bool(withheld)
-            assert len(ledger.entries()) == before + (released is not None)
+            assert len(ledger.releases()) == before + (released is not None)
         else:
             noise, steps = step
             allowance = allow_round(budget, ledger.history(), noise, 0.05, steps, min_steps=1)

@@ -122,7 +122,7 @@ def test_append_read_round_trip(ledger: Ledger, key: Ed25519PrivateKey) -> None:
     for prev, entry in zip(entries, entries[1:], strict=False):
         assert entry["prev_hash"] == entry_hash(prev)
     first = entries[0]
-    assert first["version"] == 3 and first["privacy_unit"] == "episode" and first["release"] == "dp-sgd"
+    assert first["version"] == 4 and first["privacy_unit"] == "episode" and first["release"] == "dp-sgd"
     assert first["public_key"] == public_key_hex(key)
     assert first["time"].endswith("+00:00")
     assert ledger.head_hash() == entry_hash(entries[-1])
@@ -205,7 +205,7 @@ def test_version_1_entries_stay_valid_and_chain_into_the_current_version(
     assert Ledger(old.path).entries() == [entry] and not verify_chain([entry], public_key_hex(key))
     assert old.find("run-1", 1) == entry
     second = append_round(old, 2, 1.0, 0.01, 10)
-    assert second["version"] == 3 and not verify_chain(old.entries(), public_key_hex(key))
+    assert second["version"] == 4 and not verify_chain(old.entries(), public_key_hex(key))
     entry["release"] = "dp-sgd"  # a version-1 entry has no such field
     assert any("'release' is not part of the format" in p for p in verify_chain([entry], public_key_hex(key)))
 
@@ -593,3 +593,77 @@ def test_keyed_fingerprints_are_unlinkable_without_the_key_and_checkable_with_it
 
     legacy = "hmac-sha256:" + hmac.new(key, b"sha256:data", hashlib.sha256).hexdigest()
     assert fingerprint_matches(key, "sha256:data", legacy)
+
+
+# --------------------------------------------------------------------------- budget declarations
+
+
+def test_a_budget_is_declared_once_in_the_chain_and_is_not_a_release(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    led = Ledger(tmp_path / "ledger.jsonl", key)
+    first = led.declare_budget("clinic-a", 8, DELTA)
+    assert first is not None and first["budget"] == {"epsilon": 8.0, "delta": DELTA} and first["version"] == 4
+    assert led.declare_budget("clinic-a", 8.0, DELTA) is None, "the same budget is not declared again"
+    append_round(led, 1, 1.0, 0.01, 100)
+    raised = led.declare_budget("clinic-a", 12, DELTA)
+    assert raised is not None
+    append_round(led, 2, 1.0, 0.01, 100)
+    assert [e["release"] for e in led.entries()] == ["budget", "dp-sgd", "budget", "dp-sgd"]
+    assert not verify_chain(led.entries(), public_key_hex(key))
+    assert [e["round"] for e in led.releases()] == [1, 2] and led.budgets() == [first, raised]
+    assert led.history() == [Mechanism(1.0, 0.01, 100)] * 2
+    assert led.spent_epsilon() == led.releases()[-1]["epsilon"] and led.find("run-1", 2) == led.entries()[-1]
+    # a declaration is signed like every entry: editing its budget breaks the signature
+    tampered = raw_entries(led.path)
+    tampered[2]["budget"]["epsilon"] = 100.0
+    assert any("entry 2" in p and "signature does not verify" in p for p in problems_after(led, key, tampered))
+
+
+def test_a_declared_budget_must_hold_for_what_the_ledger_records(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    led = Ledger(tmp_path / "ledger.jsonl", key)
+    led.declare_budget("clinic-a", 8, DELTA)
+    for rnd in (1, 2):
+        append_round(led, rnd, 1.0, 0.01, 100)
+    spent = led.spent_epsilon()
+    with pytest.raises(LedgerError, match=f"epsilon 0.1 is below the {spent:.6g} the ledger already records"):
+        led.declare_budget("clinic-a", 0.1, DELTA)
+    with pytest.raises(LedgerError, match="delta 0.0001 differs from the 1e-05 the ledger's releases"):
+        led.declare_budget("clinic-a", 8, 1e-4)
+    with pytest.raises(LedgerError, match="holds entries of \\['clinic-a'\\]"):
+        led.declare_budget("clinic-b", 8, DELTA)
+    with pytest.raises(LedgerError, match="'budget.delta' must be a number in \\(0, 1\\)"):
+        led.declare_budget("clinic-a", 8, 1.5)
+    with pytest.raises(LedgerError, match="read-only"):
+        Ledger(led.path).declare_budget("clinic-a", 9, DELTA)
+    assert len(led.entries()) == 3, "a refused declaration writes nothing"
+
+
+def test_the_ledger_never_signs_a_release_over_its_declared_budget(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    led = Ledger(tmp_path / "ledger.jsonl", key)
+    append_round(led, 1, 1.0, 0.01, 100)
+    tight = led.spent_epsilon() * 1.01
+    led.declare_budget("clinic-a", tight, DELTA)
+    with pytest.raises(LedgerError, match=f"over the declared budget {tight:g}"):
+        append_round(led, 2, 1.0, 0.01, 100)
+    assert [e["release"] for e in led.entries()] == ["dp-sgd", "budget"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda e: e.update(version=3), "a budget declaration needs version 4 or later"),
+        (lambda e: e.pop("budget"), "field 'budget' is missing"),
+        (lambda e: e.update(epsilon=1.0), "field 'epsilon' is not part of the format"),
+        (lambda e: e["budget"].update(epsilon=0), "field 'budget.epsilon' must be a finite number > 0"),
+        (lambda e: e["budget"].pop("delta"), "field 'budget.delta' is missing"),
+    ],
+)
+def test_a_malformed_budget_declaration_is_named(
+    tmp_path: Path, key: Ed25519PrivateKey, edit: Any, problem: str
+) -> None:
+    led = Ledger(tmp_path / "ledger.jsonl", key)
+    entry = led.declare_budget("clinic-a", 8, DELTA)
+    assert entry is not None
+    entry.pop("signature")
+    edit(entry)
+    entry["signature"] = key.sign(signing_payload(entry)).hex()
+    assert any(problem in p and "entry 0" in p for p in problems_after(led, key, [entry]))

@@ -120,7 +120,7 @@ def test_evaluate_without_dp_is_exact(setup, tmp_path):
     open_node = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", dp=False))
     reply = open_node.evaluate(EvaluateRequest(0, model, run="r"))
     assert reply.num_examples > 0 and reply.action_mse > 0 and reply.action_mae > 0
-    assert reply.receipt == "" and reply.released and open_node.ledger.entries() == []
+    assert reply.receipt == "" and reply.released and open_node.ledger.releases() == []
 
 
 def test_evaluate_under_dp_is_a_recorded_release(fresh_node, setup):
@@ -138,7 +138,7 @@ def test_evaluate_under_dp_is_a_recorded_release(fresh_node, setup):
     # the same request again (a resumed coordinator): the same answer, nothing more spent
     again = fresh_node.evaluate(EvaluateRequest(0, model, run="r"))
     assert (again.action_mse, again.receipt) == (reply.action_mse, reply.receipt)
-    assert len(fresh_node.ledger.entries()) == 1
+    assert len(fresh_node.ledger.releases()) == 1
     # training the next round after it: both in one chain, the plan reserved room for evaluations
     trained = fresh_node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=2))
     assert receipt_from_json(trained.receipt)["epsilon"] > entry["epsilon"]
@@ -185,9 +185,14 @@ def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
     verify_entry(entry, public_key_hex(node.signing_key))
     assert entry["run"] == "r1" and entry["round"] == 1 and entry["privacy_unit"] == "episode"
     assert entry["mechanism"]["steps"] == reply.steps
-    assert entry["version"] == 3 and entry["mechanism"]["noise_source"] == "chacha20-box-muller-f64"
+    assert entry["version"] == 4 and entry["mechanism"]["noise_source"] == "chacha20-box-muller-f64"
     assert 0 < entry["epsilon"] <= node.budget.epsilon
-    assert node.ledger.entries() == [entry]
+    assert node.ledger.releases() == [entry]
+    # the budget the round was planned under is declared, signed, just before it
+    declared = node.ledger.entries()[0]
+    assert declared["release"] == "budget" and declared["member"] == node.identity.name
+    assert declared["budget"] == {"epsilon": node.budget.epsilon, "delta": node.budget.delta}
+    assert "budget" not in reply.receipt, "a declaration stays in the ledger; the receipt is the release"
     assert reply.loss != reply.loss, "the un-noised training loss does not leave a DP node"
     assert reply.num_examples == 0, "the dataset size does not leave a DP node either"
     # The dataset is pinned under the member's own key: the coordinator cannot test a guess.
@@ -220,7 +225,7 @@ def test_the_sample_rate_in_a_receipt_is_the_public_one_not_the_members_size(fre
     declined = fresh_node.train(TrainRequest(2, ["adapter/emb/so100"], no_rate, model, run="q"))
     assert isinstance(declined, TrainDeclined) and "names no DP sample rate" in declined.reason
     assert fresh_node.query(QueryRequest(2, "q", no_rate)).reason == declined.reason
-    assert len(fresh_node.ledger.entries()) == 1
+    assert len(fresh_node.ledger.releases()) == 1
 
 
 def test_resent_round_is_not_trained_twice(fresh_node, setup):
@@ -231,7 +236,7 @@ def test_resent_round_is_not_trained_twice(fresh_node, setup):
     node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r1", planned_rounds=2))
     again = node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r1", planned_rounds=2))
     assert isinstance(again, TrainDeclined) and "already trained" in again.reason
-    assert len(node.ledger.entries()) == 1
+    assert len(node.ledger.releases()) == 1
 
 
 def test_budget_is_never_exceeded_and_node_declines(setup, tmp_path):
@@ -258,7 +263,7 @@ def test_query_answers_what_train_would_decide_and_records_nothing(setup, tmp_pa
     member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", epsilon=1.0, eval_noise_multiplier=0))
     ask = QueryRequest(1, "r", HP, planned_rounds=1)
     assert member.query(ask).can_train and member.query(ask).reason == ""
-    assert member.ledger.entries() == [] and not (tmp_path / "s" / "noise_plan.json").exists()
+    assert member.ledger.releases() == [] and not (tmp_path / "s" / "noise_plan.json").exists()
     # The one planned round spends the budget (planned to land just under it) ...
     assert not isinstance(member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r")), TrainDeclined)
     spent = member.epsilon_spent()
@@ -277,7 +282,7 @@ def test_query_answers_what_train_would_decide_and_records_nothing(setup, tmp_pa
     # What is left (under 1%) would need a noise multiplier far above the cap.
     for planned in (1, 4):
         assert "privacy budget nearly exhausted" in member.query(QueryRequest(1, "r2", HP, planned)).reason
-    assert member.epsilon_spent() == spent and len(member.ledger.entries()) == 1
+    assert member.epsilon_spent() == spent and len(member.ledger.releases()) == 1
     # Without the round's plan (an older coordinator) only an exhausted budget is known.
     assert member.query(QueryRequest(1)).can_train == (spent < 1.0)
 
@@ -292,7 +297,7 @@ def test_restarted_node_keeps_its_ledger(setup, tmp_path):
     assert restarted.epsilon_spent() == pytest.approx(spent) and spent > 0
     assert restarted.query(QueryRequest(2)).public_key == first.query(QueryRequest(2)).public_key
     restarted.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=3))
-    assert restarted.epsilon_spent() > spent and len(restarted.ledger.entries()) == 2
+    assert restarted.epsilon_spent() > spent and len(restarted.ledger.releases()) == 2
 
 
 def _store_with(tmp_path, model):
@@ -461,8 +466,8 @@ def test_the_round_that_runs_is_the_mechanism_its_receipt_records(setup, tmp_pat
         )  # fmt: skip
         assert reply.steps == steps
     assert receipt_from_json(reply.receipt)["decision"] == "full"
-    assert ran and MemberNode(cfg, own_sigma).ledger.entries()[0]["decision"] == "shortened"
-    assert MemberNode(cfg, own_sigma).ledger.entries()[0]["mechanism"]["steps"] == 7
+    assert ran and MemberNode(cfg, own_sigma).ledger.releases()[0]["decision"] == "shortened"
+    assert MemberNode(cfg, own_sigma).ledger.releases()[0]["mechanism"]["steps"] == 7
 
 
 def test_the_noise_plan_leaves_room_for_every_planned_evaluation(setup, tmp_path):
@@ -473,7 +478,7 @@ def test_the_noise_plan_leaves_room_for_every_planned_evaluation(setup, tmp_path
     cfg, node, model = setup
     member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s"))
     member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
-    sigma = member.ledger.entries()[0]["mechanism"]["noise_multiplier"]
+    sigma = member.ledger.releases()[0]["mechanism"]["noise_multiplier"]
     without_reserve = noise_for_target(
         member.budget.epsilon, member.budget.delta, HP.sample_rate, HP.local_steps, 4, accountant=cfg.privacy.accountant
     )
@@ -493,8 +498,13 @@ def test_a_member_that_lowers_its_budget_gets_a_new_noise_plan(setup, tmp_path):
     first.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
     stricter = MemberNode(cfg, replace(node.identity, state_dir=state, epsilon=node.identity.epsilon * 0.8))
     stricter.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
-    sigmas = [e["mechanism"]["noise_multiplier"] for e in stricter.ledger.entries()]
+    sigmas = [e["mechanism"]["noise_multiplier"] for e in stricter.ledger.releases()]
     assert sigmas[1] > sigmas[0]
+    # the ledger says which budget each round was planned under
+    kinds = [e["release"] for e in stricter.ledger.entries()]
+    assert kinds == ["budget", "dp-sgd", "budget", "dp-sgd"]
+    declared = [e["budget"]["epsilon"] for e in stricter.ledger.budgets()]
+    assert declared == [node.identity.epsilon, node.identity.epsilon * 0.8]
 
 
 def test_a_member_spreads_its_budget_over_its_own_rounds_whatever_a_run_plans(setup, tmp_path, capsys):
@@ -509,7 +519,7 @@ def test_a_member_spreads_its_budget_over_its_own_rounds_whatever_a_run_plans(se
     def sigma_for(identity, state, run):
         member = MemberNode(cfg, replace(identity, state_dir=tmp_path / state))
         member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run=run, planned_rounds=1))
-        return member.ledger.entries()[-1]["mechanism"]["noise_multiplier"]
+        return member.ledger.releases()[-1]["mechanism"]["noise_multiplier"]
 
     def planned(rounds, history=()):
         return noise_for_target(
@@ -572,9 +582,9 @@ def test_a_node_whose_ledger_was_rolled_back_spends_nothing_more(setup, tmp_path
     assert isinstance(declined, TrainDeclined) and "restored from a backup" in declined.reason
     evaluation = restored.evaluate(wire(EvaluateRequest(3, model, run="r", ledger_head=head), EvaluateRequest))
     assert isinstance(evaluation, EvaluateReply) and evaluation.receipt == "" and "ledger lacks" in evaluation.withheld
-    assert restored.epsilon_spent() == spent and len(restored.ledger.entries()) == 1, "nothing was spent"
+    assert restored.epsilon_spent() == spent and len(restored.ledger.releases()) == 1, "nothing was spent"
     # The head it does hold (round 1's) lets it go on; so does a request without one.
-    round_one = entry_hash(restored.ledger.entries()[0])
+    round_one = entry_hash(restored.ledger.releases()[0])
     assert restored.query(QueryRequest(3, "r", HP, 8, ledger_head=round_one)).can_train
     assert restored.query(QueryRequest(3, "r", HP, 8)).can_train
     # The member sees it in `kyodo-member status` (the ledger alone looks whole), until the
@@ -610,16 +620,16 @@ def test_pacing_counts_training_rounds_replans_when_changed_and_paces_evaluation
     member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=1))
     member.evaluate(EvaluateRequest(1, model, run="r"))
     paced = MemberNode(cfg, replace(node.identity, state_dir=state, budget_rounds=6))
-    assert [release_of(e) for e in paced.ledger.entries()] == [RELEASE_EVALUATION, "dp-sgd", RELEASE_EVALUATION]
+    assert [release_of(e) for e in paced.ledger.releases()] == [RELEASE_EVALUATION, "dp-sgd", RELEASE_EVALUATION]
     assert paced.rounds_to_plan(planned_rounds=1, round_number=2) == 5  # 6 - 1 trained
     paced.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=1))
-    sigmas = [e["mechanism"]["noise_multiplier"] for e in paced.ledger.entries() if release_of(e) == "dp-sgd"]
+    sigmas = [e["mechanism"]["noise_multiplier"] for e in paced.ledger.releases() if release_of(e) == "dp-sgd"]
     assert sigmas[1] > sigmas[0], "planned again over the member's new rounds, not kept from the old plan"
     assert paced.evaluate(EvaluateRequest(2, model, run="r")).receipt  # round 2 trained: its release is due
     extra = paced.evaluate(EvaluateRequest(3, model, run="r"))  # round 3 was never trained
     assert not extra.receipt and "budget-rounds paces this member" in extra.withheld
     assert paced.evaluate(EvaluateRequest(2, model, run="r")).receipt, "a re-sent request is still answered"
-    assert len(paced.ledger.entries()) == 5
+    assert len(paced.ledger.releases()) == 5
 
 
 def test_budget_rounds_and_a_fixed_noise_multiplier_are_exclusive(setup):

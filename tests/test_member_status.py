@@ -25,14 +25,17 @@ MECHANISM = {
 LONG_RUN = "consortium-2026-q4-lifelong-" + "x" * 12 + "-0a1b2c3d"
 
 
-def _state_dir(root: Path, runs: dict[str, int]) -> Path:
+def _state_dir(root: Path, runs: dict[str, int], budgets: dict[str, float] | None = None) -> Path:
     """A node state directory whose ledger trained ``runs[run]`` rounds in each run, in order,
-    and released one held-out error after the last round of each."""
+    and released one held-out error after the last round of each; ``budgets[run]`` is declared
+    before the run's first release."""
     key = load_or_create_signing_key(root / "member_ed25519.pem")
     member = {"member": "sony", "embodiment": "so100", "epsilon": 64.0, "delta": DELTA, "accountant": "rdp"}
     (root / "member.json").write_text(json.dumps(member | {"public_key": public_key_hex(key)}))
     ledger, history = Ledger(root / "ledger.jsonl", key), []
     for run, rounds in runs.items():
+        if run in (budgets or {}):
+            ledger.declare_budget("sony", budgets[run], DELTA)
         for rnd in range(1, rounds + 1):
             releases = ["dp-sgd", RELEASE_EVALUATION] if rnd == rounds else ["dp-sgd"]
             for release in releases:
@@ -103,4 +106,18 @@ def test_a_short_ledger_of_one_run_lists_every_entry_with_what_is_left(tmp_path,
 
 
 def _eps_after(state_dir: Path, run: str) -> float:
-    return [e for e in Ledger(state_dir / "ledger.jsonl").entries() if e["run"] == run][-1]["epsilon"]
+    return [e for e in Ledger(state_dir / "ledger.jsonl").releases() if e["run"] == run][-1]["epsilon"]
+
+
+def test_status_lists_the_budgets_the_ledger_declared(tmp_path, capsys):
+    """A node declares its budget before the first release under it: status shows when the
+    member raised it, and that a budget the node runs with now is declared at its next release."""
+    state = _state_dir(tmp_path, {"run-1": 2, "run-2": 1}, budgets={"run-1": 32.0, "run-2": 64.0})
+    text = "\n".join(_status(capsys, state))
+    assert "budget declared in the signed ledger:" in text
+    assert "ε=32 δ=1e-05 from release 1 (" in text and "ε=64 δ=1e-05 from release 4 (" in text
+    assert "ledger verified: 5 entries" in text and "before its next release" not in text
+
+    member = json.loads((state / "member.json").read_text())
+    (state / "member.json").write_text(json.dumps(member | {"epsilon": 80.0}))
+    assert "the node declares ε=80 δ=1e-05 before its next release" in "\n".join(_status(capsys, state))

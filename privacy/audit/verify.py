@@ -56,11 +56,14 @@ from privacy.audit.findings import NOTE, AuditResult, EntryRow, MemberRow, Round
 from privacy.audit.inputs import LedgerFile, RunFiles, find_ledgers, read_run
 from privacy.keys import load_public_key
 from privacy.ledger import (
+    RELEASE_BUDGET,
     RELEASE_EVALUATION,
     RELEASE_TRAIN,
     LedgerError,
+    declared_budget,
     entry_hash,
     field_problems,
+    over_budget_problems,
     parse_strict_json,
     receipt_from_json,
     release_of,
@@ -79,7 +82,8 @@ class _LedgerIndex:
     member: str
     by_hash: dict[str, int] = field(default_factory=dict)
     by_run_round: dict[tuple[str, int], int] = field(default_factory=dict)
-    entries: dict[int, dict[str, Any]] = field(default_factory=dict)  # index -> well-formed entry
+    entries: dict[int, dict[str, Any]] = field(default_factory=dict)  # index -> well-formed release
+    budgets: dict[int, dict[str, Any]] = field(default_factory=dict)  # index -> well-formed budget declaration
     rows: dict[int, EntryRow] = field(default_factory=dict)
     matched: set[int] = field(default_factory=set)
 
@@ -92,8 +96,8 @@ def entry_label(index: int, entry: Any) -> str:
             parts.append(f"run {entry['run']!r}")
         if "round" in entry:
             parts.append(f"round {entry['round']!r}")
-        if entry.get("release") == RELEASE_EVALUATION:
-            parts.append("evaluation")
+        if entry.get("release") in (RELEASE_EVALUATION, RELEASE_BUDGET):
+            parts.append(str(entry["release"]))
     return f"entry {index} ({', '.join(parts)})"
 
 
@@ -203,7 +207,9 @@ def _check_ledger(result: AuditResult, consortium: Consortium, ledger: LedgerFil
             )
         elif isinstance(signature, str):
             seen[signature] = i
-        if not field_problems(entry):
+        if not field_problems(entry) and release_of(entry) == RELEASE_BUDGET:
+            index.budgets[i] = entry
+        elif not field_problems(entry):
             index.entries[i] = entry
             index.by_hash.setdefault(entry_hash(entry), i)
             if release_of(entry) == RELEASE_TRAIN:
@@ -221,6 +227,7 @@ def _check_ledger(result: AuditResult, consortium: Consortium, ledger: LedgerFil
     history = _account(result, ledger, index, run_id)
     if member is not None:
         _check_budget(result, ledger, index, history, member.epsilon, member.delta)
+        _check_declared_budgets(result, ledger, index, (member.epsilon, member.delta))
     return index
 
 
@@ -231,6 +238,8 @@ def _account(result: AuditResult, ledger: LedgerFile, index: _LedgerIndex, run_i
     history: list[Mech] = []
     incomplete = False
     for i, entry in enumerate(ledger.entries):
+        if isinstance(entry, dict) and entry.get("release") == RELEASE_BUDGET:
+            continue  # releases nothing; its format was checked with the chain
         mech = _mechanism(entry)
         if mech is None:
             incomplete = True
@@ -315,7 +324,7 @@ def _check_budget(
         member=ledger.member,
         epsilon_budget=budget_epsilon,
         delta_budget=budget_delta,
-        entries=len(ledger.entries),
+        entries=len(ledger.entries) - len(index.budgets),  # releases: a declaration releases nothing
         run_entries=0,
         epsilon_recorded=max(claims) if claims else None,
         epsilon_recomputed=finite(verdict.recomputed),
@@ -324,6 +333,65 @@ def _check_budget(
         within_budget=verdict.ok,
         ledger=str(ledger.path),
     )
+
+
+def _check_declared_budgets(
+    result: AuditResult, ledger: LedgerFile, index: _LedgerIndex, published: tuple[float, float]
+) -> None:
+    """Each release against the budget the member's ledger declared before it (version 4 on),
+    and the declarations against what the ledger already recorded and what is published.
+
+    The published budget is only today's; the declarations say which budget governed which
+    release and when the member changed it, signed into the chain where nothing can drop
+    them unseen."""
+    add = partial(result.add, member=ledger.member)
+    subject = f"{ledger.member} budget"
+    in_force: tuple[tuple[float, float], int] | None = None
+    undeclared, spent, steps = 0, 0.0, []
+    for i in sorted([*index.entries, *index.budgets]):
+        entry = ledger.entries[i]
+        if i in index.budgets:
+            declared = declared_budget(entry)
+            if declared[0] < spent:
+                add(
+                    "budget",
+                    subject,
+                    f"{entry_label(i, entry)}: declares epsilon {declared[0]:g}, below the {spent:.6g} the ledger "
+                    "already records",
+                )
+            steps.append(f"ε={declared[0]:g} δ={declared[1]:g} at entry {i} ({entry['time'][:19]})")
+            in_force = (declared, i)
+            continue
+        spent = max(spent, float(entry["epsilon"]))
+        if in_force is None:
+            undeclared += 1
+            continue
+        for problem in over_budget_problems(entry, in_force[0]):
+            add("budget", subject, f"{entry_label(i, entry)}: {problem} (declared at entry {in_force[1]})")
+    if in_force is None:
+        if undeclared:
+            add(
+                "budget",
+                subject,
+                f"declares no budget (its {undeclared} releases predate ledger version 4): checked against the "
+                "published budget only",
+                NOTE,
+            )
+        return
+    if undeclared:
+        add("budget", subject, f"its first {undeclared} releases precede the first budget declaration", NOTE)
+    if len(steps) > 1:
+        add("budget", subject, "the member changed its budget: " + ", then ".join(steps), NOTE)
+    last, at = in_force
+    if last != published:
+        add(
+            "budget",
+            subject,
+            f"the ledger last declares ε={last[0]:g} δ={last[1]:g} (entry {at}), the consortium publishes "
+            f"ε={published[0]:g} δ={published[1]:g}: one of the two is out of date "
+            "(the member publishes a change with `kyodo-coordinator add-member ... --update`)",
+            NOTE,
+        )
 
 
 # --------------------------------------------------------------------------- round records
