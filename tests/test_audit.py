@@ -942,6 +942,26 @@ def test_consortium_yaml_refuses_duplicate_keys(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- accounting, report
 
 
+def test_rdp_from_cached_one_step_curves_is_dp_accountings_own_accountant() -> None:
+    """The auditor composes each history from one-step RDP curves; dp-accounting's accountant,
+    composing the same events afresh, must give the very same epsilon."""
+    import random
+
+    from dp_accounting import rdp as dp_rdp
+
+    rng = random.Random(7)
+    for _ in range(25):
+        history = [
+            accounting.Mech(rng.choice([0.6, 1.1, 2.3, 20.0]), rng.choice([0.01, 0.08, 0.3, 1.0]), rng.randint(1, 400))
+            for _ in range(rng.randint(1, 6))
+        ]
+        totals, delta = accounting.totals_of(history), rng.choice([1e-5, 1e-6, 1e-3])
+        fresh = dp_rdp.RdpAccountant()
+        for sigma, q, steps in totals:
+            fresh.compose(accounting._event(sigma, q), steps)
+        assert accounting.rdp_epsilon(totals, delta) == pytest.approx(fresh.get_epsilon(delta), rel=1e-12)
+
+
 def test_independent_accounting_matches_the_node_and_catches_understatement() -> None:
     history = [accounting.Mech(SIGMA, RATE, STEPS)] * 2
     totals = accounting.totals_of(history)
