@@ -528,10 +528,10 @@ class MemberNode:
             sample_rate=sample_rate,
             mode=DEFAULT_MODE,
         )
-        # The budget this release is planned under is declared first (a no-op once declared).
-        self.ledger.declare_budget(self.identity.name, self.budget.epsilon, self.budget.delta, at=arrived)
         receipt = self.ledger.append(
             at=arrived,
+            # The budget this release is planned under, declared before it (once).
+            budget=(self.budget.epsilon, self.budget.delta),
             run=request.run,
             round=request.round,
             member=self.identity.name,

@@ -97,9 +97,9 @@ class EvaluationReleaser:
         return released, receipt_to_json(entry), ""
 
     def _append(self, run: str, round_number: int, epsilon_after: float, arrived: dt.datetime | None) -> dict:
-        self.ledger.declare_budget(self.member, self.budget.epsilon, self.budget.delta, at=arrived)
         return self.ledger.append(
             at=arrived,
+            budget=(self.budget.epsilon, self.budget.delta),
             run=run,
             round=round_number,
             member=self.member,

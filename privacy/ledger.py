@@ -584,26 +584,33 @@ class Ledger:
 
     # ---- appending
 
-    def append(self, *, at: dt.datetime | None = None, **fields: Any) -> dict[str, Any]:
+    def append(
+        self, *, at: dt.datetime | None = None, budget: tuple[float, float] | None = None, **fields: Any
+    ) -> dict[str, Any]:
         """Sign and durably append one round's entry; returns it (the receipt).
 
         The caller gives the release's facts (``CALLER_FIELDS``; ``privacy_unit`` defaults to
         "episode"); version, public key, previous hash, time and signature are filled here.
         ``time`` is ``at`` (timezone-aware; a node passes the moment the request reached it, so
         the receipt does not say how long the work on the member's data took) or now.
+        ``budget`` is the (epsilon, delta) the release was planned under: declared first when
+        the ledger's newest declaration says otherwise, under the same lock and in the same
+        write, so no other process's declaration can come between the two.
         Refused (LedgerError) when the existing ledger does not verify, the round does not
-        increase within its run, or the claimed epsilon is below what the recorded history
-        plus this round composes to: the ledger never signs an under-stated spend.
+        increase within its run, the claimed epsilon is below what the recorded history
+        plus this round composes to (the ledger never signs an under-stated spend), or the
+        release lies outside the budget declared last.
         """
         if self._signing_key is None:
             raise LedgerError(f"ledger {self.path} was opened without a signing key: it is read-only")
         with self._locked():
             raw, entries = self._read()
-            entry = self._new_entry(fields, entries, at)
-            line = canonical_json(entry) + b"\n"
-            _atomic_write(self.path, raw + line)
-            # Signed here after the chain rules passed: the grown file is as verified as before.
-            self._verified = (raw + line, self._public_hex or "", len(entries) + 1)
+            new = []
+            if budget is not None:
+                declaration = self._declaration(entries, str(fields.get("member", "")), *budget, at)
+                new += [declaration] if declaration is not None else []
+            entry = self._new_entry(fields, entries + new, at)
+            self._write(raw, len(entries), [*new, entry])
         return dict(entry)
 
     def declare_budget(
@@ -612,41 +619,60 @@ class Ledger:
         """Sign and append a budget declaration unless the newest one already says the same;
         returns the new entry (None when nothing was written).
 
-        A node calls this before each release, so the declaration in force precedes every
-        release it governs. Refused (LedgerError) for a budget the ledger already breaks: an
-        epsilon below what it records at that delta, or a new delta once releases were
-        accounted at another one (every earlier claim would have to be re-read at it)."""
+        Refused (LedgerError) for a budget the ledger already breaks: an epsilon below what it
+        records, or a new delta once releases were accounted at another one (every earlier
+        claim would have to be re-read at it). A node declares through ``append(budget=...)``."""
         if self._signing_key is None:
             raise LedgerError(f"ledger {self.path} was opened without a signing key: it is read-only")
+        with self._locked():
+            raw, entries = self._read()
+            entry = self._declaration(entries, member, epsilon_budget, delta_budget, at)
+            if entry is not None:
+                self._write(raw, len(entries), [entry])
+        return None if entry is None else dict(entry)
+
+    def _declaration(
+        self,
+        entries: list[dict[str, Any]],
+        member: str,
+        epsilon_budget: float,
+        delta_budget: float,
+        at: dt.datetime | None,
+    ) -> dict[str, Any] | None:
+        """The signed declaration of ``(epsilon_budget, delta_budget)`` to follow ``entries``,
+        or None when the newest declaration already says it."""
         if at is not None and at.utcoffset() is None:
             raise LedgerError("an entry's time must be timezone-aware (UTC)")
         budget = {"epsilon": float(epsilon_budget), "delta": float(delta_budget)}
         problems = _budget_problems(budget)
         if problems:
             raise LedgerError("cannot declare the budget: " + "; ".join(problems), problems)
-        with self._locked():
-            raw, entries = self._read()
-            member = _one_member(entries, member, self.path)
-            declared = [e for e in entries if not is_release(e)]
-            if declared and declared_budget(declared[-1]) == (budget["epsilon"], budget["delta"]):
-                return None
-            problems = _declaration_problems(entries, budget)
-            if problems:
-                raise LedgerError("cannot declare the budget: " + "; ".join(problems), problems)
-            entry: dict[str, Any] = {
-                "version": VERSION,
-                "release": RELEASE_BUDGET,
-                "member": member,
-                "budget": budget,
-                "public_key": self._public_hex,
-                "prev_hash": entry_hash(entries[-1]) if entries else GENESIS_HASH,
-                "time": (at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(timespec="microseconds"),
-            }
-            entry["signature"] = self._signing_key.sign(signing_payload(entry)).hex()
-            line = canonical_json(entry) + b"\n"
-            _atomic_write(self.path, raw + line)
-            self._verified = (raw + line, self._public_hex or "", len(entries) + 1)
-        return dict(entry)
+        member = _one_member(entries, member, self.path)
+        declared = [e for e in entries if not is_release(e)]
+        if declared and declared_budget(declared[-1]) == (budget["epsilon"], budget["delta"]):
+            return None
+        problems = _declaration_problems(entries, budget)
+        if problems:
+            raise LedgerError("cannot declare the budget: " + "; ".join(problems), problems)
+        entry: dict[str, Any] = {
+            "version": VERSION,
+            "release": RELEASE_BUDGET,
+            "member": member,
+            "budget": budget,
+            "public_key": self._public_hex,
+            "prev_hash": entry_hash(entries[-1]) if entries else GENESIS_HASH,
+            "time": (at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(timespec="microseconds"),
+        }
+        assert self._signing_key is not None
+        entry["signature"] = self._signing_key.sign(signing_payload(entry)).hex()
+        return entry
+
+    def _write(self, raw: bytes, count: int, new: list[dict[str, Any]]) -> None:
+        """Append ``new`` (signed after the chain rules passed) to the file whose bytes were
+        ``raw`` (``count`` entries), atomically: the grown file is as verified as before."""
+        data = raw + b"".join(canonical_json(entry) + b"\n" for entry in new)
+        _atomic_write(self.path, data)
+        self._verified = (data, self._public_hex or "", count + len(new))
 
     def _new_entry(
         self, fields: dict[str, Any], entries: list[dict[str, Any]], at: dt.datetime | None = None
@@ -724,8 +750,10 @@ def over_budget_problems(entry: Mapping[str, Any], budget: tuple[float, float]) 
 
 def _one_member(entries: list[dict[str, Any]], member: str, path: Path) -> str:
     """``member``, if every entry so far names it (a ledger is one member's)."""
+    if not _is_text(member):
+        raise LedgerError(f"ledger {path}: a budget declaration needs the member's name, got {member!r}")
     others = sorted({str(e["member"]) for e in entries} - {member})
-    if not _is_text(member) or others:
+    if others:
         raise LedgerError(f"ledger {path} holds entries of {others}: it cannot declare {member!r}'s budget")
     return member
 
@@ -737,11 +765,11 @@ def _declaration_problems(entries: list[dict[str, Any]], budget: Mapping[str, fl
     if deltas and deltas != [budget["delta"]]:
         return [
             f"delta {budget['delta']:g} differs from the {', '.join(f'{d:g}' for d in deltas)} the ledger's "
-            "releases were accounted at"
+            "releases were accounted at (a new delta needs a new member identity and ledger)"
         ]
     spent = max((float(e["epsilon"]) for e in releases), default=0.0)
     if budget["epsilon"] < spent:
-        return [f"epsilon {budget['epsilon']:g} is below the {spent:.6g} the ledger already records"]
+        return [f"epsilon {budget['epsilon']!r} is below the {spent!r} the ledger already records"]
     return []
 
 

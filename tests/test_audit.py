@@ -80,6 +80,7 @@ def _append_entry(
     history.append(Mechanism(mechanism["noise_multiplier"], mechanism["sample_rate"], mechanism["steps"]))
     epsilon_after = epsilon(history, DELTA)
     return ledger.append(
+        budget=(BUDGET, DELTA),  # declared before the first release, as a node does
         run=run, round=rnd, member=member, shards=shards, mechanism=mechanism, dataset_fingerprint="ab" * 32,
         epsilon=epsilon_after, delta=DELTA, accountant="rdp", decision="full", release=release,
     )  # fmt: skip
@@ -296,15 +297,16 @@ def test_entries_before_version_3_pass_with_a_note_on_their_noise_source(fed: Pa
     assert not [f for f in run_audit(fed).findings if "predate ledger version 3" in f.message]
 
     def version_2(_: int, entry: dict[str, Any]) -> None:
-        del entry["mechanism"]["noise_source"]
-        entry["version"] = 2
+        if entry["release"] != "budget":
+            del entry["mechanism"]["noise_source"]
+            entry["version"] = 2
 
     rewrite_ledger(fed, "alpha", version_2)
     result = run_audit(fed)
     assert result.ok, [f.text() for f in result.failures]
     notes = [f for f in result.findings if "predate ledger version 3" in f.message]
     assert len(notes) == 1 and notes[0].member == "alpha" and notes[0].severity == "note"
-    assert notes[0].message.startswith(f"{len(read_entries(fed, 'alpha'))} entries (first: entry 0)")
+    assert notes[0].message.startswith(f"{len(read_entries(fed, 'alpha')) - 1} entries (first: entry 1)")
 
 
 def test_flat_ledger_layout(fed: Path) -> None:
@@ -320,13 +322,13 @@ def test_flat_ledger_layout(fed: Path) -> None:
 
 def test_edited_epsilon(fed: Path) -> None:
     entries = read_entries(fed, "alpha")
-    entries[1]["epsilon"] = entries[1]["epsilon"] / 2  # under-state the spend of run-a round 1
+    entries[2]["epsilon"] = entries[2]["epsilon"] / 2  # under-state the spend of run-a round 1
     write_entries(fed, "alpha", entries)
     result = run_audit(fed)
     assert not result.ok
-    assert_found(result, "signature", "entry 1 (line 2, run 'run-a', round 1)", "signature does not verify")
-    assert_found(result, "accounting", "entry 1 (line 2, run 'run-a', round 1)", "field 'epsilon'", "under-states")
-    assert_found(result, "chain", "entry 2", "prev_hash")
+    assert_found(result, "signature", "entry 2 (line 3, run 'run-a', round 1)", "signature does not verify")
+    assert_found(result, "accounting", "entry 2 (line 3, run 'run-a', round 1)", "field 'epsilon'", "under-states")
+    assert_found(result, "chain", "entry 3", "prev_hash")
     # the coordinator's receipt (the original) no longer matches the ledger: two entries for one round
     assert_found(result, "chain", "round 1 receipt of alpha", "fork")
     assert not result.members["alpha"].ok and result.members["beta"].ok
@@ -334,19 +336,19 @@ def test_edited_epsilon(fed: Path) -> None:
 
 def test_edited_mechanism(fed: Path) -> None:
     entries = read_entries(fed, "beta")
-    entries[2]["mechanism"]["noise_multiplier"] = 0.7  # less noise than the epsilon accounts for
+    entries[3]["mechanism"]["noise_multiplier"] = 0.7  # less noise than the epsilon accounts for
     write_entries(fed, "beta", entries)
     result = run_audit(fed)
-    assert_found(result, "signature", "entry 2 (line 3, run 'run-a', round 2)", "signature does not verify")
-    assert_found(result, "accounting", "entry 2 (line 3, run 'run-a', round 2)", "below the independent recomputation")
+    assert_found(result, "signature", "entry 3 (line 4, run 'run-a', round 2)", "signature does not verify")
+    assert_found(result, "accounting", "entry 3 (line 4, run 'run-a', round 2)", "below the independent recomputation")
 
 
 def test_dropped_entry(fed: Path) -> None:
     entries = read_entries(fed, "gamma")
-    del entries[1]  # run-a round 1 disappears from the ledger
+    del entries[2]  # run-a round 1 disappears from the ledger
     write_entries(fed, "gamma", entries)
     result = run_audit(fed)
-    assert_found(result, "chain", "entry 1 (line 2, run 'run-a', round 2)", "prev_hash", "dropped")
+    assert_found(result, "chain", "entry 2 (line 3, run 'run-a', round 2)", "prev_hash", "dropped")
     assert_found(result, "receipt", "round 1 receipt of gamma", "is not in gamma's ledger")
 
 
@@ -364,7 +366,7 @@ def test_dropped_last_entry(fed: Path, capsys: pytest.CaptureFixture[str], monke
     tables = out[: out.index("FAIL [receipt]")]
     assert "…" not in tables and "ledger entries of gamma" in tables
     assert any(
-        line.split()[:7] == ["1", "run-a", "1", "20", "1.500", "0.200", "5.2343"] for line in tables.splitlines()
+        line.split()[:7] == ["2", "run-a", "1", "20", "1.500", "0.200", "5.2343"] for line in tables.splitlines()
     )
 
 
@@ -377,7 +379,7 @@ def test_a_ledger_rolled_back_behind_a_receipt_the_coordinator_held_is_caught(fe
     stranger = sign(dict(later), Ed25519PrivateKey.generate())
     stranger["public_key"] = later["public_key"]  # claims gamma's key, signed by another
     records = read_records(fed)
-    records[1]["ledger_heads"] = {"gamma": entries[0], "alpha": read_entries(fed, "alpha")[-1]}  # both held
+    records[1]["ledger_heads"] = {"gamma": entries[1], "alpha": read_entries(fed, "alpha")[-1]}  # both held
     records[2]["ledger_heads"] = {"gamma": later, "beta": stranger | {"member": "beta"}}
     write_records(fed, records)
     result = run_audit(fed)
@@ -397,22 +399,22 @@ def test_a_ledger_rolled_back_behind_a_receipt_the_coordinator_held_is_caught(fe
 
 def test_swapped_entries(fed: Path) -> None:
     entries = read_entries(fed, "alpha")
-    entries[1], entries[2] = entries[2], entries[1]
+    entries[2], entries[3] = entries[3], entries[2]
     write_entries(fed, "alpha", entries)
     result = run_audit(fed)
-    assert_found(result, "chain", "entry 1 (line 2, run 'run-a', round 2)", "prev_hash", "reordered")
-    assert_found(result, "chain", "entry 2 (line 3, run 'run-a', round 1)", "field 'round'", "does not increase")
+    assert_found(result, "chain", "entry 2 (line 3, run 'run-a', round 2)", "prev_hash", "reordered")
+    assert_found(result, "chain", "entry 3 (line 4, run 'run-a', round 1)", "field 'round'", "does not increase")
 
 
 def test_forged_signature(fed: Path) -> None:
     entries = read_entries(fed, "beta")
     forger = Ed25519PrivateKey.generate()  # nobody's published key
-    entries[2]["epsilon"] = 0.5
-    entries[2]["signature"] = forger.sign(signing_payload(entries[2])).hex()
+    entries[3]["epsilon"] = 0.5
+    entries[3]["signature"] = forger.sign(signing_payload(entries[3])).hex()
     write_entries(fed, "beta", entries)
     result = run_audit(fed)
-    assert_found(result, "signature", "entry 2 (line 3, run 'run-a', round 2)", "signature does not verify")
-    assert_found(result, "accounting", "entry 2", "under-states")
+    assert_found(result, "signature", "entry 3 (line 4, run 'run-a', round 2)", "signature does not verify")
+    assert_found(result, "accounting", "entry 3", "under-states")
 
 
 def test_key_swapped_between_members_in_consortium(fed: Path) -> None:
@@ -438,7 +440,7 @@ def test_entries_resigned_with_another_members_key(fed: Path) -> None:
         prev = entry_hash(entry)
     write_entries(fed, "alpha", entries)
     result = run_audit(fed)
-    assert_found(result, "identity", "entry 1 (line 2, run 'run-a', round 1)", "signed with beta's published key")
+    assert_found(result, "identity", "entry 2 (line 3, run 'run-a', round 1)", "signed with beta's published key")
     # the rewritten chain is internally consistent; only the coordinator's receipts show the rewrite
     assert not [t for t in failures(result, "chain") if t.startswith("alpha ledger")]
     assert_found(result, "chain", "round 1 receipt of alpha", "fork")
@@ -446,20 +448,20 @@ def test_entries_resigned_with_another_members_key(fed: Path) -> None:
 
 def test_entry_replayed_from_another_run(fed: Path) -> None:
     records = read_records(fed)
-    old = read_entries(fed, "alpha")[0]  # alpha's validly signed receipt of run-old round 1
+    old = read_entries(fed, "alpha")[1]  # alpha's validly signed receipt of run-old round 1
     records[2]["receipts"]["alpha"] = old
     write_records(fed, records)
     result = run_audit(fed)
     assert_found(result, "receipt", "round 2 receipt of alpha", "run 'run-old'", "replayed from another run")
     # and alpha's real round-2 spend is now unaccounted for in the records
-    assert_found(result, "coverage", "alpha ledger", "entry 2 (line 3, run 'run-a', round 2)", "no receipt")
+    assert_found(result, "coverage", "alpha ledger", "entry 3 (line 4, run 'run-a', round 2)", "no receipt")
 
 
 def test_entry_replayed_inside_the_ledger(fed: Path) -> None:
     entries = read_entries(fed, "alpha")
-    write_entries(fed, "alpha", [*entries, entries[0]])
+    write_entries(fed, "alpha", [*entries, entries[1]])
     result = run_audit(fed)
-    assert_found(result, "chain", "entry 3 (line 4, run 'run-old', round 1)", "repeats entry 0", "replayed")
+    assert_found(result, "chain", "entry 4 (line 5, run 'run-old', round 1)", "repeats entry 1", "replayed")
 
 
 def test_contribution_without_receipt(fed: Path) -> None:
@@ -468,7 +470,7 @@ def test_contribution_without_receipt(fed: Path) -> None:
     write_records(fed, records)
     result = run_audit(fed)
     assert_found(result, "receipt", "round 2", "gamma contributed to 2 updated shard(s)", "no receipt")
-    assert_found(result, "coverage", "gamma ledger", "entry 2 (line 3, run 'run-a', round 2)", "no receipt")
+    assert_found(result, "coverage", "gamma ledger", "entry 3 (line 4, run 'run-a', round 2)", "no receipt")
     assert result.rounds[1].members["gamma"]["receipt"] == "missing"
 
 
@@ -527,7 +529,7 @@ def test_failed_reply_is_explained_not_a_failure(fed: Path) -> None:
     result = run_audit(fed)
     assert result.ok, [f.text() for f in result.failures]
     notes = [f.text() for f in result.findings if f.check == "coverage"]
-    assert any("entry 2" in n and "reply failed" in n for n in notes)
+    assert any("entry 3" in n and "reply failed" in n for n in notes)
     assert result.rounds[1].members["gamma"]["state"] == "failed"
 
 
@@ -713,20 +715,27 @@ def test_uncommitted_round_is_explained(fed: Path) -> None:
     assert any("never committed" in f.message for f in result.findings if f.check == "coverage")
 
 
-def declare_budgets(root: Path, member: str, declarations: dict[int, float]) -> None:
-    """Rewrite ``member``'s ledger as a version-4 node writes it: a budget declaration (epsilon
-    at DELTA) signed into the chain before entry ``i`` for each ``i: epsilon``; receipts in the
-    round records follow their re-signed entries."""
+def declare_budgets(
+    root: Path, member: str, declarations: dict[int, float | tuple[float, float]], version: int = 4
+) -> None:
+    """Rewrite ``member``'s ledger with other budget declarations, signed by the member itself:
+    its releases (declarations dropped) at ``version``, with a declaration (epsilon at DELTA)
+    before release ``i`` for each ``i: epsilon``; receipts in the round records follow their
+    re-signed entries."""
     key, prev, renamed, rewritten = key_of(root, member), "0" * 64, {}, []
-    for i, entry in enumerate(read_entries(root, member)):
+    releases = [e for e in read_entries(root, member) if e["release"] != "budget"]
+    for i, entry in enumerate(releases):
         if i in declarations:
-            budget = {"epsilon": float(declarations[i]), "delta": DELTA}
+            declared_epsilon, declared_delta = (
+                declarations[i] if isinstance(declarations[i], tuple) else (declarations[i], DELTA)
+            )
+            budget = {"epsilon": float(declared_epsilon), "delta": float(declared_delta)}
             declared = {"version": 4, "release": "budget", "member": member, "budget": budget}
             declared = sign({**declared, "prev_hash": prev, "time": entry["time"]}, key)
             rewritten.append(declared)
             prev = entry_hash(declared)
         old_signature = entry.pop("signature")
-        entry = sign(dict(entry, prev_hash=prev), key)
+        entry = sign(dict(entry, prev_hash=prev, version=version), key)
         renamed[old_signature] = entry
         prev = entry_hash(entry)
         rewritten.append(entry)
@@ -738,12 +747,31 @@ def notes_of(result: AuditResult, member: str) -> list[str]:
     return [f.message for f in result.findings if f.severity == "note" and f.member == member]
 
 
-def test_a_ledger_without_budget_declarations_is_checked_against_the_published_budget(fed: Path) -> None:
-    """Ledgers written before version 4 declare no budget: they pass, and the audit says what
-    it could not check."""
+def test_every_node_declares_its_budget_before_its_first_release(fed: Path) -> None:
     result = run_audit(fed)
-    assert result.ok
-    assert any("declares no budget (its 3 releases predate ledger version 4)" in n for n in notes_of(result, "alpha"))
+    assert result.ok and not [n for m in MEMBERS for n in notes_of(result, m) if "budget" in n]
+    assert [e["release"] for e in read_entries(fed, "alpha")][:2] == ["budget", "dp-sgd"]
+    assert result.members["alpha"].entries == 3, "a declaration is not a release"
+
+
+def test_a_version_4_release_without_a_declared_budget_fails(fed: Path) -> None:
+    """Leaving the declaration out would hide the budget a node ran under: an overspend of the
+    budget published at the time, declared (raised) only afterwards, would pass."""
+    declare_budgets(fed, "alpha", {})
+    assert_found(
+        run_audit(fed), "budget", "alpha budget", "entry 0 (line 1, run 'run-old', round 1)", "no budget declared"
+    )
+    declare_budgets(fed, "alpha", {2: 7.0})  # declared only before its last release
+    result = run_audit(fed)
+    assert_found(result, "budget", "alpha budget", "entry 1 (line 2, run 'run-a', round 1)", "no budget declared")
+    assert not [t for t in failures(result, "budget") if "entry 3" in t]
+
+
+def test_ledgers_older_than_version_4_are_checked_against_the_published_budget(fed: Path) -> None:
+    declare_budgets(fed, "alpha", {}, version=3)
+    result = run_audit(fed)
+    assert result.ok, [f.text() for f in result.failures]
+    assert any("its 3 releases predate ledger version 4 and declare no budget" in n for n in notes_of(result, "alpha"))
 
 
 def test_budget_declarations_show_when_a_member_raised_its_budget(fed: Path) -> None:
@@ -752,11 +780,16 @@ def test_budget_declarations_show_when_a_member_raised_its_budget(fed: Path) -> 
     assert result.ok, [f.text() for f in result.failures]
     notes = notes_of(result, "alpha")
     assert any("changed its budget: ε=6 δ=1e-05 at entry 0" in n and "then ε=8 δ=1e-05 at entry 3" in n for n in notes)
-    assert not any("declares no budget" in n or "out of date" in n for n in notes)
+    assert not any("declare no budget" in n or "out of date" in n for n in notes)
     # the consortium still publishing the old budget is said, not failed (the spend is checked against it anyway)
     set_budget(fed, "alpha", 7.0)
     notes = notes_of(run_audit(fed), "alpha")
-    assert any("last declares ε=8 δ=1e-05 (entry 3), the consortium publishes ε=7" in n for n in notes)
+    assert any("last declares ε=8 δ=1e-05 (entry 3), the consortium publishes ε=7 δ=1e-05" in n for n in notes)
+    cons = load_consortium(fed / "consortium.yaml").to_dict()
+    cons["members"][0].update(epsilon=8.0, delta=1e-6)  # a delta that differs alone is said too
+    (fed / "consortium.yaml").write_text(json.dumps(cons))
+    notes = notes_of(run_audit(fed), "alpha")
+    assert any("the consortium publishes ε=8 δ=1e-06" in n for n in notes)
 
 
 def test_a_release_over_the_budget_declared_before_it_fails(fed: Path) -> None:
@@ -770,7 +803,15 @@ def test_a_release_over_the_budget_declared_before_it_fails(fed: Path) -> None:
 def test_a_declaration_below_what_the_ledger_records_fails(fed: Path) -> None:
     declare_budgets(fed, "alpha", {0: 8.0, 2: 1.0})
     result = run_audit(fed)
-    assert_found(result, "budget", "alpha budget", "entry 3 (line 4, budget)", "declares epsilon 1, below the")
+    assert_found(result, "budget", "alpha budget", "entry 3 (line 4, budget)", "declares epsilon 1.0, below the")
+
+
+def test_a_declaration_at_another_delta_than_the_releases_before_it_fails(fed: Path) -> None:
+    """The ledger refuses it (every earlier claim was made at the old delta); a member signing one
+    with its own key is caught here."""
+    declare_budgets(fed, "alpha", {0: 8.0, 2: (8.0, 1e-4)})
+    result = run_audit(fed)
+    assert_found(result, "budget", "entry 3 (line 4, budget)", "declares delta 0.0001", "accounted at 1e-05")
 
 
 def test_budget_exceeded(fed: Path) -> None:
@@ -826,7 +867,7 @@ def test_claim_at_a_looser_delta_than_published(fed: Path) -> None:
 
 
 def test_a_claim_ten_percent_below_the_true_epsilon_is_caught(fed: Path) -> None:
-    """alpha records 90% of the tight (PLD) epsilon of its history at entry 1, a consistent rewrite
+    """alpha records 90% of the tight (PLD) epsilon of its history at entry 2, a consistent rewrite
     signed with its own key. dp-accounting's RDP bound sits ~10% above PLD here, so the claim is
     within 20% of RDP and within 0.5 of PLD: only the documented tolerances (2%, 0.02) catch it."""
     totals = accounting.totals_of([accounting.Mech(SIGMA, RATE, STEPS)] * 2)
@@ -834,13 +875,13 @@ def test_a_claim_ten_percent_below_the_true_epsilon_is_caught(fed: Path) -> None
     claim = 0.9 * true_epsilon
 
     def under_report(i: int, entry: dict[str, Any]) -> None:
-        if i == 1:
+        if i == 2:
             entry["epsilon"] = claim
 
     rewrite_ledger(fed, "alpha", under_report)
     result = run_audit(fed)
     assert not failures(result, "signature") and not failures(result, "chain")
-    assert_found(result, "accounting", "entry 1 (line 2, run 'run-a', round 1)", "under-states the spend")
+    assert_found(result, "accounting", "entry 2 (line 3, run 'run-a', round 1)", "under-states the spend")
     assert [f.member for f in result.failures] == ["alpha"]
 
 
@@ -858,7 +899,7 @@ def test_an_evaluation_release_is_composed_into_the_history(fed: Path) -> None:
     set_budget(fed, "alpha", 7.0)
     result = run_audit(fed)
     assert not failures(result, "signature") and not failures(result, "chain")
-    assert_found(result, "accounting", "entry 3 (line 4, run 'run-a', round 2, evaluation)", "under-states")
+    assert_found(result, "accounting", "entry 4 (line 5, run 'run-a', round 2, evaluation)", "under-states")
     assert_found(result, "budget", "alpha budget", "composes to epsilon", "over the published budget epsilon 7")
 
 

@@ -254,7 +254,7 @@ def _spend(setup: supernode.MemberSetup, noise_multiplier: float) -> float:
 
     spent = epsilon([Mechanism(noise_multiplier, 0.08, 25)], setup.delta)
     Ledger(Path(setup.state_dir) / "ledger.jsonl", load_or_create_signing_key(setup.signing_key)).append(
-        run="r", round=1, member=setup.member, shards=["adapter/emb/so100"],
+        budget=(setup.epsilon, setup.delta), run="r", round=1, member=setup.member, shards=["adapter/emb/so100"],
         mechanism={"noise_multiplier": noise_multiplier, "sample_rate": 0.08, "steps": 25, "clipping_norm": 1.0,
                    "opacus_mode": "bk", "noise_source": "chacha20"},
         dataset_fingerprint="sha256:" + "ab" * 32, epsilon=spent, delta=setup.delta, accountant="rdp",
@@ -296,7 +296,9 @@ def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, cap
     assert "budget ε=8" in out and "member.yaml sets ε=16 δ=1e-05 budget-rounds=40; the node takes it" in out
     (Path(setup.state_dir) / "member.json").write_text(json.dumps(node | {"epsilon": 16.0, "budget_rounds": 40}))
     assert member_main(["status", "--state-dir", str(setup.dir), "--plot", str(tmp_path / "e.png")]) == 0
-    assert "budget changed" not in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "budget changed" not in out
+    assert "ε=8 δ=1e-05 from release 1" in out and "the node declares ε=16 δ=1e-05 before its next release" in out
     # The operator publishes it; the audit consortium file follows.
     assert coordinator_main(["add-member", str(op_dir), str(setup.dir / "membership.json")]) == 3
     assert "--update" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import stat
@@ -624,12 +625,18 @@ def test_a_declared_budget_must_hold_for_what_the_ledger_records(tmp_path: Path,
     for rnd in (1, 2):
         append_round(led, rnd, 1.0, 0.01, 100)
     spent = led.spent_epsilon()
-    with pytest.raises(LedgerError, match=f"epsilon 0.1 is below the {spent:.6g} the ledger already records"):
+    with pytest.raises(LedgerError, match=f"epsilon 0.1 is below the {spent!r} the ledger already records"):
         led.declare_budget("clinic-a", 0.1, DELTA)
     with pytest.raises(LedgerError, match="delta 0.0001 differs from the 1e-05 the ledger's releases"):
         led.declare_budget("clinic-a", 8, 1e-4)
+    with pytest.raises(LedgerError, match="delta 1e-06 differs from the 1e-05"):
+        led.declare_budget("clinic-a", 8, 1e-6)  # stricter is refused too: every claim was made at 1e-05
     with pytest.raises(LedgerError, match="holds entries of \\['clinic-a'\\]"):
         led.declare_budget("clinic-b", 8, DELTA)
+    with pytest.raises(LedgerError, match="needs the member's name, got ''"):
+        led.declare_budget("", 9, DELTA)
+    with pytest.raises(LedgerError, match="timezone-aware"):
+        led.declare_budget("clinic-a", 9, DELTA, at=dt.datetime(2026, 1, 1))
     with pytest.raises(LedgerError, match="'budget.delta' must be a number in \\(0, 1\\)"):
         led.declare_budget("clinic-a", 8, 1.5)
     with pytest.raises(LedgerError, match="read-only"):
@@ -639,12 +646,62 @@ def test_a_declared_budget_must_hold_for_what_the_ledger_records(tmp_path: Path,
 
 def test_the_ledger_never_signs_a_release_over_its_declared_budget(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     led = Ledger(tmp_path / "ledger.jsonl", key)
+    led.declare_budget("clinic-a", 100, DELTA)
     append_round(led, 1, 1.0, 0.01, 100)
-    tight = led.spent_epsilon() * 1.01
+    tight = led.spent_epsilon() * 1.01  # lowered: the newest declaration is the one in force
     led.declare_budget("clinic-a", tight, DELTA)
+    assert led.spent_epsilon() == led.releases()[-1]["epsilon"], "a declaration is not a spend"
     with pytest.raises(LedgerError, match=f"over the declared budget {tight:g}"):
         append_round(led, 2, 1.0, 0.01, 100)
-    assert [e["release"] for e in led.entries()] == ["dp-sgd", "budget"]
+    # the release that would reach the budget to a millionth over it is refused as well
+    next_eps = epsilon([*led.history(), Mechanism(1.0, 0.01, 100)], DELTA)
+    led.declare_budget("clinic-a", next_eps * (1 - 1e-6), DELTA)
+    with pytest.raises(LedgerError, match="over the declared budget"):
+        append_round(led, 2, 1.0, 0.01, 100)
+    assert [e["release"] for e in led.entries()] == ["budget", "dp-sgd", "budget", "budget"]
+
+
+def test_a_release_at_a_looser_delta_than_declared_is_refused(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    led = Ledger(tmp_path / "ledger.jsonl", key)
+    led.declare_budget("clinic-a", 8, 1e-6)
+    with pytest.raises(LedgerError, match="claims at delta 1e-05, looser than the declared budget's delta 1e-06"):
+        append_round(led, 1, 1.0, 0.01, 100)
+
+
+def test_a_release_declares_its_budget_in_the_same_write(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``append(budget=...)`` is how a node writes: the declaration, when the newest one differs,
+    and the release land together, so no other process's declaration comes between them."""
+    import privacy.ledger as ledger_module
+
+    led = Ledger(tmp_path / "ledger.jsonl", key)
+    writes: list[int] = []
+    real = ledger_module._atomic_write
+    monkeypatch.setattr(
+        ledger_module, "_atomic_write", lambda path, data: writes.append(data.count(b"\n")) or real(path, data)
+    )
+    for rnd, budget in ((1, 8.0), (2, 8.0), (3, 12.0), (4, 8.0)):
+        history = [*led.history(), Mechanism(1.0, 0.01, 10)]
+        led.append(
+            budget=(budget, DELTA), run="run-1", round=rnd, member="clinic-a", shards=["lora_b"],
+            mechanism={"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 10, "clipping_norm": 1.0,
+                       "opacus_mode": "ghost", "noise_source": "chacha20-box-muller-f64"},
+            dataset_fingerprint="fp", epsilon=epsilon(history, DELTA), delta=DELTA, accountant="rdp",
+            decision="full",
+        )  # fmt: skip
+    assert [e["release"] for e in led.entries()] == [
+        "budget",
+        "dp-sgd",
+        "dp-sgd",
+        "budget",
+        "dp-sgd",
+        "budget",
+        "dp-sgd",
+    ]
+    assert [e["budget"]["epsilon"] for e in led.budgets()] == [8.0, 12.0, 8.0]
+    assert writes == [2, 3, 5, 7], "one write per release, holding its declaration"
+    assert not verify_chain(led.entries(), public_key_hex(key))
 
 
 @pytest.mark.parametrize(

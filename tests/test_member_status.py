@@ -117,6 +117,9 @@ def test_status_lists_the_budgets_the_ledger_declared(tmp_path, capsys):
     assert "budget declared in the signed ledger:" in text
     assert "ε=32 δ=1e-05 from release 1 (" in text and "ε=64 δ=1e-05 from release 4 (" in text
     assert "ledger verified: 5 entries" in text and "before its next release" not in text
+    from member_node.status import declared_steps
+
+    assert declared_steps(Ledger(state / "ledger.jsonl").entries()) == [(0, 32.0), (3, 64.0)]
 
     member = json.loads((state / "member.json").read_text())
     (state / "member.json").write_text(json.dumps(member | {"epsilon": 80.0}))

@@ -343,11 +343,13 @@ def _check_declared_budgets(
 
     The published budget is only today's; the declarations say which budget governed which
     release and when the member changed it, signed into the chain where nothing can drop
-    them unseen."""
+    them unseen. A version-4 release with no declaration before it fails: a kyodo node
+    declares before its first release, so a ledger without one hides the budget it ran under
+    (it could be declared only after an overspend, or never)."""
     add = partial(result.add, member=ledger.member)
     subject = f"{ledger.member} budget"
     in_force: tuple[tuple[float, float], int] | None = None
-    undeclared, spent, steps = 0, 0.0, []
+    legacy, spent, deltas, steps = 0, 0.0, set(), []
     for i in sorted([*index.entries, *index.budgets]):
         entry = ledger.entries[i]
         if i in index.budgets:
@@ -356,30 +358,44 @@ def _check_declared_budgets(
                 add(
                     "budget",
                     subject,
-                    f"{entry_label(i, entry)}: declares epsilon {declared[0]:g}, below the {spent:.6g} the ledger "
+                    f"{entry_label(i, entry)}: declares epsilon {declared[0]!r}, below the {spent!r} the ledger "
                     "already records",
+                )
+            if deltas - {declared[1]}:
+                add(
+                    "budget",
+                    subject,
+                    f"{entry_label(i, entry)}: declares delta {declared[1]:g}, but the releases before it were "
+                    f"accounted at {', '.join(f'{d:g}' for d in sorted(deltas))}",
                 )
             steps.append(f"ε={declared[0]:g} δ={declared[1]:g} at entry {i} ({entry['time'][:19]})")
             in_force = (declared, i)
             continue
         spent = max(spent, float(entry["epsilon"]))
-        if in_force is None:
-            undeclared += 1
-            continue
-        for problem in over_budget_problems(entry, in_force[0]):
-            add("budget", subject, f"{entry_label(i, entry)}: {problem} (declared at entry {in_force[1]})")
-    if in_force is None:
-        if undeclared:
+        deltas.add(float(entry["delta"]))
+        if in_force is not None:
+            for problem in over_budget_problems(entry, in_force[0]):
+                add("budget", subject, f"{entry_label(i, entry)}: {problem} (declared at entry {in_force[1]})")
+        elif entry["version"] >= 4:
             add(
                 "budget",
                 subject,
-                f"declares no budget (its {undeclared} releases predate ledger version 4): checked against the "
-                "published budget only",
-                NOTE,
+                f"{entry_label(i, entry)}: a version-{entry['version']} release with no budget declared before "
+                "it: the ledger does not say which budget the node held it to",
             )
+        else:
+            legacy += 1
+    if legacy:
+        where = "its" if in_force is None else "its first"
+        add(
+            "budget",
+            subject,
+            f"{where} {legacy} releases predate ledger version 4 and declare no budget: checked against the "
+            "published budget only",
+            NOTE,
+        )
+    if in_force is None:
         return
-    if undeclared:
-        add("budget", subject, f"its first {undeclared} releases precede the first budget declaration", NOTE)
     if len(steps) > 1:
         add("budget", subject, "the member changed its budget: " + ", then ".join(steps), NOTE)
     last, at = in_force
