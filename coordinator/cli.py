@@ -371,8 +371,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         overrides=list(args.overrides),
         wait_members=args.wait_members,
+        new=args.new,
     )
-    console.print(f"run {submission.run_id} submitted; run directory {submission.out_dir}", highlight=False)
+    what = "resumes the run in" if submission.resumes else "a new run in"
+    console.print(f"run {submission.run_id} submitted: {what} {submission.out_dir}", highlight=False)
     console.print(f"its log: kyodo-coordinator log {args.dir} {submission.run_id} [--follow]", highlight=False)
     if not args.wait:
         return 0
@@ -491,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     register.set_defaults(func=cmd_register)
     run = sub.add_parser("run", help="submit a run of the ServerApp to the SuperLink (flwr run)")
     run.add_argument("dir", help="the operator directory")
-    run.add_argument("--out-dir", default=None, help="run directory (default DIR/runs/<time>; reuse one to resume)")
+    run.add_argument("--out-dir", default=None, help="run directory to resume (default: a new DIR/runs/<time>)")
+    run.add_argument("--new", action="store_true", help="--out-dir names a directory for a new run, not one to resume")
     run.add_argument("--rounds", type=int, default=None, help="override the consortium's rounds")
     run.add_argument("--wait", action="store_true", help="wait until the run finishes; exit 1 unless it completed")
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from coordinator.run_lock import RunInUseError, check_not_running
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
 from shared_model.config import ConfigError, load_config
@@ -594,6 +595,7 @@ class Submission:
     run_id: str
     out_dir: Path
     status: str = "submitted"
+    resumes: bool = False  # the run directory already held a committed round
 
 
 def submit_run(
@@ -603,14 +605,31 @@ def submit_run(
     rounds: int | None = None,
     overrides: Sequence[str] = (),
     wait_members: float = 120.0,
+    new: bool = False,
 ) -> Submission:
     """``flwr run APP kyodo --run-config FILE`` with FLWR_HOME in the operator directory. The
-    run config goes in a TOML file: no shell or Flower quoting rules apply to its values."""
+    run config goes in a TOML file: no shell or Flower quoting rules apply to its values.
+
+    ``out_dir`` names a run to resume; one that does not exist is refused unless ``new`` says
+    a new run is meant there (a mistyped resume would start a new run and spend every
+    member's budget on it), and one a coordinator is running now is refused too."""
     op = operator_dir(path)
     consortium = load_consortium(op)
     if not consortium.members:
         raise DeployError(f"{op.consortium} has no members: add them with `kyodo-coordinator add-member`")
     out = Path(out_dir).expanduser().resolve() if out_dir else op.runs / time.strftime("%Y%m%d-%H%M%S")
+    if out_dir and not out.exists() and not new:
+        raise DeployError(
+            f"--out-dir {out} does not exist, so there is no run to resume there: name an existing run "
+            f"directory (`kyodo-coordinator status {op.root}` shows the newest), or add --new to start a new "
+            "run in it"
+        )
+    if out.exists():
+        try:
+            check_not_running(out)
+        except RunInUseError as err:
+            raise DeployError(str(err)) from None
+    resumes = (out / "store" / "HEAD").is_file()
     rounds, overrides = resubmitted(out, rounds, overrides)
     config = run_config(consortium, out, rounds, overrides, _registered(op), op.coordinator_key)
     require_superlink(op, consortium)
@@ -622,7 +641,7 @@ def submit_run(
     settings = {"overrides": list(overrides), "rounds": rounds}
     (out / SUBMITTED_SETTINGS).write_text(json.dumps(settings), encoding="utf-8")
     answer = flwr_cli(op, "run", str(APP_DIR), CONNECTION, "--run-config", str(config_file))
-    submission = Submission(run_id=str(answer["run-id"]), out_dir=out)
+    submission = Submission(run_id=str(answer["run-id"]), out_dir=out, resumes=resumes)
     with open(op.root / "runs.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"run_id": submission.run_id, "out_dir": str(out), "submitted": time.time()}) + "\n")
     return submission

@@ -21,6 +21,7 @@ from coordinator.progress import STAGES, cohort_table, make_progress, round_tabl
 from coordinator.public_checkpoint import initial_source, load_checkpoint, public_checkpoint
 from coordinator.records import append_record, earlier_runs_records, read_records
 from coordinator.rounds import RoundResult, RoundRunner
+from coordinator.run_lock import holding_run
 from coordinator.run_state import RunState, failpoint
 from coordinator.run_status import describe_round_zero
 from coordinator.sync import ModelSync
@@ -192,9 +193,13 @@ def _run_id(out_dir: Path, coordinator_public_key: str) -> str:
 
 
 def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None) -> RunSummary:
-    console = console or Console()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with holding_run(out_dir):
+        return _run_federation(cfg, grid, console or Console(), out_dir)
+
+
+def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Path) -> RunSummary:
     (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     key = load_or_create_signing_key(_coordinator_key_path(cfg))
     run_id = _run_id(out_dir, public_key_hex(key))
@@ -239,10 +244,18 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
         # The rounds before the restart stay in the summary (and summary.json): without them a
         # resumed run compared its last round with itself.
         summary.history.extend(_recorded_evaluations(records, before=first_round))
-        console.print(
-            f"[bold]kyodo[/] run {run_id}: resuming after round {resumed.round} (HEAD of {state.store.root}), "
-            f"rounds {first_round}..{cfg.train.rounds}"
-        )
+        if first_round > cfg.train.rounds:
+            console.print(
+                f"[bold]kyodo[/] run {run_id}: all {cfg.train.rounds} rounds are committed already (HEAD round "
+                f"{resumed.round}); nothing to train. To train it further: resume with --rounds N (N > "
+                f"{resumed.round}), or start a new run with continue_from={out_dir}",
+                soft_wrap=True,
+            )
+        else:
+            console.print(
+                f"[bold]kyodo[/] run {run_id}: resuming after round {resumed.round} (HEAD of {state.store.root}), "
+                f"rounds {first_round}..{cfg.train.rounds}"
+            )
 
     with make_progress(console) as progress:
         for rnd in range(first_round, cfg.train.rounds + 1):

@@ -83,6 +83,13 @@ def _replace_json(path: Path, obj: object, indent: int | None = None) -> None:
     tmp.replace(path)
 
 
+def _model_base(model_ref: ModelRef | None) -> str:
+    """The sha256 of the round manifest a request's model is, '' for a model sent whole."""
+    if model_ref is None:
+        return ""
+    return hashlib.sha256(json.dumps(model_ref.manifest, sort_keys=True).encode()).hexdigest()
+
+
 class MemberNode:
     def __init__(self, cfg: KyodoConfig, identity: MemberIdentity):
         self.cfg = cfg
@@ -209,7 +216,9 @@ class MemberNode:
     def query(self, request: QueryRequest) -> QueryReply:
         spent = self.epsilon_spent()
         reason = ""
-        if self.identity.dp:
+        if self.identity.dp and self._can_resend(request.run, request.round):
+            pass  # trained before the coordinator restarted: sent again, spending nothing
+        elif self.identity.dp:
             if spent >= self.budget.epsilon:
                 reason = f"privacy budget exhausted: epsilon {spent:.4g} of {self.budget.epsilon:g} spent"
             elif request.hparams is not None:
@@ -515,6 +524,8 @@ class MemberNode:
                 self.policy, self.identity.embodiment, self.train_windows, request.shards, request.hparams, **common
             )
             return self._reply(request, result, receipt="")
+        if request.secagg is not None and self._can_resend(request.run, request.round):
+            return self._resend(request)
 
         decision = self._dp_round(
             request.run, request.round, request.hparams, request.planned_rounds, ledger_head=request.ledger_head
@@ -584,11 +595,55 @@ class MemberNode:
         result.num_examples = 0
         return self._reply(request, result, receipt=receipt_to_json(receipt))
 
+    def _can_resend(self, run: str, round_number: int) -> bool:
+        return self.ledger.find(run, round_number) is not None and self.secagg.can_resend(run, round_number)
+
+    def _resend(self, request: TrainRequest) -> TrainReply | TrainDeclined:
+        """A round this node trained, whose update never left masked (the coordinator restarted
+        mid-round and sends the round again): the kept update under the new session's keys,
+        with the round's receipt, spending nothing. Declining, as before, would throw away the
+        budget the round already cost, and the resumed round would train without this member.
+        Sent only for the very round it was trained for: the same shards, from the same model."""
+        rollback = self.rolled_back(request.ledger_head)
+        if rollback:
+            return TrainDeclined(self.identity.name, rollback, self.epsilon_spent())
+        entry = self.ledger.find(request.run, request.round)
+        kept = self.secagg.resendable(request.run, request.round)
+        assert entry is not None and kept is not None
+        vectors, base = kept
+        shards = sorted(request.shards)
+        if entry["shards"] != shards or sorted(vectors) != shards or base != _model_base(request.model_ref):
+            reason = (
+                f"round {request.round} of run {request.run} was already trained, for shards {entry['shards']}"
+                f"{'' if base == _model_base(request.model_ref) else ' from another model'}; the round sent again "
+                f"asks for {shards}: sitting it out (training again would spend the budget twice)"
+            )
+            return TrainDeclined(self.identity.name, reason, self.epsilon_spent())
+        log.info(
+            "%s: round %d of run %s sent again: its kept update, nothing spent",
+            self.identity.name,
+            request.round,
+            request.run,
+        )
+        advert = self.secagg.resend(request.run, request.round, request.secagg)
+        return TrainReply(
+            member=self.identity.name,
+            shards=list(request.shards),
+            deltas={},
+            num_examples=0,
+            loss=float("nan"),
+            steps=int(entry["mechanism"]["steps"]),
+            receipt=receipt_to_json(entry),
+            advert=advert,
+        )
+
     def _reply(self, request: TrainRequest, result, receipt: str) -> TrainReply:
         deltas, advert = result.deltas, None
         if request.secagg is not None:
             # The update stays on this node; only its masked form leaves, in a later stage.
-            advert = self.secagg.begin(request.run, request.round, request.secagg, deltas)
+            advert = self.secagg.begin(
+                request.run, request.round, request.secagg, deltas, base=_model_base(request.model_ref)
+            )
             deltas = {}
         return TrainReply(
             member=self.identity.name,

@@ -126,22 +126,55 @@ class MemberSecAgg:
         return path
 
     # ------------------------------------------------------------------ stage 1: after training
-    def begin(self, run: str, round_number: int, setup: SecAggSetup, deltas: dict[str, torch.Tensor]) -> KeyAdvert:
-        """Keep the update and fresh round keys on disk; return the signed key advert."""
-        run_dir = self.root / run
-        if run_dir.is_dir():  # one round at a time: older rounds' secrets go now
-            for old in run_dir.iterdir():
-                shutil.rmtree(old, ignore_errors=True)
-        path = self._dir(run, round_number)
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def begin(
+        self, run: str, round_number: int, setup: SecAggSetup, deltas: dict[str, torch.Tensor], base: str = ""
+    ) -> KeyAdvert:
+        """Keep the update (and ``base``, the model it was trained from) and fresh round keys on
+        disk; return the signed key advert."""
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in deltas.items():
             grouped.setdefault(shard_of(name), {})[name] = tensor
         vectors = {shard: flatten_shard(tensors) for shard, tensors in grouped.items()}
+        return self._begin(run, round_number, setup, vectors, base)
+
+    def resendable(self, run: str, round_number: int) -> tuple[dict[str, np.ndarray], str] | None:
+        """The update this node trained for the round and the model it trained it from, if it
+        can go into a new secure-aggregation session: kept, and never masked. Once its masked
+        form left, other members' unmask shares could open that session's sum, and the same
+        update in a session with another cohort would let the two sums be told apart."""
+        if not self.can_resend(run, round_number):
+            return None
+        path = self._dir(run, round_number)
+        base = path / "base.txt"
+        return _read_update(path / "update.safetensors"), base.read_text() if base.is_file() else ""
+
+    def can_resend(self, run: str, round_number: int) -> bool:
+        """``resendable`` without reading the update."""
+        path = self._dir(run, round_number)
+        return (path / "update.safetensors").is_file() and not (path / "masked.done").exists()
+
+    def resend(self, run: str, round_number: int, setup: SecAggSetup) -> KeyAdvert:
+        """The kept update of ``resendable`` under a new session's fresh keys (a coordinator that
+        restarted mid-round sends the round again)."""
+        kept = self.resendable(run, round_number)
+        if kept is None:
+            raise ProtocolError(f"round {round_number} of run {run}: no update this node can send again")
+        return self._begin(run, round_number, setup, *kept)
+
+    def _begin(
+        self, run: str, round_number: int, setup: SecAggSetup, vectors: dict[str, np.ndarray], base: str
+    ) -> KeyAdvert:
+        run_dir = self.root / run
+        if run_dir.is_dir():  # one round at a time: older rounds' secrets (and an earlier session's) go now
+            for old in run_dir.iterdir():
+                shutil.rmtree(old, ignore_errors=True)
+        path = self._dir(run, round_number)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path / "update.safetensors.tmp"
         save_file(vectors, str(tmp))
         os.chmod(tmp, 0o600)
         tmp.replace(path / "update.safetensors")
+        _write_private(path / "base.txt", base.encode())
         keys = RoundKeys.generate()
         cipher_sk, mask_sk = keys.private_bytes()
         _write_private(path / "keys.bin", cipher_sk + mask_sk)

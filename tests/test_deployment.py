@@ -263,6 +263,34 @@ def _spend(setup: supernode.MemberSetup, noise_multiplier: float) -> float:
     return spent
 
 
+def test_a_resume_names_an_existing_run_that_no_coordinator_is_running(tmp_path, capsys):
+    """A mistyped --out-dir would start a new run and spend every member's budget on it; a
+    resume of a run that is still going would run its next round twice. Both are refused
+    before anything reaches the SuperLink (there is none here)."""
+    from coordinator.run_lock import RunInUseError, check_not_running, holding_run
+
+    setup = _member(tmp_path)
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
+    assert coordinator_main(["add-member", str(op_dir), str(setup.dir / "membership.json")]) == 0
+    capsys.readouterr()
+    missing = op_dir / "runs" / "2026120-210329"
+    assert coordinator_main(["run", str(op_dir), "--out-dir", str(missing), "--wait-members", "0"]) == 3
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"--out-dir {missing} does not exist, so there is no run to resume there" in out and "--new" in out
+    assert not missing.exists(), "nothing was written"
+    running = op_dir / "runs" / "20261206-210329"
+    running.mkdir(parents=True)
+    with holding_run(running):
+        with pytest.raises(RunInUseError, match="being run by another coordinator \\(pid "):
+            check_not_running(running)
+        with pytest.raises(RunInUseError), holding_run(running):
+            pass
+        assert coordinator_main(["run", str(op_dir), "--out-dir", str(running), "--wait-members", "0"]) == 3
+        assert "is being run by another coordinator" in " ".join(capsys.readouterr().out.split())
+    check_not_running(running)  # released when the coordinator ends
+
+
 def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, capsys):
     from member_node.cli import main as member_main
 
@@ -676,7 +704,17 @@ def deployment(tmp_path_factory, procs):
     nodes = {name: start_member(name) for name, _, _ in TRIO}
     out_dir = root / "run"
     # An override of this submission only: the resumed run must keep it without being told again.
-    _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(out_dir), "--wait-members", "180", "train.lr=0.0042")
+    _cli(
+        "coordinator.cli",
+        "run",
+        str(op_dir),
+        "--out-dir",
+        str(out_dir),
+        "--new",
+        "--wait-members",
+        "180",
+        "train.lr=0.0042",
+    )
     run_ids = [json.loads(line)["run_id"] for line in (op_dir / "runs.jsonl").read_text().splitlines()]
     times["start + submit"] = time.monotonic() - t
 

@@ -105,6 +105,10 @@ def test_killed_after_commit_loses_only_the_evaluation(reference, tmp_path):
     # The summary covers the whole run, not only the rounds after the restart.
     summary = json.loads((out_dir / "summary.json").read_text())
     assert sorted(summary["per_member"], key=int) == ["0", "1", "2", "3"] and summary["per_member"]["2"] == {}
+    # Resuming a run that has every round says so and trains nothing.
+    again = _demo(out_dir, data_root)
+    assert again.returncode == 0 and "all 3 rounds are committed already" in " ".join(again.stdout.split())
+    assert ShardStore(out_dir / "store").head().round == 3 and len(read_records(out_dir)) == 4
     assert summary["mean_mse"][0] == pytest.approx(
         sum(e["action_mse"] for e in records[0]["evaluation"].values()) / len(records[0]["evaluation"])
     )

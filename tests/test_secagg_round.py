@@ -26,6 +26,7 @@ from shared_model.protocol import (
     MaskedInputReply,
     MaskedInputRequest,
     ProtocolError,
+    QueryRequest,
     ShareKeysReply,
     ShareKeysRequest,
     TrainHyperParams,
@@ -280,3 +281,76 @@ def test_stored_update_reads_back_exactly_and_nothing_else_is_accepted(tmp_path)
     (tmp_path / "cut.safetensors").write_bytes(raw[:-8])
     with pytest.raises(ProtocolError):
         _read_update(tmp_path / "cut.safetensors")
+
+
+def _first_attempt_dies_after(rnd: Round, stage: str) -> None:
+    """The coordinator's first attempt at the round gets through ``stage`` and dies."""
+    for member in rnd.plan.members:
+        request = TrainRequest(
+            rnd.round, rnd.plan.shards_of(member), HP, rnd.model, run=RUN, planned_rounds=100, secagg=rnd.setup
+        )
+        reply = rnd._answer(member, "train", request, MemberNode.train, TrainReply)
+        rnd.plaintext[member] = load_file(
+            str(rnd.nodes[member].secagg.root / RUN / f"r{rnd.round}" / "update.safetensors")
+        )
+        rnd.weights[member] = 1.0
+        rnd.server.add_advert(member, reply.advert, public_key_hex(rnd.nodes[member].signing_key), 1.0)
+    for member, request in rnd.server.share_keys_requests().items():
+        rnd.server.add_shares(rnd._answer(member, "share_keys", request, MemberNode.share_keys, ShareKeysReply))
+    if stage == "masked_input":
+        for member, request in rnd.server.masked_input_requests().items():
+            rnd._answer(member, "masked_input", request, MemberNode.masked_input, MaskedInputReply)
+
+
+def test_a_round_sent_again_after_a_coordinator_restart_aggregates_the_kept_updates(federation):
+    """The coordinator died after the members trained (their receipts are in their ledgers) but
+    before any masked input left: the resumed coordinator sends the round again, and each node
+    sends the very update it trained, under the new session's keys, spending nothing more."""
+    cfg, nodes, model = federation
+    first = Round(cfg, nodes, model, 100)
+    _first_attempt_dies_after(first, "share_keys")
+    ledgers = {name: node.ledger.releases() for name, node in nodes.items()}
+    again = Round(cfg, nodes, model, 100)
+    asked = {m: nodes[m].query(QueryRequest(100, RUN, HP, planned_rounds=100)) for m in again.plan.members}
+    assert all(reply.can_train for reply in asked.values()), {m: r.reason for m, r in asked.items()}
+    sums = again.run()
+    assert set(sums) == set(again.plan.cohorts), again.server.skipped
+    for member, vectors in again.plaintext.items():
+        assert {k: v.tolist() for k, v in vectors.items()} == {
+            k: v.tolist() for k, v in first.plaintext[member].items()
+        }
+    for shard, outcome in sums.items():
+        np.testing.assert_allclose(
+            outcome.total / outcome.weight, first.expected_mean(shard, outcome.contributors), atol=_tolerance(4)
+        )
+    assert {name: node.ledger.releases() for name, node in nodes.items()} == ledgers, "nothing spent twice"
+
+
+def test_an_update_whose_masked_form_left_is_never_sent_again(federation):
+    """Once its masked input left, other members' unmask shares could open that session's sum:
+    the same update in a session with another cohort could then be told apart from the others."""
+    from shared_model.protocol import TrainDeclined
+
+    cfg, nodes, model = federation
+    first = Round(cfg, nodes, model, 110)
+    _first_attempt_dies_after(first, "masked_input")
+    member = first.plan.members[0]
+    reply = nodes[member].train(
+        TrainRequest(110, first.plan.shards_of(member), HP, model, run=RUN, planned_rounds=100, secagg=first.setup)
+    )
+    assert isinstance(reply, TrainDeclined) and "already trained" in reply.reason
+    assert not nodes[member].query(QueryRequest(110, RUN, HP, planned_rounds=100)).can_train
+
+
+def test_a_round_sent_again_for_other_shards_is_sat_out(federation):
+    from shared_model.protocol import TrainDeclined
+
+    cfg, nodes, model = federation
+    first = Round(cfg, nodes, model, 120)
+    _first_attempt_dies_after(first, "share_keys")
+    member = first.plan.members[0]
+    other = [s for s in ("adapter/shared", "adapter/emb/aloha") if s not in first.plan.shards_of(member)][:1]
+    shards = [*first.plan.shards_of(member)][:1] + other
+    reply = nodes[member].train(TrainRequest(120, shards, HP, model, run=RUN, planned_rounds=100, secagg=first.setup))
+    assert isinstance(reply, TrainDeclined)
+    assert f"already trained, for shards {sorted(first.plan.shards_of(member))}" in reply.reason
