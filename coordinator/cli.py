@@ -246,9 +246,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not (store_dir / "HEAD").is_file():
         console.print(f"[red]{args.run_dir} has no committed rounds ({store_dir}/HEAD missing)[/]")
         return 2
-    store = ShardStore(store_dir)
-    round_number = store.head().round if args.round is None else args.round
     try:
+        store = ShardStore(store_dir)
+        round_number = store.head().round if args.round is None else args.round
         result = export_hf(store, round_number, args.out, overwrite=args.overwrite)
     except (StoreError, FileExistsError, ValueError) as err:
         console.print(f"[red]export failed:[/] {err}")

@@ -431,9 +431,19 @@ def flwr_cli(op: OperatorDir, *args: str, timeout: float = 120.0) -> dict[str, A
     except json.JSONDecodeError:
         answer = {}
     if proc.returncode != 0 or not answer.get("success", False):
-        detail = answer.get("error-message") or (proc.stdout + proc.stderr).strip()[-800:]
+        detail = answer.get("error-message") or flwr_error_text(proc.stdout + proc.stderr)[-800:]
         raise DeployError(f"`flwr {' '.join(args[:2])}` failed: {detail}")
     return answer
+
+
+_BOX = "│╭╮╰╯─┃┏┓┗┛━ "
+
+
+def flwr_error_text(output: str) -> str:
+    """Flower's CLI error as one line: without its "Using SuperLink: ..." banner (which is not
+    the error, and was all a one-line message showed of it) and without the box drawn around it."""
+    lines = (line.strip().strip(_BOX).strip() for line in output.splitlines())
+    return " ".join(line for line in lines if line and not line.startswith("Using SuperLink"))
 
 
 def _registered(op: OperatorDir) -> dict[str, str]:
@@ -474,7 +484,25 @@ class SuperLinkRunner:
             check_server_tls(self.op.tls, self.consortium.host)
         except TLSError as err:
             raise DeployError(str(err)) from None
-        _check_port_free(self.consortium.host, self.consortium.port)
+        try:
+            _check_port_free(self.consortium.host, self.consortium.port)
+        except DeployError:
+            if not self._ours_answers():
+                raise  # someone else's program: the port message says what to do
+            raise DeployError(
+                f"a SuperLink with this consortium's certificate already answers on {self.consortium.address}: "
+                "most likely this operator's own, left running when the `start` that ran it was killed. It is "
+                "healthy and keeps its registrations: use it as it is, or stop it (e.g. "
+                "`pkill -f flower-superlink`) and start again"
+            ) from None
+
+    def _ours_answers(self) -> bool:
+        """Whether a healthy SuperLink holding this consortium's certificate answers on its address."""
+        try:
+            probe(self.consortium.address, self.op.tls.ca_cert, timeout=3.0)
+        except (DeployError, Unreachable, OSError):
+            return False
+        return True
 
     def _forward(self, signum: int, _frame: Any) -> None:
         child = self.child
@@ -509,7 +537,17 @@ class SuperLinkRunner:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         # flwr_exit: status 0 for a graceful stop, 1 for any error (its log says which).
-        return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+        if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            return 0
+        how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        log.error(
+            "the SuperLink %s: start it again with `kyodo-coordinator start %s` (registrations are kept); "
+            "a run it was running ends failed: resume it with `kyodo-coordinator run %s --out-dir <its run dir>`",
+            how,
+            self.op.root,
+            self.op.root,
+        )
+        return 1
 
 
 # ----------------------------------------------------------------------------- runs

@@ -292,7 +292,7 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
             append_record(out_dir, _signed(record, key, run_id, manifest))
             summary.results.append(result)
             summary.history.append((rnd, result.evaluation))
-            progress.console.print(cohort_table(plan))
+            progress.console.print(cohort_table(plan, result.updated_shards))
             held = {member: head.epsilon for member, head in runner.ledger_heads.items()}
             progress.console.print(round_table(result, runner.epsilon, held))
 

@@ -28,8 +28,10 @@ def make_progress(console: Console) -> Progress:
     )
 
 
-def cohort_table(plan: RoundPlan) -> Table:
-    """Cohorts grouped by shard kind; expert shards listed per layer to stay readable."""
+def cohort_table(plan: RoundPlan, updated: list[str] | None = None) -> Table:
+    """Cohorts grouped by shard kind; expert shards listed per layer to stay readable. With
+    ``updated`` (after the round), the caption also says which planned shards the round could
+    not update: the table is the plan, and a member that failed changes what happened."""
     table = Table(title=f"Round {plan.round}: cohorts", show_lines=False)
     table.add_column("shard")
     table.add_column("cohort")
@@ -42,9 +44,15 @@ def cohort_table(plan: RoundPlan) -> Table:
             table.add_row(shard, ", ".join(cohort))
     for cohort, shards in sorted(experts.items()):
         table.add_row(f"expert {' '.join(shards)}", cohort)
-    skipped = len(plan.skipped)
-    if skipped:
-        table.caption = f"{skipped} shards not trained this round (rotation or cohort too small)"
+    captions = []
+    if plan.skipped:
+        captions.append(f"{len(plan.skipped)} shards not planned this round (rotation or cohort too small)")
+    missed = sorted(set(plan.cohorts) - set(updated)) if updated is not None else []
+    if missed:
+        names = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
+        captions.append(f"{len(missed)} planned shards not updated ({names}): see the warnings above")
+    if captions:
+        table.caption = "; ".join(captions)
     return table
 
 

@@ -131,7 +131,12 @@ class CorruptObjectError(StoreError):
         self.object_id, self.shard_id, self.path, self.reason = object_id, shard_id, path, reason
         where = f" (shard {shard_id!r})" if shard_id else ""
         at = f" at {path}" if path else ""
-        super().__init__(f"object {object_id}{where}{at} is corrupt and was not loaded: {reason}")
+        super().__init__(
+            f"object {object_id}{where}{at} is corrupt and was not loaded: {reason}. Objects are "
+            "content-addressed: a good copy can be put back as it is, from a backup of the store or from a "
+            "member's replica (<its state>/replica/objects/, same path; it holds the objects of the newest "
+            "round it was sent)"
+        )
 
 
 class CorruptManifestError(StoreError):

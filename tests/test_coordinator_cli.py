@@ -66,3 +66,18 @@ def test_export_and_gc_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     out = capsys.readouterr().out
     assert "removed 1 rounds, 1 objects" in out and "rounds [0] can no longer be verified" in " ".join(out.split())
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    # A damaged store is a one-line error that says what is wrong, never a traceback.
+    capsys.readouterr()
+    oid = state.store.manifest(1).shards["adapter/emb/so100"]
+    path = state.store.object_path(oid)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    assert main(["export", str(run), "--out", str(tmp_path / "hf2")]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"object {oid}" in out and "is corrupt" in out and "member's replica" in out
+    head = run / "store" / "HEAD"
+    head.write_text(head.read_text()[:10])
+    assert main(["export", str(run), "--out", str(tmp_path / "hf3")]) == 1
+    assert "export failed:" in capsys.readouterr().out

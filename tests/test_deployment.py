@@ -869,3 +869,93 @@ def test_a_restarted_member_rejoins_and_a_restarted_coordinator_resumes(deployme
     for name in ("honda", "softbank"):
         assert deployment["nodes"][name].alive(), f"{name} survived the SuperLink restart"
     print("wall times (s):", {k: round(v, 1) for k, v in deployment["times"].items()})
+
+
+def test_flowers_cli_error_is_one_line_without_its_banner_or_box():
+    from coordinator.deploy import flwr_error_text
+
+    output = (
+        "Using SuperLink: kyodo (127.0.0.1:19093)\n"
+        "╭──────────────────────────── Error ────────────────────────────╮\n"
+        "│ Connection to the SuperLink is unavailable. Please check that │\n"
+        "│ the SuperLink is running and the address is correct.          │\n"
+        "╰───────────────────────────────────────────────────────────────╯\n"
+    )
+    assert flwr_error_text(output) == (
+        "Error Connection to the SuperLink is unavailable. Please check that "
+        "the SuperLink is running and the address is correct."
+    )
+
+
+def test_a_superlink_that_dies_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """`start` runs the SuperLink in the foreground; when it is killed, `start` says so and how
+    to recover, instead of ending silently with the child's status."""
+    import sys
+
+    from coordinator import deploy
+
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny", "--port", "19577"]) == 0
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    monkeypatch.setattr(deploy, "superlink_command", lambda op, consortium: killed)
+    monkeypatch.setattr(deploy, "wait_healthy", lambda *args, **kwargs: None)
+    runner = deploy.SuperLinkRunner(deploy.operator_dir(op_dir))
+    messages = []
+    monkeypatch.setattr(deploy.log, "error", lambda fmt, *args: messages.append(fmt % args))
+    assert runner.run(register=False) == 1
+    text = " ".join(" ".join(messages).split())
+    assert "the SuperLink was killed by signal SIGKILL" in text and f"kyodo-coordinator start {op_dir}" in text
+
+
+def test_start_recognises_this_consortiums_own_superlink_left_running(tmp_path):
+    """A `start` killed without its SuperLink leaves that SuperLink running: the next `start`
+    says it is this consortium's own and healthy, not only that the port is taken."""
+    import http.server
+    import ssl
+    import threading
+
+    from coordinator import deploy
+    from coordinator.deploy import DeployError
+
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny", "--port", "19578"]) == 0
+    op = deploy.operator_dir(op_dir)
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 19578), Health)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(op.tls.server_cert, op.tls.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(DeployError, match="a SuperLink with this consortium's certificate already answers"):
+            deploy.SuperLinkRunner(op).preflight()
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket_holding(19578), pytest.raises(DeployError, match="another SuperLink or program holds it"):
+        deploy.SuperLinkRunner(op).preflight()
+
+
+def socket_holding(port: int):
+    """A plain listening socket on ``port``: some other program holds it."""
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def held():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            yield
+
+    return held()

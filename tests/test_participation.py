@@ -287,3 +287,22 @@ def test_the_summary_says_withheld_when_no_member_released_a_held_out_error():
     rows = [line.replace("│", " ").split() for line in console.export_text().splitlines()]
     assert ["0", "0.2500", "0.2500"] in rows and ["1", "-", "withheld"] in rows
     assert "nan" not in console.export_text()
+
+
+def test_the_cohort_table_after_a_round_says_which_planned_shards_were_not_updated():
+    from rich.console import Console
+
+    from coordinator.planner import RoundPlan
+    from coordinator.progress import cohort_table
+
+    plan = RoundPlan(
+        3,
+        cohorts={"adapter/shared": ["honda", "sony"], "expert/L0/E1": ["sony", "beta"], "adapter/emb/so100": ["sony"]},
+        skipped={"expert/L1/E0": "rotation"},
+    )
+    console = Console(width=200, record=True)
+    console.print(cohort_table(plan))
+    console.print(cohort_table(plan, ["adapter/emb/so100"]))
+    text = " ".join(console.export_text().split())
+    assert text.count("1 shards not planned this round (rotation or cohort too small)") == 2
+    assert "2 planned shards not updated (adapter/shared, expert/L0/E1): see the warnings above" in text
