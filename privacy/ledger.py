@@ -10,8 +10,10 @@ member's Ed25519 key. From version 4 on, a line may instead declare the member's
 (``release`` "budget": the (epsilon, delta) its node enforces from then on), written before
 the first release under a budget the ledger has not declared yet: which budget governed
 which release, and when a member raised it, is then in the signed chain itself, where an
-auditor reads it, not only in whatever the consortium publishes today. The ledger is the node's persistent accountant state (``Ledger.history``), so
-a restarted node neither forgets what it spent nor counts it twice. Each entry, as signed,
+auditor reads it, not only in whatever the consortium publishes today.
+
+The ledger is the node's persistent accountant state (``Ledger.history``), so a restarted
+node neither forgets what it spent nor counts it twice. Each entry, as signed,
 is also the *receipt* that travels with the round's update to the coordinator.
 
 Auditors trust only the member's public key: ``verify_entry`` and ``verify_chain`` are the
