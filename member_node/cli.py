@@ -87,7 +87,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
         raise CommandError(str(err)) from None
     elapsed = time.perf_counter() - started
     dataset = read_dataset(root, embodiment, args.embodiment)
-    Console().print(
+    Console(soft_wrap=True).print(
         f"wrote {len(dataset.episodes)} episodes, {dataset.num_frames} frames of {args.embodiment!r} "
         f"to {root} in {elapsed:.2f} s"
     )
@@ -211,7 +211,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         )
     except SetupError as err:
         raise CommandError(str(err), code=2) from None
-    console = Console()
+    console = Console(soft_wrap=True)  # paths stay whole, to be copied
     console.print(f"member [cyan]{setup.member}[/] ({setup.embodiment}) set up in {setup.dir}", highlight=False)
     console.print(f"  config           {setup.dir / 'member.yaml'}", highlight=False)
     console.print(f"  ledger key       {setup.signing_key} (Ed25519, stays here)", highlight=False)
