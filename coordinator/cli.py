@@ -382,6 +382,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"run {submission.run_id}: {status}", highlight=False)
     if status == "finished:completed":
         return 0
+    from coordinator.run_lock import RunInUseError, check_not_running
+
+    try:
+        check_not_running(submission.out_dir)
+    except RunInUseError as err:  # this submission found the run directory taken, and ended
+        console.print(f"why: {err}", highlight=False, soft_wrap=True)
+        return 1
     console.print(
         f"why: kyodo-coordinator log {args.dir} {submission.run_id}\n"
         f"to go on after its last committed round (same settings; the SuperLink running again: "

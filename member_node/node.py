@@ -619,8 +619,10 @@ class MemberNode:
                 f"asks for {shards}: sitting it out (training again would spend the budget twice)"
             )
             return TrainDeclined(self.identity.name, reason, self.epsilon_spent())
-        log.info(
-            "%s: round %d of run %s sent again: its kept update, nothing spent",
+        # WARNING: the member should see it (a ClientApp process logs nothing below that), and
+        # it means the coordinator restarted in the middle of a round.
+        log.warning(
+            "%s: round %d of run %s sent again (the coordinator restarted mid-round): its kept update, nothing spent",
             self.identity.name,
             request.round,
             request.run,

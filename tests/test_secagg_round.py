@@ -302,7 +302,7 @@ def _first_attempt_dies_after(rnd: Round, stage: str) -> None:
             rnd._answer(member, "masked_input", request, MemberNode.masked_input, MaskedInputReply)
 
 
-def test_a_round_sent_again_after_a_coordinator_restart_aggregates_the_kept_updates(federation):
+def test_a_round_sent_again_after_a_coordinator_restart_aggregates_the_kept_updates(federation, caplog):
     """The coordinator died after the members trained (their receipts are in their ledgers) but
     before any masked input left: the resumed coordinator sends the round again, and each node
     sends the very update it trained, under the new session's keys, spending nothing more."""
@@ -313,7 +313,9 @@ def test_a_round_sent_again_after_a_coordinator_restart_aggregates_the_kept_upda
     again = Round(cfg, nodes, model, 100)
     asked = {m: nodes[m].query(QueryRequest(100, RUN, HP, planned_rounds=100)) for m in again.plan.members}
     assert all(reply.can_train for reply in asked.values()), {m: r.reason for m, r in asked.items()}
-    sums = again.run()
+    with caplog.at_level("WARNING", logger="kyodo.member"):
+        sums = again.run()
+    assert caplog.text.count("sent again (the coordinator restarted mid-round): its kept update") == len(nodes)
     assert set(sums) == set(again.plan.cohorts), again.server.skipped
     for member, vectors in again.plaintext.items():
         assert {k: v.tolist() for k, v in vectors.items()} == {
