@@ -206,12 +206,21 @@ def rewrite_ledger(root: Path, member: str, edit: Callable[[int, dict[str, Any]]
     """Apply ``edit(index, entry)`` to each of ``member``'s entries, re-sign the whole chain with the
     member's own key and put the re-signed entries in the round records where the originals were
     receipts: a consistent rewrite by the member itself, which only checks of the content catch."""
-    key, prev, renamed, rewritten = key_of(root, member), "0" * 64, {}, []
-    for i, entry in enumerate(read_entries(root, member)):
-        old_signature = entry.pop("signature")
+    entries = read_entries(root, member)
+    for i, entry in enumerate(entries):
         edit(i, entry)
+    resign_ledger(root, member, entries)
+
+
+def resign_ledger(root: Path, member: str, entries: list[dict[str, Any]]) -> None:
+    """Write ``entries`` as ``member``'s ledger, chained and signed with its own key; an entry that
+    carried a signature before replaces, in the round records, the receipt it was."""
+    key, prev, renamed, rewritten = key_of(root, member), "0" * 64, {}, []
+    for entry in entries:
+        old_signature = entry.pop("signature", None)
         entry = sign(dict(entry, prev_hash=prev), key)
-        renamed[old_signature] = entry
+        if old_signature is not None:
+            renamed[old_signature] = entry
         prev = entry_hash(entry)
         rewritten.append(entry)
     write_entries(root, member, rewritten)
@@ -722,7 +731,7 @@ def declare_budgets(
     its releases (declarations dropped) at ``version``, with a declaration (epsilon at DELTA)
     before release ``i`` for each ``i: epsilon``; receipts in the round records follow their
     re-signed entries."""
-    key, prev, renamed, rewritten = key_of(root, member), "0" * 64, {}, []
+    entries = []
     releases = [e for e in read_entries(root, member) if e["release"] != "budget"]
     for i, entry in enumerate(releases):
         if i in declarations:
@@ -730,17 +739,11 @@ def declare_budgets(
                 declarations[i] if isinstance(declarations[i], tuple) else (declarations[i], DELTA)
             )
             budget = {"epsilon": float(declared_epsilon), "delta": float(declared_delta)}
-            declared = {"version": 4, "release": "budget", "member": member, "budget": budget}
-            declared = sign({**declared, "prev_hash": prev, "time": entry["time"]}, key)
-            rewritten.append(declared)
-            prev = entry_hash(declared)
-        old_signature = entry.pop("signature")
-        entry = sign(dict(entry, prev_hash=prev, version=version), key)
-        renamed[old_signature] = entry
-        prev = entry_hash(entry)
-        rewritten.append(entry)
-    write_entries(root, member, rewritten)
-    write_records(root, [_replace_receipts(r, renamed) for r in read_records(root)])
+            entries.append(
+                {"version": 4, "release": "budget", "member": member, "budget": budget, "time": entry["time"]}
+            )
+        entries.append(dict(entry, version=version))
+    resign_ledger(root, member, entries)
 
 
 def notes_of(result: AuditResult, member: str) -> list[str]:
