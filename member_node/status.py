@@ -174,15 +174,20 @@ def _entries_table(rows: list[dict], runs: dict[str, dict], released: dict, budg
     return table
 
 
-def declared_steps(entries: list[dict]) -> list[tuple[int, float]]:
-    """(releases before it, epsilon) of each budget declaration, in ledger order."""
-    steps, releases = [], 0
+def declarations(entries: list[dict]) -> list[tuple[int, dict]]:
+    """Each budget declaration with the number of releases before it, in ledger order."""
+    out, releases = [], 0
     for entry in entries:
         if is_release(entry):
             releases += 1
         else:
-            steps.append((releases, declared_budget(entry)[0]))
-    return steps
+            out.append((releases, entry))
+    return out
+
+
+def declared_steps(entries: list[dict]) -> list[tuple[int, float]]:
+    """(releases before it, epsilon) of each budget declaration, in ledger order."""
+    return [(before, declared_budget(entry)[0]) for before, entry in declarations(entries)]
 
 
 def plot_epsilon(
@@ -255,19 +260,17 @@ def _pending_budget(path: Path, member: dict) -> str:
 def budget_history(entries: list[dict], running: tuple[float, float]) -> list[str]:
     """The budgets the ledger declared, oldest first, each with the release it came before;
     [] for a ledger that declared none (written before ledger version 4)."""
-    lines, release_count, last = [], 0, None
-    for entry in entries:
-        if is_release(entry):
-            release_count += 1
-            continue
-        last = declared_budget(entry)
-        when = entry["time"][:19].replace("T", " ")
-        lines.append(f"  ε={last[0]:g} δ={last[1]:g} from release {release_count + 1} ({when} UTC)")
-    if last is None:
+    declared = declarations(entries)
+    if not declared:
         return []
-    if last != running:
+    lines = ["budget declared in the signed ledger:"]
+    for before, entry in declared:
+        epsilon_budget, delta_budget = declared_budget(entry)
+        when = entry["time"][:19].replace("T", " ")
+        lines.append(f"  ε={epsilon_budget:g} δ={delta_budget:g} from release {before + 1} ({when} UTC)")
+    if declared_budget(declared[-1][1]) != running:
         lines.append(f"  the node declares ε={running[0]:g} δ={running[1]:g} before its next release")
-    return ["budget declared in the signed ledger:", *lines]
+    return lines
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -739,14 +739,15 @@ def _rule_problems(entries: list[dict[str, Any]], entry: dict[str, Any]) -> list
     return problems
 
 
-def over_budget_problems(entry: Mapping[str, Any], budget: tuple[float, float]) -> list[str]:
-    """Where a release's claim lies outside a declared (epsilon, delta) budget."""
+def over_budget_problems(entry: Mapping[str, Any], budget: tuple[float, float], which: str = "declared") -> list[str]:
+    """Where a release's claim lies outside an (epsilon, delta) budget: the ``which`` ("declared",
+    "published") one."""
     epsilon_budget, delta_budget = budget
     problems = []
     if float(entry["delta"]) > delta_budget * (1 + 1e-12):
-        problems.append(f"claims at delta {entry['delta']:g}, looser than the declared budget's delta {delta_budget:g}")
+        problems.append(f"claims at delta {entry['delta']:g}, looser than the {which} budget's delta {delta_budget:g}")
     if float(entry["epsilon"]) > epsilon_budget * (1 + 1e-12):
-        problems.append(f"records epsilon {entry['epsilon']:.6g}, over the declared budget {epsilon_budget:g}")
+        problems.append(f"records epsilon {entry['epsilon']:.6g}, over the {which} budget {epsilon_budget:g}")
     return problems
 
 

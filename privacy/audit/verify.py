@@ -302,21 +302,9 @@ def _check_budget(
     subject = f"{ledger.member} budget"
     claims = []
     for i, entry in index.entries.items():
-        if entry["delta"] > budget_delta * (1 + 1e-12):
-            add(
-                "budget",
-                subject,
-                f"{entry_label(i, entry)}: claims at delta {entry['delta']:g}, looser than the published "
-                f"delta {budget_delta:g}",
-            )
         claims.append(float(entry["epsilon"]))
-        if entry["epsilon"] > budget_epsilon * (1 + 1e-12):
-            add(
-                "budget",
-                subject,
-                f"{entry_label(i, entry)}: records epsilon {entry['epsilon']:.6g}, over the published budget "
-                f"{budget_epsilon:g}",
-            )
+        for problem in over_budget_problems(entry, (budget_epsilon, budget_delta), "published"):
+            add("budget", subject, f"{entry_label(i, entry)}: {problem}")
     verdict = check_budget(totals_of(history), budget_epsilon, budget_delta)
     if not verdict.ok:
         add("budget", subject, verdict.detail)
