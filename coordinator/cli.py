@@ -8,7 +8,7 @@ ClientApps run for ``train.rounds`` rounds.
 ``pretrain`` makes the round-0 checkpoint a consortium publishes (its sha256) and every
 run imports (``public.checkpoint``).
 
-``init``, ``add-member``, ``start``, ``register``, ``run`` and ``status`` deploy the same
+``init``, ``add-member``, ``start``, ``register``, ``run``, ``log``, ``stop`` and ``status`` deploy the same
 ServerApp on a real SuperLink with TLS and node authentication (:mod:`coordinator.deploy`).
 """
 
@@ -407,6 +407,37 @@ def cmd_log(args: argparse.Namespace) -> int:
     return show_log(op, submitted_run_id(op, args.run), follow=args.follow)
 
 
+@_deploy_errors
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop a deployed run so that it can be resumed later (flwr stop, then wait for its end)."""
+    from coordinator.deploy import stop_run
+
+    stopped = stop_run(args.dir, args.run, timeout=args.timeout)
+    if stopped.had_ended:
+        console.print(f"run {stopped.run_id} had already ended ({stopped.status}): nothing to stop", highlight=False)
+        return 0
+    console.print(f"run {stopped.run_id}: {stopped.status}", highlight=False)
+    if stopped.out_dir is None:
+        return 0
+    head = _head_round(stopped.out_dir)
+    committed = f"round {head} is its last committed round" if head is not None else "it committed no round"
+    console.print(
+        f"{committed} ({stopped.out_dir}); to go on after it, with the settings it was submitted with:\n"
+        f"kyodo-coordinator run {args.dir} --out-dir {stopped.out_dir}",
+        highlight=False,
+    )
+    return 0
+
+
+def _head_round(run_dir: Path) -> int | None:
+    from shared_model.store import ShardStore
+
+    if not (run_dir / "store" / "HEAD").is_file():
+        return None
+    head = ShardStore(run_dir / "store").head()
+    return head.round if head else None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Rounds, cohorts, shard versions and member participation of a run directory."""
     from coordinator.deploy import DeployError, newest_run_dir, operator_dir
@@ -520,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--follow", action="store_true", help="keep streaming until the run ends")
     show.set_defaults(func=cmd_log)
+    stop = sub.add_parser("stop", help="stop a deployed run (flwr stop) and wait until it can be resumed")
+    stop.add_argument("dir", help="the operator directory")
+    stop.add_argument(
+        "run", nargs="?", default=None, help="the Flower run id or the run's directory; default: the newest"
+    )
+    stop.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the run's ServerApp to end")
+    stop.set_defaults(func=cmd_stop)
     status = sub.add_parser("status", help="rounds, cohorts, shard versions and participation of a run")
     status.add_argument(
         "run_dir", help="a run directory (store/, rounds.jsonl), or the operator directory for its newest run"

@@ -742,12 +742,22 @@ def _submission(op: OperatorDir, which: str | None) -> dict[str, Any]:
     )
 
 
+def _submission_of_run(op: OperatorDir, which: str | None) -> tuple[str, Path | None]:
+    """A submission's Flower run id and run directory: ``which`` as a run id (its directory
+    None when this operator directory never submitted it), as a run directory, or the newest."""
+    if which is not None and which.isdigit():
+        for sub in reversed(_submissions(op)):
+            if str(sub["run_id"]) == which:
+                return which, Path(sub["out_dir"])
+        return which, None
+    sub = _submission(op, which)
+    return str(sub["run_id"]), Path(sub["out_dir"])
+
+
 def submitted_run_id(op: OperatorDir, which: str | None) -> str:
     """The Flower run id of a submission: ``which`` as a Flower run id, or as the run
     directory it wrote (what ``status`` takes), or the newest submission when None."""
-    if which is not None and which.isdigit():
-        return which
-    return str(_submission(op, which)["run_id"])
+    return _submission_of_run(op, which)[0]
 
 
 def newest_run_dir(op: OperatorDir) -> Path:
@@ -769,6 +779,57 @@ def run_status(op: OperatorDir, run_id: str) -> str:
     if not runs:
         raise DeployError(f"the SuperLink knows no run {run_id}")
     return str(runs[0].get("status", "?"))
+
+
+@dataclass(frozen=True)
+class StoppedRun:
+    run_id: str
+    out_dir: Path | None  # None: a run id this operator directory did not submit
+    status: str  # Flower's final status of the run (``finished:stopped``...)
+    had_ended: bool  # it had finished before the stop was asked for: nothing was stopped
+
+
+def _lock_holder(out_dir: Path | None) -> str | None:
+    """Why the run directory is still taken (None when no coordinator holds it)."""
+    if out_dir is None or not out_dir.is_dir():
+        return None
+    try:
+        check_not_running(out_dir)
+    except RunInUseError as err:
+        return str(err)
+    return None
+
+
+def stop_run(path: Path | str, which: str | None = None, timeout: float = 120.0, poll: float = 1.0) -> StoppedRun:
+    """Stop a run (``flwr stop``) and wait until it can be resumed.
+
+    The SuperLink marks the run stopped at once, but its ServerApp process ends only when it
+    is signalled and has pushed its output; until then it still holds the run directory, and a
+    resume submitted in between is refused. So this returns only once the SuperLink says the
+    run finished *and* the run directory's lock is free. What was committed stays committed;
+    the round in flight is sent again on resume (a member that trained it and whose update
+    never left masked sends that update again, spending nothing)."""
+    op = operator_dir(path)
+    run_id, out_dir = _submission_of_run(op, which)
+    status = run_status(op, run_id)
+    if status.startswith("finished"):
+        return StoppedRun(run_id, out_dir, status, had_ended=True)
+    flwr_cli(op, "stop", run_id, CONNECTION)
+    log.info("run %s: stop asked for; waiting for its ServerApp to end", run_id)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run_status(op, run_id)
+        holder = _lock_holder(out_dir)
+        if status.startswith("finished") and holder is None:
+            return StoppedRun(run_id, out_dir, status, had_ended=False)
+        if time.monotonic() >= deadline:
+            still = holder or f"the SuperLink still reports it {status}"
+            raise DeployError(
+                f"run {run_id} was told to stop {timeout:.0f} s ago but has not ended: {still}. "
+                f"Its ServerApp may be inside a long commit: run `kyodo-coordinator stop {op.root} {run_id}` again "
+                "later (it waits again), or see `kyodo-coordinator log`"
+            )
+        time.sleep(poll)
 
 
 def _first_line(err: Exception) -> str:

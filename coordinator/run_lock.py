@@ -37,7 +37,7 @@ def _holder(path: Path) -> str:
 def _in_use(run_dir: Path, path: Path) -> RunInUseError:
     return RunInUseError(
         f"{run_dir} is being run by another coordinator{_holder(path)}: wait for it to end "
-        "(kyodo-coordinator status shows it) or stop it before resuming"
+        "(kyodo-coordinator status shows it) or stop it (kyodo-coordinator stop, in a deployment) before resuming"
     )
 
 

@@ -8,7 +8,8 @@ must be refused try to join (an unregistered key, an impostor's key claiming a m
 a client that does not trust the consortium CA), and one member is stopped and restarted.
 After round 1 is committed the SuperLink is killed (SIGKILL: its ServerApp dies with it),
 started again on the same database and the run resubmitted on the same run directory: it
-continues at round 2. Every process the test starts is stopped by a finalizer, failure or not.
+continues at round 2. Last, a new run is stopped with ``kyodo-coordinator stop`` as soon as
+its ServerApp holds its run directory. Every process the test starts is stopped by a finalizer, failure or not.
 """
 
 from __future__ import annotations
@@ -869,6 +870,43 @@ def test_a_restarted_member_rejoins_and_a_restarted_coordinator_resumes(deployme
     for name in ("honda", "softbank"):
         assert deployment["nodes"][name].alive(), f"{name} survived the SuperLink restart"
     print("wall times (s):", {k: round(v, 1) for k, v in deployment["times"].items()})
+
+
+@slow
+def test_a_stopped_run_ends_and_frees_its_directory_for_a_resume(deployment):
+    from coordinator.run_lock import RunInUseError, check_not_running
+
+    op_dir, out = deployment["op"].root, deployment["root"] / "stopped"
+    _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(out), "--new", "--wait-members", "60")
+    run_id = json.loads((op_dir / "runs.jsonl").read_text().splitlines()[-1])["run_id"]
+
+    def coordinator_holds_it() -> bool:
+        try:
+            check_not_running(out)
+        except RunInUseError:
+            return True
+        return False
+
+    _wait_for("the ServerApp to hold the run directory", coordinator_holds_it, 300, procs=[deployment["link"]])
+    said = _cli("coordinator.cli", "stop", str(op_dir), str(out))
+    # It returns once the run can be resumed: the SuperLink says stopped and nobody holds the run.
+    assert deploy.run_status(deployment["op"], str(run_id)) == "finished:stopped"
+    check_not_running(out)
+    assert f"run {run_id}: finished:stopped" in said, said
+    assert f"kyodo-coordinator run {op_dir} --out-dir {out}" in said, said
+    again = _cli("coordinator.cli", "stop", str(op_dir), str(run_id))
+    assert "had already ended (finished:stopped): nothing to stop" in again, again
+    print("stopped run:", said, _cli("coordinator.cli", "status", str(out)))
+
+
+def test_stop_names_a_run_this_operator_submitted(tmp_path, capsys):
+    op_dir = tmp_path / "op"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
+    capsys.readouterr()
+    assert coordinator_main(["stop", str(op_dir)]) == 3
+    assert "no run submitted from" in capsys.readouterr().out
+    assert coordinator_main(["stop", str(op_dir), str(tmp_path / "nowhere")]) == 3
+    assert "neither a Flower run id" in capsys.readouterr().out
 
 
 def test_flowers_cli_error_is_one_line_without_its_banner_or_box():
