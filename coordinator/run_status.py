@@ -107,8 +107,22 @@ def rounds_table(report: RunReport) -> Table:
             str(len([k for k in rec.get("failed") or {} if not is_shard_id(k)])),
             f"{mse:.4f}" if mse is not None else "-", f"{rec['seconds']:.0f}" if "seconds" in rec else "-",
         )  # fmt: skip
-    table.caption = "round 0: " + describe_round_zero(report.records.get(0, {}).get("initial"))
+    table.caption = "round 0: " + describe_round_zero(round_zero_source(report))
     return table
+
+
+def round_zero_source(report: RunReport) -> Any:
+    """Round 0's ``initial`` from its record, else from its manifest: a run stopped or killed
+    after committing round 0 and before evaluating it has no round-0 record yet, and its
+    manifest says the same (runs older than the field have neither)."""
+    recorded = report.records.get(0, {}).get("initial")
+    manifest = report.manifests.get(0)
+    if recorded is not None or manifest is None or "initial" not in manifest.extra:
+        return recorded
+    try:
+        return json.loads(manifest.extra["initial"])
+    except (TypeError, ValueError):
+        return None
 
 
 def describe_round_zero(source: Any) -> str:

@@ -540,6 +540,17 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     assert f"newest run: {run}" in out and "yes (gc)" in out
 
 
+def test_status_of_a_run_stopped_before_its_round_zero_record_names_its_source(tmp_path, capsys, tiny_cfg):
+    from coordinator.federation import initial_model
+    from coordinator.run_state import RunState
+
+    run = tmp_path / "run"
+    initial = {"source": "init", "init_seed": 7}
+    RunState(tiny_cfg, run).commit_initial(initial_model(tiny_cfg), {"run": "t", "initial": json.dumps(initial)})
+    assert coordinator_main(["status", str(run)]) == 0  # no rounds.jsonl yet: the manifest says it
+    assert "round 0: random initialisation (model.init_seed 7)" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- end to end (slow)
 
 
@@ -896,7 +907,9 @@ def test_a_stopped_run_ends_and_frees_its_directory_for_a_resume(deployment):
     assert f"kyodo-coordinator run {op_dir} --out-dir {out}" in said, said
     again = _cli("coordinator.cli", "stop", str(op_dir), str(run_id))
     assert "had already ended (finished:stopped): nothing to stop" in again, again
-    print("stopped run:", said, _cli("coordinator.cli", "status", str(out)))
+    shown = _cli("coordinator.cli", "status", str(out))
+    assert "source not recorded" not in shown, shown
+    print("stopped run:", said, shown)
 
 
 def test_stop_names_a_run_this_operator_submitted(tmp_path, capsys):
