@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from member_node.budget_plan import add_plan_command
 from member_node.lerobot import DatasetError, LeRobotDataset, read_dataset
 from member_node.status import add_status_command
 from member_node.supernode import (
@@ -370,7 +371,7 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 # ----------------------------------------------------------------------------- plumbing
 
-COMMAND_GROUPS: list[Registrar] = [add_data_commands, add_status_command, add_deploy_commands]
+COMMAND_GROUPS: list[Registrar] = [add_data_commands, add_status_command, add_plan_command, add_deploy_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

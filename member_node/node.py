@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,9 @@ from member_node.private_eval import EvaluationReleaser
 from member_node.secagg_client import MemberSecAgg
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
-from privacy.accountant import Mechanism, noise_for_target
+from privacy.accountant import Mechanism
 from privacy.accountant import epsilon as composed_epsilon
-from privacy.budget import Budget, RoundAllowance, allow_round
+from privacy.budget import Budget, RoundAllowance, allow_round, evaluation_leaves_room, plan_noise, rounds_to_spread
 from privacy.dp_sgd import DEFAULT_MODE, DPConfig
 from privacy.keys import (
     FINGERPRINT_KEY_FILE,
@@ -322,10 +321,8 @@ class MemberNode:
 
     def rounds_to_plan(self, planned_rounds: int, round_number: int) -> int:
         """How many training rounds, this one included, the rest of the budget is spread over."""
-        coordinators = planned_rounds - round_number + 1
         trained = sum(1 for entry in self.ledger.entries() if release_of(entry) == RELEASE_TRAIN)
-        members = self.identity.budget_rounds - trained
-        return max(1, coordinators, members)
+        return rounds_to_spread(planned_rounds, round_number, self.identity.budget_rounds, trained)
 
     def _noise_multiplier(
         self,
@@ -367,30 +364,76 @@ class MemberNode:
         )
         key = "|".join(map(repr, depends_on))
         if key not in plans:
-            remaining_rounds = self.rounds_to_plan(planned_rounds, round_number)
-            # Room for the held-out error released after each remaining round. When even the
-            # releases alone would not fit (hundreds of planned rounds), training comes first:
-            # the releases that no longer fit are withheld (private_eval checks each one).
-            reserve = [evaluations.mechanism()] * remaining_rounds if evaluations.enabled else []
-            plan = partial(
-                noise_for_target,
-                self.budget.epsilon,
-                self.budget.delta,
+            plan = plan_noise(
+                self.budget,
+                history,
                 sample_rate,
                 local_steps,
-                remaining_rounds,
+                self.rounds_to_plan(planned_rounds, round_number),
                 accountant=self.cfg.privacy.accountant,
+                evaluation=evaluations.mechanism() if evaluations.enabled else None,
             )
-            try:
-                plans[key] = plan(history=[*history, *reserve])
-            except ValueError:
-                if not reserve:
-                    raise
-                plans[key] = plan(history=history)
+            # What evaluation_room needs to keep the plan's training rounds (plans written
+            # before it are bare numbers: their runs release as before).
+            plans[key] = {
+                "noise_multiplier": plan.noise_multiplier,
+                "run": run,
+                "first_round": round_number,
+                "rounds": plan.rounds,
+                "evaluations": plan.evaluations,
+                "sample_rate": sample_rate,
+                "local_steps": local_steps,
+            }
             if not persist:
-                return float(plans[key])
+                return plan.noise_multiplier
             _replace_json(self._plan_path, plans, indent=2)
-        return float(plans[key])
+        planned = plans[key]
+        return float(planned["noise_multiplier"] if isinstance(planned, dict) else planned)
+
+    def _evaluation_room_unless_released(self, run: str, round_number: int) -> str:
+        if self.ledger.find(run, round_number, RELEASE_EVALUATION) is not None:
+            return ""  # already released: the request is answered from the ledger
+        return self.evaluation_room(run)
+
+    def evaluation_room(self, run: str) -> str:
+        """Why a held-out error release now would cut into the training this run's noise plan
+        holds ('' when it would not).
+
+        The plan reserves room for a release per round only where that costs training little
+        (``privacy.budget.plan_noise``); a release beyond that room would spend epsilon the
+        plan counts on for a later training round, and the node would stop training before
+        its member's pace says. A re-sent request is answered from the ledger before this."""
+        if (
+            self.identity.noise_multiplier > 0
+            or not self.eval_releaser.privacy.enabled
+            or not self._plan_path.is_file()
+        ):
+            return ""
+        plans = [p for p in json.loads(self._plan_path.read_text()).values() if isinstance(p, dict) and p["run"] == run]
+        if not plans:
+            return ""  # no training planned in this run yet (its initial release)
+        plan = plans[-1]
+        trained = sum(
+            1
+            for entry in self.ledger.releases()
+            if release_of(entry) == RELEASE_TRAIN and entry["run"] == run and entry["round"] >= plan["first_round"]
+        )
+        left = max(0, int(plan["rounds"]) - trained)
+        training = Mechanism(float(plan["noise_multiplier"]), float(plan["sample_rate"]), int(plan["local_steps"]))
+        fits, after = evaluation_leaves_room(
+            self.budget,
+            self.ledger.history(),
+            self.eval_releaser.privacy.mechanism(),
+            [training] * left,
+            self.cfg.privacy.accountant,
+        )
+        if fits:
+            return ""
+        return (
+            f"the held-out error would leave too little of the budget for the {left} training rounds this node's "
+            f"plan still holds (epsilon {after:.4g} over {self.budget.epsilon:g}): its plan made room for "
+            f"{plan['evaluations']} releases beside {plan['rounds']} rounds, and training comes first"
+        )
 
     def evaluation_pace(self, run: str, round_number: int) -> str:
         """Why a new held-out error release would break the member's pace ('' when it would not).
@@ -673,7 +716,11 @@ class MemberNode:
         """``arrived``: as for :meth:`train`."""
         arrived = arrived or dt.datetime.now(dt.UTC)
         refusal = (
-            (self.rolled_back(request.ledger_head) or self.evaluation_pace(request.run, request.round))
+            (
+                self.rolled_back(request.ledger_head)
+                or self.evaluation_pace(request.run, request.round)
+                or self._evaluation_room_unless_released(request.run, request.round)
+            )
             if self.identity.dp
             else ""
         )

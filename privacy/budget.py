@@ -14,7 +14,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from privacy.accountant import Mechanism, check_accountant, check_delta, epsilon, search_steps
+from privacy.accountant import Mechanism, check_accountant, check_delta, epsilon, noise_for_target, search_steps
 
 DECISIONS = ("full", "shortened", "declined")
 
@@ -92,6 +92,102 @@ def allow_round(
         return RoundAllowance("shortened", steps, before, eps_steps, reason)
     reason = f"{exceeded}; only {steps} steps fit (minimum {min_steps}); declined"
     return RoundAllowance("declined", 0, before, before, reason)
+
+
+def rounds_to_spread(planned_rounds: int, round_number: int, budget_rounds: int, trained: int) -> int:
+    """How many training rounds, this one included, the rest of a budget is spread over.
+
+    The run's remaining rounds, or the rounds the member's own pace (``budget-rounds``,
+    counted over every run its node ever trains) has left when those are more: a coordinator
+    that plans a short run must not be able to make the member spend all of its budget there.
+    """
+    return max(1, planned_rounds - round_number + 1, budget_rounds - trained)
+
+
+# How much the held-out error releases a plan reserves room for may raise the training noise.
+# Measured (epsilon 8, delta 1e-5, q 0.08, 25 steps, release noise multiplier 5): room for a
+# release after every round costs 2% more noise over 4 rounds, 16% over 20, 58% over 40, and
+# over 60 rounds the releases take nearly the whole budget (sigma 12.8 against 2.1: above
+# privacy.max_noise_multiplier, so the node declined every round); from about 70 rounds
+# they alone exceed it. Before the cap, that case planned training without them, and the
+# releases then spent what the plan had counted on: a pace of 80 rounds trained 35.
+EVALUATION_NOISE_INCREASE = 0.10
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """A noise multiplier that spreads what is left of a budget over ``rounds`` training
+    rounds, with room for ``evaluations`` held-out error releases beside them."""
+
+    noise_multiplier: float
+    rounds: int
+    evaluations: int
+
+
+def plan_noise(
+    budget: Budget,
+    history: Sequence[Mechanism],
+    sample_rate: float,
+    local_steps: int,
+    rounds: int,
+    *,
+    accountant: str = "rdp",
+    evaluation: Mechanism | None = None,
+) -> NoisePlan:
+    """The noise multiplier that spends what is left of ``budget`` evenly over ``rounds``
+    rounds of ``local_steps`` steps after ``history``, and room for held-out error releases.
+
+    Training comes first: the plan reserves room for as many releases of ``evaluation`` as
+    raise the training noise by at most ``EVALUATION_NOISE_INCREASE`` (one per round where
+    they are cheap, fewer over long paces), and :func:`evaluation_leaves_room` withholds any
+    release beyond that room. ValueError when no noise level lets the rounds fit at all.
+    """
+
+    solved: dict[int, float] = {}
+
+    def sigma(releases: int) -> float:
+        if releases not in solved:
+            reserved = [*history, *([evaluation] * releases)] if evaluation is not None else list(history)
+            solved[releases] = noise_for_target(
+                budget.epsilon, budget.delta, sample_rate, local_steps, rounds, accountant, reserved
+            )
+        return solved[releases]
+
+    bare = sigma(0)
+    if evaluation is None:
+        return NoisePlan(bare, rounds, 0)
+    limit = bare * (1 + EVALUATION_NOISE_INCREASE)
+
+    def fits(releases: int) -> bool:
+        try:
+            return sigma(releases) <= limit
+        except ValueError:  # the releases alone exceed the budget
+            return False
+
+    if fits(rounds):
+        return NoisePlan(sigma(rounds), rounds, rounds)
+    lo, hi = 0, rounds  # fits(lo), not fits(hi): the noise grows with the releases reserved
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return NoisePlan(sigma(lo), rounds, lo)
+
+
+def evaluation_leaves_room(
+    budget: Budget,
+    history: Sequence[Mechanism],
+    evaluation: Mechanism,
+    training_left: Sequence[Mechanism],
+    accountant: str = "rdp",
+) -> tuple[bool, float]:
+    """Whether releasing one held-out error now still leaves room for the training rounds the
+    node's plan holds (``training_left``), and the epsilon that would then be spent in all.
+
+    Without this check a release only had to fit the budget by itself, so releases asked for
+    every round spent what the plan had counted on for training, and the node stopped
+    training before the rounds its member's pace promised."""
+    after = epsilon([*history, evaluation, *training_left], budget.delta, accountant)
+    return after <= budget.epsilon, after
 
 
 def _check_steps(value: int, name: str) -> None:

@@ -6,8 +6,16 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from privacy.accountant import Mechanism, epsilon, max_steps_within
-from privacy.budget import Budget, RoundAllowance, allow_round
+from privacy.accountant import Mechanism, epsilon, max_steps_within, noise_for_target
+from privacy.budget import (
+    EVALUATION_NOISE_INCREASE,
+    Budget,
+    NoisePlan,
+    RoundAllowance,
+    allow_round,
+    evaluation_leaves_room,
+    plan_noise,
+)
 
 DELTA = 1e-5
 
@@ -130,3 +138,60 @@ def test_budget_is_never_exceeded(budget_eps: float, delta_exp: float, schedule:
         if a.decision == "shortened":  # and shortening was as little as possible
             assert epsilon([*history[:-1], Mechanism(noise, rate, a.steps + 1)], budget.delta) > budget.epsilon
     assert epsilon(history, budget.delta) <= budget.epsilon
+
+
+# ----------------------------------------------------------------------------- noise plans
+
+EVALUATION = Mechanism(5.0, 1.0, 1)  # a node's default held-out error release
+Q, STEPS = 0.08, 25
+
+
+def _live_a_pace(pace: int) -> tuple[int, int, float]:
+    """A node's life over its pace, as the node runs it: the initial held-out error, then
+    each round trained at the planned noise and its held-out error released only when the
+    rest of the plan still fits. (training rounds, releases, epsilon spent)."""
+    budget, history = Budget(8.0, 1e-5), []
+    if epsilon([EVALUATION], budget.delta) <= budget.epsilon:
+        history.append(EVALUATION)
+    plan = plan_noise(budget, history, Q, STEPS, pace, evaluation=EVALUATION)
+    training = Mechanism(plan.noise_multiplier, Q, STEPS)
+    trained = released = 0
+    for done in range(1, pace + 1):
+        allowance = allow_round(budget, history, plan.noise_multiplier, Q, STEPS)
+        if allowance.decision != "full":
+            break
+        history.append(training)
+        trained += 1
+        fits, _ = evaluation_leaves_room(budget, history, EVALUATION, [training] * (pace - done))
+        if fits:
+            history.append(EVALUATION)
+            released += 1
+    return trained, released, epsilon(history, budget.delta)
+
+
+@pytest.mark.parametrize("pace", [4, 40, 60, 80, 160])
+def test_a_pace_trains_every_round_it_promises_whatever_the_evaluations(pace: int) -> None:
+    """Before the evaluation room was capped and checked, held-out error releases asked for
+    every round spent what the plan counted on for training: a pace of 80 trained 35 rounds,
+    and one of 60 planned a noise above the node's cap and trained none."""
+    trained, released, spent = _live_a_pace(pace)
+    assert trained == pace and 1 <= released <= pace and spent <= 8.0
+    plan = plan_noise(Budget(8.0, 1e-5), [EVALUATION], Q, STEPS, pace, evaluation=EVALUATION)
+    assert plan.noise_multiplier < 10.0, "below privacy.max_noise_multiplier: the node trains"
+
+
+def test_a_plan_reserves_the_releases_that_cost_training_little() -> None:
+    budget = Budget(8.0, 1e-5)
+    bare = plan_noise(budget, [], Q, STEPS, 40)
+    assert bare == NoisePlan(noise_for_target(8.0, 1e-5, Q, STEPS, 40), 40, 0)
+    short = plan_noise(budget, [], Q, STEPS, 4, evaluation=EVALUATION)
+    assert short.evaluations == 4  # a release after every round: 2% more noise
+    long = plan_noise(budget, [], Q, STEPS, 40, evaluation=EVALUATION)
+    assert 0 < long.evaluations < 40
+    assert long.noise_multiplier <= bare.noise_multiplier * (1 + EVALUATION_NOISE_INCREASE)
+    more = noise_for_target(8.0, 1e-5, Q, STEPS, 40, "rdp", [EVALUATION] * (long.evaluations + 1))
+    assert more > bare.noise_multiplier * (1 + EVALUATION_NOISE_INCREASE), "the largest such reserve"
+    sigmas = [plan_noise(budget, [], Q, STEPS, n, evaluation=EVALUATION).noise_multiplier for n in (10, 40, 80, 160)]
+    assert sigmas == sorted(sigmas), "a longer pace never plans less noise"
+    with pytest.raises(ValueError, match="already spent"):
+        plan_noise(budget, [Mechanism(0.5, 1.0, 100)], Q, STEPS, 4, evaluation=EVALUATION)

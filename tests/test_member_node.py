@@ -12,6 +12,8 @@ from flwr.app import RecordDict
 from member_node.identity import NodeConfigError, resolve_identity
 from member_node.node import MemberNode
 from member_node.synthetic import generate_dataset
+from privacy.accountant import Mechanism
+from privacy.accountant import epsilon as composed_epsilon
 from shared_model.config import load_config
 from shared_model.policy import Policy
 from shared_model.protocol import (
@@ -652,3 +654,30 @@ def test_a_pace_the_noise_cap_cannot_meet_says_to_lower_budget_rounds(setup, tmp
     assert (
         not reply.can_train and "budget-rounds 100000 leaves 100000 rounds to spread it over: lower it" in reply.reason
     )
+
+
+def test_held_out_errors_beyond_the_plans_room_are_withheld_so_training_keeps_its_rounds(setup, tmp_path):
+    """A release spends the same budget as training: the node makes room for as many as cost
+    training little (privacy.budget.plan_noise) and withholds the rest, so its pace's training
+    rounds still fit. Expensive releases (noise multiplier 2) over a 40-round pace get room
+    for only a few."""
+    cfg, node, model = setup
+    identity = replace(node.identity, state_dir=tmp_path / "s", budget_rounds=40, eval_noise_multiplier=2.0)
+    member = MemberNode(cfg, identity)
+    assert member.evaluate(EvaluateRequest(0, model, run="r")).receipt, "the initial one: nothing planned yet"
+    for rnd in range(1, 8):
+        member.train(TrainRequest(rnd, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
+        (plan,) = json.loads((tmp_path / "s" / "noise_plan.json").read_text()).values()
+        reply = member.evaluate(EvaluateRequest(rnd, model, run="r"))
+        if rnd <= plan["evaluations"]:
+            assert reply.receipt, rnd
+            continue
+        assert not reply.receipt and "training comes first" in reply.withheld, reply.withheld
+        break
+    else:
+        pytest.fail(f"every release fitted: the plan made room for {plan['evaluations']}")
+    assert (plan["rounds"], plan["first_round"], plan["run"]) == (40, 1, "r")
+    # What the node still holds for training fits: the plan's rounds at its noise.
+    left = [Mechanism(plan["noise_multiplier"], HP.sample_rate, HP.local_steps)] * (40 - rnd)
+    assert composed_epsilon([*member.ledger.history(), *left], identity.delta) <= identity.epsilon
+    assert member.evaluate(EvaluateRequest(1, model, run="r")).receipt, "a re-sent request is still answered"
