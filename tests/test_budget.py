@@ -195,3 +195,13 @@ def test_a_plan_reserves_the_releases_that_cost_training_little() -> None:
     assert sigmas == sorted(sigmas), "a longer pace never plans less noise"
     with pytest.raises(ValueError, match="already spent"):
         plan_noise(budget, [Mechanism(0.5, 1.0, 100)], Q, STEPS, 4, evaluation=EVALUATION)
+
+
+def test_a_prv_plan_makes_room_as_rdp_would_and_solves_its_own_noise() -> None:
+    budget = Budget(8.0, 1e-5)
+    rdp = plan_noise(budget, [], Q, STEPS, 40, evaluation=EVALUATION)
+    prv = plan_noise(budget, [], Q, STEPS, 40, accountant="prv", evaluation=EVALUATION)
+    assert prv.evaluations == rdp.evaluations
+    reserved = [EVALUATION] * rdp.evaluations
+    assert prv.noise_multiplier == pytest.approx(noise_for_target(8.0, 1e-5, Q, STEPS, 40, "prv", reserved))
+    assert prv.noise_multiplier < rdp.noise_multiplier  # PRV's tighter accounting buys less noise
