@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from member_node.lerobot import DatasetError, read_dataset
-from member_node.supernode import MemberSetup, SetupError
+from member_node.supernode import MemberSetup, SetupError, load_setup
 from member_node.windows import split_episodes
 from privacy.accountant import Mechanism, check_accountant
 from privacy.accountant import epsilon as composed_epsilon
@@ -119,10 +119,12 @@ def noise_per_coordinate(noise_multiplier: float, sample_rate: float, training_e
 # ----------------------------------------------------------------------------- command line
 
 
+class PlanError(Exception):
+    """A plan that cannot be made: printed as one line, exit code 2."""
+
+
 def _member_state(args: argparse.Namespace) -> tuple[MemberSetup | None, list[dict[str, Any]]]:
     """The member's setup and its ledger's releases (none before the node's first round)."""
-    from member_node.supernode import load_setup
-
     if args.dir is None:
         return None, []
     try:
@@ -144,41 +146,38 @@ def _training_episodes(setup: MemberSetup | None, args: argparse.Namespace, cfg:
     try:
         dataset = read_dataset(setup.data_dir, cfg.embodiments[setup.embodiment], setup.embodiment)
     except (DatasetError, KeyError) as err:
-        raise PlanError(f"cannot read the member's dataset {setup.data_dir}: {err}") from None
+        raise PlanError(f"cannot read the member's dataset {setup.data_dir} ({err}): give --episodes N") from None
     train, _ = split_episodes(dataset.episodes, cfg.train.held_out_fraction, seed=cfg.train.seed)
     return len(train)
 
 
-class PlanError(Exception):
-    """A plan that cannot be made: printed as one line, exit code 2."""
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _settings(setup: MemberSetup | None, args: argparse.Namespace, cfg: KyodoConfig) -> PlanSettings:
-    defaults = setup or MemberSetup(member="", embodiment="", data_dir="", state_dir="")
-    eval_noise = (
-        args.eval_noise_multiplier if args.eval_noise_multiplier is not None else defaults.eval_noise_multiplier
-    )
+    own = setup or MemberSetup(member="", embodiment="", data_dir="", state_dir="")  # a member-to-be: defaults
+    accountant = _given(args.accountant, cfg.privacy.accountant)
+    sample_rate = _given(args.sample_rate, cfg.privacy.sample_rate)
+    local_steps = _given(args.local_steps, cfg.train.local_steps)
+    budget_rounds = _given(args.budget_rounds, own.budget_rounds)
+    rounds = _given(args.rounds, cfg.train.rounds)
     try:
-        budget = Budget(
-            args.epsilon if args.epsilon is not None else defaults.epsilon,
-            args.delta if args.delta is not None else defaults.delta,
-        )
-        evaluation = EvalPrivacy(eval_noise, defaults.eval_loss_bound)
-        check_accountant(args.accountant or cfg.privacy.accountant)
-        Mechanism(1.0, args.sample_rate or cfg.privacy.sample_rate, args.local_steps or cfg.train.local_steps)
+        budget = Budget(_given(args.epsilon, own.epsilon), _given(args.delta, own.delta))
+        evaluation = EvalPrivacy(_given(args.eval_noise_multiplier, own.eval_noise_multiplier), own.eval_loss_bound)
+        check_accountant(accountant)
+        Mechanism(1.0, sample_rate, local_steps)  # a clear error for a bad rate or step count
     except ValueError as err:
         raise PlanError(str(err)) from None
-    budget_rounds = args.budget_rounds if args.budget_rounds is not None else defaults.budget_rounds
-    rounds = args.rounds or cfg.train.rounds
-    if budget_rounds < 0 or rounds < 1:
-        raise PlanError("--budget-rounds must be >= 0 and --rounds >= 1")
+    if budget_rounds < 0 or rounds < 1 or local_steps < 1 or (args.episodes is not None and args.episodes < 0):
+        raise PlanError("--budget-rounds and --episodes must be >= 0, --rounds and --local-steps >= 1")
     return PlanSettings(
         budget=budget,
         budget_rounds=budget_rounds,
         evaluation=evaluation.mechanism() if evaluation.enabled else None,
-        accountant=args.accountant or cfg.privacy.accountant,
-        sample_rate=args.sample_rate or cfg.privacy.sample_rate,
-        local_steps=args.local_steps or cfg.train.local_steps,
+        accountant=accountant,
+        sample_rate=sample_rate,
+        local_steps=local_steps,
         run_rounds=rounds,
         max_noise_multiplier=cfg.privacy.max_noise_multiplier,
     )
