@@ -169,8 +169,14 @@ def _settings(setup: MemberSetup | None, args: argparse.Namespace, cfg: KyodoCon
         Mechanism(1.0, sample_rate, local_steps)  # a clear error for a bad rate or step count
     except ValueError as err:
         raise PlanError(str(err)) from None
-    if budget_rounds < 0 or rounds < 1 or local_steps < 1 or (args.episodes is not None and args.episodes < 0):
-        raise PlanError("--budget-rounds and --episodes must be >= 0, --rounds and --local-steps >= 1")
+    for name, value, least in (
+        ("--budget-rounds", budget_rounds, 0),
+        ("--episodes", _given(args.episodes, 0), 0),
+        ("--rounds", rounds, 1),
+        ("--local-steps", local_steps, 1),
+    ):
+        if value < least:
+            raise PlanError(f"{name} must be >= {least}, got {value}")
     return PlanSettings(
         budget=budget,
         budget_rounds=budget_rounds,
