@@ -72,6 +72,7 @@ from shared_model.store import ShardStore, StoreError
 
 # Written when a request names a receipt this node's ledger lacks (``MemberNode.rolled_back``).
 ROLLBACK_FILE = "rollback.json"
+NOISE_PLAN_FILE = "noise_plan.json"  # the node's noise plans, one per run and budget setting
 log = logging.getLogger("kyodo.member")
 
 
@@ -102,7 +103,7 @@ class MemberNode:
         self.signing_key = load_or_create_signing_key(state / "member_ed25519.pem")
         self._fingerprint_key = load_or_create_fingerprint_key(state / FINGERPRINT_KEY_FILE)
         self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
-        self._plan_path = state / "noise_plan.json"
+        self._plan_path = state / NOISE_PLAN_FILE
         self._rollback_path = state / ROLLBACK_FILE
         self.secagg = MemberSecAgg(state, identity.name, self.signing_key)
         self.eval_releaser = EvaluationReleaser(

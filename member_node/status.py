@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from member_node.node import ROLLBACK_FILE
+from member_node.node import NOISE_PLAN_FILE, ROLLBACK_FILE
 from member_node.private_eval import release_key, released_evaluations
 from privacy.accountant import Mechanism
 from privacy.accountant import epsilon as composed_epsilon
@@ -273,6 +273,28 @@ def budget_history(entries: list[dict], running: tuple[float, float]) -> list[st
     return lines
 
 
+def latest_noise_plan(state_dir: Path, entries: list[dict]) -> str:
+    """The node's newest noise plan as one line ('' without one, or for a plan written before
+    plans said how many held-out errors they make room for): why later releases are withheld."""
+    try:
+        plans = json.loads((state_dir / NOISE_PLAN_FILE).read_text(encoding="utf-8"))
+        plan = [p for p in plans.values() if isinstance(p, dict)][-1]
+        run, rounds, first = plan["run"], int(plan["rounds"]), int(plan["first_round"])
+        sigma, room = float(plan["noise_multiplier"]), int(plan["evaluations"])
+    except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError):
+        return ""
+    released = sum(
+        1
+        for e in entries
+        if is_release(e) and release_of(e) == RELEASE_EVALUATION and e["run"] == run and e["round"] >= first
+    )
+    withheld = "; later ones are withheld so the training rounds still fit" if room < rounds else ""
+    return (
+        f"noise plan of run {run}: σ={sigma:.3f} over {rounds} training rounds from round {first}, with room for "
+        f"{room} held-out errors beside them ({released} released since){withheld}"
+    )
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     console = Console()
     try:
@@ -313,6 +335,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"pace: the budget is spread over at least {pace} training rounds (budget-rounds); "
             f"{trained} trained, {max(pace - trained, 0)} to go"
         )
+    plan = latest_noise_plan(state_dir, entries)
+    if plan:
+        console.print(plan, highlight=False)
     for line in budget_history(entries, (budget, delta)):
         console.print(escape(line), highlight=False)
     pending = _pending_budget(Path(args.state_dir), member)

@@ -656,7 +656,7 @@ def test_a_pace_the_noise_cap_cannot_meet_says_to_lower_budget_rounds(setup, tmp
     )
 
 
-def test_held_out_errors_beyond_the_plans_room_are_withheld_so_training_keeps_its_rounds(setup, tmp_path):
+def test_held_out_errors_beyond_the_plans_room_are_withheld_so_training_keeps_its_rounds(setup, tmp_path, capsys):
     """A release spends the same budget as training: the node makes room for as many as cost
     training little (privacy.budget.plan_noise) and withholds the rest, so its pace's training
     rounds still fit. Expensive releases (noise multiplier 2) over a 40-round pace get room
@@ -681,3 +681,14 @@ def test_held_out_errors_beyond_the_plans_room_are_withheld_so_training_keeps_it
     left = [Mechanism(plan["noise_multiplier"], HP.sample_rate, HP.local_steps)] * (40 - rnd)
     assert composed_epsilon([*member.ledger.history(), *left], identity.delta) <= identity.epsilon
     assert member.evaluate(EvaluateRequest(1, model, run="r")).receipt, "a re-sent request is still answered"
+    # The member reads why in its status.
+    from member_node.cli import main
+
+    assert main(["status", "--state-dir", str(tmp_path / "s"), "--plot", str(tmp_path / "eps.png")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    room = plan["evaluations"]
+    assert (
+        f"over 40 training rounds from round 1, with room for {room} held-out errors beside them ({room} released"
+        in out
+    )
+    assert "later ones are withheld so the training rounds still fit" in out
