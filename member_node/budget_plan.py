@@ -56,7 +56,7 @@ class PaceRow:
     spread: int
     noise_multiplier: float | None  # None: no noise level lets that many rounds fit
     evaluations: int  # held-out error releases the plan makes room for (the first rounds')
-    epsilon_first_round: float  # spent after the run's first round and its held-out error
+    epsilon_first_round: float  # spent after the run's initial held-out error, its first round and that's
     epsilon_after_run: float  # spent after every round of the run and their held-out errors
     node_uses: bool  # the pace the node's own settings give
     declines: bool  # the noise is above privacy.max_noise_multiplier: the node sits rounds out
@@ -70,8 +70,19 @@ def _spent_after(settings: PlanSettings, history: Sequence[Mechanism], plan: Noi
     return composed_epsilon(mechanisms, settings.budget.delta, settings.accountant)
 
 
+def _after_initial_release(settings: PlanSettings, history: Sequence[Mechanism]) -> list[Mechanism]:
+    """The history the node plans the run with: the coordinator asks for the round-0 held-out
+    error before any training, and the node releases it when it fits the budget."""
+    if settings.evaluation is None:
+        return list(history)
+    released = [*history, settings.evaluation]
+    fits = composed_epsilon(released, settings.budget.delta, settings.accountant) <= settings.budget.epsilon
+    return released if fits else list(history)
+
+
 def pace_rows(settings: PlanSettings, history: Sequence[Mechanism], trained: int) -> list[PaceRow]:
     """The node's own pace for the next run (from its first round) and the longer ones in ``PACES``."""
+    history = _after_initial_release(settings, history)
     own = rounds_to_spread(settings.run_rounds, 1, settings.budget_rounds, trained)
     spreads = sorted({own, *(p for p in PACES if p > settings.run_rounds)})
     rows = []
@@ -85,6 +96,7 @@ def pace_rows(settings: PlanSettings, history: Sequence[Mechanism], trained: int
                 spread,
                 accountant=settings.accountant,
                 evaluation=settings.evaluation,
+                max_noise_multiplier=settings.max_noise_multiplier,
             )
         except ValueError:
             spent = composed_epsilon(history, settings.budget.delta, settings.accountant)

@@ -90,6 +90,12 @@ def _model_base(model_ref: ModelRef | None) -> str:
     return hashlib.sha256(json.dumps(model_ref.manifest, sort_keys=True).encode()).hexdigest()
 
 
+def plan_key(run: str, depends_on: tuple) -> str:
+    """A noise plan's key in ``noise_plan.json``: the run, then everything else the plan
+    depends on; ``plan_key(run, ())`` is the prefix every plan of that run starts with."""
+    return "|".join(map(repr, (run, *depends_on))) + ("" if depends_on else "|")
+
+
 class MemberNode:
     def __init__(self, cfg: KyodoConfig, identity: MemberIdentity):
         self.cfg = cfg
@@ -354,7 +360,6 @@ class MemberNode:
         # Everything the plan depends on that the member can change between restarts: a
         # member that lowers its budget must not keep a sigma planned for the larger one.
         depends_on = (
-            run,
             sample_rate,
             local_steps,
             self.budget.epsilon,
@@ -363,7 +368,7 @@ class MemberNode:
             evaluations.enabled and evaluations.mechanism(),
             self.identity.budget_rounds,
         )
-        key = "|".join(map(repr, depends_on))
+        key = plan_key(run, depends_on)
         if key not in plans:
             plan = plan_noise(
                 self.budget,
@@ -373,6 +378,7 @@ class MemberNode:
                 self.rounds_to_plan(planned_rounds, round_number),
                 accountant=self.cfg.privacy.accountant,
                 evaluation=evaluations.mechanism() if evaluations.enabled else None,
+                max_noise_multiplier=self.cfg.privacy.max_noise_multiplier,
             )
             # What evaluation_room needs to keep the plan's training rounds (plans written
             # before it are bare numbers: their runs release as before).
@@ -387,6 +393,11 @@ class MemberNode:
             }
             if not persist:
                 return plan.noise_multiplier
+            _replace_json(self._plan_path, plans, indent=2)
+        elif persist and list(plans)[-1] != key:
+            # The plan in use goes last: evaluation_room judges a release by the run's last
+            # plan, and a member that changed its budget and back trains with an older one.
+            plans[key] = plans.pop(key)
             _replace_json(self._plan_path, plans, indent=2)
         planned = plans[key]
         return float(planned["noise_multiplier"] if isinstance(planned, dict) else planned)
@@ -410,10 +421,10 @@ class MemberNode:
             or not self._plan_path.is_file()
         ):
             return ""
-        plans = [p for p in json.loads(self._plan_path.read_text()).values() if isinstance(p, dict) and p["run"] == run]
-        if not plans:
-            return ""  # no training planned in this run yet (its initial release)
-        plan = plans[-1]
+        of_run = [p for k, p in json.loads(self._plan_path.read_text()).items() if k.startswith(plan_key(run, ()))]
+        if not of_run or not isinstance(of_run[-1], dict):
+            return ""  # no training planned in this run yet (its initial release), or a plan from before rooms
+        plan = of_run[-1]
         trained = sum(
             1
             for entry in self.ledger.releases()

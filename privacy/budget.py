@@ -133,14 +133,17 @@ def plan_noise(
     *,
     accountant: str = "rdp",
     evaluation: Mechanism | None = None,
+    max_noise_multiplier: float = math.inf,
 ) -> NoisePlan:
     """The noise multiplier that spends what is left of ``budget`` evenly over ``rounds``
     rounds of ``local_steps`` steps after ``history``, and room for held-out error releases.
 
     Training comes first: the plan reserves room for as many releases of ``evaluation`` as
     raise the training noise by at most ``EVALUATION_NOISE_INCREASE`` (one per round where
-    they are cheap, fewer over long paces), and :func:`evaluation_leaves_room` withholds any
-    release beyond that room. ValueError when no noise level lets the rounds fit at all.
+    they are cheap, fewer over long paces) and never above ``max_noise_multiplier`` (the
+    node's cap, above which it declines to train: releases must not be why it does), and
+    :func:`evaluation_leaves_room` withholds any release beyond that room. ValueError when
+    no noise level lets the rounds fit at all.
     """
 
     solved: dict[int, float] = {}
@@ -161,13 +164,20 @@ def plan_noise(
         # releases took 13 s per plan over 40 rounds against 2.2 s for one solve.
         try:
             releases = plan_noise(
-                budget, history, sample_rate, local_steps, rounds, accountant="rdp", evaluation=evaluation
+                budget,
+                history,
+                sample_rate,
+                local_steps,
+                rounds,
+                accountant="rdp",
+                evaluation=evaluation,
+                max_noise_multiplier=max_noise_multiplier,
             ).evaluations
         except ValueError:  # RDP is looser: PRV may still fit the rounds alone
             releases = 0
         return NoisePlan(sigma(releases), rounds, releases)
     bare = sigma(0)
-    limit = bare * (1 + EVALUATION_NOISE_INCREASE)
+    limit = max(bare, min(bare * (1 + EVALUATION_NOISE_INCREASE), max_noise_multiplier))
 
     def fits(releases: int) -> bool:
         try:

@@ -205,3 +205,27 @@ def test_a_prv_plan_makes_room_as_rdp_would_and_solves_its_own_noise() -> None:
     reserved = [EVALUATION] * rdp.evaluations
     assert prv.noise_multiplier == pytest.approx(noise_for_target(8.0, 1e-5, Q, STEPS, 40, "prv", reserved))
     assert prv.noise_multiplier < rdp.noise_multiplier  # PRV's tighter accounting buys less noise
+
+
+def test_releases_that_cost_too_much_get_no_room_and_none_push_the_noise_over_the_cap() -> None:
+    budget = Budget(8.0, 1e-5)
+    assert plan_noise(budget, [], Q, STEPS, 40, evaluation=Mechanism(1.0, 1.0, 1)).evaluations == 0
+    # epsilon 2 over 110 rounds: 9.13 without releases, under the node's cap of 10; room for
+    # the 15 releases the 10% rule allows would take it to 10.04 and the node would train nothing.
+    cheap = Mechanism(20.0, 1.0, 1)
+    small = Budget(2.0, 1e-5)
+    initial = [cheap]  # the run's round-0 release, made before the plan
+    bare = plan_noise(small, initial, Q, STEPS, 110)
+    capped = plan_noise(small, initial, Q, STEPS, 110, evaluation=cheap, max_noise_multiplier=10.0)
+    assert bare.noise_multiplier < 10.0 and bare.noise_multiplier < capped.noise_multiplier <= 10.0
+    assert plan_noise(small, initial, Q, STEPS, 110, evaluation=cheap).noise_multiplier > 10.0
+    # Over the cap anyway: no room for releases (the node declines for the noise, not for them).
+    over = plan_noise(Budget(0.5, 1e-5), [], Q, STEPS, 400, evaluation=EVALUATION, max_noise_multiplier=10.0)
+    assert over.evaluations == 0
+
+
+def test_a_prv_plan_where_rdp_has_no_room_left_still_plans_the_rounds() -> None:
+    history = [Mechanism(1.0, 0.08, 180)]  # RDP 8.28, PRV 7.45
+    assert epsilon(history, 1e-5) > 8.0 > epsilon(history, 1e-5, "prv")
+    plan = plan_noise(Budget(8.0, 1e-5), history, Q, STEPS, 4, accountant="prv", evaluation=EVALUATION)
+    assert plan.evaluations == 0 and plan.noise_multiplier > 0
