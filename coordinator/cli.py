@@ -321,7 +321,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 @_deploy_errors
 def cmd_add_member(args: argparse.Namespace) -> int:
-    """Admit a member from its membership.json (public keys only)."""
+    """Admit a member from its membership.json (public keys and budget)."""
     from coordinator.deploy import add_member
 
     entry = add_member(args.dir, args.membership, update=args.update)
@@ -378,10 +378,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"its log: kyodo-coordinator log {args.dir} {submission.run_id} [--follow]", highlight=False)
     if not args.wait:
         return 0
+    head_before = _head_round(submission.out_dir)
     status = wait_for_run(operator_dir(args.dir), submission.run_id, timeout=args.timeout)
     console.print(f"run {submission.run_id}: {status}", highlight=False)
+    resume = f"kyodo-coordinator run {args.dir} --out-dir {submission.out_dir}"
     if status == "finished:completed":
+        if submission.resumes and _head_round(submission.out_dir) == head_before:
+            console.print(
+                f"nothing was trained: every planned round of {submission.out_dir} was committed already (HEAD "
+                f"round {head_before}); --rounds N trains more in it, continue_from={submission.out_dir} goes on in a "
+                "new run",
+                highlight=False,
+            )
         return 0
+    if status == "finished:stopped":
+        console.print(
+            f"it was stopped (kyodo-coordinator stop, or flwr stop); to go on after its last committed round: {resume}",
+            highlight=False,
+        )
+        return 1
     from coordinator.run_lock import RunInUseError, check_not_running
 
     try:
@@ -392,7 +407,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(
         f"why: kyodo-coordinator log {args.dir} {submission.run_id}\n"
         f"to go on after its last committed round (same settings; the SuperLink running again: "
-        f"kyodo-coordinator start {args.dir}): kyodo-coordinator run {args.dir} --out-dir {submission.out_dir}",
+        f"kyodo-coordinator start {args.dir}): {resume}",
         highlight=False,
     )
     return 1

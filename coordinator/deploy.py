@@ -240,7 +240,7 @@ def _load_ssh_public(line: str, what: str) -> ec.EllipticCurvePublicKey:
 
 
 def add_member(path: Path | str, membership_file: Path | str, update: bool = False) -> MemberEntry:
-    """Admit a member from the ``membership.json`` it sent (public keys only), after checking
+    """Admit a member from the ``membership.json`` it sent (public keys and budget), after checking
     both keys parse and neither name nor SuperNode key is taken already.
 
     ``update``: take a member's new published budget (``kyodo-member budget``); its name,
@@ -431,7 +431,7 @@ def flwr_cli(op: OperatorDir, *args: str, timeout: float = 120.0) -> dict[str, A
     except json.JSONDecodeError:
         answer = {}
     if proc.returncode != 0 or not answer.get("success", False):
-        detail = answer.get("error-message") or flwr_error_text(proc.stdout + proc.stderr)[-800:]
+        detail = flwr_error_text(answer.get("error-message") or proc.stdout + proc.stderr)[-800:]
         raise DeployError(f"`flwr {' '.join(args[:2])}` failed: {detail}")
     return answer
 
@@ -712,7 +712,9 @@ def resubmitted(out: Path, rounds: int | None, overrides: Sequence[str]) -> tupl
     earlier = _submitted_settings(out)
     if earlier is None:
         return rounds, list(overrides)
-    log.info("%s was submitted before: its settings %s are kept (later ones win)", out, earlier["overrides"])
+    kept = " ".join(earlier["overrides"]) or "none"
+    rounds_kept = f", --rounds {earlier['rounds']}" if earlier["rounds"] else ""
+    log.info("%s was submitted before: its overrides (%s)%s are kept (later ones win)", out, kept, rounds_kept)
     return rounds or earlier["rounds"], [*earlier["overrides"], *overrides]
 
 

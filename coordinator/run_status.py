@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich import box
 from rich.markup import escape
 from rich.table import Table
 
 from coordinator.records import read_records
 from shared_model.shards import is_shard_id
-from shared_model.store import Manifest, ShardStore, StoreError
+from shared_model.store import ROUND_RECORD_KEY, Manifest, ShardStore, StoreError
 
 
 @dataclass
@@ -30,6 +31,7 @@ class RunReport:
     head: int | None
     manifests: dict[int, Manifest] = field(default_factory=dict)  # round -> manifest (still stored)
     records: dict[int, dict[str, Any]] = field(default_factory=dict)  # round -> rounds.jsonl record
+    planned: int | None = None  # train.rounds of the run's config.yaml (None: not readable)
 
     @property
     def members(self) -> list[str]:
@@ -48,7 +50,7 @@ def load_report(run_dir: Path | str) -> RunReport:
     store_dir = run_dir / "store"
     if not (store_dir / "HEAD").is_file() and not (run_dir / "rounds.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no store/HEAD, no rounds.jsonl)")
-    report = RunReport(run_dir=run_dir, head=None)
+    report = RunReport(run_dir=run_dir, head=None, planned=_planned_rounds(run_dir))
     if (store_dir / "HEAD").is_file():
         store = ShardStore(store_dir)
         head = store.head()
@@ -57,14 +59,41 @@ def load_report(run_dir: Path | str) -> RunReport:
             report.manifests[rnd] = store.manifest(rnd)
     for rec in read_records(run_dir):
         report.records[int(rec["round"])] = rec  # a resumed round's later record wins
+    for rnd, manifest in report.manifests.items():
+        if rnd not in report.records and (committed := _committed_record(manifest)) is not None:
+            report.records[rnd] = {**committed, "being_evaluated": True}
     return report
 
 
+def _planned_rounds(run_dir: Path) -> int | None:
+    """The rounds the run was last submitted for (its ``config.yaml``), so that a run that
+    stopped early reads as such."""
+    try:
+        rounds = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["train"]["rounds"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return rounds if isinstance(rounds, int) else None
+
+
+def _committed_record(manifest: Manifest) -> dict[str, Any] | None:
+    """The round's record as committed with its manifest (who trained, cohorts, receipts).
+
+    ``rounds.jsonl`` gets the round's line only after the committed model is evaluated (a
+    minute and more in a deployment); until then ``status`` showed a committed round as if
+    no member had trained it."""
+    try:
+        record = json.loads(manifest.extra[ROUND_RECORD_KEY])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("round") == manifest.round else None
+
+
 def rounds_table(report: RunReport) -> Table:
+    planned = f" of {report.planned} planned" if report.planned is not None else ""
     # No vertical rules and collapsed padding: at 80 columns (a log, a pipe) the boxed table
     # left the aggregation column one character wide ("a…").
     table = Table(
-        title=f"rounds of {report.run_dir} (HEAD: round {report.head})",
+        title=f"rounds of {report.run_dir} (HEAD: round {report.head}{planned})",
         box=box.SIMPLE_HEAD,
         collapse_padding=True,
         pad_edge=False,
@@ -107,7 +136,13 @@ def rounds_table(report: RunReport) -> Table:
             str(len([k for k in rec.get("failed") or {} if not is_shard_id(k)])),
             f"{mse:.4f}" if mse is not None else "-", f"{rec['seconds']:.0f}" if "seconds" in rec else "-",
         )  # fmt: skip
+    evaluating = [str(r) for r, rec in sorted(report.records.items()) if rec.get("being_evaluated")]
     table.caption = "round 0: " + describe_round_zero(round_zero_source(report))
+    if evaluating:
+        table.caption += (
+            f"; round {', '.join(evaluating)}: committed, its held-out errors not yet in (rounds.jsonl is written "
+            "after them; the rest is from the manifest)"
+        )
     return table
 
 

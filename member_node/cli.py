@@ -217,7 +217,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     console.print(f"  config           {setup.dir / 'member.yaml'}", highlight=False)
     console.print(f"  ledger key       {setup.signing_key} (Ed25519, stays here)", highlight=False)
     console.print(f"  SuperNode key    {setup.auth_key} (EC P-384, stays here)", highlight=False)
-    console.print(f"send [bold]{setup.dir / MEMBERSHIP_FILE}[/] (public keys only) to the operator", highlight=False)
+    console.print(
+        f"send [bold]{setup.dir / MEMBERSHIP_FILE}[/] (public keys and budget) to the operator", highlight=False
+    )
     return 0
 
 

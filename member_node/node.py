@@ -677,7 +677,7 @@ class MemberNode:
         # WARNING: the member should see it (a ClientApp process logs nothing below that), and
         # it means the coordinator restarted in the middle of a round.
         log.warning(
-            "%s: round %d of run %s sent again (the coordinator restarted mid-round): its kept update, nothing spent",
+            "%s: round %d of run %s sent again (the coordinator restarted, or the run was stopped and resumed, mid-round): its kept update, nothing spent",
             self.identity.name,
             request.round,
             request.run,

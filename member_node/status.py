@@ -206,7 +206,9 @@ def plot_epsilon(
     ax.plot(xs, [r["epsilon_recomputed"] for r in rows], "o", color="tab:blue", markersize=4)
     ax.axhline(budget, color="tab:red", linestyle="--", label=f"budget ε = {budget:g}")
     if len({eps for _, eps in declared}) > 1:
-        xs_declared = [at for at, _ in declared] + [len(rows)]
+        # A declaration takes effect between two releases: drawn halfway, not on the marker of
+        # the last release under the old budget.
+        xs_declared = [at + 0.5 if at else 0 for at, _ in declared] + [len(rows)]
         ys_declared = [eps for _, eps in declared] + [declared[-1][1]]
         ax.step(xs_declared, ys_declared, where="post", color="tab:orange", label="budget declared in the ledger")
     ax.set_xlabel("releases (ledger entries: rounds trained and held-out errors reported)")

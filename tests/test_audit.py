@@ -782,7 +782,8 @@ def test_budget_declarations_show_when_a_member_raised_its_budget(fed: Path) -> 
     result = run_audit(fed)
     assert result.ok, [f.text() for f in result.failures]
     notes = notes_of(result, "alpha")
-    assert any("changed its budget: ε=6 δ=1e-05 at entry 0" in n and "then ε=8 δ=1e-05 at entry 3" in n for n in notes)
+    changed = "changed its budget: ε=6 δ=1e-05 from release 1 (entry 0,"
+    assert any(changed in n and "then ε=8 δ=1e-05 from release 3 (entry 3," in n for n in notes), notes
     assert not any("declare no budget" in n or "out of date" in n for n in notes)
     # the consortium still publishing the old budget is said, not failed (the spend is checked against it anyway)
     set_budget(fed, "alpha", 7.0)

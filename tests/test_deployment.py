@@ -551,6 +551,27 @@ def test_status_of_a_run_stopped_before_its_round_zero_record_names_its_source(t
     assert "round 0: random initialisation (model.init_seed 7)" in capsys.readouterr().out
 
 
+def test_status_of_a_round_committed_but_not_yet_evaluated_shows_who_trained_it(tmp_path, capsys, tiny_cfg):
+    """rounds.jsonl gets a round's line after the committed model is evaluated; until then the
+    manifest's record says who trained (a walkthrough saw every member at 0 rounds trained)."""
+    from coordinator.federation import initial_model
+    from coordinator.run_state import RunState
+    from shared_model.store import ROUND_RECORD_KEY
+
+    run = tmp_path / "run"
+    state = RunState(tiny_cfg, run)
+    model = initial_model(tiny_cfg)
+    state.commit_initial(model, {"run": "t"})
+    record = {"round": 1, "cohorts": {"adapter/emb/so100": ["sony"]}, "train": {"sony": {"steps": 5}}}
+    state.commit_round(1, model, ["adapter/emb/so100"], {}, {"run": "t", ROUND_RECORD_KEY: json.dumps(record)})
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"rounds": 3}}))
+    assert coordinator_main(["status", str(run)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(HEAD: round 1 of 3 planned)" in out
+    assert "round 1: committed, its held-out errors not yet in" in out
+    assert "│ sony │ T │ 1 │" in out  # participation: trained round 1, one round in all
+
+
 # ----------------------------------------------------------------------------- end to end (slow)
 
 
@@ -888,8 +909,13 @@ def test_a_stopped_run_ends_and_frees_its_directory_for_a_resume(deployment):
     from coordinator.run_lock import RunInUseError, check_not_running
 
     op_dir, out = deployment["op"].root, deployment["root"] / "stopped"
-    _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(out), "--new", "--wait-members", "60")
-    run_id = json.loads((op_dir / "runs.jsonl").read_text().splitlines()[-1])["run_id"]
+    # Submitted with --wait from another terminal: it must say the run was stopped, not failed.
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "run", str(op_dir), "--out-dir", str(out), "--new",
+         "--wait-members", "60", "--wait", "--timeout", "900"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+    )  # fmt: skip
 
     def coordinator_holds_it() -> bool:
         try:
@@ -899,6 +925,7 @@ def test_a_stopped_run_ends_and_frees_its_directory_for_a_resume(deployment):
         return False
 
     _wait_for("the ServerApp to hold the run directory", coordinator_holds_it, 300, procs=[deployment["link"]])
+    run_id = json.loads((op_dir / "runs.jsonl").read_text().splitlines()[-1])["run_id"]
     said = _cli("coordinator.cli", "stop", str(op_dir), str(out))
     # It returns once the run can be resumed: the SuperLink says stopped and nobody holds the run.
     assert deploy.run_status(deployment["op"], str(run_id)) == "finished:stopped"
@@ -909,7 +936,14 @@ def test_a_stopped_run_ends_and_frees_its_directory_for_a_resume(deployment):
     assert "had already ended (finished:stopped): nothing to stop" in again, again
     shown = _cli("coordinator.cli", "status", str(out))
     assert "source not recorded" not in shown, shown
+    waited, _ = waiting.communicate(timeout=300)
+    assert waiting.returncode == 1 and "it was stopped (kyodo-coordinator stop" in waited, waited
+    assert f"--out-dir {out}" in waited and "the SuperLink running again" not in waited, waited
     print("stopped run:", said, shown)
+    # A resume of a run whose every round is committed trains nothing, and says so.
+    finished = _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(deployment["out_dir"]),
+                    "--wait-members", "60", "--wait", "--timeout", "600")  # fmt: skip
+    assert "nothing was trained: every planned round" in finished, finished
 
 
 def test_stop_names_a_run_this_operator_submitted(tmp_path, capsys):

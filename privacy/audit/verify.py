@@ -356,7 +356,10 @@ def _check_declared_budgets(
                     f"{entry_label(i, entry)}: declares delta {declared[1]:g}, but the releases before it were "
                     f"accounted at {', '.join(f'{d:g}' for d in sorted(deltas))}",
                 )
-            steps.append(f"ε={declared[0]:g} δ={declared[1]:g} at entry {i} ({entry['time'][:19]})")
+            # "from release N" as `kyodo-member status` says it; the entry index locates it in the file
+            releases = sum(1 for j in index.entries if j < i)
+            when = entry["time"][:19]
+            steps.append(f"ε={declared[0]:g} δ={declared[1]:g} from release {releases + 1} (entry {i}, {when})")
             in_force = (declared, i)
             continue
         spent = max(spent, float(entry["epsilon"]))
@@ -393,7 +396,8 @@ def _check_declared_budgets(
             subject,
             f"the ledger last declares ε={last[0]:g} δ={last[1]:g} (entry {at}), the consortium publishes "
             f"ε={published[0]:g} δ={published[1]:g}: one of the two is out of date "
-            "(the member publishes a change with `kyodo-coordinator add-member ... --update`)",
+            "(a member sends its changed membership.json; the operator publishes it with "
+            "`kyodo-coordinator add-member ... --update`)",
             NOTE,
         )
 
