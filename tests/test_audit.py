@@ -761,9 +761,12 @@ def test_a_version_4_release_without_a_declared_budget_fails(fed: Path) -> None:
     """Leaving the declaration out would hide the budget a node ran under: an overspend of the
     budget published at the time, declared (raised) only afterwards, would pass."""
     declare_budgets(fed, "alpha", {})
+    result = run_audit(fed)
     assert_found(
-        run_audit(fed), "budget", "alpha budget", "entry 0 (line 1, run 'run-old', round 1)", "no budget declared"
+        result, "budget", "alpha budget", "entry 0 (line 1, run 'run-old', round 1) to entry 2", "(3 releases)"
     )
+    # one failure for the lot: a ledger that lost its first line had a dozen identical ones
+    assert len([t for t in failures(result, "budget") if "no budget declared" in t]) == 1
     declare_budgets(fed, "alpha", {2: 7.0})  # declared only before its last release
     result = run_audit(fed)
     assert_found(result, "budget", "alpha budget", "entry 1 (line 2, run 'run-a', round 1)", "no budget declared")
