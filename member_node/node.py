@@ -22,6 +22,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,6 +95,13 @@ def plan_key(run: str, depends_on: tuple) -> str:
     """A noise plan's key in ``noise_plan.json``: the run, then everything else the plan
     depends on; ``plan_key(run, ())`` is the prefix every plan of that run starts with."""
     return "|".join(map(repr, (run, *depends_on))) + ("" if depends_on else "|")
+
+
+def last_plan(plans: dict[str, Any], run: str | None = None) -> dict[str, Any] | None:
+    """The plan in use, which ``noise_plan.json`` keeps last: of ``run``, or of any run. None
+    when there is none, or when it is a bare number from before plans were records."""
+    of_run = [plan for key, plan in plans.items() if run is None or key.startswith(plan_key(run, ()))]
+    return of_run[-1] if of_run and isinstance(of_run[-1], dict) else None
 
 
 class MemberNode:
@@ -421,10 +429,9 @@ class MemberNode:
             or not self._plan_path.is_file()
         ):
             return ""
-        of_run = [p for k, p in json.loads(self._plan_path.read_text()).items() if k.startswith(plan_key(run, ()))]
-        if not of_run or not isinstance(of_run[-1], dict):
+        plan = last_plan(json.loads(self._plan_path.read_text()), run)
+        if plan is None:
             return ""  # no training planned in this run yet (its initial release), or a plan from before rooms
-        plan = of_run[-1]
         trained = sum(
             1
             for entry in self.ledger.releases()
@@ -677,7 +684,8 @@ class MemberNode:
         # WARNING: the member should see it (a ClientApp process logs nothing below that), and
         # it means the coordinator restarted in the middle of a round.
         log.warning(
-            "%s: round %d of run %s sent again (the coordinator restarted, or the run was stopped and resumed, mid-round): its kept update, nothing spent",
+            "%s: round %d of run %s sent again (the coordinator restarted, or the run was stopped and resumed, "
+            "mid-round): its kept update, nothing spent",
             self.identity.name,
             request.round,
             request.run,

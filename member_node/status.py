@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from member_node.node import NOISE_PLAN_FILE, ROLLBACK_FILE
+from member_node.node import NOISE_PLAN_FILE, ROLLBACK_FILE, last_plan
 from member_node.private_eval import release_key, released_evaluations
 from privacy.accountant import Mechanism
 from privacy.accountant import epsilon as composed_epsilon
@@ -279,8 +279,7 @@ def latest_noise_plan(state_dir: Path, entries: list[dict]) -> str:
     """The node's newest noise plan as one line ('' without one, or for a plan written before
     plans said how many held-out errors they make room for): why later releases are withheld."""
     try:
-        plans = json.loads((state_dir / NOISE_PLAN_FILE).read_text(encoding="utf-8"))
-        plan = [p for p in plans.values() if isinstance(p, dict)][-1]
+        plan = last_plan(json.loads((state_dir / NOISE_PLAN_FILE).read_text(encoding="utf-8")))
         run, rounds, first = plan["run"], int(plan["rounds"]), int(plan["first_round"])
         sigma, room = float(plan["noise_multiplier"]), int(plan["evaluations"])
     except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError):
