@@ -398,6 +398,7 @@ class MemberNode:
                 "evaluations": plan.evaluations,
                 "sample_rate": sample_rate,
                 "local_steps": local_steps,
+                "run_rounds": planned_rounds,
             }
             if not persist:
                 return plan.noise_multiplier
@@ -413,9 +414,9 @@ class MemberNode:
     def _evaluation_room_unless_released(self, run: str, round_number: int) -> str:
         if self.ledger.find(run, round_number, RELEASE_EVALUATION) is not None:
             return ""  # already released: the request is answered from the ledger
-        return self.evaluation_room(run)
+        return self.evaluation_room(run, round_number)
 
-    def evaluation_room(self, run: str) -> str:
+    def evaluation_room(self, run: str, round_number: int) -> str:
         """Why a held-out error release now would cut into the training this run's noise plan
         holds ('' when it would not).
 
@@ -438,6 +439,10 @@ class MemberNode:
             if release_of(entry) == RELEASE_TRAIN and entry["run"] == run and entry["round"] >= plan["first_round"]
         )
         left = max(0, int(plan["rounds"]) - trained)
+        if not self.identity.budget_rounds and "run_rounds" in plan:
+            # Without a pace the plan is this run's alone: no round after its last trains, and
+            # a member left out of rounds must not be kept from releasing for rounds it will not get.
+            left = min(left, max(0, int(plan["run_rounds"]) - round_number))
         training = Mechanism(float(plan["noise_multiplier"]), float(plan["sample_rate"]), int(plan["local_steps"]))
         fits, after = evaluation_leaves_room(
             self.budget,

@@ -757,3 +757,18 @@ def test_evaluation_off_and_plans_from_before_rooms_release_as_before(setup, tmp
     member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
     assert member.ledger.releases()[-1]["mechanism"]["noise_multiplier"] == 2.5
     assert member.evaluate(EvaluateRequest(1, model, run="r")).receipt
+
+
+def test_without_a_pace_rounds_after_the_runs_last_are_not_kept_for(setup, tmp_path):
+    """A member left out of most of a 40-round run, without budget-rounds: nothing trains after
+    the run's last round, so its final held-out error is released; before, the 39 rounds it
+    never got were kept for and it was withheld."""
+    cfg, node, model = setup
+    member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", eval_noise_multiplier=2.0))
+    member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
+    for rnd in range(1, 3):  # use up the plan's room (one or two releases at this noise)
+        member.evaluate(EvaluateRequest(rnd, model, run="r"))
+    assert "training comes first" in member.evaluate(EvaluateRequest(3, model, run="r")).withheld
+    last = member.evaluate(EvaluateRequest(40, model, run="r"))
+    assert last.receipt, last.withheld
+    assert member.epsilon_spent() <= member.budget.epsilon
