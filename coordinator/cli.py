@@ -381,7 +381,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     head_before = _head_round(submission.out_dir)
     status = wait_for_run(operator_dir(args.dir), submission.run_id, timeout=args.timeout)
     console.print(f"run {submission.run_id}: {status}", highlight=False)
-    resume = f"kyodo-coordinator run {args.dir} --out-dir {submission.out_dir}"
+    resume = _resume_command(args.dir, submission.out_dir)
     if status == "finished:completed":
         if submission.resumes and _head_round(submission.out_dir) == head_before:
             console.print(
@@ -438,10 +438,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
     committed = f"round {head} is its last committed round" if head is not None else "it committed no round"
     console.print(
         f"{committed} ({stopped.out_dir}); to go on after it, with the settings it was submitted with:\n"
-        f"kyodo-coordinator run {args.dir} --out-dir {stopped.out_dir}",
+        f"{_resume_command(args.dir, stopped.out_dir)}",
         highlight=False,
     )
     return 0
+
+
+def _resume_command(operator: str, run_dir: Path) -> str:
+    return f"kyodo-coordinator run {operator} --out-dir {run_dir}"
 
 
 def _head_round(run_dir: Path) -> int | None:
