@@ -439,6 +439,8 @@ class MemberNode:
             if release_of(entry) == RELEASE_TRAIN and entry["run"] == run and entry["round"] >= plan["first_round"]
         )
         left = max(0, int(plan["rounds"]) - trained)
+        if float(plan["noise_multiplier"]) > self.cfg.privacy.max_noise_multiplier:
+            left = 0  # the node declines every round of this plan (mostly noise): none is kept for
         if not self.identity.budget_rounds and "run_rounds" in plan:
             # Without a pace the plan is this run's alone: no round after its last trains, and
             # a member left out of rounds must not be kept from releasing for rounds it will not get.

@@ -654,6 +654,10 @@ def test_a_pace_the_noise_cap_cannot_meet_says_to_lower_budget_rounds(setup, tmp
     assert (
         not reply.can_train and "budget-rounds 100000 leaves 100000 rounds to spread it over: lower it" in reply.reason
     )
+    # It trains no round of that plan, so none is kept room for: its held-out error is released.
+    declined = member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
+    assert not isinstance(declined, TrainReply) and "mostly noise" in declined.reason
+    assert member.evaluate(EvaluateRequest(1, model, run="r")).receipt
 
 
 def test_held_out_errors_beyond_the_plans_room_are_withheld_so_training_keeps_its_rounds(setup, tmp_path, capsys):
