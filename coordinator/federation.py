@@ -19,7 +19,7 @@ from rich.console import Console
 from coordinator.continuation import earlier_round, import_round
 from coordinator.progress import STAGES, cohort_table, make_progress, round_table, summary_table
 from coordinator.public_checkpoint import initial_source, load_checkpoint, public_checkpoint
-from coordinator.records import append_record, earlier_runs_records, read_records
+from coordinator.records import append_record, committed_record, earlier_runs_records, read_records
 from coordinator.rounds import RoundResult, RoundRunner
 from coordinator.run_lock import holding_run
 from coordinator.run_state import RunState, failpoint
@@ -158,11 +158,8 @@ def _heads_from_earlier_runs(runner: RoundRunner, cfg: KyodoConfig, out_dir: Pat
 def _recover_record(out_dir: Path, head: Manifest, key: Ed25519PrivateKey, run_id: str) -> None:
     """The coordinator died after moving HEAD, before writing the round's line: write it from
     the record committed with the manifest (older runs' manifests lack it: a marker only)."""
-    try:
-        committed = json.loads(head.extra[ROUND_RECORD_KEY])
-    except (KeyError, TypeError, ValueError):
-        committed = None
-    if isinstance(committed, dict) and committed.get("round") == head.round:
+    committed = committed_record(head)
+    if committed is not None:
         record = {**committed, "evaluation": {}, "evaluation_lost": True}
     else:
         record = {"round": head.round, "recovered_from_store": True}

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shared_model.store import ROUND_RECORD_KEY, Manifest
+
 log = logging.getLogger("kyodo.coordinator")
 
 
@@ -22,6 +24,16 @@ def append_record(out_dir: Path, record: dict[str, Any]) -> None:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def committed_record(manifest: Manifest) -> dict[str, Any] | None:
+    """The round's record as committed with its manifest (who trained, cohorts, receipts), or
+    None for a manifest without one (round 0, older runs) or one that is not this round's."""
+    try:
+        record = json.loads(manifest.extra[ROUND_RECORD_KEY])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("round") == manifest.round else None
 
 
 def read_records(out_dir: Path) -> list[dict[str, Any]]:

@@ -20,9 +20,9 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from coordinator.records import read_records
+from coordinator.records import committed_record, read_records
 from shared_model.shards import is_shard_id
-from shared_model.store import ROUND_RECORD_KEY, Manifest, ShardStore, StoreError
+from shared_model.store import Manifest, ShardStore, StoreError
 
 
 @dataclass
@@ -59,8 +59,11 @@ def load_report(run_dir: Path | str) -> RunReport:
             report.manifests[rnd] = store.manifest(rnd)
     for rec in read_records(run_dir):
         report.records[int(rec["round"])] = rec  # a resumed round's later record wins
+    # rounds.jsonl gets a round's line only after its committed model is evaluated (a minute
+    # and more deployed); until then the manifest's record says who trained, else status showed
+    # a committed round as if no member had.
     for rnd, manifest in report.manifests.items():
-        if rnd not in report.records and (committed := _committed_record(manifest)) is not None:
+        if rnd not in report.records and (committed := committed_record(manifest)) is not None:
             report.records[rnd] = {**committed, "being_evaluated": True}
     return report
 
@@ -73,19 +76,6 @@ def _planned_rounds(run_dir: Path) -> int | None:
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
     return rounds if isinstance(rounds, int) else None
-
-
-def _committed_record(manifest: Manifest) -> dict[str, Any] | None:
-    """The round's record as committed with its manifest (who trained, cohorts, receipts).
-
-    ``rounds.jsonl`` gets the round's line only after the committed model is evaluated (a
-    minute and more in a deployment); until then ``status`` showed a committed round as if
-    no member had trained it."""
-    try:
-        record = json.loads(manifest.extra[ROUND_RECORD_KEY])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("round") == manifest.round else None
 
 
 def rounds_table(report: RunReport) -> Table:

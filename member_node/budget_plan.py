@@ -26,7 +26,14 @@ from member_node.supernode import MemberSetup, SetupError, load_setup
 from member_node.windows import split_episodes
 from privacy.accountant import Mechanism, check_accountant
 from privacy.accountant import epsilon as composed_epsilon
-from privacy.budget import EVALUATION_NOISE_INCREASE, Budget, NoisePlan, plan_noise, rounds_to_spread
+from privacy.budget import (
+    EVALUATION_NOISE_INCREASE,
+    Budget,
+    NoisePlan,
+    evaluation_leaves_room,
+    plan_noise,
+    rounds_to_spread,
+)
 from privacy.eval_release import EvalPrivacy
 from privacy.ledger import RELEASE_TRAIN, Ledger, LedgerError, mechanism_of, release_of
 from shared_model.config import ConfigError, KyodoConfig, load_config
@@ -75,9 +82,8 @@ def _after_initial_release(settings: PlanSettings, history: Sequence[Mechanism])
     error before any training, and the node releases it when it fits the budget."""
     if settings.evaluation is None:
         return list(history)
-    released = [*history, settings.evaluation]
-    fits = composed_epsilon(released, settings.budget.delta, settings.accountant) <= settings.budget.epsilon
-    return released if fits else list(history)
+    fits, _ = evaluation_leaves_room(settings.budget, history, settings.evaluation, [], settings.accountant)
+    return [*history, settings.evaluation] if fits else list(history)
 
 
 def pace_rows(settings: PlanSettings, history: Sequence[Mechanism], trained: int) -> list[PaceRow]:

@@ -21,8 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from member_node.trainer import EvalResult
-from privacy.accountant import epsilon as composed_epsilon
-from privacy.budget import Budget
+from privacy.budget import Budget, evaluation_leaves_room
 from privacy.eval_release import EvalPrivacy, ReleasedEvaluation, release_evaluation
 from privacy.ledger import RELEASE_EVALUATION, Ledger, receipt_to_json
 
@@ -81,8 +80,10 @@ class EvaluationReleaser:
                 return None, "", f"round {round_number} of run {run} was already released; its values were not kept"
             return ReleasedEvaluation(**stored), receipt_to_json(entry), ""
         # Checked also for values stored before a crash: the ledger may have grown since.
-        after = composed_epsilon([*self.ledger.history(), self.privacy.mechanism()], self.budget.delta, self.accountant)
-        if after > self.budget.epsilon:
+        fits, after = evaluation_leaves_room(
+            self.budget, self.ledger.history(), self.privacy.mechanism(), [], self.accountant
+        )
+        if not fits:
             reason = (
                 f"releasing the held-out error would take epsilon to {after:.4g}, "
                 f"over the member's budget {self.budget.epsilon:g}"

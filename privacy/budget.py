@@ -150,7 +150,7 @@ def plan_noise(
 
     def sigma(releases: int) -> float:
         if releases not in solved:
-            reserved = [*history, *([evaluation] * releases)] if evaluation is not None else list(history)
+            reserved = [*history, *([evaluation] * releases)]  # releases is 0 without an evaluation
             solved[releases] = noise_for_target(
                 budget.epsilon, budget.delta, sample_rate, local_steps, rounds, accountant, reserved
             )
