@@ -4,7 +4,7 @@ episodes of every embodiment the consortium knows.
 Why: the backbone (embeddings, attention, norms, routers) is frozen during federated rounds
 (ARCHITECTURE), which presumes it was trained before. From a random initialisation the
 members' DP-SGD has to learn ~31k parameters of ``tiny`` from ~1600 episodes each, which it
-cannot do at epsilon 8 (README, "Utility under privacy": n x epsilon / sqrt(d) ~ 72, Tramer &
+cannot do at epsilon 8 (docs/utility.md: n x epsilon / sqrt(d) ~ 72, Tramer &
 Boneh 2021). Starting from a checkpoint trained on public data is how the field gets DP
 fine-tuning close to non-private (De et al. 2022; Li et al. 2022), and how robot foundation
 models start anyway (pretraining on public datasets, then adapting to one's own robot).

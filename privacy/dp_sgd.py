@@ -74,7 +74,7 @@ all experts), ``bk``'s remaining overhead is the Gaussian noise for 3.2M paramet
 (~12 ms of Opacus' ~24 ms optimizer step, inherent to DP-SGD), the ghost norms (~6-8 ms
 of batched ``[B, T, T]`` products) and the clipped-gradient matmuls, which replace the
 weight-gradient matmuls autograd would otherwise do (its backward is ~15 ms shorter).
-Since the noise became one in-place draw per step (README, "dp_overhead"), a ``bk`` step
+Since the noise became one in-place draw per step (docs/performance.md, "dp_overhead"), a ``bk`` step
 on a later session's VM measured 1.18-1.28x and 1.53-1.55x, against 1.31-1.34x and 2.12-2.13x for
 the per-tensor draws in alternating runs.
 

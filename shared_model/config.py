@@ -77,7 +77,7 @@ class EmbodimentConfig:
     # untrained policy holds still instead of commanding the middle of every joint's range.
     # With absolute targets every policy in bench/utility.py was still worse than holding
     # still after 100 steps; relative ones cut the federation's held-out error under DP
-    # 3-4x (README "Performance"). Public, like the bounds: it says which joint a command
+    # 3-4x (docs/utility.md). Public, like the bounds: it says which joint a command
     # refers to, nothing about anyone's data.
     action_relative_to: list[int] = field(default_factory=list)
 
@@ -137,7 +137,7 @@ class FederationConfig:
 class TrainConfig:
     """Round and optimisation settings the coordinator sends with every round."""
 
-    # Tuned for DP-SGD (bench/utility.py, README "Performance"). Under DP the batch is the
+    # Tuned for DP-SGD (bench/utility.py, docs/utility.md). Under DP the batch is the
     # expected Poisson batch, and noise per step scales with 1/batch: 128 episodes of a
     # member's 1600 (q = 0.08) over 100 steps needs sigma ~1 at epsilon 8. Adam's step on a
     # noisy coordinate shrinks to about lr x its signal-to-noise ratio, so DP needs a larger
