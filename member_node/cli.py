@@ -205,6 +205,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
             workers=args.workers,
             train_reply_after=args.train_reply_after,
             eval_reply_after=args.eval_reply_after,
+            require_secagg=args.require_secagg,
             superlink=args.superlink,
             root_certificates=args.root_certificates,
             runtime_port=args.port,
@@ -330,6 +331,13 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         type=float,
         default=0.0,
         help="the same for evaluation replies (the held-out error; 0: off)",
+    )
+    init.add_argument(
+        "--require-secagg",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decline any round whose update would leave unmasked: no secure aggregation, or a cohort of one "
+        "for a shard other than this member's embodiment adapter (default: on; --no-require-secagg for debugging)",
     )
     init.add_argument("--superlink", default="", help="HOST:PORT of the consortium's SuperLink")
     init.add_argument("--root-certificates", default="", help="the consortium's CA certificate (ca.pem)")

@@ -48,6 +48,10 @@ class MemberIdentity:
     # (member_node.reply_timing: hides how long the work took); 0: as soon as ready.
     train_reply_after: float = 0.0
     eval_reply_after: float = 0.0
+    # Train only where the update leaves masked: a round without secure aggregation, or one
+    # that puts this member alone in a cohort for a shard other than its own embodiment
+    # adapter, is declined (the coordinator decides both; the member need not trust it to).
+    require_secagg: bool = False
 
     def eval_privacy(self) -> EvalPrivacy:
         return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
@@ -121,6 +125,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             workers=_int(node_config, "workers", 1),
             train_reply_after=_float(node_config, "train-reply-after", 0.0),
             eval_reply_after=_float(node_config, "eval-reply-after", 0.0),
+            require_secagg=_bool(node_config, "require-secagg", False),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -147,6 +152,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             workers=m.workers,
             train_reply_after=m.train_reply_after,
             eval_reply_after=m.eval_reply_after,
+            require_secagg=m.require_secagg,
         )
     else:
         raise NodeConfigError("node config names no member: set member, embodiment and data-dir")

@@ -119,7 +119,7 @@ class MemberNode:
         self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
         self._plan_path = state / NOISE_PLAN_FILE
         self._rollback_path = state / ROLLBACK_FILE
-        self.secagg = MemberSecAgg(state, identity.name, self.signing_key)
+        self.secagg = MemberSecAgg(state, identity.name, self.signing_key, equal_weight=identity.dp)
         self.eval_releaser = EvaluationReleaser(
             state,
             self.ledger,
@@ -430,13 +430,23 @@ class MemberNode:
             or not self._plan_path.is_file()
         ):
             return ""
-        plan = last_plan(json.loads(self._plan_path.read_text()), run)
+        plans = json.loads(self._plan_path.read_text())
+        plan = last_plan(plans, run)
+        if plan is None and self.identity.budget_rounds:
+            # A run this node has not trained in yet (its initial release): under a pace the
+            # newest plan still holds the pace's training rounds, whichever run made it.
+            plan = last_plan(plans)
         if plan is None:
-            return ""  # no training planned in this run yet (its initial release), or a plan from before rooms
+            return ""  # no training planned yet, or a plan from before rooms
+        past_last = plan["run"] == run and "run_rounds" in plan and round_number > int(plan["run_rounds"])
+        if past_last and self.ledger.find(run, round_number) is None:  # a round it trained is its own evidence
+            return f"round {round_number} is past the {plan['run_rounds']} rounds run {run} was planned with"
         trained = sum(
             1
             for entry in self.ledger.releases()
-            if release_of(entry) == RELEASE_TRAIN and entry["run"] == run and entry["round"] >= plan["first_round"]
+            if release_of(entry) == RELEASE_TRAIN
+            and entry["run"] == plan["run"]
+            and entry["round"] >= plan["first_round"]
         )
         left = max(0, int(plan["rounds"]) - trained)
         if float(plan["noise_multiplier"]) > self.cfg.privacy.max_noise_multiplier:
@@ -460,6 +470,42 @@ class MemberNode:
             f"plan still holds (epsilon {after:.4g} over {self.budget.epsilon:g}): its plan made room for "
             f"{plan['evaluations']} releases beside {plan['rounds']} rounds, and training comes first"
         )
+
+    def evaluation_follows_training(self, run: str, round_number: int) -> str:
+        """Why a held-out error release now would not follow this node's training ('' when it
+        would).
+
+        A run the node has not trained in gets one release, its initial one, and only one such
+        run at a time since the node last trained: the run and round of a request are the
+        coordinator's words, and a review drained a paced node's whole budget on 58 releases,
+        each under a fresh run name (and, without a pace, 55 under rounds past the run's
+        last). Releases of a run the node trained in are bounded by its plan's room and its
+        planned rounds (:meth:`evaluation_room`). A re-sent request is answered from the
+        ledger as always."""
+        if self.ledger.find(run, round_number, RELEASE_EVALUATION) is not None:
+            return ""
+        releases = self.ledger.releases()
+        of_run = [release_of(e) for e in releases if e["run"] == run]
+        if RELEASE_TRAIN in of_run:
+            return ""
+        if RELEASE_EVALUATION in of_run:
+            return (
+                f"this node has not trained in run {run}: it releases only the run's initial held-out error, "
+                "then one per round it trains"
+            )
+        last_trained = max((i for i, e in enumerate(releases) if release_of(e) == RELEASE_TRAIN), default=-1)
+        trained_run = releases[last_trained]["run"] if last_trained >= 0 else None
+        untrained = [
+            e["run"]
+            for e in releases[last_trained + 1 :]
+            if release_of(e) == RELEASE_EVALUATION and e["run"] != trained_run
+        ]
+        if untrained:
+            return (
+                f"run {untrained[0]} released its initial held-out error since this node last trained and it never "
+                "trained there: one run's initial release at a time until the node trains again"
+            )
+        return ""
 
     def evaluation_pace(self, run: str, round_number: int) -> str:
         """Why a new held-out error release would break the member's pace ('' when it would not).
@@ -573,11 +619,39 @@ class MemberNode:
             return allowance.reason
         return sigma, sample_rate, allowance
 
+    def unmasked_update(self, request: TrainRequest) -> str:
+        """Why this round would send the member's update where secure aggregation does not hide
+        it ('' when it would not, or when the member does not require it: ``require-secagg``).
+
+        Whether a round is masked, and who shares each cohort, are the coordinator's choices;
+        only the member's own embodiment adapter may go alone (no one else owns that robot)."""
+        if not self.identity.require_secagg:
+            return ""
+        if request.secagg is None:
+            return "this member requires secure aggregation (require-secagg) and the round has none"
+        own = f"adapter/emb/{self.identity.embodiment}"
+        alone = sorted(
+            shard
+            for group in request.secagg.groups_of(self.identity.name)
+            if len(group.members) == 1
+            for shard in group.shards
+            if shard != own and shard in request.shards
+        )
+        if alone:
+            return (
+                f"the round puts this member alone in the cohort of {', '.join(alone[:3])}: its update would be the "
+                "cohort's sum, and this member requires secure aggregation (require-secagg)"
+            )
+        return ""
+
     def train(self, request: TrainRequest, arrived: dt.datetime | None = None) -> TrainReply | TrainDeclined:
         """``arrived``: when the request reached the node (the ClientApp's clock, before the
         node was even built), the time its receipt carries: never how long the work took."""
         arrived = arrived or dt.datetime.now(dt.UTC)
         self.check_assignment(request.shards)
+        unmasked = self.unmasked_update(request)
+        if unmasked:
+            return TrainDeclined(self.identity.name, unmasked, self.epsilon_spent())
         self._load_request_model(request.model, request.model_ref)
         # Training moves these shards away from the committed objects: the next request
         # reloads them, so the node never evaluates or trains from its own unaggregated
@@ -745,6 +819,7 @@ class MemberNode:
         refusal = (
             (
                 self.rolled_back(request.ledger_head)
+                or self.evaluation_follows_training(request.run, request.round)
                 or self.evaluation_pace(request.run, request.round)
                 or self._evaluation_room_unless_released(request.run, request.round)
             )

@@ -111,10 +111,16 @@ def _read_update(path: Path) -> dict[str, np.ndarray]:
 class MemberSecAgg:
     """One node's SecAgg+ state machine, persisted under ``state_dir/secagg``."""
 
-    def __init__(self, state_dir: Path | str, member: str, signing_key: Ed25519PrivateKey):
+    def __init__(
+        self, state_dir: Path | str, member: str, signing_key: Ed25519PrivateKey, *, equal_weight: bool = False
+    ):
+        """``equal_weight``: refuse any scale but 1 (a DP node, which withholds its size: a
+        scale the coordinator picks could shrink every other member of a cohort to nothing, so
+        the cohort's sum would be this node's update alone)."""
         self.root = Path(state_dir) / "secagg"
         self.member = member
         self.signing_key = signing_key
+        self.equal_weight = equal_weight
 
     def _dir(self, run: str, round_number: int) -> Path:
         return self.root / run / f"r{round_number}"
@@ -274,6 +280,11 @@ class MemberSecAgg:
             scale = request.weights.get(group.group_id)
             if scale is None:
                 raise ProtocolError(f"masked input: no weight for group {group.group_id}")
+            if self.equal_weight and scale != 1.0:
+                raise ProtocolError(
+                    f"masked input: group {group.group_id} scales this node's update by {scale:g}; under DP it "
+                    "withholds its size, so every update in its cohort weighs the same (1)"
+                )
             plan = QuantizationPlan.from_dict(group.quantization)
             peers = [n for n in group.neighbours[self.member] if n in active]
             for shard in group.shards:

@@ -109,6 +109,10 @@ class MemberSetup:
     # the work took: member_node.reply_timing); 0: off. Older files: off.
     train_reply_after: float = 0.0
     eval_reply_after: float = 0.0
+    # Decline rounds whose update would leave unmasked (no secure aggregation, or a cohort of
+    # one for a shard other than the member's own embodiment adapter). `init` sets it unless
+    # told --no-require-secagg; older files: off.
+    require_secagg: bool = False
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
     runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
@@ -153,6 +157,7 @@ class MemberSetup:
             "workers": int(self.workers),
             "train-reply-after": float(self.train_reply_after),
             "eval-reply-after": float(self.eval_reply_after),
+            "require-secagg": bool(self.require_secagg),
         }
 
 
@@ -242,6 +247,7 @@ def init_member(
     workers: int = 1,
     train_reply_after: float = 0.0,
     eval_reply_after: float = 0.0,
+    require_secagg: bool = True,
     superlink: str = "",
     root_certificates: Path | str = "",
     runtime_port: int = 0,
@@ -288,6 +294,7 @@ def init_member(
         workers=int(workers),
         train_reply_after=float(train_reply_after),
         eval_reply_after=float(eval_reply_after),
+        require_secagg=bool(require_secagg),
         superlink=superlink,
         root_certificates=str(Path(root_certificates).expanduser().resolve()) if root_certificates else "",
         runtime_port=runtime_port,

@@ -120,6 +120,9 @@ class MemberConfig:
     # (member_node.reply_timing; node config train-reply-after / eval-reply-after); 0: off.
     train_reply_after: float = 0.0
     eval_reply_after: float = 0.0
+    # Decline any round whose update would leave unmasked (node config require-secagg;
+    # ``kyodo-member init`` sets it for a deployed member).
+    require_secagg: bool = False
     # Who may answer as this member (deployment: from the consortium file and the SuperLink's
     # registrations). A node that names this member but is another Flower node, or signs with
     # another key, is left out of the run. Empty / 0: not pinned (simulation).
@@ -488,6 +491,11 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError("secagg.clip_range must be a positive finite number")
     if sa.degree < 0 or sa.threshold < 0:
         raise ConfigError("secagg.degree and secagg.threshold must be >= 0 (0 = default)")
+    if sa.threshold and sa.degree and 2 * sa.threshold <= sa.degree:
+        raise ConfigError(
+            f"secagg.threshold {sa.threshold} must be more than half of secagg.degree {sa.degree}: "
+            "at half or less a coordinator could collect both of a member's secrets"
+        )
 
 
 def to_yaml(cfg: KyodoConfig) -> str:

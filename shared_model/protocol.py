@@ -526,6 +526,8 @@ class EvaluateRequest:
         where = "evaluate request"
         rec = _config(content, REC_REQUEST, where)
         rnd = _require(rec, "round", int, where)
+        if rnd < 0:
+            raise ProtocolError(f"{where}: round must be >= 0")
         run = _require(rec, "run", str, where) if "run" in rec else ""
         model, ref = _model_from_content(content, where)
         return cls(round=rnd, model=model, model_ref=ref, run=run, ledger_head=_ledger_head(rec, where))
@@ -708,10 +710,19 @@ class SecAggGroup:
                     raise ProtocolError(f"{where}: the graph is not symmetric ({m} -> {n})")
         threshold = raw.get("threshold")
         degree = min(len(n) for n in neighbours.values())
+        widest = max(neighbours.values(), key=len)
         if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
             raise ProtocolError(f"{where}: threshold must be an integer >= 0")
         if len(members) > 1 and not 1 <= threshold <= degree:
             raise ProtocolError(f"{where}: threshold {threshold} must be in 1..{degree} (the smallest degree)")
+        if len(members) > 1 and 2 * threshold <= len(widest):
+            # A member answers unmask once, with one of a peer's two secrets; at a threshold of
+            # half its neighbours or less, a coordinator that tells half of them the peer
+            # dropped and the rest it stayed collects both, and with them the peer's update.
+            raise ProtocolError(
+                f"{where}: threshold {threshold} is not more than half of a member's {len(widest)} neighbours, "
+                "so a coordinator could collect both of a member's secrets"
+            )
         quantization = raw.get("quantization")
         if not isinstance(quantization, dict):
             raise ProtocolError(f"{where}: quantization must be an object")

@@ -146,3 +146,9 @@ def test_pyproject_run_config_keys_match_loader():
     config_from_run_config(keys)
     comps = pyproject["tool"]["flwr"]["app"]["components"]
     assert comps == {"serverapp": "coordinator.server_app:app", "clientapp": "member_node.client_app:app"}
+
+
+def test_a_secagg_threshold_of_half_the_degree_or_less_is_refused():
+    with pytest.raises(ConfigError, match="more than half of secagg.degree 4"):
+        load_config(model="tiny", overrides=["secagg.degree=4", "secagg.threshold=2"])
+    assert load_config(model="tiny", overrides=["secagg.degree=4", "secagg.threshold=3"]).secagg.threshold == 3

@@ -160,6 +160,10 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     assert (identity.eval_noise_multiplier, identity.eval_loss_bound, identity.device, identity.workers) == (
         5.0, 0.05, "cpu", 1,
     )  # fmt: skip
+    assert identity.require_secagg, "a deployed member requires secure aggregation unless it says otherwise"
+    debugging = _member(tmp_path, name="d", require_secagg=False)
+    parsed = parse_config_args([supernode.node_config_arg(debugging.node_config())])
+    assert not resolve_identity(parsed, tiny_cfg).require_secagg
     assert str(identity.data_dir) == setup.data_dir and str(identity.state_dir) == setup.state_dir
     with pytest.raises(supernode.SetupError, match="cannot carry a double quote"):
         supernode.init_member(

@@ -347,7 +347,9 @@ def test_incremental_sync_checks_hashes_and_fetches_only_what_is_missing(fresh_n
     second = sync.ref_for("sony")
     assert set(second.objects) == {manifest2["adapter/emb/so100"]}
     assert sync.sent_bytes["sony"] == store.object_size(manifest2["adapter/emb/so100"])
-    node.evaluate(EvaluateRequest(1, None, second))
+    # Re-sent as round 0 of run r: answered from the ledger, so no pacing rule withholds it
+    # before the model is loaded (a node that has not trained in a run releases its initial error only).
+    assert node.evaluate(EvaluateRequest(0, None, second, run="r")).receipt == reply.receipt
     loaded = node.policy.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in new_tensors.items())
     assert set(node.query(QueryRequest(2)).objects) == set(manifest2.values())  # the old version is dropped
@@ -776,3 +778,52 @@ def test_without_a_pace_rounds_after_the_runs_last_are_not_kept_for(setup, tmp_p
     last = member.evaluate(EvaluateRequest(40, model, run="r"))
     assert last.receipt, last.withheld
     assert member.epsilon_spent() <= member.budget.epsilon
+
+
+def test_a_coordinator_cannot_drain_the_budget_with_releases_of_runs_the_node_never_trained_in(setup, tmp_path):
+    """Run names and round numbers are the coordinator's words. A review drained a paced node
+    from epsilon 2.44 to 7.97 with 58 held-out error requests, each under a fresh run name,
+    and then the node could not train; without a pace, 55 requests for rounds past the run's
+    last did the same. A run the node has not trained in now gets its initial release only,
+    one such run at a time since the node last trained, and no round past a run's planned
+    ones is released."""
+    cfg, node, model = setup
+    member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "paced", budget_rounds=40))
+    member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
+    assert member.evaluate(EvaluateRequest(1, model, run="r")).receipt
+    spent = member.epsilon_spent()
+    replies = [member.evaluate(EvaluateRequest(0, model, run=f"probe{k}")) for k in range(20)]
+    assert [bool(reply.receipt) for reply in replies] == [True] + [False] * 19
+    assert "one run's initial release at a time" in replies[1].withheld
+    again = member.evaluate(EvaluateRequest(1, model, run="probe0"))
+    assert not again.receipt and "has not trained in run probe0" in again.withheld
+    assert member.evaluate(EvaluateRequest(0, model, run="probe0")).receipt, "a re-sent request is still answered"
+    released = [e for e in member.ledger.releases() if e["release"] == "evaluation"]
+    assert len(released) == 2 and member.epsilon_spent() < spent + 0.5
+    # Once the node trains again, the next run's initial release is due (how a new run starts).
+    member.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
+    assert member.evaluate(EvaluateRequest(0, model, run="next")).receipt
+
+    unpaced = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "unpaced"))
+    unpaced.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=10))
+    late = unpaced.evaluate(EvaluateRequest(1000, model, run="r"))
+    assert not late.receipt and "round 1000 is past the 10 rounds run r was planned with" in late.withheld
+    assert unpaced.evaluate(EvaluateRequest(10, model, run="r")).receipt, "the run's last round is released"
+    with pytest.raises(ProtocolError, match="round must be >= 0"):
+        EvaluateRequest.from_content(EvaluateRequest(-1, model, run="r").to_content())
+
+
+def test_under_a_pace_a_new_runs_initial_release_leaves_room_for_the_paces_training(setup, tmp_path):
+    """The initial release of a run the node has not trained in is judged by the newest plan,
+    whichever run made it: under a pace that plan still holds the pace's training rounds."""
+    cfg, node, model = setup
+    identity = replace(node.identity, state_dir=tmp_path / "s", budget_rounds=40, eval_noise_multiplier=2.0)
+    member = MemberNode(cfg, identity)
+    for rnd in range(1, 40):
+        member.train(TrainRequest(rnd, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
+        (plan,) = json.loads((tmp_path / "s" / "noise_plan.json").read_text()).values()
+        if rnd > plan["evaluations"]:
+            break  # the plan's room is used up within run r, and this round trained
+        assert member.evaluate(EvaluateRequest(rnd, model, run="r")).receipt
+    fresh = member.evaluate(EvaluateRequest(0, model, run="another"))
+    assert not fresh.receipt and "training comes first" in fresh.withheld, fresh.withheld

@@ -212,6 +212,31 @@ def test_a_cohort_of_one_is_marked_not_secure(federation):
     assert sums["adapter/shared"].secure is True
 
 
+def test_a_member_that_requires_secure_aggregation_declines_rounds_that_would_send_its_update_bare(
+    federation, tmp_path
+):
+    """Whether a round is masked and who shares a cohort are the coordinator's choices: a node
+    with require-secagg declines, spending nothing, a round without secure aggregation or one
+    that puts it alone in a cohort, except for its own embodiment adapter (no one else owns
+    that robot)."""
+    from dataclasses import replace
+
+    from shared_model.protocol import TrainDeclined
+
+    cfg, nodes, model = federation
+    strict = MemberNode(cfg, replace(nodes["honda"].identity, state_dir=tmp_path / "honda", require_secagg=True))
+    bare = strict.train(TrainRequest(1, ["adapter/shared"], HP, model, run=RUN, planned_rounds=100))
+    assert isinstance(bare, TrainDeclined) and "the round has none" in bare.reason
+    alone = build_setup({"adapter/shared": ["honda"], "adapter/emb/aloha": ["honda"]}, bits=20, clip_range=1.0,
+                        graph_seed=b"graph-seed-test!")  # fmt: skip
+    request = TrainRequest(2, ["adapter/shared"], HP, model, run=RUN, planned_rounds=100, secagg=alone)
+    declined = strict.train(_wire(request, TrainRequest))
+    assert isinstance(declined, TrainDeclined) and "alone in the cohort of adapter/shared" in declined.reason
+    assert strict.ledger.releases() == [], "nothing was spent"
+    own = TrainRequest(3, ["adapter/emb/aloha"], HP, model, run=RUN, planned_rounds=100, secagg=alone)
+    assert isinstance(strict.train(_wire(own, TrainRequest)), TrainReply), "its own robot's adapter may go alone"
+
+
 def test_node_answers_unmask_once_and_refuses_inconsistent_requests(federation):
     cfg, nodes, model = federation
     rnd = Round(cfg, nodes, model, 40, {"honda": "unmask", "sony": "unmask", "softbank": "unmask", "fanuc": "unmask"})
@@ -248,6 +273,43 @@ def test_masked_input_refuses_a_group_of_one_active_member(federation):
     request.active[gid] = ["sony"]
     with pytest.raises(ProtocolError, match="its sum would be one update"):
         nodes["sony"].masked_input(request)
+
+
+def test_a_dp_node_refuses_a_weight_that_would_make_its_cohorts_sum_its_own_update(federation):
+    """A review shrank every other member's weight to 1e-30, so a cohort's sum was one member's
+    update. A DP node withholds its size and every update of its cohort weighs 1."""
+    cfg, nodes, model = federation
+    assert nodes["sony"].identity.dp
+    rnd = Round(cfg, nodes, model, 61, {m: "masked_input" for m in nodes})
+    rnd.run()
+    request = _wire(rnd.server.masked_input_requests()["sony"], MaskedInputRequest)
+    assert set(request.weights.values()) == {1.0}, "equal weights, as the coordinator sends under DP"
+    gid = next(iter(request.weights))
+    request.weights[gid] = 1e-30
+    with pytest.raises(ProtocolError, match="weighs the same"):
+        nodes["sony"].masked_input(request)
+
+
+@pytest.mark.parametrize("members", [3, 4, 9])
+def test_a_threshold_of_half_the_neighbours_or_less_is_refused_by_coordinator_and_node(members):
+    """A node answers unmask once, with one of a peer's two secrets: at a threshold of half its
+    neighbours or less a coordinator that tells half of them the peer dropped and the rest it
+    stayed (a review did, with threshold 1 among four) collects both and unmasks the peer's
+    update. The coordinator refuses to build such a round and a node refuses to join one."""
+    from shared_model.protocol import SecAggSetup
+
+    names = [f"m{i}" for i in range(members)]
+    cohorts = {"expert/L0/E0": names}
+    honest = build_setup(cohorts, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!")
+    (group,) = honest.groups
+    degree = len(group.neighbours["m0"])
+    assert 2 * group.threshold > degree
+    half = degree // 2
+    with pytest.raises(SecAggError, match="not more than half"):
+        build_setup(cohorts, bits=20, clip_range=1.0, threshold=half, graph_seed=b"graph-seed-test!")
+    group.threshold = half
+    with pytest.raises(ProtocolError, match="not more than half of a member's"):
+        SecAggSetup.from_json(honest.to_json(), "train request")
 
 
 def test_flatten_roundtrip():

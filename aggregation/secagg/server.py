@@ -77,6 +77,12 @@ def build_setup(
             k += 1  # a ring-based (Harary) graph below the complete one needs an even degree
         graph = neighbours(list(members), k, graph_seed + i.to_bytes(4, "big")) if n > 1 else {members[0]: ()}
         t = 0 if n == 1 else min(threshold or default_threshold(k), k)
+        if n > 1 and 2 * t <= k:
+            raise SecAggError(
+                f"secagg.threshold {threshold} is not more than half of a member's {k} neighbours in a cohort of {n}: "
+                "a coordinator could collect both of a member's secrets (members refuse such a round); "
+                "set 0 for the default, a majority of the neighbours"
+            )
         plan = plan_quantization(n, bits, clip_range)
         groups.append(
             SecAggGroup(
