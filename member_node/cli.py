@@ -218,10 +218,35 @@ def _cmd_init(args: argparse.Namespace) -> int:
     console.print(f"  config           {setup.dir / 'member.yaml'}", highlight=False)
     console.print(f"  ledger key       {setup.signing_key} (Ed25519, stays here)", highlight=False)
     console.print(f"  SuperNode key    {setup.auth_key} (EC P-384, stays here)", highlight=False)
+    for line in _init_settings(setup):
+        console.print(f"  {line}", highlight=False)
     console.print(
         f"send [bold]{setup.dir / MEMBERSHIP_FILE}[/] (public keys and budget) to the operator", highlight=False
     )
     return 0
+
+
+def _init_settings(setup: MemberSetup) -> list[str]:
+    """The choices a member should see it made at init: its budget's pace and whether its
+    updates may leave unmasked (each is one flag, easy to miss)."""
+    if not setup.dp:
+        budget = "budget           none: DP is off, updates and held-out errors leave exact"
+    elif setup.budget_rounds:
+        budget = (
+            f"budget           ε={setup.epsilon:g} δ={setup.delta:g}, spread over at least {setup.budget_rounds} "
+            f"training rounds (kyodo-member plan {setup.dir} shows what that buys)"
+        )
+    else:
+        budget = (
+            f"budget           ε={setup.epsilon:g} δ={setup.delta:g} with no pace: the first run may spend all of "
+            f"it (kyodo-member budget {setup.dir} --budget-rounds N sets one; kyodo-member plan shows each)"
+        )
+    secagg = (
+        "secure agg.      required: rounds that would send an update unmasked are declined"
+        if setup.require_secagg
+        else "secure agg.      not required (--no-require-secagg): the coordinator decides"
+    )
+    return [budget, secagg]
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:

@@ -197,6 +197,21 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
         _member(tmp_path, name="n", eval_reply_after=-1)
 
 
+def test_member_init_says_its_budgets_pace_and_whether_updates_may_leave_unmasked(tmp_path, capsys, monkeypatch):
+    from member_node.cli import main as member_main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    base = ["init", "--embodiment", "so100", "--epsilon", "8", "--delta", "1e-5"]
+    assert member_main([*base, str(tmp_path / "a"), "--member", "a", "--data", str(tmp_path / "da")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "with no pace: the first run may spend all of it" in out and "secure agg. required" in out
+    argv = [*base, str(tmp_path / "b"), "--member", "b", "--data", str(tmp_path / "db"), "--budget-rounds", "40"]
+    assert member_main([*argv, "--no-require-secagg"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "spread over at least 40 training rounds" in out and "not required (--no-require-secagg)" in out
+    assert not supernode.load_setup(tmp_path / "b").require_secagg
+
+
 def test_start_warns_about_each_kind_of_dp_reply_that_is_not_padded(tmp_path, caplog):
     """Padding is the member's choice (it costs everyone's round time), but an unpadded DP
     reply times the work on the member's data: ``start`` says so, per kind, and no more."""
