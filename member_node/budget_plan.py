@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from member_node.lerobot import DatasetError, read_dataset
+from member_node.release_schedule import ReleaseSchedule
 from member_node.supernode import MemberSetup, SetupError, load_setup
 from member_node.windows import split_episodes
 from privacy.accountant import Mechanism, check_accountant
@@ -62,7 +63,7 @@ class PaceRow:
 
     spread: int
     noise_multiplier: float | None  # None: no noise level lets that many rounds fit
-    evaluations: int  # held-out error releases the plan makes room for (the first rounds')
+    evaluations: int  # held-out error releases the plan makes room for (spread over the run)
     epsilon_first_round: float  # spent after the run's initial held-out error, its first round and that's
     epsilon_after_run: float  # spent after every round of the run and their held-out errors
     node_uses: bool  # the pace the node's own settings give
@@ -70,9 +71,11 @@ class PaceRow:
 
 
 def _spent_after(settings: PlanSettings, history: Sequence[Mechanism], plan: NoisePlan, rounds: int) -> float:
-    """Epsilon after ``rounds`` rounds, each with its held-out error while the plan has room."""
+    """Epsilon after the run's first ``rounds`` rounds and the held-out errors the node
+    releases by then (its plan's room, spread over the run: ``ReleaseSchedule``)."""
     train = Mechanism(plan.noise_multiplier, settings.sample_rate, settings.local_steps)
-    released = min(rounds, plan.evaluations) if settings.evaluation is not None else 0
+    schedule = ReleaseSchedule.of(1, plan.rounds, plan.evaluations, settings.run_rounds)
+    released = schedule.due(rounds) if schedule is not None and settings.evaluation is not None else 0
     mechanisms = [*history, *([train] * rounds), *([settings.evaluation] * released)]
     return composed_epsilon(mechanisms, settings.budget.delta, settings.accountant)
 
@@ -215,7 +218,7 @@ def _table(rows: list[PaceRow], settings: PlanSettings, episodes: int | None, sp
     )
     table.add_column("budget spread over", justify="right")
     table.add_column("σ", justify="right")
-    table.add_column("held-out errors", justify="right")
+    table.add_column("held-out errors in the run", justify="right")
     table.add_column("ε after round 1", justify="right")
     table.add_column(f"ε after round {settings.run_rounds}", justify="right")
     table.add_column("noise σ/(qN)" if episodes else "noise", justify="right")
@@ -230,13 +233,20 @@ def _table(rows: list[PaceRow], settings: PlanSettings, episodes: int | None, sp
         table.add_row(
             f"{row.spread} rounds",
             f"{row.noise_multiplier:.3f}",
-            f"{row.evaluations}" if settings.evaluation is not None else "-",
+            _releases_cell(row, settings) if settings.evaluation is not None else "-",
             f"{row.epsilon_first_round:.3f}",
             f"{row.epsilon_after_run:.3f}",
             f"{noise:.4f}" if noise is not None else "-",
             " ".join(x for x in (mark, note) if x),
         )
     return table
+
+
+def _releases_cell(row: PaceRow, settings: PlanSettings) -> str:
+    """The run's share of the plan's held-out errors, and the plan's room when it spans more."""
+    schedule = ReleaseSchedule.of(1, row.spread, row.evaluations, settings.run_rounds)
+    in_run = schedule.releases if schedule is not None else 0
+    return f"{in_run}" if row.spread <= settings.run_rounds else f"{in_run} ({row.evaluations} in {row.spread})"
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -268,8 +278,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     )
     evaluation = (
         f"it makes room for a held-out error (noise multiplier {settings.evaluation.noise_multiplier:g}) after as "
-        f"many rounds as raise σ by at most {EVALUATION_NOISE_INCREASE:.0%} (the first rounds'; later ones are "
-        "withheld), and the ε columns count them"
+        f"many rounds as raise σ by at most {EVALUATION_NOISE_INCREASE:.0%}, spread evenly over each run with the "
+        "last at its last round, and the ε columns count them"
         if settings.evaluation
         else "no held-out error is released"
     )

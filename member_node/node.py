@@ -31,6 +31,7 @@ from member_node.identity import MemberIdentity
 from member_node.lerobot import Episode, LeRobotDataset, read_dataset
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
+from member_node.release_schedule import ReleaseSchedule
 from member_node.secagg_client import MemberSecAgg
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
@@ -441,6 +442,9 @@ class MemberNode:
         past_last = plan["run"] == run and "run_rounds" in plan and round_number > int(plan["run_rounds"])
         if past_last and self.ledger.find(run, round_number) is None:  # a round it trained is its own evidence
             return f"round {round_number} is past the {plan['run_rounds']} rounds run {run} was planned with"
+        spread = self._release_not_due(plan, run, round_number)
+        if spread:
+            return spread
         trained = sum(
             1
             for entry in self.ledger.releases()
@@ -469,6 +473,30 @@ class MemberNode:
             f"the held-out error would leave too little of the budget for the {left} training rounds this node's "
             f"plan still holds (epsilon {after:.4g} over {self.budget.epsilon:g}): its plan made room for "
             f"{plan['evaluations']} releases beside {plan['rounds']} rounds, and training comes first"
+        )
+
+    def _release_not_due(self, plan: dict[str, Any], run: str, round_number: int) -> str:
+        """Why this run's next release falls at a later round ('' when it is due now): the
+        plan's room is spread over the run, the last at its last round (``ReleaseSchedule``)."""
+        over_cap = float(plan["noise_multiplier"]) > self.cfg.privacy.max_noise_multiplier
+        schedule = None if plan["run"] != run or over_cap else ReleaseSchedule.of_plan(plan)
+        if schedule is None or round_number < schedule.first_round:
+            return ""
+        released = sum(
+            1
+            for entry in self.ledger.releases()
+            if release_of(entry) == RELEASE_EVALUATION
+            and entry["run"] == run
+            and entry["round"] >= schedule.first_round
+        )
+        if released < schedule.due(round_number):
+            return ""
+        following = schedule.next_round(released)
+        then = f"the next at round {following}" if following is not None else "all of them made"
+        return (
+            f"this node spreads its held-out errors over the run: its noise plan has room for {schedule.releases} in "
+            f"rounds {schedule.first_round}-{schedule.last_round} of run {run}, the last at round "
+            f"{schedule.last_round} ({released} released, {then})"
         )
 
     def evaluation_follows_training(self, run: str, round_number: int) -> str:

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from member_node.node import NOISE_PLAN_FILE, ROLLBACK_FILE, last_plan
 from member_node.private_eval import release_key, released_evaluations
+from member_node.release_schedule import ReleaseSchedule
 from privacy.accountant import Mechanism
 from privacy.accountant import epsilon as composed_epsilon
 from privacy.keys import load_public_key
@@ -289,7 +290,16 @@ def latest_noise_plan(state_dir: Path, entries: list[dict]) -> str:
         for e in entries
         if is_release(e) and release_of(e) == RELEASE_EVALUATION and e["run"] == run and e["round"] >= first
     )
-    withheld = "; later ones are withheld so the training rounds still fit" if room < rounds else ""
+    schedule = ReleaseSchedule.of_plan(plan)
+    if schedule is None:
+        withheld = "; later ones are withheld so the training rounds still fit" if room < rounds else ""
+    elif schedule.releases < schedule.rounds:
+        withheld = (
+            f"; {schedule.releases} of them in this run, spread over rounds {schedule.first_round}-"
+            f"{schedule.last_round}, the last at its last round"
+        )
+    else:
+        withheld = ""
     return (
         f"noise plan of run {run}: σ={sigma:.3f} over {rounds} training rounds from round {first}, with room for "
         f"{room} held-out errors beside them ({released} released since){withheld}"

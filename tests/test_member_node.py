@@ -13,7 +13,6 @@ from member_node.identity import NodeConfigError, resolve_identity
 from member_node.node import MemberNode
 from member_node.synthetic import generate_dataset
 from privacy.accountant import Mechanism
-from privacy.accountant import epsilon as composed_epsilon
 from shared_model.config import load_config
 from shared_model.policy import Policy
 from shared_model.protocol import (
@@ -443,7 +442,7 @@ def test_the_round_that_runs_is_the_mechanism_its_receipt_records(setup, tmp_pat
     shortens too: a node that trained the requested steps, or another sigma or q, while
     recording the allowed ones would under-count its epsilon."""
     import member_node.node as node_module
-    from privacy.accountant import Mechanism, epsilon
+    from privacy.accountant import epsilon
     from privacy.ledger import receipt_from_json
 
     cfg, node, model = setup
@@ -662,42 +661,48 @@ def test_a_pace_the_noise_cap_cannot_meet_says_to_lower_budget_rounds(setup, tmp
     assert member.evaluate(EvaluateRequest(1, model, run="r")).receipt
 
 
-def test_held_out_errors_beyond_the_plans_room_are_withheld_so_training_keeps_its_rounds(setup, tmp_path, capsys):
+def test_held_out_errors_are_spread_over_the_run_within_the_plans_room_so_training_keeps_its_rounds(
+    setup, tmp_path, capsys
+):
     """A release spends the same budget as training: the node makes room for as many as cost
     training little (privacy.budget.plan_noise) and withholds the rest, so its pace's training
-    rounds still fit. Expensive releases (noise multiplier 2) over a 40-round pace get room
-    for only a few."""
+    rounds still fit. Expensive releases (noise multiplier 2) over a 20-round pace get room for
+    a few, spread evenly over the run with the last at its last round (taken first come, first
+    served, a long run released its first ones and withheld its final model's)."""
+    from member_node.release_schedule import ReleaseSchedule
+
     cfg, node, model = setup
-    identity = replace(node.identity, state_dir=tmp_path / "s", budget_rounds=40, eval_noise_multiplier=2.0)
+    identity = replace(node.identity, state_dir=tmp_path / "s", budget_rounds=20, eval_noise_multiplier=2.0)
     member = MemberNode(cfg, identity)
     assert member.evaluate(EvaluateRequest(0, model, run="r")).receipt, "the initial one: nothing planned yet"
-    for rnd in range(1, 8):
-        member.train(TrainRequest(rnd, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
-        (plan,) = json.loads((tmp_path / "s" / "noise_plan.json").read_text()).values()
+    released, reasons = [], set()
+    for rnd in range(1, 21):
+        trained = member.train(TrainRequest(rnd, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=20))
+        assert isinstance(trained, TrainReply), (rnd, trained)
         reply = member.evaluate(EvaluateRequest(rnd, model, run="r"))
-        if rnd <= plan["evaluations"]:
-            assert reply.receipt, rnd
-            continue
-        assert not reply.receipt and "training comes first" in reply.withheld, reply.withheld
-        break
-    else:
-        pytest.fail(f"every release fitted: the plan made room for {plan['evaluations']}")
-    assert (plan["rounds"], plan["first_round"], plan["run"]) == (40, 1, "r")
-    # What the node still holds for training fits: the plan's rounds at its noise.
-    left = [Mechanism(plan["noise_multiplier"], HP.sample_rate, HP.local_steps)] * (40 - rnd)
-    assert composed_epsilon([*member.ledger.history(), *left], identity.delta) <= identity.epsilon
-    assert member.evaluate(EvaluateRequest(1, model, run="r")).receipt, "a re-sent request is still answered"
-    # The member reads why in its status.
+        if reply.receipt:
+            released.append(rnd)
+        else:
+            reasons.add(reply.withheld.split(":")[0])
+    (plan,) = json.loads((tmp_path / "s" / "noise_plan.json").read_text()).values()
+    assert (plan["rounds"], plan["first_round"], plan["run"]) == (20, 1, "r")
+    assert 0 < plan["evaluations"] < 20, plan
+    schedule = ReleaseSchedule.of_plan(plan)
+    assert len(released) == plan["evaluations"] == schedule.releases and released[-1] == 20
+    gaps = [b - a for a, b in zip([0, *released], released, strict=False)]
+    assert max(gaps) - min(gaps) <= 1, f"evenly spread: {released}"
+    assert reasons == {"this node spreads its held-out errors over the run"}
+    assert [e["decision"] for e in member.ledger.releases() if e["release"] == "dp-sgd"] == ["full"] * 20
+    assert member.epsilon_spent() <= identity.epsilon
+    assert member.evaluate(EvaluateRequest(released[0], model, run="r")).receipt, "a re-sent request is answered"
+    # The member reads how in its status.
     from member_node.cli import main
 
     assert main(["status", "--state-dir", str(tmp_path / "s"), "--plot", str(tmp_path / "eps.png")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     room = plan["evaluations"]
-    assert (
-        f"over 40 training rounds from round 1, with room for {room} held-out errors beside them ({room} released"
-        in out
-    )
-    assert "later ones are withheld so the training rounds still fit" in out
+    assert f"over 20 training rounds from round 1, with room for {room} held-out errors beside them" in out
+    assert f"{room} of them in this run, spread over rounds 1-20, the last at its last round" in out
 
 
 def test_kyodo_member_plan_shows_what_the_node_then_does(setup, tmp_path):
@@ -772,9 +777,8 @@ def test_without_a_pace_rounds_after_the_runs_last_are_not_kept_for(setup, tmp_p
     cfg, node, model = setup
     member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", eval_noise_multiplier=2.0))
     member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
-    for rnd in range(1, 3):  # use up the plan's room (one or two releases at this noise)
-        member.evaluate(EvaluateRequest(rnd, model, run="r"))
-    assert "training comes first" in member.evaluate(EvaluateRequest(3, model, run="r")).withheld
+    for rnd in range(1, 4):  # the plan's few releases (this noise is dear) fall later in the run
+        assert not member.evaluate(EvaluateRequest(rnd, model, run="r")).receipt
     last = member.evaluate(EvaluateRequest(40, model, run="r"))
     assert last.receipt, last.withheld
     assert member.epsilon_spent() <= member.budget.epsilon
@@ -789,7 +793,7 @@ def test_a_coordinator_cannot_drain_the_budget_with_releases_of_runs_the_node_ne
     ones is released."""
     cfg, node, model = setup
     member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "paced", budget_rounds=40))
-    member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
+    member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=1))
     assert member.evaluate(EvaluateRequest(1, model, run="r")).receipt
     spent = member.epsilon_spent()
     replies = [member.evaluate(EvaluateRequest(0, model, run=f"probe{k}")) for k in range(20)]
@@ -801,7 +805,7 @@ def test_a_coordinator_cannot_drain_the_budget_with_releases_of_runs_the_node_ne
     released = [e for e in member.ledger.releases() if e["release"] == "evaluation"]
     assert len(released) == 2 and member.epsilon_spent() < spent + 0.5
     # Once the node trains again, the next run's initial release is due (how a new run starts).
-    member.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
+    member.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=1))
     assert member.evaluate(EvaluateRequest(0, model, run="next")).receipt
 
     unpaced = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "unpaced"))
@@ -815,15 +819,14 @@ def test_a_coordinator_cannot_drain_the_budget_with_releases_of_runs_the_node_ne
 
 def test_under_a_pace_a_new_runs_initial_release_leaves_room_for_the_paces_training(setup, tmp_path):
     """The initial release of a run the node has not trained in is judged by the newest plan,
-    whichever run made it: under a pace that plan still holds the pace's training rounds."""
+    whichever run made it: under a pace that plan still holds the pace's training rounds. At a
+    release noise of 1 a release is too dear for the plan to make room for any."""
     cfg, node, model = setup
-    identity = replace(node.identity, state_dir=tmp_path / "s", budget_rounds=40, eval_noise_multiplier=2.0)
+    identity = replace(node.identity, state_dir=tmp_path / "s", budget_rounds=40, eval_noise_multiplier=1.0)
     member = MemberNode(cfg, identity)
-    for rnd in range(1, 40):
-        member.train(TrainRequest(rnd, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=40))
-        (plan,) = json.loads((tmp_path / "s" / "noise_plan.json").read_text()).values()
-        if rnd > plan["evaluations"]:
-            break  # the plan's room is used up within run r, and this round trained
-        assert member.evaluate(EvaluateRequest(rnd, model, run="r")).receipt
+    assert member.evaluate(EvaluateRequest(0, model, run="r")).receipt, "nothing planned yet: it fits the budget"
+    member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
+    (plan,) = json.loads((tmp_path / "s" / "noise_plan.json").read_text()).values()
+    assert plan["evaluations"] == 0
     fresh = member.evaluate(EvaluateRequest(0, model, run="another"))
     assert not fresh.receipt and "training comes first" in fresh.withheld, fresh.withheld
