@@ -404,10 +404,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunInUseError as err:  # this submission found the run directory taken, and ended
         console.print(f"why: {err}", highlight=False, soft_wrap=True)
         return 1
+    from coordinator.deploy import superlink_answers
+
+    first = (
+        "" if superlink_answers(args.dir) else f"start the SuperLink again (kyodo-coordinator start {args.dir}), then "
+    )
     console.print(
         f"why: kyodo-coordinator log {args.dir} {submission.run_id}\n"
-        f"to go on after its last committed round (same settings; the SuperLink running again: "
-        f"kyodo-coordinator start {args.dir}): {resume}",
+        f"to go on after its last committed round, with the same settings: {first}{resume}",
         highlight=False,
     )
     return 1
@@ -556,7 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", action="store_true", help="wait until the run finishes; exit 1 unless it completed")
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
     run.add_argument(
-        "--wait-members", type=float, default=120.0, help="seconds to wait for every member to be online (0: skip)"
+        "--wait-members",
+        type=float,
+        default=120.0,
+        help="seconds to wait for every member to be online; then the run goes on without those still down "
+        "if at least train.min_cohort are up (0: do not wait)",
     )
     run.add_argument("overrides", nargs="*", help="config overrides for this run: train.local_steps=20")
     run.set_defaults(func=cmd_run)

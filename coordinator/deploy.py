@@ -45,7 +45,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from coordinator.run_lock import RunInUseError, check_not_running
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
-from shared_model.config import ConfigError, load_config
+from shared_model.config import ConfigError, config_from_run_config, load_config
 from shared_model.flower_processes import flower_executable, flower_path, log_retry, still_catches
 
 log = logging.getLogger("kyodo.coordinator")
@@ -403,6 +403,16 @@ def wait_healthy(address: str, ca_file: Path, timeout: float = 60.0, alive: Call
             check()
 
 
+def superlink_answers(path: Path | str) -> bool:
+    """Whether this operator's SuperLink answers its health probe now (one try)."""
+    op = operator_dir(path)
+    try:
+        probe(load_consortium(op).address, op.tls.ca_cert)
+    except (Unreachable, DeployError):
+        return False
+    return True
+
+
 def require_superlink(op: OperatorDir, consortium: Consortium, timeout: float = 30.0) -> None:
     """Wait (bounded, with backoff) for this consortium's SuperLink; if it never answers, say how to start it."""
     try:
@@ -561,8 +571,11 @@ def online_nodes(op: OperatorDir) -> set[str]:
     }
 
 
-def wait_for_members(op: OperatorDir, names: Sequence[str], timeout: float, poll: float = 3.0) -> None:
-    """Wait until the named members' SuperNodes are online (a run queries whoever is connected)."""
+def wait_for_members(
+    op: OperatorDir, names: Sequence[str], timeout: float, min_cohort: int, poll: float = 3.0
+) -> list[str]:
+    """Wait until the named members' SuperNodes are online (a run queries whoever is connected);
+    the members still offline after ``timeout``, when enough others are online to go on."""
     registered = _registered(op)
     missing = [n for n in names if n not in registered]
     if missing:
@@ -572,11 +585,28 @@ def wait_for_members(op: OperatorDir, names: Sequence[str], timeout: float, poll
         online = online_nodes(op)
         offline = [n for n in names if registered[n] not in online]
         if not offline:
-            return
+            return []
         if time.monotonic() > deadline:
-            raise DeployError(f"members {offline} did not come online within {timeout:.0f} s")
+            refusal = too_few_online(len(names) - len(offline), offline, min_cohort, timeout)
+            if refusal:
+                raise DeployError(refusal)
+            return offline
         log.info("waiting for %s to come online", ", ".join(offline))
         time.sleep(poll)
+
+
+def too_few_online(online: int, offline: Sequence[str], min_cohort: int, waited: float) -> str:
+    """Why a run should not start with only ``online`` members up ('' when it may: the round
+    goes on without a member that is down, as it does when one drops mid-run, and the member
+    joins at the next round its node is up for). Fewer than a cohort train no expert and no
+    shared adapter, while every member online spends budget on its own adapter."""
+    if online >= min_cohort:
+        return ""
+    return (
+        f"{', '.join(offline)} did not come online within {waited:.0f} s, and the {online} online are fewer than "
+        f"train.min_cohort ({min_cohort}): no expert or shared adapter could train. Start their nodes (kyodo-member "
+        "start), or submit with --wait-members 0 to go on without them"
+    )
 
 
 def run_config(
@@ -672,7 +702,15 @@ def submit_run(
     config = run_config(consortium, out, rounds, overrides, _registered(op), op.coordinator_key)
     require_superlink(op, consortium)
     if wait_members > 0:
-        wait_for_members(op, [m.name for m in consortium.members], wait_members)
+        min_cohort = config_from_run_config(config).train.min_cohort
+        offline = wait_for_members(op, [m.name for m in consortium.members], wait_members, min_cohort)
+        if offline:
+            log.warning(
+                "%s did not come online within %.0f s: the run goes on without them, and each joins at the next "
+                "round once its node is up (kyodo-member start)",
+                ", ".join(offline),
+                wait_members,
+            )
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "run-config.toml"
     config_file.write_text(tomli_w.dumps(config), encoding="utf-8")

@@ -206,9 +206,13 @@ def shards_table(report: RunReport) -> Table:
 
 
 def participation_table(report: RunReport) -> Table:
-    """Per member and round: trained (T), declined (D), failed (F), evaluated only (e), absent (-)."""
+    """Per member and round: trained (T), trained but failed in a later stage (T!: its update
+    was lost, its budget spent), declined (D), failed (F), evaluated only (e), absent (-)."""
     rounds = sorted(r for r in report.records if r > 0)
-    table = Table(title="member participation (T trained, D declined, F failed, e evaluated only, - absent)")
+    table = Table(
+        title="member participation (T trained, T! trained then failed: update lost, D declined, F failed, "
+        "e evaluated only, - absent)"
+    )
     table.add_column("member")
     for rnd in rounds:
         table.add_column(f"r{rnd}", justify="center")
@@ -219,7 +223,7 @@ def participation_table(report: RunReport) -> Table:
         for rnd in rounds:
             rec = report.records[rnd]
             if member in (rec.get("train") or {}):
-                cells.append("T")
+                cells.append("T!" if member in (rec.get("failed") or {}) else "T")
                 trained += 1
             elif member in (rec.get("declined") or {}):
                 cells.append("D")

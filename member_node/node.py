@@ -469,6 +469,11 @@ class MemberNode:
         )
         if fits:
             return ""
+        if left == 0:
+            return (
+                f"releasing the held-out error would take epsilon to {after:.4g}, over the member's budget "
+                f"{self.budget.epsilon:g}"
+            )
         return (
             f"the held-out error would leave too little of the budget for the {left} training rounds this node's "
             f"plan still holds (epsilon {after:.4g} over {self.budget.epsilon:g}): its plan made room for "

@@ -170,10 +170,7 @@ class MemberSecAgg:
     def _begin(
         self, run: str, round_number: int, setup: SecAggSetup, vectors: dict[str, np.ndarray], base: str
     ) -> KeyAdvert:
-        run_dir = self.root / run
-        if run_dir.is_dir():  # one round at a time: older rounds' secrets (and an earlier session's) go now
-            for old in run_dir.iterdir():
-                shutil.rmtree(old, ignore_errors=True)
+        self._forget_other_rounds(run)
         path = self._dir(run, round_number)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path / "update.safetensors.tmp"
@@ -188,6 +185,24 @@ class MemberSecAgg:
         cipher_pk, mask_pk = keys.public_bytes()
         signature = sign_advert(self.signing_key, run, round_number, self.member, cipher_pk, mask_pk)
         return KeyAdvert(cipher_pk, mask_pk, signature)
+
+    def _forget_other_rounds(self, run: str) -> None:
+        """One round at a time: every other round's secrets go when a round begins. A node that
+        vanished before ``unmask`` never got to delete them, and a walkthrough found a dropped
+        member's round keys and its neighbours' shares still on disk two runs later. Another
+        run's update whose masked form never left stays (without its keys) for that run's
+        resume to send again under fresh ones; this run's older rounds are never sent again."""
+        if not self.root.is_dir():
+            return
+        for run_dir in self.root.iterdir():
+            for round_dir in run_dir.iterdir() if run_dir.is_dir() else ():
+                resendable = (round_dir / "update.safetensors").is_file() and not (round_dir / "masked.done").exists()
+                if run_dir.name == run or not resendable:
+                    shutil.rmtree(round_dir, ignore_errors=True)
+                    continue
+                for item in round_dir.iterdir():
+                    if item.name not in ("update.safetensors", "base.txt"):
+                        item.unlink(missing_ok=True)
 
     def _load(self, path: Path) -> tuple[SecAggSetup, RoundKeys]:
         setup = SecAggSetup.from_json((path / "setup.json").read_text(), "stored secagg setup")

@@ -81,3 +81,18 @@ def test_export_and_gc_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     head.write_text(head.read_text()[:10])
     assert main(["export", str(run), "--out", str(tmp_path / "hf3")]) == 1
     assert "export failed:" in capsys.readouterr().out
+
+
+def test_participation_marks_a_member_that_trained_then_failed_in_secure_aggregation(tmp_path):
+    """A member killed after its train reply showed T in the participation table while the
+    reasons table said it failed (a walkthrough): it trained, spent, and its update was lost."""
+    from rich.console import Console
+
+    from coordinator.run_status import RunReport, participation_table
+
+    record = {"train": {"sony": {}, "fanuc": {}}, "failed": {"sony": "train.masked_input error 5"}}
+    report = RunReport(run_dir=tmp_path, head=1, records={1: record})
+    console = Console(width=200, record=True)
+    console.print(participation_table(report))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if "│" in line}
+    assert "│ T!" in rows["sony"] and "│ T " in rows["fanuc"]

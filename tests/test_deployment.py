@@ -212,6 +212,15 @@ def test_member_init_says_its_budgets_pace_and_whether_updates_may_leave_unmaske
     assert not supernode.load_setup(tmp_path / "b").require_secagg
 
 
+def test_a_run_goes_on_without_members_still_down_when_a_cohort_is_up():
+    """A walkthrough's run waited 120 s for a member that was down and then refused to start
+    at all, resumes included, without saying how to go on."""
+    assert deploy.too_few_online(3, ["softbank"], 3, 120) == ""
+    refusal = deploy.too_few_online(2, ["softbank", "fanuc"], 3, 120)
+    assert "softbank, fanuc did not come online within 120 s" in refusal
+    assert "fewer than train.min_cohort (3)" in refusal and "--wait-members 0" in refusal
+
+
 def test_start_warns_about_each_kind_of_dp_reply_that_is_not_padded(tmp_path, caplog):
     """Padding is the member's choice (it costs everyone's round time), but an unpadded DP
     reply times the work on the member's data: ``start`` says so, per kind, and no more."""
@@ -1042,9 +1051,11 @@ def test_start_recognises_this_consortiums_own_superlink_left_running(tmp_path):
     try:
         with pytest.raises(DeployError, match="a SuperLink with this consortium's certificate already answers"):
             deploy.SuperLinkRunner(op).preflight()
+        assert deploy.superlink_answers(op_dir), "a failed run's resume hint then skips `start`"
     finally:
         server.shutdown()
         server.server_close()
+    assert not deploy.superlink_answers(op_dir)
     with socket_holding(19578), pytest.raises(DeployError, match="another SuperLink or program holds it"):
         deploy.SuperLinkRunner(op).preflight()
 

@@ -830,3 +830,14 @@ def test_under_a_pace_a_new_runs_initial_release_leaves_room_for_the_paces_train
     assert plan["evaluations"] == 0
     fresh = member.evaluate(EvaluateRequest(0, model, run="another"))
     assert not fresh.receipt and "training comes first" in fresh.withheld, fresh.withheld
+
+
+def test_a_release_with_no_training_left_to_keep_room_for_says_it_is_over_the_budget(setup, tmp_path):
+    """With no training round left in the plan, "too little for the 0 training rounds" named
+    the wrong reason (a walkthrough): the release alone would overspend."""
+    cfg, node, model = setup
+    member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", eval_noise_multiplier=0.3))
+    member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=1))
+    reply = member.evaluate(EvaluateRequest(1, model, run="r"))
+    assert not reply.receipt and "over the member's budget 8" in reply.withheld, reply.withheld
+    assert "training rounds" not in reply.withheld

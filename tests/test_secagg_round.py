@@ -70,8 +70,10 @@ def _wire(obj, cls):
 class Round:
     """Drives one round; ``drop`` maps a member to the stage at which it vanishes."""
 
-    def __init__(self, cfg, nodes, model, round_number: int, drop: dict[str, str] | None = None, members=None):
-        self.cfg, self.nodes, self.model, self.round = cfg, nodes, model, round_number
+    def __init__(
+        self, cfg, nodes, model, round_number: int, drop: dict[str, str] | None = None, members=None, run: str = RUN
+    ):
+        self.cfg, self.nodes, self.model, self.round, self.run_name = cfg, nodes, model, round_number, run
         self.drop = drop or {}
         names = members or sorted(nodes)
         infos = [MemberInfo(i, n, (nodes[n].identity.embodiment,), 10) for i, n in enumerate(names)]
@@ -85,7 +87,7 @@ class Round:
             for shard in self.plan.cohorts
         }
         self.setup = build_setup(self.plan.cohorts, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!")
-        self.server = SecAggServer(RUN, round_number, self.setup, {s: shard_length(v) for s, v in self.shapes.items()})
+        self.server = SecAggServer(run, round_number, self.setup, {s: shard_length(v) for s, v in self.shapes.items()})
         self.received: list[RecordDict] = []  # every payload the coordinator receives
         self.plaintext: dict[str, dict[str, np.ndarray]] = {}
         self.weights: dict[str, float] = {}
@@ -100,7 +102,13 @@ class Round:
     def run(self):
         for member in self.plan.members:
             request = TrainRequest(
-                self.round, self.plan.shards_of(member), HP, self.model, run=RUN, planned_rounds=100, secagg=self.setup
+                self.round,
+                self.plan.shards_of(member),
+                HP,
+                self.model,
+                run=self.run_name,
+                planned_rounds=100,
+                secagg=self.setup,
             )
             reply = self._answer(member, "train", request, MemberNode.train, TrainReply)
             if reply is None:
@@ -108,7 +116,7 @@ class Round:
             assert not reply.deltas, "under secure aggregation no plaintext delta leaves the node"
             node = self.nodes[member]
             # The member's own disk (the test peeks; the coordinator cannot).
-            stored = node.secagg.root / RUN / f"r{self.round}" / "update.safetensors"
+            stored = node.secagg.root / self.run_name / f"r{self.round}" / "update.safetensors"
             self.plaintext[member] = load_file(str(stored))
             # DP nodes withhold their size (0): the coordinator then weighs everyone equally
             self.weights[member] = float(reply.num_examples or 1)
@@ -310,6 +318,21 @@ def test_a_threshold_of_half_the_neighbours_or_less_is_refused_by_coordinator_an
     group.threshold = half
     with pytest.raises(ProtocolError, match="not more than half of a member's"):
         SecAggSetup.from_json(honest.to_json(), "train request")
+
+
+def test_a_round_a_node_vanished_from_leaves_no_secrets_once_the_next_round_begins(federation):
+    """A node that vanishes before ``unmask`` never deletes that round's secrets itself: a
+    walkthrough found a dropped member's round keys and its neighbours' shares on disk two runs
+    later. They go when the node begins its next round, in any run; an update whose masked
+    form never left stays, without its keys, for its own run's resume to send again."""
+    cfg, nodes, model = federation
+    Round(cfg, nodes, model, 70, {"sony": "masked_input", "fanuc": "unmask"}, run="vanished").run()
+    root = nodes["sony"].secagg.root
+    assert (root / "vanished" / "r70" / "keys.bin").is_file() and (root / "vanished" / "r70" / "self_seed.bin").exists()
+    Round(cfg, nodes, model, 1, run="next").run()
+    assert sorted(p.name for p in (root / "vanished" / "r70").iterdir()) == ["base.txt", "update.safetensors"]
+    assert nodes["sony"].secagg.can_resend("vanished", 70), "its own run's resume can still send it"
+    assert not (nodes["fanuc"].secagg.root / "vanished" / "r70").exists(), "masked and sent: nothing to keep"
 
 
 def test_flatten_roundtrip():
