@@ -35,6 +35,7 @@ from member_node.supernode import (
     node_config_arg,
     preflight,
     supernode_command,
+    trust_consortium,
     wait_for_superlink,
     warn_unpadded_replies,
 )
@@ -271,6 +272,20 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trust(args: argparse.Namespace) -> int:
+    try:
+        setup, members = trust_consortium(args.dir, args.consortium_file)
+    except SetupError as err:
+        raise CommandError(str(err), code=2) from None
+    Console(soft_wrap=True).print(
+        f"member [cyan]{setup.member}[/]: secure aggregation now accepts only the {members} members' identity keys "
+        f"in {setup.consortium_file}; restart the node (kyodo-member start {setup.dir}) for it to take effect, and "
+        "run this again with the new file when the consortium admits a member",
+        highlight=False,
+    )
+    return 0
+
+
 def _check_data(setup: MemberSetup) -> None:
     """The dataset must exist and match the declared embodiment before a SuperNode announces it."""
     embodiment = _embodiment(setup.embodiment)
@@ -379,6 +394,14 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--budget-rounds", type=int, default=None, help="new pace: at least this many training rounds (0: off)"
     )
     budget.set_defaults(handler=_cmd_budget)
+
+    trust = commands.add_parser(
+        "trust",
+        help="pin the other members' identity keys to the consortium's published file (audit-consortium.yaml)",
+    )
+    trust.add_argument("dir", type=Path, help="the member's directory (kyodo-member init)")
+    trust.add_argument("consortium_file", type=Path, help="the consortium file the operator publishes to auditors")
+    trust.set_defaults(handler=_cmd_trust)
 
     start = commands.add_parser("start", help="run this member's Flower SuperNode (foreground)")
     start.add_argument("dir", type=Path, help="the member's directory (kyodo-member init)")

@@ -52,6 +52,9 @@ class MemberIdentity:
     # that puts this member alone in a cohort for a shard other than its own embodiment
     # adapter, is declined (the coordinator decides both; the member need not trust it to).
     require_secagg: bool = False
+    # The consortium's published file (members' ledger keys, as auditors use it): the identity
+    # keys a round lists for the other members must be the ones it publishes ('' : not pinned).
+    consortium_file: str = ""
 
     def eval_privacy(self) -> EvalPrivacy:
         return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
@@ -126,6 +129,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             train_reply_after=_float(node_config, "train-reply-after", 0.0),
             eval_reply_after=_float(node_config, "eval-reply-after", 0.0),
             require_secagg=_bool(node_config, "require-secagg", False),
+            consortium_file=str(node_config.get("consortium-file", "")),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from member_node.identity import MemberIdentity
+from member_node.identity import MemberIdentity, NodeConfigError
 from member_node.lerobot import Episode, LeRobotDataset, read_dataset
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
@@ -105,6 +105,19 @@ def last_plan(plans: dict[str, Any], run: str | None = None) -> dict[str, Any] |
     return of_run[-1] if of_run and isinstance(of_run[-1], dict) else None
 
 
+def _pinned_keys(identity: MemberIdentity) -> dict[str, str] | None:
+    """Member -> Ed25519 key from the consortium file the member trusts (None: none set)."""
+    if not identity.consortium_file:
+        return None
+    from privacy.audit.consortium import ConsortiumError, load_consortium
+
+    try:
+        consortium = load_consortium(identity.consortium_file)
+    except (ConsortiumError, OSError) as err:
+        raise NodeConfigError(f"node config 'consortium-file': {err}") from None
+    return {name: member.public_key for name, member in consortium.members.items()}
+
+
 class MemberNode:
     def __init__(self, cfg: KyodoConfig, identity: MemberIdentity):
         self.cfg = cfg
@@ -120,7 +133,9 @@ class MemberNode:
         self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
         self._plan_path = state / NOISE_PLAN_FILE
         self._rollback_path = state / ROLLBACK_FILE
-        self.secagg = MemberSecAgg(state, identity.name, self.signing_key, equal_weight=identity.dp)
+        self.secagg = MemberSecAgg(
+            state, identity.name, self.signing_key, equal_weight=identity.dp, pinned_keys=_pinned_keys(identity)
+        )
         self.eval_releaser = EvaluationReleaser(
             state,
             self.ledger,

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +113,24 @@ class MemberSecAgg:
     """One node's SecAgg+ state machine, persisted under ``state_dir/secagg``."""
 
     def __init__(
-        self, state_dir: Path | str, member: str, signing_key: Ed25519PrivateKey, *, equal_weight: bool = False
+        self,
+        state_dir: Path | str,
+        member: str,
+        signing_key: Ed25519PrivateKey,
+        *,
+        equal_weight: bool = False,
+        pinned_keys: Mapping[str, str] | None = None,
     ):
         """``equal_weight``: refuse any scale but 1 (a DP node, which withholds its size: a
         scale the coordinator picks could shrink every other member of a cohort to nothing, so
-        the cohort's sum would be this node's update alone)."""
+        the cohort's sum would be this node's update alone). ``pinned_keys``: member -> its
+        published Ed25519 key (hex); the identity keys a round lists must be these, so the
+        coordinator cannot seat members of its own making beside this one (None: not pinned)."""
         self.root = Path(state_dir) / "secagg"
         self.member = member
         self.signing_key = signing_key
         self.equal_weight = equal_weight
+        self.pinned_keys = dict(pinned_keys) if pinned_keys is not None else None
 
     def _dir(self, run: str, round_number: int) -> Path:
         return self.root / run / f"r{round_number}"
@@ -217,6 +227,11 @@ class MemberSecAgg:
             raise ProtocolError("share keys: already answered for this round")
         setup, keys = self._load(path)
         for other, advert in request.adverts.items():
+            if self.pinned_keys is not None and self.pinned_keys.get(other) != request.identity_keys[other]:
+                raise ProtocolError(
+                    f"share keys: {other}'s identity key is not the one this member's consortium file publishes"
+                    + ("" if other in self.pinned_keys else f" ({other} is not in it)")
+                )
             verify_advert(
                 load_public_key(request.identity_keys[other]),
                 advert.signature,

@@ -113,6 +113,9 @@ class MemberSetup:
     # one for a shard other than the member's own embodiment adapter). `init` sets it unless
     # told --no-require-secagg; older files: off.
     require_secagg: bool = False
+    # A copy of the consortium's published file (`kyodo-member trust`): pins the other members'
+    # identity keys in secure aggregation. Older files: not pinned.
+    consortium_file: str = ""
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
     runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
@@ -158,6 +161,7 @@ class MemberSetup:
             "train-reply-after": float(self.train_reply_after),
             "eval-reply-after": float(self.eval_reply_after),
             "require-secagg": bool(self.require_secagg),
+            "consortium-file": self.consortium_file,
         }
 
 
@@ -326,6 +330,39 @@ def write_membership(setup: MemberSetup, ledger_public_key: str, supernode_publi
     path = setup.dir / MEMBERSHIP_FILE
     path.write_text(json.dumps(membership, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+TRUSTED_CONSORTIUM_FILE = "consortium.yaml"  # in the member's directory (kyodo-member trust)
+
+
+def trust_consortium(directory: Path | str, consortium_file: Path | str) -> tuple[MemberSetup, int]:
+    """Copy the consortium's published file into the member's directory and pin the node to it;
+    returns the setup and how many members it lists. Refuses a file that does not list this
+    member under its own ledger key: not yet admitted, or another consortium's file."""
+    from privacy.audit.consortium import ConsortiumError, load_consortium
+
+    setup = load_setup(directory)
+    if not setup.signing_key.is_file():
+        raise SetupError(f"{setup.signing_key} is missing: this member's identity cannot be checked without it")
+    source = Path(consortium_file).expanduser().resolve()
+    try:
+        consortium = load_consortium(source)
+    except (ConsortiumError, OSError) as err:
+        raise SetupError(f"{source}: {err}") from None
+    own = public_key_hex(load_or_create_signing_key(setup.signing_key))
+    listed = consortium.members.get(setup.member)
+    if listed is None or listed.public_key != own:
+        raise SetupError(
+            f"{source} does not list member {setup.member!r} with this node's ledger key {own[:16]}...: the operator "
+            "has not admitted it yet (kyodo-coordinator add-member), or the file is another consortium's"
+        )
+    target = setup.dir / TRUSTED_CONSORTIUM_FILE
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(source.read_bytes())
+    tmp.replace(target)
+    setup.consortium_file = str(target)
+    save_setup(setup)
+    return setup, len(consortium.members)
 
 
 def change_budget(

@@ -320,6 +320,32 @@ def test_a_resume_names_an_existing_run_that_no_coordinator_is_running(tmp_path,
     check_not_running(running)  # released when the coordinator ends
 
 
+def test_a_member_pins_the_other_members_keys_to_the_published_consortium_file(tmp_path, capsys, tiny_cfg):
+    """The identity keys a secure-aggregation round lists for the other members are the
+    coordinator's word; a member that trusts the consortium's published file accepts only
+    the keys it lists. The file must list this member under its own key."""
+    from flwr.common.config import parse_config_args
+
+    from member_node.cli import main as member_main
+
+    sony, honda = _member(tmp_path), _member(tmp_path, name="honda", embodiment="aloha")
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
+    assert coordinator_main(["add-member", str(op_dir), str(honda.dir / "membership.json")]) == 0
+    published = op_dir / "audit-consortium.yaml"
+    assert member_main(["trust", str(sony.dir), str(published)]) == 2
+    assert "does not list member 'sony' with this node's ledger key" in " ".join(capsys.readouterr().err.split())
+    assert supernode.load_setup(sony.dir).consortium_file == "", "nothing changed"
+    assert coordinator_main(["add-member", str(op_dir), str(sony.dir / "membership.json")]) == 0
+    capsys.readouterr()
+    assert member_main(["trust", str(sony.dir), str(published)]) == 0
+    assert "accepts only the 2 members' identity keys" in " ".join(capsys.readouterr().out.split())
+    pinned = supernode.load_setup(sony.dir)
+    assert Path(pinned.consortium_file) == sony.dir / "consortium.yaml"
+    identity = resolve_identity(parse_config_args([supernode.node_config_arg(pinned.node_config())]), tiny_cfg)
+    assert identity.consortium_file == pinned.consortium_file
+
+
 def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, capsys):
     from member_node.cli import main as member_main
 

@@ -841,3 +841,13 @@ def test_a_release_with_no_training_left_to_keep_room_for_says_it_is_over_the_bu
     reply = member.evaluate(EvaluateRequest(1, model, run="r"))
     assert not reply.receipt and "over the member's budget 8" in reply.withheld, reply.withheld
     assert "training rounds" not in reply.withheld
+
+
+def test_a_consortium_file_the_node_cannot_read_stops_it_with_the_reason(setup, tmp_path):
+    cfg, node, _ = setup
+    missing = tmp_path / "consortium.yaml"
+    with pytest.raises(NodeConfigError, match="node config 'consortium-file'"):
+        MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", consortium_file=str(missing)))
+    missing.write_text("format: kyodo-consortium\nversion: 1\nmembers: []\n")
+    with pytest.raises(NodeConfigError, match="consortium-file"):
+        MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", consortium_file=str(missing)))

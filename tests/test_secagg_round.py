@@ -335,6 +335,31 @@ def test_a_round_a_node_vanished_from_leaves_no_secrets_once_the_next_round_begi
     assert not (nodes["fanuc"].secagg.root / "vanished" / "r70").exists(), "masked and sent: nothing to keep"
 
 
+def test_a_node_pinned_to_the_consortium_file_refuses_identity_keys_it_does_not_publish(federation):
+    """Advert signatures are checked against identity keys the coordinator lists; a node that
+    trusts the consortium's published file refuses a round whose keys are not the published
+    ones (a coordinator seating members of its own making beside it), before sharing anything."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    cfg, nodes, model = federation
+    published = {name: public_key_hex(node.signing_key) for name, node in nodes.items()}
+    rnd = Round(cfg, nodes, model, 62, {m: "share_keys" for m in nodes})
+    rnd.run()
+    request = _wire(rnd.server.share_keys_requests()["sony"], ShareKeysRequest)
+    sony = nodes["sony"].secagg
+    try:
+        sony.pinned_keys = {**published, "fanuc": public_key_hex(Ed25519PrivateKey.generate())}
+        with pytest.raises(ProtocolError, match="fanuc's identity key is not the one this member's consortium file"):
+            sony.share_keys(request)
+        sony.pinned_keys = {k: v for k, v in published.items() if k != "fanuc"}
+        with pytest.raises(ProtocolError, match=r"\(fanuc is not in it\)"):
+            sony.share_keys(request)
+        sony.pinned_keys = published
+        assert sony.share_keys(request).sealed, "the published keys: it shares"
+    finally:
+        sony.pinned_keys = None
+
+
 def test_flatten_roundtrip():
     tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([7.0])}
     from aggregation.secagg.vectors import unflatten_shard
