@@ -448,9 +448,10 @@ class MemberNode:
             return ""
         plans = json.loads(self._plan_path.read_text())
         plan = last_plan(plans, run)
-        if plan is None and self.identity.budget_rounds:
-            # A run this node has not trained in yet (its initial release): under a pace the
-            # newest plan still holds the pace's training rounds, whichever run made it.
+        if plan is None:
+            # A run this node has not trained in yet (its initial release): the newest plan,
+            # whichever run made it, still holds its training rounds (a review, without a pace,
+            # cut 20 promised rounds to 8 with a fresh run's release after each one).
             plan = last_plan(plans)
         if plan is None:
             return ""  # no training planned yet, or a plan from before rooms
@@ -471,9 +472,10 @@ class MemberNode:
         if float(plan["noise_multiplier"]) > self.cfg.privacy.max_noise_multiplier:
             left = 0  # the node declines every round of this plan (mostly noise): none is kept for
         if not self.identity.budget_rounds and "run_rounds" in plan:
-            # Without a pace the plan is this run's alone: no round after its last trains, and
+            # Without a pace the plan is its run's alone: no round after its last trains, and
             # a member left out of rounds must not be kept from releasing for rounds it will not get.
-            left = min(left, max(0, int(plan["run_rounds"]) - round_number))
+            at = round_number if plan["run"] == run else self._last_trained_round(plan["run"], plan["first_round"] - 1)
+            left = min(left, max(0, int(plan["run_rounds"]) - at))
         training = Mechanism(float(plan["noise_multiplier"]), float(plan["sample_rate"]), int(plan["local_steps"]))
         fits, after = evaluation_leaves_room(
             self.budget,
@@ -495,11 +497,26 @@ class MemberNode:
             f"{plan['evaluations']} releases beside {plan['rounds']} rounds, and training comes first"
         )
 
+    def _last_trained_round(self, run: str, default: int) -> int:
+        return max(
+            (e["round"] for e in self.ledger.releases() if release_of(e) == RELEASE_TRAIN and e["run"] == run),
+            default=default,
+        )
+
     def _release_not_due(self, plan: dict[str, Any], run: str, round_number: int) -> str:
         """Why this run's next release falls at a later round ('' when it is due now): the
-        plan's room is spread over the run, the last at its last round (``ReleaseSchedule``)."""
+        plan's room is spread over the run, the last at its last round (``ReleaseSchedule``).
+        Only the run's first plan rounds its share up to one: the coordinator's hyper-parameters
+        are part of a plan's key, and a review re-made the plan every round by nudging the
+        sample rate, each new plan releasing again (4 releases for a room of 1, 25% more noise)."""
         over_cap = float(plan["noise_multiplier"]) > self.cfg.privacy.max_noise_multiplier
-        schedule = None if plan["run"] != run or over_cap else ReleaseSchedule.of_plan(plan)
+        if plan["run"] != run or over_cap:
+            return ""
+        earlier = any(
+            isinstance(p, dict) and p.get("run") == run and int(p["first_round"]) < int(plan["first_round"])
+            for p in json.loads(self._plan_path.read_text()).values()
+        )
+        schedule = ReleaseSchedule.of_plan(plan, at_least_one=not earlier)
         if schedule is None or round_number < schedule.first_round:
             return ""
         released = sum(
@@ -671,24 +688,31 @@ class MemberNode:
         """Why this round would send the member's update where secure aggregation does not hide
         it ('' when it would not, or when the member does not require it: ``require-secagg``).
 
-        Whether a round is masked, and who shares each cohort, are the coordinator's choices;
-        only the member's own embodiment adapter may go alone (no one else owns that robot)."""
+        Whether a round is masked, and who shares each cohort, are the coordinator's choices.
+        A cohort of one sums to the member's update, and in a cohort of two the other member
+        can subtract its own: only the member's own embodiment adapter may go in either (no
+        one else, or only another owner of that robot, trains it). Who the others are is the
+        coordinator's word too unless the member pins them (``kyodo-member trust``)."""
         if not self.identity.require_secagg:
             return ""
         if request.secagg is None:
             return "this member requires secure aggregation (require-secagg) and the round has none"
         own = f"adapter/emb/{self.identity.embodiment}"
-        alone = sorted(
-            shard
+        exposed = sorted(
+            (len(group.members), shard)
             for group in request.secagg.groups_of(self.identity.name)
-            if len(group.members) == 1
+            if len(group.members) < 3
             for shard in group.shards
             if shard != own and shard in request.shards
         )
-        if alone:
+        if exposed:
+            size, shard = exposed[0]
+            whom = (
+                "alone in the cohort" if size == 1 else "in a cohort of two (the other member could subtract its own)"
+            )
             return (
-                f"the round puts this member alone in the cohort of {', '.join(alone[:3])}: its update would be the "
-                "cohort's sum, and this member requires secure aggregation (require-secagg)"
+                f"the round puts this member {whom} of {', '.join(s for _, s in exposed[:3])}: the sum would show its "
+                "update, and this member requires secure aggregation (require-secagg)"
             )
         return ""
 

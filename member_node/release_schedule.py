@@ -25,7 +25,7 @@ class ReleaseSchedule:
     releases: int  # the held-out error releases among them
 
     @classmethod
-    def of_plan(cls, plan: Mapping[str, Any]) -> ReleaseSchedule | None:
+    def of_plan(cls, plan: Mapping[str, Any], *, at_least_one: bool = True) -> ReleaseSchedule | None:
         """The schedule of a noise plan record (``member_node.node``'s ``noise_plan.json``);
         None for a plan with no room for releases or one written before plans knew their run's
         rounds (those release first come, first served, as they did)."""
@@ -34,16 +34,21 @@ class ReleaseSchedule:
             room, run_rounds = int(plan["evaluations"]), int(plan["run_rounds"])
         except (KeyError, TypeError, ValueError):
             return None
-        return cls.of(first, plan_rounds, room, run_rounds)
+        return cls.of(first, plan_rounds, room, run_rounds, at_least_one=at_least_one)
 
     @classmethod
-    def of(cls, first_round: int, plan_rounds: int, room: int, run_rounds: int) -> ReleaseSchedule | None:
+    def of(
+        cls, first_round: int, plan_rounds: int, room: int, run_rounds: int, *, at_least_one: bool = True
+    ) -> ReleaseSchedule | None:
         """A plan from ``first_round`` over ``plan_rounds`` training rounds with ``room``
-        releases, in a run of ``run_rounds`` (None: no room)."""
+        releases, in a run of ``run_rounds`` (None: no room). ``at_least_one``: the run's share
+        is rounded up to one (its final error); not for a plan re-made within a run, or a
+        coordinator that re-made it every round would get a release every round."""
         if room < 1 or plan_rounds < 1:
             return None
         rounds = max(1, min(plan_rounds, run_rounds - first_round + 1))
-        return cls(first_round, rounds, min(rounds, max(1, round(room * rounds / plan_rounds))))
+        share = round(room * rounds / plan_rounds)
+        return cls(first_round, rounds, min(rounds, max(1, share) if at_least_one else share))
 
     @property
     def last_round(self) -> int:

@@ -491,10 +491,12 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError("secagg.clip_range must be a positive finite number")
     if sa.degree < 0 or sa.threshold < 0:
         raise ConfigError("secagg.degree and secagg.threshold must be >= 0 (0 = default)")
-    if sa.threshold and sa.degree and 2 * sa.threshold <= sa.degree:
+    # Below a complete graph the degree is rounded up to even (a Harary graph needs it).
+    if sa.threshold and sa.degree and 2 * sa.threshold <= sa.degree + sa.degree % 2:
         raise ConfigError(
-            f"secagg.threshold {sa.threshold} must be more than half of secagg.degree {sa.degree}: "
-            "at half or less a coordinator could collect both of a member's secrets"
+            f"secagg.threshold {sa.threshold} must be more than half of secagg.degree {sa.degree} "
+            f"({sa.degree + sa.degree % 2} in cohorts larger than it, rounded up to even): at half or less a "
+            "coordinator could collect both of a member's secrets"
         )
 
 

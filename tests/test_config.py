@@ -152,3 +152,5 @@ def test_a_secagg_threshold_of_half_the_degree_or_less_is_refused():
     with pytest.raises(ConfigError, match="more than half of secagg.degree 4"):
         load_config(model="tiny", overrides=["secagg.degree=4", "secagg.threshold=2"])
     assert load_config(model="tiny", overrides=["secagg.degree=4", "secagg.threshold=3"]).secagg.threshold == 3
+    with pytest.raises(ConfigError, match="6 in cohorts larger than it"):  # a review: build_setup refused it later
+        load_config(model="tiny", overrides=["secagg.degree=5", "secagg.threshold=3"])

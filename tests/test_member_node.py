@@ -851,3 +851,31 @@ def test_a_consortium_file_the_node_cannot_read_stops_it_with_the_reason(setup, 
     missing.write_text("format: kyodo-consortium\nversion: 1\nmembers: []\n")
     with pytest.raises(NodeConfigError, match="consortium-file"):
         MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", consortium_file=str(missing)))
+
+
+@pytest.mark.parametrize("attack", ["fresh-run-each-round", "re-plan-each-round"])
+def test_a_coordinators_run_names_and_hyper_parameters_cannot_cost_a_node_its_training(setup, tmp_path, attack):
+    """A review's two ways to spend a node's budget on held-out error releases (release noise
+    2: the plan has room for one in 20 rounds): without a pace, a fresh run's initial release
+    after every training round cut 20 promised rounds to 8; under a pace, nudging the sample
+    rate and planned rounds re-made the plan every round, and each new plan's schedule released
+    again (4 releases, 25% more noise). Both now train every round and release the room's one."""
+    from privacy.ledger import release_of
+
+    cfg, node, model = setup
+    paced = attack == "re-plan-each-round"
+    identity = replace(node.identity, state_dir=tmp_path / "s", eval_noise_multiplier=2.0, budget_rounds=20 * paced)
+    member = MemberNode(cfg, identity)
+    for rnd in range(1, 21):
+        hparams = replace(HP, sample_rate=round(0.8 - 0.001 * rnd, 4)) if paced else HP
+        planned = rnd if paced else 20
+        trained = member.train(
+            TrainRequest(rnd, ["adapter/emb/so100"], hparams, model, run="r", planned_rounds=planned)
+        )
+        assert isinstance(trained, TrainReply), (rnd, trained)
+        member.evaluate(EvaluateRequest(rnd, model, run="r"))
+        if not paced:
+            member.evaluate(EvaluateRequest(0, model, run=f"probe{rnd}"))
+    kinds = [release_of(e) for e in member.ledger.releases()]
+    assert kinds.count("dp-sgd") == 20 and kinds.count("evaluation") <= 2, kinds
+    assert member.epsilon_spent() <= identity.epsilon

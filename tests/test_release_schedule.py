@@ -58,3 +58,11 @@ def test_a_member_left_out_of_rounds_releases_at_its_next_chance():
 )
 def test_no_schedule_without_room_or_for_plans_from_before(plan):
     assert ReleaseSchedule.of_plan(plan) is None
+
+
+def test_a_plan_re_made_within_a_run_gets_no_release_rounded_up():
+    """A coordinator that re-made the plan every round (a nudged sample rate, the round named
+    the run's last) got each new plan's share rounded up to one: a release every round."""
+    assert ReleaseSchedule.of(5, 16, 1, 5, at_least_one=False) is not None
+    assert ReleaseSchedule.of(5, 16, 1, 5, at_least_one=False).releases == 0
+    assert ReleaseSchedule.of(5, 16, 1, 5).releases == 1

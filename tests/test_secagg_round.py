@@ -225,8 +225,8 @@ def test_a_member_that_requires_secure_aggregation_declines_rounds_that_would_se
 ):
     """Whether a round is masked and who shares a cohort are the coordinator's choices: a node
     with require-secagg declines, spending nothing, a round without secure aggregation or one
-    that puts it alone in a cohort, except for its own embodiment adapter (no one else owns
-    that robot)."""
+    that puts it alone or with one other member in a cohort (the other could subtract its own
+    update), except for its own embodiment adapter."""
     from dataclasses import replace
 
     from shared_model.protocol import TrainDeclined
@@ -240,6 +240,11 @@ def test_a_member_that_requires_secure_aggregation_declines_rounds_that_would_se
     request = TrainRequest(2, ["adapter/shared"], HP, model, run=RUN, planned_rounds=100, secagg=alone)
     declined = strict.train(_wire(request, TrainRequest))
     assert isinstance(declined, TrainDeclined) and "alone in the cohort of adapter/shared" in declined.reason
+    assert strict.ledger.releases() == [], "nothing was spent"
+    pair = build_setup({"adapter/shared": ["honda", "sony"]}, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!")
+    request = TrainRequest(2, ["adapter/shared"], HP, model, run=RUN, planned_rounds=100, secagg=pair)
+    declined = strict.train(_wire(request, TrainRequest))
+    assert isinstance(declined, TrainDeclined) and "in a cohort of two" in declined.reason, declined
     assert strict.ledger.releases() == [], "nothing was spent"
     own = TrainRequest(3, ["adapter/emb/aloha"], HP, model, run=RUN, planned_rounds=100, secagg=alone)
     assert isinstance(strict.train(_wire(own, TrainRequest)), TrainReply), "its own robot's adapter may go alone"
@@ -318,6 +323,19 @@ def test_a_threshold_of_half_the_neighbours_or_less_is_refused_by_coordinator_an
     group.threshold = half
     with pytest.raises(ProtocolError, match="not more than half of a member's"):
         SecAggSetup.from_json(honest.to_json(), "train request")
+
+
+def test_the_threshold_is_checked_against_the_best_connected_member():
+    """A graph of unequal degrees: threshold 2 is more than half of the leaves' 2 neighbours
+    but only half of the hub's 4, whose secrets two of its neighbours each could then give."""
+    from shared_model.protocol import SecAggSetup
+
+    (group,) = build_setup({"expert/L0/E0": ["a", "b"]}, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!").groups
+    group.members = ["a", "b", "c", "d", "e"]
+    group.neighbours = {"a": ["b", "c", "d", "e"], "b": ["a", "c"], "c": ["a", "b"], "d": ["a", "e"], "e": ["a", "d"]}
+    group.threshold = 2
+    with pytest.raises(ProtocolError, match="threshold 2 is not more than half of a member's 4 neighbours"):
+        SecAggSetup([group]).from_json(SecAggSetup([group]).to_json(), "train request")
 
 
 def test_a_round_a_node_vanished_from_leaves_no_secrets_once_the_next_round_begins(federation):
