@@ -376,8 +376,8 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--require-secagg",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="decline any round whose update would leave unmasked: no secure aggregation, or a cohort of one "
-        "for a shard other than this member's embodiment adapter (default: on; --no-require-secagg for debugging)",
+        help="decline any round whose update would leave unmasked: no secure aggregation, or a cohort of one or "
+        "two for a shard other than this member's embodiment adapter (default: on; --no-require-secagg for debugging)",
     )
     init.add_argument("--superlink", default="", help="HOST:PORT of the consortium's SuperLink")
     init.add_argument("--root-certificates", default="", help="the consortium's CA certificate (ca.pem)")

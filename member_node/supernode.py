@@ -110,8 +110,8 @@ class MemberSetup:
     train_reply_after: float = 0.0
     eval_reply_after: float = 0.0
     # Decline rounds whose update would leave unmasked (no secure aggregation, or a cohort of
-    # one for a shard other than the member's own embodiment adapter). `init` sets it unless
-    # told --no-require-secagg; older files: off.
+    # one or two for a shard other than the member's own embodiment adapter). `init` sets it
+    # unless told --no-require-secagg; older files: off.
     require_secagg: bool = False
     # A copy of the consortium's published file (`kyodo-member trust`): pins the other members'
     # identity keys in secure aggregation. Older files: not pinned.
@@ -345,20 +345,22 @@ def trust_consortium(directory: Path | str, consortium_file: Path | str) -> tupl
     if not setup.signing_key.is_file():
         raise SetupError(f"{setup.signing_key} is missing: this member's identity cannot be checked without it")
     source = Path(consortium_file).expanduser().resolve()
+    target = setup.dir / TRUSTED_CONSORTIUM_FILE
+    tmp = target.with_suffix(".tmp")
     try:
-        consortium = load_consortium(source)
+        tmp.write_bytes(source.read_bytes())  # checked as copied: the file read once
+        consortium = load_consortium(tmp)
     except (ConsortiumError, OSError) as err:
+        tmp.unlink(missing_ok=True)
         raise SetupError(f"{source}: {err}") from None
     own = public_key_hex(load_or_create_signing_key(setup.signing_key))
     listed = consortium.members.get(setup.member)
     if listed is None or listed.public_key != own:
+        tmp.unlink()
         raise SetupError(
             f"{source} does not list member {setup.member!r} with this node's ledger key {own[:16]}...: the operator "
             "has not admitted it yet (kyodo-coordinator add-member), or the file is another consortium's"
         )
-    target = setup.dir / TRUSTED_CONSORTIUM_FILE
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(source.read_bytes())
     tmp.replace(target)
     setup.consortium_file = str(target)
     save_setup(setup)

@@ -336,6 +336,7 @@ def test_a_member_pins_the_other_members_keys_to_the_published_consortium_file(t
     assert member_main(["trust", str(sony.dir), str(published)]) == 2
     assert "does not list member 'sony' with this node's ledger key" in " ".join(capsys.readouterr().err.split())
     assert supernode.load_setup(sony.dir).consortium_file == "", "nothing changed"
+    assert not list(sony.dir.glob("consortium.*")), "nothing left behind"
     assert coordinator_main(["add-member", str(op_dir), str(sony.dir / "membership.json")]) == 0
     capsys.readouterr()
     assert member_main(["trust", str(sony.dir), str(published)]) == 0
