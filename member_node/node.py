@@ -461,13 +461,7 @@ class MemberNode:
         spread = self._release_not_due(plan, run, round_number)
         if spread:
             return spread
-        trained = sum(
-            1
-            for entry in self.ledger.releases()
-            if release_of(entry) == RELEASE_TRAIN
-            and entry["run"] == plan["run"]
-            and entry["round"] >= plan["first_round"]
-        )
+        trained = len(self._rounds_released(RELEASE_TRAIN, plan["run"], int(plan["first_round"])))
         left = max(0, int(plan["rounds"]) - trained)
         if float(plan["noise_multiplier"]) > self.cfg.privacy.max_noise_multiplier:
             left = 0  # the node declines every round of this plan (mostly noise): none is kept for
@@ -497,11 +491,16 @@ class MemberNode:
             f"{plan['evaluations']} releases beside {plan['rounds']} rounds, and training comes first"
         )
 
+    def _rounds_released(self, release: str, run: str, from_round: int = 0) -> list[int]:
+        """The rounds of ``run`` from ``from_round`` on with a ledger entry of kind ``release``."""
+        return [
+            e["round"]
+            for e in self.ledger.releases()
+            if release_of(e) == release and e["run"] == run and e["round"] >= from_round
+        ]
+
     def _last_trained_round(self, run: str, default: int) -> int:
-        return max(
-            (e["round"] for e in self.ledger.releases() if release_of(e) == RELEASE_TRAIN and e["run"] == run),
-            default=default,
-        )
+        return max(self._rounds_released(RELEASE_TRAIN, run), default=default)
 
     def _release_not_due(self, plan: dict[str, Any], run: str, round_number: int) -> str:
         """Why this run's next release falls at a later round ('' when it is due now): the
@@ -519,13 +518,7 @@ class MemberNode:
         schedule = ReleaseSchedule.of_plan(plan, at_least_one=not earlier)
         if schedule is None or round_number < schedule.first_round:
             return ""
-        released = sum(
-            1
-            for entry in self.ledger.releases()
-            if release_of(entry) == RELEASE_EVALUATION
-            and entry["run"] == run
-            and entry["round"] >= schedule.first_round
-        )
+        released = len(self._rounds_released(RELEASE_EVALUATION, run, schedule.first_round))
         if released < schedule.due(round_number):
             return ""
         following = schedule.next_round(released)
