@@ -504,18 +504,11 @@ class MemberNode:
 
     def _release_not_due(self, plan: dict[str, Any], run: str, round_number: int) -> str:
         """Why this run's next release falls at a later round ('' when it is due now): the
-        plan's room is spread over the run, the last at its last round (``ReleaseSchedule``).
-        Only the run's first plan rounds its share up to one: the coordinator's hyper-parameters
-        are part of a plan's key, and a review re-made the plan every round by nudging the
-        sample rate, each new plan releasing again (4 releases for a room of 1, 25% more noise)."""
+        plan's room is spread over the run, the last at its last round (``ReleaseSchedule.in_run``)."""
         over_cap = float(plan["noise_multiplier"]) > self.cfg.privacy.max_noise_multiplier
         if plan["run"] != run or over_cap:
             return ""
-        earlier = any(
-            isinstance(p, dict) and p.get("run") == run and int(p["first_round"]) < int(plan["first_round"])
-            for p in json.loads(self._plan_path.read_text()).values()
-        )
-        schedule = ReleaseSchedule.of_plan(plan, at_least_one=not earlier)
+        schedule = ReleaseSchedule.in_run(json.loads(self._plan_path.read_text()), plan)
         if schedule is None or round_number < schedule.first_round:
             return ""
         released = len(self._rounds_released(RELEASE_EVALUATION, run, schedule.first_round))

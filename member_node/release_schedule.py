@@ -37,6 +37,20 @@ class ReleaseSchedule:
         return cls.of(first, plan_rounds, room, run_rounds, at_least_one=at_least_one)
 
     @classmethod
+    def in_run(cls, plans: Mapping[str, Any], plan: Mapping[str, Any]) -> ReleaseSchedule | None:
+        """The schedule ``plan`` gives its run, among the node's ``plans`` (``noise_plan.json``):
+        only the run's first plan rounds its share up to one. The coordinator's hyper-parameters
+        are part of a plan's key, and a review re-made the plan every round by nudging the sample
+        rate, each new plan releasing again (4 releases for a room of 1, 25% more noise)."""
+        earlier = any(
+            isinstance(other, dict)
+            and other.get("run") == plan.get("run")
+            and int(other.get("first_round", 0)) < int(plan["first_round"])
+            for other in plans.values()
+        )
+        return cls.of_plan(plan, at_least_one=not earlier)
+
+    @classmethod
     def of(
         cls, first_round: int, plan_rounds: int, room: int, run_rounds: int, *, at_least_one: bool = True
     ) -> ReleaseSchedule | None:

@@ -280,7 +280,8 @@ def latest_noise_plan(state_dir: Path, entries: list[dict]) -> str:
     """The node's newest noise plan as one line ('' without one, or for a plan written before
     plans said how many held-out errors they make room for): why later releases are withheld."""
     try:
-        plan = last_plan(json.loads((state_dir / NOISE_PLAN_FILE).read_text(encoding="utf-8")))
+        plans = json.loads((state_dir / NOISE_PLAN_FILE).read_text(encoding="utf-8"))
+        plan = last_plan(plans)
         run, rounds, first = plan["run"], int(plan["rounds"]), int(plan["first_round"])
         sigma, room = float(plan["noise_multiplier"]), int(plan["evaluations"])
     except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError):
@@ -290,7 +291,7 @@ def latest_noise_plan(state_dir: Path, entries: list[dict]) -> str:
         for e in entries
         if is_release(e) and release_of(e) == RELEASE_EVALUATION and e["run"] == run and e["round"] >= first
     )
-    schedule = ReleaseSchedule.of_plan(plan)
+    schedule = ReleaseSchedule.in_run(plans, plan)
     if schedule is None:
         withheld = "; later ones are withheld so the training rounds still fit" if room < rounds else ""
     elif schedule.releases < schedule.rounds:
