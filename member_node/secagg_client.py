@@ -4,8 +4,10 @@ A round's secure aggregation spans four messages (train + advertise keys, share 
 masked input, unmask). In a deployment every message is served by a fresh ClientApp
 process, so the round's state lives on disk in the node's own state directory
 (``<state>/secagg/<run>/r<round>/``, owner-only permissions) and is deleted once the node
-has answered ``unmask``: private keys, the self-mask seed and the unmasked update never
-outlive the round and never leave the node in the clear.
+has answered ``unmask``: private keys, the self-mask seeds and the unmasked update never
+outlive the round and never leave the node in the clear. Each aggregation group the node is
+in gets its own mask key pair and self-mask seed, so what one group's members reveal at
+``unmask`` opens nothing in another group.
 
 What the node enforces, whatever the coordinator asks:
 
@@ -13,7 +15,9 @@ What the node enforces, whatever the coordinator asks:
 - it masks only with neighbours that shared keys with it, and refuses to send a masked
   input for a group where fewer than two members are active (its sum would be its update);
 - it answers ``unmask`` once per round and never reveals both the self-mask seed share and
-  the mask-key share of the same member (the two would unmask that member's update).
+  the mask-key share of the same member (the two would unmask that member's update); and as
+  each group's holders answer on their own, a member's two secrets in one group are never
+  the same as in another.
 """
 
 from __future__ import annotations
@@ -30,7 +34,16 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save_file
 
-from aggregation.secagg.keys import RoundKeys, agree, open_sealed, pair_context, seal, sign_advert, verify_advert
+from aggregation.secagg.keys import (
+    RoundKeys,
+    agree,
+    mask_context,
+    open_sealed,
+    pair_context,
+    seal,
+    sign_advert,
+    verify_advert,
+)
 from aggregation.secagg.masks import apply_masks
 from aggregation.secagg.quantize import QuantizationPlan, quantize, secure_rng
 from aggregation.secagg.shamir import split_secret
@@ -57,11 +70,6 @@ MASK_KEY = "mask_key"
 
 def _share_aad(run: str, round_number: int, sender: str, recipient: str) -> bytes:
     return f"kyodo-secagg-shares|{run}|{round_number}|{sender}|{recipient}".encode()
-
-
-def mask_context(run: str, round_number: int, a: str, b: str) -> bytes:
-    """HKDF context of the pairwise mask seed of members ``a`` and ``b`` (either order)."""
-    return pair_context(run, round_number, a, b, "mask")
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -188,13 +196,14 @@ class MemberSecAgg:
         os.chmod(tmp, 0o600)
         tmp.replace(path / "update.safetensors")
         _write_private(path / "base.txt", base.encode())
-        keys = RoundKeys.generate()
-        cipher_sk, mask_sk = keys.private_bytes()
-        _write_private(path / "keys.bin", cipher_sk + mask_sk)
+        keys = RoundKeys.generate(g.group_id for g in setup.groups_of(self.member) if len(g.members) > 1)
+        cipher_sk, mask_sks = keys.private_bytes()
+        stored = {"cipher": cipher_sk.hex(), "masks": {g: sk.hex() for g, sk in mask_sks.items()}}
+        _write_private(path / "keys.json", json.dumps(stored).encode())
         _write_private(path / "setup.json", setup.to_json().encode())
-        cipher_pk, mask_pk = keys.public_bytes()
-        signature = sign_advert(self.signing_key, run, round_number, self.member, cipher_pk, mask_pk)
-        return KeyAdvert(cipher_pk, mask_pk, signature)
+        cipher_pk, mask_pks = keys.public_bytes()
+        signature = sign_advert(self.signing_key, run, round_number, self.member, cipher_pk, mask_pks)
+        return KeyAdvert(cipher_pk, mask_pks, signature)
 
     def _forget_other_rounds(self, run: str) -> None:
         """One round at a time: every other round's secrets go when a round begins. A node that
@@ -216,12 +225,14 @@ class MemberSecAgg:
 
     def _load(self, path: Path) -> tuple[SecAggSetup, RoundKeys]:
         setup = SecAggSetup.from_json((path / "setup.json").read_text(), "stored secagg setup")
-        raw = (path / "keys.bin").read_bytes()
-        return setup, RoundKeys.from_private_bytes(raw[:32], raw[32:])
+        stored = json.loads((path / "keys.json").read_text())
+        masks = {g: bytes.fromhex(sk) for g, sk in stored["masks"].items()}
+        return setup, RoundKeys.from_private_bytes(bytes.fromhex(stored["cipher"]), masks)
 
     # ------------------------------------------------------------------ stage 2
     def share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
-        """Check neighbours' adverts; Shamir-share the mask key and a fresh self-mask seed."""
+        """Check neighbours' adverts; in each group, Shamir-share the group's mask key and a fresh
+        self-mask seed of its own."""
         path = self._existing(request.run, request.round, "share keys")
         if (path / "adverts.json").exists():
             raise ProtocolError("share keys: already answered for this round")
@@ -239,18 +250,22 @@ class MemberSecAgg:
                 request.round,
                 other,
                 advert.cipher_pk,
-                advert.mask_pk,
+                advert.mask_pks,
             )
-        self_seed = os.urandom(32)
-        _, mask_sk = keys.private_bytes()
+        _, mask_sks = keys.private_bytes()
+        self_seeds: dict[str, bytes] = {}
         bundles: dict[str, dict[str, dict[str, str]]] = {}
         for group in setup.groups_of(self.member):
             present = [n for n in group.neighbours[self.member] if n in request.adverts]
             if len(group.members) == 1 or len(present) < group.threshold:
                 continue  # cannot share safely for this group: the node sits it out
+            keyless = [n for n in present if group.group_id not in request.adverts[n].mask_pks]
+            if keyless:
+                raise ProtocolError(f"share keys: {keyless} advertise no mask key for group {group.group_id}")
             ids = [group.share_id(n) for n in present]
-            seed_shares = split_secret(self_seed, group.threshold, ids)
-            key_shares = split_secret(mask_sk, group.threshold, ids)
+            self_seeds[group.group_id] = os.urandom(32)
+            seed_shares = split_secret(self_seeds[group.group_id], group.threshold, ids)
+            key_shares = split_secret(mask_sks[group.group_id], group.threshold, ids)
             for n in present:
                 sid = group.share_id(n)
                 bundles.setdefault(n, {})[group.group_id] = {
@@ -267,7 +282,7 @@ class MemberSecAgg:
             )
             plaintext = json.dumps(bundle, sort_keys=True).encode()
             sealed[recipient] = seal(key, plaintext, _share_aad(request.run, request.round, self.member, recipient))
-        _write_private(path / "self_seed.bin", self_seed)
+        _write_private(path / "self_seeds.json", json.dumps({g: v.hex() for g, v in self_seeds.items()}).encode())
         adverts = {m: a.to_json() for m, a in request.adverts.items()}
         _write_private(path / "adverts.json", json.dumps(adverts, sort_keys=True).encode())
         return ShareKeysReply(self.member, sealed)
@@ -298,7 +313,7 @@ class MemberSecAgg:
             for gid, kinds in bundle.items():
                 received.setdefault(gid, {})[sender] = kinds
         vectors = _read_update(path / "update.safetensors")
-        self_seed = (path / "self_seed.bin").read_bytes()
+        self_seeds = {g: bytes.fromhex(v) for g, v in json.loads((path / "self_seeds.json").read_text()).items()}
         rng = secure_rng()
         masked: dict[str, np.ndarray] = {}
         groups_sent: list[str] = []
@@ -307,6 +322,11 @@ class MemberSecAgg:
             if self.member not in active:
                 continue
             self._check_active(group, active, received.get(group.group_id, {}))
+            if len(group.members) > 1 and group.group_id not in self_seeds:
+                raise ProtocolError(
+                    f"masked input: group {group.group_id} lists this node as active, but too few of its "
+                    "neighbours there shared keys for it to share its secrets"
+                )
             scale = request.weights.get(group.group_id)
             if scale is None:
                 raise ProtocolError(f"masked input: no weight for group {group.group_id}")
@@ -333,12 +353,12 @@ class MemberSecAgg:
                 if len(group.members) > 1:
                     # The self mask, then +mask with each peer after this node in name order and
                     # -mask with each one before it, so every pairwise mask cancels in the sum.
-                    seeds = [(self_seed, False)]
+                    seeds = [(self_seeds[group.group_id], False)]
                     for peer in peers:
                         seed = agree(
-                            keys.mask_private,
-                            adverts[peer].mask_pk,
-                            mask_context(request.run, request.round, self.member, peer),
+                            keys.mask_private[group.group_id],
+                            adverts[peer].mask_pks[group.group_id],
+                            mask_context(request.run, request.round, group.group_id, self.member, peer),
                         )
                         seeds.append((seed, self.member > peer))
                     apply_masks(values, shard, seeds)

@@ -603,6 +603,9 @@ REC_MASKED = "kyodo.masked"
 MAX_SECAGG_JSON = 16 * 1024 * 1024  # a setup or share bundle larger than this is refused
 _HEX_RE = re.compile(r"^(?:[0-9a-f]{2})*$")
 _GROUP_RE = re.compile(r"^g\d{1,6}$")
+# A member is in one group per distinct cohort of the shards it trains; ten thousand is far past
+# any plan (a member trains a few experts and adapters) and bounds what a reply can make a node parse.
+MAX_ADVERT_GROUPS = 10_000
 
 
 def _name(value: object, what: str, where: str) -> str:
@@ -763,22 +766,34 @@ class SecAggSetup:
 
 @dataclass
 class KeyAdvert:
-    """A node's two X25519 public keys for this round, signed with its Ed25519 identity key."""
+    """A node's X25519 public keys for this round, signed with its Ed25519 identity key: one
+    cipher key, and one mask key per aggregation group of more than one member that it is in
+    (``aggregation.secagg.keys`` says why each group has its own)."""
 
     cipher_pk: bytes
-    mask_pk: bytes
+    mask_pks: dict[str, bytes]  # group id -> mask public key
     signature: bytes
 
     def to_json(self) -> dict:
-        return {"cipher_pk": self.cipher_pk.hex(), "mask_pk": self.mask_pk.hex(), "signature": self.signature.hex()}
+        return {
+            "cipher_pk": self.cipher_pk.hex(),
+            "mask_pks": {g: pk.hex() for g, pk in self.mask_pks.items()},
+            "signature": self.signature.hex(),
+        }
 
     @classmethod
     def from_json(cls, raw: object, where: str) -> KeyAdvert:
         if not isinstance(raw, dict):
             raise ProtocolError(f"{where}: key advert must be an object")
+        masks = raw.get("mask_pks")
+        if not isinstance(masks, dict) or len(masks) > MAX_ADVERT_GROUPS:
+            raise ProtocolError(f"{where}: mask_pks must be an object of at most {MAX_ADVERT_GROUPS} groups")
+        for gid in masks:
+            if not isinstance(gid, str) or not _GROUP_RE.match(gid):
+                raise ProtocolError(f"{where}: mask key for group id {gid!r}, which is not valid (g<number>)")
         return cls(
             _hex(raw.get("cipher_pk"), "cipher_pk", where, 32),
-            _hex(raw.get("mask_pk"), "mask_pk", where, 32),
+            {gid: _hex(pk, f"mask key of group {gid}", where, 32) for gid, pk in masks.items()},
             _hex(raw.get("signature"), "signature", where, 64),
         )
 

@@ -142,3 +142,20 @@ def _truncated() -> Array:
 def test_masked_input_reply_refuses_anything_but_a_ring_vector(array, match):
     with pytest.raises(ProtocolError, match=match):
         MaskedInputReply.from_content(_masked_content(array))
+
+
+def test_a_key_advert_carries_one_mask_key_per_group_and_refuses_anything_else():
+    from shared_model.protocol import MAX_ADVERT_GROUPS, KeyAdvert
+
+    advert = KeyAdvert(bytes(range(32)), {"g0": bytes(32), "g12": bytes([7]) * 32}, bytes(64))
+    assert KeyAdvert.from_json(advert.to_json(), "train reply") == advert
+    good = advert.to_json()
+    for change, match in (
+        ({"mask_pks": {"x0": "00" * 32}}, "group id 'x0'"),
+        ({"mask_pks": {"g0": "00" * 31}}, "mask key of group g0 must be 32 bytes"),
+        ({"mask_pks": "00" * 32}, "mask_pks must be an object"),
+        ({"mask_pks": {f"g{i}": "00" * 32 for i in range(MAX_ADVERT_GROUPS + 1)}}, "at most"),
+        ({"mask_pk": "00" * 32, "mask_pks": None}, "mask_pks must be an object"),
+    ):
+        with pytest.raises(ProtocolError, match=match):
+            KeyAdvert.from_json({**good, **change}, "train reply")

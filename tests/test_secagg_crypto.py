@@ -24,6 +24,7 @@ from aggregation.secagg.keys import (
     RoundKeys,
     advert_payload,
     agree,
+    mask_context,
     open_sealed,
     pair_context,
     seal,
@@ -466,32 +467,40 @@ def test_combine_rejects_bad_shares():
 
 
 def test_round_keys_public_and_private_bytes_round_trip():
-    keys = RoundKeys.generate()
-    cipher_pk, mask_pk = keys.public_bytes()
-    assert len(cipher_pk) == len(mask_pk) == 32 and cipher_pk != mask_pk
+    keys = RoundKeys.generate(["g0", "g3"])
+    cipher_pk, mask_pks = keys.public_bytes()
+    assert sorted(mask_pks) == ["g0", "g3"]
+    assert len({cipher_pk, *mask_pks.values()}) == 3 and all(len(k) == 32 for k in (cipher_pk, *mask_pks.values()))
     again = RoundKeys.from_private_bytes(*keys.private_bytes())
-    assert again.public_bytes() == (cipher_pk, mask_pk)
+    assert again.public_bytes() == (cipher_pk, mask_pks)
     assert repr(keys) == "RoundKeys()"  # private keys stay out of logs and tracebacks
-    with pytest.raises(SecAggError, match="must differ"):
-        RoundKeys.from_private_bytes(keys.private_bytes()[0], keys.private_bytes()[0])
-    with pytest.raises(SecAggError, match="mask private key must be 32 bytes"):
-        RoundKeys.from_private_bytes(keys.private_bytes()[0], bytes(5))
+    cipher_sk, mask_sks = keys.private_bytes()
+    with pytest.raises(SecAggError, match="cipher key as a mask key"):
+        RoundKeys.from_private_bytes(cipher_sk, {"g0": cipher_sk})
+    with pytest.raises(SecAggError, match="one mask key in two aggregation groups"):
+        RoundKeys.from_private_bytes(cipher_sk, {"g0": mask_sks["g0"], "g3": mask_sks["g0"]})
+    with pytest.raises(SecAggError, match="mask private key of group g3 must be 32 bytes"):
+        RoundKeys.from_private_bytes(cipher_sk, {"g0": mask_sks["g0"], "g3": bytes(5)})
+    assert RoundKeys.generate([]).public_bytes()[1] == {}, "a member only in cohorts of one masks nothing"
 
 
 def test_agree_gives_both_ends_the_same_key_bound_to_its_context():
-    alice, bob = RoundKeys.generate(), RoundKeys.generate()
-    ctx_ab = pair_context("run-1", 3, "alice", "bob", "mask")
-    assert ctx_ab == pair_context("run-1", 3, "bob", "alice", "mask")
-    k_ab = agree(alice.mask_private, bob.public_bytes()[1], ctx_ab)
-    k_ba = agree(bob.mask_private, alice.public_bytes()[1], ctx_ab)
+    alice, bob = RoundKeys.generate(["g0"]), RoundKeys.generate(["g0"])
+    ctx_ab = mask_context("run-1", 3, "g0", "alice", "bob")
+    assert ctx_ab == mask_context("run-1", 3, "g0", "bob", "alice")
+    k_ab = agree(alice.mask_private["g0"], bob.public_bytes()[1]["g0"], ctx_ab)
+    k_ba = agree(bob.mask_private["g0"], alice.public_bytes()[1]["g0"], ctx_ab)
     assert k_ab == k_ba and len(k_ab) == 32
     for other in (
-        pair_context("run-1", 4, "alice", "bob", "mask"),
-        pair_context("run-2", 3, "alice", "bob", "mask"),
+        mask_context("run-1", 4, "g0", "alice", "bob"),
+        mask_context("run-2", 3, "g0", "alice", "bob"),
+        mask_context("run-1", 3, "g1", "alice", "bob"),
         pair_context("run-1", 3, "alice", "bob", "shares"),
-        pair_context("run-1", 3, "alice", "carol", "mask"),
+        mask_context("run-1", 3, "g0", "alice", "carol"),
     ):
-        assert agree(alice.mask_private, bob.public_bytes()[1], other) != k_ab
+        assert agree(alice.mask_private["g0"], bob.public_bytes()[1]["g0"], other) != k_ab
+    with pytest.raises(SecAggError, match="group id"):
+        mask_context("run-1", 3, "", "alice", "bob")
 
 
 def test_pair_context_is_unambiguous_and_validated():
@@ -509,8 +518,8 @@ def test_pair_context_is_unambiguous_and_validated():
 
 
 def test_agree_rejects_bad_keys_and_context():
-    keys = RoundKeys.generate()
-    peer = RoundKeys.generate().public_bytes()[0]
+    keys = RoundKeys.generate([])
+    peer = RoundKeys.generate([]).public_bytes()[0]
     with pytest.raises(SecAggError, match="small-order"):
         agree(keys.cipher_private, bytes(32), b"ctx")
     with pytest.raises(SecAggError, match="peer public key must be 32 bytes"):
@@ -545,30 +554,42 @@ def test_seal_round_trip_and_tampering():
 def test_adverts_verify_only_unchanged(tmp_path):
     signing = load_or_create_signing_key(tmp_path / "identity.pem")
     public = load_public_key(public_key_hex(signing))
-    cipher_pk, mask_pk = RoundKeys.generate().public_bytes()
-    sig = sign_advert(signing, "run", 2, "alice", cipher_pk, mask_pk)
+    cipher_pk, mask_pks = RoundKeys.generate(["g0", "g1"]).public_bytes()
+    sig = sign_advert(signing, "run", 2, "alice", cipher_pk, mask_pks)
     assert len(sig) == 64
-    verify_advert(public, sig, "run", 2, "alice", cipher_pk, mask_pk)
+    verify_advert(public, sig, "run", 2, "alice", cipher_pk, mask_pks)
+    swapped = {"g0": mask_pks["g1"], "g1": mask_pks["g0"]}  # a key moved to another group
     for changed in (
-        ("run2", 2, "alice", cipher_pk, mask_pk),
-        ("run", 3, "alice", cipher_pk, mask_pk),
-        ("run", 2, "bob", cipher_pk, mask_pk),
-        ("run", 2, "alice", mask_pk, cipher_pk),
+        ("run2", 2, "alice", cipher_pk, mask_pks),
+        ("run", 3, "alice", cipher_pk, mask_pks),
+        ("run", 2, "bob", cipher_pk, mask_pks),
+        ("run", 2, "alice", mask_pks["g0"], {"g0": cipher_pk, "g1": mask_pks["g1"]}),
+        ("run", 2, "alice", cipher_pk, swapped),
+        ("run", 2, "alice", cipher_pk, {"g0": mask_pks["g0"]}),
+        ("run", 2, "alice", cipher_pk, {**mask_pks, "g2": RoundKeys.generate([]).public_bytes()[0]}),
     ):
         with pytest.raises(SecAggError, match="invalid signature"):
             verify_advert(public, sig, *changed)
     stranger = Ed25519PrivateKey.generate().public_key()
     with pytest.raises(SecAggError, match="invalid signature"):
-        verify_advert(stranger, sig, "run", 2, "alice", cipher_pk, mask_pk)
+        verify_advert(stranger, sig, "run", 2, "alice", cipher_pk, mask_pks)
     with pytest.raises(SecAggError, match="advert signature must be 64 bytes"):
-        verify_advert(public, sig[:63], "run", 2, "alice", cipher_pk, mask_pk)
-    with pytest.raises(SecAggError, match="same key for cipher and mask"):
-        sign_advert(signing, "run", 2, "alice", cipher_pk, cipher_pk)
+        verify_advert(public, sig[:63], "run", 2, "alice", cipher_pk, mask_pks)
+    with pytest.raises(SecAggError, match="cipher key as a mask key"):
+        sign_advert(signing, "run", 2, "alice", cipher_pk, {"g0": cipher_pk})
+    with pytest.raises(SecAggError, match="one mask key in two aggregation groups"):
+        sign_advert(signing, "run", 2, "alice", cipher_pk, {"g0": mask_pks["g0"], "g1": mask_pks["g0"]})
+    with pytest.raises(SecAggError, match="mapping of group id"):
+        sign_advert(signing, "run", 2, "alice", cipher_pk, mask_pks["g0"])
     with pytest.raises(SecAggError, match="Ed25519PublicKey"):
-        verify_advert(signing, sig, "run", 2, "alice", cipher_pk, mask_pk)
+        verify_advert(signing, sig, "run", 2, "alice", cipher_pk, mask_pks)
     with pytest.raises(SecAggError, match="Ed25519PrivateKey"):
-        sign_advert(X25519PrivateKey.generate(), "run", 2, "alice", cipher_pk, mask_pk)
-    assert advert_payload("run", 2, "alice", cipher_pk, mask_pk) != advert_payload("run", 2, "alic", cipher_pk, mask_pk)
+        sign_advert(X25519PrivateKey.generate(), "run", 2, "alice", cipher_pk, mask_pks)
+    assert advert_payload("run", 2, "alice", cipher_pk, mask_pks) != advert_payload(
+        "run", 2, "alic", cipher_pk, mask_pks
+    )
+    one, other = {"g1": mask_pks["g0"]}, {"g": b"1" + mask_pks["g0"][:31]}  # length-prefixed: not one string
+    assert advert_payload("run", 2, "alice", cipher_pk, one) != advert_payload("run", 2, "alice", cipher_pk, other)
 
 
 # ====================================================================== graph
@@ -660,7 +681,7 @@ def _mask_input(q, name, keys, self_seed, peers, mask_pks, plan, run, rnd, strea
     masked = q.copy()
     add_into(masked, expand_mask(self_seed, stream, q.size, plan.dtype))
     for peer in peers:
-        seed = agree(keys.mask_private, mask_pks[peer], pair_context(run, rnd, name, peer, "mask"))
+        seed = agree(keys.mask_private["g0"], mask_pks[peer], mask_context(run, rnd, "g0", name, peer))
         (add_into if name < peer else sub_into)(masked, expand_mask(seed, stream, q.size, plan.dtype))
     return masked
 
@@ -679,13 +700,13 @@ def test_round_with_a_dropout_unmasks_exactly_the_survivors_sum(tmp_path, names,
 
     # Stage 1: fresh round keys, adverts signed with the identity key, checked by the peers.
     identity = {m: load_or_create_signing_key(tmp_path / f"{m}.pem") for m in names}
-    keys = {m: RoundKeys.generate() for m in names}
+    keys = {m: RoundKeys.generate(["g0"]) for m in names}
     adverts = {m: keys[m].public_bytes() for m in names}
     sigs = {m: sign_advert(identity[m], run, rnd, m, *adverts[m]) for m in names}
     for m in names:
         for peer in graph[m]:
             verify_advert(load_public_key(public_key_hex(identity[peer])), sigs[peer], run, rnd, peer, *adverts[peer])
-    mask_pks = {m: adverts[m][1] for m in names}
+    mask_pks = {m: adverts[m][1]["g0"] for m in names}
 
     # Stage 2: share the self-mask seed and the mask key among neighbours, sealed per pair.
     self_seeds = {m: os.urandom(32) for m in names}
@@ -693,7 +714,7 @@ def test_round_with_a_dropout_unmasks_exactly_the_survivors_sum(tmp_path, names,
     for m in names:
         ids = [share_id[p] for p in graph[m]]
         seed_shares = split_secret(self_seeds[m], threshold, ids)
-        key_shares = split_secret(keys[m].private_bytes()[1], threshold, ids)
+        key_shares = split_secret(keys[m].private_bytes()[1]["g0"], threshold, ids)
         for p in graph[m]:
             k = agree(keys[m].cipher_private, adverts[p][0], pair_context(run, rnd, m, p, "shares"))
             inbox[p][m] = seal(k, seed_shares[share_id[p]] + key_shares[share_id[p]], f"{m}->{p}".encode())
@@ -732,7 +753,7 @@ def test_round_with_a_dropout_unmasks_exactly_the_survivors_sum(tmp_path, names,
     key_shares = {share_id[h]: held_share(h, dropped, 1) for h in graph[dropped] if h in survivors}
     dropped_key = X25519PrivateKey.from_private_bytes(combine_shares(key_shares, threshold))
     for peer in graph[dropped]:
-        seed = agree(dropped_key, mask_pks[peer], pair_context(run, rnd, dropped, peer, "mask"))
+        seed = agree(dropped_key, mask_pks[peer], mask_context(run, rnd, "g0", dropped, peer))
         # The peer added +mask if it sorts before the dropout, else -mask: undo that.
         (sub_into if peer < dropped else add_into)(total, expand_mask(seed, stream, length, plan.dtype))
 

@@ -5,6 +5,8 @@ dropout stage can be forced deterministically."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,7 @@ class Round:
         self.received: list[RecordDict] = []  # every payload the coordinator receives
         self.plaintext: dict[str, dict[str, np.ndarray]] = {}
         self.weights: dict[str, float] = {}
+        self.masked: dict[str, MaskedInputReply] = {}  # what the coordinator received at stage 3
 
     def _answer(self, member: str, stage: str, request, handler, reply_cls):
         if self.drop.get(member) == stage:
@@ -128,6 +131,7 @@ class Round:
         for member, request in self.server.masked_input_requests().items():
             reply = self._answer(member, "masked_input", request, MemberNode.masked_input, MaskedInputReply)
             if reply is not None:
+                self.masked[member] = reply
                 self.server.add_masked(reply)
         for member, request in self.server.unmask_requests().items():
             reply = self._answer(member, "unmask", request, MemberNode.unmask, UnmaskReply)
@@ -272,9 +276,33 @@ def test_forged_advert_is_refused(federation):
     requests = rnd.server.share_keys_requests()
     request = _wire(requests["sony"], ShareKeysRequest)
     other = next(iter(request.adverts))
-    request.adverts[other].mask_pk = bytes(32)  # the coordinator swaps a key
+    gid = next(iter(request.adverts[other].mask_pks))
+    request.adverts[other].mask_pks[gid] = bytes(32)  # the coordinator swaps a key
     with pytest.raises(SecAggError):
         nodes["sony"].share_keys(request)
+
+
+def test_an_advert_without_a_mask_key_for_each_shared_cohort_is_refused(federation):
+    """A neighbour's advert must name its own mask key for each cohort the two share: the
+    coordinator refuses to relay one that does not, and a node refuses to share keys with one,
+    even signed by the neighbour itself."""
+    from aggregation.secagg.keys import RoundKeys, sign_advert
+    from shared_model.protocol import KeyAdvert
+
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 51, {m: "share_keys" for m in nodes})
+    rnd.run()
+    request = _wire(rnd.server.share_keys_requests()["sony"], ShareKeysRequest)
+    other = next(iter(request.adverts))
+    shared = [g.group_id for g in rnd.setup.groups_of("sony") if other in g.members]
+    cipher_pk, mask_pks = RoundKeys.generate(set(request.adverts[other].mask_pks) - {shared[0]}).public_bytes()
+    signature = sign_advert(nodes[other].signing_key, RUN, 51, other, cipher_pk, mask_pks)
+    request.adverts[other] = KeyAdvert(cipher_pk, mask_pks, signature)
+    with pytest.raises(ProtocolError, match=f"advertise no mask key for group {shared[0]}"):
+        nodes["sony"].share_keys(request)
+    server = SecAggServer(RUN, 51, rnd.setup, {})
+    with pytest.raises(SecAggError, match=f"advertises mask keys for groups .*, expected .*'{shared[0]}'"):
+        server.add_advert(other, request.adverts[other], public_key_hex(nodes[other].signing_key), 1.0)
 
 
 def test_masked_input_refuses_a_group_of_one_active_member(federation):
@@ -346,7 +374,9 @@ def test_a_round_a_node_vanished_from_leaves_no_secrets_once_the_next_round_begi
     cfg, nodes, model = federation
     Round(cfg, nodes, model, 70, {"sony": "masked_input", "fanuc": "unmask"}, run="vanished").run()
     root = nodes["sony"].secagg.root
-    assert (root / "vanished" / "r70" / "keys.bin").is_file() and (root / "vanished" / "r70" / "self_seed.bin").exists()
+    assert (root / "vanished" / "r70" / "keys.json").is_file() and (
+        root / "vanished" / "r70" / "self_seeds.json"
+    ).exists()
     Round(cfg, nodes, model, 1, run="next").run()
     assert sorted(p.name for p in (root / "vanished" / "r70").iterdir()) == ["base.txt", "update.safetensors"]
     assert nodes["sony"].secagg.can_resend("vanished", 70), "its own run's resume can still send it"
@@ -486,3 +516,67 @@ def test_a_round_sent_again_for_other_shards_is_sat_out(federation):
     reply = nodes[member].train(TrainRequest(120, shards, HP, model, run=RUN, planned_rounds=100, secagg=first.setup))
     assert isinstance(reply, TrainDeclined)
     assert f"already trained, for shards {sorted(first.plan.shards_of(member))}" in reply.reason
+
+
+def _stripped(rnd: Round, owner: str, group, shard: str, self_seed: bytes, mask_key: bytes) -> np.ndarray | None:
+    """What a coordinator holding ``owner``'s self-mask seed and mask key makes of its masked
+    ``shard``: the owner's update if the two open it, ``None`` if the masks do not come off."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from aggregation.secagg.keys import agree, mask_context
+    from aggregation.secagg.masks import apply_masks
+    from aggregation.secagg.quantize import QuantizationPlan, dequantize_sum
+
+    values = rnd.masked[owner].masked[shard].copy()
+    key = X25519PrivateKey.from_private_bytes(mask_key)
+    seeds = [(self_seed, True)]
+    for peer in group.neighbours[owner]:
+        peer_pk = rnd.server.adverts[peer].mask_pks[group.group_id]
+        seed = agree(key, peer_pk, mask_context(rnd.run_name, rnd.round, group.group_id, owner, peer))
+        seeds.append((seed, owner < peer))  # the owner added +mask for peers after it: take it off
+    apply_masks(values, shard, seeds)
+    try:
+        return dequantize_sum(values, 1, QuantizationPlan.from_dict(group.quantization))
+    except SecAggError:
+        return None
+
+
+@pytest.mark.parametrize("seed_from", ["cohort of four", "pair"])
+def test_a_coordinator_that_splits_a_member_across_its_cohorts_cannot_open_its_update(federation, seed_from):
+    """A review told sony's neighbours in one cohort that sony stayed and its neighbour in
+    another that it dropped: each answered unmask once, as it should, with one of sony's
+    secrets, and when sony used one mask key and one self-mask seed in every cohort the two
+    opened its update (max error 1.8e-6). Each cohort now has its own of both."""
+    from aggregation.secagg.shamir import combine_shares
+
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 1, {m: "unmask" for m in nodes}, run=f"split-{seed_from.replace(' ', '-')}")
+    rnd.run()
+    four = next(g for g in rnd.setup.groups if "adapter/shared" in g.shards)
+    pair = next(g for g in rnd.setup.groups if "adapter/emb/so100" in g.shards)
+    assert sorted(pair.members) == ["softbank", "sony"] and len(four.members) == 4 and pair.threshold == 1
+    everyone = sorted(nodes)
+    told_sony_dropped = ["softbank"] if seed_from == "cohort of four" else ["honda", "fanuc"]
+    replies = {}
+    for holder in ["honda", "fanuc", "softbank"]:
+        dropped = ["sony"] if holder in told_sony_dropped else []
+        survivors = [m for m in everyone if m not in dropped]
+        request = UnmaskRequest(rnd.round, rnd.run_name, survivors, dropped)
+        replies[holder] = nodes[holder].unmask(_wire(request, UnmaskRequest))
+
+    def secret(group, kind, holders):
+        shares = {group.share_id(h): replies[h].shares[group.group_id][kind]["sony"] for h in holders}
+        return combine_shares(shares, group.threshold)
+
+    if seed_from == "cohort of four":
+        self_seed, mask_key = secret(four, "self_seed", ["honda", "fanuc"]), secret(pair, "mask_key", ["softbank"])
+    else:
+        self_seed, mask_key = secret(pair, "self_seed", ["softbank"]), secret(four, "mask_key", ["honda", "fanuc"])
+    assert _stripped(rnd, "sony", four, "adapter/shared", self_seed, mask_key) is None
+    # The same coordinator with both of the group's own secrets (read off sony's disk here,
+    # which no one outside sony can) does open it: the masks above held, not the arithmetic failed.
+    kept = nodes["sony"].secagg.root / rnd.run_name / f"r{rnd.round}"
+    own_seed = bytes.fromhex(json.loads((kept / "self_seeds.json").read_text())[four.group_id])
+    own_key = bytes.fromhex(json.loads((kept / "keys.json").read_text())["masks"][four.group_id])
+    opened = _stripped(rnd, "sony", four, "adapter/shared", own_seed, own_key)
+    np.testing.assert_allclose(opened, rnd.plaintext["sony"]["adapter/shared"], atol=2 * 2.0 / (2**20 - 1))

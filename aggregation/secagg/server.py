@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from aggregation.secagg.errors import SecAggError
 from aggregation.secagg.graph import default_degree, default_threshold, neighbours
-from aggregation.secagg.keys import agree, pair_context
+from aggregation.secagg.keys import agree, mask_context
 from aggregation.secagg.masks import apply_masks
 from aggregation.secagg.quantize import QuantizationPlan, dequantize_sum, plan_quantization
 from aggregation.secagg.shamir import combine_shares
@@ -140,6 +140,11 @@ class SecAggServer:
             raise SecAggError(f"{member} is in no aggregation group of this round")
         if not (math.isfinite(weight) and weight > 0):
             raise SecAggError(f"{member}: FedAvg weight must be a positive number, got {weight!r}")
+        masked_groups = {g.group_id for g in self.setup.groups_of(member) if len(g.members) > 1}
+        if set(advert.mask_pks) != masked_groups:
+            raise SecAggError(
+                f"{member} advertises mask keys for groups {sorted(advert.mask_pks)}, expected {sorted(masked_groups)}"
+            )
         self.adverts[member] = advert
         self.identity_keys[member] = identity_key
         self.weights[member] = float(weight)
@@ -320,7 +325,8 @@ class SecAggServer:
             for peer in group.neighbours[d]:
                 if peer not in contributors:
                     continue  # its masked vector is not in the sum, nor the mask it shares with d
-                seed = agree(d_key, self.adverts[peer].mask_pk, pair_context(self.run, self.round, d, peer, "mask"))
+                peer_pk = self.adverts[peer].mask_pks[group.group_id]
+                seed = agree(d_key, peer_pk, mask_context(self.run, self.round, group.group_id, d, peer))
                 unmask.append((seed, peer < d))  # peer added +mask if peer < d, else -mask: undo exactly that
         return unmask
 
