@@ -18,6 +18,11 @@ What was taken is named in round 0's signed record: the earlier run's id, the ro
 manifest's sha256 and the earlier coordinator's signature on that manifest, so an auditor
 holding the consortium's coordinator key can check the model's lineage from round 0's
 record alone.
+
+Round 0's model is the one the earlier run's members already released held-out errors for,
+so those are carried into round 0's record (``evaluation_same_model``, each naming the run
+and round of its release and keeping its receipt) and only the other members are asked:
+asking again would spend every DP member's budget on a number the consortium already has.
 """
 
 from __future__ import annotations
@@ -98,6 +103,18 @@ def earlier_round(cfg: KyodoConfig) -> EarlierRound:
             "if its coordinator died after committing it, resume that run first to write the record"
         )
     return EarlierRound(run_dir, run_id, store, manifest, dict(signed))
+
+
+def same_model_evaluations(run_dir: Path, run_id: str, round_number: int) -> dict[str, dict[str, Any]]:
+    """Member -> the held-out error it released for round ``round_number`` of the run in
+    ``run_dir`` (the model a continuing run's round 0 is), with ``run`` and ``round`` naming
+    that release. A round 0 that itself carried errors from further back passes them on."""
+    record = next((r for r in read_records(run_dir) if r.get("round") == round_number), {})
+    carried = {m: dict(e) for m, e in (record.get("evaluation_same_model") or {}).items() if isinstance(e, dict)}
+    for member, entry in (record.get("evaluation") or {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("action_mse"), int | float):
+            carried[member] = {**entry, "run": run_id, "round": round_number}
+    return carried
 
 
 def import_round(state: RunState, earlier: EarlierRound) -> dict[str, str]:

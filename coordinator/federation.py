@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from coordinator.continuation import earlier_round, import_round
+from coordinator.continuation import earlier_round, import_round, same_model_evaluations
 from coordinator.progress import STAGES, cohort_table, make_progress, round_table, summary_table
 from coordinator.public_checkpoint import initial_source, load_checkpoint, public_checkpoint
 from coordinator.records import append_record, committed_record, earlier_runs_records, read_records
@@ -116,22 +116,30 @@ def _evaluation_entry(reply: EvaluateReply) -> dict:
     return entry
 
 
+def _replies(entries: dict) -> dict[str, EvaluateReply]:
+    """Recorded held-out errors (``_evaluation_entry``'s form) as the summary keeps them."""
+    return {
+        member: EvaluateReply(
+            member,
+            int(entry.get("num_examples") or 0),
+            float(entry["action_mse"]),
+            float("nan") if entry.get("action_mae") is None else float(entry["action_mae"]),
+        )
+        for member, entry in entries.items()
+        if isinstance(entry, dict) and isinstance(entry.get("action_mse"), (int, float))
+    }
+
+
 def _recorded_evaluations(records: list[dict], before: int) -> list[tuple[int, dict[str, EvaluateReply]]]:
-    """Each recorded round's held-out errors (rounds < ``before``), as the summary keeps them."""
+    """Each recorded round's held-out errors (rounds < ``before``), those carried for round 0 included."""
     history: dict[int, dict[str, EvaluateReply]] = {}
     for record in records:
         rnd = record.get("round")
         if not isinstance(rnd, int) or rnd >= before:
             continue
         history[rnd] = {
-            member: EvaluateReply(
-                member,
-                int(entry.get("num_examples") or 0),
-                float(entry["action_mse"]),
-                float("nan") if entry.get("action_mae") is None else float(entry["action_mae"]),
-            )
-            for member, entry in (record.get("evaluation") or {}).items()
-            if isinstance(entry, dict) and isinstance(entry.get("action_mse"), (int, float))
+            **_replies(record.get("evaluation_same_model") or {}),
+            **_replies(record.get("evaluation") or {}),
         }
     return sorted(history.items())
 
@@ -141,6 +149,15 @@ def _evaluation(result: RoundResult) -> dict:
         "evaluation": {m: _evaluation_entry(e) for m, e in result.evaluation.items()},
         "seconds": round(result.seconds, 3),
     }
+
+
+def _carried_evaluations(cfg: KyodoConfig, source: dict, members: set[str]) -> dict[str, dict]:
+    """Round 0 of a continued run: the held-out errors this run's members released for the
+    model it starts from (``coordinator.continuation.same_model_evaluations``)."""
+    if source.get("source") != "run":
+        return {}
+    carried = same_model_evaluations(Path(cfg.continue_from).expanduser(), source["run"], source["round"])
+    return {m: e for m, e in carried.items() if m in members}
 
 
 def _heads_from_earlier_runs(runner: RoundRunner, cfg: KyodoConfig, out_dir: Path) -> None:
@@ -211,8 +228,9 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
         first_round = 1
         t0 = time.monotonic()
         runner.query(0)
-        initial = runner.evaluate(0, list(runner.members))
-        summary.history.append((0, initial))
+        carried = _carried_evaluations(cfg, source, {m.name for m in runner.members.values()})
+        initial = runner.evaluate(0, [n for n, m in runner.members.items() if m.name not in carried])
+        summary.history.append((0, {**_replies(carried), **initial}))
         record = {
             "round": 0,
             "initial": source,
@@ -221,12 +239,20 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
             "sync_bytes": dict(runner.sync.sent_bytes),
             "ledger_heads": runner.head_receipts(),
         }
+        if carried:
+            record["evaluation_same_model"] = carried
         append_record(out_dir, _signed(record, key, run_id, initial_manifest))
         console.print(
             f"[bold]kyodo[/] run: model [cyan]{cfg.model.name}[/], {len(runner.members)} members "
             f"({', '.join(sorted(m.name for m in runner.members.values()))}), {cfg.train.rounds} rounds; "
             f"initial held-out MSE {_fmt(summary.mean_mse(0))} ({time.monotonic() - t0:.1f}s); "
             f"round 0: {describe_round_zero(source)}"
+            + (
+                f"; the held-out errors {', '.join(sorted(carried))} released for that model are carried, "
+                "not released again"
+                if carried
+                else ""
+            )
         )
     else:
         # Weights and optimiser state stay in the store: the runner reads each shard when it needs it.

@@ -111,7 +111,7 @@ def rounds_table(report: RunReport) -> Table:
             kinds = ["record lost, resumed from store"]
         elif rec.get("evaluation_lost"):  # the same, with the record committed in the manifest
             kinds = [*kinds, "evaluation lost in a crash"]
-        evaluation = rec.get("evaluation") or {}
+        evaluation = {**(rec.get("evaluation_same_model") or {}), **(rec.get("evaluation") or {})}
         mse = sum(e["action_mse"] for e in evaluation.values()) / len(evaluation) if evaluation else None
         committed = (
             "HEAD" if rnd == report.head

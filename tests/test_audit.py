@@ -655,6 +655,28 @@ def test_a_training_receipt_cannot_stand_in_for_an_evaluation_receipt(tmp_path: 
     assert_found(result, "receipt", "round 2 evaluation of alpha", "release 'dp-sgd' != 'evaluation'")
 
 
+def test_held_out_errors_carried_into_round_zero_must_carry_the_receipt_of_their_release(tmp_path: Path) -> None:
+    """A continued run's round 0 carries the errors members released for the model it starts
+    from (``evaluation_same_model``): nothing is spent for them in this run, but each must
+    carry the receipt of the release it names, in the member's ledger."""
+    build_federation(tmp_path, evaluations=True)
+    records = read_records(tmp_path)
+    # Round 2's releases stand in for an earlier run's (this ledger holds no other evaluation).
+    carried = {m: {**records[2]["evaluation"][m], "run": RUN, "round": 2} for m in MEMBERS}
+    records[0]["evaluation_same_model"] = carried
+    write_records(tmp_path, records)
+    clean = run_audit(tmp_path)
+    assert clean.ok, [f.text() for f in clean.failures]
+    assert [e.status for e in clean.entries if e.member == "alpha"][-1] == "evaluation in round 2"
+    carried["beta"]["round"] = 1  # names a release the receipt is not
+    del carried["gamma"]["receipt"]
+    write_records(tmp_path, records)
+    result = run_audit(tmp_path)
+    assert_found(result, "receipt", "round 0 evaluation of beta (carried from an earlier run)", "round 2 != 1")
+    assert_found(result, "accounting", "round 0 evaluation of gamma (carried from an earlier run)", "without a receipt")
+    assert not [t for t in failures(result, "receipt") + failures(result, "accounting") if "alpha" in t]
+
+
 EXACT_ERROR = {"action_mse": 0.0123, "num_examples": 40, "action_mae": 0.21}  # no receipt: not a DP release
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from coordinator.continuation import ContinuationError, earlier_round
+from coordinator.continuation import ContinuationError, earlier_round, same_model_evaluations
 from coordinator.federation import run_federation
 from coordinator.run_state import RunState
 from coordinator.run_status import describe_round_zero
@@ -26,10 +26,10 @@ MEMBERS = {"honda": "aloha", "sony": "so100", "softbank": "agv", "fanuc": "frank
 BASE = ["secagg.enabled=false", "train.min_cohort=2"]
 
 
-def _run(root: Path, name: str, *overrides: str, held: tuple[str, ...] = ()) -> tuple[Path, FakeGrid]:
+def _run(root: Path, name: str, *overrides: str, **grid_options) -> tuple[Path, FakeGrid]:
     out = root / name
     cfg = load_config(model="tiny", overrides=[*BASE, f"out_dir={out}", "train.rounds=2", *overrides])
-    grid = FakeGrid(MEMBERS, RunState(cfg, root / "layout").layout, held=held)
+    grid = FakeGrid(MEMBERS, RunState(cfg, root / "layout").layout, **grid_options)
     log = io.StringIO()
     run_federation(cfg, grid, Console(file=log, width=300))
     (out / "console.txt").write_text(log.getvalue())
@@ -77,6 +77,32 @@ def test_round_zero_is_the_earlier_heads_objects_linked_not_copied(first_run, tm
     assert round_signature_problem(signed, run_id, 2, head.digest, key) is None
     assert describe_round_zero(source) == f"continued from round 2 of run {run_id} (manifest sha256:{head.digest})"
     assert f"round 0: continued from round 2 of run {run_id}" in (out / "console.txt").read_text()  # the run's log
+
+
+def test_round_zero_carries_the_held_out_errors_released_for_the_model_it_continues(tmp_path):
+    """Round 0 is the model the earlier run's members released held-out errors for: those are
+    carried (asking again would spend each DP member's budget on a number already released),
+    and only a member that released none for it is asked."""
+    from shared_model.protocol import EVALUATE
+
+    first, _ = _run(tmp_path, "first", withholding={"fanuc": "not due"})
+    first_id = json.loads((first / "run.json").read_text())["run"]
+    released = _records(first)[2]["evaluation"]
+    assert sorted(released) == ["honda", "softbank", "sony"]
+    out, grid = _run(tmp_path, "second", f"continue_from={first}", "train.rounds=1", withholding={"fanuc": "x"})
+    zero = _records(out)[0]
+    assert zero["evaluation_same_model"] == {m: {**e, "run": first_id, "round": 2} for m, e in released.items()}
+    assert zero["evaluation"] == {} and zero["evaluation_withheld"] == {"fanuc": "x"}, "fanuc alone was asked"
+    asked = sorted(name for kind, name, _ in grid.ledger_heads if kind == EVALUATE)
+    assert asked == sorted(["fanuc", *MEMBERS]), "round 0: fanuc; round 1: everyone"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["per_member"]["0"] == {m: e["action_mse"] for m, e in released.items()}
+    assert "the held-out errors honda, softbank, sony released for that model are carried" in " ".join(
+        (out / "console.txt").read_text().split()
+    )
+    # A run continued from that round 0 (its HEAD, had it died before round 1) would carry them on.
+    second_id = json.loads((out / "run.json").read_text())["run"]
+    assert same_model_evaluations(out, second_id, 0) == zero["evaluation_same_model"]
 
 
 def test_members_that_hold_the_earlier_model_are_sent_nothing_for_round_zero(first_run, tmp_path):

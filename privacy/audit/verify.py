@@ -24,6 +24,9 @@ establishes, per check (``findings.CHECKS``):
   the receipt's steps cannot be checked. Every held-out error a record holds (``evaluation``)
   carries a valid evaluation receipt that is in the member's ledger: every consortium member
   publishes a budget, so one without a receipt is a release outside it (``accounting``).
+  A held-out error carried into a continued run's round 0 (``evaluation_same_model``: the
+  member released it for that model in an earlier run) carries the receipt of that release,
+  which must name the run and round the record says and be in the member's ledger.
 * **coverage**: every ledger entry of this run appears as a receipt in its round's record,
   or is explained: the member's reply failed in that round (``failed``: it spent budget but
   its update never reached the model), it declined the committed attempt of a round it had
@@ -906,56 +909,80 @@ def _check_evaluations(
     evaluation receipt is a release outside its accounting: a failure, whatever the number
     was, whether or not the member trained in this run (a node that switched DP off, a
     debugging switch, fails here as its training fails the receipt check). A member the
-    consortium does not list has no budget an evaluation could be accounted against.
+    consortium does not list has no budget an evaluation could be accounted against. An
+    error carried from an earlier run's release (``evaluation_same_model``) spends nothing
+    in this run, but its receipt must be that release's.
     """
     for rnd, record in sorted(records.items()):
-        evaluation = record.get("evaluation")
-        if not isinstance(evaluation, dict):
-            continue
-        for member, reported in sorted(evaluation.items()):
-            add = partial(result.add, member=member)
-            subject = f"round {rnd} evaluation of {member}"
-            index = indexes.get(member)
-            published = consortium.members.get(member)
-            if published is None:
-                add(
-                    "consortium",
-                    subject,
-                    f"{member!r} is not a consortium member: no published key or budget accounts for its held-out error",
-                )
+        for field_name in ("evaluation", "evaluation_same_model"):
+            evaluation = record.get(field_name)
+            if not isinstance(evaluation, dict):
                 continue
-            text = reported.get("receipt") if isinstance(reported, dict) else None
-            if text is None:
-                add(
-                    "accounting",
-                    subject,
-                    "the held-out error was recorded without a receipt: a release outside the member's ledger "
-                    "and its published budget",
-                )
-                continue
-            try:
-                receipt = receipt_from_json(text)
-                verify_entry(receipt, published.public_key)
-            except LedgerError as exc:
-                for problem in exc.problems:
-                    add(_classify(problem), subject, problem)
-                continue
-            found = {"run": receipt.get("run"), "round": receipt.get("round"), "member": receipt.get("member")}
-            found["release"] = release_of(receipt)
-            expected = {"run": run.run_id, "round": rnd, "member": member, "release": RELEASE_EVALUATION}
-            wrong = [f"{k} {found[k]!r} != {v!r}" for k, v in expected.items() if found[k] != v]
-            if wrong:
-                add("receipt", subject, "receipt does not belong here: " + "; ".join(wrong))
-                continue
-            if index is None:
-                add("receipt", subject, f"no ledger of {member!r} was given: the receipt cannot be matched to it")
-                continue
-            i = index.by_hash.get(entry_hash(receipt))
-            if i is None:
-                add("receipt", subject, f"receipt is not in {member}'s ledger: dropped from it, or never written")
-                continue
-            index.matched.add(i)
-            index.rows[i].status = f"evaluation in round {rnd}"
+            for member, reported in sorted(evaluation.items()):
+                carried = field_name == "evaluation_same_model"
+                subject = f"round {rnd} evaluation of {member}" + (" (carried from an earlier run)" if carried else "")
+                if carried and isinstance(reported, dict):
+                    released_in = (reported.get("run"), reported.get("round"))
+                else:
+                    released_in = (run.run_id, rnd)
+                _check_evaluation(result, consortium, indexes, member, reported, subject, released_in, carried)
+
+
+def _check_evaluation(
+    result: AuditResult,
+    consortium: Consortium,
+    indexes: dict[str, _LedgerIndex],
+    member: str,
+    reported: Any,
+    subject: str,
+    released_in: tuple[Any, Any],
+    carried: bool,
+) -> None:
+    """One recorded held-out error against its receipt and the member's ledger (see above)."""
+    add = partial(result.add, member=member)
+    index = indexes.get(member)
+    published = consortium.members.get(member)
+    if published is None:
+        add(
+            "consortium",
+            subject,
+            f"{member!r} is not a consortium member: no published key or budget accounts for its held-out error",
+        )
+        return
+    text = reported.get("receipt") if isinstance(reported, dict) else None
+    if text is None:
+        add(
+            "accounting",
+            subject,
+            "the held-out error was recorded without a receipt: a release outside the member's ledger "
+            "and its published budget",
+        )
+        return
+    try:
+        receipt = receipt_from_json(text)
+        verify_entry(receipt, published.public_key)
+    except LedgerError as exc:
+        for problem in exc.problems:
+            add(_classify(problem), subject, problem)
+        return
+    found = {"run": receipt.get("run"), "round": receipt.get("round"), "member": receipt.get("member")}
+    found["release"] = release_of(receipt)
+    run_id, rnd = released_in
+    expected = {"run": run_id, "round": rnd, "member": member, "release": RELEASE_EVALUATION}
+    wrong = [f"{k} {found[k]!r} != {v!r}" for k, v in expected.items() if found[k] != v]
+    if wrong:
+        add("receipt", subject, "receipt does not belong here: " + "; ".join(wrong))
+        return
+    if index is None:
+        add("receipt", subject, f"no ledger of {member!r} was given: the receipt cannot be matched to it")
+        return
+    i = index.by_hash.get(entry_hash(receipt))
+    if i is None:
+        add("receipt", subject, f"receipt is not in {member}'s ledger: dropped from it, or never written")
+        return
+    if not carried:  # a carried release is an entry of the earlier run, accounted for there
+        index.matched.add(i)
+        index.rows[i].status = f"evaluation in round {rnd}"
 
 
 def audit_inputs(
