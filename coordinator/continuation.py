@@ -107,13 +107,19 @@ def earlier_round(cfg: KyodoConfig) -> EarlierRound:
 
 def same_model_evaluations(run_dir: Path, run_id: str, round_number: int) -> dict[str, dict[str, Any]]:
     """Member -> the held-out error it released for round ``round_number`` of the run in
-    ``run_dir`` (the model a continuing run's round 0 is), with ``run`` and ``round`` naming
-    that release. A round 0 that itself carried errors from further back passes them on."""
+    ``run_dir`` (the model a continuing run's round 0 is): :func:`released_for_model`."""
     record = next((r for r in read_records(run_dir) if r.get("round") == round_number), {})
+    return released_for_model(record, run_id)
+
+
+def released_for_model(record: dict[str, Any], run_id: str) -> dict[str, dict[str, Any]]:
+    """Member -> the held-out error it released for the model of ``record``'s round, with
+    ``run`` and ``round`` naming that release: released in the round, or carried by it from
+    an earlier release of the same model (passed on as it was)."""
     carried = {m: dict(e) for m, e in (record.get("evaluation_same_model") or {}).items() if isinstance(e, dict)}
     for member, entry in (record.get("evaluation") or {}).items():
         if isinstance(entry, dict) and isinstance(entry.get("action_mse"), int | float):
-            carried[member] = {**entry, "run": run_id, "round": round_number}
+            carried[member] = {**entry, "run": run_id, "round": record["round"]}
     return carried
 
 

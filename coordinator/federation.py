@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from coordinator.continuation import earlier_round, import_round, same_model_evaluations
+from coordinator.continuation import earlier_round, import_round, released_for_model, same_model_evaluations
 from coordinator.progress import STAGES, cohort_table, make_progress, round_table, summary_table
 from coordinator.public_checkpoint import initial_source, load_checkpoint, public_checkpoint
 from coordinator.records import append_record, committed_record, earlier_runs_records, read_records
@@ -30,7 +30,7 @@ from privacy.round_signature import sign_round
 from shared_model.config import KyodoConfig, to_yaml
 from shared_model.policy import Policy
 from shared_model.protocol import EvaluateReply
-from shared_model.store import ROUND_RECORD_KEY, Manifest
+from shared_model.store import ROUND_RECORD_KEY, Manifest, StoreError
 
 log = logging.getLogger("kyodo.coordinator")
 
@@ -151,13 +151,41 @@ def _evaluation(result: RoundResult) -> dict:
     }
 
 
-def _carried_evaluations(cfg: KyodoConfig, source: dict, members: set[str]) -> dict[str, dict]:
-    """Round 0 of a continued run: the held-out errors this run's members released for the
-    model it starts from (``coordinator.continuation.same_model_evaluations``)."""
+def _round_zero_model_evaluations(cfg: KyodoConfig, source: dict) -> dict[str, dict]:
+    """A continued run's round 0 is the earlier run's HEAD: what its members released for it."""
     if source.get("source") != "run":
         return {}
-    carried = same_model_evaluations(Path(cfg.continue_from).expanduser(), source["run"], source["round"])
-    return {m: e for m, e in carried.items() if m in members}
+    return same_model_evaluations(Path(cfg.continue_from).expanduser(), source["run"], source["round"])
+
+
+def _unchanged_model_evaluations(state: RunState, manifest: Manifest, previous: dict, run_id: str) -> dict[str, dict]:
+    """A round that changed no shard (nobody could train, or every shard was skipped) left the
+    model of the round before: what members released for that one."""
+    if manifest.parent is None or previous.get("round") != manifest.parent:
+        return {}
+    try:
+        parent = state.store.manifest(manifest.parent)
+    except StoreError:  # collected: then nothing is known to be the same
+        return {}
+    if parent.shards != manifest.shards:
+        return {}
+    return released_for_model(previous, run_id)
+
+
+def _evaluate(runner: RoundRunner, rnd: int, same_model: dict[str, dict]) -> tuple[dict[str, EvaluateReply], dict]:
+    """Held-out errors of the round's model: the members that released one for this very
+    model already are not asked again (each release spends a DP member's budget; the number
+    is the consortium's already), their release is carried; the rest are asked."""
+    members = {m.name for m in runner.members.values()}
+    carried = {m: e for m, e in same_model.items() if m in members}
+    asked = runner.evaluate(rnd, [node for node, m in runner.members.items() if m.name not in carried])
+    return asked, carried
+
+
+def _carried_note(carried: dict[str, dict]) -> str:
+    if not carried:
+        return ""
+    return f"the held-out errors {', '.join(sorted(carried))} released for that model are carried, not released again"
 
 
 def _heads_from_earlier_runs(runner: RoundRunner, cfg: KyodoConfig, out_dir: Path) -> None:
@@ -228,8 +256,7 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
         first_round = 1
         t0 = time.monotonic()
         runner.query(0)
-        carried = _carried_evaluations(cfg, source, {m.name for m in runner.members.values()})
-        initial = runner.evaluate(0, [n for n, m in runner.members.items() if m.name not in carried])
+        initial, carried = _evaluate(runner, 0, _round_zero_model_evaluations(cfg, source))
         summary.history.append((0, {**_replies(carried), **initial}))
         record = {
             "round": 0,
@@ -246,14 +273,9 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
             f"[bold]kyodo[/] run: model [cyan]{cfg.model.name}[/], {len(runner.members)} members "
             f"({', '.join(sorted(m.name for m in runner.members.values()))}), {cfg.train.rounds} rounds; "
             f"initial held-out MSE {_fmt(summary.mean_mse(0))} ({time.monotonic() - t0:.1f}s); "
-            f"round 0: {describe_round_zero(source)}"
-            + (
-                f"; the held-out errors {', '.join(sorted(carried))} released for that model are carried, "
-                "not released again"
-                if carried
-                else ""
-            )
+            f"round 0: {describe_round_zero(source)}" + (f"; {_carried_note(carried)}" if carried else "")
         )
+        previous = record
     else:
         # Weights and optimiser state stay in the store: the runner reads each shard when it needs it.
         runner = RoundRunner(cfg, grid, state, run_id=run_id, sync=ModelSync(state.store))
@@ -267,6 +289,7 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
         # The rounds before the restart stay in the summary (and summary.json): without them a
         # resumed run compared its last round with itself.
         summary.history.extend(_recorded_evaluations(records, before=first_round))
+        previous = next((r for r in records if r.get("round") == resumed.round), {})
         if first_round > cfg.train.rounds:
             console.print(
                 f"[bold]kyodo[/] run {run_id}: all {cfg.train.rounds} rounds are committed already (HEAD round "
@@ -302,7 +325,9 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
             runner.sync.set_head(manifest)
             failpoint(rnd, "after-commit")
             progress.update(task, advance=1, stage=STAGES[3])
-            result.evaluation = runner.evaluate(rnd, list(runner.members))
+            result.evaluation, carried = _evaluate(
+                runner, rnd, _unchanged_model_evaluations(state, manifest, previous, run_id)
+            )
             result.seconds = time.monotonic() - start
             progress.update(task, advance=1, stage="done")
             # sync_bytes again: evaluation sends members the objects they still lack
@@ -312,12 +337,19 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
                 **_evaluation(result),
                 "evaluation_withheld": dict(runner.eval_withheld),
             }
+            if carried:
+                record["evaluation_same_model"] = carried
             append_record(out_dir, _signed(record, key, run_id, manifest))
+            previous = record
             summary.results.append(result)
-            summary.history.append((rnd, result.evaluation))
+            summary.history.append((rnd, {**_replies(carried), **result.evaluation}))
             progress.console.print(cohort_table(plan, result.updated_shards))
             held = {member: head.epsilon for member, head in runner.ledger_heads.items()}
-            progress.console.print(round_table(result, runner.epsilon, held))
+            table = round_table(result, runner.epsilon, held)
+            if carried:
+                note = f"no shard changed: {_carried_note(carried)}"
+                table.caption = f"{table.caption}; {note}" if table.caption else note
+            progress.console.print(table)
 
     console.print(summary_table(summary.history))
     (out_dir / "summary.json").write_text(

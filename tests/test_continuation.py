@@ -105,6 +105,30 @@ def test_round_zero_carries_the_held_out_errors_released_for_the_model_it_contin
     assert same_model_evaluations(out, second_id, 0) == zero["evaluation_same_model"]
 
 
+def test_a_round_that_changed_no_shard_carries_the_held_out_errors_of_the_round_before(tmp_path):
+    """Nobody could train in rounds 1 and 2, so their model is round 0's: the errors released
+    for it are carried (naming round 0), and only a member that released none is asked."""
+    from shared_model.protocol import EVALUATE
+
+    idle = dict.fromkeys(MEMBERS, "over budget")
+    out, grid = _run(tmp_path, "idle", sitting_out=idle, withholding={"fanuc": "not due"})
+    records = _records(out)
+    run_id = json.loads((out / "run.json").read_text())["run"]
+    released = records[0]["evaluation"]
+    assert sorted(released) == ["honda", "softbank", "sony"]
+    for rnd in (1, 2):
+        assert records[rnd]["updated_shards"] == []
+        assert records[rnd]["evaluation_same_model"] == {
+            m: {**e, "run": run_id, "round": 0} for m, e in released.items()
+        }
+    asked = [name for kind, name, _ in grid.ledger_heads if kind == EVALUATE]
+    assert sorted(asked) == sorted([*MEMBERS, "fanuc", "fanuc"]), "round 0: everyone; then fanuc alone"
+    assert json.loads((out / "summary.json").read_text())["mean_mse"] == [0.5, 0.5, 0.5]
+    assert "no shard changed: the held-out errors honda, softbank, sony" in " ".join(
+        (out / "console.txt").read_text().split()
+    )
+
+
 def test_members_that_hold_the_earlier_model_are_sent_nothing_for_round_zero(first_run, tmp_path):
     held = tuple(sorted(set(ShardStore(first_run / "store").head_manifest().shards.values())))
     out, _ = _run(tmp_path, "second", f"continue_from={first_run}", "train.rounds=1", held=held)
