@@ -118,5 +118,9 @@ def summary_table(history: list[tuple[int, dict[str, EvaluateReply]]]) -> Table:
         values = [ev[m].action_mse if m in ev else None for m in members]
         present = [v for v in values if v is not None]
         mean = f"{sum(present) / len(present):.4f}" if present else "withheld"
+        if present and len(present) < len(members):
+            # DP members release on their own schedules, so a round's mean is over whoever
+            # released: say over how many, or two rounds' means read as comparable.
+            mean += f" ({len(present)} of {len(members)})"
         table.add_row(str(rnd), *[f"{v:.4f}" if v is not None else "-" for v in values], mean)
     return table

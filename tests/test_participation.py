@@ -287,6 +287,12 @@ def test_the_summary_says_withheld_when_no_member_released_a_held_out_error():
     rows = [line.replace("│", " ").split() for line in console.export_text().splitlines()]
     assert ["0", "0.2500", "0.2500"] in rows and ["1", "-", "withheld"] in rows
     assert "nan" not in console.export_text()
+    # Members release on their own schedules: a mean over some of them says over how many.
+    both = {m: EvaluateReply(m, 10, v, 0.1) for m, v in (("sony", 0.25), ("honda", 0.75))}
+    console = Console(width=80, record=True)
+    console.print(summary_table([(0, both), (1, {"honda": both["honda"]})]))
+    rows = [line.replace("│", " ").split() for line in console.export_text().splitlines()]
+    assert ["0", "0.7500", "0.2500", "0.5000"] in rows and ["1", "0.7500", "-", "0.7500", "(1", "of", "2)"] in rows
 
 
 def test_the_cohort_table_after_a_round_says_which_planned_shards_were_not_updated():
