@@ -12,8 +12,10 @@ in gets its own mask key pair and self-mask seed, so what one group's members re
 What the node enforces, whatever the coordinator asks:
 
 - neighbours' key adverts must be signed by the identity keys announced for them;
+- its neighbours' adverts must sign the same setup (groups, graphs, thresholds) as it was sent;
 - it masks only with neighbours that shared keys with it, and refuses to send a masked
-  input for a group where fewer than two members are active (its sum would be its update);
+  input for a group where fewer than two members are active (its sum would be its update)
+  or fewer than the threshold of its neighbours;
 - it answers ``unmask`` once per round and never reveals both the self-mask seed share and
   the mask-key share of the same member (the two would unmask that member's update); and as
   each group's holders answer on their own, a member's two secrets in one group are never
@@ -202,8 +204,9 @@ class MemberSecAgg:
         _write_private(path / "keys.json", json.dumps(stored).encode())
         _write_private(path / "setup.json", setup.to_json().encode())
         cipher_pk, mask_pks = keys.public_bytes()
-        signature = sign_advert(self.signing_key, run, round_number, self.member, cipher_pk, mask_pks)
-        return KeyAdvert(cipher_pk, mask_pks, signature)
+        digest = setup.digest()
+        signature = sign_advert(self.signing_key, run, round_number, self.member, cipher_pk, mask_pks, digest)
+        return KeyAdvert(cipher_pk, mask_pks, digest, signature)
 
     def _forget_other_rounds(self, run: str) -> None:
         """One round at a time: every other round's secrets go when a round begins. A node that
@@ -251,7 +254,13 @@ class MemberSecAgg:
                 other,
                 advert.cipher_pk,
                 advert.mask_pks,
+                advert.setup_sha256,
             )
+            if advert.setup_sha256 != setup.digest():
+                # Its groups, graphs or thresholds differ from this node's: a member told it is
+                # in a cohort of three while its neighbours are told five, under one group id,
+                # had its update opened in a review.
+                raise ProtocolError(f"share keys: {other} was sent another secure-aggregation setup for this round")
         _, mask_sks = keys.private_bytes()
         self_seeds: dict[str, bytes] = {}
         bundles: dict[str, dict[str, dict[str, str]]] = {}
@@ -379,6 +388,16 @@ class MemberSecAgg:
             raise ProtocolError(
                 f"masked input: group {group.group_id} has {len(active)} active member; its sum would be one update"
             )
+        peers = [n for n in group.neighbours[self.member] if n in active]
+        if len(peers) < group.threshold:
+            # Honestly this node's self mask could not be removed anyway (its seed needs the
+            # threshold of shares from neighbours that stay); a review told one member that a
+            # single neighbour was active, so it masked with that one alone, then told the
+            # others that neighbour dropped and opened the member's update with its mask key.
+            raise ProtocolError(
+                f"masked input: group {group.group_id} lists {len(peers)} of this node's neighbours as active, "
+                f"fewer than the threshold {group.threshold}"
+            )
         missing = [n for n in group.neighbours[self.member] if n in active and n not in received]
         if missing:
             raise ProtocolError(f"masked input: group {group.group_id}: no shares received from active {missing}")
@@ -403,8 +422,12 @@ class MemberSecAgg:
             if group.group_id not in state["groups"] or len(group.members) == 1:
                 continue
             active = set(state["active"].get(group.group_id, []))
-            if len(survivors & active) < group.threshold:
-                continue  # too few left to unmask safely: reveal nothing for this group
+            if len(survivors & active) <= group.threshold:
+                # Too few left to unmask safely: reveal nothing for this group. A survivor's self
+                # seed needs the threshold of shares from other survivors, so an honest round
+                # has more than the threshold; a review told each holder that it and one target
+                # alone survived, and collected the target's seed and every other mask key.
+                continue
             held = state["shares"].get(group.group_id, {})
             kinds: dict[str, dict[str, bytes]] = {SELF_SEED: {}, MASK_KEY: {}}
             for owner, shares in held.items():

@@ -12,6 +12,7 @@ category must be one of ``query``, ``train``, ``evaluate``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -744,6 +745,11 @@ class SecAggSetup:
     def to_json(self) -> str:
         return json.dumps({"groups": [g.to_json() for g in self.groups]}, sort_keys=True)
 
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical JSON: what members sign in their key adverts, so that
+        neighbours sent different setups (groups, graphs, thresholds) find out."""
+        return hashlib.sha256(self.to_json().encode()).digest()
+
     @classmethod
     def from_json(cls, text: str, where: str) -> SecAggSetup:
         if len(text) > MAX_SECAGG_JSON:
@@ -772,12 +778,14 @@ class KeyAdvert:
 
     cipher_pk: bytes
     mask_pks: dict[str, bytes]  # group id -> mask public key
+    setup_sha256: bytes  # the round's SecAggSetup as this node received it (SecAggSetup.digest)
     signature: bytes
 
     def to_json(self) -> dict:
         return {
             "cipher_pk": self.cipher_pk.hex(),
             "mask_pks": {g: pk.hex() for g, pk in self.mask_pks.items()},
+            "setup_sha256": self.setup_sha256.hex(),
             "signature": self.signature.hex(),
         }
 
@@ -794,6 +802,7 @@ class KeyAdvert:
         return cls(
             _hex(raw.get("cipher_pk"), "cipher_pk", where, 32),
             {gid: _hex(pk, f"mask key of group {gid}", where, 32) for gid, pk in masks.items()},
+            _hex(raw.get("setup_sha256"), "setup_sha256", where, 32),
             _hex(raw.get("signature"), "signature", where, 64),
         )
 

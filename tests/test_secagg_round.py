@@ -29,6 +29,7 @@ from shared_model.protocol import (
     MaskedInputRequest,
     ProtocolError,
     QueryRequest,
+    SecAggSetup,
     ShareKeysReply,
     ShareKeysRequest,
     TrainHyperParams,
@@ -296,8 +297,9 @@ def test_an_advert_without_a_mask_key_for_each_shared_cohort_is_refused(federati
     other = next(iter(request.adverts))
     shared = [g.group_id for g in rnd.setup.groups_of("sony") if other in g.members]
     cipher_pk, mask_pks = RoundKeys.generate(set(request.adverts[other].mask_pks) - {shared[0]}).public_bytes()
-    signature = sign_advert(nodes[other].signing_key, RUN, 51, other, cipher_pk, mask_pks)
-    request.adverts[other] = KeyAdvert(cipher_pk, mask_pks, signature)
+    digest = rnd.setup.digest()
+    signature = sign_advert(nodes[other].signing_key, RUN, 51, other, cipher_pk, mask_pks, digest)
+    request.adverts[other] = KeyAdvert(cipher_pk, mask_pks, digest, signature)
     with pytest.raises(ProtocolError, match=f"advertise no mask key for group {shared[0]}"):
         nodes["sony"].share_keys(request)
     server = SecAggServer(RUN, 51, rnd.setup, {})
@@ -568,15 +570,123 @@ def test_a_coordinator_that_splits_a_member_across_its_cohorts_cannot_open_its_u
         shares = {group.share_id(h): replies[h].shares[group.group_id][kind]["sony"] for h in holders}
         return combine_shares(shares, group.threshold)
 
+    kept = nodes["sony"].secagg.root / rnd.run_name / f"r{rnd.round}"  # sony's disk: the test peeks
+
+    def own(group, kind):
+        if kind == "self_seed":
+            return bytes.fromhex(json.loads((kept / "self_seeds.json").read_text())[group.group_id])
+        return bytes.fromhex(json.loads((kept / "keys.json").read_text())["masks"][group.group_id])
+
     if seed_from == "cohort of four":
-        self_seed, mask_key = secret(four, "self_seed", ["honda", "fanuc"]), secret(pair, "mask_key", ["softbank"])
+        self_seed = secret(four, "self_seed", ["honda", "fanuc"])
+        # softbank, told it alone survived in the pair, reveals nothing there (a cohort needs more
+        # survivors than the threshold to unmask); a cohort with more members than the pair
+        # would give sony's key in it, as its own disk holds it here.
+        assert pair.group_id not in replies["softbank"].shares
+        mask_key = own(pair, "mask_key")
     else:
         self_seed, mask_key = secret(pair, "self_seed", ["softbank"]), secret(four, "mask_key", ["honda", "fanuc"])
+        assert self_seed == own(pair, "self_seed") and mask_key == own(four, "mask_key"), "collected as in the review"
     assert _stripped(rnd, "sony", four, "adapter/shared", self_seed, mask_key) is None
     # The same coordinator with both of the group's own secrets (read off sony's disk here,
     # which no one outside sony can) does open it: the masks above held, not the arithmetic failed.
-    kept = nodes["sony"].secagg.root / rnd.run_name / f"r{rnd.round}"
-    own_seed = bytes.fromhex(json.loads((kept / "self_seeds.json").read_text())[four.group_id])
-    own_key = bytes.fromhex(json.loads((kept / "keys.json").read_text())["masks"][four.group_id])
+    own_seed, own_key = own(four, "self_seed"), own(four, "mask_key")
     opened = _stripped(rnd, "sony", four, "adapter/shared", own_seed, own_key)
     np.testing.assert_allclose(opened, rnd.plaintext["sony"]["adapter/shared"], atol=2 * 2.0 / (2**20 - 1))
+
+
+def test_a_node_masks_only_with_at_least_the_threshold_of_its_neighbours(federation):
+    """A review told sony alone that honda was its only active neighbour (two active, so it
+    masked, with honda alone), then told the others honda dropped: honda's mask key and sony's
+    self-mask seed opened sony's update. A node now refuses to mask with fewer neighbours than
+    the threshold: its self mask could not honestly be removed anyway."""
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 1, run="few-peers", drop={m: "masked_input" for m in nodes})
+    rnd.run()
+    four = next(g for g in rnd.setup.groups if "adapter/shared" in g.shards)
+    request = _wire(rnd.server.masked_input_requests()["sony"], MaskedInputRequest)
+    request.active[four.group_id] = ["honda", "sony"]
+    with pytest.raises(ProtocolError, match="lists 1 of this node's neighbours as active, fewer than the threshold 2"):
+        nodes["sony"].masked_input(request)
+
+
+def test_a_holder_reveals_nothing_for_a_cohort_with_no_more_survivors_than_the_threshold(federation):
+    """A review told each holder that it and sony alone survived: each revealed sony's seed
+    share and every other member's mask-key share, and the coordinator opened sony's update.
+    An honest round unmasks only with more survivors than the threshold (each survivor's seed
+    needs the threshold of shares from the others), so a holder told fewer reveals nothing."""
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 1, run="few-survivors", drop={m: "unmask" for m in nodes})
+    rnd.run()
+    four = next(g for g in rnd.setup.groups if "adapter/shared" in g.shards)
+    for holder in ["honda", "softbank", "fanuc"]:
+        survivors = sorted({holder, "sony"})
+        dropped = sorted(set(four.members) - set(survivors))
+        reply = nodes[holder].unmask(_wire(UnmaskRequest(1, rnd.run_name, survivors, dropped), UnmaskRequest))
+        assert four.group_id not in reply.shares, f"{holder} revealed shares of a cohort it was told had 2 left"
+
+
+def test_a_holder_reveals_no_key_of_a_member_it_did_not_mask_with(federation):
+    """Only a member this node masked with (active in its masked-input request) can have left
+    a mask in the sum: another's key share is never revealed, whatever unmask says."""
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 1, run="not-masked-with", drop={m: "masked_input" for m in nodes})
+    rnd.run()
+    four = next(g for g in rnd.setup.groups if "adapter/shared" in g.shards)
+    request = _wire(rnd.server.masked_input_requests()["honda"], MaskedInputRequest)
+    request.active[four.group_id] = ["honda", "softbank", "sony"]  # fanuc left out for honda alone
+    nodes["honda"].masked_input(request)
+    reply = nodes["honda"].unmask(
+        _wire(UnmaskRequest(1, rnd.run_name, ["honda", "softbank", "sony"], ["fanuc"]), UnmaskRequest)
+    )
+    assert "fanuc" not in reply.shares[four.group_id]["mask_key"]
+    assert sorted(reply.shares[four.group_id]["self_seed"]) == ["softbank", "sony"]
+
+
+def test_neighbours_sent_different_setups_refuse_to_share_keys(federation):
+    """A review sent one member a cohort of three and its neighbours one of five under the same
+    group id, and opened the first member's update. Every advert signs the digest of the setup
+    its node was sent; a neighbour's that differs from this node's own is refused."""
+    from dataclasses import replace
+
+    from shared_model.protocol import SecAggSetup
+
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 1, run="two-setups", drop={m: "share_keys" for m in nodes})
+    rnd.run()
+    other = SecAggSetup.from_json(rnd.setup.to_json(), "test")
+    other.groups = [replace(g, threshold=3) if "adapter/shared" in g.shards else g for g in other.groups]
+    rnd.server.adverts["sony"] = nodes["sony"].secagg.resend(
+        rnd.run_name, 1, other
+    )  # sony's session with another setup
+    request = _wire(rnd.server.share_keys_requests()["honda"], ShareKeysRequest)
+    with pytest.raises(ProtocolError, match="sony was sent another secure-aggregation setup for this round"):
+        nodes["honda"].share_keys(request)
+
+
+def test_the_coordinator_asks_no_member_to_mask_with_fewer_than_the_threshold_of_its_neighbours():
+    """Dropouts can leave a member with fewer active neighbours than the threshold (here f,
+    linked to a and b only); members refuse to mask then (their self mask could not be
+    removed), so the coordinator leaves it out and the rest of the group goes on."""
+    (group,) = build_setup(
+        {"expert/L0/E0": list("abcde")}, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!"
+    ).groups
+    group.members = list("abcdef")
+    group.neighbours = {**group.neighbours, "f": ["a", "b"]}
+    group.neighbours["a"] = [*group.neighbours["a"], "f"]
+    group.neighbours["b"] = [*group.neighbours["b"], "f"]
+    group.threshold = 3
+    server = SecAggServer(RUN, 1, SecAggSetup([group]), {"expert/L0/E0": 10})
+    for m in group.members:
+        server.adverts[m], server.weights[m], server.sealed[m] = None, 1.0, {}
+    assert sorted(server.masked_input_requests()) == list("abcde")
+    assert server.active[group.group_id] == list("abcde")
+    # c, d and e gone too: a and b have each other alone, the group cannot be unmasked.
+    server = SecAggServer(RUN, 1, SecAggSetup([group]), {"expert/L0/E0": 10})
+    for m in "abf":
+        server.adverts[m], server.weights[m], server.sealed[m] = None, 1.0, {}
+    assert server.masked_input_requests() == {}
+    assert (
+        "3 of 6 members shared keys, 0 of them with the threshold of active neighbours"
+        in server.skipped["expert/L0/E0"]
+    )

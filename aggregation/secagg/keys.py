@@ -11,8 +11,11 @@ member dropped (and collect its mask key) and another that it stayed (and collec
 self-mask seed); with one key for every group the two together opened the member's update
 (a review did, max error 1.8e-6).
 
-Adverts (the public keys) are signed with the member's long-lived Ed25519 identity key
-(``privacy.keys``), so a server cannot substitute its own keys and sit in the middle.
+Adverts (the public keys, and the digest of the round's secure-aggregation setup the member
+was sent) are signed with the member's long-lived Ed25519 identity key (``privacy.keys``), so
+a server cannot substitute its own keys and sit in the middle, and members can tell when the
+server sent them different setups: a review gave one member a cohort of three and its
+neighbours one of five under the same group id, and opened the first member's update.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
 _PAIR_DOMAIN = b"kyodo/secagg/pair/v1"
-_ADVERT_DOMAIN = b"kyodo/secagg/advert/v2"
+_ADVERT_DOMAIN = b"kyodo/secagg/advert/v3"
 
 
 def _raw_public(key: X25519PrivateKey) -> bytes:
@@ -199,17 +202,22 @@ def open_sealed(key: bytes, blob: bytes, aad: bytes) -> bytes:
         raise SecAggError("sealed blob failed authentication: wrong key, wrong aad or tampered data") from None
 
 
-def advert_payload(run: str, round: int, member: str, cipher_pk: bytes, mask_pks: Mapping[str, bytes]) -> bytes:
+def advert_payload(
+    run: str, round: int, member: str, cipher_pk: bytes, mask_pks: Mapping[str, bytes], setup_digest: bytes
+) -> bytes:
     """The canonical bytes a member signs for its round key advert.
 
     Binding run, round and member stops a server from replaying an old advert or passing one
     member's keys off as another's; binding each mask key to its group id stops it from
-    moving a key from one group to another.
+    moving a key from one group to another; binding ``setup_digest`` (SHA-256 of the round's
+    setup as the member received it) lets each neighbour check that both were sent the same
+    groups, graphs and thresholds, and ties the advert to one session of the round.
     """
     _check_text(run, "run id")
     _check_round(round)
     _check_text(member, "member name")
     cipher_pk = _check_bytes(cipher_pk, "cipher public key")
+    setup_digest = _check_bytes(setup_digest, "setup digest")
     if not isinstance(mask_pks, Mapping):
         raise SecAggError(f"mask public keys must be a mapping of group id to key, got {type(mask_pks).__name__}")
     masks = {
@@ -217,19 +225,25 @@ def advert_payload(run: str, round: int, member: str, cipher_pk: bytes, mask_pks
     }
     _check_distinct(cipher_pk, masks, f"member {member!r}")
     payload = _ADVERT_DOMAIN + _field(run) + struct.pack(">Q", round) + _field(member) + _field(cipher_pk)
-    payload += struct.pack(">I", len(masks))
+    payload += _field(setup_digest) + struct.pack(">I", len(masks))
     for group in sorted(masks):
         payload += _field(group) + _field(masks[group])
     return payload
 
 
 def sign_advert(
-    signing_key: Ed25519PrivateKey, run: str, round: int, member: str, cipher_pk: bytes, mask_pks: Mapping[str, bytes]
+    signing_key: Ed25519PrivateKey,
+    run: str,
+    round: int,
+    member: str,
+    cipher_pk: bytes,
+    mask_pks: Mapping[str, bytes],
+    setup_digest: bytes,
 ) -> bytes:
     """64-byte Ed25519 signature over ``advert_payload``."""
     if not isinstance(signing_key, Ed25519PrivateKey):
         raise SecAggError(f"signing key must be an Ed25519PrivateKey, got {type(signing_key).__name__}")
-    return signing_key.sign(advert_payload(run, round, member, cipher_pk, mask_pks))
+    return signing_key.sign(advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest))
 
 
 def verify_advert(
@@ -240,11 +254,12 @@ def verify_advert(
     member: str,
     cipher_pk: bytes,
     mask_pks: Mapping[str, bytes],
+    setup_digest: bytes,
 ) -> None:
     """Check an advert against the member's identity key; ``SecAggError`` if it does not verify."""
     if not isinstance(public_key, Ed25519PublicKey):
         raise SecAggError(f"identity key must be an Ed25519PublicKey, got {type(public_key).__name__}")
-    payload = advert_payload(run, round, member, cipher_pk, mask_pks)
+    payload = advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest)
     try:
         public_key.verify(_check_bytes(signature, "advert signature", size=64), payload)
     except InvalidSignature:

@@ -180,14 +180,20 @@ class SecAggServer:
             if len(group.members) == 1:
                 active = [m for m in group.members if m in self.adverts]
             else:
-                active = [m for m in group.members if m in self.sealed]
+                shared = [m for m in group.members if m in self.sealed]
+                active = _well_connected(shared, group)
                 need = max(2, group.threshold + 1)
                 if len(active) < need:
                     # A survivor's self-mask needs `threshold` shares from neighbours that stayed.
+                    connected = (
+                        f", {len(active)} of them with the threshold of active neighbours"
+                        if len(active) < len(shared)
+                        else ""
+                    )
                     self._skip(
                         group,
-                        f"{len(active)} of {len(group.members)} members shared keys; unmasking the sum needs "
-                        f"{need} (secret-sharing threshold {group.threshold})",
+                        f"{len(shared)} of {len(group.members)} members shared keys{connected}; unmasking the sum "
+                        f"needs {need} (secret-sharing threshold {group.threshold})",
                     )
                     active = []
             self.active[gid] = active
@@ -329,6 +335,18 @@ class SecAggServer:
                 seed = agree(d_key, peer_pk, mask_context(self.run, self.round, group.group_id, d, peer))
                 unmask.append((seed, peer < d))  # peer added +mask if peer < d, else -mask: undo exactly that
         return unmask
+
+
+def _well_connected(active: list[str], group: SecAggGroup) -> list[str]:
+    """The active members with at least the threshold of active neighbours (members refuse to
+    mask with fewer: their self mask could not be removed), dropping the rest until none is left
+    short. Only a sparse graph with dropouts ever loses anyone here."""
+    kept = list(active)
+    while True:
+        short = [m for m in kept if sum(n in kept for n in group.neighbours[m]) < group.threshold]
+        if not short:
+            return kept
+        kept = [m for m in kept if m not in short]
 
 
 def _ring_add(acc: np.ndarray, src: np.ndarray, first: bool) -> None:
