@@ -13,7 +13,7 @@ directory and Ed25519 identity key each) and one ``SecAggServer``, every message
 wire form (``to_content`` by the sender, ``from_content`` by the receiver, as the transport
 carries it; the transport itself, i.e. Flower's chunking, hashing and network, is the same
 for both paths and not included). Stages: the train reply with the key advert, share keys,
-masked input, unmask, then ``finish`` and ``mean_update`` (the shard's mean as tensors).
+masked input, consistency (each survivor signs the survivor set), unmask, then ``finish`` and ``mean_update`` (the shard's mean as tensors).
 A member's ``begin`` (flatten the update, write it to its state directory, make the round's
 keys) runs when training ends and is reported separately, outside the ratios.
 
@@ -97,6 +97,8 @@ from member_node.secagg_client import MemberSecAgg
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from shared_model.config import SecAggConfig
 from shared_model.protocol import (
+    ConsistencyReply,
+    ConsistencyRequest,
     MaskedInputReply,
     MaskedInputRequest,
     ShareKeysReply,
@@ -111,7 +113,7 @@ SHARD = "expert/L0/E0"
 TENSOR = "blocks.0.moe.experts.0.w_up.weight"
 RUN = "bench"
 COORD = "coordinator"
-SECURE_STAGES = ("train reply", "share keys", "masked input", "unmask", "finish")
+SECURE_STAGES = ("train reply", "share keys", "masked input", "consistency", "unmask", "finish")
 PLAIN_STAGES = ("train reply", "finish")
 RESULTS = Path(__file__).parent / "results" / "secagg.json"
 _M_MMAP_THRESHOLD = -3
@@ -286,6 +288,7 @@ def secure_round(w: Workload, round_number: int, clock: Clock) -> tuple[np.ndarr
     stages = (
         ("share keys", server.share_keys_requests, ShareKeysRequest, MemberSecAgg.share_keys, ShareKeysReply, server.add_shares),
         ("masked input", server.masked_input_requests, MaskedInputRequest, MemberSecAgg.masked_input, MaskedInputReply, server.add_masked),
+        ("consistency", server.consistency_requests, ConsistencyRequest, MemberSecAgg.consistency, ConsistencyReply, server.add_consistency),
         ("unmask", server.unmask_requests, UnmaskRequest, MemberSecAgg.unmask, UnmaskReply, server.add_unmask),
     )  # fmt: skip
     for stage, make_requests, request_cls, handle, reply_cls, accept in stages:

@@ -1,4 +1,4 @@
-"""SecAgg+ stages 2-4 over the Flower Grid (stage 1, the key advert, rides on the train reply).
+"""SecAgg+ stages 2-5 over the Flower Grid (stage 1, the key advert, rides on the train reply).
 
 Each stage is one push/pull exchange with the members still in; a member that errors,
 answers something invalid or does not answer in time is simply no longer in, which the
@@ -20,9 +20,11 @@ from aggregation.secagg.errors import SecAggError
 from aggregation.secagg.server import SecAggServer, ShardSum
 from aggregation.secagg.vectors import unflatten_shard
 from shared_model.protocol import (
+    SECAGG_CONSISTENCY,
     SECAGG_MASKED_INPUT,
     SECAGG_SHARE_KEYS,
     SECAGG_UNMASK,
+    ConsistencyReply,
     MaskedInputReply,
     ProtocolError,
     ShareKeysReply,
@@ -76,7 +78,7 @@ def secure_aggregate(
     node_of: Mapping[str, int],
     failed: dict[str, str],
 ) -> Iterator[ShardSum]:
-    """Run share keys, masked input and unmask; then yield the recovered shard sums one at a
+    """Run share keys, masked input, consistency and unmask; then yield the recovered shard sums one at a
     time (``SecAggServer.iter_finish``), so the caller finishes and frees each before the next."""
     _stage(
         grid, exchange, timeout, SECAGG_SHARE_KEYS, server.share_keys_requests(), node_of,
@@ -85,6 +87,10 @@ def secure_aggregate(
     _stage(
         grid, exchange, timeout, SECAGG_MASKED_INPUT, server.masked_input_requests(), node_of,
         MaskedInputReply.from_content, server.add_masked, failed,
+    )  # fmt: skip
+    _stage(
+        grid, exchange, timeout, SECAGG_CONSISTENCY, server.consistency_requests(), node_of,
+        ConsistencyReply.from_content, server.add_consistency, failed,
     )  # fmt: skip
     _stage(
         grid, exchange, timeout, SECAGG_UNMASK, server.unmask_requests(), node_of,

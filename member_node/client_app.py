@@ -26,6 +26,7 @@ from shared_model.protocol import (
     ERR_INTERNAL,
     ERR_INVALID_REQUEST,
     ERR_NODE_CONFIG,
+    ConsistencyRequest,
     EvaluateRequest,
     MaskedInputRequest,
     ProtocolError,
@@ -144,6 +145,11 @@ def share_keys(message: Message, context: Context) -> Message:
 @app.train("masked_input")
 def masked_input(message: Message, context: Context) -> Message:
     return _serve(message, context, _unpadded(MemberNode.masked_input), MaskedInputRequest.from_content)
+
+
+@app.train("consistency")
+def consistency(message: Message, context: Context) -> Message:
+    return _serve(message, context, _unpadded(MemberNode.consistency), ConsistencyRequest.from_content)
 
 
 @app.train("unmask")

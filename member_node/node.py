@@ -51,6 +51,8 @@ from privacy.secure_noise import NOISE_SOURCE
 from shared_model.config import KyodoConfig
 from shared_model.policy import Policy
 from shared_model.protocol import (
+    ConsistencyReply,
+    ConsistencyRequest,
     EvaluateReply,
     EvaluateRequest,
     MaskedInputReply,
@@ -866,6 +868,9 @@ class MemberNode:
 
     def masked_input(self, request: MaskedInputRequest) -> MaskedInputReply:
         return self.secagg.masked_input(request)
+
+    def consistency(self, request: ConsistencyRequest) -> ConsistencyReply:
+        return self.secagg.consistency(request)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
         return self.secagg.unmask(request)

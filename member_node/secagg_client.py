@@ -1,7 +1,7 @@
 """The member's side of SecAgg+: what it keeps, what it sends, what it refuses.
 
-A round's secure aggregation spans four messages (train + advertise keys, share keys,
-masked input, unmask). In a deployment every message is served by a fresh ClientApp
+A round's secure aggregation spans five messages (train + advertise keys, share keys,
+masked input, consistency, unmask). In a deployment every message is served by a fresh ClientApp
 process, so the round's state lives on disk in the node's own state directory
 (``<state>/secagg/<run>/r<round>/``, owner-only permissions) and is deleted once the node
 has answered ``unmask``: private keys, the self-mask seeds and the unmasked update never
@@ -19,7 +19,9 @@ What the node enforces, whatever the coordinator asks:
 - it answers ``unmask`` once per round and never reveals both the self-mask seed share and
   the mask-key share of the same member (the two would unmask that member's update); and as
   each group's holders answer on their own, a member's two secrets in one group are never
-  the same as in another.
+  the same as in another;
+- it signs one survivor set per group and reveals shares only for that set, and only once
+  the threshold of its members signed the same one.
 """
 
 from __future__ import annotations
@@ -44,15 +46,19 @@ from aggregation.secagg.keys import (
     pair_context,
     seal,
     sign_advert,
+    sign_survivors,
+    survivors_signed,
     verify_advert,
 )
 from aggregation.secagg.masks import apply_masks
 from aggregation.secagg.quantize import QuantizationPlan, quantize, secure_rng
 from aggregation.secagg.shamir import split_secret
 from aggregation.secagg.vectors import flatten_shard
-from privacy.keys import load_public_key
+from privacy.keys import load_public_key, public_key_hex
 from shared_model.durable import fsync_dir
 from shared_model.protocol import (
+    ConsistencyReply,
+    ConsistencyRequest,
     KeyAdvert,
     MaskedInputReply,
     MaskedInputRequest,
@@ -240,12 +246,13 @@ class MemberSecAgg:
         if (path / "adverts.json").exists():
             raise ProtocolError("share keys: already answered for this round")
         setup, keys = self._load(path)
-        for other, advert in request.adverts.items():
-            if self.pinned_keys is not None and self.pinned_keys.get(other) != request.identity_keys[other]:
+        for other, key in request.identity_keys.items():
+            if self.pinned_keys is not None and self.pinned_keys.get(other) != key:
                 raise ProtocolError(
                     f"share keys: {other}'s identity key is not the one this member's consortium file publishes"
                     + ("" if other in self.pinned_keys else f" ({other} is not in it)")
                 )
+        for other, advert in request.adverts.items():
             verify_advert(
                 load_public_key(request.identity_keys[other]),
                 advert.signature,
@@ -292,6 +299,7 @@ class MemberSecAgg:
             plaintext = json.dumps(bundle, sort_keys=True).encode()
             sealed[recipient] = seal(key, plaintext, _share_aad(request.run, request.round, self.member, recipient))
         _write_private(path / "self_seeds.json", json.dumps({g: v.hex() for g, v in self_seeds.items()}).encode())
+        _write_private(path / "identity_keys.json", json.dumps(request.identity_keys, sort_keys=True).encode())
         adverts = {m: a.to_json() for m, a in request.adverts.items()}
         _write_private(path / "adverts.json", json.dumps(adverts, sort_keys=True).encode())
         return ShareKeysReply(self.member, sealed)
@@ -403,39 +411,87 @@ class MemberSecAgg:
             raise ProtocolError(f"masked input: group {group.group_id}: no shares received from active {missing}")
 
     # ------------------------------------------------------------------ stage 4
-    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
-        """Reveal, once, the shares the coordinator needs: self-seed shares of survivors, mask-key
-        shares of members that dropped after sharing. Then forget the round."""
-        path = self._existing(request.run, request.round, "unmask")
+    def consistency(self, request: ConsistencyRequest) -> ConsistencyReply:
+        """Sign, once per round and group, the survivor set the coordinator shows this node,
+        with the group's setup and active members (``survivors_payload``). ``unmask`` then
+        reveals shares only for the set signed here, and only when the threshold of its members
+        signed the same (Bonawitz et al. 2017, section 4): without this stage a review showed
+        each holder a different survivor set and opened a member's update from the union."""
+        path = self._existing(request.run, request.round, "consistency")
         if not (path / "masked.done").is_file():
-            raise ProtocolError("unmask: this node sent no masked input this round")
+            raise ProtocolError("consistency: this node sent no masked input this round")
+        if (path / "survivors.json").exists():
+            raise ProtocolError("consistency: already answered for this round")
+        state = json.loads((path / "received.json").read_text())
+        setup, _ = self._load(path)
+        survivors = set(request.survivors)
+        if self.member not in survivors:
+            raise ProtocolError("consistency: this node is not listed among the survivors")
+        signed: dict[str, list[str]] = {}
+        for group in setup.groups_of(self.member):
+            if group.group_id not in state["groups"] or len(group.members) == 1:
+                continue
+            active = state["active"][group.group_id]
+            group_survivors = sorted(survivors & set(active))
+            if len(group_survivors) <= group.threshold:
+                # An honest round has more: each survivor's self-mask seed needs the threshold of
+                # shares from the others. A review told each holder that it and one target alone
+                # survived, and collected the target's seed and every other mask key.
+                continue
+            signed[group.group_id] = group_survivors
+        _write_private(path / "survivors.json", json.dumps(signed, sort_keys=True).encode())  # before any signature
+        digest = setup.digest()
+        signatures = {
+            gid: sign_survivors(
+                self.signing_key, request.run, request.round, gid, digest, state["active"][gid], group_survivors
+            )
+            for gid, group_survivors in signed.items()
+        }
+        return ConsistencyReply(self.member, signatures)
+
+    # ------------------------------------------------------------------ stage 5
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Reveal, once, the shares the coordinator needs, for each group whose survivor set this
+        node signed and the threshold of that set's members signed the same: self-seed shares of
+        the survivors, mask-key shares of the members that dropped after sharing. Then forget
+        the round."""
+        path = self._existing(request.run, request.round, "unmask")
+        if not (path / "survivors.json").is_file():
+            raise ProtocolError("unmask: this node signed no survivor set this round (the consistency stage)")
         if (path / "unmask.done").exists():
             raise ProtocolError("unmask: already answered for this round")
         _write_private(path / "unmask.done", b"")  # before revealing anything: never answer twice
         state = json.loads((path / "received.json").read_text())
+        signed = json.loads((path / "survivors.json").read_text())
+        keys = {**json.loads((path / "identity_keys.json").read_text()), self.member: public_key_hex(self.signing_key)}
         setup, _ = self._load(path)
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if self.member not in survivors:
-            raise ProtocolError("unmask: this node is not listed among the survivors")
+        digest = setup.digest()
         out: dict[str, dict[str, dict[str, bytes]]] = {}
         for group in setup.groups_of(self.member):
-            if group.group_id not in state["groups"] or len(group.members) == 1:
+            if group.group_id not in signed:
                 continue
-            active = set(state["active"].get(group.group_id, []))
-            if len(survivors & active) <= group.threshold:
-                # Too few left to unmask safely: reveal nothing for this group. A survivor's self
-                # seed needs the threshold of shares from other survivors, so an honest round
-                # has more than the threshold; a review told each holder that it and one target
-                # alone survived, and collected the target's seed and every other mask key.
-                continue
+            active, survivors = state["active"][group.group_id], signed[group.group_id]
+            if set(request.survivors) & set(active) != set(survivors):
+                raise ProtocolError(f"unmask: group {group.group_id}'s survivors differ from the set this node signed")
+            statement = (request.run, request.round, group.group_id, digest, active, survivors)
+            signatures = request.signatures.get(group.group_id, {})
+            agreeing = [
+                m
+                for m in survivors
+                if m in signatures
+                and m in keys
+                and survivors_signed(load_public_key(keys[m]), signatures[m], *statement)
+            ]
+            if len(agreeing) < group.threshold:
+                continue  # too few signed this set: another may have been shown to other holders
             held = state["shares"].get(group.group_id, {})
             kinds: dict[str, dict[str, bytes]] = {SELF_SEED: {}, MASK_KEY: {}}
             for owner, shares in held.items():
                 if owner not in active:
-                    continue
+                    continue  # this node never masked with it: none of its masks is in the sum
                 if owner in survivors:
                     kinds[SELF_SEED][owner] = bytes.fromhex(shares[SELF_SEED])
-                elif owner in dropped:
+                else:
                     kinds[MASK_KEY][owner] = bytes.fromhex(shares[MASK_KEY])
             out[group.group_id] = kinds
         shutil.rmtree(path, ignore_errors=True)

@@ -597,6 +597,7 @@ class EvaluateReply:
 # "train.<action>" to ``@app.train("<action>")``.
 SECAGG_SHARE_KEYS = "train.share_keys"
 SECAGG_MASKED_INPUT = "train.masked_input"
+SECAGG_CONSISTENCY = "train.consistency"
 SECAGG_UNMASK = "train.unmask"
 REC_SECAGG = "kyodo.secagg"
 REC_MASKED = "kyodo.masked"
@@ -809,7 +810,8 @@ class KeyAdvert:
 
 @dataclass
 class ShareKeysRequest:
-    """Stage 2: the adverts of the node's neighbours (with the identity keys that signed them)."""
+    """Stage 2: the adverts of the node's neighbours, and the identity keys of every member of
+    its groups (which signed the adverts, and later sign the survivor sets)."""
 
     round: int
     run: str
@@ -836,7 +838,7 @@ class ShareKeysRequest:
             raise ProtocolError(f"{where}: adverts and identity_keys must be objects")
         adverts = {_name(m, "member", where): KeyAdvert.from_json(a, where) for m, a in adverts_raw.items()}
         keys = {_name(m, "member", where): _hex(k, "identity key", where, 32).hex() for m, k in keys_raw.items()}
-        if set(keys) != set(adverts):
+        if not set(adverts) <= set(keys):
             raise ProtocolError(f"{where}: every advert needs its member's identity key")
         return cls(rnd, run, adverts, keys)
 
@@ -976,10 +978,30 @@ class MaskedInputReply:
         return cls(member, masked)
 
 
+def _survivors_dropped(body: Mapping, where: str) -> tuple[list[str], list[str]]:
+    survivors = _names(body.get("survivors"), "survivors", where)
+    dropped = _names(body.get("dropped"), "dropped", where)
+    if set(survivors) & set(dropped):
+        raise ProtocolError(f"{where}: {sorted(set(survivors) & set(dropped))} both survived and dropped")
+    return survivors, dropped
+
+
+def _signatures(raw: object, what: str, where: str) -> dict[str, bytes]:
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{where}: {what} must be an object")
+    out = {}
+    for key, sig in raw.items():
+        if not isinstance(key, str):
+            raise ProtocolError(f"{where}: {what} keys must be strings")
+        out[key] = _hex(sig, f"signature in {what}", where, 64)
+    return out
+
+
 @dataclass
-class UnmaskRequest:
-    """Stage 4: who made it (their self-mask seeds are recovered) and who dropped after sharing
-    (their mask keys are recovered). Disjoint: no member's two secrets are ever both asked for."""
+class ConsistencyRequest:
+    """Stage 4: who made it, for each survivor to sign once, per group, before anyone reveals
+    a share (Bonawitz et al. 2017, section 4): a coordinator that showed holders different
+    survivor sets can then get enough signatures on at most one of them."""
 
     round: int
     run: str
@@ -992,15 +1014,71 @@ class UnmaskRequest:
         )
 
     @classmethod
+    def from_content(cls, content: RecordDict) -> ConsistencyRequest:
+        where = "consistency request"
+        body = _json_body(content, where)
+        return cls(*_round_run(body, where), *_survivors_dropped(body, where))
+
+
+@dataclass
+class ConsistencyReply:
+    """The node's signature, per group, on the survivor set it was shown (and the group's setup
+    and active members): see ``aggregation.secagg.keys.survivors_payload``."""
+
+    member: str
+    signatures: dict[str, bytes]  # group -> Ed25519 signature
+
+    def to_content(self) -> RecordDict:
+        body = {"member": self.member, "signatures": {g: sig.hex() for g, sig in self.signatures.items()}}
+        return _body_content(body)
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> ConsistencyReply:
+        where = "consistency reply"
+        body = _json_body(content, where)
+        signatures = _signatures(body.get("signatures"), "signatures", where)
+        for gid in signatures:
+            if not _GROUP_RE.match(gid):
+                raise ProtocolError(f"{where}: bad group {gid!r}")
+        return cls(_name(body.get("member"), "member", where), signatures)
+
+
+@dataclass
+class UnmaskRequest:
+    """Stage 5: who made it (their self-mask seeds are recovered) and who dropped after sharing
+    (their mask keys are recovered), with the survivors' signatures on that set per group.
+    Disjoint: no member's two secrets are ever both asked for."""
+
+    round: int
+    run: str
+    survivors: list[str]
+    dropped: list[str]
+    signatures: dict[str, dict[str, bytes]] = field(default_factory=dict)  # group -> member -> signature
+
+    def to_content(self) -> RecordDict:
+        return _body_content(
+            {
+                "round": self.round,
+                "run": self.run,
+                "survivors": list(self.survivors),
+                "dropped": list(self.dropped),
+                "signatures": {g: {m: s.hex() for m, s in sigs.items()} for g, sigs in self.signatures.items()},
+            }
+        )
+
+    @classmethod
     def from_content(cls, content: RecordDict) -> UnmaskRequest:
         where = "unmask request"
         body = _json_body(content, where)
-        rnd, run = _round_run(body, where)
-        survivors = _names(body.get("survivors"), "survivors", where)
-        dropped = _names(body.get("dropped"), "dropped", where)
-        if set(survivors) & set(dropped):
-            raise ProtocolError(f"{where}: {sorted(set(survivors) & set(dropped))} both survived and dropped")
-        return cls(rnd, run, survivors, dropped)
+        raw = body.get("signatures")
+        if not isinstance(raw, dict):
+            raise ProtocolError(f"{where}: signatures must be an object")
+        signatures = {}
+        for gid, sigs in raw.items():
+            if not isinstance(gid, str) or not _GROUP_RE.match(gid):
+                raise ProtocolError(f"{where}: bad group {gid!r}")
+            signatures[gid] = {_name(m, "member", where): s for m, s in _signatures(sigs, gid, where).items()}
+        return cls(*_round_run(body, where), *_survivors_dropped(body, where), signatures)
 
 
 @dataclass

@@ -160,3 +160,23 @@ def test_a_key_advert_carries_one_mask_key_per_group_and_refuses_anything_else()
     ):
         with pytest.raises(ProtocolError, match=match):
             KeyAdvert.from_json({**good, **change}, "train reply")
+
+
+def test_survivor_signatures_travel_per_group_and_bad_ones_are_refused():
+    from shared_model.protocol import ConsistencyReply, ConsistencyRequest, UnmaskRequest
+
+    request = ConsistencyRequest(3, "run-1", ["a", "b", "c"], ["d"])
+    assert ConsistencyRequest.from_content(request.to_content()) == request
+    reply = ConsistencyReply("a", {"g0": bytes(64), "g2": bytes([1]) * 64})
+    assert ConsistencyReply.from_content(reply.to_content()) == reply
+    unmask = UnmaskRequest(3, "run-1", ["a", "b", "c"], ["d"], {"g0": {"a": bytes(64), "b": bytes([2]) * 64}})
+    assert UnmaskRequest.from_content(unmask.to_content()) == unmask
+    for bad, match in (
+        (ConsistencyReply("a", {"x1": bytes(64)}), "bad group"),
+        (ConsistencyReply("a", {"g0": bytes(63)}), "must be 64 bytes"),
+        (UnmaskRequest(3, "run-1", ["a"], [], {"g0": {"a": bytes(10)}}), "must be 64 bytes"),
+        (UnmaskRequest(3, "run-1", ["a"], [], {"g0": {"no name!": bytes(64)}}), "not a valid name"),
+        (ConsistencyRequest(3, "run-1", ["a"], ["a"]), "both survived and dropped"),
+    ):
+        with pytest.raises(ProtocolError, match=match):
+            type(bad).from_content(bad.to_content())

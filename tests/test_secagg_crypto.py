@@ -599,6 +599,35 @@ def test_adverts_verify_only_unchanged(tmp_path):
     )
 
 
+def test_a_survivor_set_signature_binds_run_round_group_setup_active_and_survivors(tmp_path):
+    from aggregation.secagg.keys import sign_survivors, survivors_payload, survivors_signed
+
+    signing = load_or_create_signing_key(tmp_path / "identity.pem")
+    public = load_public_key(public_key_hex(signing))
+    setup = bytes(range(32))
+    statement = ("run", 2, "g0", setup, ["a", "b", "c", "d"], ["a", "b", "c"])
+    signature = sign_survivors(signing, *statement)
+    assert survivors_signed(public, signature, *statement)
+    assert survivors_signed(public, signature, "run", 2, "g0", setup, ["d", "c", "b", "a"], ["c", "b", "a"])
+    for changed in (
+        ("run2", 2, "g0", setup, ["a", "b", "c", "d"], ["a", "b", "c"]),
+        ("run", 3, "g0", setup, ["a", "b", "c", "d"], ["a", "b", "c"]),
+        ("run", 2, "g1", setup, ["a", "b", "c", "d"], ["a", "b", "c"]),
+        ("run", 2, "g0", bytes(32), ["a", "b", "c", "d"], ["a", "b", "c"]),
+        ("run", 2, "g0", setup, ["a", "b", "c"], ["a", "b", "c"]),
+        ("run", 2, "g0", setup, ["a", "b", "c", "d"], ["a", "b"]),
+        ("run", 2, "g0", setup, ["a", "b", "c", "d"], ["a", "b", "d"]),
+    ):
+        assert not survivors_signed(public, signature, *changed), changed
+    assert not survivors_signed(Ed25519PrivateKey.generate().public_key(), signature, *statement)
+    # Length-prefixed: moving a name between the two lists changes the bytes.
+    assert survivors_payload("r", 1, "g0", setup, ["a", "b"], ["c"]) != survivors_payload(
+        "r", 1, "g0", setup, ["a"], ["b", "c"]
+    )
+    with pytest.raises(SecAggError, match="Ed25519PrivateKey"):
+        sign_survivors(X25519PrivateKey.generate(), *statement)
+
+
 # ====================================================================== graph
 
 

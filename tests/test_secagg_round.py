@@ -25,6 +25,8 @@ from privacy.keys import public_key_hex
 from shared_model.config import load_config
 from shared_model.policy import Policy
 from shared_model.protocol import (
+    ConsistencyReply,
+    ConsistencyRequest,
     MaskedInputReply,
     MaskedInputRequest,
     ProtocolError,
@@ -134,6 +136,10 @@ class Round:
             if reply is not None:
                 self.masked[member] = reply
                 self.server.add_masked(reply)
+        for member, request in self.server.consistency_requests().items():
+            reply = self._answer(member, "consistency", request, MemberNode.consistency, ConsistencyReply)
+            if reply is not None:
+                self.server.add_consistency(reply)
         for member, request in self.server.unmask_requests().items():
             reply = self._answer(member, "unmask", request, MemberNode.unmask, UnmaskReply)
             if reply is not None:
@@ -182,10 +188,11 @@ def test_secure_mean_equals_plaintext_mean_and_nothing_individual_is_received(fe
         assert not (node.secagg.root / RUN / "r1").exists()
 
 
-@pytest.mark.parametrize("stage", ["train", "share_keys", "masked_input", "unmask"])
+@pytest.mark.parametrize("stage", ["train", "share_keys", "masked_input", "consistency", "unmask"])
 def test_one_member_drops_at_any_stage(federation, stage):
     cfg, nodes, model = federation
-    rnd = Round(cfg, nodes, model, 10 + ["train", "share_keys", "masked_input", "unmask"].index(stage), {"sony": stage})
+    stages = ["train", "share_keys", "masked_input", "consistency", "unmask"]
+    rnd = Round(cfg, nodes, model, 10 + stages.index(stage), {"sony": stage})
     sums = rnd.run()
     for shard, cohort in rnd.plan.cohorts.items():
         if "sony" in cohort and len(cohort) == 2:
@@ -195,7 +202,7 @@ def test_one_member_drops_at_any_stage(federation, stage):
             continue
         assert shard in sums, (shard, rnd.server.skipped)
         outcome = sums[shard]
-        expected_in = stage == "unmask"  # its masked input was in before it vanished
+        expected_in = stage in ("consistency", "unmask")  # its masked input was in before it vanished
         assert ("sony" in outcome.contributors) == (expected_in and "sony" in cohort)
         np.testing.assert_allclose(
             outcome.total / outcome.weight, rnd.expected_mean(shard, outcome.contributors), atol=_tolerance(4)
@@ -261,10 +268,18 @@ def test_node_answers_unmask_once_and_refuses_inconsistent_requests(federation):
     rnd.run()
     requests = rnd.server.unmask_requests()
     node = nodes["sony"]
-    first = node.unmask(_wire(requests["sony"], UnmaskRequest))
-    assert first.member == "sony"
-    with pytest.raises(ProtocolError):
-        node.unmask(_wire(requests["sony"], UnmaskRequest))
+    # A survivor set is signed once: a second one would let a coordinator show two.
+    with pytest.raises(ProtocolError, match="consistency: already answered"):
+        node.consistency(_wire(rnd.server.consistency_requests()["sony"], ConsistencyRequest))
+    # Unmask reveals for the set it signed, never another.
+    other = _wire(requests["sony"], UnmaskRequest)
+    other.survivors, other.dropped = ["honda", "softbank", "sony"], ["fanuc"]
+    with pytest.raises(ProtocolError, match="survivors differ from the set this node signed"):
+        node.unmask(other)
+    first = nodes["honda"].unmask(_wire(requests["honda"], UnmaskRequest))
+    assert first.member == "honda" and first.shares
+    with pytest.raises(ProtocolError, match="no secure-aggregation round 40"):  # answered, and forgotten
+        nodes["honda"].unmask(_wire(requests["honda"], UnmaskRequest))
     both = UnmaskRequest(40, RUN, ["sony", "fanuc"], ["fanuc"])
     with pytest.raises(ProtocolError, match="both survived and dropped"):
         UnmaskRequest.from_content(both.to_content())
@@ -520,6 +535,25 @@ def test_a_round_sent_again_for_other_shards_is_sat_out(federation):
     assert f"already trained, for shards {sorted(first.plan.shards_of(member))}" in reply.reason
 
 
+def _shown(rnd: Round, views: dict[str, list[str]]) -> dict[str, UnmaskReply]:
+    """A coordinator that shows each holder its own survivor set: each signs the set it is
+    shown (consistency), then unmasks with every signature collected. The holders' replies."""
+    nodes = rnd.nodes
+    everyone = sorted(nodes)
+    signatures: dict[str, dict[str, bytes]] = {}
+    for holder, survivors in views.items():
+        dropped = [m for m in everyone if m not in survivors]
+        request = _wire(ConsistencyRequest(rnd.round, rnd.run_name, survivors, dropped), ConsistencyRequest)
+        for gid, signature in nodes[holder].consistency(request).signatures.items():
+            signatures.setdefault(gid, {})[holder] = signature
+    replies = {}
+    for holder, survivors in views.items():
+        dropped = [m for m in everyone if m not in survivors]
+        request = UnmaskRequest(rnd.round, rnd.run_name, survivors, dropped, signatures)
+        replies[holder] = nodes[holder].unmask(_wire(request, UnmaskRequest))
+    return replies
+
+
 def _stripped(rnd: Round, owner: str, group, shard: str, self_seed: bytes, mask_key: bytes) -> np.ndarray | None:
     """What a coordinator holding ``owner``'s self-mask seed and mask key makes of its masked
     ``shard``: the owner's update if the two open it, ``None`` if the masks do not come off."""
@@ -552,30 +586,28 @@ def test_a_coordinator_that_splits_a_member_across_its_cohorts_cannot_open_its_u
     from aggregation.secagg.shamir import combine_shares
 
     cfg, nodes, model = federation
-    rnd = Round(cfg, nodes, model, 1, {m: "unmask" for m in nodes}, run=f"split-{seed_from.replace(' ', '-')}")
+    rnd = Round(cfg, nodes, model, 1, {m: "consistency" for m in nodes}, run=f"split-{seed_from.replace(' ', '-')}")
     rnd.run()
     four = next(g for g in rnd.setup.groups if "adapter/shared" in g.shards)
     pair = next(g for g in rnd.setup.groups if "adapter/emb/so100" in g.shards)
     assert sorted(pair.members) == ["softbank", "sony"] and len(four.members) == 4 and pair.threshold == 1
     everyone = sorted(nodes)
     told_sony_dropped = ["softbank"] if seed_from == "cohort of four" else ["honda", "fanuc"]
-    replies = {}
-    for holder in ["honda", "fanuc", "softbank"]:
-        dropped = ["sony"] if holder in told_sony_dropped else []
-        survivors = [m for m in everyone if m not in dropped]
-        request = UnmaskRequest(rnd.round, rnd.run_name, survivors, dropped)
-        replies[holder] = nodes[holder].unmask(_wire(request, UnmaskRequest))
+    kept = nodes["sony"].secagg.root / rnd.run_name / f"r{rnd.round}"  # sony's disk: the test peeks
+    on_disk = {
+        "self_seed": json.loads((kept / "self_seeds.json").read_text()),
+        "mask_key": json.loads((kept / "keys.json").read_text())["masks"],
+    }  # read before sony unmasks, which deletes them
+
+    def own(group, kind):
+        return bytes.fromhex(on_disk[kind][group.group_id])
+
+    views = {h: [m for m in everyone if h not in told_sony_dropped or m != "sony"] for h in everyone}
+    replies = _shown(rnd, views)
 
     def secret(group, kind, holders):
         shares = {group.share_id(h): replies[h].shares[group.group_id][kind]["sony"] for h in holders}
         return combine_shares(shares, group.threshold)
-
-    kept = nodes["sony"].secagg.root / rnd.run_name / f"r{rnd.round}"  # sony's disk: the test peeks
-
-    def own(group, kind):
-        if kind == "self_seed":
-            return bytes.fromhex(json.loads((kept / "self_seeds.json").read_text())[group.group_id])
-        return bytes.fromhex(json.loads((kept / "keys.json").read_text())["masks"][group.group_id])
 
     if seed_from == "cohort of four":
         self_seed = secret(four, "self_seed", ["honda", "fanuc"])
@@ -610,37 +642,48 @@ def test_a_node_masks_only_with_at_least_the_threshold_of_its_neighbours(federat
         nodes["sony"].masked_input(request)
 
 
-def test_a_holder_reveals_nothing_for_a_cohort_with_no_more_survivors_than_the_threshold(federation):
+@pytest.mark.parametrize("sets", ["each with sony alone", "each of three"])
+def test_holders_shown_different_survivor_sets_reveal_nothing(federation, sets):
     """A review told each holder that it and sony alone survived: each revealed sony's seed
     share and every other member's mask-key share, and the coordinator opened sony's update.
-    An honest round unmasks only with more survivors than the threshold (each survivor's seed
-    needs the threshold of shares from the others), so a holder told fewer reveals nothing."""
+    A node signs the survivor set it is shown (never one with no more members than the
+    threshold, as no honest round has) and reveals only when the threshold of its members
+    signed the same; each signs once, so sets shown to different holders get one signature each."""
     cfg, nodes, model = federation
-    rnd = Round(cfg, nodes, model, 1, run="few-survivors", drop={m: "unmask" for m in nodes})
+    rnd = Round(cfg, nodes, model, 1, run=f"shown-{sets.split()[-1]}", drop={m: "consistency" for m in nodes})
     rnd.run()
     four = next(g for g in rnd.setup.groups if "adapter/shared" in g.shards)
-    for holder in ["honda", "softbank", "fanuc"]:
-        survivors = sorted({holder, "sony"})
-        dropped = sorted(set(four.members) - set(survivors))
-        reply = nodes[holder].unmask(_wire(UnmaskRequest(1, rnd.run_name, survivors, dropped), UnmaskRequest))
-        assert four.group_id not in reply.shares, f"{holder} revealed shares of a cohort it was told had 2 left"
+    if sets == "each with sony alone":
+        views = {h: sorted({h, "sony"}) for h in ["honda", "softbank", "fanuc"]}
+    else:
+        views = {
+            "honda": ["honda", "softbank", "sony"],
+            "softbank": ["fanuc", "softbank", "sony"],
+            "fanuc": ["fanuc", "honda", "sony"],
+            "sony": sorted(nodes),
+        }
+    for holder, reply in _shown(rnd, views).items():
+        assert four.group_id not in reply.shares, f"{holder} revealed shares of {four.group_id}"
 
 
 def test_a_holder_reveals_no_key_of_a_member_it_did_not_mask_with(federation):
     """Only a member this node masked with (active in its masked-input request) can have left
-    a mask in the sum: another's key share is never revealed, whatever unmask says."""
+    a mask in the sum: another's key share is never revealed, whatever unmask says. Here the
+    coordinator leaves fanuc out of the others' active set while fanuc masks with them."""
     cfg, nodes, model = federation
     rnd = Round(cfg, nodes, model, 1, run="not-masked-with", drop={m: "masked_input" for m in nodes})
     rnd.run()
     four = next(g for g in rnd.setup.groups if "adapter/shared" in g.shards)
-    request = _wire(rnd.server.masked_input_requests()["honda"], MaskedInputRequest)
-    request.active[four.group_id] = ["honda", "softbank", "sony"]  # fanuc left out for honda alone
-    nodes["honda"].masked_input(request)
-    reply = nodes["honda"].unmask(
-        _wire(UnmaskRequest(1, rnd.run_name, ["honda", "softbank", "sony"], ["fanuc"]), UnmaskRequest)
-    )
-    assert "fanuc" not in reply.shares[four.group_id]["mask_key"]
-    assert sorted(reply.shares[four.group_id]["self_seed"]) == ["softbank", "sony"]
+    three = ["honda", "softbank", "sony"]
+    for member, request in rnd.server.masked_input_requests().items():
+        request = _wire(request, MaskedInputRequest)
+        if member != "fanuc":
+            request.active[four.group_id] = three
+        nodes[member].masked_input(request)
+    replies = _shown(rnd, dict.fromkeys(three, three))
+    for holder, reply in replies.items():
+        assert "fanuc" not in reply.shares[four.group_id]["mask_key"], holder
+        assert sorted(reply.shares[four.group_id]["self_seed"]) == sorted(set(three) - {holder})
 
 
 def test_neighbours_sent_different_setups_refuse_to_share_keys(federation):

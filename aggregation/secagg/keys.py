@@ -266,3 +266,46 @@ def verify_advert(
         raise SecAggError(
             f"advert of member {member!r} for run {run!r} round {round} has an invalid signature"
         ) from None
+
+
+_SURVIVORS_DOMAIN = b"kyodo/secagg/survivors/v1"
+
+
+def survivors_payload(
+    run: str, round: int, group: str, setup_digest: bytes, active: Iterable[str], survivors: Iterable[str]
+) -> bytes:
+    """The canonical bytes a member signs, once per round and group, in the consistency stage:
+    the group's active members (whom it masked with) and the survivors it was shown.
+
+    A holder reveals shares only for a survivor set that at least the threshold of its
+    members signed identically. Each member signs one set per group, so a coordinator that
+    shows holders different sets gets enough signatures on at most one of them when the
+    threshold is more than half of a member's neighbours (as ``build_setup`` requires), and
+    cannot collect one member's self-mask seed under one set and its peers' mask keys under
+    another (a review did, before this stage, and opened the member's update).
+    """
+    _check_text(run, "run id")
+    _check_round(round)
+    _check_text(group, "group id")
+    payload = _SURVIVORS_DOMAIN + _field(run) + struct.pack(">Q", round) + _field(group)
+    payload += _field(_check_bytes(setup_digest, "setup digest"))
+    for names in (sorted(set(active)), sorted(set(survivors))):
+        payload += struct.pack(">I", len(names)) + b"".join(_field(_check_text(n, "member name")) for n in names)
+    return payload
+
+
+def sign_survivors(signing_key: Ed25519PrivateKey, *statement) -> bytes:
+    """64-byte Ed25519 signature over ``survivors_payload(*statement)``."""
+    if not isinstance(signing_key, Ed25519PrivateKey):
+        raise SecAggError(f"signing key must be an Ed25519PrivateKey, got {type(signing_key).__name__}")
+    return signing_key.sign(survivors_payload(*statement))
+
+
+def survivors_signed(public_key: Ed25519PublicKey, signature: bytes, *statement) -> bool:
+    """Whether ``signature`` is the key's signature over ``survivors_payload(*statement)``."""
+    payload = survivors_payload(*statement)
+    try:
+        public_key.verify(_check_bytes(signature, "survivors signature", size=64), payload)
+    except InvalidSignature:
+        return False
+    return True

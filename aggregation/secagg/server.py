@@ -1,5 +1,6 @@
 """The coordinator's side of SecAgg+: route keys and sealed shares, sum masked vectors,
-recover what dropouts left behind, and end with each shard's cohort sum and nothing more.
+collect the survivors' signatures on who survived (consistency), recover what dropouts left
+behind, and end with each shard's cohort sum and nothing more.
 
 Transport-free on purpose: ``coordinator.secure_round`` moves the messages over the Flower
 Grid, this class only decides what each message says and what a reply means, so every
@@ -39,6 +40,8 @@ from aggregation.secagg.quantize import QuantizationPlan, dequantize_sum, plan_q
 from aggregation.secagg.shamir import combine_shares
 from aggregation.sums import SumBuffer, SumPool
 from shared_model.protocol import (
+    ConsistencyReply,
+    ConsistencyRequest,
     KeyAdvert,
     MaskedInputReply,
     MaskedInputRequest,
@@ -124,6 +127,7 @@ class SecAggServer:
     scale_base: dict[str, float] = field(default_factory=dict)  # group -> largest active weight
     sums: dict[str, SumBuffer] = field(default_factory=dict)
     masked_from: dict[str, set[str]] = field(default_factory=dict)  # group -> members whose vectors are in
+    survivor_signatures: dict[str, dict[str, bytes]] = field(default_factory=dict)  # group -> member -> signature
     unmask_replies: dict[str, UnmaskReply] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # shard -> why
     pool: SumPool | None = None  # where the masked sums live (default: RAM, no budget)
@@ -154,11 +158,14 @@ class SecAggServer:
         out = {}
         for member in self.adverts:
             peers = {n for g in self.setup.groups_of(member) for n in g.neighbours[member] if n in self.adverts}
+            # Every group member's identity key, not only the neighbours': all of them may sign
+            # the survivor set the node checks before it unmasks.
+            known = {m for g in self.setup.groups_of(member) for m in g.members if m in self.adverts}
             out[member] = ShareKeysRequest(
                 self.round,
                 self.run,
                 {p: self.adverts[p] for p in sorted(peers)},
-                {p: self.identity_keys[p] for p in sorted(peers)},
+                {m: self.identity_keys[m] for m in sorted(known)},
             )
         return out
 
@@ -242,10 +249,32 @@ class SecAggServer:
             self.masked_from.setdefault(g.group_id, set()).add(member)
 
     # ------------------------------------------------------------------ stage 4
-    def unmask_requests(self) -> dict[str, UnmaskRequest]:
+    def _survivors(self) -> tuple[list[str], list[str]]:
         survivors = sorted({m for s in self.masked_from.values() for m in s})
         dropped = sorted({m for a in self.active.values() for m in a} - set(survivors))
-        return {m: UnmaskRequest(self.round, self.run, survivors, dropped) for m in survivors}
+        return survivors, dropped
+
+    def consistency_requests(self) -> dict[str, ConsistencyRequest]:
+        survivors, dropped = self._survivors()
+        return {m: ConsistencyRequest(self.round, self.run, survivors, dropped) for m in survivors}
+
+    def add_consistency(self, reply: ConsistencyReply) -> None:
+        if reply.member not in {m for s in self.masked_from.values() for m in s}:
+            raise SecAggError(f"consistency reply from {reply.member}, who sent no masked input")
+        for gid, signature in reply.signatures.items():
+            if reply.member not in self.masked_from.get(gid, set()):
+                raise SecAggError(f"{reply.member} signed the survivors of group {gid}, which it sent nothing for")
+            self.survivor_signatures.setdefault(gid, {})[reply.member] = signature
+
+    # ------------------------------------------------------------------ stage 5
+    def unmask_requests(self) -> dict[str, UnmaskRequest]:
+        survivors, dropped = self._survivors()
+        signers = {m for sigs in self.survivor_signatures.values() for m in sigs}
+        return {
+            m: UnmaskRequest(self.round, self.run, survivors, dropped, self.survivor_signatures)
+            for m in survivors
+            if m in signers
+        }
 
     def add_unmask(self, reply: UnmaskReply) -> None:
         if reply.member not in {m for s in self.masked_from.values() for m in s}:
