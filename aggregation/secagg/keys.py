@@ -241,9 +241,7 @@ def sign_advert(
     setup_digest: bytes,
 ) -> bytes:
     """64-byte Ed25519 signature over ``advert_payload``."""
-    if not isinstance(signing_key, Ed25519PrivateKey):
-        raise SecAggError(f"signing key must be an Ed25519PrivateKey, got {type(signing_key).__name__}")
-    return signing_key.sign(advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest))
+    return _sign(signing_key, advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest))
 
 
 def verify_advert(
@@ -257,15 +255,25 @@ def verify_advert(
     setup_digest: bytes,
 ) -> None:
     """Check an advert against the member's identity key; ``SecAggError`` if it does not verify."""
+    payload = advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest)
+    if not _verifies(public_key, signature, payload, "advert signature"):
+        raise SecAggError(f"advert of member {member!r} for run {run!r} round {round} has an invalid signature")
+
+
+def _sign(signing_key: Ed25519PrivateKey, payload: bytes) -> bytes:
+    if not isinstance(signing_key, Ed25519PrivateKey):
+        raise SecAggError(f"signing key must be an Ed25519PrivateKey, got {type(signing_key).__name__}")
+    return signing_key.sign(payload)
+
+
+def _verifies(public_key: Ed25519PublicKey, signature: bytes, payload: bytes, what: str) -> bool:
     if not isinstance(public_key, Ed25519PublicKey):
         raise SecAggError(f"identity key must be an Ed25519PublicKey, got {type(public_key).__name__}")
-    payload = advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest)
     try:
-        public_key.verify(_check_bytes(signature, "advert signature", size=64), payload)
+        public_key.verify(_check_bytes(signature, what, size=64), payload)
     except InvalidSignature:
-        raise SecAggError(
-            f"advert of member {member!r} for run {run!r} round {round} has an invalid signature"
-        ) from None
+        return False
+    return True
 
 
 _SURVIVORS_DOMAIN = b"kyodo/secagg/survivors/v1"
@@ -296,16 +304,9 @@ def survivors_payload(
 
 def sign_survivors(signing_key: Ed25519PrivateKey, *statement) -> bytes:
     """64-byte Ed25519 signature over ``survivors_payload(*statement)``."""
-    if not isinstance(signing_key, Ed25519PrivateKey):
-        raise SecAggError(f"signing key must be an Ed25519PrivateKey, got {type(signing_key).__name__}")
-    return signing_key.sign(survivors_payload(*statement))
+    return _sign(signing_key, survivors_payload(*statement))
 
 
 def survivors_signed(public_key: Ed25519PublicKey, signature: bytes, *statement) -> bool:
     """Whether ``signature`` is the key's signature over ``survivors_payload(*statement)``."""
-    payload = survivors_payload(*statement)
-    try:
-        public_key.verify(_check_bytes(signature, "survivors signature", size=64), payload)
-    except InvalidSignature:
-        return False
-    return True
+    return _verifies(public_key, signature, survivors_payload(*statement), "survivors signature")
