@@ -274,7 +274,7 @@ def secure_round(w: Workload, round_number: int, clock: Clock) -> tuple[np.ndarr
         server = SecAggServer(RUN, round_number, setup, {SHARD: shard_length(w.shapes)})
     for m in w.members:
         start = time.perf_counter()
-        advert = w.nodes[m].begin(RUN, round_number, setup, w.deltas[m])
+        advert = w.nodes[m].begin(RUN, round_number, setup, w.deltas[m], weight=w.weights[m])
         begin_s[m] = time.perf_counter() - start
         with clock(m, "train reply"):
             content = _reply(m, {}, w.weights[m], advert).to_content()

@@ -848,7 +848,12 @@ class MemberNode:
         if request.secagg is not None:
             # The update stays on this node; only its masked form leaves, in a later stage.
             advert = self.secagg.begin(
-                request.run, request.round, request.secagg, deltas, base=_model_base(request.model_ref)
+                request.run,
+                request.round,
+                request.secagg,
+                deltas,
+                base=_model_base(request.model_ref),
+                weight=result.num_examples,
             )
             deltas = {}
         return TrainReply(

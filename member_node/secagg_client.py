@@ -27,6 +27,7 @@ What the node enforces, whatever the coordinator asks:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -159,15 +160,23 @@ class MemberSecAgg:
 
     # ------------------------------------------------------------------ stage 1: after training
     def begin(
-        self, run: str, round_number: int, setup: SecAggSetup, deltas: dict[str, torch.Tensor], base: str = ""
+        self,
+        run: str,
+        round_number: int,
+        setup: SecAggSetup,
+        deltas: dict[str, torch.Tensor],
+        base: str = "",
+        *,
+        weight: int = 0,
     ) -> KeyAdvert:
         """Keep the update (and ``base``, the model it was trained from) and fresh round keys on
-        disk; return the signed key advert."""
+        disk; return the signed key advert. ``weight``: the example count the node reports for
+        the round (0: withheld, as under DP)."""
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in deltas.items():
             grouped.setdefault(shard_of(name), {})[name] = tensor
         vectors = {shard: flatten_shard(tensors) for shard, tensors in grouped.items()}
-        return self._begin(run, round_number, setup, vectors, base)
+        return self._begin(run, round_number, setup, vectors, base, weight)
 
     def resendable(self, run: str, round_number: int) -> tuple[dict[str, np.ndarray], str] | None:
         """The update this node trained for the round and the model it trained it from, if it
@@ -187,14 +196,14 @@ class MemberSecAgg:
 
     def resend(self, run: str, round_number: int, setup: SecAggSetup) -> KeyAdvert:
         """The kept update of ``resendable`` under a new session's fresh keys (a coordinator that
-        restarted mid-round sends the round again)."""
+        restarted mid-round sends the round again); its size withheld (weight 0), as the reply is."""
         kept = self.resendable(run, round_number)
         if kept is None:
             raise ProtocolError(f"round {round_number} of run {run}: no update this node can send again")
-        return self._begin(run, round_number, setup, *kept)
+        return self._begin(run, round_number, setup, *kept, 0)
 
     def _begin(
-        self, run: str, round_number: int, setup: SecAggSetup, vectors: dict[str, np.ndarray], base: str
+        self, run: str, round_number: int, setup: SecAggSetup, vectors: dict[str, np.ndarray], base: str, weight: int
     ) -> KeyAdvert:
         self._forget_other_rounds(run)
         path = self._dir(run, round_number)
@@ -209,10 +218,11 @@ class MemberSecAgg:
         stored = {"cipher": cipher_sk.hex(), "masks": {g: sk.hex() for g, sk in mask_sks.items()}}
         _write_private(path / "keys.json", json.dumps(stored).encode())
         _write_private(path / "setup.json", setup.to_json().encode())
+        _write_private(path / "weight.txt", str(int(weight)).encode())
         cipher_pk, mask_pks = keys.public_bytes()
         digest = setup.digest()
-        signature = sign_advert(self.signing_key, run, round_number, self.member, cipher_pk, mask_pks, digest)
-        return KeyAdvert(cipher_pk, mask_pks, digest, signature)
+        signature = sign_advert(self.signing_key, run, round_number, self.member, cipher_pk, mask_pks, digest, weight)
+        return KeyAdvert(cipher_pk, mask_pks, digest, weight, signature)
 
     def _forget_other_rounds(self, run: str) -> None:
         """One round at a time: every other round's secrets go when a round begins. A node that
@@ -262,6 +272,7 @@ class MemberSecAgg:
                 advert.cipher_pk,
                 advert.mask_pks,
                 advert.setup_sha256,
+                advert.weight,
             )
             if advert.setup_sha256 != setup.digest():
                 # Its groups, graphs or thresholds differ from this node's: a member told it is
@@ -318,8 +329,9 @@ class MemberSecAgg:
             for m, a in json.loads((path / "adverts.json").read_text()).items()
         }
         received: dict[str, dict[str, dict[str, str]]] = {}  # group -> owner -> kind -> share hex
+        neighbours = {n for g in setup.groups_of(self.member) for n in g.neighbours[self.member]}
         for sender, blob in request.sealed.items():
-            if sender not in adverts:
+            if sender not in adverts or sender not in neighbours:
                 raise ProtocolError(f"masked input: shares from {sender}, who is not a neighbour")
             key = agree(
                 keys.cipher_private,
@@ -329,6 +341,7 @@ class MemberSecAgg:
             bundle = json.loads(open_sealed(key, blob, _share_aad(request.run, request.round, sender, self.member)))
             for gid, kinds in bundle.items():
                 received.setdefault(gid, {})[sender] = kinds
+        own_weight = int((path / "weight.txt").read_text())
         vectors = _read_update(path / "update.safetensors")
         self_seeds = {g: bytes.fromhex(v) for g, v in json.loads((path / "self_seeds.json").read_text()).items()}
         rng = secure_rng()
@@ -352,6 +365,7 @@ class MemberSecAgg:
                     f"masked input: group {group.group_id} scales this node's update by {scale:g}; under DP it "
                     "withholds its size, so every update in its cohort weighs the same (1)"
                 )
+            self._check_scale(group, active, scale, adverts, own_weight)
             plan = QuantizationPlan.from_dict(group.quantization)
             peers = [n for n in group.neighbours[self.member] if n in active]
             for shard in group.shards:
@@ -386,6 +400,23 @@ class MemberSecAgg:
         _write_private(path / "received.json", received_json.encode())
         _write_private(path / "masked.done", b"")
         return MaskedInputReply(self.member, masked)
+
+    def _check_scale(
+        self, group: SecAggGroup, active: list[str], scale: float, adverts: dict[str, KeyAdvert], own_weight: int
+    ) -> None:
+        """The scale must be 1 (every update weighs the same) or this node's signed example count
+        over the largest signed count of the group's active members (example-weighted FedAvg):
+        a review weighed one member 1e30, every other member's scale became ~0, and the cohort's
+        sum was that member's update."""
+        if scale == 1.0:
+            return
+        counts = [own_weight] + [adverts[m].weight if m in adverts else 0 for m in active if m != self.member]
+        if min(counts) > 0 and math.isclose(scale, own_weight / max(counts), rel_tol=1e-9):
+            return
+        raise ProtocolError(
+            f"masked input: group {group.group_id} scales this node's update by {scale:g}, not 1 nor its count "
+            "over the largest its active members signed"
+        )
 
     def _check_active(self, group: SecAggGroup, active: list[str], received: dict[str, dict]) -> None:
         if len(group.members) == 1:

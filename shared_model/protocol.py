@@ -771,6 +771,12 @@ class SecAggSetup:
         return cls(groups)
 
 
+def _advert_weight(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        raise ProtocolError(f"{where}: advert weight must be an integer >= 0")
+    return value
+
+
 @dataclass
 class KeyAdvert:
     """A node's X25519 public keys for this round, signed with its Ed25519 identity key: one
@@ -780,6 +786,7 @@ class KeyAdvert:
     cipher_pk: bytes
     mask_pks: dict[str, bytes]  # group id -> mask public key
     setup_sha256: bytes  # the round's SecAggSetup as this node received it (SecAggSetup.digest)
+    weight: int  # the example count the node reported for the round (0: withheld)
     signature: bytes
 
     def to_json(self) -> dict:
@@ -787,6 +794,7 @@ class KeyAdvert:
             "cipher_pk": self.cipher_pk.hex(),
             "mask_pks": {g: pk.hex() for g, pk in self.mask_pks.items()},
             "setup_sha256": self.setup_sha256.hex(),
+            "weight": int(self.weight),
             "signature": self.signature.hex(),
         }
 
@@ -804,14 +812,16 @@ class KeyAdvert:
             _hex(raw.get("cipher_pk"), "cipher_pk", where, 32),
             {gid: _hex(pk, f"mask key of group {gid}", where, 32) for gid, pk in masks.items()},
             _hex(raw.get("setup_sha256"), "setup_sha256", where, 32),
+            _advert_weight(raw.get("weight"), where),
             _hex(raw.get("signature"), "signature", where, 64),
         )
 
 
 @dataclass
 class ShareKeysRequest:
-    """Stage 2: the adverts of the node's neighbours, and the identity keys of every member of
-    its groups (which signed the adverts, and later sign the survivor sets)."""
+    """Stage 2: the adverts of the other members of the node's groups (its neighbours' keys it
+    shares with; everyone's signed example count) and their identity keys (which signed the
+    adverts, and later sign the survivor sets)."""
 
     round: int
     run: str

@@ -147,7 +147,7 @@ def test_masked_input_reply_refuses_anything_but_a_ring_vector(array, match):
 def test_a_key_advert_carries_one_mask_key_per_group_and_refuses_anything_else():
     from shared_model.protocol import MAX_ADVERT_GROUPS, KeyAdvert
 
-    advert = KeyAdvert(bytes(range(32)), {"g0": bytes(32), "g12": bytes([7]) * 32}, bytes([3]) * 32, bytes(64))
+    advert = KeyAdvert(bytes(range(32)), {"g0": bytes(32), "g12": bytes([7]) * 32}, bytes([3]) * 32, 40, bytes(64))
     assert KeyAdvert.from_json(advert.to_json(), "train reply") == advert
     good = advert.to_json()
     for change, match in (
@@ -157,6 +157,8 @@ def test_a_key_advert_carries_one_mask_key_per_group_and_refuses_anything_else()
         ({"mask_pks": {f"g{i}": "00" * 32 for i in range(MAX_ADVERT_GROUPS + 1)}}, "at most"),
         ({"mask_pk": "00" * 32, "mask_pks": None}, "mask_pks must be an object"),
         ({"setup_sha256": None}, "setup_sha256 must be lowercase hex"),
+        ({"weight": -1}, "advert weight must be an integer >= 0"),
+        ({"weight": 1.5}, "advert weight must be an integer >= 0"),
     ):
         with pytest.raises(ProtocolError, match=match):
             KeyAdvert.from_json({**good, **change}, "train reply")

@@ -556,47 +556,50 @@ def test_adverts_verify_only_unchanged(tmp_path):
     public = load_public_key(public_key_hex(signing))
     cipher_pk, mask_pks = RoundKeys.generate(["g0", "g1"]).public_bytes()
     setup = bytes(range(32))
-    sig = sign_advert(signing, "run", 2, "alice", cipher_pk, mask_pks, setup)
+    sig = sign_advert(signing, "run", 2, "alice", cipher_pk, mask_pks, setup, 40)
     assert len(sig) == 64
-    verify_advert(public, sig, "run", 2, "alice", cipher_pk, mask_pks, setup)
+    verify_advert(public, sig, "run", 2, "alice", cipher_pk, mask_pks, setup, 40)
     swapped = {"g0": mask_pks["g1"], "g1": mask_pks["g0"]}  # a key moved to another group
     renamed = {"g0": mask_pks["g0"], "g7": mask_pks["g1"]}  # a key under another group id
     for changed in (
-        ("run2", 2, "alice", cipher_pk, mask_pks, setup),
-        ("run", 3, "alice", cipher_pk, mask_pks, setup),
-        ("run", 2, "bob", cipher_pk, mask_pks, setup),
-        ("run", 2, "alice", mask_pks["g0"], {"g0": cipher_pk, "g1": mask_pks["g1"]}, setup),
-        ("run", 2, "alice", cipher_pk, swapped, setup),
-        ("run", 2, "alice", cipher_pk, renamed, setup),
-        ("run", 2, "alice", cipher_pk, {"g0": mask_pks["g0"]}, setup),
-        ("run", 2, "alice", cipher_pk, {**mask_pks, "g2": RoundKeys.generate([]).public_bytes()[0]}, setup),
-        ("run", 2, "alice", cipher_pk, mask_pks, bytes(32)),  # another setup
+        ("run2", 2, "alice", cipher_pk, mask_pks, setup, 40),
+        ("run", 3, "alice", cipher_pk, mask_pks, setup, 40),
+        ("run", 2, "bob", cipher_pk, mask_pks, setup, 40),
+        ("run", 2, "alice", mask_pks["g0"], {"g0": cipher_pk, "g1": mask_pks["g1"]}, setup, 40),
+        ("run", 2, "alice", cipher_pk, swapped, setup, 40),
+        ("run", 2, "alice", cipher_pk, renamed, setup, 40),
+        ("run", 2, "alice", cipher_pk, {"g0": mask_pks["g0"]}, setup, 40),
+        ("run", 2, "alice", cipher_pk, {**mask_pks, "g2": RoundKeys.generate([]).public_bytes()[0]}, setup, 40),
+        ("run", 2, "alice", cipher_pk, mask_pks, bytes(32), 40),  # another setup
+        ("run", 2, "alice", cipher_pk, mask_pks, setup, 41),  # another weight
     ):
         with pytest.raises(SecAggError, match="invalid signature"):
             verify_advert(public, sig, *changed)
     stranger = Ed25519PrivateKey.generate().public_key()
     with pytest.raises(SecAggError, match="invalid signature"):
-        verify_advert(stranger, sig, "run", 2, "alice", cipher_pk, mask_pks, setup)
+        verify_advert(stranger, sig, "run", 2, "alice", cipher_pk, mask_pks, setup, 40)
     with pytest.raises(SecAggError, match="advert signature must be 64 bytes"):
-        verify_advert(public, sig[:63], "run", 2, "alice", cipher_pk, mask_pks, setup)
+        verify_advert(public, sig[:63], "run", 2, "alice", cipher_pk, mask_pks, setup, 40)
     with pytest.raises(SecAggError, match="cipher key as a mask key"):
-        sign_advert(signing, "run", 2, "alice", cipher_pk, {"g0": cipher_pk}, setup)
+        sign_advert(signing, "run", 2, "alice", cipher_pk, {"g0": cipher_pk}, setup, 40)
     with pytest.raises(SecAggError, match="one mask key in two aggregation groups"):
-        sign_advert(signing, "run", 2, "alice", cipher_pk, {"g0": mask_pks["g0"], "g1": mask_pks["g0"]}, setup)
+        sign_advert(signing, "run", 2, "alice", cipher_pk, {"g0": mask_pks["g0"], "g1": mask_pks["g0"]}, setup, 40)
     with pytest.raises(SecAggError, match="mapping of group id"):
-        sign_advert(signing, "run", 2, "alice", cipher_pk, mask_pks["g0"], setup)
+        sign_advert(signing, "run", 2, "alice", cipher_pk, mask_pks["g0"], setup, 40)
     with pytest.raises(SecAggError, match="setup digest must be 32 bytes"):
-        sign_advert(signing, "run", 2, "alice", cipher_pk, mask_pks, setup[:16])
+        sign_advert(signing, "run", 2, "alice", cipher_pk, mask_pks, setup[:16], 40)
     with pytest.raises(SecAggError, match="Ed25519PublicKey"):
-        verify_advert(signing, sig, "run", 2, "alice", cipher_pk, mask_pks, setup)
+        verify_advert(signing, sig, "run", 2, "alice", cipher_pk, mask_pks, setup, 40)
     with pytest.raises(SecAggError, match="Ed25519PrivateKey"):
-        sign_advert(X25519PrivateKey.generate(), "run", 2, "alice", cipher_pk, mask_pks, setup)
-    payload = advert_payload("run", 2, "alice", cipher_pk, mask_pks, setup)
-    assert payload != advert_payload("run", 2, "alic", cipher_pk, mask_pks, setup)
+        sign_advert(X25519PrivateKey.generate(), "run", 2, "alice", cipher_pk, mask_pks, setup, 40)
+    payload = advert_payload("run", 2, "alice", cipher_pk, mask_pks, setup, 40)
+    assert payload != advert_payload("run", 2, "alic", cipher_pk, mask_pks, setup, 40)
     one, other = {"g1": mask_pks["g0"]}, {"g": b"1" + mask_pks["g0"][:31]}  # length-prefixed: not one string
-    assert advert_payload("run", 2, "alice", cipher_pk, one, setup) != advert_payload(
-        "run", 2, "alice", cipher_pk, other, setup
+    assert advert_payload("run", 2, "alice", cipher_pk, one, setup, 40) != advert_payload(
+        "run", 2, "alice", cipher_pk, other, setup, 40
     )
+    with pytest.raises(SecAggError, match="advert weight must be an integer >= 0"):
+        advert_payload("run", 2, "alice", cipher_pk, mask_pks, setup, -1)
 
 
 def test_a_survivor_set_signature_binds_run_round_group_setup_active_and_survivors(tmp_path):
@@ -739,11 +742,11 @@ def test_round_with_a_dropout_unmasks_exactly_the_survivors_sum(tmp_path, names,
     keys = {m: RoundKeys.generate(["g0"]) for m in names}
     adverts = {m: keys[m].public_bytes() for m in names}
     setup = os.urandom(32)  # the digest of the round's setup, the same for every member
-    sigs = {m: sign_advert(identity[m], run, rnd, m, *adverts[m], setup) for m in names}
+    sigs = {m: sign_advert(identity[m], run, rnd, m, *adverts[m], setup, 0) for m in names}
     for m in names:
         for peer in graph[m]:
             verify_advert(
-                load_public_key(public_key_hex(identity[peer])), sigs[peer], run, rnd, peer, *adverts[peer], setup
+                load_public_key(public_key_hex(identity[peer])), sigs[peer], run, rnd, peer, *adverts[peer], setup, 0
             )
     mask_pks = {m: adverts[m][1]["g0"] for m in names}
 

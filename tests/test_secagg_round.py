@@ -313,8 +313,8 @@ def test_an_advert_without_a_mask_key_for_each_shared_cohort_is_refused(federati
     shared = [g.group_id for g in rnd.setup.groups_of("sony") if other in g.members]
     cipher_pk, mask_pks = RoundKeys.generate(set(request.adverts[other].mask_pks) - {shared[0]}).public_bytes()
     digest = rnd.setup.digest()
-    signature = sign_advert(nodes[other].signing_key, RUN, 51, other, cipher_pk, mask_pks, digest)
-    request.adverts[other] = KeyAdvert(cipher_pk, mask_pks, digest, signature)
+    signature = sign_advert(nodes[other].signing_key, RUN, 51, other, cipher_pk, mask_pks, digest, 0)
+    request.adverts[other] = KeyAdvert(cipher_pk, mask_pks, digest, 0, signature)
     with pytest.raises(ProtocolError, match=f"advertise no mask key for group {shared[0]}"):
         nodes["sony"].share_keys(request)
     server = SecAggServer(RUN, 51, rnd.setup, {})
@@ -733,3 +733,50 @@ def test_the_coordinator_asks_no_member_to_mask_with_fewer_than_the_threshold_of
         "3 of 6 members shared keys, 0 of them with the threshold of active neighbours"
         in server.skipped["expert/L0/E0"]
     )
+
+
+def test_a_member_without_dp_applies_only_the_weight_its_cohort_signed(tmp_path):
+    """Example-weighted FedAvg scales each update by its count over the cohort's largest. A
+    review weighed one non-DP member 1e30: every other member's scale became ~0 and the sum was
+    that member's update. Each advert signs the member's count; a node applies 1 or its count
+    over the largest its active members signed, nothing else."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from member_node.secagg_client import MemberSecAgg
+
+    names, counts, shard = ["m0", "m1", "m2", "m3"], {"m0": 40, "m1": 50, "m2": 60, "m3": 70}, "expert/L0/E0"
+    keys = {m: Ed25519PrivateKey.generate() for m in names}
+    nodes = {m: MemberSecAgg(tmp_path / m, m, keys[m]) for m in names}
+    setup = build_setup({shard: names}, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!")
+    deltas = {m: {"blocks.0.moe.experts.0.w_up.weight": torch.randn(64) * 0.01} for m in names}
+
+    def through_masked_input(run: str, weigh) -> tuple[SecAggServer, dict[str, MaskedInputRequest]]:
+        server = SecAggServer(run, 1, setup, {shard: 64})
+        for m in names:
+            advert = nodes[m].begin(run, 1, setup, deltas[m], weight=counts[m])
+            server.add_advert(m, _wire_advert(advert), public_key_hex(keys[m]), weigh(m))
+        for m, request in server.share_keys_requests().items():
+            server.add_shares(nodes[m].share_keys(_wire(request, ShareKeysRequest)))
+        return server, {m: _wire(r, MaskedInputRequest) for m, r in server.masked_input_requests().items()}
+
+    server, requests = through_masked_input("honest", lambda m: float(counts[m]))
+    for m, request in requests.items():
+        server.add_masked(nodes[m].masked_input(request))
+    for m, request in server.consistency_requests().items():
+        server.add_consistency(nodes[m].consistency(_wire(request, ConsistencyRequest)))
+    for m, request in server.unmask_requests().items():
+        server.add_unmask(nodes[m].unmask(_wire(request, UnmaskRequest)))
+    outcome = server.finish()[shard]
+    expected = sum(counts[m] * flatten_shard(deltas[m]).astype(np.float64) for m in names) / sum(counts.values())
+    np.testing.assert_allclose(outcome.total / outcome.weight, expected, atol=_tolerance(4))
+
+    _, requests = through_masked_input("inflated", lambda m: 1e30 if m == "m0" else float(counts[m]))
+    with pytest.raises(ProtocolError, match="not 1 nor its count over the largest its active members signed"):
+        nodes["m1"].masked_input(requests["m1"])
+    nodes["m0"].masked_input(requests["m0"])  # its own scale, 1, is honest: but nobody else masks
+
+
+def _wire_advert(advert):
+    from shared_model.protocol import KeyAdvert
+
+    return KeyAdvert.from_json(advert.to_json(), "test")

@@ -38,7 +38,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
 _PAIR_DOMAIN = b"kyodo/secagg/pair/v1"
-_ADVERT_DOMAIN = b"kyodo/secagg/advert/v3"
+_ADVERT_DOMAIN = b"kyodo/secagg/advert/v4"
 
 
 def _raw_public(key: X25519PrivateKey) -> bytes:
@@ -203,7 +203,13 @@ def open_sealed(key: bytes, blob: bytes, aad: bytes) -> bytes:
 
 
 def advert_payload(
-    run: str, round: int, member: str, cipher_pk: bytes, mask_pks: Mapping[str, bytes], setup_digest: bytes
+    run: str,
+    round: int,
+    member: str,
+    cipher_pk: bytes,
+    mask_pks: Mapping[str, bytes],
+    setup_digest: bytes,
+    weight: int,
 ) -> bytes:
     """The canonical bytes a member signs for its round key advert.
 
@@ -211,7 +217,10 @@ def advert_payload(
     member's keys off as another's; binding each mask key to its group id stops it from
     moving a key from one group to another; binding ``setup_digest`` (SHA-256 of the round's
     setup as the member received it) lets each neighbour check that both were sent the same
-    groups, graphs and thresholds, and ties the advert to one session of the round.
+    groups, graphs and thresholds, and ties the advert to one session of the round; binding
+    ``weight`` (the example count the member reported, 0 if withheld) lets every member of a
+    cohort check the scale the coordinator asks it to apply: a review weighed one member 1e30
+    and the cohort's sum became that member's update.
     """
     _check_text(run, "run id")
     _check_round(round)
@@ -225,7 +234,9 @@ def advert_payload(
     }
     _check_distinct(cipher_pk, masks, f"member {member!r}")
     payload = _ADVERT_DOMAIN + _field(run) + struct.pack(">Q", round) + _field(member) + _field(cipher_pk)
-    payload += _field(setup_digest) + struct.pack(">I", len(masks))
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight < 1 << 63:
+        raise SecAggError(f"advert weight must be an integer >= 0, got {weight!r}")
+    payload += _field(setup_digest) + struct.pack(">Q", weight) + struct.pack(">I", len(masks))
     for group in sorted(masks):
         payload += _field(group) + _field(masks[group])
     return payload
@@ -239,9 +250,10 @@ def sign_advert(
     cipher_pk: bytes,
     mask_pks: Mapping[str, bytes],
     setup_digest: bytes,
+    weight: int,
 ) -> bytes:
     """64-byte Ed25519 signature over ``advert_payload``."""
-    return _sign(signing_key, advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest))
+    return _sign(signing_key, advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest, weight))
 
 
 def verify_advert(
@@ -253,9 +265,10 @@ def verify_advert(
     cipher_pk: bytes,
     mask_pks: Mapping[str, bytes],
     setup_digest: bytes,
+    weight: int,
 ) -> None:
     """Check an advert against the member's identity key; ``SecAggError`` if it does not verify."""
-    payload = advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest)
+    payload = advert_payload(run, round, member, cipher_pk, mask_pks, setup_digest, weight)
     if not _verifies(public_key, signature, payload, "advert signature"):
         raise SecAggError(f"advert of member {member!r} for run {run!r} round {round} has an invalid signature")
 

@@ -157,14 +157,14 @@ class SecAggServer:
     def share_keys_requests(self) -> dict[str, ShareKeysRequest]:
         out = {}
         for member in self.adverts:
-            peers = {n for g in self.setup.groups_of(member) for n in g.neighbours[member] if n in self.adverts}
-            # Every group member's identity key, not only the neighbours': all of them may sign
-            # the survivor set the node checks before it unmasks.
+            # Every group member's advert and identity key, not only the neighbours': a node
+            # checks the weight it is asked to apply against the counts they signed, and their
+            # signatures on the survivor set before it unmasks.
             known = {m for g in self.setup.groups_of(member) for m in g.members if m in self.adverts}
             out[member] = ShareKeysRequest(
                 self.round,
                 self.run,
-                {p: self.adverts[p] for p in sorted(peers)},
+                {p: self.adverts[p] for p in sorted(known - {member})},
                 {m: self.identity_keys[m] for m in sorted(known)},
             )
         return out
