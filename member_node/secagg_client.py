@@ -20,12 +20,13 @@ What the node enforces, whatever the coordinator asks:
   the mask-key share of the same member (the two would unmask that member's update); and as
   each group's holders answer on their own, a member's two secrets in one group are never
   the same as in another;
-- it signs one survivor set per group and reveals shares only for that set, and only once
-  the threshold of its members signed the same one.
+- it signs one survivor set per group and session and reveals shares only for that set, and
+  only once more than half of the group (and more than the threshold) signed the same one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -222,7 +223,9 @@ class MemberSecAgg:
         cipher_pk, mask_pks = keys.public_bytes()
         digest = setup.digest()
         signature = sign_advert(self.signing_key, run, round_number, self.member, cipher_pk, mask_pks, digest, weight)
-        return KeyAdvert(cipher_pk, mask_pks, digest, weight, signature)
+        advert = KeyAdvert(cipher_pk, mask_pks, digest, weight, signature)
+        _write_private(path / "advert.json", json.dumps(advert.to_json()).encode())
+        return advert
 
     def _forget_other_rounds(self, run: str) -> None:
         """One round at a time: every other round's secrets go when a round begins. A node that
@@ -310,6 +313,11 @@ class MemberSecAgg:
             plaintext = json.dumps(bundle, sort_keys=True).encode()
             sealed[recipient] = seal(key, plaintext, _share_aad(request.run, request.round, self.member, recipient))
         _write_private(path / "self_seeds.json", json.dumps({g: v.hex() for g, v in self_seeds.items()}).encode())
+        own = json.loads((path / "advert.json").read_text())
+        sessions = {
+            g.group_id: _session_digest(g, request.adverts, self.member, own) for g in setup.groups_of(self.member)
+        }
+        _write_private(path / "sessions.json", json.dumps(sessions, sort_keys=True).encode())
         _write_private(path / "identity_keys.json", json.dumps(request.identity_keys, sort_keys=True).encode())
         adverts = {m: a.to_json() for m, a in request.adverts.items()}
         _write_private(path / "adverts.json", json.dumps(adverts, sort_keys=True).encode())
@@ -444,10 +452,10 @@ class MemberSecAgg:
     # ------------------------------------------------------------------ stage 4
     def consistency(self, request: ConsistencyRequest) -> ConsistencyReply:
         """Sign, once per round and group, the survivor set the coordinator shows this node,
-        with the group's setup and active members (``survivors_payload``). ``unmask`` then
-        reveals shares only for the set signed here, and only when the threshold of its members
-        signed the same (Bonawitz et al. 2017, section 4): without this stage a review showed
-        each holder a different survivor set and opened a member's update from the union."""
+        with the group's active members and this session's adverts (``survivors_payload``).
+        ``unmask`` then reveals shares only for the set signed here, and only when a majority of
+        the group signed the same (Bonawitz et al. 2017, section 4): without this stage a review
+        showed each holder a different survivor set and opened a member's update from the union."""
         path = self._existing(request.run, request.round, "consistency")
         if not (path / "masked.done").is_file():
             raise ProtocolError("consistency: this node sent no masked input this round")
@@ -464,17 +472,24 @@ class MemberSecAgg:
                 continue
             active = state["active"][group.group_id]
             group_survivors = sorted(survivors & set(active))
-            if len(group_survivors) <= group.threshold:
-                # An honest round has more: each survivor's self-mask seed needs the threshold of
-                # shares from the others. A review told each holder that it and one target alone
-                # survived, and collected the target's seed and every other mask key.
+            if len(group_survivors) < agreement_needed(group):
+                # An honest round that can be unmasked has more: each survivor's self-mask seed
+                # needs the threshold of shares from the others. A review told each holder that
+                # it and one target alone survived, and collected the target's seed and every
+                # other mask key.
                 continue
             signed[group.group_id] = group_survivors
         _write_private(path / "survivors.json", json.dumps(signed, sort_keys=True).encode())  # before any signature
-        digest = setup.digest()
+        sessions = json.loads((path / "sessions.json").read_text())
         signatures = {
             gid: sign_survivors(
-                self.signing_key, request.run, request.round, gid, digest, state["active"][gid], group_survivors
+                self.signing_key,
+                request.run,
+                request.round,
+                gid,
+                bytes.fromhex(sessions[gid]),
+                state["active"][gid],
+                group_survivors,
             )
             for gid, group_survivors in signed.items()
         }
@@ -483,28 +498,29 @@ class MemberSecAgg:
     # ------------------------------------------------------------------ stage 5
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
         """Reveal, once, the shares the coordinator needs, for each group whose survivor set this
-        node signed and the threshold of that set's members signed the same: self-seed shares of
-        the survivors, mask-key shares of the members that dropped after sharing. Then forget
-        the round."""
+        node signed and a majority of the group (at least the threshold) signed the same:
+        self-seed shares of the survivors, mask-key shares of the members that dropped after
+        sharing. Then forget the round, whether it revealed anything or not."""
         path = self._existing(request.run, request.round, "unmask")
         if not (path / "survivors.json").is_file():
             raise ProtocolError("unmask: this node signed no survivor set this round (the consistency stage)")
         if (path / "unmask.done").exists():
             raise ProtocolError("unmask: already answered for this round")
-        _write_private(path / "unmask.done", b"")  # before revealing anything: never answer twice
         state = json.loads((path / "received.json").read_text())
         signed = json.loads((path / "survivors.json").read_text())
+        sessions = json.loads((path / "sessions.json").read_text())
         keys = {**json.loads((path / "identity_keys.json").read_text()), self.member: public_key_hex(self.signing_key)}
         setup, _ = self._load(path)
-        digest = setup.digest()
-        out: dict[str, dict[str, dict[str, bytes]]] = {}
+        agreed: list[SecAggGroup] = []
         for group in setup.groups_of(self.member):
             if group.group_id not in signed:
                 continue
             active, survivors = state["active"][group.group_id], signed[group.group_id]
             if set(request.survivors) & set(active) != set(survivors):
+                # Checked before anything is marked: a refused request leaves the round answerable.
                 raise ProtocolError(f"unmask: group {group.group_id}'s survivors differ from the set this node signed")
-            statement = (request.run, request.round, group.group_id, digest, active, survivors)
+            session = bytes.fromhex(sessions[group.group_id])
+            statement = (request.run, request.round, group.group_id, session, active, survivors)
             signatures = request.signatures.get(group.group_id, {})
             agreeing = [
                 m
@@ -513,17 +529,42 @@ class MemberSecAgg:
                 and m in keys
                 and survivors_signed(load_public_key(keys[m]), signatures[m], *statement)
             ]
-            if len(agreeing) < group.threshold:
-                continue  # too few signed this set: another may have been shown to other holders
-            held = state["shares"].get(group.group_id, {})
-            kinds: dict[str, dict[str, bytes]] = {SELF_SEED: {}, MASK_KEY: {}}
-            for owner, shares in held.items():
-                if owner not in active:
-                    continue  # this node never masked with it: none of its masks is in the sum
-                if owner in survivors:
-                    kinds[SELF_SEED][owner] = bytes.fromhex(shares[SELF_SEED])
-                else:
-                    kinds[MASK_KEY][owner] = bytes.fromhex(shares[MASK_KEY])
-            out[group.group_id] = kinds
-        shutil.rmtree(path, ignore_errors=True)
-        return UnmaskReply(self.member, out)
+            # A majority of the whole group, not only the threshold: each member signs once, so
+            # at most one survivor set per group can have it. In a sparse graph the threshold of
+            # signers need not be anyone's neighbours, and a review had two sets signed by the
+            # threshold each, then opened a member from what their holders revealed.
+            if len(agreeing) >= agreement_needed(group):
+                agreed.append(group)
+        _write_private(path / "unmask.done", b"")  # before revealing anything: never answer twice
+        try:
+            out: dict[str, dict[str, dict[str, bytes]]] = {}
+            for group in agreed:
+                active, survivors = state["active"][group.group_id], signed[group.group_id]
+                kinds: dict[str, dict[str, bytes]] = {SELF_SEED: {}, MASK_KEY: {}}
+                for owner, shares in state["shares"].get(group.group_id, {}).items():
+                    if owner not in active:
+                        continue  # this node never masked with it: none of its masks is in the sum
+                    if owner in survivors:
+                        kinds[SELF_SEED][owner] = bytes.fromhex(shares[SELF_SEED])
+                    else:
+                        kinds[MASK_KEY][owner] = bytes.fromhex(shares[MASK_KEY])
+                out[group.group_id] = kinds
+            return UnmaskReply(self.member, out)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def agreement_needed(group: SecAggGroup) -> int:
+    """Survivors a node signs for, and signatures on one survivor set it needs before it
+    unmasks: more than half of the group, and more than the threshold (each survivor's seed
+    needs the threshold of shares from the others). Two sets can never both have it."""
+    return max(group.threshold + 1, len(group.members) // 2 + 1)
+
+
+def _session_digest(group: SecAggGroup, adverts: Mapping[str, KeyAdvert], member: str, own: dict) -> str:
+    """SHA-256 of the group's adverts this session (fresh keys each): signed with the survivor
+    set so that a signature from one session of a round cannot count in another (a review
+    replayed them across sessions of a round a node without DP trained again)."""
+    seen = {m: adverts[m].to_json() for m in group.members if m in adverts}
+    seen[member] = own
+    return hashlib.sha256(json.dumps(seen, sort_keys=True).encode()).hexdigest()

@@ -602,7 +602,7 @@ def test_adverts_verify_only_unchanged(tmp_path):
         advert_payload("run", 2, "alice", cipher_pk, mask_pks, setup, -1)
 
 
-def test_a_survivor_set_signature_binds_run_round_group_setup_active_and_survivors(tmp_path):
+def test_a_survivor_set_signature_binds_run_round_group_session_active_and_survivors(tmp_path):
     from aggregation.secagg.keys import sign_survivors, survivors_payload, survivors_signed
 
     signing = load_or_create_signing_key(tmp_path / "identity.pem")

@@ -276,6 +276,8 @@ def test_node_answers_unmask_once_and_refuses_inconsistent_requests(federation):
     other.survivors, other.dropped = ["honda", "softbank", "sony"], ["fanuc"]
     with pytest.raises(ProtocolError, match="survivors differ from the set this node signed"):
         node.unmask(other)
+    assert node.unmask(_wire(requests["sony"], UnmaskRequest)).shares, "a refused request left it answerable"
+    assert not (node.secagg.root / RUN / "r40").exists(), "and once answered, the round is forgotten"
     first = nodes["honda"].unmask(_wire(requests["honda"], UnmaskRequest))
     assert first.member == "honda" and first.shares
     with pytest.raises(ProtocolError, match="no secure-aggregation round 40"):  # answered, and forgotten
@@ -609,16 +611,20 @@ def test_a_coordinator_that_splits_a_member_across_its_cohorts_cannot_open_its_u
         shares = {group.share_id(h): replies[h].shares[group.group_id][kind]["sony"] for h in holders}
         return combine_shares(shares, group.threshold)
 
+    # The consistency stage now withholds the secret from the cohort where sony was told
+    # dropped (too few survivors signed there); the one from the other cohort is revealed. The
+    # withheld one is read off sony's disk, as a larger cohort could yield it: what is tested
+    # is that a secret of one cohort opens nothing in another.
     if seed_from == "cohort of four":
         self_seed = secret(four, "self_seed", ["honda", "fanuc"])
-        # softbank, told it alone survived in the pair, reveals nothing there (a cohort needs more
-        # survivors than the threshold to unmask); a cohort with more members than the pair
-        # would give sony's key in it, as its own disk holds it here.
+        assert self_seed == own(four, "self_seed"), "collected as in the review"
         assert pair.group_id not in replies["softbank"].shares
         mask_key = own(pair, "mask_key")
     else:
-        self_seed, mask_key = secret(pair, "self_seed", ["softbank"]), secret(four, "mask_key", ["honda", "fanuc"])
-        assert self_seed == own(pair, "self_seed") and mask_key == own(four, "mask_key"), "collected as in the review"
+        self_seed = secret(pair, "self_seed", ["softbank"])
+        assert self_seed == own(pair, "self_seed"), "collected as in the review"
+        assert four.group_id not in replies["honda"].shares and four.group_id not in replies["fanuc"].shares
+        mask_key = own(four, "mask_key")
     assert _stripped(rnd, "sony", four, "adapter/shared", self_seed, mask_key) is None
     # The same coordinator with both of the group's own secrets (read off sony's disk here,
     # which no one outside sony can) does open it: the masks above held, not the arithmetic failed.
@@ -780,3 +786,101 @@ def _wire_advert(advert):
     from shared_model.protocol import KeyAdvert
 
     return KeyAdvert.from_json(advert.to_json(), "test")
+
+
+def _sparse_members(tmp_path, n: int):
+    """n MemberSecAgg nodes (DP: equal weights) pinned to each other's keys, one shard, the
+    default sparse graph; every message through its wire form."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from member_node.secagg_client import MemberSecAgg
+
+    names = [f"m{i:02d}" for i in range(n)]
+    keys = {m: Ed25519PrivateKey.generate() for m in names}
+    pinned = {m: public_key_hex(k) for m, k in keys.items()}
+    nodes = {m: MemberSecAgg(tmp_path / m, m, keys[m], equal_weight=True, pinned_keys=pinned) for m in names}
+    return names, nodes, pinned
+
+
+def test_two_survivor_sets_each_signed_by_the_threshold_open_nothing_in_a_sparse_cohort(tmp_path):
+    """A review, 13 members (degree 8, threshold 5): the target T was told its active
+    neighbours were P (exactly the threshold of them); P was shown everyone as survivors and
+    signed, the rest were shown everyone but P and signed; P revealed T's seed, the rest the
+    mask keys of P, and T's update opened. Each signer set had the threshold, but signers need
+    not be neighbours in a sparse graph. A node now needs signatures from a majority of the
+    whole group, which two sets can never both have."""
+    import itertools
+
+    shard = "expert/L0/E0"
+    names, nodes, pinned = _sparse_members(tmp_path, 13)
+    setup = build_setup({shard: names}, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!")
+    (group,) = setup.groups
+    gid, t, graph = group.group_id, group.threshold, group.neighbours
+    target, peers, rest = next(
+        (x, list(p), [m for m in names if m not in p and m != x])
+        for x in names
+        for p in itertools.combinations(graph[x], t)
+        if all(len(set(graph[j]) - set(p) - {x}) >= t for j in p)
+    )
+    server = SecAggServer("sparse", 1, setup, {shard: 64})
+    for m in names:
+        update = {"blocks.0.moe.experts.0.w_up.weight": torch.randn(64) * 0.01}
+        server.add_advert(m, _wire_advert(nodes[m].begin("sparse", 1, setup, update)), pinned[m], 1.0)
+    for m, request in server.share_keys_requests().items():
+        server.add_shares(nodes[m].share_keys(_wire(request, ShareKeysRequest)))
+    for m, request in server.masked_input_requests().items():
+        request = _wire(request, MaskedInputRequest)
+        if m == target:
+            request.active[gid] = sorted([*peers, target])
+        nodes[m].masked_input(request)
+    shown = [(peers, sorted(names)), (rest, sorted([*rest, target]))]
+    signatures: list[dict[str, bytes]] = []
+    for signers, survivors in shown:
+        request = ConsistencyRequest(1, "sparse", survivors, sorted(set(names) - set(survivors)))
+        signed = {m: nodes[m].consistency(_wire(request, ConsistencyRequest)).signatures.get(gid) for m in signers}
+        signatures.append({m: s for m, s in signed.items() if s is not None})
+    assert len(signatures[0]) == t < len(names) // 2 + 1 <= len(signatures[1]), "one set has a majority, one not"
+    seed_shares = 0
+    for (signers, survivors), signed in zip(shown, signatures, strict=True):
+        request = UnmaskRequest(1, "sparse", survivors, sorted(set(names) - set(survivors)), {gid: signed})
+        for m in signers:
+            reply = nodes[m].unmask(_wire(request, UnmaskRequest))
+            seed_shares += target in reply.shares.get(gid, {}).get("self_seed", {})
+    # The set with a majority holds the target as a survivor, so only its holders there (not
+    # the threshold of them: the rest are the peers it was made to mask with) give seed shares.
+    assert seed_shares < t, "the target's self-mask seed stays hidden: its update cannot be opened"
+
+
+def test_survivor_signatures_from_another_session_of_the_round_do_not_count(tmp_path):
+    """A coordinator can run a round again with the same setup (nodes without DP train it
+    again) and collect each member's signature once per session; a review combined sessions'
+    signatures into sets that opened a member. A survivor set is signed with a digest of the
+    session's adverts (fresh keys each session), so an earlier session's signatures count for
+    nothing."""
+    shard = "expert/L0/E0"
+    names, nodes, pinned = _sparse_members(tmp_path, 4)
+    setup = build_setup({shard: names}, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!")
+    (group,) = setup.groups
+
+    def session() -> tuple[SecAggServer, dict[str, bytes]]:
+        server = SecAggServer("again", 1, setup, {shard: 64})
+        for m in names:
+            update = {"blocks.0.moe.experts.0.w_up.weight": torch.randn(64) * 0.01}
+            server.add_advert(m, _wire_advert(nodes[m].begin("again", 1, setup, update)), pinned[m], 1.0)
+        for m, request in server.share_keys_requests().items():
+            server.add_shares(nodes[m].share_keys(_wire(request, ShareKeysRequest)))
+        for m, request in server.masked_input_requests().items():
+            server.add_masked(nodes[m].masked_input(_wire(request, MaskedInputRequest)))
+        for m, request in server.consistency_requests().items():
+            server.add_consistency(nodes[m].consistency(_wire(request, ConsistencyRequest)))
+        return server, server.survivor_signatures[group.group_id]
+
+    _, earlier = session()
+    server, current = session()
+    assert set(earlier) == set(current) == set(names)
+    requests = server.unmask_requests()
+    replayed = _wire(requests["m00"], UnmaskRequest)
+    replayed.signatures = {group.group_id: {**earlier, "m00": current["m00"]}}
+    assert group.group_id not in nodes["m00"].unmask(replayed).shares
+    reply = nodes["m01"].unmask(_wire(requests["m01"], UnmaskRequest))
+    assert sorted(reply.shares[group.group_id]["self_seed"]) == ["m00", "m02", "m03"], "this session's count"

@@ -289,27 +289,27 @@ def _verifies(public_key: Ed25519PublicKey, signature: bytes, payload: bytes, wh
     return True
 
 
-_SURVIVORS_DOMAIN = b"kyodo/secagg/survivors/v1"
+_SURVIVORS_DOMAIN = b"kyodo/secagg/survivors/v2"
 
 
 def survivors_payload(
-    run: str, round: int, group: str, setup_digest: bytes, active: Iterable[str], survivors: Iterable[str]
+    run: str, round: int, group: str, session_digest: bytes, active: Iterable[str], survivors: Iterable[str]
 ) -> bytes:
     """The canonical bytes a member signs, once per round and group, in the consistency stage:
-    the group's active members (whom it masked with) and the survivors it was shown.
+    the group's active members (whom it masked with) and the survivors it was shown, bound to
+    this session of the round by ``session_digest`` (of the group's adverts, whose keys are
+    fresh each session: a review pooled signatures from sessions of a round run again).
 
-    A holder reveals shares only for a survivor set that at least the threshold of its
-    members signed identically. Each member signs one set per group, so a coordinator that
-    shows holders different sets gets enough signatures on at most one of them when the
-    threshold is more than half of a member's neighbours (as ``build_setup`` requires), and
-    cannot collect one member's self-mask seed under one set and its peers' mask keys under
-    another (a review did, before this stage, and opened the member's update).
+    A holder reveals shares only for the set it signed and only when more than half of the
+    group signed the same (``member_node.secagg_client.agreement_needed``): each member signs
+    once, so two sets can never both be answered. The threshold alone was not enough: in a
+    sparse graph a review had two sets signed by the threshold each and opened a member.
     """
     _check_text(run, "run id")
     _check_round(round)
     _check_text(group, "group id")
     payload = _SURVIVORS_DOMAIN + _field(run) + struct.pack(">Q", round) + _field(group)
-    payload += _field(_check_bytes(setup_digest, "setup digest"))
+    payload += _field(_check_bytes(session_digest, "session digest"))
     for names in (sorted(set(active)), sorted(set(survivors))):
         payload += struct.pack(">I", len(names)) + b"".join(_field(_check_text(n, "member name")) for n in names)
     return payload
