@@ -182,3 +182,13 @@ def test_survivor_signatures_travel_per_group_and_bad_ones_are_refused():
     ):
         with pytest.raises(ProtocolError, match=match):
             type(bad).from_content(bad.to_content())
+
+
+def test_a_share_keys_request_names_the_identity_key_of_every_advert():
+    from shared_model.protocol import KeyAdvert, ShareKeysRequest
+
+    advert = KeyAdvert(bytes(range(32)), {"g0": bytes(32)}, bytes(32), 0, bytes(64))
+    request = ShareKeysRequest(1, "run-1", {"a": advert}, {"a": "ab" * 32, "b": "cd" * 32})
+    assert ShareKeysRequest.from_content(request.to_content()) == request  # more keys than adverts: fine
+    with pytest.raises(ProtocolError, match="every advert needs its member's identity key"):
+        ShareKeysRequest.from_content(ShareKeysRequest(1, "run-1", {"a": advert}, {"b": "cd" * 32}).to_content())
