@@ -183,8 +183,6 @@ def _evaluate(runner: RoundRunner, rnd: int, same_model: dict[str, dict]) -> tup
 
 
 def _carried_note(carried: dict[str, dict]) -> str:
-    if not carried:
-        return ""
     return f"the held-out errors {', '.join(sorted(carried))} released for that model are carried, not released again"
 
 
