@@ -756,13 +756,10 @@ def test_a_member_without_dp_applies_only_the_weight_its_cohort_signed(tmp_path)
     setup = build_setup({shard: names}, bits=20, clip_range=1.0, graph_seed=b"graph-seed-test!")
     deltas = {m: {"blocks.0.moe.experts.0.w_up.weight": torch.randn(64) * 0.01} for m in names}
 
+    identity = {m: public_key_hex(keys[m]) for m in names}
+
     def through_masked_input(run: str, weigh) -> tuple[SecAggServer, dict[str, MaskedInputRequest]]:
-        server = SecAggServer(run, 1, setup, {shard: 64})
-        for m in names:
-            advert = nodes[m].begin(run, 1, setup, deltas[m], weight=counts[m])
-            server.add_advert(m, _wire_advert(advert), public_key_hex(keys[m]), weigh(m))
-        for m, request in server.share_keys_requests().items():
-            server.add_shares(nodes[m].share_keys(_wire(request, ShareKeysRequest)))
+        server = _keys_shared(run, setup, nodes, identity, deltas, counts=counts, weigh=weigh)
         return server, {m: _wire(r, MaskedInputRequest) for m, r in server.masked_input_requests().items()}
 
     server, requests = through_masked_input("honest", lambda m: float(counts[m]))
@@ -780,6 +777,23 @@ def test_a_member_without_dp_applies_only_the_weight_its_cohort_signed(tmp_path)
     with pytest.raises(ProtocolError, match="not 1 nor its count over the largest its active members signed"):
         nodes["m1"].masked_input(requests["m1"])
     nodes["m0"].masked_input(requests["m0"])  # its own scale, 1, is honest: but nobody else masks
+
+
+def _random_updates(names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    return {m: {"blocks.0.moe.experts.0.w_up.weight": torch.randn(64) * 0.01} for m in names}
+
+
+def _keys_shared(run: str, setup, nodes, identity: dict[str, str], updates, *, counts=None, weigh=None) -> SecAggServer:
+    """A round among MemberSecAgg nodes through share keys (every message in its wire form):
+    ``updates`` per member (64 entries of one shard), ``counts`` the example counts they report
+    and sign (0: withheld), ``weigh`` the weight the coordinator gives each (1 by default)."""
+    server = SecAggServer(run, 1, setup, {s: 64 for g in setup.groups for s in g.shards})
+    for m, node in nodes.items():
+        advert = node.begin(run, 1, setup, updates[m], weight=(counts or {}).get(m, 0))
+        server.add_advert(m, _wire_advert(advert), identity[m], weigh(m) if weigh else 1.0)
+    for m, request in server.share_keys_requests().items():
+        server.add_shares(nodes[m].share_keys(_wire(request, ShareKeysRequest)))
+    return server
 
 
 def _wire_advert(advert):
@@ -822,12 +836,7 @@ def test_two_survivor_sets_each_signed_by_the_threshold_open_nothing_in_a_sparse
         for p in itertools.combinations(graph[x], t)
         if all(len(set(graph[j]) - set(p) - {x}) >= t for j in p)
     )
-    server = SecAggServer("sparse", 1, setup, {shard: 64})
-    for m in names:
-        update = {"blocks.0.moe.experts.0.w_up.weight": torch.randn(64) * 0.01}
-        server.add_advert(m, _wire_advert(nodes[m].begin("sparse", 1, setup, update)), pinned[m], 1.0)
-    for m, request in server.share_keys_requests().items():
-        server.add_shares(nodes[m].share_keys(_wire(request, ShareKeysRequest)))
+    server = _keys_shared("sparse", setup, nodes, pinned, _random_updates(names))
     for m, request in server.masked_input_requests().items():
         request = _wire(request, MaskedInputRequest)
         if m == target:
@@ -863,12 +872,7 @@ def test_survivor_signatures_from_another_session_of_the_round_do_not_count(tmp_
     (group,) = setup.groups
 
     def session() -> tuple[SecAggServer, dict[str, bytes]]:
-        server = SecAggServer("again", 1, setup, {shard: 64})
-        for m in names:
-            update = {"blocks.0.moe.experts.0.w_up.weight": torch.randn(64) * 0.01}
-            server.add_advert(m, _wire_advert(nodes[m].begin("again", 1, setup, update)), pinned[m], 1.0)
-        for m, request in server.share_keys_requests().items():
-            server.add_shares(nodes[m].share_keys(_wire(request, ShareKeysRequest)))
+        server = _keys_shared("again", setup, nodes, pinned, _random_updates(names))
         for m, request in server.masked_input_requests().items():
             server.add_masked(nodes[m].masked_input(_wire(request, MaskedInputRequest)))
         for m, request in server.consistency_requests().items():
