@@ -207,6 +207,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
             train_reply_after=args.train_reply_after,
             eval_reply_after=args.eval_reply_after,
             require_secagg=args.require_secagg,
+            require_pinned_keys=args.require_pinned_keys,
             superlink=args.superlink,
             root_certificates=args.root_certificates,
             runtime_port=args.port,
@@ -228,8 +229,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _init_settings(setup: MemberSetup) -> list[str]:
-    """The choices a member should see it made at init: its budget's pace and whether its
-    updates may leave unmasked (each is one flag, easy to miss)."""
+    """The choices a member should see it made at init: its budget's pace, whether its updates
+    may leave unmasked, and whether it must pin the other members' keys (each is one flag, easy
+    to miss)."""
     if not setup.dp:
         budget = "budget           none: DP is off, updates and held-out errors leave exact"
     elif setup.budget_rounds:
@@ -247,7 +249,13 @@ def _init_settings(setup: MemberSetup) -> list[str]:
         if setup.require_secagg
         else "secure agg.      not required (--no-require-secagg): the coordinator decides"
     )
-    return [budget, secagg]
+    keys = (
+        "identity keys    must be pinned before start: run kyodo-member trust with the consortium's published "
+        "audit-consortium.yaml once the operator admits this member"
+        if setup.require_pinned_keys
+        else "identity keys    pinning not required (--no-require-pinned-keys): the coordinator supplies them"
+    )
+    return [budget, secagg, keys]
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:
@@ -378,6 +386,14 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         default=True,
         help="decline any round whose update would leave unmasked: no secure aggregation, or a cohort of one or "
         "two for a shard other than this member's embodiment adapter (default: on; --no-require-secagg for debugging)",
+    )
+    init.add_argument(
+        "--require-pinned-keys",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start only once the other members' identity keys are pinned to the consortium's published file "
+        "(kyodo-member trust); without them the coordinator supplies every key (default: on; "
+        "--no-require-pinned-keys for debugging)",
     )
     init.add_argument("--superlink", default="", help="HOST:PORT of the consortium's SuperLink")
     init.add_argument("--root-certificates", default="", help="the consortium's CA certificate (ca.pem)")

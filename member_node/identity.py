@@ -55,6 +55,8 @@ class MemberIdentity:
     # The consortium's published file (members' ledger keys, as auditors use it): the identity
     # keys a round lists for the other members must be the ones it publishes ('' : not pinned).
     consortium_file: str = ""
+    # Refuse to run without ``consortium_file`` (``kyodo-member init`` sets it).
+    require_pinned_keys: bool = False
 
     def eval_privacy(self) -> EvalPrivacy:
         return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
@@ -130,6 +132,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             eval_reply_after=_float(node_config, "eval-reply-after", 0.0),
             require_secagg=_bool(node_config, "require-secagg", False),
             consortium_file=str(node_config.get("consortium-file", "")),
+            require_pinned_keys=_bool(node_config, "require-pinned-keys", False),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -187,6 +190,12 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
     problem = workers_problem(identity.workers, identity.device)
     if problem:
         raise NodeConfigError(f"member {identity.name!r}: node config 'workers': {problem}")
+    if identity.require_pinned_keys and not identity.consortium_file:
+        # `kyodo-member start` says this first; this catches a SuperNode started by hand.
+        raise NodeConfigError(
+            f"member {identity.name!r}: node config 'require-pinned-keys' is set but no 'consortium-file' pins the "
+            "other members' identity keys (kyodo-member trust)"
+        )
     if identity.embodiment not in cfg.embodiments:
         raise NodeConfigError(
             f"member {identity.name!r} declares embodiment {identity.embodiment!r}, "

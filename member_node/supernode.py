@@ -116,6 +116,10 @@ class MemberSetup:
     # A copy of the consortium's published file (`kyodo-member trust`): pins the other members'
     # identity keys in secure aggregation. Older files: not pinned.
     consortium_file: str = ""
+    # Start only once those keys are pinned: without them the coordinator supplies every
+    # member's identity key, and none of secure aggregation's checks binds a coordinator that
+    # lies. `init` sets it unless told --no-require-pinned-keys; older files: off.
+    require_pinned_keys: bool = False
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
     runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
@@ -162,6 +166,7 @@ class MemberSetup:
             "eval-reply-after": float(self.eval_reply_after),
             "require-secagg": bool(self.require_secagg),
             "consortium-file": self.consortium_file,
+            "require-pinned-keys": bool(self.require_pinned_keys),
         }
 
 
@@ -252,6 +257,7 @@ def init_member(
     train_reply_after: float = 0.0,
     eval_reply_after: float = 0.0,
     require_secagg: bool = True,
+    require_pinned_keys: bool = True,
     superlink: str = "",
     root_certificates: Path | str = "",
     runtime_port: int = 0,
@@ -299,6 +305,7 @@ def init_member(
         train_reply_after=float(train_reply_after),
         eval_reply_after=float(eval_reply_after),
         require_secagg=bool(require_secagg),
+        require_pinned_keys=bool(require_pinned_keys),
         superlink=superlink,
         root_certificates=str(Path(root_certificates).expanduser().resolve()) if root_certificates else "",
         runtime_port=runtime_port,
@@ -491,6 +498,36 @@ def preflight(setup: MemberSetup, check_data: Callable[[MemberSetup], None] | No
         raise SetupError(f"ledger key {setup.signing_key} is missing (kyodo-member init creates it)")
     if check_data is not None:
         check_data(setup)
+    check_pinned_keys(setup)
+
+
+def check_pinned_keys(setup: MemberSetup) -> None:
+    """The node starts pinned to the consortium's published keys (or, by the member's explicit
+    choice, not at all): a pinned file that is gone, unreadable, or no longer lists this member
+    under its own ledger key is refused here, not at the first round."""
+    from privacy.audit.consortium import ConsortiumError, load_consortium
+
+    trust = f"kyodo-member trust {setup.dir} audit-consortium.yaml"
+    if not setup.consortium_file:
+        if setup.require_pinned_keys:
+            raise SetupError(
+                "the other members' identity keys are not pinned: without them the coordinator supplies every key "
+                "a secure-aggregation round uses, and nothing on this node can tell a key it made up. Get the "
+                f"consortium's published audit-consortium.yaml from the operator and run `{trust}` (or, for "
+                "debugging, set require_pinned_keys: false in member.yaml)"
+            )
+        return
+    try:
+        consortium = load_consortium(setup.consortium_file)
+    except (ConsortiumError, OSError) as err:
+        raise SetupError(f"pinned consortium file {setup.consortium_file}: {err} (run `{trust}` again)") from None
+    own = public_key_hex(load_or_create_signing_key(setup.signing_key))  # exists: preflight checked it
+    listed = consortium.members.get(setup.member)
+    if listed is None or listed.public_key != own:
+        raise SetupError(
+            f"pinned consortium file {setup.consortium_file} does not list member {setup.member!r} with this node's "
+            f"ledger key {own[:16]}...: run `{trust}` with the operator's current file"
+        )
 
 
 def warn_unpadded_replies(setup: MemberSetup) -> list[str]:

@@ -38,7 +38,7 @@ from coordinator.cli import main as coordinator_main
 from coordinator.tls import TLSError, TLSPaths, check_server_tls, create_tls, make_ca
 from member_node import supernode
 from member_node.cli import main as member_main
-from member_node.identity import resolve_identity
+from member_node.identity import NodeConfigError, resolve_identity
 
 REPO = Path(__file__).resolve().parent.parent
 TRIO = (("honda", "aloha", 11), ("sony", "so100", 22), ("softbank", "agv", 33))
@@ -138,6 +138,17 @@ def _member(tmp_path: Path, name: str = "sony", embodiment: str = "so100", **kwa
     )  # fmt: skip
 
 
+def _resolved(setup: supernode.MemberSetup, cfg):
+    """The identity the member's ClientApp resolves from its ``--node-config`` once it pinned
+    the consortium's keys (``kyodo-member trust`` sets the file; the node reads it later)."""
+    from dataclasses import replace
+
+    from flwr.common.config import parse_config_args
+
+    pinned = replace(setup, consortium_file=str(setup.dir / supernode.TRUSTED_CONSORTIUM_FILE))
+    return resolve_identity(parse_config_args([supernode.node_config_arg(pinned.node_config())]), cfg)
+
+
 def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     setup = _member(tmp_path, superlink="127.0.0.1:9093")
     assert setup.auth_key.stat().st_mode & 0o777 == 0o600
@@ -150,10 +161,7 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     with pytest.raises(supernode.SetupError, match="already exists"):
         _member(tmp_path)
     # What --node-config carries is exactly what the ClientApp resolves its identity from.
-    from flwr.common.config import parse_config_args
-
-    parsed = parse_config_args([supernode.node_config_arg(setup.node_config())])
-    identity = resolve_identity(parsed, tiny_cfg)
+    identity = _resolved(setup, tiny_cfg)
     assert (identity.name, identity.embodiment, identity.epsilon, identity.delta, identity.dp) == (
         "sony", "so100", 8.0, 1e-5, True,
     )  # fmt: skip
@@ -161,9 +169,9 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
         5.0, 0.05, "cpu", 1,
     )  # fmt: skip
     assert identity.require_secagg, "a deployed member requires secure aggregation unless it says otherwise"
+    assert identity.require_pinned_keys, "and requires the other members' keys pinned"
     debugging = _member(tmp_path, name="d", require_secagg=False)
-    parsed = parse_config_args([supernode.node_config_arg(debugging.node_config())])
-    assert not resolve_identity(parsed, tiny_cfg).require_secagg
+    assert not _resolved(debugging, tiny_cfg).require_secagg
     assert str(identity.data_dir) == setup.data_dir and str(identity.state_dir) == setup.state_dir
     with pytest.raises(supernode.SetupError, match="cannot carry a double quote"):
         supernode.init_member(
@@ -180,13 +188,10 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
         _member(tmp_path, name="g", device="gpu")
     assert not (tmp_path / "g").exists(), "nothing is written for a device this node cannot train on"
     padded = _member(tmp_path, name="p", train_reply_after=600, eval_reply_after=30)
-    identity = resolve_identity(parse_config_args([supernode.node_config_arg(padded.node_config())]), tiny_cfg)
+    identity = _resolved(padded, tiny_cfg)
     assert (identity.train_reply_after, identity.eval_reply_after) == (600.0, 30.0)
     paced = _member(tmp_path, name="r", budget_rounds=40)
-    assert (
-        resolve_identity(parse_config_args([supernode.node_config_arg(paced.node_config())]), tiny_cfg).budget_rounds
-        == 40
-    )
+    assert _resolved(paced, tiny_cfg).budget_rounds == 40
     with pytest.raises(supernode.SetupError, match="--budget-rounds must be >= 0"):
         _member(tmp_path, name="r2", budget_rounds=-1)
     assert not (tmp_path / "r2").exists()
@@ -345,6 +350,57 @@ def test_a_member_pins_the_other_members_keys_to_the_published_consortium_file(t
     assert Path(pinned.consortium_file) == sony.dir / "consortium.yaml"
     identity = resolve_identity(parse_config_args([supernode.node_config_arg(pinned.node_config())]), tiny_cfg)
     assert identity.consortium_file == pinned.consortium_file
+
+
+def test_a_member_starts_only_once_the_other_members_keys_are_pinned(tmp_path, capsys, tiny_cfg):
+    """Every check secure aggregation makes against a lying coordinator rests on the identity
+    keys being the consortium's, not the coordinator's word: a member set up by ``init`` does
+    not start until it pins them (or says, in member.yaml, that it will not), and a pinned
+    file that no longer lists it under its own key is refused at start, not at a round."""
+    from flwr.common.config import parse_config_args
+
+    from member_node.cli import main as member_main
+    from member_node.synthetic import generate_dataset
+
+    paths = create_tls(tmp_path / "tls", "test")
+    generate_dataset(tmp_path / "data" / "sony", "so100", tiny_cfg.embodiments["so100"], 4, 1.0, seed=1)
+    sony = _member(tmp_path, superlink="127.0.0.1:9", root_certificates=paths.ca_cert)
+    assert sony.require_pinned_keys, "init's default"
+    start = ["start", str(sony.dir), "--dry-run"]
+    assert member_main(start) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "identity keys are not pinned" in err and f"kyodo-member trust {sony.dir} audit-consortium.yaml" in err
+    # A SuperNode started by hand with this node config is refused by the node itself.
+    node_config = parse_config_args([supernode.node_config_arg(sony.node_config())])
+    with pytest.raises(NodeConfigError, match="'require-pinned-keys' is set but no 'consortium-file'"):
+        resolve_identity(node_config, tiny_cfg)
+
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
+    assert coordinator_main(["add-member", str(op_dir), str(sony.dir / "membership.json")]) == 0
+    assert member_main(["trust", str(sony.dir), str(op_dir / "audit-consortium.yaml")]) == 0
+    capsys.readouterr()
+    assert member_main(start) == 0
+    assert "require-pinned-keys=true" in capsys.readouterr().out
+    # The pinned copy replaced by another consortium's file: refused, with the fix.
+    other = _member(tmp_path / "other", name="sony")
+    other_op = tmp_path / "other-operator"
+    assert coordinator_main(["init", str(other_op), "--model", "tiny"]) == 0
+    assert coordinator_main(["add-member", str(other_op), str(other.dir / "membership.json")]) == 0
+    (sony.dir / "consortium.yaml").write_bytes((other_op / "audit-consortium.yaml").read_bytes())
+    capsys.readouterr()
+    assert member_main(start) == 3
+    assert "does not list member 'sony' with this node's ledger key" in " ".join(capsys.readouterr().err.split())
+    (sony.dir / "consortium.yaml").unlink()
+    assert member_main(start) == 3
+    assert "pinned consortium file" in capsys.readouterr().err
+    # The member's explicit choice, for debugging: no pins, and start says nothing against it.
+    loose = supernode.init_member(
+        tmp_path / "loose", member="loose", embodiment="so100", data_dir=tmp_path / "data" / "sony", epsilon=8.0,
+        delta=1e-5, superlink="127.0.0.1:9", root_certificates=paths.ca_cert, require_pinned_keys=False,
+    )  # fmt: skip
+    assert member_main(["start", str(loose.dir), "--dry-run"]) == 0
+    assert "require-pinned-keys=false" in capsys.readouterr().out
 
 
 def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, capsys):
@@ -772,8 +828,11 @@ def deployment(tmp_path_factory, procs):
         ))  # fmt: skip
     assert [j.wait(timeout=300) for j in jobs] == [0] * len(jobs)
     for name, _, _ in TRIO:
-        setups[name] = supernode.load_setup(root / name)
         _cli("coordinator.cli", "add-member", str(op_dir), str(root / name / "membership.json"))
+    for name, _, _ in TRIO:  # each member pins the others' keys to the file the operator publishes
+        assert member_main(["trust", str(root / name), str(op.audit_consortium)]) == 0
+        setups[name] = supernode.load_setup(root / name)
+        assert setups[name].consortium_file and setups[name].require_pinned_keys
     times["setup"] = time.monotonic() - t0
 
     def start_superlink(tag: str) -> Proc:
@@ -809,7 +868,7 @@ def deployment(tmp_path_factory, procs):
     # Refusals, while round 1 runs. An unregistered key, through the member's own CLI.
     supernode.init_member(
         root / "stranger", member="stranger", embodiment="so100", data_dir=root / "data" / "sony", epsilon=8,
-        delta=1e-5, superlink=f"127.0.0.1:{port}", root_certificates=ca,
+        delta=1e-5, superlink=f"127.0.0.1:{port}", root_certificates=ca, require_pinned_keys=False,
     )  # fmt: skip
     refused = {"unregistered": start_member("stranger")}
     # An impostor: claims to be sony (sony's node config) with a key of its own, straight to Flower.
