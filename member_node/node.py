@@ -704,14 +704,34 @@ class MemberNode:
             )
         return ""
 
+    def unpinned_cohort(self, request: TrainRequest) -> str:
+        """Why this round seats this node beside members its pinned consortium file does not
+        list ('' when it does not, or when nothing is pinned).
+
+        Share keys would refuse such a cohort anyway, but only after training: the budget the
+        round spent would buy nothing. Said here, the member sits the round out for free, and
+        the reason tells it what to do (a member admitted after it pinned the file)."""
+        pinned = self.secagg.pinned_keys
+        if pinned is None or request.secagg is None:
+            return ""
+        seated = {m for group in request.secagg.groups_of(self.identity.name) for m in group.members}
+        unknown = sorted(seated - set(pinned))
+        if not unknown:
+            return ""
+        return (
+            f"the round seats {', '.join(unknown[:5])} in this member's cohorts, and the consortium file it pinned "
+            f"({self.identity.consortium_file}) does not list them: if the consortium admitted them, run "
+            "`kyodo-member trust` with the operator's current audit-consortium.yaml and restart the node"
+        )
+
     def train(self, request: TrainRequest, arrived: dt.datetime | None = None) -> TrainReply | TrainDeclined:
         """``arrived``: when the request reached the node (the ClientApp's clock, before the
         node was even built), the time its receipt carries: never how long the work took."""
         arrived = arrived or dt.datetime.now(dt.UTC)
         self.check_assignment(request.shards)
-        unmasked = self.unmasked_update(request)
-        if unmasked:
-            return TrainDeclined(self.identity.name, unmasked, self.epsilon_spent())
+        refusal = self.unmasked_update(request) or self.unpinned_cohort(request)
+        if refusal:
+            return TrainDeclined(self.identity.name, refusal, self.epsilon_spent())
         self._load_request_model(request.model, request.model_ref)
         # Training moves these shards away from the committed objects: the next request
         # reloads them, so the node never evaluates or trains from its own unaggregated

@@ -427,6 +427,39 @@ def test_a_node_pinned_to_the_consortium_file_refuses_identity_keys_it_does_not_
         sony.pinned_keys = None
 
 
+def test_a_pinned_node_sits_out_a_round_that_seats_a_member_its_file_does_not_list_before_spending(
+    federation, tmp_path
+):
+    """Share keys refuses a cohort member the pinned file does not list, but only after the
+    node trained and paid for it: the train request's cohorts already name everyone, so the
+    node declines there, for nothing, and says how to pick up a newly admitted member."""
+    from dataclasses import replace
+
+    from privacy.audit.consortium import Consortium, Member, dump_consortium
+    from shared_model.protocol import TrainDeclined
+
+    cfg, nodes, model = federation
+    from privacy.keys import load_or_create_signing_key
+
+    published = {name: public_key_hex(node.signing_key) for name, node in nodes.items() if name != "fanuc"}
+    published["honda"] = public_key_hex(load_or_create_signing_key(tmp_path / "honda" / "member_ed25519.pem"))
+    pinned_file = tmp_path / "consortium.yaml"
+    dump_consortium(Consortium({n: Member(n, k, 8.0, 1e-5) for n, k in published.items()}), pinned_file)
+    identity = replace(nodes["honda"].identity, state_dir=tmp_path / "honda", consortium_file=str(pinned_file))
+    honda = MemberNode(cfg, identity)
+    cohort = build_setup({"adapter/shared": ["honda", "sony", "fanuc"]}, bits=20, clip_range=1.0,
+                         graph_seed=b"graph-seed-test!")  # fmt: skip
+    request = TrainRequest(1, ["adapter/shared"], HP, model, run=RUN, planned_rounds=100, secagg=cohort)
+    declined = honda.train(_wire(request, TrainRequest))
+    assert isinstance(declined, TrainDeclined), declined
+    assert "seats fanuc in this member's cohorts" in declined.reason and "kyodo-member trust" in declined.reason
+    assert honda.ledger.releases() == [], "nothing was spent"
+    listed = build_setup({"adapter/shared": ["honda", "sony", "softbank"]}, bits=20, clip_range=1.0,
+                         graph_seed=b"graph-seed-test!")  # fmt: skip
+    request = TrainRequest(1, ["adapter/shared"], HP, model, run=RUN, planned_rounds=100, secagg=listed)
+    assert isinstance(honda.train(_wire(request, TrainRequest)), TrainReply), "a cohort the file lists: it trains"
+
+
 def test_flatten_roundtrip():
     tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([7.0])}
     from aggregation.secagg.vectors import unflatten_shard
