@@ -54,6 +54,7 @@ from aggregation.server_opt import ServerOptimizer, make_server_optimizer
 from aggregation.sums import SumBuffer, SumPool
 from aggregation.validate import check_aggregate
 from aggregation.weighted_mean import AggregationError, ShardMean
+from coordinator.pinning import unpinned_members
 from coordinator.planner import MemberInfo, RoundPlan, plan_round
 from coordinator.run_state import RunState
 from coordinator.secure_round import mean_update, secure_aggregate
@@ -275,13 +276,18 @@ class RoundRunner:
         what the runner keeps per member (its key, objects, epsilon): an answer that was
         withdrawn or duplicated must not leave its key as the member's."""
         members: dict[int, MemberInfo] = {}
-        self.sits_out = {}
+        self.sits_out = {
+            info.member: info.reason or "no privacy budget left" for info in replies.values() if not info.can_train
+        }
+        if self.cfg.secagg.enabled:
+            # Only masked rounds check pinned keys; a member that would refuse its cohorts there,
+            # after training, sits out now (coordinator.pinning).
+            candidates = {i.member: frozenset(i.pinned) if i.pinned else None for i in replies.values() if i.can_train}
+            self.sits_out |= unpinned_members(candidates)
         for node, info in replies.items():
             members[node] = MemberInfo(
-                node, info.member, tuple(info.embodiments), info.episodes, can_train=info.can_train
+                node, info.member, tuple(info.embodiments), info.episodes, can_train=info.member not in self.sits_out
             )
-            if not info.can_train:
-                self.sits_out[info.member] = info.reason or "no privacy budget left"
             self.public_keys[info.member] = info.public_key
             self.sync.reported(info.member, info.objects)
             self.epsilon[info.member] = (info.epsilon_spent, info.epsilon_budget)
@@ -291,9 +297,12 @@ class RoundRunner:
         self, round_number: int, heads: Mapping[int, str], on_reply: Callable[[Message, int], None]
     ) -> list[int]:
         """Query each node with the ledger head it is sent; returns the nodes that did not answer."""
+        roster = sorted(m.name for m in self.cfg.federation.members)
         msgs = [
             Message(
-                QueryRequest(round_number, self.run_id, self._hparams(), self.cfg.train.rounds, head).to_content(),
+                QueryRequest(
+                    round_number, self.run_id, self._hparams(), self.cfg.train.rounds, head, roster=roster
+                ).to_content(),
                 node,
                 QUERY,
             )
@@ -458,9 +467,10 @@ class RoundRunner:
                     del mean
                 else:
                     del outcome
-            for shard in plan.cohorts:
+            for shard, cohort in plan.cohorts.items():
                 if shard not in done:
-                    result.failed[shard] = server.skipped.get(shard, "not recovered by secure aggregation")
+                    why = server.skipped.get(shard, "not recovered by secure aggregation")
+                    result.failed[shard] = why + _sat_out(cohort, result)
         else:
             fold.finish_all()
         result.updated_shards.sort()
@@ -631,6 +641,16 @@ class RoundRunner:
         result.evaluation = self.evaluate(round_number, list(self.members))
         result.seconds = time.monotonic() - start
         return result
+
+
+def _sat_out(cohort: list[str], result: RoundResult) -> str:
+    """Which of a cohort's members sent no update, and why: a secure-aggregation reason such as
+    "2 of 3 members shared keys" names no one, and the operator has to find out who."""
+    absent = [m for m in cohort if m not in result.train]
+    if not absent:
+        return ""
+    said = (result.declined.get(m) or result.failed.get(m) for m in absent)
+    return " (" + "; ".join(f"{m}: {why or 'no update'}"[:200] for m, why in zip(absent, said, strict=True)) + ")"
 
 
 class _PlainFold:

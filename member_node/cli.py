@@ -285,12 +285,24 @@ def _cmd_trust(args: argparse.Namespace) -> int:
         setup, members = trust_consortium(args.dir, args.consortium_file)
     except SetupError as err:
         raise CommandError(str(err), code=2) from None
-    Console(soft_wrap=True).print(
-        f"member [cyan]{setup.member}[/]: secure aggregation now accepts only the {members} members' identity keys "
-        f"in {setup.consortium_file}; restart the node (kyodo-member start {setup.dir}) for it to take effect, and "
-        "run this again with the new file when the consortium admits a member",
+    console = Console(soft_wrap=True)
+    console.print(
+        f"member [cyan]{setup.member}[/]: secure aggregation now accepts only the identity keys of "
+        f"{escape(', '.join(members))} ({len(members)} in {setup.consortium_file}); restart the node "
+        f"(kyodo-member start {setup.dir}) for it to take effect, and run this again with the new file when the "
+        "consortium admits a member",
         highlight=False,
     )
+    min_cohort = load_config().train.min_cohort
+    if len(members) < min_cohort:
+        # Not an error (the first member admitted pins a file listing itself), but the node
+        # then trains its own embodiment adapter at most, and nothing else says why.
+        console.print(
+            f"[yellow]warning[/]: the file lists {len(members)} member(s); an expert or the shared adapter needs a "
+            f"cohort of {min_cohort} (train.min_cohort) who pinned each other, so until this member runs trust "
+            "again with a file listing more, the coordinator leaves it out of every round with the others",
+            highlight=False,
+        )
     return 0
 
 

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,8 @@ class MemberNode:
                     persist_plan=False,
                 )
                 reason = decision if isinstance(decision, str) else ""
+        pinned = self.secagg.pinned_keys
+        self._warn_unpinned_roster(request.roster, pinned)
         return QueryReply(
             member=self.identity.name,
             embodiments=[self.identity.embodiment],
@@ -276,7 +279,24 @@ class MemberNode:
             can_train=not reason,
             objects=sorted(self.replica.objects()),
             reason=reason,
+            pinned=sorted(pinned) if pinned is not None else [],
         )
+
+    def _warn_unpinned_roster(self, roster: list[str], pinned: Mapping[str, str] | None) -> None:
+        """Tell the member, in its own log, that its pinned file is older than the consortium:
+        the coordinator leaves it out of rounds with the members that file lacks, and nothing
+        else on this node would say why it is no longer asked to train."""
+        unknown = sorted(set(roster) - set(pinned)) if pinned is not None else []
+        if unknown:
+            # WARNING: a ClientApp process logs nothing below it.
+            log.warning(
+                "%s: the consortium now lists %s, whom the pinned consortium file %s does not: this member is "
+                "left out of rounds with them until it runs `kyodo-member trust` with the operator's current "
+                "audit-consortium.yaml and restarts its node",
+                self.identity.name,
+                ", ".join(unknown[:5]),
+                self.identity.consortium_file,
+            )
 
     # ------------------------------------------------------------------ train
     def check_assignment(self, shards: list[str]) -> None:
@@ -727,7 +747,14 @@ class MemberNode:
     def train(self, request: TrainRequest, arrived: dt.datetime | None = None) -> TrainReply | TrainDeclined:
         """``arrived``: when the request reached the node (the ClientApp's clock, before the
         node was even built), the time its receipt carries: never how long the work took."""
-        arrived = arrived or dt.datetime.now(dt.UTC)
+        reply = self._train(request, arrived or dt.datetime.now(dt.UTC))
+        if isinstance(reply, TrainDeclined):
+            # The reason goes to the coordinator; the member, whose round it was, reads it here
+            # (WARNING: a ClientApp process logs nothing below it).
+            log.warning("%s sits round %d of run %s out: %s", reply.member, request.round, request.run, reply.reason)
+        return reply
+
+    def _train(self, request: TrainRequest, arrived: dt.datetime) -> TrainReply | TrainDeclined:
         self.check_assignment(request.shards)
         refusal = self.unmasked_update(request) or self.unpinned_cohort(request)
         if refusal:

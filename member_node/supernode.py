@@ -342,9 +342,9 @@ def write_membership(setup: MemberSetup, ledger_public_key: str, supernode_publi
 TRUSTED_CONSORTIUM_FILE = "consortium.yaml"  # in the member's directory (kyodo-member trust)
 
 
-def trust_consortium(directory: Path | str, consortium_file: Path | str) -> tuple[MemberSetup, int]:
+def trust_consortium(directory: Path | str, consortium_file: Path | str) -> tuple[MemberSetup, list[str]]:
     """Copy the consortium's published file into the member's directory and pin the node to it;
-    returns the setup and how many members it lists. Refuses a file that does not list this
+    returns the setup and the members it lists. Refuses a file that does not list this
     member under its own ledger key: not yet admitted, or another consortium's file."""
     from privacy.audit.consortium import ConsortiumError, load_consortium
 
@@ -371,7 +371,7 @@ def trust_consortium(directory: Path | str, consortium_file: Path | str) -> tupl
     tmp.replace(target)
     setup.consortium_file = str(target)
     save_setup(setup)
-    return setup, len(consortium.members)
+    return setup, sorted(consortium.members)
 
 
 def change_budget(

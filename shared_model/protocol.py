@@ -53,6 +53,7 @@ MAX_LOCAL_STEPS = 100_000
 MAX_BATCH_SIZE = 65_536
 MAX_OBJECTS = 10_000_000
 MAX_REASON = 500  # characters of a node's free-text reason kept (it ends up in logs)
+MAX_MEMBERS = 10_000  # names in a consortium roster or a pinned consortium file
 _OBJECT_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -189,9 +190,14 @@ class QueryRequest:
     hparams: TrainHyperParams | None = None
     planned_rounds: int = 1
     ledger_head: str = ""  # as in TrainRequest: the newest of the member's receipts the coordinator holds
+    # The consortium's members as the coordinator registered them (deployment; [] in a
+    # simulation): a node pinned to an older consortium file tells its own member which it lacks.
+    roster: list[str] = field(default_factory=list)
 
     def to_content(self) -> RecordDict:
         request: dict = {"round": self.round}
+        if self.roster:
+            request["roster"] = list(self.roster)
         if self.hparams is not None:
             request.update(
                 run=self.run,
@@ -208,8 +214,9 @@ class QueryRequest:
         rnd = _require(rec, "round", int, where)
         if rnd < 0:
             raise ProtocolError(f"{where}: round must be >= 0")
+        roster = _member_names(rec.get("roster", []), "roster", where)
         if "run" not in rec:
-            return cls(round=rnd)
+            return cls(round=rnd, roster=roster)
         run, planned = _run_and_planned_rounds(rec, where)
         return cls(
             round=rnd,
@@ -217,7 +224,16 @@ class QueryRequest:
             hparams=TrainHyperParams.from_record(rec, where),
             planned_rounds=planned,
             ledger_head=_ledger_head(rec, where),
+            roster=roster,
         )
+
+
+def _member_names(values: object, name: str, where: str) -> list[str]:
+    if not isinstance(values, list) or len(values) > MAX_MEMBERS:
+        raise ProtocolError(f"{where}: {name} must be a list of at most {MAX_MEMBERS} member names")
+    if not all(isinstance(v, str) and _NAME_RE.match(v) for v in values):
+        raise ProtocolError(f"{where}: {name} holds an invalid member name")
+    return list(values)
 
 
 def _object_list(values: list, where: str) -> list[str]:
@@ -251,6 +267,10 @@ class QueryReply:
     can_train: bool = True  # False when the remaining budget cannot pay for a useful round
     objects: list[str] = field(default_factory=list)  # shard objects held in the node's replica
     reason: str = ""  # why can_train is False, in the member's words (shown in the coordinator's log)
+    # The members whose identity keys the node pinned (its copy of the consortium's public
+    # file; [] if none): secure aggregation with anyone else would be refused at share keys,
+    # after the training, so the coordinator seats only members that pinned each other.
+    pinned: list[str] = field(default_factory=list)
 
     def to_content(self) -> RecordDict:
         return RecordDict(
@@ -266,6 +286,7 @@ class QueryReply:
                         "can_train": bool(self.can_train),
                         "objects": list(self.objects),
                         "reason": self.reason[:MAX_REASON],
+                        "pinned": list(self.pinned),
                     }
                 )
             }
@@ -297,6 +318,7 @@ class QueryReply:
             can_train=_require(rec, "can_train", bool, where),
             objects=_object_list(_require(rec, "objects", list, where), where),
             reason=str(rec.get("reason", ""))[:MAX_REASON],
+            pinned=_member_names(rec.get("pinned", []), "pinned", where),
         )
 
 

@@ -49,6 +49,7 @@ class FakeGrid:
     ``private``: members that, as DP nodes do, withhold their dataset size (0 in query and train).
     ``sitting_out``: member -> the reason its node gives in ``query`` for not being able to train.
     ``withholding``: member -> the reason its node gives for releasing no held-out error.
+    ``pinned``: member -> the members whose identity keys its node reports pinned in ``query``.
     Every query request received is kept in ``queries``, and every request's ``ledger_head``
     in ``ledger_heads`` as (message type, member, head). ``script`` (set at any time) maps a
     member to how its node answers its next queries, one item each: the name it claims, a
@@ -69,7 +70,9 @@ class FakeGrid:
         sitting_out: Mapping[str, str] | None = None,
         withholding: Mapping[str, str] | None = None,
         gone: Mapping[str, Iterable[str]] | None = None,
+        pinned: Mapping[str, Iterable[str]] | None = None,
     ):
+        self.pinned = {name: sorted(names) for name, names in (pinned or {}).items()}
         self.gone = {name: set(kinds) for name, kinds in (gone or {}).items()}
         self.private = set(private)
         self.withholding = dict(withholding or {})
@@ -134,7 +137,7 @@ class FakeGrid:
                 claimed, reason = scripted if isinstance(scripted, tuple) else (scripted, "")
             return QueryReply(
                 claimed, [self.members[name]], episodes, objects=self.held, public_key=key,
-                can_train=not reason, reason=reason,
+                can_train=not reason, reason=reason, pinned=self.pinned.get(name, []),
             ).to_content()  # fmt: skip
         if kind == EVALUATE:
             if name in self.withholding:

@@ -312,3 +312,55 @@ def test_the_cohort_table_after_a_round_says_which_planned_shards_were_not_updat
     text = " ".join(console.export_text().split())
     assert text.count("1 shards not planned this round (rotation or cohort too small)") == 2
     assert "2 planned shards not updated (adapter/shared, expert/L0/E1): see the warnings above" in text
+
+
+def test_a_member_pinned_to_an_older_consortium_file_sits_out_before_anyone_trains(tmp_path):
+    """A node pinned to a file that lacks a cohort member refuses that cohort at share keys,
+    after every member of it trained and paid: a walkthrough lost two members' shared shards
+    for two rounds so. The nodes say at query whom they pinned; the coordinator seats only
+    members that pinned each other, and names the fix."""
+    cfg = load_config(model="tiny", overrides=["train.min_cohort=3", "train.rounds=5"])
+    assert cfg.secagg.enabled
+    state = RunState(cfg, tmp_path)
+    state.commit_initial(initial_model(cfg), {"run": "t"})
+    members = {m.name: m.embodiment for m in cfg.federation.members}
+    everyone = sorted(members)
+    # sony pinned the file when it listed sony alone; fanuc pins none (it is not checked).
+    pinned = {"sony": ["sony"], "honda": everyone, "softbank": everyone}
+    grid = FakeGrid(members, state.layout, pinned=pinned)
+    runner = RoundRunner(cfg, grid, state, run_id="t", timeout=30)
+    runner.query(1)
+    assert grid.queries[0].roster == everyone, "the query names the consortium's roster"
+    assert set(runner.sits_out) == {"sony"}
+    assert "does not list fanuc, honda, softbank" in runner.sits_out["sony"]
+    assert "kyodo-member trust" in runner.sits_out["sony"]
+    plan = runner.plan(1)
+    assert "sony" not in plan.members and set(plan.members) == {"honda", "softbank", "fanuc"}
+
+    # A member admitted before the others pinned it: it sits out, not the three that lack it.
+    grid = FakeGrid(members, state.layout, pinned={m: [n for n in everyone if n != "fanuc"] for m in everyone}
+                    | {"fanuc": everyone})  # fmt: skip
+    runner = RoundRunner(cfg, grid, state, run_id="t", timeout=30)
+    runner.query(1)
+    assert list(runner.sits_out) == ["fanuc"]
+    assert "honda, softbank, sony pinned a consortium file that does not list it" in runner.sits_out["fanuc"]
+
+    # Without secure aggregation nothing checks pinned keys: nobody is left out for them.
+    cfg = load_config(model="tiny", overrides=["secagg.enabled=false", "train.min_cohort=3"])
+    runner = RoundRunner(cfg, FakeGrid(members, state.layout, pinned=pinned), state, run_id="t", timeout=30)
+    runner.query(1)
+    assert runner.sits_out == {}
+
+
+def test_a_shard_secure_aggregation_could_not_recover_names_who_sent_no_update():
+    """ "2 of 3 members shared keys" names no one: the shard's reason says who sat out and why."""
+    from coordinator.planner import RoundPlan
+    from coordinator.rounds import RoundResult, _sat_out
+
+    result = RoundResult(round=1, plan=RoundPlan(1), declined={"sony": "the round seats fanuc ..."})
+    result.failed["honda"] = "no train reply in time"
+    result.train["softbank"] = object()
+    assert _sat_out(["honda", "softbank", "sony"], result) == (
+        " (honda: no train reply in time; sony: the round seats fanuc ...)"
+    )
+    assert _sat_out(["softbank"], result) == ""

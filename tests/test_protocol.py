@@ -49,6 +49,21 @@ def test_round_trips():
     assert EvaluateRequest.from_content(EvaluateRequest(1, model, run="r-7").to_content()).run == "r-7"
 
 
+def test_the_roster_and_the_pinned_members_round_trip_and_bad_names_are_refused():
+    rostered = QueryRequest(3, "run-1", HP, planned_rounds=8, roster=["honda", "sony"])
+    assert QueryRequest.from_content(rostered.to_content()) == rostered
+    assert QueryRequest.from_content(QueryRequest(0, roster=["sony"]).to_content()).roster == ["sony"]
+    pinned = QueryReply.from_content(QueryReply("sony", ["so100"], 0, pinned=["honda", "sony"]).to_content())
+    assert pinned.pinned == ["honda", "sony"]
+    assert QueryReply.from_content(QueryReply("sony", ["so100"], 0).to_content()).pinned == []
+    with pytest.raises(ProtocolError, match="roster holds an invalid member name"):
+        QueryRequest.from_content(QueryRequest(0, roster=["so ny"]).to_content())
+    with pytest.raises(ProtocolError, match="pinned holds an invalid member name"):
+        QueryReply.from_content(QueryReply("sony", ["so100"], 0, pinned=["../x"]).to_content())
+    with pytest.raises(ProtocolError, match="at most 10000 member names"):
+        QueryReply.from_content(QueryReply("sony", ["so100"], 0, pinned=[f"m{i}" for i in range(10_001)]).to_content())
+
+
 def test_private_and_withheld_evaluations_round_trip_and_bad_metrics_are_refused():
     private = EvaluateReply.from_content(EvaluateReply("sony", 51, 0.004, math.nan, receipt="{}").to_content())
     assert private.receipt == "{}" and math.isnan(private.action_mae) and private.released

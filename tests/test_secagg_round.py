@@ -6,6 +6,7 @@ dropout stage can be forced deterministically."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from shared_model.protocol import (
     MaskedInputReply,
     MaskedInputRequest,
     ProtocolError,
+    QueryReply,
     QueryRequest,
     SecAggSetup,
     ShareKeysReply,
@@ -428,7 +430,7 @@ def test_a_node_pinned_to_the_consortium_file_refuses_identity_keys_it_does_not_
 
 
 def test_a_pinned_node_sits_out_a_round_that_seats_a_member_its_file_does_not_list_before_spending(
-    federation, tmp_path
+    federation, tmp_path, caplog
 ):
     """Share keys refuses a cohort member the pinned file does not list, but only after the
     node trained and paid for it: the train request's cohorts already name everyone, so the
@@ -450,10 +452,24 @@ def test_a_pinned_node_sits_out_a_round_that_seats_a_member_its_file_does_not_li
     cohort = build_setup({"adapter/shared": ["honda", "sony", "fanuc"]}, bits=20, clip_range=1.0,
                          graph_seed=b"graph-seed-test!")  # fmt: skip
     request = TrainRequest(1, ["adapter/shared"], HP, model, run=RUN, planned_rounds=100, secagg=cohort)
-    declined = honda.train(_wire(request, TrainRequest))
+    with caplog.at_level(logging.WARNING, logger="kyodo"):
+        declined = honda.train(_wire(request, TrainRequest))
     assert isinstance(declined, TrainDeclined), declined
     assert "seats fanuc in this member's cohorts" in declined.reason and "kyodo-member trust" in declined.reason
     assert honda.ledger.releases() == [], "nothing was spent"
+    # The member reads why in its own node's log, not only the coordinator.
+    assert f"honda sits round 1 of run {RUN} out: the round seats fanuc" in caplog.text
+    # At query the node says whom it pinned (the coordinator seats it only with them) and warns
+    # its member that the consortium's roster lists someone its file lacks.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kyodo"):
+        reply = honda.query(_wire(QueryRequest(1, roster=sorted(nodes)), QueryRequest))
+    assert _wire(reply, QueryReply).pinned == sorted(published)
+    assert "the consortium now lists fanuc, whom the pinned consortium file" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kyodo"):
+        honda.query(_wire(QueryRequest(1, roster=sorted(published)), QueryRequest))
+    assert caplog.text == ""
     listed = build_setup({"adapter/shared": ["honda", "sony", "softbank"]}, bits=20, clip_range=1.0,
                          graph_seed=b"graph-seed-test!")  # fmt: skip
     request = TrainRequest(1, ["adapter/shared"], HP, model, run=RUN, planned_rounds=100, secagg=listed)

@@ -37,7 +37,10 @@ CHECKS: dict[str, str] = {
         "coordinator held is in its member's ledger"
     ),
     "coverage": "every ledger entry for this run appears in the round records, or is explained",
-    "store": "every committed round's manifest and objects exist with their recorded hashes",
+    "store": (
+        "every committed round's manifest and objects exist with their recorded hashes, and each round "
+        "record and manifest is signed by the consortium's coordinator key (where it publishes one)"
+    ),
 }
 
 
