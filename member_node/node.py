@@ -79,6 +79,8 @@ from shared_model.store import ShardStore, StoreError
 ROLLBACK_FILE = "rollback.json"
 NOISE_PLAN_FILE = "noise_plan.json"  # the node's noise plans, one per run and budget setting
 log = logging.getLogger("kyodo.member")
+# How a member picks up members admitted after it pinned the consortium's file.
+REPIN = "run `kyodo-member trust` with the operator's current audit-consortium.yaml and restart the node"
 
 
 def _replace_json(path: Path, obj: object, indent: int | None = None) -> None:
@@ -291,11 +293,11 @@ class MemberNode:
             # WARNING: a ClientApp process logs nothing below it.
             log.warning(
                 "%s: the consortium now lists %s, whom the pinned consortium file %s does not: this member is "
-                "left out of rounds with them until it runs `kyodo-member trust` with the operator's current "
-                "audit-consortium.yaml and restarts its node",
+                "left out of rounds with them until it does; %s",
                 self.identity.name,
                 ", ".join(unknown[:5]),
                 self.identity.consortium_file,
+                REPIN,
             )
 
     # ------------------------------------------------------------------ train
@@ -740,8 +742,7 @@ class MemberNode:
             return ""
         return (
             f"the round seats {', '.join(unknown[:5])} in this member's cohorts, and the consortium file it pinned "
-            f"({self.identity.consortium_file}) does not list them: if the consortium admitted them, run "
-            "`kyodo-member trust` with the operator's current audit-consortium.yaml and restart the node"
+            f"({self.identity.consortium_file}) does not list them: if the consortium admitted them, {REPIN}"
         )
 
     def train(self, request: TrainRequest, arrived: dt.datetime | None = None) -> TrainReply | TrainDeclined:
