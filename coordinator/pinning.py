@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from shared_model.text import shortened
+
 TRUST = "`kyodo-member trust` with the operator's current audit-consortium.yaml"
 
 
@@ -39,17 +41,26 @@ def unpinned_members(pinned: Mapping[str, frozenset[str] | None]) -> dict[str, s
     return {m: _why(pinned, m, seated) for m in removed if m not in seated}
 
 
+def not_pinned_by(pinned: Mapping[str, frozenset[str] | None], left_out: Mapping[str, str]) -> dict[str, list[str]]:
+    """For each member ``left_out``, the seated members whose pinned file does not list it.
+
+    These are what its own node cannot know (its file is the newest) and is told: what it
+    lacks itself, its node already logs from the query's roster."""
+    seated = set(pinned) - set(left_out)
+    return {m: names for m in left_out if (names := _lacked_by(pinned, m, seated))}
+
+
 def _why(pinned: Mapping[str, frozenset[str] | None], member: str, seated: set[str]) -> str:
     reasons = []
     lacks, lacked_by = _lacks(pinned, member, seated), _lacked_by(pinned, member, seated)
     if lacks:
         reasons.append(
-            f"its pinned consortium file does not list {_names(lacks)}, who would share its cohorts "
+            f"its pinned consortium file does not list {shortened(lacks)}, who would share its cohorts "
             f"(it runs {TRUST}, then restarts its node)"
         )
     if lacked_by:
         reasons.append(
-            f"{_names(lacked_by)} pinned a consortium file that does not list it (they run {TRUST}, "
+            f"{shortened(lacked_by)} pinned a consortium file that does not list it (they run {TRUST}, "
             "then restart their nodes)"
         )
     return "; ".join(reasons)
@@ -62,7 +73,3 @@ def _lacked_by(pinned: Mapping[str, frozenset[str] | None], member: str, seated:
 def _lacks(pinned: Mapping[str, frozenset[str] | None], member: str, seated: set[str]) -> list[str]:
     names = pinned[member]
     return [] if names is None else sorted(seated - names - {member})
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

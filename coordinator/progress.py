@@ -13,6 +13,7 @@ from coordinator.planner import RoundPlan
 from coordinator.rounds import RoundResult
 from shared_model.protocol import EvaluateReply
 from shared_model.shards import is_shard_id
+from shared_model.text import shortened
 
 STAGES = ("query", "plan", "train + aggregate", "evaluate")
 
@@ -49,8 +50,7 @@ def cohort_table(plan: RoundPlan, updated: list[str] | None = None) -> Table:
         captions.append(f"{len(plan.skipped)} shards not planned this round (rotation or cohort too small)")
     missed = sorted(set(plan.cohorts) - set(updated)) if updated is not None else []
     if missed:
-        names = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
-        captions.append(f"{len(missed)} planned shards not updated ({names}): see the warnings above")
+        captions.append(f"{len(missed)} planned shards not updated ({shortened(missed, 4)}): see the warnings above")
     if captions:
         table.caption = "; ".join(captions)
     return table

@@ -54,7 +54,7 @@ from aggregation.server_opt import ServerOptimizer, make_server_optimizer
 from aggregation.sums import SumBuffer, SumPool
 from aggregation.validate import check_aggregate
 from aggregation.weighted_mean import AggregationError, ShardMean
-from coordinator.pinning import unpinned_members
+from coordinator.pinning import not_pinned_by, unpinned_members
 from coordinator.planner import MemberInfo, RoundPlan, plan_round
 from coordinator.run_state import RunState
 from coordinator.secure_round import mean_update, secure_aggregate
@@ -73,12 +73,14 @@ from shared_model.config import KyodoConfig
 from shared_model.protocol import (
     EVALUATE,
     QUERY,
+    SEATING,
     TRAIN,
     EvaluateReply,
     EvaluateRequest,
     ProtocolError,
     QueryReply,
     QueryRequest,
+    SeatingNotice,
     TrainDeclined,
     TrainHyperParams,
     TrainReply,
@@ -89,6 +91,9 @@ from shared_model.shards import ShardLayout, shard_of
 log = logging.getLogger("kyodo.coordinator")
 
 POLL_INTERVAL_S = 0.2
+# How long a node left out of a round has to acknowledge why (it answered its query just
+# before; the round waits this long at most, and only when someone was left out so).
+SEATING_NOTICE_TIMEOUT_S = 30.0
 # RAM budget of the running sums: this many of the round's largest shard, but never less
 # than the floor (small models never spill; at 1e12 parameters the largest shard sets it).
 SUM_BUDGET_SHARDS = 4
@@ -214,6 +219,7 @@ class RoundRunner:
         self.public_keys: dict[str, str] = {}  # member -> hex Ed25519 key from query
         self.epsilon: dict[str, tuple[float, float]] = {}  # member -> (spent, budget) as reported
         self.sits_out: dict[str, str] = {}  # member -> why it cannot train this round (its query reply)
+        self._not_pinned_by: dict[str, list[str]] = {}  # member left out -> the seated members that did not pin it
         self.eval_withheld: dict[str, str] = {}  # member -> why it released no held-out error (last evaluate)
         # member -> the newest receipt it sent: every request carries its hash, and a node
         # whose ledger lacks it (restored from a backup) spends nothing more.
@@ -269,13 +275,34 @@ class RoundRunner:
         if duplicated:
             log.error("nodes claim the same member name %s: they are left out", sorted(duplicated))
         self.members = self._admit({node: info for node, info in replies.items() if info.member not in duplicated})
+        self._tell_unseated(round_number)
         return self.members
+
+    def _tell_unseated(self, round_number: int) -> None:
+        """Tell each member left out because others did not pin it why, on its own node: its
+        file is the newest, so nothing there would say why it is never asked to train."""
+        notices = [
+            Message(SeatingNotice(round_number, self.run_id, self._not_pinned_by[m.name]).to_content(), node, SEATING)
+            for node, m in self.members.items()
+            if m.name in self._not_pinned_by
+        ]
+        if not notices:
+            return
+
+        def on_reply(reply: Message, node: int) -> None:
+            if reply.has_error():
+                log.info("node %s did not take its seating notice: %s", node, reply.error.reason)
+
+        # The node answered its query moments ago and the notice touches nothing but its log.
+        for node in exchange(self.grid, notices, min(self.timeout, SEATING_NOTICE_TIMEOUT_S), on_reply):
+            log.info("node %s did not acknowledge its seating notice", node)
 
     def _admit(self, replies: Mapping[int, QueryReply]) -> dict[int, MemberInfo]:
         """The round's members from their final query answers. Only here does an answer touch
         what the runner keeps per member (its key, objects, epsilon): an answer that was
         withdrawn or duplicated must not leave its key as the member's."""
         members: dict[int, MemberInfo] = {}
+        self._not_pinned_by = {}
         self.sits_out = {
             info.member: info.reason or "no privacy budget left" for info in replies.values() if not info.can_train
         }
@@ -283,7 +310,9 @@ class RoundRunner:
             # Only masked rounds check pinned keys; a member that would refuse its cohorts there,
             # after training, sits out now (coordinator.pinning).
             candidates = {i.member: frozenset(i.pinned) if i.pinned else None for i in replies.values() if i.can_train}
-            self.sits_out |= unpinned_members(candidates)
+            unpinned = unpinned_members(candidates)
+            self.sits_out |= unpinned
+            self._not_pinned_by = not_pinned_by(candidates, unpinned)
         for node, info in replies.items():
             members[node] = MemberInfo(
                 node, info.member, tuple(info.embodiments), info.episodes, can_train=info.member not in self.sits_out

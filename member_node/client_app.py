@@ -31,6 +31,7 @@ from shared_model.protocol import (
     MaskedInputRequest,
     ProtocolError,
     QueryRequest,
+    SeatingNotice,
     ShareKeysRequest,
     TrainRequest,
     UnmaskRequest,
@@ -123,6 +124,11 @@ def _at_arrival(method: Callable[..., Any]) -> Callable[[MemberNode, Any, dt.dat
 @app.query()
 def query(message: Message, context: Context) -> Message:
     return _serve(message, context, _unpadded(MemberNode.query), QueryRequest.from_content)
+
+
+@app.query("seating")
+def seating(message: Message, context: Context) -> Message:
+    return _serve(message, context, _unpadded(MemberNode.seating), SeatingNotice.from_content)
 
 
 @app.train()

@@ -62,6 +62,8 @@ from shared_model.protocol import (
     ProtocolError,
     QueryReply,
     QueryRequest,
+    SeatingNoted,
+    SeatingNotice,
     ShareKeysReply,
     ShareKeysRequest,
     TrainDeclined,
@@ -74,6 +76,7 @@ from shared_model.protocol import (
 )
 from shared_model.shards import BACKBONE, ShardLayout, embodiment_shard, load_shard, shard_kind
 from shared_model.store import ShardStore, StoreError
+from shared_model.text import shortened
 
 # Written when a request names a receipt this node's ledger lacks (``MemberNode.rolled_back``).
 ROLLBACK_FILE = "rollback.json"
@@ -295,10 +298,24 @@ class MemberNode:
                 "%s: the consortium now lists %s, whom the pinned consortium file %s does not: this member is "
                 "left out of rounds with them until it does; %s",
                 self.identity.name,
-                ", ".join(unknown[:5]),
+                shortened(unknown),
                 self.identity.consortium_file,
                 REPIN,
             )
+
+    def seating(self, notice: SeatingNotice) -> SeatingNoted:
+        """Log why the coordinator left this member out of a round it could train: members that
+        have not pinned it yet. Only names arrive; the words are the node's own."""
+        log.warning(
+            "%s sits round %d of run %s out: %s pinned a consortium file that does not list this member; until "
+            "they run `kyodo-member trust` with the operator's current audit-consortium.yaml and restart their "
+            "nodes, the coordinator seats them without it (the operator can tell them)",
+            self.identity.name,
+            notice.round,
+            notice.run,
+            shortened(notice.not_pinned_by),
+        )
+        return SeatingNoted(self.identity.name)
 
     # ------------------------------------------------------------------ train
     def check_assignment(self, shards: list[str]) -> None:

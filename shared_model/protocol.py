@@ -28,6 +28,7 @@ from flwr.common.constant import SType
 QUERY = "query"
 TRAIN = "train"
 EVALUATE = "evaluate"
+SEATING = f"{QUERY}.seating"
 
 # Record names inside each message's RecordDict.
 REC_REQUEST = "kyodo.request"
@@ -320,6 +321,60 @@ class QueryReply:
             reason=str(rec.get("reason", ""))[:MAX_REASON],
             pinned=_member_names(rec.get("pinned", []), "pinned", where),
         )
+
+
+@dataclass
+class SeatingNotice:
+    """Tells a node that could train why the coordinator left it out of a round.
+
+    A member admitted before the others re-pinned the consortium's file answers every query
+    with ``can_train`` and its file is the newest, so nothing on its own node says why it is
+    never asked to train: only the operator's round record did. The notice carries names, not
+    the coordinator's text, so the node words its own log line and a coordinator cannot put
+    arbitrary text in the member's log."""
+
+    round: int
+    run: str
+    # Members whose pinned consortium file does not list this one: until they re-pin it and
+    # restart, secure aggregation with them would be refused, so this member sits out.
+    not_pinned_by: list[str]
+
+    def to_content(self) -> RecordDict:
+        request = {"round": self.round, "run": self.run, "not_pinned_by": list(self.not_pinned_by)}
+        return RecordDict({REC_REQUEST: ConfigRecord(request)})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> SeatingNotice:
+        where = "seating notice"
+        rec = _config(content, REC_REQUEST, where)
+        rnd = _require(rec, "round", int, where)
+        if rnd < 0:
+            raise ProtocolError(f"{where}: round must be >= 0")
+        run = _require(rec, "run", str, where)
+        if not _NAME_RE.match(run):
+            raise ProtocolError(f"{where}: run id {run!r} is not valid")
+        names = _member_names(_require(rec, "not_pinned_by", list, where), "not_pinned_by", where)
+        if not names:
+            raise ProtocolError(f"{where}: not_pinned_by names no member")
+        return cls(round=rnd, run=run, not_pinned_by=names)
+
+
+@dataclass
+class SeatingNoted:
+    """The node's answer to a :class:`SeatingNotice`: it logged it (nothing else is sent)."""
+
+    member: str
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({REC_REPLY: ConfigRecord({"member": self.member})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> SeatingNoted:
+        where = "seating notice reply"
+        member = _require(_config(content, REC_REPLY, where), "member", str, where)
+        if not _NAME_RE.match(member):
+            raise ProtocolError(f"{where}: member name {member!r} is not valid")
+        return cls(member)
 
 
 # ------------------------------------------------------------------------------ train

@@ -19,11 +19,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from shared_model.protocol import (
     EVALUATE,
     QUERY,
+    SEATING,
     TRAIN,
     EvaluateReply,
     EvaluateRequest,
     QueryReply,
     QueryRequest,
+    SeatingNoted,
+    SeatingNotice,
     TrainReply,
     TrainRequest,
 )
@@ -78,6 +81,7 @@ class FakeGrid:
         self.withholding = dict(withholding or {})
         self.sitting_out = dict(sitting_out or {})
         self.queries: list[QueryRequest] = []
+        self.notices: dict[str, SeatingNotice] = {}  # member -> the seating notice its node was sent
         self.ledger_heads: list[tuple[str, str, str]] = []
         self.held = sorted(set(held))
         self.answers_as, self.public_keys = dict(answers_as or {}), dict(public_keys or {})
@@ -96,13 +100,18 @@ class FakeGrid:
         for msg in messages:
             mid = uuid.uuid4().hex
             kind = msg.metadata.message_type
+            name = self.names[msg.metadata.dst_node_id]
+            if kind == SEATING:
+                self.notices[name] = SeatingNotice.from_content(msg.content)
+                ids.append(mid)
+                self._queue[mid] = (msg.metadata.dst_node_id, kind, None, "")
+                continue
             parsed = {QUERY: QueryRequest, TRAIN: TrainRequest, EVALUATE: EvaluateRequest}[kind].from_content(
                 msg.content
             )
             request = parsed.shards if kind == TRAIN else None
             if kind == QUERY:
                 self.queries.append(parsed)
-            name = self.names[msg.metadata.dst_node_id]
             self.ledger_heads.append((kind, name, parsed.ledger_head))
             ids.append(mid)
             scripted = self.script[name].pop(0) if kind == QUERY and self.script.get(name) else ""
@@ -128,6 +137,8 @@ class FakeGrid:
 
     def _answer(self, node: int, kind: str, shards: list[str] | None, scripted: str | tuple[str, str] = ""):
         name = self.names[node]
+        if kind == SEATING:
+            return SeatingNoted(name).to_content()
         if kind == QUERY:
             claimed = self.answers_as.get(name, name)
             key = self.public_keys.get(name, "")

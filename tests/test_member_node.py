@@ -1,6 +1,7 @@
 """The member node's logic and its ClientApp, on generated data (no Flower runtime needed)."""
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -172,6 +173,29 @@ def test_client_app_answers_and_refuses(setup):
     reply = app(message(QueryRequest(0).to_content(), "query"), bad_budget)
     assert reply.has_error() and reply.error.code == ERR_NODE_CONFIG
     assert reply.error.reason == "the member's node configuration is invalid (see its node log)"
+
+
+def test_a_seating_notice_reaches_the_members_own_log_in_the_nodes_words(setup, caplog):
+    """A member the others have not pinned yet is never asked to train, and its own file is
+    the newest: the coordinator's notice is the only way its node can say why."""
+    from member_node.client_app import app
+    from shared_model.protocol import SeatingNoted, SeatingNotice
+
+    cfg, _, _ = setup
+    ctx = context(cfg, {"partition-id": 1})
+    notice = SeatingNotice(4, "run-7", [f"m{i}" for i in range(7)])
+    with caplog.at_level(logging.WARNING, logger="kyodo"):
+        reply = app(message(notice.to_content(), "query.seating"), ctx)
+    assert not reply.has_error(), reply.error
+    assert SeatingNoted.from_content(reply.content) == SeatingNoted("sony")
+    assert "sony sits round 4 of run run-7 out: m0, m1, m2, m3, m4 and 2 more pinned a consortium file" in caplog.text
+    assert "kyodo-member trust" in caplog.text
+    # Names only: a notice that tries to carry text is refused before anything is logged.
+    caplog.clear()
+    bad = SeatingNotice(4, "run-7", ["honda\nERROR forged line"]).to_content()
+    with caplog.at_level(logging.WARNING, logger="kyodo"):
+        reply = app(message(bad, "query.seating"), ctx)
+    assert reply.has_error() and reply.error.code == ERR_INVALID_REQUEST and "forged" not in caplog.text
 
 
 # ---------------------------------------------------------------- privacy on the node

@@ -336,6 +336,7 @@ def test_a_member_pinned_to_an_older_consortium_file_sits_out_before_anyone_trai
     assert "kyodo-member trust" in runner.sits_out["sony"]
     plan = runner.plan(1)
     assert "sony" not in plan.members and set(plan.members) == {"honda", "softbank", "fanuc"}
+    assert grid.notices == {}, "sony's own node already logs what its file lacks: no notice"
 
     # A member admitted before the others pinned it: it sits out, not the three that lack it.
     grid = FakeGrid(members, state.layout, pinned={m: [n for n in everyone if n != "fanuc"] for m in everyone}
@@ -344,6 +345,10 @@ def test_a_member_pinned_to_an_older_consortium_file_sits_out_before_anyone_trai
     runner.query(1)
     assert list(runner.sits_out) == ["fanuc"]
     assert "honda, softbank, sony pinned a consortium file that does not list it" in runner.sits_out["fanuc"]
+    # Its own file is the newest, so only a notice from the coordinator tells its node why.
+    assert list(grid.notices) == ["fanuc"]
+    assert grid.notices["fanuc"].not_pinned_by == ["honda", "softbank", "sony"]
+    assert (grid.notices["fanuc"].round, grid.notices["fanuc"].run) == (1, "t")
 
     # Without secure aggregation nothing checks pinned keys: nobody is left out for them.
     cfg = load_config(model="tiny", overrides=["secagg.enabled=false", "train.min_cohort=3"])

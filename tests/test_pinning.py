@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.pinning import unpinned_members
+from coordinator.pinning import not_pinned_by, unpinned_members
 
 NAMES = ["a", "b", "c", "d", "e"]
 
@@ -21,6 +21,8 @@ def test_the_member_with_the_old_file_sits_out_not_the_members_it_lacks():
     left = unpinned_members({"a": frozenset({"a"}), "b": frozenset("abc"), "c": frozenset("abc")})
     assert list(left) == ["a"]
     assert "does not list b, c" in left["a"]
+    # Nobody lacks a: it only lacks others, which its own node already says.
+    assert not_pinned_by({"a": frozenset({"a"}), "b": frozenset("abc"), "c": frozenset("abc")}, left) == {}
 
 
 def test_a_newcomer_the_others_have_not_pinned_sits_out_not_them():
@@ -28,6 +30,7 @@ def test_a_newcomer_the_others_have_not_pinned_sits_out_not_them():
     left = unpinned_members({"a": old, "b": old, "c": old, "d": frozenset("abcd")})
     assert list(left) == ["d"]
     assert left["d"].startswith("a, b, c pinned a consortium file that does not list it")
+    assert not_pinned_by({"a": old, "b": old, "c": old, "d": frozenset("abcd")}, left) == {"d": ["a", "b", "c"]}
 
 
 def test_an_unpinned_member_is_left_out_only_by_a_pinned_one_that_lacks_it():

@@ -14,6 +14,8 @@ from shared_model.protocol import (
     ProtocolError,
     QueryReply,
     QueryRequest,
+    SeatingNoted,
+    SeatingNotice,
     TrainHyperParams,
     TrainReply,
     TrainRequest,
@@ -62,6 +64,22 @@ def test_the_roster_and_the_pinned_members_round_trip_and_bad_names_are_refused(
         QueryReply.from_content(QueryReply("sony", ["so100"], 0, pinned=["../x"]).to_content())
     with pytest.raises(ProtocolError, match="at most 10000 member names"):
         QueryReply.from_content(QueryReply("sony", ["so100"], 0, pinned=[f"m{i}" for i in range(10_001)]).to_content())
+
+
+def test_a_seating_notice_carries_member_names_only():
+    notice = SeatingNotice(2, "run-1", ["honda", "sony"])
+    assert SeatingNotice.from_content(notice.to_content()) == notice
+    assert SeatingNoted.from_content(SeatingNoted("fanuc").to_content()) == SeatingNoted("fanuc")
+    for bad, match in (
+        (SeatingNotice(2, "run-1", []), "names no member"),
+        (SeatingNotice(2, "run-1", ["a b"]), "invalid member name"),
+        (SeatingNotice(2, "bad run", ["honda"]), "run id"),
+        (SeatingNotice(-1, "run-1", ["honda"]), "round must be >= 0"),
+    ):
+        with pytest.raises(ProtocolError, match=match):
+            SeatingNotice.from_content(bad.to_content())
+    with pytest.raises(ProtocolError, match="member name"):
+        SeatingNoted.from_content(SeatingNoted("../x").to_content())
 
 
 def test_private_and_withheld_evaluations_round_trip_and_bad_metrics_are_refused():
