@@ -280,11 +280,8 @@ def add_member(path: Path | str, membership_file: Path | str, update: bool = Fal
     for other in consortium.members:
         if other.supernode_public_key.split()[:2] == entry.supernode_public_key.split()[:2]:
             raise DeployError(f"member {entry.name!r} sent the SuperNode key of {other.name!r}")
-    op.members.mkdir(parents=True, exist_ok=True)
-    (op.members / f"{entry.name}.pub").write_text(entry.supernode_public_key + "\n", encoding="utf-8")
     consortium.members.append(entry)
-    save_consortium(op, consortium)
-    write_audit_consortium(op, consortium)
+    _publish(op, consortium, admitted=entry)
     return entry
 
 
@@ -308,15 +305,37 @@ def _update_budget(op: OperatorDir, consortium: Consortium, entry: MemberEntry) 
     ]
     log.info("member %s: published budget %s", entry.name, ", ".join(changes) or "unchanged")
     current.epsilon, current.delta = entry.epsilon, entry.delta
-    save_consortium(op, consortium)
-    write_audit_consortium(op, consortium)
+    _publish(op, consortium)
     return current
 
 
 def write_audit_consortium(op: OperatorDir, consortium: Consortium) -> Path:
     """``DIR/audit-consortium.yaml`` in kyodo-audit's format (members' ledger keys and published
     budgets), so an auditor can run ``kyodo-audit verify --consortium`` on this consortium's runs."""
-    from privacy.audit.consortium import dump_consortium, parse_consortium
+    from privacy.audit.consortium import dump_consortium
+
+    return dump_consortium(_audit_consortium(op, consortium), op.audit_consortium)
+
+
+def _publish(op: OperatorDir, consortium: Consortium, admitted: MemberEntry | None = None) -> None:
+    """Write consortium.yaml and audit-consortium.yaml (and an ``admitted`` member's SuperNode
+    key), or nothing: the audit file's checks run first, so a member it would refuse is never
+    left in one file and not the other (an ``epsilon: inf`` once crashed add-member between them)."""
+    from privacy.audit.consortium import ConsortiumError
+
+    try:
+        _audit_consortium(op, consortium)
+    except ConsortiumError as err:
+        raise DeployError(f"nothing written: {err}") from None
+    if admitted is not None:
+        op.members.mkdir(parents=True, exist_ok=True)
+        (op.members / f"{admitted.name}.pub").write_text(admitted.supernode_public_key + "\n", encoding="utf-8")
+    save_consortium(op, consortium)
+    write_audit_consortium(op, consortium)
+
+
+def _audit_consortium(op: OperatorDir, consortium: Consortium):
+    from privacy.audit.consortium import parse_consortium
 
     raw = {
         "format": "kyodo-consortium",
@@ -329,7 +348,7 @@ def write_audit_consortium(op: OperatorDir, consortium: Consortium) -> Path:
             for m in consortium.members
         ],
     }  # fmt: skip
-    return dump_consortium(parse_consortium(raw, str(op.audit_consortium)), op.audit_consortium)
+    return parse_consortium(raw, str(op.audit_consortium))
 
 
 # ----------------------------------------------------------------------------- the SuperLink

@@ -217,6 +217,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise CommandError(str(err), code=2) from None
     console = Console(soft_wrap=True)  # paths stay whole, to be copied
     console.print(f"member [cyan]{setup.member}[/] ({setup.embodiment}) set up in {setup.dir}", highlight=False)
+    try:
+        _check_data(setup)
+    except SetupError as err:
+        # Keys do not depend on the data, which may arrive later; `start` refuses until it is usable.
+        console.print(f"  [yellow]warning[/]: {err}; `start` refuses until it is usable", highlight=False)
     console.print(f"  config           {setup.dir / 'member.yaml'}", highlight=False)
     console.print(f"  ledger key       {setup.signing_key} (Ed25519, stays here)", highlight=False)
     console.print(f"  SuperNode key    {setup.auth_key} (EC P-384, stays here)", highlight=False)

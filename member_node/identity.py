@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from member_node.reply_timing import ReplyDelay
+from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy
 from shared_model.config import KyodoConfig
 from shared_model.device import resolve_device
@@ -163,11 +164,12 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         )
     else:
         raise NodeConfigError("node config names no member: set member, embodiment and data-dir")
-    if not (identity.epsilon > 0 and 0 < identity.delta < 1 and identity.noise_multiplier >= 0):
-        raise NodeConfigError(
-            f"member {identity.name!r}: privacy budget needs epsilon > 0 and 0 < delta < 1 "
-            f"(got epsilon={identity.epsilon}, delta={identity.delta})"
-        )
+    try:
+        Budget(identity.epsilon, identity.delta)
+    except ValueError as err:
+        raise NodeConfigError(f"member {identity.name!r}: privacy budget: {err}") from None
+    if identity.noise_multiplier < 0:
+        raise NodeConfigError(f"member {identity.name!r}: noise multiplier must be >= 0")
     if identity.budget_rounds < 0:
         raise NodeConfigError(f"member {identity.name!r}: node config 'budget-rounds' must be >= 0")
     if identity.budget_rounds and identity.noise_multiplier:

@@ -421,6 +421,11 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
     _check_info(info, info_path, embodiment, embodiment_name)
     meta, meta_files = _read_episode_meta(root, info, info_path, manifest)
     episodes, data_files, dropped = _read_frames(root, info, meta, embodiment, manifest)
+    if not episodes:
+        # A node with nothing to train on would still join and announce itself: refuse here,
+        # where `data inspect`, `init` and `start` all look.
+        why = f"all {len(dropped)} hold non-finite values (sensor drop-outs)" if dropped else "it lists none"
+        raise DatasetError(f"{root}: no usable episode: {why}")
     return LeRobotDataset(
         root=root,
         info=info,

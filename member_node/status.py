@@ -307,10 +307,33 @@ def latest_noise_plan(state_dir: Path, entries: list[dict]) -> str:
     )
 
 
+def _not_started(path: Path, state_dir: Path) -> str:
+    """What a deployed member's directory whose node never ran says ('' for anything else): the
+    member set up with `init` and asks what it has; an error about member.json would read as
+    a broken state directory."""
+    from member_node.supernode import MEMBER_FILE, load_setup
+
+    if not (path / MEMBER_FILE).is_file() or any((state_dir / f).exists() for f in ("member.json", "ledger.jsonl")):
+        return ""
+    setup = load_setup(path)
+    pace = f", spread over at least {setup.budget_rounds} training rounds" if setup.budget_rounds else ""
+    return (
+        f"{setup.member} ({setup.embodiment}): its node has not run yet, so nothing is spent: budget "
+        f"ε={setup.epsilon:g} δ={setup.delta:g}{pace} (member.yaml); the ledger starts at its first release "
+        f"(kyodo-member start {path})"
+    )
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     console = Console()
     try:
-        state_dir = _state_dir_of(Path(args.state_dir))
+        path = Path(args.state_dir)
+        if not path.is_dir():
+            raise LedgerError(f"{path}: no such directory (the node's state directory, or the member's directory)")
+        state_dir = _state_dir_of(path)
+        if fresh := _not_started(path, state_dir):
+            console.print(fresh, highlight=False, soft_wrap=True)
+            return 0
         member = _load_member(state_dir)
         entries = Ledger(state_dir / "ledger.jsonl").entries()
         problems = verify_chain(entries, load_public_key(member["public_key"]))

@@ -49,6 +49,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from member_node.identity import workers_problem
 from member_node.reply_timing import ReplyDelay
+from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from shared_model.device import resolve_device
@@ -240,6 +241,15 @@ def key_fingerprint(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey)
     return "SHA256:" + hashlib.sha256(line).hexdigest()
 
 
+def _check_budget(epsilon: float, delta: float) -> None:
+    """Privacy's own checks, before anything is written: ``--epsilon inf`` once went into
+    membership.json as ``Infinity`` (not JSON) and crashed the operator's add-member."""
+    try:
+        Budget(epsilon, delta)
+    except ValueError as err:
+        raise SetupError(f"privacy budget: {err}") from None
+
+
 def init_member(
     directory: Path | str,
     *,
@@ -272,8 +282,13 @@ def init_member(
         raise SetupError(f"member name {member!r}: use letters, digits, '_', '.', '-' (at most 64)")
     if known_embodiments is not None and embodiment not in known_embodiments:
         raise SetupError(f"unknown embodiment {embodiment!r}; known: {', '.join(sorted(known_embodiments))}")
-    if not (epsilon > 0 and 0 < delta < 1):
-        raise SetupError(f"privacy budget needs epsilon > 0 and 0 < delta < 1 (got {epsilon}, {delta})")
+    _check_budget(epsilon, delta)
+    data = Path(data_dir).expanduser().resolve()
+    if directory == data or data in directory.parents:
+        raise SetupError(
+            f"{directory} lies inside the dataset {data}: the member's private keys would travel with every copy "
+            "of the data; put the member's directory elsewhere"
+        )
     if budget_rounds < 0:
         raise SetupError(f"--budget-rounds must be >= 0 (got {budget_rounds})")
     try:
@@ -292,7 +307,7 @@ def init_member(
     setup = MemberSetup(
         member=member,
         embodiment=embodiment,
-        data_dir=str(Path(data_dir).expanduser().resolve()),
+        data_dir=str(data),
         state_dir=str(directory / "state"),
         epsilon=float(epsilon),
         delta=float(delta),
@@ -394,8 +409,7 @@ def change_budget(
     spent = max((float(e["epsilon"]) for e in entries), default=0.0)
     new_epsilon = setup.epsilon if epsilon is None else float(epsilon)
     new_delta = setup.delta if delta is None else float(delta)
-    if not (new_epsilon > 0 and 0 < new_delta < 1):
-        raise SetupError(f"privacy budget needs epsilon > 0 and 0 < delta < 1 (got {new_epsilon}, {new_delta})")
+    _check_budget(new_epsilon, new_delta)
     if new_epsilon < spent:
         raise SetupError(
             f"epsilon {new_epsilon:g} is below the {spent:.6g} this member's signed ledger already records: "

@@ -358,7 +358,7 @@ def test_dropped_entry(fed: Path) -> None:
     write_entries(fed, "gamma", entries)
     result = run_audit(fed)
     assert_found(result, "chain", "entry 2 (line 3, run 'run-a', round 2)", "prev_hash", "dropped")
-    assert_found(result, "receipt", "round 1 receipt of gamma", "is not in gamma's ledger")
+    assert_found(result, "receipt", "round 1 receipt of gamma", "is not in gamma's ledger", "dropped from the ledger")
 
 
 def test_dropped_last_entry(fed: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -366,7 +366,7 @@ def test_dropped_last_entry(fed: Path, capsys: pytest.CaptureFixture[str], monke
     write_entries(fed, "gamma", read_entries(fed, "gamma")[:-1])
     result = run_audit(fed)
     assert not failures(result, "chain")
-    assert_found(result, "receipt", "round 2 receipt of gamma", "is not in gamma's ledger")
+    assert_found(result, "receipt", "round 2 receipt of gamma", "is not in gamma's ledger", "an older copy")
     # A failing audit lists each member's entries, readable at 80 columns (a pipe, a CI log).
     monkeypatch.setenv("COLUMNS", "80")
     args = ["--ledgers", str(fed / "run"), "--rounds", str(fed / "run"), "--consortium", str(fed / "consortium.yaml")]
@@ -404,6 +404,22 @@ def test_a_ledger_rolled_back_behind_a_receipt_the_coordinator_held_is_caught(fe
     write_records(fed, records)
     texts = failures(run_audit(fed), "receipt")
     assert any("round 2 receipt of alpha" in t for t in texts) and not any("ledger head of alpha" in t for t in texts)
+
+
+def test_blank_lines_after_the_last_entry_pass_and_a_torn_last_line_is_named(fed: Path) -> None:
+    """A copy through an editor or a mail client may gain a blank line at the end: it carries
+    nothing, so it fails nothing. A half-written last line is said to be one."""
+    path = ledger_path(fed, "gamma")
+    whole = path.read_bytes()
+    path.write_bytes(whole + b"\n \r\n")
+    result = run_audit(fed)
+    assert result.ok, [f.text() for f in result.failures]
+    assert len(result.entries) == 9
+    path.write_bytes(whole.replace(b"\n", b"\n\n", 1))  # a blank line between entries still fails
+    assert_found(run_audit(fed), "input", "line 2 is not valid JSON")
+    path.write_bytes(whole[: len(whole) - 40])
+    last = whole.count(b"\n")
+    assert_found(run_audit(fed), "input", f"line {last} is not valid JSON and has no final newline: a torn last write")
 
 
 def test_swapped_entries(fed: Path) -> None:
@@ -802,7 +818,9 @@ def test_ledgers_older_than_version_4_are_checked_against_the_published_budget(f
     assert any("its 3 releases predate ledger version 4 and declare no budget" in n for n in notes_of(result, "alpha"))
 
 
-def test_budget_declarations_show_when_a_member_raised_its_budget(fed: Path) -> None:
+def test_budget_declarations_show_when_a_member_raised_its_budget(
+    fed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     declare_budgets(fed, "alpha", {0: 6.0, 2: 8.0})  # alpha spends ~6.4: raised before its last round
     result = run_audit(fed)
     assert result.ok, [f.text() for f in result.failures]
@@ -814,6 +832,12 @@ def test_budget_declarations_show_when_a_member_raised_its_budget(fed: Path) -> 
     set_budget(fed, "alpha", 7.0)
     notes = notes_of(run_audit(fed), "alpha")
     assert any("last declares ε=8 δ=1e-05 (entry 3), the consortium publishes ε=7 δ=1e-05" in n for n in notes)
+    # It passes, and the verdict line, the one read last, says there is something to read.
+    args = ["--ledgers", str(fed / "run"), "--rounds", str(fed / "run"), "--consortium", str(fed / "consortium.yaml")]
+    assert audit_main(["verify", *args]) == 0
+    out = capsys.readouterr().out
+    verdict = " ".join(out[out.rindex("PASS") :].split())
+    assert verdict.startswith("PASS: every check holds, ") and "note(s) above to read (" in verdict
     cons = load_consortium(fed / "consortium.yaml").to_dict()
     cons["members"][0].update(epsilon=8.0, delta=1e-6)  # a delta that differs alone is said too
     (fed / "consortium.yaml").write_text(json.dumps(cons))
@@ -955,6 +979,9 @@ def test_unusable_inputs_exit_2(fed: Path, capsys: pytest.CaptureFixture[str]) -
     base = ["verify", "--ledgers", str(fed / "run"), "--rounds", str(fed / "run")]
     assert audit_main([*base, "--consortium", str(fed / "missing.yaml")]) == 2
     assert "cannot read consortium file" in capsys.readouterr().err
+    one_file = ["verify", "--ledgers", str(ledger_path(fed, "alpha")), "--rounds", str(fed / "run")]
+    assert audit_main([*one_file, "--consortium", str(fed / "consortium.yaml")]) == 2
+    assert "is a file, not a directory: pass the directory that holds it" in capsys.readouterr().err
     entries = read_entries(fed, "alpha")
     entries[1]["epsilon"] = 0.1
     write_entries(fed, "alpha", entries)

@@ -195,6 +195,13 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     with pytest.raises(supernode.SetupError, match="--budget-rounds must be >= 0"):
         _member(tmp_path, name="r2", budget_rounds=-1)
     assert not (tmp_path / "r2").exists()
+    with pytest.raises(supernode.SetupError, match="budget epsilon must be finite and > 0, got inf"):
+        supernode.init_member(tmp_path / "inf", member="inf", embodiment="so100", data_dir=tmp_path / "d",
+                              epsilon=float("inf"), delta=1e-5)  # fmt: skip
+    with pytest.raises(supernode.SetupError, match="private keys would travel with every copy of the data"):
+        supernode.init_member(tmp_path / "data" / "sony" / "node", member="k", embodiment="so100",
+                              data_dir=tmp_path / "data" / "sony", epsilon=8, delta=1e-5)  # fmt: skip
+    assert not (tmp_path / "inf").exists() and not (tmp_path / "data" / "sony" / "node").exists()
     with pytest.raises(
         supernode.SetupError,
         match=r"--eval-reply-after \(member.yaml: eval_reply_after\) must be a finite number of seconds",
@@ -210,6 +217,9 @@ def test_member_init_says_its_budgets_pace_and_whether_updates_may_leave_unmaske
     assert member_main([*base, str(tmp_path / "a"), "--member", "a", "--data", str(tmp_path / "da")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "with no pace: the first run may spend all of it" in out and "secure agg. required" in out
+    # Data may arrive after the keys, but the member hears now what `start` would refuse.
+    assert f"warning: data {tmp_path / 'da'}: " in out and "dataset directory not found" in out
+    assert "`start` refuses until it is usable" in out
     argv = [*base, str(tmp_path / "b"), "--member", "b", "--data", str(tmp_path / "db"), "--budget-rounds", "40"]
     assert member_main([*argv, "--no-require-secagg"]) == 0
     out = " ".join(capsys.readouterr().out.split())
@@ -415,6 +425,12 @@ def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, cap
     assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
     assert coordinator_main(["add-member", str(op_dir), str(setup.dir / "membership.json")]) == 0
     before = json.loads((setup.dir / "membership.json").read_text())
+    capsys.readouterr()
+    assert member_main(["status", "--state-dir", str(setup.dir)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sony (so100): its node has not run yet, so nothing is spent: budget ε=8 δ=1e-05" in out
+    assert member_main(["status", "--state-dir", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: no such directory" in capsys.readouterr().err
     spent = _spend(setup, 0.8)
     assert 2 < spent < 8
     capsys.readouterr()
@@ -424,6 +440,8 @@ def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, cap
     assert f"below the {spent:.6g} this member's signed ledger already records" in err
     assert member_main(["budget", str(setup.dir), "--delta", "1e-6"]) == 2
     assert "delta stays 1e-05" in capsys.readouterr().err
+    assert member_main(["budget", str(setup.dir), "--epsilon", "inf"]) == 2
+    assert "budget epsilon must be finite and > 0, got inf" in capsys.readouterr().err
     assert supernode.load_setup(setup.dir).epsilon == 8.0, "a refused change changes nothing"
     assert member_main(["budget", str(setup.dir), "--epsilon", "16", "--budget-rounds", "40"]) == 0
     assert f"ε {spent:.3f} spent" in capsys.readouterr().out
@@ -460,6 +478,18 @@ def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, cap
     other = _member(tmp_path, "honda", "aloha")
     assert coordinator_main(["add-member", str(op_dir), str(other.dir / "membership.json"), "--update"]) == 3
     assert "admit it first" in capsys.readouterr().out
+    # A budget the audit file would refuse admits nobody and writes nothing (it once crashed
+    # add-member between consortium.yaml and audit-consortium.yaml).
+    published = {f: f.read_bytes() for f in (op.consortium, op.audit_consortium)}
+    unbounded = tmp_path / "unbounded.json"
+    unbounded.write_text(json.dumps(json.loads((other.dir / "membership.json").read_text()) | {"epsilon": 1e999}))
+    assert coordinator_main(["add-member", str(op_dir), str(unbounded)]) == 3
+    assert "nothing written" in capsys.readouterr().out
+    assert {f: f.read_bytes() for f in published} == published and not (op.members / "honda.pub").exists()
+    raised = tmp_path / "raised.json"
+    raised.write_text(json.dumps(after | {"epsilon": 1e999}))
+    assert coordinator_main(["add-member", str(op_dir), str(raised), "--update"]) == 3
+    assert {f: f.read_bytes() for f in published} == published
 
 
 def test_operator_init_and_run_check_the_published_checkpoint(tmp_path, capsys, tiny_cfg):

@@ -281,6 +281,15 @@ def test_an_episode_with_non_finite_values_is_left_out_not_the_dataset(tmp_path:
     assert kept.fingerprint() != clean.fingerprint()  # the files did change
 
 
+def test_a_dataset_whose_every_episode_is_left_out_is_refused(tmp_path: Path) -> None:
+    """A node with nothing to train on would still join rounds: the read says so instead."""
+    root = _synth(tmp_path)
+    starts = np.cumsum([0] + [e.length for e in _read(root).episodes])[:-1]
+    for start in starts:
+        _rewrite_data(root, lambda t, row=int(start): _edit_vector(t, "action", row, np.nan))
+    _raises(root, str(root), "no usable episode: all 5 hold non-finite values")
+
+
 def test_agv_image_features_that_are_not_finite_leave_their_episode_out(tmp_path: Path) -> None:
     root = _synth(tmp_path, "agv")
     _rewrite_data(root, lambda t: _edit_vector(t, IMAGE_FEATURES, 0, np.nan))

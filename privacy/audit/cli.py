@@ -109,10 +109,13 @@ def print_result(result: AuditResult, console: Console, verbose: bool = False) -
     for f in result.findings:
         style = "red" if f.severity == FAIL else "dim"
         console.print(f"[{style}]{f.severity.upper()} {escape(f'[{f.check}]')} {escape(f.text())}[/]", soft_wrap=True)
+    notes = len(result.findings) - len(result.failures)
+    # A note can need action (a published budget out of date): the last line says there are some.
+    read_them = f", {notes} note(s) above to read" if notes else ""
     verdict = (
-        "[bold green]PASS[/]: every check holds"
+        f"[bold green]PASS[/]: every check holds{read_them}"
         if result.ok
-        else f"[bold red]FAIL[/]: {len(result.failures)} problem(s)"
+        else f"[bold red]FAIL[/]: {len(result.failures)} problem(s){read_them}"
     )
     console.print(
         f"{verdict} ({len(result.entries)} ledger entries, {len(result.rounds)} rounds, store HEAD round "

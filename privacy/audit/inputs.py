@@ -77,14 +77,18 @@ def read_ledger(path: Path, member: str) -> LedgerFile:
     if not raw:
         return ledger
     lines = raw.split(b"\n")
-    torn = lines[-1] != b""
-    if not torn:
+    torn = lines[-1].strip() != b""
+    # Blank lines at the end (an editor's, a mail client's) carry nothing and hide nothing;
+    # a blank line between entries is still a line that does not parse.
+    while lines and not lines[-1].strip():
         lines.pop()
     for number, line in enumerate(lines, start=1):
         try:
             entry = strict_json(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             why = f"line {number} is not valid JSON ({exc})"
+            if number == len(lines) and torn:
+                why = f"line {number} is not valid JSON and has no final newline: a torn last write (interrupted?)"
             ledger.problems.append(why)
             ledger.entries.append(why)
             continue
@@ -113,7 +117,8 @@ def find_ledgers(root: str | Path) -> dict[str, LedgerFile]:
     """Every member ledger under ``root`` (see the module docstring for the layouts)."""
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"ledgers directory {root} does not exist")
+        what = "is a file, not a directory: pass the directory that holds it" if root.exists() else "does not exist"
+        raise InputError(f"ledgers directory {root} {what}")
     base = root / "nodes" if (root / "nodes").is_dir() else root
     found: dict[str, LedgerFile] = {}
     candidates = [(p.parent, _member_name(p.parent)) for p in sorted(base.glob(f"*/{LEDGER_FILE}"))]

@@ -139,7 +139,7 @@ def _identity_problems(entry: Any, member: str, consortium: Consortium) -> list[
         return []
     problems = []
     if entry.get("member") != member:
-        problems.append(f"names member {entry.get('member')!r}, but it is {member!r}'s")
+        problems.append(f"names member {entry.get('member')!r}, but this is {member}'s ledger")
     owner = consortium.key_owner(entry.get("public_key", "")) if isinstance(entry.get("public_key"), str) else None
     signer = _signed_by(entry, consortium)
     if signer is not None and signer != member:
@@ -527,12 +527,24 @@ def _check_receipt(
                 "round: two different entries for one round (a fork, or an edited receipt or ledger)",
             )
         else:
-            add(
-                "receipt",
-                subject,
-                f"is not in {member}'s ledger: the entry was dropped from the ledger, or never written to it",
-            )
+            add("receipt", subject, _not_in_ledger(index, receipt, member))
     return len(result.failures) == failures
+
+
+def _not_in_ledger(index: _LedgerIndex, receipt: Mapping[str, Any], member: str) -> str:
+    """Why a signed receipt is missing from the ledger, with the likelier cause first: a ledger
+    that ends before the receipt was signed is an older copy (a backup, or a copy made before
+    the run), not one with an entry cut out of it."""
+    kept = {**index.entries, **index.budgets}
+    last = kept[max(kept)] if kept else None
+    signed, ends = receipt.get("time"), last.get("time") if last else None
+    if last is None or (isinstance(signed, str) and isinstance(ends, str) and signed > ends):
+        where = f"ends at {entry_label(max(kept), last)}, {ends}, before this receipt was signed ({signed})"
+        return (
+            f"is not in {member}'s ledger, which {where if last else 'holds no entry'}: an older copy of the "
+            "ledger (restored from a backup, or copied before the run); ask the member for its current one"
+        )
+    return f"is not in {member}'s ledger: the entry was dropped from the ledger, or never written to it"
 
 
 def _check_ledger_heads(
@@ -978,7 +990,7 @@ def _check_evaluation(
         return
     i = index.by_hash.get(entry_hash(receipt))
     if i is None:
-        add("receipt", subject, f"receipt is not in {member}'s ledger: dropped from it, or never written")
+        add("receipt", subject, f"receipt {_not_in_ledger(index, receipt, member)}")
         return
     if not carried:  # a carried release is an entry of the earlier run, accounted for there
         index.matched.add(i)
