@@ -420,10 +420,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 @_deploy_errors
 def cmd_log(args: argparse.Namespace) -> int:
     """The coordinator's log of a deployed run (flwr log)."""
-    from coordinator.deploy import operator_dir, show_log, submitted_run_id
+    from coordinator.deploy import log_run_ids, operator_dir, show_log, split_run_argument
 
-    op = operator_dir(args.dir)
-    return show_log(op, submitted_run_id(op, args.run), follow=args.follow)
+    root, which = split_run_argument(args.dir, args.run)
+    op = operator_dir(root)
+    run_ids = log_run_ids(op, which)
+    if args.follow:
+        return show_log(op, run_ids[-1], follow=True)
+    code = 0
+    for n, run_id in enumerate(run_ids, start=1):
+        if len(run_ids) > 1:
+            console.print(
+                f"[bold]submission {n} of {len(run_ids)} of this run: Flower run {run_id}[/]", highlight=False
+            )
+        code = show_log(op, run_id) or code
+    return code
 
 
 @_deploy_errors
@@ -569,12 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="config overrides for this run: train.local_steps=20")
     run.set_defaults(func=cmd_run)
     show = sub.add_parser("log", help="the coordinator's log of a deployed run (flwr log)")
-    show.add_argument("dir", help="the operator directory")
+    show.add_argument("dir", help="the operator directory (or a run directory under it)")
     show.add_argument(
         "run",
         nargs="?",
         default=None,
-        help="the Flower run id `run` printed, or the run's directory (DIR/runs.jsonl has both); default: the newest",
+        help="the Flower run id `run` printed, or the run's directory (DIR/runs.jsonl has both); default: the newest. "
+        "A run resumed after a stop or a crash shows every submission's log, oldest first",
     )
     show.add_argument("--follow", action="store_true", help="keep streaming until the run ends")
     show.set_defaults(func=cmd_log)

@@ -46,7 +46,7 @@ from coordinator.run_lock import RunInUseError, check_not_running
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
 from shared_model.config import ConfigError, config_from_run_config, load_config
-from shared_model.flower_processes import flower_executable, flower_path, log_retry, still_catches
+from shared_model.flower_processes import flower_executable, flower_path, log_retry, pids_running, still_catches
 
 log = logging.getLogger("kyodo.coordinator")
 
@@ -518,11 +518,16 @@ class SuperLinkRunner:
         except DeployError:
             if not self._ours_answers():
                 raise  # someone else's program: the port message says what to do
+            pids = pids_running("flower-superlink", str(self.op.database))
+            stop = (
+                f"stop it (`kill {' '.join(map(str, pids))}`)"
+                if pids
+                else f"stop the flower-superlink process whose --database is {self.op.database}"
+            )
             raise DeployError(
                 f"a SuperLink with this consortium's certificate already answers on {self.consortium.address}: "
                 "most likely this operator's own, left running when the `start` that ran it was killed. It is "
-                "healthy and keeps its registrations: use it as it is, or stop it (e.g. "
-                "`pkill -f flower-superlink`) and start again"
+                f"healthy and keeps its registrations: use it as it is, or {stop} and start again"
             ) from None
 
     def _ours_answers(self) -> bool:
@@ -817,6 +822,30 @@ def submitted_run_id(op: OperatorDir, which: str | None) -> str:
     """The Flower run id of a submission: ``which`` as a Flower run id, or as the run
     directory it wrote (what ``status`` takes), or the newest submission when None."""
     return _submission_of_run(op, which)[0]
+
+
+def log_run_ids(op: OperatorDir, which: str | None) -> list[str]:
+    """The Flower run ids whose logs make up a run's log, oldest first: a run resumed after a
+    stop or a crash is one submission per resume, and its log is all of them (``which`` as for
+    :func:`submitted_run_id`; a Flower run id names that submission alone)."""
+    run_id, out_dir = _submission_of_run(op, which)
+    if out_dir is None or (which is not None and which.isdigit()):
+        return [run_id]
+    wanted = out_dir.resolve()
+    return [str(sub["run_id"]) for sub in _submissions(op) if Path(sub["out_dir"]).resolve() == wanted]
+
+
+def split_run_argument(path: Path | str, which: str | None) -> tuple[Path, str | None]:
+    """(operator directory, run) from a command's DIR [RUN]: a run directory passed as DIR (it
+    lies under the operator directory that submitted it) names that run, which a newcomer
+    reading ``status`` output types first."""
+    given = Path(path).expanduser().resolve()
+    if which is not None or (given / CONSORTIUM_FILE).is_file():
+        return given, which
+    for parent in given.parents:
+        if (parent / CONSORTIUM_FILE).is_file() and (parent / "runs.jsonl").is_file():
+            return parent, str(given)
+    return given, which
 
 
 def newest_run_dir(op: OperatorDir) -> Path:

@@ -93,7 +93,7 @@ def _clear(out_dir: Path, overwrite: bool) -> None:
     existing = [p for p in out_dir.iterdir() if p.name == INDEX_NAME or _MODEL_FILE.match(p.name)]
     if existing and not overwrite:
         names = ", ".join(sorted(p.name for p in existing)[:3])
-        raise StoreError(f"{out_dir} already holds a model ({names}, ...); pass overwrite=True to replace it")
+        raise StoreError(f"{out_dir} already holds a model ({names}, ...); --overwrite (overwrite=True) replaces it")
     # The index first: a crash part-way never leaves an index naming files that are gone.
     for p in sorted(existing, key=lambda p: p.name != INDEX_NAME):
         p.unlink()

@@ -64,3 +64,20 @@ def still_catches(pid: int, signum: int) -> bool:
     except (OSError, ValueError):
         pass
     return True
+
+
+def pids_running(program: str, argument: str) -> list[int]:
+    """The pids of this user's processes running ``program`` (an executable's base name) with
+    ``argument`` among their arguments, from Linux ``/proc`` ([] elsewhere). An operator told
+    to stop "its" SuperLink needs its pid: ``pkill -f flower-superlink`` ends every operator's
+    on a shared host."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        launched = [Path(a).name for a in argv[:2]]  # the executable, or a Python running its script
+        if program in launched and argument in argv:
+            found.append(int(proc.name))
+    return sorted(found)

@@ -553,6 +553,15 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
     (op.root / "runs.jsonl").write_text("".join(json.dumps(s) + "\n" for s in submissions))
     assert deploy.submitted_run_id(op, str(tmp_path / "r1")) == "11"
     assert deploy.submitted_run_id(op, None) == "12" and deploy.submitted_run_id(op, "7") == "7"
+    # A run resumed after a stop or a crash is one submission per resume: its log is all of them.
+    resumed = [*submissions, {"run_id": 13, "out_dir": str(tmp_path / "r1")}]
+    (op.root / "runs.jsonl").write_text("".join(json.dumps(s) + "\n" for s in resumed))
+    assert deploy.log_run_ids(op, str(tmp_path / "r1")) == ["11", "13"] == deploy.log_run_ids(op, None)
+    assert deploy.log_run_ids(op, "11") == ["11"] and deploy.log_run_ids(op, str(tmp_path / "r2")) == ["12"]
+    # A run directory under the operator directory, passed where the operator directory goes.
+    run_dir = op.root / "runs" / "20261207-134644"
+    assert deploy.split_run_argument(run_dir, None) == (op.root, str(run_dir))
+    assert deploy.split_run_argument(op.root, None) == (op.root, None)
     consortium = deploy.load_consortium(op)
     assert [m.name for m in consortium.members] == ["honda", "sony", "softbank"]
     assert (op.members / "sony.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
@@ -1168,11 +1177,23 @@ def test_start_recognises_this_consortiums_own_superlink_left_running(tmp_path):
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    # Its pid, found by this operator's database in its arguments: `pkill -f flower-superlink`
+    # would end every operator's SuperLink on a shared host.
+    fake = tmp_path / "bin" / "flower-superlink"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    fake.chmod(0o755)
+    other = subprocess.Popen([str(fake), "--database", str(tmp_path / "another-operator.db")])
+    ours = subprocess.Popen([str(fake), "--ssl-certfile", "x", "--database", str(op.database)])
     try:
-        with pytest.raises(DeployError, match="a SuperLink with this consortium's certificate already answers"):
+        with pytest.raises(DeployError, match="a SuperLink with this consortium's certificate already answers") as err:
             deploy.SuperLinkRunner(op).preflight()
+        assert f"stop it (`kill {ours.pid}`)" in str(err.value) and "pkill" not in str(err.value)
         assert deploy.superlink_answers(op_dir), "a failed run's resume hint then skips `start`"
     finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
         server.shutdown()
         server.server_close()
     assert not deploy.superlink_answers(op_dir)
