@@ -488,7 +488,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     for table in tables:
         console.print(table)
+    console.print(_run_activity(run_dir, op.root if op.consortium.is_file() else None), highlight=False)
     return 0
+
+
+def _run_activity(run_dir: Path, operator: Path | None) -> str:
+    """Whether a coordinator runs this run now, and, for one that stopped short of its planned
+    rounds, the command that goes on: after a SuperLink crash the run's log reads like a stop by
+    the operator ("Task stopped by user"), and status was the place the operator looked."""
+    from coordinator.deploy import run_progress, split_run_argument
+
+    progress = run_progress(run_dir)
+    head, planned = progress.head, progress.planned
+    if progress.holder is not None:
+        return f"running now: a coordinator holds it{f' ({progress.holder})' if progress.holder else ''}"
+    if not progress.unfinished:
+        return f"finished: all {planned} planned rounds committed"
+    operator = operator or split_run_argument(run_dir, None)[0]
+    where = f"round {head}" if head is not None else "no committed round"
+    return (
+        f"not running: no coordinator holds it, and it stopped at {where} of {planned if planned is not None else '?'} "
+        f"planned (stopped, or its coordinator or SuperLink ended); to go on, with the settings it was submitted "
+        f"with:\n{_resume_command(str(operator), run_dir)}"
+    )
 
 
 def _human(n: float) -> str:

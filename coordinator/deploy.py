@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from coordinator.run_lock import RunInUseError, check_not_running
+from coordinator.run_lock import RunInUseError, check_not_running, run_holder
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
 from shared_model.config import ConfigError, config_from_run_config, load_config
@@ -561,6 +561,7 @@ class SuperLinkRunner:
             if register and self.consortium.members:
                 register_members(self.op, self.consortium)
             print(f"kyodo: SuperLink ready on {self.consortium.address}", flush=True)
+            self._say_unfinished_run()
             code = self.child.wait()
         except BaseException:
             if self.child is not None and self.child.poll() is None:
@@ -582,6 +583,56 @@ class SuperLinkRunner:
             self.op.root,
         )
         return 1
+
+    def _say_unfinished_run(self) -> None:
+        """After a crash the SuperLink comes back without the run it was running, and the run's
+        log reads like a stop by the operator: say which run is short of its rounds and how to go on."""
+        unfinished = unfinished_run(self.op)
+        if unfinished is not None:
+            run_dir, progress = unfinished
+            head, planned = progress.head, progress.planned
+            log.warning(
+                "the newest run, %s, stopped at %s of %s planned and no coordinator runs it: to go on, with the "
+                "settings it was submitted with: kyodo-coordinator run %s --out-dir %s",
+                run_dir,
+                f"round {head}" if head is not None else "no committed round",
+                planned if planned is not None else "?",
+                self.op.root,
+                run_dir,
+            )
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a run directory stands: who runs it now, its HEAD round, the rounds it was planned for."""
+
+    holder: str | None  # a coordinator holding it now ("pid .., since .."), None when none does
+    head: int | None
+    planned: int | None
+
+    @property
+    def unfinished(self) -> bool:
+        """Stopped short of its planned rounds, with no coordinator going on with it."""
+        done = self.planned is not None and self.head is not None and self.head >= self.planned
+        return self.holder is None and not done
+
+
+def run_progress(run_dir: Path) -> RunProgress:
+    from coordinator.run_status import planned_rounds
+    from shared_model.store import ShardStore
+
+    head = ShardStore(run_dir / "store").head() if (run_dir / "store" / "HEAD").is_file() else None
+    return RunProgress(run_holder(run_dir), head.round if head else None, planned_rounds(run_dir))
+
+
+def unfinished_run(op: OperatorDir) -> tuple[Path, RunProgress] | None:
+    """The newest submitted run when it is unfinished (None otherwise, or when nothing was submitted)."""
+    submissions = _submissions(op)
+    if not submissions or not Path(submissions[-1]["out_dir"]).is_dir():
+        return None
+    run_dir = Path(submissions[-1]["out_dir"])
+    progress = run_progress(run_dir)
+    return (run_dir, progress) if progress.unfinished else None
 
 
 # ----------------------------------------------------------------------------- runs

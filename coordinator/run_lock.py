@@ -59,16 +59,23 @@ def holding_run(run_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def check_not_running(run_dir: Path) -> None:
-    """RunInUseError if a coordinator holds ``run_dir`` now (checked before submitting a resume)."""
+def run_holder(run_dir: Path) -> str | None:
+    """Who holds ``run_dir`` now ("pid 12, since ..."; "" if unknown), None when nobody does."""
     path = Path(run_dir) / LOCK_FILE
     if not path.is_file():
-        return
+        return None
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _in_use(run_dir, path) from None
+            return _holder(path).strip(" ()")
+        return None
     finally:
         os.close(fd)
+
+
+def check_not_running(run_dir: Path) -> None:
+    """RunInUseError if a coordinator holds ``run_dir`` now (checked before submitting a resume)."""
+    if run_holder(run_dir) is not None:
+        raise _in_use(run_dir, Path(run_dir) / LOCK_FILE)

@@ -50,7 +50,7 @@ def load_report(run_dir: Path | str) -> RunReport:
     store_dir = run_dir / "store"
     if not (store_dir / "HEAD").is_file() and not (run_dir / "rounds.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no store/HEAD, no rounds.jsonl)")
-    report = RunReport(run_dir=run_dir, head=None, planned=_planned_rounds(run_dir))
+    report = RunReport(run_dir=run_dir, head=None, planned=planned_rounds(run_dir))
     if (store_dir / "HEAD").is_file():
         store = ShardStore(store_dir)
         head = store.head()
@@ -68,7 +68,7 @@ def load_report(run_dir: Path | str) -> RunReport:
     return report
 
 
-def _planned_rounds(run_dir: Path) -> int | None:
+def planned_rounds(run_dir: Path) -> int | None:
     """The rounds the run was last submitted for (its ``config.yaml``), so that a run that
     stopped early reads as such."""
     try:

@@ -659,6 +659,24 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
             "sync_bytes": {"sony": 10, "honda": 10}, "seconds": 3.0,
         },
     )  # fmt: skip
+    (run / "config.yaml").write_text("train:\n  rounds: 3\n")
+    assert coordinator_main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    # A run that stopped short, however it stopped (a SuperLink crash reads like a stop in its
+    # log), says so and how to go on.
+    said = " ".join(out.split())
+    assert "not running: no coordinator holds it, and it stopped at round 1 of 3 planned" in said
+    assert f"kyodo-coordinator run {run} --out-dir {run}" in said
+    from coordinator.run_lock import holding_run
+
+    with holding_run(run):
+        assert coordinator_main(["status", str(run)]) == 0
+        said = " ".join(capsys.readouterr().out.split())
+        assert f"running now: a coordinator holds it (pid {os.getpid()}, since " in said
+        assert "not running" not in said
+    (run / "config.yaml").write_text("train:\n  rounds: 1\n")
+    assert coordinator_main(["status", str(run)]) == 0
+    assert "finished: all 1 planned rounds committed" in " ".join(capsys.readouterr().out.split())
     assert coordinator_main(["status", str(run)]) == 0
     out = capsys.readouterr().out
     # epsilon after the member's newest receipt: the evaluation released after its training
@@ -688,6 +706,16 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
     assert coordinator_main(["status", str(op_dir)]) == 2
     assert "no run submitted from" in capsys.readouterr().out
+    # A SuperLink started again after a crash names the newest run if it stopped short.
+    op = deploy.operator_dir(op_dir)
+    assert deploy.unfinished_run(op) is None
+    (op.root / "runs.jsonl").write_text(json.dumps({"run_id": 5, "out_dir": str(run)}) + "\n")
+    assert deploy.unfinished_run(op) is None, "all its planned rounds are committed"
+    (run / "config.yaml").write_text("train:\n  rounds: 3\n")
+    run_dir, progress = deploy.unfinished_run(op)
+    assert run_dir == run and (progress.head, progress.planned, progress.holder) == (1, 3, None)
+    with holding_run(run):
+        assert deploy.unfinished_run(op) is None, "a coordinator still runs it"
     (op_dir / "runs.jsonl").write_text(json.dumps({"run_id": 3, "out_dir": str(run)}) + "\n")
     assert coordinator_main(["status", str(op_dir)]) == 0
     out = capsys.readouterr().out
