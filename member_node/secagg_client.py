@@ -43,6 +43,7 @@ from safetensors.numpy import save_file
 from aggregation.secagg.keys import (
     RoundKeys,
     agree,
+    agreement_needed,
     mask_context,
     open_sealed,
     pair_context,
@@ -552,13 +553,6 @@ class MemberSecAgg:
             return UnmaskReply(self.member, out)
         finally:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def agreement_needed(group: SecAggGroup) -> int:
-    """Survivors a node signs for, and signatures on one survivor set it needs before it
-    unmasks: more than half of the group, and more than the threshold (each survivor's seed
-    needs the threshold of shares from the others). Two sets can never both have it."""
-    return max(group.threshold + 1, len(group.members) // 2 + 1)
 
 
 def _session_digest(group: SecAggGroup, adverts: Mapping[str, KeyAdvert], member: str, own: dict) -> str:

@@ -24,6 +24,7 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,6 +34,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from aggregation.secagg.errors import SecAggError
+
+if TYPE_CHECKING:
+    from shared_model.protocol import SecAggGroup
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -301,7 +305,7 @@ def survivors_payload(
     fresh each session: a review pooled signatures from sessions of a round run again).
 
     A holder reveals shares only for the set it signed and only when more than half of the
-    group signed the same (``member_node.secagg_client.agreement_needed``): each member signs
+    group signed the same (:func:`agreement_needed`): each member signs
     once, so two sets can never both be answered. The threshold alone was not enough: in a
     sparse graph a review had two sets signed by the threshold each and opened a member.
     """
@@ -323,3 +327,11 @@ def sign_survivors(signing_key: Ed25519PrivateKey, *statement) -> bytes:
 def survivors_signed(public_key: Ed25519PublicKey, signature: bytes, *statement) -> bool:
     """Whether ``signature`` is the key's signature over ``survivors_payload(*statement)``."""
     return _verifies(public_key, signature, survivors_payload(*statement), "survivors signature")
+
+
+def agreement_needed(group: SecAggGroup) -> int:
+    """Survivors a node signs for, and signatures on one survivor set it needs before it
+    unmasks: more than half of the group, and more than the threshold (each survivor's seed
+    needs the threshold of shares from the others). Two sets can never both have it. Here,
+    not in the node, because the coordinator must know it too, to say why a cohort was lost."""
+    return max(group.threshold + 1, len(group.members) // 2 + 1)

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from aggregation.secagg.errors import SecAggError
 from aggregation.secagg.graph import default_degree, default_threshold, neighbours
-from aggregation.secagg.keys import agree, mask_context
+from aggregation.secagg.keys import agree, agreement_needed, mask_context
 from aggregation.secagg.masks import apply_masks
 from aggregation.secagg.quantize import QuantizationPlan, dequantize_sum, plan_quantization
 from aggregation.secagg.shamir import combine_shares
@@ -306,6 +306,10 @@ class SecAggServer:
                 if not contributors:
                     self._skip(group, "no masked input arrived")
                     continue
+                lost = self._disagreement(group, contributors)
+                if lost:
+                    self._skip(group, lost)
+                    continue
                 try:
                     unmask = self._unmask_seeds(group, contributors)
                 except SecAggError as err:
@@ -327,6 +331,23 @@ class SecAggServer:
             for buf in self.sums.values():
                 buf.release()
             self.sums.clear()
+
+    def _disagreement(self, group: SecAggGroup, contributors: list[str]) -> str:
+        """Why no holder will reveal a share for this cohort ('' when enough agreed): a holder
+        answers only once :func:`agreement_needed` members signed one survivor set, so a cohort
+        of three that lost one member after masking is lost whole. Said here, the operator reads
+        that rule, not "0 shares returned", which sent a walkthrough looking for missing shares."""
+        if len(group.members) == 1:
+            return ""
+        needed, signed = agreement_needed(group), sorted(self.survivor_signatures.get(group.group_id, {}))
+        if len(signed) >= needed:
+            return ""
+        return (
+            f"{len(signed)} of its {len(group.members)} members signed the survivor set ({', '.join(signed) or 'none'}"
+            f"; masked input from {', '.join(contributors)}): holders reveal shares only when {needed} did (more "
+            f"than half of the cohort and more than its threshold {group.threshold}), so its sum cannot be unmasked "
+            "and its members' updates for it are lost this round"
+        )
 
     def _shares(self, group: SecAggGroup, kind: str, owner: str) -> dict[int, bytes]:
         found: dict[int, bytes] = {}
