@@ -207,23 +207,25 @@ def shards_table(report: RunReport) -> Table:
 
 def participation_table(report: RunReport) -> Table:
     """Per member and round: trained (T), trained but failed in a later stage (T!: its update
-    was lost, its budget spent), declined (D), failed (F), evaluated only (e), absent (-)."""
+    was lost, its budget spent; T~: part of it was used, e.g. its own adapter's), declined (D),
+    failed (F: no update arrived; whether it spent is in its ledger, not here), evaluated only
+    (e), absent (-)."""
     rounds = sorted(r for r in report.records if r > 0)
     table = Table(
-        title="member participation (T trained, T! trained then failed: update lost, D declined, F failed, "
-        "e evaluated only, - absent)"
+        title="member participation (T trained, T! trained then failed: update lost, T~ trained then failed: "
+        "part of it used, D declined, F failed: no update arrived, e evaluated only, - absent)"
     )
     table.add_column("member")
     for rnd in rounds:
         table.add_column(f"r{rnd}", justify="center")
-    for col in ("rounds trained", "ε after last receipt", "bytes received"):
+    for col in ("rounds trained", "ε after last receipt held", "bytes received"):
         table.add_column(col, justify="right")
     for member in report.members:
         cells, trained, received = [], 0, 0
         for rnd in rounds:
             rec = report.records[rnd]
             if member in (rec.get("train") or {}):
-                cells.append("T!" if member in (rec.get("failed") or {}) else "T")
+                cells.append(_trained_cell(rec, member))
                 trained += 1
             elif member in (rec.get("declined") or {}):
                 cells.append("D")
@@ -238,6 +240,15 @@ def participation_table(report: RunReport) -> Table:
             received += int((rec.get("sync_bytes") or {}).get(member, 0))
         table.add_row(member, *cells, str(trained), f"{epsilon:.3f}" if epsilon is not None else "-", f"{received:,}")
     return table
+
+
+def _trained_cell(rec: dict, member: str) -> str:
+    """T, or for a member that failed after it trained, whether any shard it trained was still
+    updated (a lost shared cohort leaves its own adapter's cohort of one intact)."""
+    if member not in (rec.get("failed") or {}):
+        return "T"
+    own = {shard for shard, cohort in (rec.get("cohorts") or {}).items() if member in cohort}
+    return "T~" if own & set(rec.get("updated_shards") or ()) else "T!"
 
 
 def _newest_receipt_epsilon(report: RunReport, member: str) -> float | None:

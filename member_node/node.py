@@ -34,6 +34,7 @@ from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
 from member_node.release_schedule import ReleaseSchedule
 from member_node.secagg_client import MemberSecAgg
+from member_node.sent_updates import MASKED, PLAIN, note_sent, start_noting
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
 from privacy.accountant import Mechanism
@@ -139,6 +140,7 @@ class MemberNode:
         self.signing_key = load_or_create_signing_key(state / "member_ed25519.pem")
         self._fingerprint_key = load_or_create_fingerprint_key(state / FINGERPRINT_KEY_FILE)
         self.ledger = Ledger(state / "ledger.jsonl", self.signing_key)
+        start_noting(state)
         self._plan_path = state / NOISE_PLAN_FILE
         self._rollback_path = state / ROLLBACK_FILE
         self.secagg = MemberSecAgg(
@@ -921,6 +923,8 @@ class MemberNode:
                 weight=result.num_examples,
             )
             deltas = {}
+        else:
+            note_sent(self.identity.state_dir, request.run, request.round, PLAIN)
         return TrainReply(
             member=self.identity.name,
             shards=list(request.shards),
@@ -937,7 +941,9 @@ class MemberNode:
         return self.secagg.share_keys(request)
 
     def masked_input(self, request: MaskedInputRequest) -> MaskedInputReply:
-        return self.secagg.masked_input(request)
+        reply = self.secagg.masked_input(request)
+        note_sent(self.identity.state_dir, request.run, request.round, MASKED)
+        return reply
 
     def consistency(self, request: ConsistencyRequest) -> ConsistencyReply:
         return self.secagg.consistency(request)

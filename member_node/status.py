@@ -20,6 +20,7 @@ from rich.table import Table
 from member_node.node import NOISE_PLAN_FILE, ROLLBACK_FILE, last_plan
 from member_node.private_eval import release_key, released_evaluations
 from member_node.release_schedule import ReleaseSchedule
+from member_node.sent_updates import MASKED, PLAIN, sent_updates
 from privacy.accountant import Mechanism
 from privacy.accountant import epsilon as composed_epsilon
 from privacy.keys import load_public_key
@@ -138,7 +139,20 @@ def _runs_table(runs: dict[str, dict], title: str, every: bool) -> Table:
     return table
 
 
-def _entries_table(rows: list[dict], runs: dict[str, dict], released: dict, budget: float, title: str) -> Table:
+def _sent_cell(row: dict, released: dict, sent: dict[str, str] | None) -> str:
+    """What left the node for this entry: the noised held-out MSE, the update (Δ, plain or
+    masked), or "-" for nothing (a round that ended before the update left)."""
+    key = release_key(row["run"], row["round"])
+    if row["release"] == RELEASE_EVALUATION:
+        return f"{released[key]['action_mse']:.4f}" if key in released else "-"
+    if sent is None:  # a node from before it noted what it sent
+        return "Δ"
+    return "Δ" if sent.get(key) in (PLAIN, MASKED) else "-"
+
+
+def _entries_table(
+    rows: list[dict], runs: dict[str, dict], released: dict, budget: float, title: str, sent: dict[str, str] | None
+) -> Table:
     """One line per release; with ``runs``, a first column names each entry's run by its number
     (and "ε left" goes, to stay inside 80 columns: the line under the table says what is left)."""
     # Numbers are never cut: a budget table whose digits read "7.2…" says nothing. No
@@ -157,7 +171,6 @@ def _entries_table(rows: list[dict], runs: dict[str, dict], released: dict, budg
         )
     for r in rows:
         evaluation = r["release"] == RELEASE_EVALUATION
-        sent = released.get(release_key(r["run"], r["round"])) if evaluation else None
         cells = {
             "run": f"#{runs[r['run']]['number']}" if runs else "",
             "round": str(r["round"]),
@@ -169,7 +182,7 @@ def _entries_table(rows: list[dict], runs: dict[str, dict], released: dict, budg
             "decision": r["decision"],
             "ε after": f"{r['epsilon_recomputed']:.3f}",
             "ε left": f"{budget - r['epsilon_recomputed']:.3f}",
-            "sent": f"{sent['action_mse']:.4f}" if sent else "-" if evaluation else "Δ",
+            "sent": _sent_cell(r, released, sent),
         }
         table.add_row(*(cells[col] for col in columns))
     return table
@@ -344,18 +357,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     accountant = member.get("accountant", "rdp")
     rows = ledger_rows([e for e in entries if is_release(e)], delta, accountant)
     released = _released_evaluations(state_dir)
+    sent = sent_updates(state_dir)
     runs = _runs(rows)
     title = f"{member['member']} ({member['embodiment']}): privacy ledger, budget ε={budget:g} δ={delta:g}"
     shown = rows if args.all else rows[-args.last :] if args.last > 0 else []
     if len(runs) == 1 and len(shown) == len(rows):
-        console.print(_entries_table(shown, {}, released, budget, title + f", run {rows[0]['run']}"))
+        console.print(_entries_table(shown, {}, released, budget, title + f", run {rows[0]['run']}", sent))
     elif rows:
         # A long-lived node has thousands of entries over many runs: a table per run, then
         # its latest entries, each labelled by the run's number in the first table.
         console.print(_runs_table(runs, title, every=args.all))
         caption = "" if len(shown) == len(rows) else f"the last {len(shown)} of {len(rows)} entries (--all: every one)"
         if shown:
-            console.print(_entries_table(shown, runs, released, budget, caption))
+            console.print(_entries_table(shown, runs, released, budget, caption, sent))
     spent = rows[-1]["epsilon_recomputed"] if rows else 0.0
     mismatched = [r for r in rows if abs(r["epsilon_recorded"] - r["epsilon_recomputed"]) > 1e-6 * max(1.0, spent)]
     verdict = "[green]verified[/]" if not problems and not mismatched else "[red]NOT verified[/]"

@@ -91,8 +91,12 @@ def test_participation_marks_a_member_that_trained_then_failed_in_secure_aggrega
     from coordinator.run_status import RunReport, participation_table
 
     record = {"train": {"sony": {}, "fanuc": {}}, "failed": {"sony": "train.masked_input error 5"}}
-    report = RunReport(run_dir=tmp_path, head=1, records={1: record})
-    console = Console(width=200, record=True)
+    # Its own adapter is a cohort of one, untouched by the shared cohort's loss: part of it was used.
+    cohorts = {"adapter/shared": ["sony", "fanuc", "honda"], "adapter/emb/so100": ["sony"]}
+    partly = {**record, "cohorts": cohorts, "updated_shards": ["adapter/emb/so100"], "train": {"sony": {}}}
+    report = RunReport(run_dir=tmp_path, head=2, records={1: record, 2: partly})
+    console = Console(width=300, record=True)
     console.print(participation_table(report))
     rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if "│" in line}
-    assert "│ T!" in rows["sony"] and "│ T " in rows["fanuc"]
+    assert [c.strip() for c in rows["sony"].split("│")[2:4]] == ["T!", "T~"]
+    assert "│ T " in rows["fanuc"]

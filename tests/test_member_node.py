@@ -213,6 +213,9 @@ def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
     assert entry["version"] == 4 and entry["mechanism"]["noise_source"] == "chacha20-box-muller-f64"
     assert 0 < entry["epsilon"] <= node.budget.epsilon
     assert node.ledger.releases() == [entry]
+    from member_node.sent_updates import sent_updates
+
+    assert sent_updates(node.identity.state_dir) == {"r1|1": "update"}, "the member's status says it left"
     # the budget the round was planned under is declared, signed, just before it
     declared = node.ledger.entries()[0]
     assert declared["release"] == "budget" and declared["member"] == node.identity.name

@@ -124,3 +124,22 @@ def test_status_lists_the_budgets_the_ledger_declared(tmp_path, capsys):
     member = json.loads((state / "member.json").read_text())
     (state / "member.json").write_text(json.dumps(member | {"epsilon": 80.0}))
     assert "the node declares ε=80 δ=1e-05 before its next release" in "\n".join(_status(capsys, state))
+
+
+def test_the_sent_column_says_what_left_not_what_was_spent(tmp_path, capsys):
+    """A ledger entry is written before the update leaves: a node killed after it, or a round
+    whose secure aggregation ended before the masked input, spent and sent nothing."""
+    from member_node.sent_updates import MASKED, PLAIN, note_sent, start_noting
+
+    state = _state_dir(tmp_path, {"demo-0a1b": 4})
+    trained = [line for line in _status(capsys, state) if line.split()[1:2] == ["train"]]
+    assert all(line.rstrip().endswith(" Δ") for line in trained), "a node that noted nothing says what it did before"
+    start_noting(state)
+    note_sent(state, "demo-0a1b", 1, MASKED)
+    note_sent(state, "demo-0a1b", 2, PLAIN)
+    with open(state / "sent_updates.jsonl", "a") as torn:
+        torn.write('{"run": "demo-0a1b", "rou')  # a crash mid-line: skipped
+    trained = [line.rstrip() for line in _status(capsys, state) if line.split()[1:2] == ["train"]]
+    assert [line.split()[0] for line in trained] == ["1", "2", "3", "4"]
+    assert trained[0].endswith(" Δ") and trained[1].endswith(" Δ")
+    assert trained[2].endswith(" -") and trained[3].endswith(" -")

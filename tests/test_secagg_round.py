@@ -196,6 +196,12 @@ def test_one_member_drops_at_any_stage(federation, stage):
     stages = ["train", "share_keys", "masked_input", "consistency", "unmask"]
     rnd = Round(cfg, nodes, model, 10 + stages.index(stage), {"sony": stage})
     sums = rnd.run()
+    # What sony's own status will say it sent: its masked update left only if it got that far.
+    from member_node.private_eval import release_key
+    from member_node.sent_updates import sent_updates
+
+    left = {m: release_key(RUN, rnd.round) in sent_updates(nodes[m].identity.state_dir) for m in rnd.plan.members}
+    assert left["sony"] == (stage in ("consistency", "unmask")) and all(v for m, v in left.items() if m != "sony")
     for shard, cohort in rnd.plan.cohorts.items():
         if "sony" in cohort and len(cohort) == 2:
             # A pair cannot lose a member: the partner's sum alone would be its update, and
