@@ -480,6 +480,12 @@ class MemberSecAgg:
                 # other mask key.
                 continue
             signed[group.group_id] = group_survivors
+        if not signed:
+            # No survivor set signed (only cohorts of one, or too few survivors): no unmask
+            # stage will ask for this round's secrets, which would otherwise wait on disk for the
+            # node's next round (a walkthrough found them). Gone before the reply leaves.
+            shutil.rmtree(path, ignore_errors=True)
+            return ConsistencyReply(self.member, {})
         _write_private(path / "survivors.json", json.dumps(signed, sort_keys=True).encode())  # before any signature
         sessions = json.loads((path / "sessions.json").read_text())
         signatures = {
