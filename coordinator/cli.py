@@ -363,7 +363,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 @_deploy_errors
 def cmd_run(args: argparse.Namespace) -> int:
     """Submit the ServerApp to the SuperLink (flwr run), optionally waiting for it to finish."""
-    from coordinator.deploy import operator_dir, submit_run, wait_for_run
+    from coordinator.deploy import operator_dir, resume_command, submit_run, wait_for_run
 
     submission = submit_run(
         args.dir,
@@ -381,7 +381,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     head_before = _head_round(submission.out_dir)
     status = wait_for_run(operator_dir(args.dir), submission.run_id, timeout=args.timeout)
     console.print(f"run {submission.run_id}: {status}", highlight=False)
-    resume = _resume_command(args.dir, submission.out_dir)
+    resume = resume_command(args.dir, submission.out_dir)
     if status == "finished:completed":
         if submission.resumes and _head_round(submission.out_dir) == head_before:
             console.print(
@@ -440,7 +440,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 @_deploy_errors
 def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a deployed run so that it can be resumed later (flwr stop, then wait for its end)."""
-    from coordinator.deploy import stop_run
+    from coordinator.deploy import resume_command, stop_run
 
     stopped = stop_run(args.dir, args.run, timeout=args.timeout)
     if stopped.had_ended:
@@ -453,14 +453,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
     committed = f"round {head} is its last committed round" if head is not None else "it committed no round"
     console.print(
         f"{committed} ({stopped.out_dir}); to go on after it, with the settings it was submitted with:\n"
-        f"{_resume_command(args.dir, stopped.out_dir)}",
+        f"{resume_command(args.dir, stopped.out_dir)}",
         highlight=False,
     )
     return 0
-
-
-def _resume_command(operator: str, run_dir: Path) -> str:
-    return f"kyodo-coordinator run {operator} --out-dir {run_dir}"
 
 
 def _head_round(run_dir: Path) -> int | None:
@@ -499,18 +495,11 @@ def _run_activity(run_dir: Path, operator: Path | None) -> str:
     from coordinator.deploy import run_progress, split_run_argument
 
     progress = run_progress(run_dir)
-    head, planned = progress.head, progress.planned
     if progress.holder is not None:
         return f"running now: a coordinator holds it{f' ({progress.holder})' if progress.holder else ''}"
     if not progress.unfinished:
-        return f"finished: all {planned} planned rounds committed"
-    operator = operator or split_run_argument(run_dir, None)[0]
-    where = f"round {head}" if head is not None else "no committed round"
-    return (
-        f"not running: no coordinator holds it, and it stopped at {where} of {planned if planned is not None else '?'} "
-        f"planned (stopped, or its coordinator or SuperLink ended); to go on, with the settings it was submitted "
-        f"with:\n{_resume_command(str(operator), run_dir)}"
-    )
+        return f"finished: all {progress.planned} planned rounds committed"
+    return f"not running: {progress.stopped_short(operator or split_run_argument(run_dir, None)[0], run_dir)}"
 
 
 def _human(n: float) -> str:

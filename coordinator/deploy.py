@@ -590,16 +590,7 @@ class SuperLinkRunner:
         unfinished = unfinished_run(self.op)
         if unfinished is not None:
             run_dir, progress = unfinished
-            head, planned = progress.head, progress.planned
-            log.warning(
-                "the newest run, %s, stopped at %s of %s planned and no coordinator runs it: to go on, with the "
-                "settings it was submitted with: kyodo-coordinator run %s --out-dir %s",
-                run_dir,
-                f"round {head}" if head is not None else "no committed round",
-                planned if planned is not None else "?",
-                self.op.root,
-                run_dir,
-            )
+            log.warning("the newest run, %s: %s", run_dir, progress.stopped_short(self.op.root, run_dir))
 
 
 @dataclass(frozen=True)
@@ -615,6 +606,20 @@ class RunProgress:
         """Stopped short of its planned rounds, with no coordinator going on with it."""
         done = self.planned is not None and self.head is not None and self.head >= self.planned
         return self.holder is None and not done
+
+    def stopped_short(self, operator: Path | str, run_dir: Path) -> str:
+        """Where an unfinished run stopped and the command that goes on with it."""
+        where = f"round {self.head}" if self.head is not None else "no committed round"
+        planned = self.planned if self.planned is not None else "?"
+        return (
+            f"no coordinator holds it, and it stopped at {where} of {planned} planned (stopped, or its coordinator "
+            f"or SuperLink ended); to go on, with the settings it was submitted with:\n"
+            f"{resume_command(operator, run_dir)}"
+        )
+
+
+def resume_command(operator: Path | str, run_dir: Path | str) -> str:
+    return f"kyodo-coordinator run {operator} --out-dir {run_dir}"
 
 
 def run_progress(run_dir: Path) -> RunProgress:
