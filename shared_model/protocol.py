@@ -73,6 +73,20 @@ def _require(record: Mapping, key: str, kinds: type | tuple[type, ...], where: s
     return value
 
 
+def _round_number(record: Mapping, where: str) -> int:
+    rnd = _require(record, "round", int, where)
+    if rnd < 0:
+        raise ProtocolError(f"{where}: round must be >= 0")
+    return rnd
+
+
+def _run_id(record: Mapping, where: str) -> str:
+    run = _require(record, "run", str, where)
+    if not _NAME_RE.match(run):
+        raise ProtocolError(f"{where}: run id {run!r} is not valid")
+    return run
+
+
 def _config(content: RecordDict, name: str, where: str) -> ConfigRecord:
     if name not in content.config_records:
         raise ProtocolError(f"{where}: missing config record {name!r}")
@@ -212,9 +226,7 @@ class QueryRequest:
     def from_content(cls, content: RecordDict) -> QueryRequest:
         where = "query request"
         rec = _config(content, REC_REQUEST, where)
-        rnd = _require(rec, "round", int, where)
-        if rnd < 0:
-            raise ProtocolError(f"{where}: round must be >= 0")
+        rnd = _round_number(rec, where)
         roster = _member_names(rec.get("roster", []), "roster", where)
         if "run" not in rec:
             return cls(round=rnd, roster=roster)
@@ -347,12 +359,7 @@ class SeatingNotice:
     def from_content(cls, content: RecordDict) -> SeatingNotice:
         where = "seating notice"
         rec = _config(content, REC_REQUEST, where)
-        rnd = _require(rec, "round", int, where)
-        if rnd < 0:
-            raise ProtocolError(f"{where}: round must be >= 0")
-        run = _require(rec, "run", str, where)
-        if not _NAME_RE.match(run):
-            raise ProtocolError(f"{where}: run id {run!r} is not valid")
+        rnd, run = _round_number(rec, where), _run_id(rec, where)
         names = _member_names(_require(rec, "not_pinned_by", list, where), "not_pinned_by", where)
         if not names:
             raise ProtocolError(f"{where}: not_pinned_by names no member")
@@ -421,9 +428,7 @@ class TrainHyperParams:
 
 
 def _run_and_planned_rounds(rec: Mapping, where: str) -> tuple[str, int]:
-    run = _require(rec, "run", str, where)
-    if not _NAME_RE.match(run):
-        raise ProtocolError(f"{where}: run id {run!r} is not valid")
+    run = _run_id(rec, where)
     planned = _require(rec, "planned_rounds", int, where)
     if not 1 <= planned <= 1_000_000:
         raise ProtocolError(f"{where}: planned_rounds {planned} outside 1..1000000")
@@ -603,9 +608,7 @@ class EvaluateRequest:
     def from_content(cls, content: RecordDict) -> EvaluateRequest:
         where = "evaluate request"
         rec = _config(content, REC_REQUEST, where)
-        rnd = _require(rec, "round", int, where)
-        if rnd < 0:
-            raise ProtocolError(f"{where}: round must be >= 0")
+        rnd = _round_number(rec, where)
         run = _require(rec, "run", str, where) if "run" in rec else ""
         model, ref = _model_from_content(content, where)
         return cls(round=rnd, model=model, model_ref=ref, run=run, ledger_head=_ledger_head(rec, where))
