@@ -609,12 +609,15 @@ class RunProgress:
 
     def stopped_short(self, operator: Path | str, run_dir: Path) -> str:
         """Where an unfinished run stopped and the command that goes on with it."""
-        where = f"round {self.head}" if self.head is not None else "no committed round"
         planned = self.planned if self.planned is not None else "?"
+        where = (
+            f"its last committed round is round {self.head} of {planned} planned"
+            if self.head is not None
+            else f"it committed none of its {planned} planned rounds"
+        )
         return (
-            f"no coordinator holds it, and it stopped at {where} of {planned} planned (stopped, or its coordinator "
-            f"or SuperLink ended); to go on, with the settings it was submitted with:\n"
-            f"{resume_command(operator, run_dir)}"
+            f"no coordinator holds it, and {where} (stopped, or its coordinator or SuperLink ended); to go on, "
+            f"with the settings it was submitted with:\n{resume_command(operator, run_dir)}"
         )
 
 

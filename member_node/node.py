@@ -309,9 +309,9 @@ class MemberNode:
         """Log why the coordinator left this member out of a round it could train: members that
         have not pinned it yet. Only names arrive; the words are the node's own."""
         log.warning(
-            "%s sits round %d of run %s out: %s pinned a consortium file that does not list this member; until "
-            "they run `kyodo-member trust` with the operator's current audit-consortium.yaml and restart their "
-            "nodes, the coordinator seats them without it (the operator can tell them)",
+            "%s is left out of training (round %d of run %s): %s pinned a consortium file that does not list this "
+            "member; until they run `kyodo-member trust` with the operator's current audit-consortium.yaml and "
+            "restart their nodes, the coordinator seats them without it (the operator can tell them)",
             self.identity.name,
             notice.round,
             notice.run,

@@ -665,7 +665,7 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     # A run that stopped short, however it stopped (a SuperLink crash reads like a stop in its
     # log), says so and how to go on.
     said = " ".join(out.split())
-    assert "not running: no coordinator holds it, and it stopped at round 1 of 3 planned" in said
+    assert "not running: no coordinator holds it, and its last committed round is round 1 of 3 planned" in said
     assert f"kyodo-coordinator run {run} --out-dir {run}" in said
     from coordinator.run_lock import holding_run
 

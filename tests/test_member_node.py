@@ -188,7 +188,8 @@ def test_a_seating_notice_reaches_the_members_own_log_in_the_nodes_words(setup, 
         reply = app(message(notice.to_content(), "query.seating"), ctx)
     assert not reply.has_error(), reply.error
     assert SeatingNoted.from_content(reply.content) == SeatingNoted("sony")
-    assert "sony sits round 4 of run run-7 out: m0, m1, m2, m3, m4 and 2 more pinned a consortium file" in caplog.text
+    said = "sony is left out of training (round 4 of run run-7): m0, m1, m2, m3, m4 and 2 more pinned a consortium file"
+    assert said in caplog.text
     assert "kyodo-member trust" in caplog.text
     # Names only: a notice that tries to carry text is refused before anything is logged.
     caplog.clear()
