@@ -8,11 +8,12 @@ Three ways to run the same experts on the same routed tokens (forward + backward
 - ``sparse``: kyodo's batch-preserving dispatch (``shared_model.moe.MoELayer``).
 
 Prints each as a ratio to ``flat``, plus peak RSS of a process running only that variant,
-and writes ``bench/results/moe_dispatch.json``. Usage: ``python bench/moe_dispatch.py``.
+and writes ``bench/results/moe_dispatch.json``. Usage: ``python bench/moe_dispatch.py [--out FILE]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import resource
@@ -95,6 +96,9 @@ def run_case(case: tuple) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe_dispatch.json")
+    args = parser.parse_args()
     rows = []
     for case in CASES:
         b, s, d, e, k, h = case
@@ -103,8 +107,8 @@ def main() -> None:
         print(f"B={b} S={s} D={d} E={e} top-{k} hidden={h} (forward+backward, 1 thread)")
         for name, r in res.items():
             print(f"  {name:7s} {r['ms']:8.2f} ms  {r['ratio_to_flat']:5.2f}x flat  peak RSS {r['peak_rss_mb']:.0f} MB")
-    out = Path(__file__).parent / "results" / "moe_dispatch.json"
-    out.parent.mkdir(exist_ok=True)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
     print(f"wrote {out}")
 
