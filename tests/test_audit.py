@@ -377,6 +377,8 @@ def test_dropped_last_entry(fed: Path, capsys: pytest.CaptureFixture[str], monke
     assert any(
         line.split()[:7] == ["2", "run-a", "1", "20", "1.500", "0.200", "5.2343"] for line in tables.splitlines()
     )
+    write_entries(fed, "gamma", [])  # an empty copy: every receipt is missing, and said so
+    assert_found(run_audit(fed), "receipt", "receipt of gamma", "is not in gamma's ledger, which holds no entry")
 
 
 def test_a_ledger_rolled_back_behind_a_receipt_the_coordinator_held_is_caught(fed: Path) -> None:

@@ -536,15 +536,18 @@ def _not_in_ledger(index: _LedgerIndex, receipt: Mapping[str, Any], member: str)
     that ends before the receipt was signed is an older copy (a backup, or a copy made before
     the run), not one with an entry cut out of it."""
     kept = {**index.entries, **index.budgets}
-    last = kept[max(kept)] if kept else None
-    signed, ends = receipt.get("time"), last.get("time") if last else None
-    if last is None or (isinstance(signed, str) and isinstance(ends, str) and signed > ends):
-        where = f"ends at {entry_label(max(kept), last)}, {ends}, before this receipt was signed ({signed})"
-        return (
-            f"is not in {member}'s ledger, which {where if last else 'holds no entry'}: an older copy of the "
-            "ledger (restored from a backup, or copied before the run); ask the member for its current one"
-        )
-    return f"is not in {member}'s ledger: the entry was dropped from the ledger, or never written to it"
+    signed = receipt.get("time")
+    where = "holds no entry"
+    if kept:
+        last = max(kept)
+        ends = kept[last].get("time")
+        if not (isinstance(signed, str) and isinstance(ends, str) and signed > ends):
+            return f"is not in {member}'s ledger: the entry was dropped from the ledger, or never written to it"
+        where = f"ends at {entry_label(last, kept[last])}, {ends}, before this receipt was signed ({signed})"
+    return (
+        f"is not in {member}'s ledger, which {where}: an older copy of the ledger (restored from a backup, or "
+        "copied before the run); ask the member for its current one"
+    )
 
 
 def _check_ledger_heads(
