@@ -877,16 +877,10 @@ def _submission_of_run(op: OperatorDir, which: str | None) -> tuple[str, Path | 
     return str(sub["run_id"]), Path(sub["out_dir"])
 
 
-def submitted_run_id(op: OperatorDir, which: str | None) -> str:
-    """The Flower run id of a submission: ``which`` as a Flower run id, or as the run
-    directory it wrote (what ``status`` takes), or the newest submission when None."""
-    return _submission_of_run(op, which)[0]
-
-
 def log_run_ids(op: OperatorDir, which: str | None) -> list[str]:
     """The Flower run ids whose logs make up a run's log, oldest first: a run resumed after a
-    stop or a crash is one submission per resume, and its log is all of them (``which`` as for
-    :func:`submitted_run_id`; a Flower run id names that submission alone)."""
+    stop or a crash is one submission per resume, and its log is all of them (``which``: a run
+    directory, or None for the newest run; a Flower run id names that submission alone)."""
     run_id, out_dir = _submission_of_run(op, which)
     if out_dir is None or (which is not None and which.isdigit()):
         return [run_id]

@@ -551,8 +551,8 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
     # A run is named by its Flower id or by the directory `status` takes; none: the newest.
     submissions = [{"run_id": 11, "out_dir": str(tmp_path / "r1")}, {"run_id": 12, "out_dir": str(tmp_path / "r2")}]
     (op.root / "runs.jsonl").write_text("".join(json.dumps(s) + "\n" for s in submissions))
-    assert deploy.submitted_run_id(op, str(tmp_path / "r1")) == "11"
-    assert deploy.submitted_run_id(op, None) == "12" and deploy.submitted_run_id(op, "7") == "7"
+    assert deploy.log_run_ids(op, str(tmp_path / "r1")) == ["11"]
+    assert deploy.log_run_ids(op, None) == ["12"] and deploy.log_run_ids(op, "7") == ["7"]
     # A run resumed after a stop or a crash is one submission per resume: its log is all of them.
     resumed = [*submissions, {"run_id": 13, "out_dir": str(tmp_path / "r1")}]
     (op.root / "runs.jsonl").write_text("".join(json.dumps(s) + "\n" for s in resumed))
