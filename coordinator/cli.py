@@ -364,6 +364,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Submit the ServerApp to the SuperLink (flwr run), optionally waiting for it to finish."""
     from coordinator.deploy import operator_dir, resume_command, submit_run, wait_for_run
+    from coordinator.run_status import head_round
 
     submission = submit_run(
         args.dir,
@@ -378,12 +379,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"its log: kyodo-coordinator log {args.dir} {submission.run_id} [--follow]", highlight=False)
     if not args.wait:
         return 0
-    head_before = _head_round(submission.out_dir)
+    head_before = head_round(submission.out_dir)
     status = wait_for_run(operator_dir(args.dir), submission.run_id, timeout=args.timeout)
     console.print(f"run {submission.run_id}: {status}", highlight=False)
     resume = resume_command(args.dir, submission.out_dir)
     if status == "finished:completed":
-        if submission.resumes and _head_round(submission.out_dir) == head_before:
+        if submission.resumes and head_round(submission.out_dir) == head_before:
             console.print(
                 f"nothing was trained: every planned round of {submission.out_dir} was committed already (HEAD "
                 f"round {head_before}); --rounds N trains more in it, continue_from={submission.out_dir} goes on in a "
@@ -441,6 +442,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a deployed run so that it can be resumed later (flwr stop, then wait for its end)."""
     from coordinator.deploy import resume_command, stop_run
+    from coordinator.run_status import head_round
 
     stopped = stop_run(args.dir, args.run, timeout=args.timeout)
     if stopped.had_ended:
@@ -449,7 +451,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     console.print(f"run {stopped.run_id}: {stopped.status}", highlight=False)
     if stopped.out_dir is None:
         return 0
-    head = _head_round(stopped.out_dir)
+    head = head_round(stopped.out_dir)
     committed = f"round {head} is its last committed round" if head is not None else "it committed no round"
     console.print(
         f"{committed} ({stopped.out_dir}); to go on after it, with the settings it was submitted with:\n"
@@ -457,15 +459,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
         highlight=False,
     )
     return 0
-
-
-def _head_round(run_dir: Path) -> int | None:
-    from shared_model.store import ShardStore
-
-    if not (run_dir / "store" / "HEAD").is_file():
-        return None
-    head = ShardStore(run_dir / "store").head()
-    return head.round if head else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -626,11 +626,9 @@ def resume_command(operator: Path | str, run_dir: Path | str) -> str:
 
 
 def run_progress(run_dir: Path) -> RunProgress:
-    from coordinator.run_status import planned_rounds
-    from shared_model.store import ShardStore
+    from coordinator.run_status import head_round, planned_rounds
 
-    head = ShardStore(run_dir / "store").head() if (run_dir / "store" / "HEAD").is_file() else None
-    return RunProgress(run_holder(run_dir), head.round if head else None, planned_rounds(run_dir))
+    return RunProgress(run_holder(run_dir), head_round(run_dir), planned_rounds(run_dir))
 
 
 def unfinished_run(op: OperatorDir) -> tuple[Path, RunProgress] | None:

@@ -68,6 +68,14 @@ def load_report(run_dir: Path | str) -> RunReport:
     return report
 
 
+def head_round(run_dir: Path) -> int | None:
+    """The run's HEAD round (None before its round 0 is committed)."""
+    if not (run_dir / "store" / "HEAD").is_file():
+        return None
+    head = ShardStore(run_dir / "store").head()
+    return head.round if head else None
+
+
 def planned_rounds(run_dir: Path) -> int | None:
     """The rounds the run was last submitted for (its ``config.yaml``), so that a run that
     stopped early reads as such."""
