@@ -29,14 +29,14 @@ class RunInUseError(RuntimeError):
 def _holder(path: Path) -> str:
     try:
         held = json.loads(path.read_text(encoding="utf-8"))
-        return f" (pid {held['pid']}, since {held['since']})"
+        return f"pid {held['pid']}, since {held['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return ""
 
 
-def _in_use(run_dir: Path, path: Path) -> RunInUseError:
+def _in_use(run_dir: Path, holder: str) -> RunInUseError:
     return RunInUseError(
-        f"{run_dir} is being run by another coordinator{_holder(path)}: wait for it to end "
+        f"{run_dir} is being run by another coordinator{f' ({holder})' if holder else ''}: wait for it to end "
         "(kyodo-coordinator status shows it) or stop it (kyodo-coordinator stop, in a deployment) before resuming"
     )
 
@@ -50,7 +50,7 @@ def holding_run(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _in_use(run_dir, path) from None
+            raise _in_use(run_dir, _holder(path)) from None
         since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "since": since}).encode(), 0)
@@ -69,7 +69,7 @@ def run_holder(run_dir: Path) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _holder(path).strip(" ()")
+            return _holder(path)
         return None
     finally:
         os.close(fd)
@@ -77,5 +77,6 @@ def run_holder(run_dir: Path) -> str | None:
 
 def check_not_running(run_dir: Path) -> None:
     """RunInUseError if a coordinator holds ``run_dir`` now (checked before submitting a resume)."""
-    if run_holder(run_dir) is not None:
-        raise _in_use(run_dir, Path(run_dir) / LOCK_FILE)
+    holder = run_holder(run_dir)
+    if holder is not None:
+        raise _in_use(run_dir, holder)
