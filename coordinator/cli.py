@@ -463,14 +463,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Rounds, cohorts, shard versions and member participation of a run directory."""
-    from coordinator.deploy import DeployError, newest_run_dir, operator_dir
+    from coordinator.deploy import DeployError, operator_dir, submitted_run_dir
     from coordinator.run_status import StoreError, status_tables
 
     run_dir, op = Path(args.run_dir), operator_dir(args.run_dir)
     try:
-        if op.consortium.is_file():  # an operator directory: its newest run
-            run_dir = newest_run_dir(op)
-            console.print(f"newest run: {run_dir}", highlight=False)
+        if op.consortium.is_file():  # an operator directory: its newest run, or the one named
+            run_dir = submitted_run_dir(op, args.run)
+            console.print(f"{'newest run' if args.run is None else 'run'}: {run_dir}", highlight=False)
+        elif args.run is not None:
+            raise DeployError(
+                f"{args.run_dir} is not an operator directory (no {op.consortium.name}): "
+                f"a run id or run directory ({args.run}) needs the operator directory that submitted it"
+            )
         tables = status_tables(run_dir, rounds=[args.round] if args.round is not None else None)
     except (FileNotFoundError, StoreError, DeployError) as err:
         console.print(f"[red]error:[/] {err}", highlight=False)
@@ -604,6 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="rounds, cohorts, shard versions and participation of a run")
     status.add_argument(
         "run_dir", help="a run directory (store/, rounds.jsonl), or the operator directory for its newest run"
+    )
+    status.add_argument(
+        "run",
+        nargs="?",
+        default=None,
+        help="with the operator directory: the Flower run id `run` printed, "
+        "or the run's directory (DIR/runs.jsonl has both); default: the newest",
     )
     status.add_argument("--round", type=int, default=None, help="show the cohorts of this round only")
     status.set_defaults(func=cmd_status)

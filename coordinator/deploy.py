@@ -899,9 +899,14 @@ def split_run_argument(path: Path | str, which: str | None) -> tuple[Path, str |
     return given, which
 
 
-def newest_run_dir(op: OperatorDir) -> Path:
-    """The run directory of the newest submission (what ``status OPERATOR_DIR`` shows)."""
-    return Path(_submission(op, None)["out_dir"])
+def submitted_run_dir(op: OperatorDir, which: str | None) -> Path:
+    """The run directory ``status OPERATOR_DIR [RUN]`` shows: the newest submission's, or that of
+    a Flower run id or run directory this operator directory submitted (an operator copying the
+    run id from ``run``'s output or from ``flwr ls`` gets the run it names, not a path error)."""
+    run_id, out_dir = _submission_of_run(op, which)
+    if out_dir is None:
+        raise DeployError(f"run id {run_id} was not submitted from {op.root} (see {op.root / 'runs.jsonl'})")
+    return out_dir
 
 
 def show_log(op: OperatorDir, run_id: str, follow: bool = False) -> int:

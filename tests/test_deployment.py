@@ -720,6 +720,14 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     assert coordinator_main(["status", str(op_dir)]) == 0
     out = capsys.readouterr().out
     assert f"newest run: {run}" in out and "yes (gc)" in out
+    # The Flower run id `run` printed names the same run; one this directory never submitted, or
+    # a run id after a run directory, is refused with the reason.
+    assert coordinator_main(["status", str(op_dir), "3"]) == 0
+    assert f"run: {run}" in capsys.readouterr().out
+    assert coordinator_main(["status", str(op_dir), "4"]) == 2
+    assert "run id 4 was not submitted from" in " ".join(capsys.readouterr().out.split())
+    assert coordinator_main(["status", str(run), "3"]) == 2
+    assert "is not an operator directory" in " ".join(capsys.readouterr().out.split())
 
 
 def test_status_of_a_run_stopped_before_its_round_zero_record_names_its_source(tmp_path, capsys, tiny_cfg):
