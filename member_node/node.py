@@ -30,6 +30,7 @@ import torch
 
 from member_node.identity import MemberIdentity, NodeConfigError
 from member_node.lerobot import Episode, LeRobotDataset, read_dataset
+from member_node.missed_rounds import note_queried, rounds_text
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
 from member_node.release_schedule import ReleaseSchedule
@@ -254,6 +255,7 @@ class MemberNode:
 
     # ------------------------------------------------------------------ query
     def query(self, request: QueryRequest) -> QueryReply:
+        self._note_missed_rounds(request)
         spent = self.epsilon_spent()
         reason = ""
         if self.identity.dp and self._can_resend(request.run, request.round):
@@ -288,6 +290,20 @@ class MemberNode:
             reason=reason,
             pinned=sorted(pinned) if pinned is not None else [],
         )
+
+    def _note_missed_rounds(self, request: QueryRequest) -> None:
+        missed = note_queried(Path(self.identity.state_dir), request.run, request.round) if request.run else range(0)
+        if missed:
+            # WARNING: a ClientApp process logs nothing below it.
+            log.warning(
+                "%s: %s of run %s went on without this member: its node was not connected when %s began (stopped, "
+                "restarting or unreachable), so it trained and spent nothing there; it is back from round %d",
+                self.identity.name,
+                rounds_text(missed),
+                request.run,
+                "it" if len(missed) == 1 else "they",
+                request.round,
+            )
 
     def _warn_unpinned_roster(self, roster: list[str], pinned: Mapping[str, str] | None) -> None:
         """Tell the member, in its own log, that its pinned file is older than the consortium:

@@ -199,6 +199,36 @@ def test_a_seating_notice_reaches_the_members_own_log_in_the_nodes_words(setup, 
     assert reply.has_error() and reply.error.code == ERR_INVALID_REQUEST and "forged" not in caplog.text
 
 
+def test_a_node_that_was_not_asked_for_rounds_says_which_went_on_without_it(fresh_node, caplog):
+    """A node restarted quickly joins after the round's query went out (Flower keeps the old
+    session for two heartbeats), and nothing reached it to say it missed that round."""
+    node = fresh_node
+    with caplog.at_level(logging.WARNING, logger="kyodo"):
+        for rnd in (0, 1, 1, 2):  # a round asked twice (a second query, a resumed run) is no gap
+            node.query(QueryRequest(rnd, "run-7", HP))
+        assert "went on without" not in caplog.text
+        node.query(QueryRequest(4, "run-7", HP))
+        assert "sony: round 3 of run run-7 went on without this member" in caplog.text
+        assert "it is back from round 4" in caplog.text
+        caplog.clear()
+        node.query(QueryRequest(3, "run-7", HP))  # an older round again (a resume after a crash)
+        node.query(QueryRequest(5, "run-7", HP))
+        assert "went on without" not in caplog.text
+        # Another run is its own count, from the round the node first saw it (a member that
+        # starts its node late knows it did).
+        node.query(QueryRequest(3, "run-8", HP))
+        node.query(QueryRequest(6, "run-7", HP))
+        assert "went on without" not in caplog.text
+        node.query(QueryRequest(6, "run-8", HP))
+        assert "rounds 4-5 of run run-8 went on without this member" in caplog.text
+    # A torn note (a crash while writing) loses a gap's message, never a query, and invents none.
+    from member_node.missed_rounds import QUERIED_FILE, note_queried
+
+    (Path(node.identity.state_dir) / QUERIED_FILE).write_text('{"run-7": 6', encoding="utf-8")
+    assert note_queried(Path(node.identity.state_dir), "run-7", 8) == range(0)
+    assert note_queried(Path(node.identity.state_dir), "run-7", 10) == range(9, 10)
+
+
 # ---------------------------------------------------------------- privacy on the node
 def test_dp_round_writes_a_signed_receipt(fresh_node, setup):
     from privacy.keys import public_key_hex
