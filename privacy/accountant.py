@@ -23,15 +23,12 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.analysis.prv import (
-    Domain,
-    PoissonSubsampledGaussianPRV,
-    TruncatedPrivacyRandomVariable,
-    compose_heterogeneous,
-    compute_safe_domain_size,
-    discretize,
-)
+
+# Opacus is imported where an epsilon is first computed, not here. Importing any part of it
+# runs ``opacus/__init__`` (the privacy engine, torch.distributed.tensor, scipy.stats): 2.0 s
+# of the 3.7 s a member's ClientApp took to import, measured. In deployment Flower starts a
+# ClientApp process per message, and the secure-aggregation stages (four messages a round)
+# never compute an epsilon; ``bench/clientapp_start.py`` measures what this saves them.
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -138,6 +135,8 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
     RDP composes additively, so ``steps * this`` is the RDP of ``steps`` steps.
     """
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     vec = np.asarray(
         rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)),
         dtype=np.float64,
@@ -148,6 +147,8 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 def _rdp_epsilon(totals: dict[tuple[float, float], int], delta: float) -> float:
     """Epsilon from summed RDP curves, converted with Opacus' (Balle et al. 2020) conversion."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     curve = np.zeros(len(RDP_ORDERS))
     for nm, q in sorted(totals):  # a fixed order: the same history gives the same bits
         curve = curve + totals[nm, q] * _rdp_per_step(nm, q)
@@ -165,6 +166,15 @@ def _prv_epsilon(totals: dict[tuple[float, float], int], delta: float) -> float:
     discretisation grid first so a hopeless history (epsilon in the dozens) cannot allocate
     gigabytes; there, and on the analysis' own numerical failures, the RDP bound is returned.
     """
+    from opacus.accountants.analysis.prv import (
+        Domain,
+        PoissonSubsampledGaussianPRV,
+        TruncatedPrivacyRandomVariable,
+        compose_heterogeneous,
+        compute_safe_domain_size,
+        discretize,
+    )
+
     joined = _fewer_mechanisms(totals, PRV_MAX_MECHANISMS)
     if joined != totals:
         # Both are valid upper bounds; the joined composition can be the looser one when the
