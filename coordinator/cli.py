@@ -261,14 +261,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """Remove store objects no retained round references (run it between runs or rounds)."""
+    """Remove store objects no retained round references, from a run no coordinator runs now:
+    a round in flight has written objects no manifest names yet, and gc would delete them (a
+    walkthrough ran gc 38 times during a run; nothing stopped it). It holds the run's lock
+    while it works, so no coordinator starts on the run meanwhile either."""
+    from coordinator.run_lock import RunInUseError, holding_run
     from shared_model.store import ShardStore, StoreError
 
-    store = ShardStore(Path(args.run_dir) / "store")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "store" / "HEAD").is_file():
+        # ShardStore would create an empty store here: an operator directory, a typo.
+        console.print(f"[red]gc refused:[/] {run_dir} is not a run directory (no store/HEAD)", highlight=False)
+        return 1
     try:
-        report = store.gc(keep_last=args.keep_last)
-    except StoreError as err:
-        console.print(f"[red]gc refused:[/] {err}")
+        with holding_run(run_dir):
+            report = ShardStore(run_dir / "store").gc(keep_last=args.keep_last)
+    except (StoreError, RunInUseError) as err:
+        console.print(f"[red]gc refused:[/] {err}", highlight=False)
         return 1
     console.print(
         f"kept rounds {sorted(report.kept_rounds)} ({report.kept_objects} objects); removed "

@@ -29,6 +29,7 @@ from member_node.supernode import (
     SetupError,
     SuperNodeRunner,
     change_budget,
+    executor_command,
     free_port,
     init_member,
     load_setup,
@@ -37,6 +38,7 @@ from member_node.supernode import (
     supernode_command,
     trust_consortium,
     wait_for_superlink,
+    warn_budget_spent,
     warn_unpadded_replies,
 )
 from member_node.synthetic import generate_dataset
@@ -276,8 +278,9 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         highlight=False,
     )
     console.print(
-        f"restart the node (kyodo-member start {setup.dir}) for it to take effect (it signs the new budget "
-        "into its ledger before its next release), and send "
+        "a lower epsilon holds for the running node from its next message; a higher one, and a new pace, once "
+        f"the node is restarted (kyodo-member start {setup.dir}); it signs the budget it holds to into its ledger "
+        "before its next release. Send "
         f"[bold]{setup.dir / MEMBERSHIP_FILE}[/] to the operator (kyodo-coordinator add-member DIR FILE --update): "
         "auditors check every receipt against the published budget",
         highlight=False,
@@ -339,8 +342,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
             setup.workers = args.workers
         preflight(setup, check_data=_check_data)
         warn_unpadded_replies(setup)
+        warn_budget_spent(setup)
         if args.dry_run:
-            print(shlex.join(supernode_command(setup, setup.runtime_port or free_port())))
+            port = setup.runtime_port or free_port()
+            print(shlex.join(supernode_command(setup, port)))
+            print(f"beside it, answering its tasks with this installation: {shlex.join(executor_command(port))}")
             print(f"node config: {node_config_arg(setup.node_config())}")
             return 0
         wait_for_superlink(setup.superlink, setup.root_certificates, timeout=args.connect_timeout)

@@ -55,6 +55,12 @@ def _node(context: Context) -> MemberNode:
     return _NODES[key]
 
 
+def forget_nodes() -> None:
+    """Build the next message's node afresh (``member_node.executor``: one process serves every
+    message of a deployed node, and a member may change its data or budget between them)."""
+    _NODES.clear()
+
+
 def _reply_delay(context: Context, which: str) -> ReplyDelay:
     """The member's padding for ``which`` replies ("train", "eval"; "" for none). Resolved
     before anything else, so the clock starts before the node is built: in deployment Flower

@@ -10,8 +10,10 @@ which picks the matching member of the federation config, with its data under
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,38 @@ def _bool(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
     raise NodeConfigError(f"node config {key!r} must be true or false, got {value!r}")
 
 
+BUDGET_FILE = "budget.json"  # in the state directory: the budget `kyodo-member budget` set last
+
+
+def write_budget_file(state_dir: Path, epsilon: float, delta: float) -> None:
+    """Record a budget the member just set where its running node reads it at every message."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / (BUDGET_FILE + ".tmp")
+    tmp.write_text(json.dumps({"epsilon": float(epsilon), "delta": float(delta)}), encoding="utf-8")
+    tmp.replace(state_dir / BUDGET_FILE)
+
+
+def _with_lowered_budget(identity: MemberIdentity) -> MemberIdentity:
+    """The lower of the epsilon the node was started with and the one ``kyodo-member budget``
+    set since. A member that lowers its budget means it at once: a walkthrough's node, not
+    restarted, went on spending at the old 8 and passed the 2.7 its member had published, and
+    every audit of that member failed after. A raise waits for a restart (the node config), so
+    nothing but the member's own start can ever widen what a node may spend."""
+    path = Path(identity.state_dir) / BUDGET_FILE
+    if not path.is_file():
+        return identity
+    try:
+        epsilon = float(json.loads(path.read_text(encoding="utf-8"))["epsilon"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # Refusing is the safe side: a budget the member lowered must not be read as none.
+        raise NodeConfigError(
+            f"member {identity.name!r}: {path} is unreadable ({err}): run kyodo-member budget again"
+        ) from None
+    if not math.isfinite(epsilon) or epsilon >= identity.epsilon:
+        return identity
+    return replace(identity, epsilon=epsilon)
+
+
 def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> MemberIdentity:
     if "member" in node_config:
         for key in ("embodiment", "data-dir"):
@@ -164,6 +198,7 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         )
     else:
         raise NodeConfigError("node config names no member: set member, embodiment and data-dir")
+    identity = _with_lowered_budget(identity)
     try:
         Budget(identity.epsilon, identity.delta)
     except ValueError as err:

@@ -267,6 +267,11 @@ def _pending_budget(path: Path, member: dict) -> str:
     running = (float(member["epsilon"]), float(member["delta"]), int(member.get("budget_rounds") or 0))
     if (setup.epsilon, setup.delta, setup.budget_rounds) == running:
         return ""
+    if setup.epsilon < running[0] and (setup.delta, setup.budget_rounds) == running[1:]:
+        return (
+            f"member.yaml sets a lower ε={setup.epsilon:g}: the node holds to it from its next message, "
+            "restarted or not"
+        )
     return (
         f"member.yaml sets ε={setup.epsilon:g} δ={setup.delta:g} budget-rounds={setup.budget_rounds}; the node "
         f"takes it once restarted, at its next message: until then the above is what it runs with"

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from member_node.identity import workers_problem
+from member_node.identity import workers_problem, write_budget_file
 from member_node.reply_timing import ReplyDelay
 from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy
@@ -398,7 +398,8 @@ def change_budget(
     The budget is the member's to change, and only it can. What it cannot do is publish a
     budget its own signed ledger already breaks: an epsilon below what the ledger records, or
     another delta once entries were accounted at the old one (an auditor checks every entry
-    against the published pair). A running node keeps the budget it was started with."""
+    against the published pair). A running node reads a lower epsilon at its next message
+    (``state/budget.json``); it keeps a higher one, and the pace, until it is restarted."""
     from privacy.ledger import Ledger, LedgerError
 
     setup = load_setup(directory)
@@ -432,6 +433,7 @@ def change_budget(
     public_line = setup.auth_public_key.read_text(encoding="utf-8").strip()
     save_setup(setup)
     write_membership(setup, public_key_hex(signing), public_line)
+    write_budget_file(Path(setup.state_dir), setup.epsilon, setup.delta)
     return setup, spent
 
 
@@ -477,7 +479,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def supernode_command(setup: MemberSetup, runtime_port: int) -> list[str]:
     """``flower-supernode`` with TLS pinned to the consortium CA, node authentication, this
-    member's node config, and its own runtime API port (several nodes may share a machine)."""
+    member's node config, and its own runtime API port (several nodes may share a machine).
+    ``--isolation process``: the SuperNode starts no ClientApp itself; the member's own
+    executor (:func:`executor_command`) answers its tasks with the installed kyodo."""
     return [
         flower_executable("flower-supernode"),
         "--superlink", setup.superlink,
@@ -485,7 +489,15 @@ def supernode_command(setup: MemberSetup, runtime_port: int) -> list[str]:
         "--auth-supernode-private-key", str(setup.auth_key),
         "--node-config", node_config_arg(setup.node_config()),
         "--port", str(runtime_port),
+        "--isolation", "process",
     ]  # fmt: skip
+
+
+def executor_command(runtime_port: int) -> list[str]:
+    """The member's task executor (``member_node.executor``) for the SuperNode on ``runtime_port``.
+    ``-P``: the working directory is not put on ``sys.path``, so a ``member_node`` package lying
+    in the directory ``start`` runs from cannot stand in for the installed one."""
+    return [sys.executable, "-P", "-m", "member_node.executor", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
 
 
 # ----------------------------------------------------------------------------- checks before start
@@ -568,6 +580,28 @@ def warn_unpadded_replies(setup: MemberSetup) -> list[str]:
             )  # fmt: skip
             warned.append(what)
     return warned
+
+
+def warn_budget_spent(setup: MemberSetup) -> float:
+    """Warn when the ledger already records more than the budget: the node can then only sit
+    every round out, and the published budget fails the member's audit (a walkthrough's node,
+    restarted at a budget lowered below what it had spent meanwhile, started without a word).
+    Returns the epsilon the ledger records (0 for a ledger that does not read: the node says why)."""
+    from privacy.ledger import Ledger, LedgerError
+
+    path = Path(setup.state_dir) / "ledger.jsonl"
+    try:
+        spent = max((float(e["epsilon"]) for e in Ledger(path).releases()), default=0.0)
+    except (LedgerError, OSError, KeyError, ValueError):
+        return 0.0
+    if setup.dp and spent > setup.epsilon:
+        log.warning(
+            "this member's ledger records epsilon %.4g, above its budget %g: the node will sit every round out, "
+            "and auditors will fail the receipts above the budget",
+            spent,
+            setup.epsilon,
+        )
+    return spent
 
 
 def _check_reply_delays(train: Any, evaluation: Any) -> None:
@@ -658,6 +692,45 @@ class _Outcome:
     key_unreadable: bool = False
 
 
+class _ExecutorKeeper(threading.Thread):
+    """Runs the member's task executor beside the SuperNode, and again if it dies while the
+    SuperNode runs (a task that crashed the interpreter must not leave the node deaf)."""
+
+    def __init__(self, cmd: list[str], env: Mapping[str, str], supernode: subprocess.Popen[str]) -> None:
+        super().__init__(daemon=True, name="executor-keeper")
+        self.cmd, self.env, self.supernode = cmd, dict(env), supernode
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()  # no executor starts after stop() looked for one to end
+
+    def run(self) -> None:
+        while True:
+            with self._lock:
+                if self.stopping.is_set() or self.supernode.poll() is not None:
+                    return
+                # --parent-pid: it ends with the SuperNode even if this process is killed outright.
+                self.proc = subprocess.Popen([*self.cmd, "--parent-pid", str(self.supernode.pid)], env=self.env)
+            code = self.proc.wait()
+            if self.stopping.is_set() or self.supernode.poll() is not None:
+                return
+            log.error("the node's task executor exited with code %s; starting it again", code)
+            self.stopping.wait(2.0)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """End the executor: a task in flight ends as a ClientApp process did when its SuperNode stopped."""
+        with self._lock:
+            self.stopping.set()
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.join(timeout=timeout)
+
+
 class SuperNodeRunner:
     """Runs ``flower-supernode`` as a child, echoing its output, and turns how it ended into an
     exit code and an actionable message. SIGTERM/SIGINT are passed on so Flower can deactivate
@@ -693,9 +766,14 @@ class SuperNodeRunner:
         )
         reader = threading.Thread(target=self._pump, args=(self.child, outcome), daemon=True)
         reader.start()
-        # Reap the child here, not after its output ends: its SuperExec helper inherits the pipe and
-        # only exits once it sees its parent gone, which a zombie (an unreaped child) never is.
-        outcome.code = self.child.wait()
+        keeper = _ExecutorKeeper(executor_command(runtime_port), env, self.child)
+        keeper.start()
+        try:
+            # Reap the child here, not after its output ends: a helper that inherited the pipe
+            # only exits once it sees its parent gone, which a zombie (an unreaped child) never is.
+            outcome.code = self.child.wait()
+        finally:
+            keeper.stop()
         reader.join(timeout=15)
         return outcome
 

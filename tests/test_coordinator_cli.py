@@ -62,6 +62,17 @@ def test_export_and_gc_of_a_run_directory(tmp_path, capsys, tiny_cfg):
         loaded.update(load_file(str(tmp_path / "hf" / file)))
     assert loaded.keys() == model.keys() and all(torch.equal(loaded[k], model[k]) for k in model)
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 1  # refuses to overwrite
+    # Not while a coordinator runs the run (a round in flight has objects no manifest names
+    # yet), and not on a directory that is no run (it used to create an empty store there).
+    from coordinator.run_lock import holding_run
+
+    with holding_run(run):
+        assert main(["gc", str(run), "--keep-last", "1"]) == 1
+    assert "is being run by another coordinator" in " ".join(capsys.readouterr().out.split())
+    for wrong in (tmp_path, tmp_path / "nowhere"):
+        assert main(["gc", str(wrong), "--keep-last", "1"]) == 1
+        assert "is not a run directory" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "store").exists() and not (tmp_path / "nowhere").exists()
     assert main(["gc", str(run), "--keep-last", "1"]) == 0
     out = capsys.readouterr().out
     assert "removed 1 rounds, 1 objects" in out and "rounds [0] can no longer be verified" in " ".join(out.split())

@@ -263,6 +263,8 @@ def test_supernode_command_has_tls_auth_node_config_and_its_own_port(tmp_path):
     assert flags["--auth-supernode-private-key"] == str(setup.auth_key)
     assert flags["--port"] == "9301"
     assert 'member="sony"' in flags["--node-config"] and "--insecure" not in cmd
+    # The SuperNode starts no ClientApp of the coordinator's: the member's executor answers.
+    assert flags["--isolation"] == "process"
 
 
 def test_member_start_fails_fast_on_what_the_member_must_fix(tmp_path, capsys):
@@ -490,6 +492,46 @@ def test_a_member_changes_its_budget_and_the_operator_publishes_it(tmp_path, cap
     raised.write_text(json.dumps(after | {"epsilon": 1e999}))
     assert coordinator_main(["add-member", str(op_dir), str(raised), "--update"]) == 3
     assert {f: f.read_bytes() for f in published} == published
+
+
+def test_a_lowered_budget_holds_for_the_running_node_at_its_next_message(tmp_path, capsys, caplog, tiny_cfg):
+    """A walkthrough's node, not restarted after `budget`, went on at the epsilon it was started
+    with and spent past the budget its member had just published: every audit failed after."""
+    from member_node.cli import main as member_main
+    from member_node.identity import BUDGET_FILE, NodeConfigError, resolve_identity
+
+    setup = _member(tmp_path)
+    # What the running SuperNode hands every message (epsilon 8); pinning is another test's.
+    started = setup.node_config() | {"require-pinned-keys": False}
+    spent = _spend(setup, 0.8)
+    assert member_main(["budget", str(setup.dir), "--epsilon", f"{spent + 0.5:.6f}"]) == 0
+    assert "a lower epsilon holds for the running node from its next message" in capsys.readouterr().out
+    assert resolve_identity(started, tiny_cfg).epsilon == pytest.approx(spent + 0.5)
+    # A raise waits for a restart: only the member's own start widens what a node may spend.
+    assert member_main(["budget", str(setup.dir), "--epsilon", "12"]) == 0
+    assert resolve_identity(started, tiny_cfg).epsilon == 8.0
+    restarted = supernode.load_setup(setup.dir).node_config() | {"require-pinned-keys": False}
+    assert resolve_identity(restarted, tiny_cfg).epsilon == 12.0
+    # The member's status says which budget the node holds to, and when.
+    from member_node.node import MemberNode
+
+    MemberNode(tiny_cfg, resolve_identity(started, tiny_cfg))  # a message answered at epsilon 8
+    assert member_main(["budget", str(setup.dir), "--epsilon", "7"]) == 0
+    capsys.readouterr()
+    assert member_main(["status", "--state-dir", str(setup.dir), "--plot", str(tmp_path / "e.png")]) == 0
+    assert "member.yaml sets a lower ε=7: the node holds to it from its next message" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    # `start` says so when the ledger already records more than the budget in member.yaml.
+    overspent = supernode.load_setup(setup.dir)
+    assert supernode.warn_budget_spent(overspent) == pytest.approx(spent) and "above its budget" not in caplog.text
+    overspent.epsilon = spent / 2
+    assert supernode.warn_budget_spent(overspent) == pytest.approx(spent)
+    assert "above its budget" in caplog.text and "sit every round out" in caplog.text
+    # A budget file it cannot read stops the node rather than letting it spend at the old budget.
+    (Path(setup.state_dir) / BUDGET_FILE).write_text("{torn", encoding="utf-8")
+    with pytest.raises(NodeConfigError, match="unreadable"):
+        resolve_identity(started, tiny_cfg)
 
 
 def test_operator_init_and_run_check_the_published_checkpoint(tmp_path, capsys, tiny_cfg):
