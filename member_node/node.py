@@ -77,7 +77,7 @@ from shared_model.protocol import (
     coarse_count,
 )
 from shared_model.shards import BACKBONE, ShardLayout, embodiment_shard, load_shard, shard_kind
-from shared_model.store import ShardStore, StoreError
+from shared_model.store import CorruptObjectError, ShardStore, StoreError
 from shared_model.text import shortened
 
 # Written when a request names a receipt this node's ledger lacks (``MemberNode.rolled_back``).
@@ -382,7 +382,21 @@ class MemberNode:
             try:
                 tensors = self.replica.get_shard(oid, shard_id=shard)
                 load_shard(self.policy, shard, tensors)
-            except (StoreError, ValueError) as err:
+            except StoreError as err:
+                # The store's message names the file: the member's log has it, the reply (the
+                # coordinator's) does not. A corrupt copy is dropped, so the node's next query
+                # no longer lists it and the coordinator sends it again.
+                self._loaded.pop(shard, None)
+                log.error("%s: the replica's copy of %s: %s", self.identity.name, shard, err)
+                dropped = isinstance(err, CorruptObjectError)
+                if dropped:
+                    self.replica.object_path(oid).unlink(missing_ok=True)
+                raise ProtocolError(
+                    f"shard {shard}: this node's copy of object {oid[:12]} "
+                    + ("was corrupt and is dropped; the next round sends it again" if dropped else "cannot be read")
+                    + " (see the node's log)"
+                ) from None
+            except ValueError as err:
                 self._loaded.pop(shard, None)
                 raise ProtocolError(f"shard {shard}: {err}") from None
             self._loaded[shard] = oid
@@ -776,8 +790,9 @@ class MemberNode:
         if not unknown:
             return ""
         return (
+            # No path: this reason goes to the coordinator too (the member's start names the file).
             f"the round seats {', '.join(unknown[:5])} in this member's cohorts, and the consortium file it pinned "
-            f"({self.identity.consortium_file}) does not list them: if the consortium admitted them, {REPIN}"
+            f"does not list them: if the consortium admitted them, {REPIN}"
         )
 
     def train(self, request: TrainRequest, arrived: dt.datetime | None = None) -> TrainReply | TrainDeclined:

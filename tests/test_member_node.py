@@ -432,6 +432,32 @@ def test_after_training_the_node_holds_the_committed_model_again(setup, tmp_path
     assert fresh.evaluate(EvaluateRequest(1, None, ref)).action_mse == before
 
 
+def test_a_corrupt_replica_object_is_dropped_and_its_path_stays_on_the_node(setup, tmp_path, caplog):
+    """Bit rot in the node's replica: the reply (the coordinator's) names the shard, not the
+    member's file path, and the copy is dropped so the next round's query asks for it again."""
+    from shared_model.protocol import ModelRef
+
+    cfg, node, model = setup
+    store, manifest, _ = _store_with(tmp_path / "store", model)
+    ref = ModelRef(manifest, {oid: store.object_bytes(oid) for oid in manifest.values()})
+    plain = replace(node.identity, dp=False, state_dir=tmp_path / "m")
+    MemberNode(cfg, plain).evaluate(EvaluateRequest(0, None, ref))
+    oid = manifest["adapter/emb/so100"]
+    member = MemberNode(cfg, plain)  # the next message's node (a fresh process in deployment)
+    path = member.replica.object_path(oid)
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR, logger="kyodo"), pytest.raises(ProtocolError) as refused:
+        member.evaluate(EvaluateRequest(1, None, ModelRef(manifest, {})))
+    assert "adapter/emb/so100" in str(refused.value) and "dropped" in str(refused.value)
+    assert str(tmp_path) not in str(refused.value) and str(path) in caplog.text
+    assert oid not in MemberNode(cfg, plain).query(QueryRequest(2)).objects
+    healed = MemberNode(cfg, plain).evaluate(EvaluateRequest(1, None, ModelRef(manifest, {oid: ref.objects[oid]})))
+    assert healed.action_mse >= 0
+
+
 def test_a_long_plan_trains_first_when_evaluations_cannot_all_fit(fresh_node, setup):
     """100 planned rounds: 100 evaluation releases at noise 5 alone exceed epsilon 8, so the
     plan reserves nothing for them and training goes on; releases are then checked one by one."""

@@ -63,7 +63,15 @@ def print_result(result: AuditResult, console: Console, verbose: bool = False) -
     console.print(checks)
 
     members = Table(title="members", title_justify="left")
-    for col in ("member", "budget ε / δ", "entries run/all", "ε recorded", "ε recomputed", "within budget", "status"):
+    for col in (
+        "member",
+        "budget ε / δ",
+        "entries run/all",
+        "ε recorded",
+        "ε recomputed",
+        "within budget",
+        "status",
+    ):
         members.add_column(col, justify="left" if col in ("member", "status") else "right")
     for name, m in sorted(result.members.items()):
         extra = "" if m.method == "rdp" or m.epsilon_rdp is None else f" (RDP {m.epsilon_rdp:.4f})"

@@ -188,9 +188,24 @@ PLD_DECIDED = (
 )
 
 
+RECORDED_OVER = (
+    "{names}: the recomputed ε is within the budget, but the member's own signed receipts record more "
+    "than its published budget (status FAIL): its node spent past what it published, by its own account."
+)
+
+
 def member_notes(result: AuditResult) -> list[str]:
-    """What a reader of the members table needs to read it right."""
-    return [PLD_DECIDED] if any(m.method == "pld" for m in result.members.values()) else []
+    """What a reader of the members table needs to read it right (a walkthrough read
+    "within budget: yes" beside FAIL as the audit contradicting itself)."""
+    notes = [PLD_DECIDED] if any(m.method == "pld" for m in result.members.values()) else []
+    over = sorted(
+        name
+        for name, m in result.members.items()
+        if m.within_budget and m.epsilon_recorded is not None and m.epsilon_recorded > m.epsilon_budget
+    )
+    if over:
+        notes.append(RECORDED_OVER.format(names=", ".join(over)))
+    return notes
 
 
 def _member_rows(result: AuditResult) -> list[list[str]]:
