@@ -350,6 +350,22 @@ def cmd_add_member(args: argparse.Namespace) -> int:
 
 
 @_deploy_errors
+def cmd_remove_member(args: argparse.Namespace) -> int:
+    """Take a member out of the consortium (it left); its earlier runs stay auditable."""
+    from coordinator.deploy import remove_member
+
+    entry, unregistered = remove_member(args.dir, args.member)
+    key = "is unregistered" if unregistered else "is unregistered when the SuperLink next starts"
+    console.print(
+        f"member [cyan]{entry.name}[/] removed: runs submitted from now on neither wait for it nor seat it, and its "
+        f"SuperNode key {key}. audit-consortium.yaml keeps its ledger key and budget as departed, for the runs it "
+        f"trained in: auditors of those runs need a copy of its ledger (its state/ledger.jsonl), which it keeps",
+        highlight=False,
+    )
+    return 0
+
+
+@_deploy_errors
 def cmd_start(args: argparse.Namespace) -> int:
     """The SuperLink, in the foreground (TLS, node authentication, database), members registered."""
     from coordinator.deploy import SuperLinkRunner, operator_dir
@@ -573,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--update", action="store_true", help="take an admitted member's new budget (`kyodo-member budget`)"
     )
     add.set_defaults(func=cmd_add_member)
+    remove = sub.add_parser("remove-member", help="take a member that left out (its earlier runs stay auditable)")
+    remove.add_argument("dir", help="the operator directory")
+    remove.add_argument("member", help="the member's name")
+    remove.set_defaults(func=cmd_remove_member)
     start = sub.add_parser("start", help="run the SuperLink (foreground; TLS, node auth, database)")
     start.add_argument("dir", help="the operator directory")
     start.add_argument("--no-register", action="store_true", help="do not register the members' keys")

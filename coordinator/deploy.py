@@ -88,6 +88,9 @@ class Consortium:
     rounds: int = 4
     overrides: list[str] = field(default_factory=list)  # dotlist applied to every run
     members: list[MemberEntry] = field(default_factory=list)
+    # Members that left (remove-member): never seated again, but their ledger keys and last
+    # published budgets stay in audit-consortium.yaml, for the runs they trained in.
+    departed: list[MemberEntry] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -153,7 +156,8 @@ def load_consortium(op: OperatorDir) -> Consortium:
     try:
         data = yaml.safe_load(op.consortium.read_text(encoding="utf-8")) or {}
         members = [MemberEntry(**m) for m in data.pop("members", None) or []]
-        return Consortium(**data, members=members)
+        departed = [MemberEntry(**m) for m in data.pop("departed", None) or []]
+        return Consortium(**data, members=members, departed=departed)
     except (yaml.YAMLError, TypeError) as err:
         raise DeployError(f"{op.consortium} is not a valid consortium config: {err}") from None
 
@@ -277,6 +281,11 @@ def add_member(path: Path | str, membership_file: Path | str, update: bool = Fal
         raise DeployError(
             f"member {entry.name!r} is already in {op.consortium} (a new budget: add-member ... --update)"
         )
+    if any(m.name == entry.name for m in consortium.departed):
+        raise DeployError(
+            f"{entry.name!r} is the name of a member that left the consortium: its ledger key stays published for "
+            "the runs it trained in, so a new member takes another name"
+        )
     for other in consortium.members:
         if other.supernode_public_key.split()[:2] == entry.supernode_public_key.split()[:2]:
             raise DeployError(f"member {entry.name!r} sent the SuperNode key of {other.name!r}")
@@ -317,6 +326,31 @@ def write_audit_consortium(op: OperatorDir, consortium: Consortium) -> Path:
     return dump_consortium(_audit_consortium(op, consortium), op.audit_consortium)
 
 
+def remove_member(path: Path | str, name: str) -> tuple[MemberEntry, bool]:
+    """Take a member out: runs submitted from now on neither wait for it nor seat it, and its
+    SuperNode key is unregistered (now if the SuperLink answers, else at its next start);
+    returns the entry and whether the key was unregistered now. Its ledger key and last budget
+    stay in audit-consortium.yaml as departed: the runs it trained in stay auditable against the
+    ledger it keeps (a walkthrough found no way for a member to leave: every run waited for it,
+    and deleting it by hand would have made its earlier runs fail their audit)."""
+    op = operator_dir(path)
+    consortium = load_consortium(op)
+    entry = consortium.member(name)
+    if entry is None:
+        gone = " (it left already)" if any(m.name == name for m in consortium.departed) else ""
+        names = ", ".join(m.name for m in consortium.members) or "none"
+        raise DeployError(f"{name!r} is not a member of {op.consortium}{gone}; its members: {names}")
+    consortium.members = [m for m in consortium.members if m.name != name]
+    consortium.departed = [*consortium.departed, entry]
+    _publish(op, consortium)
+    try:
+        wait_healthy(consortium.address, op.tls.ca_cert, 3.0)
+    except Unreachable:
+        return entry, False
+    register_members(op, consortium)
+    return entry, True
+
+
 def _publish(op: OperatorDir, consortium: Consortium, admitted: MemberEntry | None = None) -> None:
     """Write consortium.yaml and audit-consortium.yaml (and an ``admitted`` member's SuperNode
     key), or nothing: the audit file's checks run first, so a member it would refuse is never
@@ -345,7 +379,7 @@ def _audit_consortium(op: OperatorDir, consortium: Consortium):
         "members": [
             {"member": m.name, "public_key": m.ledger_public_key, "epsilon": m.epsilon, "delta": m.delta,
              "embodiment": m.embodiment}
-            for m in consortium.members
+            for m in [*consortium.members, *consortium.departed]
         ],
     }  # fmt: skip
     return parse_consortium(raw, str(op.audit_consortium))
@@ -483,10 +517,17 @@ def _registered(op: OperatorDir) -> dict[str, str]:
 
 def register_members(op: OperatorDir, consortium: Consortium) -> dict[str, str]:
     """``flwr supernode register`` every member whose key this SuperLink's database does not hold
-    yet (``registered.json`` is checked against ``flwr supernode list``); member -> node id."""
+    yet (``registered.json`` is checked against ``flwr supernode list``), and unregister the keys
+    of members that left; member -> node id."""
     require_superlink(op, consortium)
     registered = _registered(op)
     known = {str(n["node-id"]) for n in flwr_cli(op, "supernode", "list", CONNECTION).get("nodes", [])}
+    for gone in sorted(set(registered) - {m.name for m in consortium.members}):
+        node = registered.pop(gone)
+        if node in known:
+            flwr_cli(op, "supernode", "unregister", node, CONNECTION)
+            log.info("unregistered %s's SuperNode key (node %s): it left the consortium", gone, node)
+        op.registered.write_text(json.dumps(registered, indent=2), encoding="utf-8")
     for member in consortium.members:
         if registered.get(member.name) in known:
             continue

@@ -572,6 +572,32 @@ def test_a_run_that_cannot_be_continued_is_refused_at_submission_but_not_its_res
     deploy.run_config(consortium, tmp_path / "run", None, gone, {})
 
 
+def test_a_member_that_leaves_is_taken_out_of_runs_and_kept_for_audits(tmp_path, capsys):
+    from privacy.audit.consortium import load_consortium as load_audit_consortium
+
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny", "--port", str(_free_port())]) == 0
+    op = deploy.operator_dir(op_dir)
+    for name, emb in (("sony", "so100"), ("fanuc", "franka")):
+        assert (
+            coordinator_main(["add-member", str(op_dir), str(_member(tmp_path, name, emb).dir / "membership.json")])
+            == 0
+        )
+    capsys.readouterr()
+    assert coordinator_main(["remove-member", str(op_dir), "fanuc"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "fanuc removed" in said and "unregistered when the SuperLink next starts" in said  # none runs here
+    consortium = deploy.load_consortium(op)
+    assert [m.name for m in consortium.members] == ["sony"] and [m.name for m in consortium.departed] == ["fanuc"]
+    assert set(load_audit_consortium(op.audit_consortium).members) == {"sony", "fanuc"}
+    assert coordinator_main(["remove-member", str(op_dir), "fanuc"]) == 3
+    assert "(it left already); its members: sony" in " ".join(capsys.readouterr().out.split())
+    # Its name stays its own: the published ledger key under it is the one its runs are checked against.
+    newcomer = _member(tmp_path / "new", "fanuc", "franka")
+    assert coordinator_main(["add-member", str(op_dir), str(newcomer.dir / "membership.json")]) == 3
+    assert "a member that left the consortium" in " ".join(capsys.readouterr().out.split())
+
+
 def test_operator_init_add_member_and_run_config(tmp_path, capsys):
     op_dir = tmp_path / "operator"
     assert coordinator_main(["init", str(op_dir), "--model", "tiny", "--rounds", "3", "--port", "9555"]) == 0
@@ -950,6 +976,12 @@ def deployment(tmp_path_factory, procs):
     assert [j.wait(timeout=300) for j in jobs] == [0] * len(jobs)
     for name, _, _ in TRIO:
         _cli("coordinator.cli", "add-member", str(op_dir), str(root / name / "membership.json"))
+    # A fourth member, admitted, registered at start, and gone before the run: the run must not wait for it.
+    supernode.init_member(
+        root / "leaver", member="leaver", embodiment="franka", data_dir=root / "data" / "sony", epsilon=8,
+        delta=1e-5, superlink=f"127.0.0.1:{port}", root_certificates=ca, require_pinned_keys=False,
+    )  # fmt: skip
+    _cli("coordinator.cli", "add-member", str(op_dir), str(root / "leaver" / "membership.json"))
     for name, _, _ in TRIO:  # each member pins the others' keys to the file the operator publishes
         assert member_main(["trust", str(root / name), str(op.audit_consortium)]) == 0
         setups[name] = supernode.load_setup(root / name)
@@ -969,10 +1001,14 @@ def deployment(tmp_path_factory, procs):
 
     t = time.monotonic()
     link = start_superlink("1")
+    left = {"registered": json.loads(op.registered.read_text())}
+    left["said"] = _cli("coordinator.cli", "remove-member", str(op_dir), "leaver")
+    left["registered after"] = json.loads(op.registered.read_text())
+    left["nodes after"] = deploy.flwr_cli(op, "supernode", "list", deploy.CONNECTION).get("nodes", [])
     nodes = {name: start_member(name) for name, _, _ in TRIO}
     out_dir = root / "run"
     # An override of this submission only: the resumed run must keep it without being told again.
-    _cli(
+    left["run said"] = _cli(
         "coordinator.cli",
         "run",
         str(op_dir),
@@ -1043,7 +1079,7 @@ def deployment(tmp_path_factory, procs):
     return {
         "root": root, "op": op, "out_dir": out_dir, "setups": setups, "nodes": nodes, "link": link,
         "refused": refused, "codes": codes, "head_at_kill": head_at_kill, "status": status, "run_ids": run_ids,
-        "times": times, "server_log": server_log,
+        "times": times, "server_log": server_log, "left": left,
     }  # fmt: skip
 
 
@@ -1112,6 +1148,21 @@ def test_members_ledgers_verify_and_count_each_round_once(deployment):
 
 
 @slow
+def test_a_member_that_left_is_unregistered_and_stays_auditable(deployment):
+    from privacy.audit.consortium import load_consortium as load_audit_consortium
+
+    left, op = deployment["left"], deployment["op"]
+    node = left["registered"]["leaver"]
+    said = " ".join(left["said"].split())
+    assert "member leaver removed" in said and "SuperNode key is unregistered." in said
+    assert "leaver" not in left["registered after"] and set(left["registered after"]) == {n for n, _, _ in TRIO}
+    assert node not in {str(n["node-id"]) for n in left["nodes after"]}
+    consortium = deploy.load_consortium(op)
+    assert consortium.member("leaver") is None and [m.name for m in consortium.departed] == ["leaver"]
+    assert "leaver" in load_audit_consortium(op.audit_consortium).members  # its ledger key stays published
+    assert "leaver" not in left["run said"], "the run neither waits for nor names a member that left"
+
+
 def test_refused_nodes_never_joined(deployment):
     refused, codes = deployment["refused"], deployment["codes"]
     assert codes["unregistered"] == 3
