@@ -237,6 +237,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_config(run_dir: str) -> dict | None:
+    """The run's ``model`` and ``embodiments`` settings (its config.yaml), for the export's config.json."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {key: cfg[key] for key in ("model", "embodiments") if key in cfg}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a committed round in the Hugging Face layout (index + safetensors files)."""
     from shared_model.export import export_hf
@@ -249,7 +260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         store = ShardStore(store_dir)
         round_number = store.head().round if args.round is None else args.round
-        result = export_hf(store, round_number, args.out, overwrite=args.overwrite)
+        result = export_hf(store, round_number, args.out, overwrite=args.overwrite, config=_model_config(args.run_dir))
     except (StoreError, FileExistsError, ValueError) as err:
         console.print(f"[red]export failed:[/] {err}")
         return 1

@@ -521,7 +521,11 @@ def register_members(op: OperatorDir, consortium: Consortium) -> dict[str, str]:
     of members that left; member -> node id."""
     require_superlink(op, consortium)
     registered = _registered(op)
-    known = {str(n["node-id"]) for n in flwr_cli(op, "supernode", "list", CONNECTION).get("nodes", [])}
+    known = {
+        str(n["node-id"])
+        for n in flwr_cli(op, "supernode", "list", CONNECTION).get("nodes", [])
+        if n.get("status") != "unregistered"  # the SuperLink lists those too
+    }
     for gone in sorted(set(registered) - {m.name for m in consortium.members}):
         node = registered.pop(gone)
         if node in known:

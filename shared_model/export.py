@@ -3,6 +3,7 @@
 Output (what ``transformers`` and ``huggingface_hub`` read for a sharded checkpoint)::
 
     out_dir/model.safetensors.index.json     {"metadata": {"total_size": ...}, "weight_map": {tensor: file}}
+    out_dir/config.json                      the run's model and embodiment settings (when given)
     out_dir/model-00001-of-0000N.safetensors
     ...
 
@@ -34,6 +35,7 @@ from shared_model.durable import fsync_dir
 from shared_model.store import DTYPE_SIZES, ShardStore, StoreError, write_all
 
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # Hugging Face's default max_shard_size ("5GB")
 _MODEL_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 _TMP_PREFIX = ".kyodo-export-"
@@ -90,7 +92,7 @@ def _file_header(tensors: dict[str, tuple[str, list[int], int]]) -> tuple[bytes,
 
 def _clear(out_dir: Path, overwrite: bool) -> None:
     """Refuse to mix with an existing model (stale files would be loaded), unless asked to replace it."""
-    existing = [p for p in out_dir.iterdir() if p.name == INDEX_NAME or _MODEL_FILE.match(p.name)]
+    existing = [p for p in out_dir.iterdir() if p.name in (INDEX_NAME, CONFIG_NAME) or _MODEL_FILE.match(p.name)]
     if existing and not overwrite:
         names = ", ".join(sorted(p.name for p in existing)[:3])
         raise StoreError(f"{out_dir} already holds a model ({names}, ...); --overwrite (overwrite=True) replaces it")
@@ -109,8 +111,13 @@ def export_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     *,
     overwrite: bool = False,
+    config: dict | None = None,
 ) -> ExportResult:
     """Write round ``round_number`` of ``store`` to ``out_dir`` in the Hugging Face sharded layout.
+
+    ``config``: the run's model and embodiment settings, written as ``config.json`` before the
+    index (a checkpoint without one cannot be rebuilt: the layer count, experts, LoRA rank and
+    each robot's dimensions are not in the tensors' names; a walkthrough found none).
 
     Tensors keep their stored dtype and bytes. Files are filled in shard layout order up to
     ``max_shard_bytes`` of tensor data each; a tensor larger than that gets a file of its own
@@ -186,6 +193,11 @@ def export_hf(
         if f.remaining:  # only possible if a shard had no tensors in its object
             raise StoreError(f"{f.name}: {f.remaining} tensors were never written")
         os.replace(out / f.tmp_name, out / f.name)
+    if config is not None:
+        tmp_config = out / f"{_TMP_PREFIX}{CONFIG_NAME}.tmp"
+        body = {"model_type": "kyodo-moe-policy", "kyodo_round": manifest.round, **config}
+        tmp_config.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp_config, out / CONFIG_NAME)
     total = sum(nbytes for f in files for (_, _, nbytes) in f.tensors.values())
     index = {
         "metadata": {"total_size": total, "kyodo_round": manifest.round, "kyodo_manifest": manifest.digest},

@@ -55,7 +55,14 @@ def test_export_and_gc_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     name = next(n for n in model if n.startswith("adapters.so100."))
     model[name] = model[name] + 1
     state.commit_round(1, model, ["adapter/emb/so100"], {}, {"run": "t"})
+    from shared_model.config import to_yaml
+
+    (run / "config.yaml").write_text(to_yaml(tiny_cfg), encoding="utf-8")  # as the coordinator writes it
     assert main(["export", str(run), "--round", "1", "--out", str(tmp_path / "hf")]) == 0
+    # What rebuilds the policy around the tensors: its architecture and each robot's dimensions.
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["kyodo_round"] == 1 and config["model"]["n_layers"] == tiny_cfg.model.n_layers
+    assert config["embodiments"]["so100"]["action_dim"] == tiny_cfg.embodiments["so100"].action_dim
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     loaded = {}
     for file in set(index["weight_map"].values()):
