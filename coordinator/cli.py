@@ -513,7 +513,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"a run id or run directory ({args.run}) needs the operator directory that submitted it"
             )
         tables = status_tables(run_dir, rounds=[args.round] if args.round is not None else None)
-    except (FileNotFoundError, StoreError, DeployError) as err:
+    except (FileNotFoundError, StoreError, DeployError, LookupError) as err:
         console.print(f"[red]error:[/] {err}", highlight=False)
         return 2
     for table in tables:

@@ -302,8 +302,15 @@ def declines_table(report: RunReport) -> Table | None:
 
 
 def status_tables(run_dir: Path | str, rounds: Sequence[int] | None = None) -> list[Table]:
-    """Every table ``status`` prints; raises ``FileNotFoundError`` or ``StoreError``."""
+    """Every table ``status`` prints; raises ``FileNotFoundError`` or ``StoreError``, and
+    ``LookupError`` for a round the run never committed (it printed an empty cohorts table)."""
     report = load_report(run_dir)
+    known = set(report.manifests) | set(report.records)
+    missing = sorted(set(rounds or ()) - known)
+    if missing:
+        raise LookupError(
+            f"{run_dir} has no round {missing[0]} (its rounds: {', '.join(map(str, sorted(known))) or 'none yet'})"
+        )
     tables = [rounds_table(report), cohorts_table(report, rounds), shards_table(report), participation_table(report)]
     declines = declines_table(report)
     return [*tables, declines] if declines is not None else tables

@@ -361,7 +361,7 @@ def trust_consortium(directory: Path | str, consortium_file: Path | str) -> tupl
     """Copy the consortium's published file into the member's directory and pin the node to it;
     returns the setup and the members it lists. Refuses a file that does not list this
     member under its own ledger key: not yet admitted, or another consortium's file."""
-    from privacy.audit.consortium import ConsortiumError, load_consortium
+    from privacy.audit.consortium import ConsortiumError, consortium_from_text
 
     setup = load_setup(directory)
     if not setup.signing_key.is_file():
@@ -370,19 +370,18 @@ def trust_consortium(directory: Path | str, consortium_file: Path | str) -> tupl
     target = setup.dir / TRUSTED_CONSORTIUM_FILE
     tmp = target.with_suffix(".tmp")
     try:
-        tmp.write_bytes(source.read_bytes())  # checked as copied: the file read once
-        consortium = load_consortium(tmp)
-    except (ConsortiumError, OSError) as err:
-        tmp.unlink(missing_ok=True)
-        raise SetupError(f"{source}: {err}") from None
+        data = source.read_bytes()  # read once: the bytes checked are the bytes pinned
+        consortium = consortium_from_text(data.decode("utf-8"), source)
+    except (ConsortiumError, OSError, UnicodeDecodeError) as err:
+        raise SetupError(str(err) if isinstance(err, ConsortiumError) else f"{source}: {err}") from None
     own = public_key_hex(load_or_create_signing_key(setup.signing_key))
     listed = consortium.members.get(setup.member)
     if listed is None or listed.public_key != own:
-        tmp.unlink()
         raise SetupError(
             f"{source} does not list member {setup.member!r} with this node's ledger key {own[:16]}...: the operator "
             "has not admitted it yet (kyodo-coordinator add-member), or the file is another consortium's"
         )
+    tmp.write_bytes(data)
     tmp.replace(target)
     setup.consortium_file = str(target)
     save_setup(setup)

@@ -354,6 +354,11 @@ def test_a_member_pins_the_other_members_keys_to_the_published_consortium_file(t
     assert "does not list member 'sony' with this node's ledger key" in " ".join(capsys.readouterr().err.split())
     assert supernode.load_setup(sony.dir).consortium_file == "", "nothing changed"
     assert not list(sony.dir.glob("consortium.*")), "nothing left behind"
+    # The operator's run configuration beside it is named as the mix-up it is, under its own path.
+    assert member_main(["trust", str(sony.dir), str(op_dir / "consortium.yaml")]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "is the operator's run configuration (consortium.yaml)" in said and "use audit-consortium.yaml" in said
+    assert ".tmp" not in said and not list(sony.dir.glob("consortium.*"))
     assert coordinator_main(["add-member", str(op_dir), str(sony.dir / "membership.json")]) == 0
     capsys.readouterr()
     assert member_main(["trust", str(sony.dir), str(published)]) == 0
@@ -769,6 +774,8 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     out = capsys.readouterr().out
     assert "yes (gc)" in out, out
     assert coordinator_main(["status", str(tmp_path / "nowhere")]) == 2
+    assert coordinator_main(["status", str(run), "--round", "9"]) == 2
+    assert "has no round 9 (its rounds: 0, 1)" in " ".join(capsys.readouterr().out.split())
     # The operator directory stands for its newest run.
     op_dir = tmp_path / "operator"
     assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
@@ -1163,6 +1170,7 @@ def test_a_member_that_left_is_unregistered_and_stays_auditable(deployment):
     assert "leaver" not in left["run said"], "the run neither waits for nor names a member that left"
 
 
+@slow
 def test_refused_nodes_never_joined(deployment):
     refused, codes = deployment["refused"], deployment["codes"]
     assert codes["unregistered"] == 3

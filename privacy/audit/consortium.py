@@ -224,7 +224,20 @@ def load_consortium(path: str | Path) -> Consortium:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConsortiumError(f"cannot read consortium file {path}: {exc.strerror or exc}") from None
-    return parse_consortium(_parse_text(text, path), str(path))
+    return consortium_from_text(text, path)
+
+
+def consortium_from_text(text: str, path: Path) -> Consortium:
+    """A consortium file's text, read already (``kyodo-member trust`` reads the file once and
+    pins those very bytes); errors name ``path``."""
+    raw = _parse_text(text, path)
+    if isinstance(raw, Mapping) and "members" in raw and "format" not in raw and {"host", "port"} <= set(raw):
+        # The operator's own consortium.yaml beside audit-consortium.yaml: an easy mix-up.
+        raise ConsortiumError(
+            f"{path} is the operator's run configuration (consortium.yaml), not the published consortium file: "
+            "use audit-consortium.yaml from the same directory"
+        )
+    return parse_consortium(raw, str(path))
 
 
 def from_nodes(nodes_dir: str | Path, name: str = "", coordinator_public_key: str = "") -> Consortium:
