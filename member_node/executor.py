@@ -42,7 +42,6 @@ from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
@@ -52,6 +51,7 @@ log = logging.getLogger("kyodo.member.executor")
 
 APP_ID = "kyodo/kyodo"  # publisher/name of the app bundle ``flwr run`` builds from pyproject.toml
 POLL_S = 0.2  # between task polls when idle (Flower's SuperExec polls every 1 s)
+HEARTBEAT_S = 20.0  # Flower's task heartbeat period: (30 s interval - 5 s call timeout) x 0.8
 TASK_RETRY_S = 30.0  # how long one call to the SuperNode is retried before the task is given up
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 
@@ -92,6 +92,21 @@ def _client(address: str, *interceptors, max_time: float = TASK_RETRY_S) -> Runt
     )
 
 
+def _heartbeats(client: RuntimeHttpClient, done: threading.Event, abandoned: threading.Event) -> None:
+    """The task's heartbeats until ``done``. Not Flower's ``HeartbeatSender``: it retries a
+    failed beat until one succeeds and its ``stop`` waits for that, so after a SuperLink outage
+    a dead task's beats never succeeded and the executor hung in ``stop`` for good (a
+    deployment test's restarted node never answered the resumed run); and Flower's beat raises
+    SIGINT in the process when the SuperNode drops the task, which here would end the executor.
+    A failed beat is skipped; a refused one marks the task abandoned (its reply is not sent)."""
+    while not done.wait(HEARTBEAT_S):
+        try:
+            if not client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
+                abandoned.set()
+        except httpx.HTTPError:
+            continue
+
+
 class TaskExecutor:
     """Takes the SuperNode's ClientApp tasks one by one and answers them with the installed app."""
 
@@ -114,20 +129,8 @@ class TaskExecutor:
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
             RuntimeTokenHttpInterceptor(token),
         )
-        abandoned = threading.Event()
-
-        def heartbeat() -> bool:
-            # Flower's own heartbeat raises SIGINT in the process when the SuperNode drops the
-            # task (its run stopped): here that would end the executor, not the task.
-            try:
-                ok = client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
-            except httpx.HTTPError:
-                return False
-            if not ok:
-                abandoned.set()
-            return True
-
-        beat = HeartbeatSender(heartbeat)
+        abandoned, done = threading.Event(), threading.Event()
+        beat = threading.Thread(target=_heartbeats, args=(client, done, abandoned), daemon=True)
         beat.start()
         context = message = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
@@ -146,7 +149,8 @@ class TaskExecutor:
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
         finally:
-            beat.stop()
+            done.set()
+            beat.join(timeout=1.0)  # a beat in flight ends on its own; the next task does not wait for it
         try:
             if reply is not None and context is not None and not abandoned.is_set():
                 push_message(client, reply, context)

@@ -14,15 +14,24 @@ from member_node import supernode
 
 
 class _Replies(http.server.BaseHTTPRequestHandler):
+    """A stand-in SuperNode runtime API: the statuses to answer in turn, then 200 with ``body``."""
+
     statuses: list[int] = []
+    body = b""
     calls = 0
 
     def do_GET(self):  # noqa: N802 - http.server's name
         type(self).calls += 1
         status = self.statuses.pop(0) if self.statuses else 200
+        body = self.body if status == 200 else b""
         self.send_response(status)
-        self.send_header("Content-Length", "0")
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.do_GET()
 
     def log_message(self, *_args):
         pass
@@ -80,3 +89,31 @@ def test_the_supernode_leaves_clientapps_to_the_members_executor():
     cmd = supernode.executor_command(9301)
     assert cmd[1:4] == ["-P", "-m", "member_node.executor"], "the working directory must not shadow the package"
     assert cmd[-2:] == ["--runtime-api-address", "127.0.0.1:9301"]
+
+
+def test_heartbeats_end_with_their_task_even_while_every_beat_fails(server, monkeypatch):
+    """Flower's HeartbeatSender retries a failed beat until one succeeds, and its stop waits for
+    that: after a SuperLink outage a deployment test's executor hung there for good."""
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse  # pylint: disable=E0611
+
+    httpd, url = server
+    address = url.removeprefix("http://").rstrip("/")
+    monkeypatch.setattr(ex, "HEARTBEAT_S", 0.05)
+    _Replies.statuses, _Replies.calls = [503] * 10_000, 0
+    done, abandoned = threading.Event(), threading.Event()
+    beat = threading.Thread(target=ex._heartbeats, args=(ex._client(address, max_time=0.2), done, abandoned))
+    beat.start()
+    while _Replies.calls < 3:
+        done.wait(0.05)
+    done.set()
+    beat.join(timeout=10)
+    assert not beat.is_alive() and not abandoned.is_set()
+    # A beat the SuperNode refuses (its run stopped) marks the task abandoned: its reply is not sent.
+    _Replies.statuses, _Replies.body = [], SendTaskHeartbeatResponse(success=False).SerializeToString()
+    done, abandoned = threading.Event(), threading.Event()
+    beat = threading.Thread(target=ex._heartbeats, args=(ex._client(address, max_time=0.2), done, abandoned))
+    beat.start()
+    assert abandoned.wait(timeout=10)
+    done.set()
+    beat.join(timeout=10)
+    _Replies.body = b""
