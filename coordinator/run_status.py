@@ -112,6 +112,8 @@ def rounds_table(report: RunReport) -> Table:
         changed = (
             "all" if manifest and manifest.parent is None
             else str(sum(manifest.shards[s] != parent.shards.get(s) for s in manifest.shards)) if manifest and parent
+            # Its parent's manifest was collected: nothing left to compare with.
+            else "? (gc)" if manifest
             else "-"
         )  # fmt: skip
         kinds = sorted(set((rec.get("aggregation") or {}).values()))
@@ -195,7 +197,12 @@ def cohorts_table(report: RunReport, rounds: Sequence[int] | None = None) -> Tab
 
 def shards_table(report: RunReport) -> Table:
     """Per shard: how many versions the stored rounds hold, when it last changed, its object at HEAD."""
-    table = Table(title="shard versions (from the store's manifests)")
+    oldest = min(report.manifests, default=0)
+    # gc removed the manifests before ``oldest``: a shard's first kept version may be older.
+    collected = oldest > 0 and report.manifests[oldest].parent is not None
+    title = "shard versions (from the store's manifests"
+    title += f"; gc removed those before round {oldest}: + and <= mark what they held)" if collected else ")"
+    table = Table(title=title)
     for col in ("shard", "versions", "last changed", "object at HEAD"):
         table.add_column(col, justify="right" if col == "versions" else "left")
     if report.head is None or report.head not in report.manifests:
@@ -207,9 +214,11 @@ def shards_table(report: RunReport) -> Table:
             oid = report.manifests[rnd].shards.get(shard)
             if oid and (not versions or versions[-1][1] != oid):
                 versions.append((rnd, oid))
-        table.add_row(
-            shard, str(len(versions)), f"round {versions[-1][0]}" if versions else "-", head.shards[shard][:12]
+        unknown_before = collected and bool(versions) and versions[0][0] == oldest
+        last = (
+            "-" if not versions else f"round {'<= ' if unknown_before and len(versions) == 1 else ''}{versions[-1][0]}"
         )
+        table.add_row(shard, f"{len(versions)}{'+' if unknown_before else ''}", last, head.shards[shard][:12])
     return table
 
 

@@ -773,6 +773,11 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     assert coordinator_main(["status", str(run)]) == 0
     out = capsys.readouterr().out
     assert "yes (gc)" in out, out
+    # What changed at HEAD, and when each shard last changed, died with round 0's manifest: said so.
+    said = " ".join(out.split())
+    assert "gc removed those before round 1" in said and "? (gc)" in said
+    rows = [line.replace("│", " ").split() for line in out.splitlines()]
+    assert ["adapter/emb/so100", "1+", "round", "<=", "1"] in [row[:5] for row in rows]
     assert coordinator_main(["status", str(tmp_path / "nowhere")]) == 2
     assert coordinator_main(["status", str(run), "--round", "9"]) == 2
     assert "has no round 9 (its rounds: 0, 1)" in " ".join(capsys.readouterr().out.split())
