@@ -37,20 +37,35 @@ import time
 from importlib import metadata
 
 import httpx
-from flwr.app import Error, Message
+from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    SendTaskHeartbeatRequest,
+)
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import RetryInvoker, exponential
+from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger("kyodo.member.executor")
 
 APP_ID = "kyodo/kyodo"  # publisher/name of the app bundle ``flwr run`` builds from pyproject.toml
 POLL_S = 0.2  # between task polls when idle (Flower's SuperExec polls every 1 s)
+PULL_MAX_S = 60.0  # to pull a message's objects from the SuperNode, which holds them already
 HEARTBEAT_S = 20.0  # Flower's task heartbeat period: (30 s interval - 5 s call timeout) x 0.8
 TASK_RETRY_S = 30.0  # how long one call to the SuperNode is retried before the task is given up
 RETRYABLE_STATUS = frozenset({502, 503, 504})
@@ -90,6 +105,38 @@ def _client(address: str, *interceptors, max_time: float = TASK_RETRY_S) -> Runt
         interceptors=list(interceptors),
         retry_invoker=_bounded_retries(max_time),
     )
+
+
+def _pull_task_input(client: RuntimeHttpClient, abandoned: threading.Event) -> tuple[Message, Context, Run]:
+    """The task's message, context and run, as Flower's ``pull_task_input`` gets them, but with
+    the message's objects pulled under a bound. The SuperNode holds a message's objects before
+    it offers its task, so one still missing will not come; Flower's pull retries such an
+    object for up to 2 hours (``PULL_MAX_TIME``). A ClientApp process stuck there held up only
+    itself; this process serves every message, and a deployment test's restarted node, handed
+    a task for a message of the run its SuperLink had lost, never answered the resumed run."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run = context_from_proto(res.context), run_from_proto(res.run)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode offered a task without a message")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    pull_object = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
+
+    def pull_unless_abandoned(object_id: str) -> bytes:
+        if abandoned.is_set():
+            raise ObjectPullError(object_id, "the SuperNode dropped the task (its run no longer runs)")
+        return pull_object(object_id)
+
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        pull_unless_abandoned,
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        max_time=PULL_MAX_S,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # a pulled message lacks its own id
+    return message, context, run
 
 
 def _heartbeats(client: RuntimeHttpClient, done: threading.Event, abandoned: threading.Event) -> None:
@@ -135,7 +182,7 @@ class TaskExecutor:
         context = message = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
-            message, context, run, _bundle = pull_task_input(client)
+            message, context, run = _pull_task_input(client, abandoned)
             self._compare_bundle(run.run_id, run.fab_id, run.fab_version)
             started = time.monotonic()
             # A node built afresh per task, as a ClientApp process had it.
