@@ -276,7 +276,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     a round in flight has written objects no manifest names yet, and gc would delete them (a
     walkthrough ran gc 38 times during a run; nothing stopped it). It holds the run's lock
     while it works, so no coordinator starts on the run meanwhile either."""
-    from coordinator.run_lock import RunInUseError, holding_run
+    from coordinator.run_lock import RunInUseError, holding_run, run_holder
     from shared_model.store import ShardStore, StoreError
 
     run_dir = Path(args.run_dir)
@@ -287,7 +287,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
     try:
         with holding_run(run_dir):
             report = ShardStore(run_dir / "store").gc(keep_last=args.keep_last)
-    except (StoreError, RunInUseError) as err:
+    except RunInUseError:
+        holder = run_holder(run_dir)
+        console.print(
+            f"[red]gc refused:[/] a coordinator runs {run_dir} now{f' ({holder})' if holder else ''}, and a round in "
+            "flight has objects no manifest names yet: run gc once the run has ended or is stopped",
+            highlight=False,
+        )
+        return 1
+    except StoreError as err:
         console.print(f"[red]gc refused:[/] {err}", highlight=False)
         return 1
     console.print(

@@ -378,7 +378,7 @@ def _audit_consortium(op: OperatorDir, consortium: Consortium):
         "coordinator_public_key": public_key_hex(load_or_create_signing_key(op.coordinator_key)),
         "members": [
             {"member": m.name, "public_key": m.ledger_public_key, "epsilon": m.epsilon, "delta": m.delta,
-             "embodiment": m.embodiment}
+             "embodiment": m.embodiment} | ({"departed": True} if m in consortium.departed else {})
             for m in [*consortium.members, *consortium.departed]
         ],
     }  # fmt: skip

@@ -258,9 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     executor = TaskExecutor(args.runtime_api_address)
 
     def on_signal(signum: int, _frame) -> None:
+        # At once, busy or not: an idle executor may sit in a retried poll of a SuperNode that is
+        # itself stopping (a walkthrough's `kyodo-member start` took up to 19 s to end).
         stop.set()
-        if getattr(executor, "busy", False):
-            raise SystemExit(128 + signum)
+        raise SystemExit(128 + signum if getattr(executor, "busy", False) else 0)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)

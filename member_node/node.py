@@ -125,7 +125,8 @@ def _pinned_keys(identity: MemberIdentity) -> dict[str, str] | None:
         consortium = load_consortium(identity.consortium_file)
     except (ConsortiumError, OSError) as err:
         raise NodeConfigError(f"node config 'consortium-file': {err}") from None
-    return {name: member.public_key for name, member in consortium.members.items()}
+    # A member that left is no longer accepted in a cohort: the file keeps it for audits only.
+    return {name: member.public_key for name, member in consortium.members.items() if not member.departed}
 
 
 class MemberNode:

@@ -385,7 +385,7 @@ def trust_consortium(directory: Path | str, consortium_file: Path | str) -> tupl
     tmp.replace(target)
     setup.consortium_file = str(target)
     save_setup(setup)
-    return setup, sorted(consortium.members)
+    return setup, sorted(name for name, m in consortium.members.items() if not m.departed)
 
 
 def change_budget(
@@ -815,8 +815,18 @@ class SuperNodeRunner:
     def _once(self) -> int:
         port = self.setup.runtime_port or free_port()
         outcome = self._attempt(port)
-        if self.stopping or outcome.code in _GRACEFUL:
+        if self.stopping:
             return 0
+        if outcome.code in _GRACEFUL:
+            # Nobody asked it to stop, and Flower says nothing on its way out: the SuperLink
+            # ended this node's registration (a walkthrough's removed member saw only
+            # "SuperNode terminated gracefully").
+            raise SetupError(
+                "the SuperLink ended this node's session without it being stopped here: most likely the operator "
+                "removed this member from the consortium (kyodo-coordinator remove-member) or unregistered its key. "
+                f"Ask the operator; keep {Path(self.setup.state_dir) / 'ledger.jsonl'}: auditors of the runs this "
+                "member trained in need a copy of it"
+            )
         if outcome.key_unreadable:
             raise SetupError(f"flower-supernode could not read the key {self.setup.auth_key}")
         if outcome.tls_refused:

@@ -577,7 +577,7 @@ def test_a_run_that_cannot_be_continued_is_refused_at_submission_but_not_its_res
     deploy.run_config(consortium, tmp_path / "run", None, gone, {})
 
 
-def test_a_member_that_leaves_is_taken_out_of_runs_and_kept_for_audits(tmp_path, capsys):
+def test_a_member_that_leaves_is_taken_out_of_runs_and_kept_for_audits(tmp_path, capsys, tiny_cfg):
     from privacy.audit.consortium import load_consortium as load_audit_consortium
 
     op_dir = tmp_path / "operator"
@@ -594,7 +594,15 @@ def test_a_member_that_leaves_is_taken_out_of_runs_and_kept_for_audits(tmp_path,
     assert "fanuc removed" in said and "unregistered when the SuperLink next starts" in said  # none runs here
     consortium = deploy.load_consortium(op)
     assert [m.name for m in consortium.members] == ["sony"] and [m.name for m in consortium.departed] == ["fanuc"]
-    assert set(load_audit_consortium(op.audit_consortium).members) == {"sony", "fanuc"}
+    published = load_audit_consortium(op.audit_consortium).members
+    assert set(published) == {"sony", "fanuc"} and published["fanuc"].departed and not published["sony"].departed
+    # Members pinning that file accept its key no more (it is there for the runs it trained in).
+    from member_node.node import _pinned_keys
+
+    sony = supernode.load_setup(tmp_path / "sony")
+    _, listed = supernode.trust_consortium(sony.dir, op.audit_consortium)
+    assert listed == ["sony"]
+    assert set(_pinned_keys(_resolved(supernode.load_setup(sony.dir), tiny_cfg))) == {"sony"}
     assert coordinator_main(["remove-member", str(op_dir), "fanuc"]) == 3
     assert "(it left already); its members: sony" in " ".join(capsys.readouterr().out.split())
     # Its name stays its own: the published ledger key under it is the one its runs are checked against.
@@ -988,9 +996,13 @@ def deployment(tmp_path_factory, procs):
     assert [j.wait(timeout=300) for j in jobs] == [0] * len(jobs)
     for name, _, _ in TRIO:
         _cli("coordinator.cli", "add-member", str(op_dir), str(root / name / "membership.json"))
-    # A fourth member, admitted, registered at start, and gone before the run: the run must not wait for it.
+    # A fourth member, admitted, registered at start, its node up, and gone before the run: the
+    # run must not wait for it, and its node must say why it ended.
+    leaver_data = root / "data" / "leaver"
+    _cli("member_node.cli", "data", "synth", "--embodiment", "franka", "--episodes", "8", "--seed", "44",
+         "--out", str(leaver_data))  # fmt: skip
     supernode.init_member(
-        root / "leaver", member="leaver", embodiment="franka", data_dir=root / "data" / "sony", epsilon=8,
+        root / "leaver", member="leaver", embodiment="franka", data_dir=leaver_data, epsilon=8,
         delta=1e-5, superlink=f"127.0.0.1:{port}", root_certificates=ca, require_pinned_keys=False,
     )  # fmt: skip
     _cli("coordinator.cli", "add-member", str(op_dir), str(root / "leaver" / "membership.json"))
@@ -1014,7 +1026,10 @@ def deployment(tmp_path_factory, procs):
     t = time.monotonic()
     link = start_superlink("1")
     left = {"registered": json.loads(op.registered.read_text())}
+    leaver = start_member("leaver")
+    _wait_for("the leaver's node", lambda: "SuperNode ID" in leaver.output(), 180, procs=[leaver])
     left["said"] = _cli("coordinator.cli", "remove-member", str(op_dir), "leaver")
+    left["node code"], left["node said"] = leaver.wait(timeout=180), leaver.output()
     left["registered after"] = json.loads(op.registered.read_text())
     left["nodes after"] = deploy.flwr_cli(op, "supernode", "list", deploy.CONNECTION).get("nodes", [])
     nodes = {name: start_member(name) for name, _, _ in TRIO}
@@ -1169,6 +1184,11 @@ def test_a_member_that_left_is_unregistered_and_stays_auditable(deployment):
     assert "member leaver removed" in said and "SuperNode key is unregistered." in said
     assert "leaver" not in left["registered after"] and set(left["registered after"]) == {n for n, _, _ in TRIO}
     assert {str(n["node-id"]): n["status"] for n in left["nodes after"]}[node] == "unregistered"
+    # Its own node, up until then, ends saying why, and what to keep.
+    assert left["node code"] == 3, left["node said"][-2000:]
+    node_said = " ".join(left["node said"].split())
+    assert "most likely the operator removed this member from the consortium" in node_said
+    assert "auditors of the runs this member trained in need a copy of it" in node_said
     consortium = deploy.load_consortium(op)
     assert consortium.member("leaver") is None and [m.name for m in consortium.departed] == ["leaver"]
     assert "leaver" in load_audit_consortium(op.audit_consortium).members  # its ledger key stays published

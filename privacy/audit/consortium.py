@@ -44,7 +44,7 @@ from privacy.ledger import parse_strict_json
 FORMAT = "kyodo-consortium"
 VERSION = 1
 _TOP_KEYS = {"format", "version", "name", "members", "coordinator_public_key"}
-_MEMBER_KEYS = {"member", "public_key", "epsilon", "delta", "embodiment", "accountant"}
+_MEMBER_KEYS = {"member", "public_key", "epsilon", "delta", "embodiment", "accountant", "departed"}
 _REQUIRED_MEMBER_KEYS = ("member", "public_key", "epsilon", "delta")
 
 
@@ -62,6 +62,9 @@ class Member:
     delta: float
     embodiment: str = ""
     accountant: str = ""
+    # Left the consortium (kyodo-coordinator remove-member): listed for the runs it trained in,
+    # never seated again, and its key no longer accepted by members that pin this file.
+    departed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -74,6 +77,8 @@ class Member:
             out["embodiment"] = self.embodiment
         if self.accountant:
             out["accountant"] = self.accountant
+        if self.departed:
+            out["departed"] = True
         return out
 
 
@@ -143,6 +148,12 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConsortiumError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
 def _text(value: Any, where: str, required: bool = True) -> str:
     if value is None and not required:
         return ""
@@ -207,6 +218,7 @@ def parse_consortium(raw: Any, source: str = "consortium") -> Consortium:
             delta=delta,
             embodiment=_text(entry.get("embodiment"), f"{where}.embodiment", required=False),
             accountant=_text(entry.get("accountant"), f"{where}.accountant", required=False),
+            departed=_flag(entry.get("departed", False), f"{where}.departed"),
         )
     name = raw.get("name")
     coordinator = raw.get("coordinator_public_key")

@@ -1017,12 +1017,15 @@ def audit_inputs(
     for name in sorted(consortium.members):
         if name not in ledgers:
             # A member the round records say trained or released a held-out error must be
-            # matched to its ledger; one that did neither in this run is only a note.
+            # matched to its ledger; one that did neither in this run is only a note, and a
+            # member that left the consortium before it, nothing at all.
             released = any(
                 isinstance(r.get(field), dict) and name in r[field]
                 for r in records.values()
                 for field in ("train", "receipts", "evaluation")
             )
+            if not released and consortium.members[name].departed:
+                continue
             result.add(
                 "input" if released else "budget",
                 f"{name} ledger",
