@@ -1,11 +1,14 @@
 """What a member's ClientApp process costs before its handler runs, Opacus imported lazily or at once.
 
-In deployment Flower starts one ClientApp process per message (``../shared/notes``), so
-every message pays the import of ``member_node.client_app`` and the building of the node
-before its handler does any work. A round sends each node seven messages; four of them are
+Flower's default SuperNode starts one ClientApp process per message (``../shared/notes``), so
+every message paid the import of ``member_node.client_app`` and the building of the node
+before its handler did any work. A round sends each node seven messages; four of them are
 secure-aggregation stages that never compute an epsilon. ``privacy.accountant`` now imports
 Opacus where an epsilon is first computed; the baseline is the same child process that
 imports Opacus first, as the module-level import did, measured in the same run, alternating.
+(Members now answer from their own executor, ``member_node.executor``, which imports once;
+this still measures its start, the simulation's workers, and any node run with Flower's
+default isolation.)
 
 Each case runs in a fresh ``python`` process, timed from inside it (interpreter start is the
 same for both):

@@ -26,8 +26,8 @@ import numpy as np
 
 # Opacus is imported where an epsilon is first computed, not here. Importing any part of it
 # runs ``opacus/__init__`` (the privacy engine, torch.distributed.tensor, scipy.stats): 2.0 s
-# of the 3.7 s a member's ClientApp took to import, measured. In deployment Flower starts a
-# ClientApp process per message, and the secure-aggregation stages (four messages a round)
+# of the 3.7 s a member's ClientApp took to import, measured. Flower's default SuperNode starts
+# a ClientApp process per message, and the secure-aggregation stages (four messages a round)
 # never compute an epsilon; ``bench/clientapp_start.py`` measures what this saves them.
 
 ACCOUNTANTS = ("rdp", "prv")
