@@ -24,6 +24,7 @@ from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy
 from shared_model.config import KyodoConfig
 from shared_model.device import resolve_device
+from shared_model.durable import replace_json
 
 
 class NodeConfigError(ValueError):
@@ -117,9 +118,7 @@ BUDGET_FILE = "budget.json"  # in the state directory: the budget `kyodo-member 
 def write_budget_file(state_dir: Path, epsilon: float, delta: float) -> None:
     """Record a budget the member just set where its running node reads it at every message."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / (BUDGET_FILE + ".tmp")
-    tmp.write_text(json.dumps({"epsilon": float(epsilon), "delta": float(delta)}), encoding="utf-8")
-    tmp.replace(state_dir / BUDGET_FILE)
+    replace_json(state_dir / BUDGET_FILE, {"epsilon": float(epsilon), "delta": float(delta)})
 
 
 def _with_lowered_budget(identity: MemberIdentity) -> MemberIdentity:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shared_model.durable import replace_json
+
 QUERIED_FILE = "queried_rounds.json"  # in the node's state directory: {run: newest round queried}
 KEPT_RUNS = 64  # a run's entry matters only while it goes on; older ones are dropped
 
@@ -34,10 +36,7 @@ def note_queried(state_dir: Path, run: str, round_number: int) -> range:
     if round_number > previous:
         seen.pop(run, None)  # re-inserted last: the newest runs are the ones kept
         seen[run] = round_number
-        kept = dict(list(seen.items())[-KEPT_RUNS:])
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(kept), encoding="utf-8")
-        tmp.replace(path)
+        replace_json(path, dict(list(seen.items())[-KEPT_RUNS:]))
     return missed
 
 

@@ -52,6 +52,7 @@ from privacy.keys import (
 from privacy.ledger import RELEASE_EVALUATION, RELEASE_TRAIN, Ledger, receipt_to_json, release_of
 from privacy.secure_noise import NOISE_SOURCE
 from shared_model.config import KyodoConfig
+from shared_model.durable import replace_json
 from shared_model.policy import Policy
 from shared_model.protocol import (
     ConsistencyReply,
@@ -86,13 +87,6 @@ NOISE_PLAN_FILE = "noise_plan.json"  # the node's noise plans, one per run and b
 log = logging.getLogger("kyodo.member")
 # How a member picks up members admitted after it pinned the consortium's file.
 REPIN = "run `kyodo-member trust` with the operator's current audit-consortium.yaml and restart the node"
-
-
-def _replace_json(path: Path, obj: object, indent: int | None = None) -> None:
-    """Write ``obj`` beside ``path`` and rename it over: a reader sees the old file or the new one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
-    tmp.replace(path)
 
 
 def _model_base(model_ref: ModelRef | None) -> str:
@@ -492,12 +486,12 @@ class MemberNode:
             }
             if not persist:
                 return plan.noise_multiplier
-            _replace_json(self._plan_path, plans, indent=2)
+            replace_json(self._plan_path, plans, indent=2)
         elif persist and list(plans)[-1] != key:
             # The plan in use goes last: evaluation_room judges a release by the run's last
             # plan, and a member that changed its budget and back trains with an older one.
             plans[key] = plans.pop(key)
-            _replace_json(self._plan_path, plans, indent=2)
+            replace_json(self._plan_path, plans, indent=2)
         planned = plans[key]
         return float(planned["noise_multiplier"] if isinstance(planned, dict) else planned)
 
@@ -677,7 +671,7 @@ class MemberNode:
             before = json.loads(self._rollback_path.read_text(encoding="utf-8"))
             if before["missing_entry"] == missing_entry:
                 seen["first"] = str(before["first"])
-        _replace_json(self._rollback_path, seen)
+        replace_json(self._rollback_path, seen)
 
     def _dp_round(
         self,

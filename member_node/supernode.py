@@ -403,10 +403,10 @@ def change_budget(
 
     setup = load_setup(directory)
     try:
-        entries = Ledger(Path(setup.state_dir) / "ledger.jsonl").releases()
+        ledger = Ledger(Path(setup.state_dir) / "ledger.jsonl")
+        entries, spent = ledger.releases(), ledger.spent_epsilon()
     except LedgerError as err:
         raise SetupError(f"the ledger does not verify ({err}): fix it before changing the budget") from None
-    spent = max((float(e["epsilon"]) for e in entries), default=0.0)
     new_epsilon = setup.epsilon if epsilon is None else float(epsilon)
     new_delta = setup.delta if delta is None else float(delta)
     _check_budget(new_epsilon, new_delta)
@@ -590,7 +590,7 @@ def warn_budget_spent(setup: MemberSetup) -> float:
 
     path = Path(setup.state_dir) / "ledger.jsonl"
     try:
-        spent = max((float(e["epsilon"]) for e in Ledger(path).releases()), default=0.0)
+        spent = Ledger(path).spent_epsilon()
     except (LedgerError, OSError, KeyError, ValueError):
         return 0.0
     if setup.dp and spent > setup.epsilon:
