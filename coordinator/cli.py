@@ -239,13 +239,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _model_config(run_dir: str) -> dict | None:
     """The run's ``model`` and ``embodiments`` settings (its config.yaml), for the export's config.json."""
-    import yaml
+    from coordinator.run_status import run_settings
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return None
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return {key: cfg[key] for key in ("model", "embodiments") if key in cfg}
+    settings = run_settings(Path(run_dir))
+    return {key: settings[key] for key in ("model", "embodiments") if key in settings} or None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -276,7 +273,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     a round in flight has written objects no manifest names yet, and gc would delete them (a
     walkthrough ran gc 38 times during a run; nothing stopped it). It holds the run's lock
     while it works, so no coordinator starts on the run meanwhile either."""
-    from coordinator.run_lock import RunInUseError, holding_run, run_holder
+    from coordinator.run_lock import RunInUseError, holding_run
     from shared_model.store import ShardStore, StoreError
 
     run_dir = Path(args.run_dir)
@@ -287,11 +284,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     try:
         with holding_run(run_dir):
             report = ShardStore(run_dir / "store").gc(keep_last=args.keep_last)
-    except RunInUseError:
-        holder = run_holder(run_dir)
+    except RunInUseError as err:
         console.print(
-            f"[red]gc refused:[/] a coordinator runs {run_dir} now{f' ({holder})' if holder else ''}, and a round in "
-            "flight has objects no manifest names yet: run gc once the run has ended or is stopped",
+            f"[red]gc refused:[/] a coordinator runs {run_dir} now{f' ({err.holder})' if err.holder else ''}, "
+            "and a round in flight has objects no manifest names yet: run gc once the run has ended or is stopped",
             highlight=False,
         )
         return 1

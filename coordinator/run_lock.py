@@ -23,7 +23,11 @@ LOCK_FILE = ".coordinator.lock"
 
 
 class RunInUseError(RuntimeError):
-    """Another coordinator is running this run directory right now."""
+    """Another coordinator is running this run directory right now (``holder``: "pid .., since ..", or "")."""
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def _holder(path: Path) -> str:
@@ -37,7 +41,8 @@ def _holder(path: Path) -> str:
 def _in_use(run_dir: Path, holder: str) -> RunInUseError:
     return RunInUseError(
         f"{run_dir} is being run by another coordinator{f' ({holder})' if holder else ''}: wait for it to end "
-        "(kyodo-coordinator status shows it) or stop it (kyodo-coordinator stop, in a deployment) before resuming"
+        "(kyodo-coordinator status shows it) or stop it (kyodo-coordinator stop, in a deployment) before resuming",
+        holder,
     )
 
 

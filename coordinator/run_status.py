@@ -76,13 +76,20 @@ def head_round(run_dir: Path) -> int | None:
     return head.round if head else None
 
 
-def planned_rounds(run_dir: Path) -> int | None:
-    """The rounds the run was last submitted for (its ``config.yaml``), so that a run that
-    stopped early reads as such."""
+def run_settings(run_dir: Path) -> dict[str, Any]:
+    """The settings the run was last submitted with (its ``config.yaml``); {} when it has none
+    that read (a run not started yet, or a damaged file)."""
     try:
-        rounds = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["train"]["rounds"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None
+        settings = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def planned_rounds(run_dir: Path) -> int | None:
+    """The rounds the run was last submitted for, so that a run that stopped early reads as such."""
+    train = run_settings(run_dir).get("train")
+    rounds = train.get("rounds") if isinstance(train, dict) else None
     return rounds if isinstance(rounds, int) else None
 
 
