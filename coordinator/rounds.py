@@ -358,7 +358,7 @@ class RoundRunner:
         for m in self.members.values():
             if not m.can_train:
                 log.info("round %d: %s sits out (%s)", round_number, m.name, self.sits_out.get(m.name, "?"))
-        return plan_round(
+        plan = plan_round(
             round_number,
             available,
             n_layers=self.cfg.model.n_layers,
@@ -367,6 +367,18 @@ class RoundRunner:
             min_cohort=self.cfg.train.min_cohort,
             experts_per_member=self.cfg.train.experts_per_member,
         )
+        if available and all(shard.startswith("adapter/emb/") for shard in plan.cohorts):
+            # Warned, not refused: a robot's adapter is still worth training, but every member
+            # pays a round of its budget for it, which the operator should see coming.
+            log.warning(
+                "round %d trains embodiment adapters only: %d member(s) can train, fewer than "
+                "train.min_cohort (%d), so no expert or shared adapter has a cohort; each of them "
+                "still spends its budget on its own robot's adapter",
+                round_number,
+                len(available),
+                self.cfg.train.min_cohort,
+            )
+        return plan
 
     # ------------------------------------------------------------------ train + aggregate
     def _trainable_shapes(self, shard: str) -> dict[str, tuple[int, ...]]:

@@ -357,6 +357,32 @@ def test_a_member_pinned_to_an_older_consortium_file_sits_out_before_anyone_trai
     assert runner.sits_out == {}
 
 
+def test_a_round_with_fewer_than_a_cohort_able_to_train_warns_that_only_adapters_train(tmp_path, caplog):
+    """Two of four out of budget leave two who can train: no expert or shared adapter gets a
+    cohort of three, yet both still spend a round of budget on their own robot's adapter."""
+    cfg = load_config(model="tiny", overrides=["secagg.enabled=false", "train.min_cohort=3"])
+    state = RunState(cfg, tmp_path)
+    state.commit_initial(initial_model(cfg), {"run": "t"})
+    members = {m.name: m.embodiment for m in cfg.federation.members}
+    grid = FakeGrid(members, state.layout, sitting_out={"sony": EXHAUSTED, "fanuc": EXHAUSTED})
+    runner = RoundRunner(cfg, grid, state, run_id="t", timeout=30)
+    runner.query(1)
+    with caplog.at_level(logging.INFO, logger="kyodo"):
+        plan = runner.plan(1)
+    assert set(plan.cohorts) == {"adapter/emb/aloha", "adapter/emb/agv"}
+    assert "round 1 trains embodiment adapters only: 2 member(s) can train" in caplog.text
+    assert "train.min_cohort (3)" in caplog.text
+
+    # With three able to train the shared shards have their cohort: no warning.
+    caplog.clear()
+    grid = FakeGrid(members, state.layout, sitting_out={"sony": EXHAUSTED})
+    runner = RoundRunner(cfg, grid, state, run_id="t", timeout=30)
+    runner.query(1)
+    with caplog.at_level(logging.INFO, logger="kyodo"):
+        plan = runner.plan(1)
+    assert "adapter/shared" in plan.cohorts and "adapters only" not in caplog.text
+
+
 def test_a_shard_secure_aggregation_could_not_recover_names_who_sent_no_update():
     """ "2 of 3 members shared keys" names no one: the shard's reason says who sat out and why."""
     from coordinator.planner import RoundPlan
