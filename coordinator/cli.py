@@ -507,16 +507,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     from coordinator.run_status import StoreError, status_tables
 
     run_dir, op = Path(args.run_dir), operator_dir(args.run_dir)
+    budgets = None
     try:
         if op.consortium.is_file():  # an operator directory: its newest run, or the one named
             run_dir = submitted_run_dir(op, args.run)
             console.print(f"{'newest run' if args.run is None else 'run'}: {run_dir}", highlight=False)
+            budgets = _published_budgets(op.audit_consortium)
         elif args.run is not None:
             raise DeployError(
                 f"{args.run_dir} is not an operator directory (no {op.consortium.name}): "
                 f"a run id or run directory ({args.run}) needs the operator directory that submitted it"
             )
-        tables = status_tables(run_dir, rounds=[args.round] if args.round is not None else None)
+        tables = status_tables(run_dir, rounds=[args.round] if args.round is not None else None, budgets=budgets)
     except (FileNotFoundError, StoreError, DeployError, LookupError) as err:
         console.print(f"[red]error:[/] {err}", highlight=False)
         return 2
@@ -524,6 +526,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(table)
     console.print(_run_activity(run_dir, op.root if op.consortium.is_file() else None), highlight=False)
     return 0
+
+
+def _published_budgets(path: Path) -> dict[str, float] | None:
+    """Members' published epsilons from the operator's audit-consortium.yaml (departed members
+    included: the runs they trained in still show what they were held to); None, with a
+    warning, when it cannot be read: status still shows the run."""
+    from privacy.audit.consortium import ConsortiumError, load_consortium
+
+    if not path.is_file():
+        return None
+    try:
+        return {name: member.epsilon for name, member in load_consortium(path).members.items()}
+    except ConsortiumError as err:
+        console.print(f"[yellow]warning:[/] published budgets not shown: {err}", highlight=False)
+        return None
 
 
 def _run_activity(run_dir: Path, operator: Path | None) -> str:

@@ -10,7 +10,7 @@ was aggregated.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,11 +229,15 @@ def shards_table(report: RunReport) -> Table:
     return table
 
 
-def participation_table(report: RunReport) -> Table:
+def participation_table(report: RunReport, budgets: Mapping[str, float] | None = None) -> Table:
     """Per member and round: trained (T), trained but failed in a later stage (T!: its update
     was lost, its budget spent; T~: part of it was used, e.g. its own adapter's), declined (D),
     failed (F: no update arrived; whether it spent is in its ledger, not here), evaluated only
-    (e), absent (-)."""
+    (e), absent (-: no node of it answered that round's query).
+
+    ``budgets``: each member's published epsilon (the operator's audit-consortium.yaml), shown
+    beside what its newest receipt says it spent, so that the operator sees who is about to run
+    out without asking the members; a receipt over it is flagged, since auditors will fail it."""
     rounds = sorted(r for r in report.records if r > 0)
     table = Table(
         title="member participation (T trained, T! trained then failed: update lost, T~ trained then failed: "
@@ -242,7 +246,8 @@ def participation_table(report: RunReport) -> Table:
     table.add_column("member")
     for rnd in rounds:
         table.add_column(f"r{rnd}", justify="center")
-    for col in ("rounds trained", "ε after last receipt held", "bytes received"):
+    spent_column = "ε after last receipt held" + (" / published budget" if budgets else "")
+    for col in ("rounds trained", spent_column, "bytes received"):
         table.add_column(col, justify="right")
     for member in report.members:
         cells, trained, received = [], 0, 0
@@ -262,8 +267,16 @@ def participation_table(report: RunReport) -> Table:
         epsilon = _newest_receipt_epsilon(report, member)
         for rec in report.records.values():
             received += int((rec.get("sync_bytes") or {}).get(member, 0))
-        table.add_row(member, *cells, str(trained), f"{epsilon:.3f}" if epsilon is not None else "-", f"{received:,}")
+        table.add_row(member, *cells, str(trained), _spent_cell(epsilon, (budgets or {}).get(member)), f"{received:,}")
     return table
+
+
+def _spent_cell(epsilon: float | None, budget: float | None) -> str:
+    spent = f"{epsilon:.3f}" if epsilon is not None else "-"
+    if budget is None:
+        return spent
+    over = epsilon is not None and epsilon > budget
+    return f"[red]{spent}/{budget:g} over[/]" if over else f"{spent}/{budget:g}"
 
 
 def _trained_cell(rec: dict, member: str) -> str:
@@ -317,9 +330,12 @@ def declines_table(report: RunReport) -> Table | None:
     return table
 
 
-def status_tables(run_dir: Path | str, rounds: Sequence[int] | None = None) -> list[Table]:
+def status_tables(
+    run_dir: Path | str, rounds: Sequence[int] | None = None, budgets: Mapping[str, float] | None = None
+) -> list[Table]:
     """Every table ``status`` prints; raises ``FileNotFoundError`` or ``StoreError``, and
-    ``LookupError`` for a round the run never committed (it printed an empty cohorts table)."""
+    ``LookupError`` for a round the run never committed (it printed an empty cohorts table).
+    ``budgets``: members' published epsilons, for the participation table."""
     report = load_report(run_dir)
     known = set(report.manifests) | set(report.records)
     missing = sorted(set(rounds or ()) - known)
@@ -327,7 +343,7 @@ def status_tables(run_dir: Path | str, rounds: Sequence[int] | None = None) -> l
         raise LookupError(
             f"{run_dir} has no round {missing[0]} (its rounds: {', '.join(map(str, sorted(known))) or 'none yet'})"
         )
-    tables = [rounds_table(report), cohorts_table(report, rounds), shards_table(report), participation_table(report)]
+    tables = [rounds_table(report), cohorts_table(report, rounds), shards_table(report), participation_table(report, budgets)]
     declines = declines_table(report)
     return [*tables, declines] if declines is not None else tables
 

@@ -808,6 +808,17 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     assert coordinator_main(["status", str(op_dir)]) == 0
     out = capsys.readouterr().out
     assert f"newest run: {run}" in out and "yes (gc)" in out
+    # Given the operator directory, each member's spend stands against the budget it published.
+    from privacy.audit.consortium import Consortium, Member, dump_consortium
+
+    published = Member(name="honda", public_key="ab" * 32, epsilon=8.0, delta=1e-5)
+    dump_consortium(Consortium(members={"honda": published}), op.audit_consortium)
+    assert coordinator_main(["status", str(op_dir)]) == 0
+    assert "7.250/8" in capsys.readouterr().out
+    op.audit_consortium.write_text("members: [", encoding="utf-8")  # damaged: the run is still shown
+    assert coordinator_main(["status", str(op_dir)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "published budgets not shown" in out and "7.250" in out and "7.250/8" not in out
     # The Flower run id `run` printed names the same run; one this directory never submitted, or
     # a run id after a run directory, is refused with the reason.
     assert coordinator_main(["status", str(op_dir), "3"]) == 0
