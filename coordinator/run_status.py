@@ -343,7 +343,12 @@ def status_tables(
         raise LookupError(
             f"{run_dir} has no round {missing[0]} (its rounds: {', '.join(map(str, sorted(known))) or 'none yet'})"
         )
-    tables = [rounds_table(report), cohorts_table(report, rounds), shards_table(report), participation_table(report, budgets)]
+    tables = [
+        rounds_table(report),
+        cohorts_table(report, rounds),
+        shards_table(report),
+        participation_table(report, budgets),
+    ]
     declines = declines_table(report)
     return [*tables, declines] if declines is not None else tables
 

@@ -130,7 +130,10 @@ def test_participation_shows_each_members_spend_against_its_published_budget(tmp
     def receipt(epsilon: float, time: str) -> dict:
         return {"epsilon": epsilon, "time": time}
 
-    record = {"train": {"sony": {}, "fanuc": {}}, "receipts": {"sony": receipt(2.43, "t1"), "fanuc": receipt(8.2, "t1")}}
+    record = {
+        "train": {"sony": {}, "fanuc": {}},
+        "receipts": {"sony": receipt(2.43, "t1"), "fanuc": receipt(8.2, "t1")},
+    }
     report = RunReport(run_dir=tmp_path, head=1, records={1: record})
     console = Console(width=300, record=True)
     console.print(participation_table(report, {"sony": 2.6, "fanuc": 8.0}))
