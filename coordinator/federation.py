@@ -317,6 +317,7 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
                 log.warning("round %d: no member available, nothing trained", rnd)
             failpoint(rnd, "after-train")
             record = _record(result, cfg.secagg.enabled, dict(runner.sync.sent_bytes), runner.head_receipts())
+            record["absent"] = dict(runner.absent)
             # As a JSON string: the receipts' 64-hex hashes and keys must not read as store object ids.
             extra = {"run": run_id, ROUND_RECORD_KEY: json.dumps(record, sort_keys=True)}
             manifest = state.commit_objects(rnd, runner.pending, runner.pending_state, extra)

@@ -219,6 +219,8 @@ class RoundRunner:
         self.public_keys: dict[str, str] = {}  # member -> hex Ed25519 key from query
         self.epsilon: dict[str, tuple[float, float]] = {}  # member -> (spent, budget) as reported
         self.sits_out: dict[str, str] = {}  # member -> why it cannot train this round (its query reply)
+        # consortium member -> why it is not in this round at all (no answer of its node was taken)
+        self.absent: dict[str, str] = {}
         self._not_pinned_by: dict[str, list[str]] = {}  # member left out -> the seated members that did not pin it
         self.eval_withheld: dict[str, str] = {}  # member -> why it released no held-out error (last evaluate)
         # member -> the newest receipt it sent: every request carries its hash, and a node
@@ -229,15 +231,18 @@ class RoundRunner:
     def query(self, round_number: int) -> dict[int, MemberInfo]:
         node_ids = list(self.grid.get_node_ids())
         replies: dict[int, QueryReply] = {}
+        refused: dict[int, str] = {}  # node -> why its answer was not taken
 
         def on_reply(reply: Message, node: int) -> None:
             if reply.has_error():
                 log.warning("node %s declined query: %s", node, reply.error.reason)
+                refused[node] = f"its node declined the query: {reply.error.reason}"
                 return
             try:
                 info = QueryReply.from_content(reply.content)
             except ProtocolError as err:
                 log.warning("node %s: %s", node, err)
+                refused[node] = f"its node's query answer was malformed: {err}"
                 return
             refusal = self._impersonation(node, info)
             if refusal:
@@ -253,6 +258,7 @@ class RoundRunner:
         sent = {n: self.ledger_head(known.get(n, "")) for n in node_ids}
         for node in self._exchange_queries(round_number, sent, on_reply):
             log.warning("node %s did not answer query in time", node)
+            refused[node] = "its node did not answer the query in time"
         # A node whose member turned out to be another than the head was sent for (node ids
         # not pinned, after a restart) is asked again with its own member's head: a rolled-back
         # node then sits the round out now, instead of declining at train and breaking its cohorts.
@@ -265,6 +271,7 @@ class RoundRunner:
             log.info("asking nodes %s again with their members' ledger heads", sorted(again))
             for node in self._exchange_queries(round_number, again, on_reply):
                 log.warning("node %s did not answer its second query in time: left out of round %d", node, round_number)
+                refused[node] = "its node did not answer its second query in time"
             for node in again:
                 if node in replies and replies[node].member != claimed[node]:
                     log.error(
@@ -275,8 +282,40 @@ class RoundRunner:
         if duplicated:
             log.error("nodes claim the same member name %s: they are left out", sorted(duplicated))
         self.members = self._admit({node: info for node, info in replies.items() if info.member not in duplicated})
+        self.absent = self._absent(known, set(node_ids), refused, duplicated)
         self._tell_unseated(round_number)
         return self.members
+
+    def _absent(
+        self, known: Mapping[int, str], online: set[int], refused: Mapping[int, str], duplicated: set[str]
+    ) -> dict[str, str]:
+        """Why each consortium member is in no part of the round: the participation table's
+        "-" said only that it was not there, and the reason was in the coordinator's log alone.
+        A node is tied to its member by its registered node id or an earlier answer; a member
+        whose node nobody knows yet is "not connected"."""
+        present = {m.name for m in self.members.values()}
+        node_of = {name: node for node, name in known.items()}
+        # Nodes that gave no usable answer and were never tied to a member: one of them may be
+        # the member's, so "not connected" would be a guess.
+        anonymous = sorted({why for node, why in refused.items() if node not in known})
+        absent = {}
+        for member in sorted(m.name for m in self.cfg.federation.members):
+            if member in present:
+                continue
+            node = node_of.get(member)
+            if member in duplicated:
+                absent[member] = "two nodes answered as this member: both were left out"
+            elif node is not None and node in refused:
+                absent[member] = refused[node]
+            elif node is not None and node in online:
+                absent[member] = "its node's answer was refused (the coordinator's log says why)"
+            elif node is None and anonymous:
+                absent[member] = (
+                    f"no node answered as it; connected nodes of unknown members gave: {'; '.join(anonymous)}"
+                )
+            else:
+                absent[member] = "its node was not connected when the round began"
+        return absent
 
     def _tell_unseated(self, round_number: int) -> None:
         """Tell each member left out because others did not pin it why, on its own node: its

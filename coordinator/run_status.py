@@ -37,7 +37,7 @@ class RunReport:
     def members(self) -> list[str]:
         names: set[str] = set()
         for rec in self.records.values():
-            for key in ("evaluation", "train", "declined", "failed", "sync_bytes"):
+            for key in ("evaluation", "train", "declined", "failed", "sync_bytes", "absent"):
                 names.update(rec.get(key) or {})
             for cohort in (rec.get("cohorts") or {}).values():
                 names.update(cohort)
@@ -310,19 +310,25 @@ def _newest_receipt_epsilon(report: RunReport, member: str) -> float | None:
 
 
 def declines_table(report: RunReport) -> Table | None:
-    """Why members sat rounds out, failed, or released no held-out error ("no eval", round 0
-    included), one row per member and reason (None when none did): the participation
-    table's D and F say only that they did."""
+    """Why members were absent, sat rounds out, failed, or released no held-out error ("no
+    eval", round 0 included), one row per member and reason (None when none did): the
+    participation table's -, D and F say only that they did."""
     reasons: dict[tuple[str, str, str], list[int]] = {}
     for rnd in sorted(report.records):
         rec = report.records[rnd]
-        for kind, key in (("declined", "declined"), ("failed", "failed"), ("no eval", "evaluation_withheld")):
+        kinds = (
+            ("absent", "absent"),
+            ("declined", "declined"),
+            ("failed", "failed"),
+            ("no eval", "evaluation_withheld"),
+        )
+        for kind, key in kinds:
             for member, why in (rec.get(key) or {}).items():
                 if not is_shard_id(member):  # a shard's failure is in the cohorts table
                     reasons.setdefault((member, kind, str(why)), []).append(rnd)
     if not reasons:
         return None
-    table = Table(title="why members sat out or failed", box=box.SIMPLE_HEAD, collapse_padding=True)
+    table = Table(title="why members were absent, sat out or failed", box=box.SIMPLE_HEAD, collapse_padding=True)
     for col in ("member", "rounds", "", "reason"):
         table.add_column(col, no_wrap=col != "reason", overflow="fold")
     for (member, kind, why), rounds in sorted(reasons.items(), key=lambda item: (item[0][0], item[1])):

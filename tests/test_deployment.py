@@ -738,6 +738,7 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
             "ledger_heads": {"sony": {"epsilon": 1.25}, "honda": {"epsilon": 7.25, "time": "2026-11-30T00:00:00"}},
             "evaluation": {"sony": {"action_mse": 0.1, "receipt": json.dumps({"epsilon": 1.5})}},
             "sync_bytes": {"sony": 10, "honda": 10}, "seconds": 3.0,
+            "absent": {"fanuc": "its node was not connected when the round began"},
         },
     )  # fmt: skip
     (run / "config.yaml").write_text("train:\n  rounds: 3\n")
@@ -764,7 +765,10 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
     assert "HEAD" in out and "adapter/emb/so100" in out and "1.500" in out
     # honda only declined here: its epsilon is that of the receipt of an earlier run the
     # coordinator held, and why it sat out is said
-    assert "7.250" in out and "why members sat out or failed" in out
+    assert "7.250" in out and "why members were absent, sat out or failed" in out
+    said = " ".join(out.split())
+    assert "fanuc 1 absent its node was not connected when the round began" in said
+    assert any(line.replace("│", " ").split()[:2] == ["fanuc", "-"] for line in out.splitlines())
     assert any(line.split() == ["honda", "1", "declined", "no", "budget"] for line in out.splitlines())
     assert any(
         line.split() == ["honda", "0", "no", "eval", "privacy", "budget", "exhausted"] for line in out.splitlines()
@@ -1133,7 +1137,7 @@ def test_the_deployed_run_completes_and_commits_two_rounds(deployment):
     records = read_records(out_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
     assert set(records[2]["train"]) == {"honda", "sony", "softbank"}, (records[2]["failed"], records[2]["declined"])
-    assert records[2]["secure_aggregation"] is True
+    assert records[2]["secure_aggregation"] is True and records[2]["absent"] == {}
     assert all(v in ("secagg", "single") for v in records[2]["aggregation"].values())
     # The run pinned every member to its registration (so it held against a node naming another).
     members = yaml.safe_load((out_dir / "config.yaml").read_text())["federation"]["members"]

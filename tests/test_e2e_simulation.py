@@ -87,6 +87,7 @@ def test_secure_aggregation_can_be_switched_off_and_the_record_says_so(plaintext
     assert records[1]["secure_aggregation"] is False
     assert records[1]["updated_shards"]
     assert set(records[1]["aggregation"].values()) == {"plaintext"}
+    assert records[1]["absent"] == {}, "every member's node answered"
 
 
 def test_a_run_starts_from_the_published_checkpoint_and_records_its_hash(plaintext_run, published_checkpoint):

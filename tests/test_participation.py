@@ -15,6 +15,7 @@ from coordinator.federation import initial_model
 from coordinator.rounds import RoundRunner
 from coordinator.run_state import RunState
 from shared_model.config import load_config
+from shared_model.protocol import QUERY
 from tests.round_fakes import FakeGrid
 
 EXHAUSTED = "privacy budget exhausted: epsilon 8 of 8 spent"
@@ -381,6 +382,35 @@ def test_a_round_with_fewer_than_a_cohort_able_to_train_warns_that_only_adapters
     with caplog.at_level(logging.INFO, logger="kyodo"):
         plan = runner.plan(1)
     assert "adapter/shared" in plan.cohorts and "adapters only" not in caplog.text
+
+
+def test_a_member_absent_from_a_round_has_its_reason_recorded(tmp_path):
+    """The participation table's "-" said only that a member was not there; why (its node not
+    connected, silent, or erring at query) was in the coordinator's log alone."""
+    cfg = load_config(model="tiny", overrides=["secagg.enabled=false", "train.min_cohort=1"])
+    state = RunState(cfg, tmp_path)
+    state.commit_initial(initial_model(cfg), {"run": "t"})
+    members = {m.name: m.embodiment for m in cfg.federation.members}
+    grid = FakeGrid(members, state.layout, gone={"fanuc": {QUERY}})
+    runner = RoundRunner(cfg, grid, state, run_id="t", timeout=2)
+    gone = "Error: Node Unavailable - the node did not heartbeat"
+    runner.query(1)  # nothing ties the erring node to fanuc yet (no registered node ids here)
+    assert runner.absent == {"fanuc": f"no node answered as it; connected nodes of unknown members gave: "
+                             f"its node declined the query: {gone}"}  # fmt: skip
+    grid.gone = {}
+    runner.query(2)  # now every node has answered once: whose node is whose is known
+    assert runner.absent == {}
+    grid.gone = {"fanuc": {QUERY}}
+    grid.script["sony"] = [None]  # its node stays connected but never answers
+    honda = next(node for node, name in grid.names.items() if name == "honda")
+    del grid.names[honda]  # disconnected: the SuperLink no longer lists it
+    runner.query(3)
+    assert runner.absent == {
+        "fanuc": f"its node declined the query: {gone}",
+        "honda": "its node was not connected when the round began",
+        "sony": "its node did not answer the query in time",
+    }
+    assert [m.name for m in runner.members.values()] == ["softbank"]
 
 
 def test_a_shard_secure_aggregation_could_not_recover_names_who_sent_no_update():
