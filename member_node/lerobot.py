@@ -6,8 +6,8 @@ demo data goes through the very reader real users rely on. No hub access, no ``l
 dependency: the layout is small enough to implement directly::
 
     meta/info.json                                   schema, fps, path templates, totals
-    meta/stats.json                                  per-feature min/max/mean/std/count
-    meta/tasks.parquet                               task text -> task_index
+    meta/stats.json                                  per-feature min/max/mean/std/count/quantiles
+    meta/tasks.parquet                               task text (the pandas index) -> task_index
     meta/episodes/chunk-000/file-000.parquet         one row per episode: length, file, row range
     data/chunk-XXX/file-XXX.parquet                  frames of many episodes per file
 
@@ -43,7 +43,14 @@ DEFAULT_VIDEO_FILES_SIZE_IN_MB = 200
 
 STATE = "observation.state"
 ENV_STATE = "observation.environment_state"
-IMAGE_FEATURES = "observation.image_features"
+# Not "observation.image_features", the name kyodo wrote first: LeRobot takes any feature whose
+# key contains "image" for a camera and refuses its (8,)-shaped stats as not (3, 1, 1) (lerobot
+# 0.4.4's compute_stats; a check with the real library could neither write an agv dataset nor
+# merge kyodo's). Datasets written under the old name are still read.
+IMAGE_FEATURES = "observation.camera_embedding"
+LEGACY_KEYS = {IMAGE_FEATURES: "observation.image_features"}
+# The quantiles LeRobot's stats carry (its QUANTILES normalisation needs q01 and q99).
+QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 ACTION = "action"
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 
@@ -250,13 +257,36 @@ def _write_all(
         )
         _write_parquet(root / DATA_PATH.format(chunk_index=chunk, file_index=file), table)
 
-    episode_table = _episodes_table(lengths, starts, files, task, columns)
+    episode_table = _episodes_table(lengths, starts, files, task, {**columns, **frame_columns})
     _write_parquet(root / EPISODES_PATH.format(chunk_index=0, file_index=0), episode_table)
-    _write_parquet(root / "meta" / "tasks.parquet", pa.table({"task_index": [0], "task": [task]}))
+    _write_parquet(root / "meta" / "tasks.parquet", _tasks_table([task]))
     stats = {k: _stats(v) for k, v in {**columns, **frame_columns}.items()}
     _write_json(root / "meta" / "stats.json", stats)
     info = _info(emb, name, keys, names, len(episodes), int(lengths.sum()), size_mb, chunks_size)
     _write_json(root / "meta" / "info.json", info)
+
+
+def _tasks_table(tasks: Sequence[str]) -> pa.Table:
+    """Task text -> task_index as LeRobot writes it: a pandas frame indexed by the text. With a
+    plain ``task`` column instead (kyodo's first layout) LeRobot read every task as its index
+    number and a recording resumed on the dataset failed (``ArrowTypeError``)."""
+    index = "__index_level_0__"
+    pandas_meta = {
+        "index_columns": [index],
+        "column_indexes": [
+            {"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
+             "metadata": {"encoding": "UTF-8"}},
+        ],
+        "columns": [
+            {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+             "metadata": None},
+            {"name": None, "field_name": index, "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
+        ],
+        "attributes": {},
+        "creator": {"library": "pyarrow", "version": pa.__version__},
+    }  # fmt: skip
+    table = pa.table({"task_index": pa.array(range(len(tasks)), type=pa.int64()), index: pa.array(list(tasks))})
+    return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
 
 
 def _index_columns(lengths: np.ndarray, fps: int) -> dict[str, np.ndarray]:
@@ -328,10 +358,18 @@ def _episodes_table(
         "dataset_from_index": pa.array(starts),
         "dataset_to_index": pa.array(starts + lengths),
     }
+    # Every column's stats, index columns included, in LeRobot's order (count after std): a
+    # recording LeRobot resumes on the dataset appends episode rows of exactly this schema, and
+    # with fewer columns its reader refused the second metadata file.
     for key, values in columns.items():
+        integer = np.issubdtype(values.dtype, np.integer)
         for stat, per_episode in _episode_stats(values, starts).items():
-            data[f"stats/{key}/{stat}"] = pa.array(per_episode.tolist(), type=pa.list_(pa.float64()))
-        data[f"stats/{key}/count"] = pa.array([[int(x)] for x in lengths], type=pa.list_(pa.int64()))
+            exact = stat == "count" or (integer and stat in ("min", "max"))
+            rows = per_episode.reshape(n, -1)
+            data[f"stats/{key}/{stat}"] = pa.array(
+                rows.astype(np.int64).tolist() if exact else rows.tolist(),
+                type=pa.list_(pa.int64() if exact else pa.float64()),
+            )
     data["meta/episodes/chunk_index"] = pa.array(np.zeros(n, dtype=np.int64))
     data["meta/episodes/file_index"] = pa.array(np.zeros(n, dtype=np.int64))
     return pa.table(data)
@@ -339,26 +377,33 @@ def _episodes_table(
 
 def _episode_stats(values: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
     """Per-episode min/max/mean/std without a Python loop over episodes (np.ufunc.reduceat)."""
-    v = values.astype(np.float64)
+    v = values.astype(np.float64).reshape(len(values), -1)
     counts = np.diff(np.append(starts, len(v)))[:, None]
     mean = np.add.reduceat(v, starts, axis=0) / counts
     sq = np.add.reduceat(v * v, starts, axis=0) / counts
+    # np.quantile has no reduceat: one call per episode (2000 episodes of so100: about 0.1 s)
+    ends = np.append(starts[1:], len(v))
+    quantiles = np.stack([np.quantile(v[a:b], QUANTILES, axis=0) for a, b in zip(starts, ends, strict=True)], axis=1)
     return {
         "min": np.minimum.reduceat(v, starts, axis=0),
         "max": np.maximum.reduceat(v, starts, axis=0),
         "mean": mean,
         "std": np.sqrt(np.maximum(sq - mean * mean, 0.0)),
+        "count": counts.astype(np.int64),
+        **{f"q{round(q * 100):02d}": per_episode for q, per_episode in zip(QUANTILES, quantiles, strict=True)},
     }
 
 
 def _stats(values: np.ndarray) -> dict[str, list[float] | list[int]]:
     v = values.astype(np.float64).reshape(len(values), -1)
+    quantiles = np.quantile(v, QUANTILES, axis=0)
     return {
         "min": v.min(axis=0).tolist(),
         "max": v.max(axis=0).tolist(),
         "mean": v.mean(axis=0).tolist(),
         "std": v.std(axis=0).tolist(),
         "count": [len(v)],
+        **{f"q{round(q * 100):02d}": row.tolist() for q, row in zip(QUANTILES, quantiles, strict=True)},
     }
 
 
@@ -418,9 +463,9 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
     info_path = root / "meta" / "info.json"
     manifest = _Manifest(root)
     info = _read_info(root, info_path, manifest)
-    _check_info(info, info_path, embodiment, embodiment_name)
+    keys = _check_info(info, info_path, embodiment, embodiment_name)
     meta, meta_files = _read_episode_meta(root, info, info_path, manifest)
-    episodes, data_files, dropped = _read_frames(root, info, meta, embodiment, manifest)
+    episodes, data_files, dropped = _read_frames(root, info, meta, embodiment, manifest, keys)
     if not episodes:
         # A node with nothing to train on would still join and announce itself: refuse here,
         # where `data inspect`, `init` and `start` all look.
@@ -461,7 +506,14 @@ def _require(info: Mapping[str, Any], key: str, kind: type | tuple[type, ...], p
     return value
 
 
-def _check_info(info: dict[str, Any], path: Path, emb: EmbodimentConfig, name: str) -> None:
+def _present_key(features: Mapping[str, Any], key: str) -> str:
+    """The name the dataset gives a feature: ``key``, or the name kyodo wrote it under before."""
+    legacy = LEGACY_KEYS.get(key)
+    return legacy if key not in features and legacy in features else key
+
+
+def _check_info(info: dict[str, Any], path: Path, emb: EmbodimentConfig, name: str) -> dict[str, str]:
+    """Check the schema against the embodiment; returns each vector feature's column name."""
     version = info.get("codebase_version")
     if version != CODEBASE_VERSION:
         raise DatasetError(
@@ -469,8 +521,9 @@ def _check_info(info: dict[str, Any], path: Path, emb: EmbodimentConfig, name: s
             " (convert older datasets with LeRobot's v2.1 -> v3.0 converter)"
         )
     features = _require(info, "features", dict, path)
+    keys = {key: _present_key(features, key) for key, _, _ in VECTOR_FEATURES}
     for key, dim_attr, _ in VECTOR_FEATURES:
-        _check_vector_feature(features, key, getattr(emb, dim_attr), dim_attr, path, name)
+        _check_vector_feature(features, keys[key], getattr(emb, dim_attr), dim_attr, path, name)
     for key in INDEX_COLUMNS:
         if key not in features:
             raise DatasetError(f"{path}: feature {key!r} is missing from 'features'")
@@ -485,6 +538,7 @@ def _check_info(info: dict[str, Any], path: Path, emb: EmbodimentConfig, name: s
         raise DatasetError(f"{path}: field 'data_path' {data_path!r} is not a valid path template ({err})") from None
     for key in ("total_episodes", "total_frames"):
         _require(info, key, int, path)
+    return keys
 
 
 def _check_vector_feature(
@@ -606,9 +660,16 @@ def _list_lengths(column: pa.Array) -> np.ndarray:
 
 
 def _read_frames(
-    root: Path, info: Mapping[str, Any], meta: Mapping[str, np.ndarray], emb: EmbodimentConfig, manifest: _Manifest
+    root: Path,
+    info: Mapping[str, Any],
+    meta: Mapping[str, np.ndarray],
+    emb: EmbodimentConfig,
+    manifest: _Manifest,
+    keys: Mapping[str, str],
 ) -> tuple[list[Episode], list[Path], list[int]]:
-    vectors = {attr: (key, getattr(emb, dim_attr)) for key, dim_attr, attr in VECTOR_FEATURES if getattr(emb, dim_attr)}
+    vectors = {
+        attr: (keys[key], getattr(emb, dim_attr)) for key, dim_attr, attr in VECTOR_FEATURES if getattr(emb, dim_attr)
+    }
     columns = ["episode_index", "frame_index", *(key for key, _ in vectors.values())]
     file_of = np.stack([meta["data/chunk_index"], meta["data/file_index"]], axis=1)
     keys, inverse = np.unique(file_of, axis=0, return_inverse=True)

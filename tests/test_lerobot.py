@@ -89,15 +89,36 @@ def test_round_trip_every_embodiment(tmp_path: Path, name: str) -> None:
     assert features["observation.state"]["shape"] == [emb.state_dim]
     assert len(features["observation.state"]["names"]) == emb.state_dim
     assert features["action"] == {"dtype": "float32", "shape": [emb.action_dim], "names": features["action"]["names"]}
-    assert ("observation.image_features" in features) == (emb.image_feature_dim > 0)
+    assert (IMAGE_FEATURES in features) == (emb.image_feature_dim > 0)
     assert ("observation.environment_state" in features) == (emb.env_state_dim > 0)
     for key in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
         assert features[key]["shape"] == [1]
 
-    assert (root / "meta" / "tasks.parquet").is_file()
+    # Task text as the pandas index, as LeRobot writes it (a plain column read as task 0's index).
+    tasks = pq.read_table(root / "meta" / "tasks.parquet")
+    assert tasks.to_pydict() == {"task_index": [0], "__index_level_0__": [tasks.column(1)[0].as_py()]}
+    assert tasks.column(1)[0].as_py()  # the synthetic robot's task text
+    assert json.loads(tasks.schema.metadata[b"pandas"])["index_columns"] == ["__index_level_0__"]
     stats = json.loads((root / "meta" / "stats.json").read_text())
-    assert set(stats["observation.state"]) >= {"min", "max", "mean", "std", "count"}
+    # LeRobot's QUANTILES normalisation needs q01 and q99.
+    assert set(stats["observation.state"]) >= {"min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99"}
+    state = np.concatenate([ep.state for ep in dataset.episodes])
+    np.testing.assert_allclose(stats["observation.state"]["q99"], np.quantile(state, 0.99, axis=0), rtol=1e-6)
+    assert all(lo <= hi for lo, hi in zip(stats["action"]["q01"], stats["action"]["q99"], strict=True))
     meta = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet")
+    first = dataset.episodes[0].state
+    np.testing.assert_allclose(
+        meta.column("stats/observation.state/q50")[0].as_py(), np.median(first, axis=0), rtol=1e-6
+    )
+    # Episode rows as LeRobot appends them when it resumes a recording on the dataset: every
+    # column's stats (index columns too), count after std, integer bounds of integer columns.
+    state_stats = [c.split("/")[-1] for c in meta.column_names if c.startswith("stats/observation.state/")]
+    assert state_stats == ["min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99"]
+    for key in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
+        assert f"stats/{key}/q99" in meta.column_names
+    assert meta.schema.field("stats/frame_index/max").type == pa.list_(pa.int64())
+    assert meta.column("stats/frame_index/max")[0].as_py() == [written[0].length - 1]
+    assert meta.column("stats/action/count")[0].as_py() == [written[0].length]
     expected = {"episode_index", "tasks", "length", "data/chunk_index", "data/file_index"}
     assert expected | {"dataset_from_index", "dataset_to_index"} <= set(meta.column_names)
     frames = pq.read_table(root / DATA0)
@@ -210,7 +231,7 @@ def test_state_shape_against_embodiment(tmp_path: Path) -> None:
     [
         ("action", "action_dim 2"),
         ("observation.environment_state", "env_state_dim 2"),
-        ("observation.image_features", "image_feature_dim 8"),
+        (IMAGE_FEATURES, "image_feature_dim 8"),
     ],
 )
 def test_other_shapes_against_embodiment(tmp_path: Path, key: str, field: str) -> None:
@@ -295,3 +316,15 @@ def test_agv_image_features_that_are_not_finite_leave_their_episode_out(tmp_path
     _rewrite_data(root, lambda t: _edit_vector(t, IMAGE_FEATURES, 0, np.nan))
     kept = _read(root, "agv")
     assert kept.dropped == (0,) and [e.index for e in kept.episodes] == [1, 2, 3, 4]
+
+
+def test_a_dataset_written_with_the_camera_embedding_s_first_name_is_still_read(tmp_path: Path) -> None:
+    """kyodo first wrote the agv's camera embedding as "observation.image_features", a name the
+    real LeRobot takes for a camera (it refused the stats); members' datasets from then still read."""
+    root = _synth(tmp_path, "agv")
+    expected = _read(root, "agv").episodes
+    legacy = "observation.image_features"
+    _edit_info(root, lambda info: info["features"].update({legacy: info["features"].pop(IMAGE_FEATURES)}))
+    _rewrite_data(root, lambda t: t.rename_columns([legacy if c == IMAGE_FEATURES else c for c in t.column_names]))
+    for a, b in zip(expected, _read(root, "agv").episodes, strict=True):
+        _assert_same(a, b)
