@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from member_node.budget_plan import add_plan_command
+from member_node.data_units import unit_problems, units_error
 from member_node.lerobot import DatasetError, LeRobotDataset, read_dataset
 from member_node.status import add_status_command
 from member_node.supernode import (
@@ -107,6 +108,9 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         raise CommandError(str(err)) from None
     console = Console()
     console.print(_summary_table(dataset, embodiment))
+    problems = unit_problems(dataset, embodiment, args.embodiment)
+    if problems:  # after the table: what was read is still worth seeing
+        raise CommandError(units_error(problems, args.embodiment))
     # On its own line, unwrapped: it is meant to be copied into ledgers and compared.
     console.print(f"fingerprint {fingerprint}", soft_wrap=True, highlight=False)
     if args.state_dir:
@@ -318,12 +322,15 @@ def _check_data(setup: MemberSetup) -> None:
     """The dataset must exist and match the declared embodiment before a SuperNode announces it."""
     embodiment = _embodiment(setup.embodiment)
     try:
-        read_dataset(setup.data_dir, embodiment, setup.embodiment)
+        dataset = read_dataset(setup.data_dir, embodiment, setup.embodiment)
     except (DatasetError, FileNotFoundError) as err:
         raise SetupError(
             f"data {setup.data_dir}: {err} (prepare it with `kyodo-member data synth` or point --data at a "
             "LeRobot v3.0 dataset)"
         ) from None
+    problems = unit_problems(dataset, embodiment, setup.embodiment)
+    if problems:
+        raise SetupError(f"data {setup.data_dir}: {units_error(problems, setup.embodiment)}")
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
