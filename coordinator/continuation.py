@@ -61,7 +61,7 @@ class EarlierRound:
             "round": self.manifest.round,
             # "sha256:" prefix: a bare 64-hex string in a manifest reads as a store object id.
             "manifest": f"sha256:{self.manifest.digest}",
-            "coordinator": {k: self.signature[k] for k in ("public_key", "signature")},
+            "coordinator": {k: self.signature[k] for k in ("public_key", "signature", "record") if k in self.signature},
         }
 
 

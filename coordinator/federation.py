@@ -211,7 +211,7 @@ def _recover_record(out_dir: Path, head: Manifest, key: Ed25519PrivateKey, run_i
 
 def _signed(record: dict, key: Ed25519PrivateKey, run_id: str, manifest: Manifest) -> dict:
     """The record with the coordinator's signature on the round's manifest (``privacy.round_signature``)."""
-    return {**record, "coordinator": sign_round(key, run_id, manifest.round, manifest.digest).to_dict()}
+    return {**record, "coordinator": sign_round(key, run_id, manifest.round, manifest.digest, record).to_dict()}
 
 
 def _coordinator_key_path(cfg: KyodoConfig) -> Path:

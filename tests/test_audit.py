@@ -28,7 +28,7 @@ from privacy.audit import accounting
 from privacy.audit.bound import correct_probability, epsilon_lower_bound, p_value
 from privacy.audit.cli import main as audit_main
 from privacy.audit.consortium import ConsortiumError, dump_consortium, from_nodes, load_consortium, parse_consortium
-from privacy.audit.findings import AuditResult
+from privacy.audit.findings import NOTE, AuditResult
 from privacy.audit.report import render_markdown, write_report
 from privacy.audit.verify import audit
 from privacy.keys import load_or_create_signing_key, public_key_hex
@@ -90,19 +90,23 @@ def _tensors(seed: int) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))}
 
 
-def build_federation(root: Path, commit_records: bool = False, evaluations: bool = False) -> None:
+def build_federation(
+    root: Path, commit_records: bool = False, evaluations: bool = False, whole_lines: bool = True
+) -> None:
     """Run dir ``root/run`` (run.json, rounds.jsonl, store/, nodes/<member>/) and ``root/consortium.yaml``.
     ``commit_records``: each round's record also goes into its manifest and is signed with a
     coordinator key the consortium file publishes, as the coordinator does (without, as older
     runs: the tampering tests below edit records freely). ``evaluations``: after round 2 each
     member releases its held-out error under DP (a ledger entry, a receipt in the record);
-    without, members withheld it."""
+    without, members withheld it. ``whole_lines``: the coordinator's signature covers each
+    record line (as it does now), not only its manifest (as older coordinators did)."""
     coordinator = Ed25519PrivateKey.generate()
 
     def signed(record: dict[str, Any], manifest: Any) -> dict[str, Any]:
         if not commit_records:
             return record
-        return {**record, "coordinator": sign_round(coordinator, RUN, manifest.round, manifest.digest).to_dict()}
+        line = record if whole_lines else None
+        return {**record, "coordinator": sign_round(coordinator, RUN, manifest.round, manifest.digest, line).to_dict()}
 
     run_dir = root / "run"
     run_dir.mkdir(parents=True)
@@ -615,6 +619,51 @@ def test_round_records_must_match_the_records_committed_in_the_store(tmp_path: P
         "store round 2",
         "differs from the one committed with the manifest in ['declined', 'receipts', 'train']",
     )
+
+
+def test_a_line_claiming_a_rebuilt_record_cannot_replace_a_committed_one(tmp_path: Path) -> None:
+    """A review replaced round 2's line with {"round": 2, "recovered_from_store": true} and the
+    original signature: the audit skipped the round's receipt checks and passed a ledger
+    rolled back behind its round-2 receipt. A coordinator marks a line rebuilt only when the
+    manifest holds no record to rebuild it from."""
+    build_federation(tmp_path, commit_records=True)
+    write_entries(tmp_path, "gamma", read_entries(tmp_path, "gamma")[:-1])
+    assert not run_audit(tmp_path).ok
+    records = read_records(tmp_path)
+    records[2] = {"round": 2, "recovered_from_store": True, "coordinator": records[2]["coordinator"]}
+    write_records(tmp_path, records)
+    assert_found(run_audit(tmp_path), "store", "store round 2", "says this round's record was rebuilt", "replaces it")
+
+
+def test_the_coordinator_signs_each_whole_line_so_an_evaluation_cannot_be_dropped(tmp_path: Path) -> None:
+    """The evaluation (held-out errors and their receipts) joins a round's line after the
+    commit, so the manifest does not cover it. Dropping a member's evaluation from the line
+    hid a ledger rolled back behind that release; the signature now covers the whole line."""
+    build_federation(tmp_path, commit_records=True, evaluations=True)
+    result = run_audit(tmp_path)
+    assert result.ok, [f.text() for f in result.failures]
+    assert not any("signed manifests only" in f.message for f in result.findings)
+    write_entries(tmp_path, "gamma", read_entries(tmp_path, "gamma")[:-1])  # gamma's evaluation release
+    assert not run_audit(tmp_path).ok
+    records = read_records(tmp_path)
+    del records[2]["evaluation"]["gamma"]
+    write_records(tmp_path, records)
+    assert_found(run_audit(tmp_path), "store", "store round 2", "not the one the coordinator signed")
+    # Stripping the digest from the signature does not make the line unsigned: the payload had it.
+    records = read_records(tmp_path)
+    records[2]["coordinator"].pop("record")
+    write_records(tmp_path, records)
+    assert_found(run_audit(tmp_path), "store", "store round 2", "signature does not verify")
+
+
+def test_an_older_coordinators_manifest_only_signatures_still_verify_and_say_what_they_leave_out(
+    tmp_path: Path,
+) -> None:
+    build_federation(tmp_path / "old", commit_records=True, evaluations=True, whole_lines=False)
+    result = run_audit(tmp_path / "old")
+    assert result.ok, [f.text() for f in result.failures]
+    note = next(f for f in result.findings if f.subject == "rounds.jsonl")
+    assert note.severity == NOTE and "rounds [0, 1, 2]" in note.message and "signed manifests only" in note.message
 
 
 def test_every_committed_round_carries_the_published_coordinators_signature(tmp_path: Path) -> None:

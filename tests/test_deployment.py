@@ -1153,7 +1153,8 @@ def test_the_deployed_run_completes_and_commits_two_rounds(deployment):
     store = ShardStore(out_dir / "store")
     for r in records:
         digest = store.manifest(r["round"]).digest
-        assert round_signature_problem(r.get("coordinator"), run_id, r["round"], digest, published) is None, r
+        assert r["coordinator"]["record"], "the signature covers the whole line, evaluation included"
+        assert round_signature_problem(r.get("coordinator"), run_id, r["round"], digest, published, r) is None, r
 
 
 @slow

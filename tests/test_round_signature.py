@@ -3,6 +3,8 @@ and manifest it was made for, and a member's ledger signature can never pass as 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -52,3 +54,27 @@ def test_the_payload_is_domain_separated_from_ledger_entries():
     entry_like = canonical_json({"run": "run-1", "round": 3, "manifest": MANIFEST})
     signed = {"manifest": MANIFEST, "public_key": PUBLIC, "signature": KEY.sign(entry_like).hex()}
     assert "does not verify" in round_signature_problem(signed, "run-1", 3, MANIFEST, PUBLIC)
+
+
+def test_a_signature_on_the_whole_record_line_fails_for_any_change_to_it():
+    """The evaluation joins a round's line after its commit: only this digest covers it."""
+    record = {
+        "round": 3,
+        "evaluation": {"sony": {"action_mse": 0.01, "receipt": "{}"}},
+        "train": {"sony": {"loss": float("nan")}},
+    }
+    signed = sign_round(KEY, "run-1", 3, MANIFEST, record).to_dict()
+    line = json.loads(json.dumps({**record, "coordinator": signed}))  # as rounds.jsonl keeps it (NaN included)
+    assert round_signature_problem(signed, "run-1", 3, MANIFEST, PUBLIC, line) is None
+    assert round_signature_problem(signed, "run-1", 3, MANIFEST, PUBLIC) is None  # lineage: the manifest alone
+    del line["evaluation"]["sony"]
+    assert "not the one the coordinator signed" in round_signature_problem(signed, "run-1", 3, MANIFEST, PUBLIC, line)
+    stripped = {k: v for k, v in signed.items() if k != "record"}
+    assert "does not verify" in round_signature_problem(stripped, "run-1", 3, MANIFEST, PUBLIC, record)
+    # Signed as the coordinator holds the record, checked as the file gives it back.
+    held = {"round": 3, "sync_bytes": {2: 5, 10: 7}, "cohorts": {"adapter/shared": ("a", "b")}}
+    signed = sign_round(KEY, "run-1", 3, MANIFEST, held).to_dict()
+    assert round_signature_problem(signed, "run-1", 3, MANIFEST, PUBLIC, json.loads(json.dumps(held))) is None
+    # An older coordinator's signature covers the manifest only, and still verifies.
+    old = sign_round(KEY, "run-1", 3, MANIFEST).to_dict()
+    assert "record" not in old and round_signature_problem(old, "run-1", 3, MANIFEST, PUBLIC, line) is None

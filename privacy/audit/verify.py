@@ -805,6 +805,7 @@ def _check_store(
     rows = {row.round: row for row in result.rounds}
     manifests = {}
     verified: set[str] = set()
+    unsigned_lines: list[int] = []  # rounds whose signature covers the manifest, not the whole line
     for rnd in rounds:
         subject = f"store round {rnd}"
         try:
@@ -817,11 +818,14 @@ def _check_store(
             result.add("store", subject, f"manifest belongs to run {manifest.extra.get('run')!r}, not {run.run_id!r}")
         _compare_committed_record(result, subject, manifest.extra.get(ROUND_RECORD_KEY), records.get(rnd))
         if consortium.coordinator_public_key and rnd in records and run.run_id:
+            signed = records[rnd].get("coordinator")
             problem = round_signature_problem(
-                records[rnd].get("coordinator"), run.run_id, rnd, manifest.digest, consortium.coordinator_public_key
+                signed, run.run_id, rnd, manifest.digest, consortium.coordinator_public_key, records[rnd]
             )
             if problem:
                 result.add("store", subject, problem)
+            elif not (isinstance(signed, dict) and signed.get("record")):
+                unsigned_lines.append(rnd)
         if rnd == 0:
             _check_lineage(result, consortium, manifest)
         by_object = {oid: shard for shard, oid in manifest.shards.items()}
@@ -884,6 +888,14 @@ def _check_store(
         if rnd in rows:
             rows[rnd].changed_in_store = changed
     result.objects_verified = len(verified)
+    if unsigned_lines:
+        result.add(
+            "store",
+            "rounds.jsonl",
+            f"rounds {unsigned_lines} were signed by a coordinator that signed manifests only: what their lines add "
+            "after the commit (held-out errors and their evaluation receipts) is not covered by a signature",
+            NOTE,
+        )
     for rnd, record in sorted(records.items()):
         if rnd not in manifests and ("cohorts" in record or record.get("recovered_from_store")):
             result.add(
@@ -894,7 +906,19 @@ def _check_store(
 def _compare_committed_record(result: AuditResult, subject: str, committed: Any, record: Any) -> None:
     """``rounds.jsonl`` must say what the coordinator committed with the manifest (hash-chained
     in the store): cohorts, receipts, updated shards. Older runs committed no record."""
-    if committed is None or not isinstance(record, dict) or record.get("recovered_from_store"):
+    if committed is None or not isinstance(record, dict):
+        return
+    if record.get("recovered_from_store"):
+        # A coordinator rebuilds a lost line from the committed record when the manifest has one
+        # (coordinator.federation._recover_record) and marks it recovered only when it has none.
+        # The mark switches the round's receipt checks off, so on a manifest with a record it is
+        # a line that replaced what was committed.
+        result.add(
+            "store",
+            subject,
+            "rounds.jsonl says this round's record was rebuilt after a crash, but its manifest holds the committed "
+            "record: the line replaces it, and the round's receipts go unchecked",
+        )
         return
     try:
         committed = parse_strict_json(committed) if isinstance(committed, str) else None
