@@ -553,9 +553,11 @@ class Ledger:
         return [mechanism_of(e) for e in self.releases()]
 
     def spent_epsilon(self) -> float:
-        """The epsilon recorded after the last release (0.0 when nothing was released yet)."""
-        releases = self.releases()
-        return float(releases[-1]["epsilon"]) if releases else 0.0
+        """The largest epsilon any release recorded (0.0 when nothing was released yet): what a
+        budget must cover, as budget declarations and auditors hold it. Not the last release's:
+        after the consortium switches accountant (RDP to PRV) a later claim can sit below an
+        earlier one, and `kyodo-member budget` then accepted a budget the ledger already broke."""
+        return max((float(e["epsilon"]) for e in self.releases()), default=0.0)
 
     def find(self, run: str, round_number: int, release: str = RELEASE_TRAIN) -> dict[str, Any] | None:
         """The entry of ``(run, round_number)`` and kind of release if the node already recorded it

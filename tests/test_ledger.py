@@ -724,3 +724,20 @@ def test_a_malformed_budget_declaration_is_named(
     edit(entry)
     entry["signature"] = key.sign(signing_payload(entry)).hex()
     assert any(problem in p and "entry 0" in p for p in problems_after(led, key, [entry]))
+
+
+def test_spent_is_the_largest_epsilon_recorded_not_the_last(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """After the consortium switches accountant, a PRV claim can sit below the RDP one before
+    it; `kyodo-member budget` compared the last and published a budget the ledger already broke."""
+    led = Ledger(tmp_path / "ledger.jsonl", key)
+    append_round(led, 1, 1.0, 0.08, 100)
+    history = [*led.history(), Mechanism(1.0, 0.08, 1)]
+    later = dict(led.releases()[-1], round=2, accountant="prv", epsilon=epsilon(history, DELTA, "prv"))
+    later["mechanism"] = dict(later["mechanism"], steps=1)
+    led.append(**{k: later[k] for k in ("run", "round", "member", "shards", "mechanism", "dataset_fingerprint",
+                                         "epsilon", "delta", "accountant", "decision")})  # fmt: skip
+    first, last = (float(e["epsilon"]) for e in led.releases())
+    assert last < first, "the premise: the later PRV claim is the smaller"
+    assert led.spent_epsilon() == first
+    with pytest.raises(LedgerError, match="below the"):
+        led.declare_budget("clinic-a", (first + last) / 2, DELTA)
