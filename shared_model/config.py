@@ -23,6 +23,11 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+# Members of one secure-aggregation cohort at most: Shamir share ids are one byte, 1..255
+# (aggregation.secagg.shamir.MAX_SHARE_ID), and nodes refuse a larger group (shared_model.protocol).
+SECAGG_MAX_COHORT = 255
+
+
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names it."""
 
@@ -409,6 +414,13 @@ def validate(cfg: KyodoConfig) -> None:
     if not (math.isfinite(cfg.train.reply_timeout) and cfg.train.reply_timeout > 0):
         raise ConfigError(f"train.reply_timeout must be a positive number of seconds, got {cfg.train.reply_timeout}")
     seen = set()
+    if cfg.secagg.enabled and len(cfg.federation.members) > SECAGG_MAX_COHORT:
+        # The planner puts every member able to train into adapter/shared's cohort: a larger one
+        # is a group every node refuses, round after round (nothing spent, nothing trained).
+        raise ConfigError(
+            f"federation has {len(cfg.federation.members)} members, but a secure-aggregation cohort has at most "
+            f"{SECAGG_MAX_COHORT} (one-byte Shamir share ids) and adapter/shared's cohort is every member"
+        )
     for i, member in enumerate(cfg.federation.members):
         if not member.name:
             raise ConfigError(f"federation.members[{i}].name is empty")

@@ -25,6 +25,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
+from shared_model.config import SECAGG_MAX_COHORT
+
 QUERY = "query"
 TRAIN = "train"
 EVALUATE = "evaluate"
@@ -781,8 +783,8 @@ class SecAggGroup:
         if not shards:
             raise ProtocolError(f"{where}: no shards")
         members = _names(raw.get("members"), "members", where)
-        if not 1 <= len(members) <= 255:
-            raise ProtocolError(f"{where}: a group has 1..255 members, got {len(members)}")
+        if not 1 <= len(members) <= SECAGG_MAX_COHORT:
+            raise ProtocolError(f"{where}: a group has 1..{SECAGG_MAX_COHORT} members, got {len(members)}")
         neighbours_raw = raw.get("neighbours")
         if not isinstance(neighbours_raw, dict) or set(neighbours_raw) != set(members):
             raise ProtocolError(f"{where}: neighbours must list every member exactly")

@@ -154,3 +154,15 @@ def test_a_secagg_threshold_of_half_the_degree_or_less_is_refused():
     assert load_config(model="tiny", overrides=["secagg.degree=4", "secagg.threshold=3"]).secagg.threshold == 3
     with pytest.raises(ConfigError, match="6 in cohorts larger than it"):  # a review: build_setup refused it later
         load_config(model="tiny", overrides=["secagg.degree=5", "secagg.threshold=3"])
+
+
+def test_a_federation_larger_than_a_secure_aggregation_cohort_is_refused():
+    """adapter/shared's cohort is every member able to train; past 255 nodes refuse its group
+    every round (a review's 256-member plan: nothing spent, nothing ever trained)."""
+    members = "[" + ", ".join(f"{{name: m{i}, embodiment: so100}}" for i in range(256)) + "]"
+    with pytest.raises(ConfigError, match="256 members, but a secure-aggregation cohort has at most 255"):
+        load_config(model="tiny", overrides=[f"federation.members={members}"])
+    load_config(model="tiny", overrides=[f"federation.members={members}", "secagg.enabled=false"])
+    load_config(
+        model="tiny", overrides=["federation.members=" + members.replace(", {name: m255, embodiment: so100}", "")]
+    )
