@@ -13,7 +13,7 @@ import argparse
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -22,7 +22,7 @@ from rich.table import Table
 
 from member_node.budget_plan import add_plan_command
 from member_node.data_units import unit_problems, units_error
-from member_node.lerobot import DatasetError, LeRobotDataset, read_dataset
+from member_node.lerobot import DatasetError, LeRobotDataset, left_out_text, read_dataset
 from member_node.status import add_status_command
 from member_node.supernode import (
     MEMBERSHIP_FILE,
@@ -133,11 +133,8 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _left_out(dropped: tuple[int, ...]) -> str:
-    if not dropped:
-        return "none"
-    shown = ", ".join(map(str, dropped[:20])) + (", ..." if len(dropped) > 20 else "")
-    return f"{len(dropped)} with non-finite values (episodes {shown}): the node trains without them"
+def _left_out(left_out: Mapping[int, str]) -> str:
+    return f"{left_out_text(left_out)}: the node trains without them" if left_out else "none"
 
 
 def _summary_table(dataset: LeRobotDataset, emb: EmbodimentConfig) -> Table:
@@ -149,7 +146,7 @@ def _summary_table(dataset: LeRobotDataset, emb: EmbodimentConfig) -> Table:
         ("format", str(dataset.info.get("codebase_version"))),
         ("embodiment", f"{dataset.embodiment_name} ({emb.kind})"),
         ("episodes", str(len(dataset.episodes))),
-        ("left out", _left_out(dataset.dropped)),
+        ("left out", _left_out(dataset.left_out)),
         ("frames", str(dataset.num_frames)),
         ("episode length", f"{min(lengths)}..{max(lengths)} frames" if lengths else "-"),
         ("fps", str(dataset.fps)),

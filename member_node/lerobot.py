@@ -53,6 +53,13 @@ LEGACY_KEYS = {IMAGE_FEATURES: "observation.image_features"}
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 ACTION = "action"
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+# Why an episode is left out (LeRobotDataset.left_out).
+NON_FINITE = "non-finite values"
+UNEVEN = "timestamps not evenly spaced at the dataset's fps"
+# How far a frame's timestamp may sit from frame_index / fps before the episode counts as
+# uneven (a dropped frame or a cut is a whole period): a quarter period, far above float32
+# rounding in hour-long episodes. LeRobot writes timestamp = frame_index / fps.
+TIMESTAMP_TOLERANCE_PERIODS = 0.25
 
 # (feature key, EmbodimentConfig dimension attribute, Episode attribute)
 VECTOR_FEATURES = (
@@ -109,9 +116,14 @@ class LeRobotDataset:
     data_files: tuple[Path, ...] = ()
     # (path relative to root, size, sha256) of every file read, hashed from the very bytes parsed
     manifest: tuple[tuple[str, int, str], ...] = field(default=(), repr=False)
-    # Episodes left out because some frame holds a non-finite value (their indices): see
-    # ``_split_file``. For the member's own eyes (``data inspect``, the node's log) only.
-    dropped: tuple[int, ...] = ()
+    # Episodes left out, and why: a frame holds a non-finite value (NON_FINITE), or frames are
+    # not evenly spaced at the dataset's fps (UNEVEN): see ``_split_file``. For the member's own
+    # eyes (``data inspect``, the node's log) only.
+    left_out: Mapping[int, str] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        return tuple(sorted(self.left_out))
 
     @property
     def fps(self) -> int:
@@ -465,11 +477,11 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
     info = _read_info(root, info_path, manifest)
     keys = _check_info(info, info_path, embodiment, embodiment_name)
     meta, meta_files = _read_episode_meta(root, info, info_path, manifest)
-    episodes, data_files, dropped = _read_frames(root, info, meta, embodiment, manifest, keys)
+    episodes, data_files, left_out = _read_frames(root, info, meta, embodiment, manifest, keys)
     if not episodes:
         # A node with nothing to train on would still join and announce itself: refuse here,
         # where `data inspect`, `init` and `start` all look.
-        why = f"all {len(dropped)} hold non-finite values (sensor drop-outs)" if dropped else "it lists none"
+        why = f"all {len(left_out)} are left out ({left_out_text(left_out)})" if left_out else "it lists none"
         raise DatasetError(f"{root}: no usable episode: {why}")
     return LeRobotDataset(
         root=root,
@@ -479,8 +491,20 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
         meta_files=tuple(meta_files),
         data_files=tuple(data_files),
         manifest=tuple(manifest.entries),
-        dropped=tuple(dropped),
+        left_out=left_out,
     )
+
+
+def left_out_text(left_out: Mapping[int, str], shown: int = 20) -> str:
+    """ "2 with non-finite values (episodes 3, 7); 1 with timestamps ... (episode 5)"."""
+    by_reason: dict[str, list[int]] = {}
+    for episode, reason in sorted(left_out.items()):
+        by_reason.setdefault(reason, []).append(episode)
+    parts = []
+    for reason, episodes in by_reason.items():
+        listed = ", ".join(map(str, episodes[:shown])) + (", ..." if len(episodes) > shown else "")
+        parts.append(f"{len(episodes)} with {reason} (episode{'s' if len(episodes) > 1 else ''} {listed})")
+    return "; ".join(parts)
 
 
 def _read_info(root: Path, info_path: Path, manifest: _Manifest) -> dict[str, Any]:
@@ -654,6 +678,13 @@ def _vector_column(table: pa.Table, col: str, dim: int, path: Path) -> np.ndarra
     return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), dim)
 
 
+def _float_column(table: pa.Table, col: str, path: Path) -> np.ndarray:
+    column = table.column(col)
+    if column.null_count or not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+        raise DatasetError(f"{path}: column {col!r} must hold numbers without nulls (type {column.type})")
+    return column.to_numpy().astype(np.float64)
+
+
 def _list_lengths(column: pa.Array) -> np.ndarray:
     """Row lengths of a (large) list array."""
     return np.diff(column.offsets.to_numpy())
@@ -670,12 +701,13 @@ def _read_frames(
     vectors = {
         attr: (keys[key], getattr(emb, dim_attr)) for key, dim_attr, attr in VECTOR_FEATURES if getattr(emb, dim_attr)
     }
-    columns = ["episode_index", "frame_index", *(key for key, _ in vectors.values())]
+    columns = ["episode_index", "frame_index", "timestamp", *(key for key, _ in vectors.values())]
     file_of = np.stack([meta["data/chunk_index"], meta["data/file_index"]], axis=1)
     keys, inverse = np.unique(file_of, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     episodes: list[Episode | None] = [None] * len(meta["episode_index"])
-    data_files, dropped = [], []
+    data_files: list[Path] = []
+    left_out: dict[int, str] = {}
     for k, (chunk, file) in enumerate(keys):
         path = root / info["data_path"].format(chunk_index=int(chunk), file_index=int(file))
         rows = np.flatnonzero(inverse == k)
@@ -686,12 +718,14 @@ def _read_frames(
                 f" 'data/chunk_index', 'data/file_index' of episode {ep})"
             )
         table = _read_parquet(path, columns, manifest)
-        for row, episode in zip(rows, _split_file(table, path, meta, rows, vectors), strict=True):
-            episodes[row] = episode
-            if episode is None:
-                dropped.append(int(meta["episode_index"][row]))
+        split = _split_file(table, path, meta, rows, vectors, float(info["fps"]))
+        for row, episode in zip(rows, split, strict=True):
+            if isinstance(episode, str):
+                left_out[int(meta["episode_index"][row])] = episode
+            else:
+                episodes[row] = episode
         data_files.append(path)
-    return [ep for ep in episodes if ep is not None], data_files, dropped
+    return [ep for ep in episodes if ep is not None], data_files, left_out
 
 
 def _split_file(
@@ -700,11 +734,14 @@ def _split_file(
     meta: Mapping[str, np.ndarray],
     rows: np.ndarray,
     vectors: Mapping[str, tuple[str, int]],
-) -> list[Episode | None]:
+    fps: float,
+) -> list[Episode | str]:
     """Cut one data file into its episodes, checking counts and frame order.
 
-    An episode with a non-finite value in any frame (a sensor drop-out) comes back as None:
-    left out, not an error. Why: refusing the whole dataset for it made one such episode
+    An episode with a non-finite value in any frame (a sensor drop-out), or whose timestamps
+    are not frame_index / fps (a cut or dropped frames: windows across it would pair an
+    observation with actions from another moment), comes back as the reason: left out, not
+    an error. Why: refusing the whole dataset for it made one such episode
     visible to the coordinator with certainty (every request answered with a data error
     instead of an update), a difference between neighbouring datasets that no epsilon
     covers. Leaving it out is decided by that episode alone, so a dataset with it behaves
@@ -713,6 +750,7 @@ def _split_file(
     """
     episode_index = _int_column(table, "episode_index", path)
     frame_index = _int_column(table, "frame_index", path)
+    timestamp = _float_column(table, "timestamp", path)
     arrays = {attr: _vector_column(table, key, dim, path) for attr, (key, dim) in vectors.items()}
     finite = np.ones(len(episode_index), dtype=bool)
     for values in arrays.values():
@@ -739,7 +777,11 @@ def _split_file(
         if not np.array_equal(frame_index[idx], np.arange(length)):
             raise DatasetError(f"{path}: column 'frame_index' of episode {int(ep_id)} is not 0..{int(length) - 1}")
         if int(ep_id) in non_finite_episodes:
-            out.append(None)
+            out.append(NON_FINITE)
+            continue
+        offsets = timestamp[idx] - timestamp[idx[0]] - np.arange(length) / fps
+        if not np.all(np.abs(offsets) <= TIMESTAMP_TOLERANCE_PERIODS / fps):
+            out.append(UNEVEN)
             continue
         out.append(
             Episode(

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from member_node.identity import MemberIdentity, NodeConfigError
-from member_node.lerobot import Episode, LeRobotDataset, read_dataset
+from member_node.lerobot import Episode, LeRobotDataset, left_out_text, read_dataset
 from member_node.missed_rounds import note_queried, rounds_text
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser
@@ -181,13 +181,8 @@ class MemberNode:
     def dataset(self) -> LeRobotDataset:
         emb = self.cfg.embodiments[self.identity.embodiment]
         dataset = read_dataset(self.identity.data_dir, emb, self.identity.embodiment)
-        if dataset.dropped:  # the member's own log; replies never say
-            log.warning(
-                "member %s: %d episode(s) left out for non-finite values: %s",
-                self.identity.name,
-                len(dataset.dropped),
-                ", ".join(map(str, dataset.dropped)),
-            )
+        if dataset.left_out:  # the member's own log; replies never say
+            log.warning("member %s: episodes left out: %s", self.identity.name, left_out_text(dataset.left_out))
         return dataset
 
     @functools.cached_property

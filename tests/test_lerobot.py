@@ -308,7 +308,9 @@ def test_a_dataset_whose_every_episode_is_left_out_is_refused(tmp_path: Path) ->
     starts = np.cumsum([0] + [e.length for e in _read(root).episodes])[:-1]
     for start in starts:
         _rewrite_data(root, lambda t, row=int(start): _edit_vector(t, "action", row, np.nan))
-    _raises(root, str(root), "no usable episode: all 5 hold non-finite values")
+    _raises(
+        root, str(root), "no usable episode: all 5 are left out (5 with non-finite values (episodes 0, 1, 2, 3, 4))"
+    )
 
 
 def test_agv_image_features_that_are_not_finite_leave_their_episode_out(tmp_path: Path) -> None:
@@ -328,3 +330,28 @@ def test_a_dataset_written_with_the_camera_embedding_s_first_name_is_still_read(
     _rewrite_data(root, lambda t: t.rename_columns([legacy if c == IMAGE_FEATURES else c for c in t.column_names]))
     for a, b in zip(expected, _read(root, "agv").episodes, strict=True):
         _assert_same(a, b)
+
+
+def test_an_episode_whose_timestamps_jump_is_left_out_and_an_hour_long_one_is_not(tmp_path: Path) -> None:
+    """A cut in a recording (here 2 s missing inside episode 1) reads, by frame_index, as
+    evenly spaced frames: its windows would pair an observation with actions from another
+    moment. It is left out, like a sensor drop-out, decided by that episode alone."""
+    from member_node.lerobot import UNEVEN
+
+    root = _synth(tmp_path, episodes=4, seconds=1.0)
+    clean = _read(root)
+    first = clean.episodes[0].length
+
+    def cut(table: pa.Table) -> pa.Table:
+        ts = table.column("timestamp").to_numpy().copy()
+        ts[first + 10 : first + clean.episodes[1].length] += 2.0
+        return table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(ts))
+
+    _rewrite_data(root, cut)
+    kept = _read(root)
+    assert kept.left_out == {1: UNEVEN} and [e.index for e in kept.episodes] == [0, 2, 3]
+    # float32 timestamps of an hour at 30 fps stay within the tolerance (rounding is ~1e-4 s there)
+    emb = EMBODIMENTS["so100"]
+    long = generate_episodes("so100", emb, 1, 3600.0, seed=0)
+    assert long[0].length >= 100_000
+    assert _read(write_dataset(tmp_path / "long", emb, "so100", long)).left_out == {}

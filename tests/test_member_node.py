@@ -516,7 +516,7 @@ def test_an_episode_with_non_finite_values_changes_nothing_the_node_does(setup, 
 
     caplog.set_level("WARNING", logger="kyodo.member")
     (a, a_eval, member), (b, b_eval, _) = run(with_bad, "s1"), run(without, "s2")
-    assert member.dataset.dropped == (4,) and "left out for non-finite values: 4" in caplog.text
+    assert member.dataset.dropped == (4,) and "episodes left out: 1 with non-finite values (episode 4)" in caplog.text
     assert (a.steps, a.num_examples, a_eval.action_mse) == (b.steps, b.num_examples, b_eval.action_mse)
     assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in b.deltas)
 

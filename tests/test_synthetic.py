@@ -233,4 +233,4 @@ def test_cli_inspect_names_the_episodes_the_node_leaves_out(
     )
     assert cli.main(["data", "inspect", str(out), "--embodiment", "so100"]) == 0
     text = capsys.readouterr().out
-    assert "1 with non-finite values (episodes 2)" in text and "the node trains without them" in text
+    assert "1 with non-finite values (episode 2)" in text and "the node trains without them" in text
