@@ -571,7 +571,11 @@ def _check_vector_feature(
     spec = features.get(key)
     if spec is None:
         if dim > 0:
-            raise DatasetError(f"{path}: feature {key!r} is missing but embodiment {name!r} declares {dim_attr} {dim}")
+            # A LeRobot recording typically has state, action and cameras only.
+            raise DatasetError(
+                f"{path}: feature {key!r} is missing but embodiment {name!r} declares {dim_attr} {dim} (the "
+                f"consortium's embodiments must match what members record: one without it declares {dim_attr} 0)"
+            )
         return
     if not isinstance(spec, dict):
         raise DatasetError(f"{path}: feature {key!r} must be an object with dtype/shape/names")

@@ -212,9 +212,12 @@ def test_missing_feature(tmp_path: Path) -> None:
     root = _synth(tmp_path)
     _edit_info(root, lambda info: info["features"].pop("observation.state"))
     _raises(root, "meta/info.json", "'observation.state'", "missing")
+    # Real LeRobot recordings have state, action and cameras: the error says how a consortium
+    # declares an embodiment for them.
     root = _synth(tmp_path, "franka")
     _edit_info(root, lambda info: info["features"].pop("observation.environment_state"))
-    _raises(root, "meta/info.json", "'observation.environment_state'", "env_state_dim 7", name="franka")
+    _raises(root, "meta/info.json", "'observation.environment_state'", "env_state_dim 7", "one without it declares "
+            "env_state_dim 0", name="franka")  # fmt: skip
 
 
 def test_state_shape_against_embodiment(tmp_path: Path) -> None:
