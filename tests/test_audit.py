@@ -1172,3 +1172,63 @@ def test_canary_audit_bounds_dp_below_claim_and_catches_non_private_training() -
     open_run = run_canary_audit(CanarySetup(dp=False, deterministic=True))
     assert open_run.correct > private.correct
     assert open_run.epsilon_lower_bound >= 1.5 > private.epsilon_lower_bound + 1.0
+
+
+# --------------------------------------------------------------------------- a second review's attacks
+
+
+def _fail_after_receipt(records: list[dict[str, Any]], rnd: int, member: str) -> None:
+    """``member``'s reply of round ``rnd`` failed after the coordinator checked its receipt: the
+    receipt is in ``ledger_heads`` alone (coordinator.rounds checks it before folding the update)."""
+    receipt = records[rnd]["receipts"].pop(member)
+    del records[rnd]["train"][member]
+    records[rnd]["failed"] = {member: "invalid train reply"}
+    records[rnd]["ledger_heads"] = {member: receipt}
+
+
+def _declines(records: list[dict[str, Any]], rnd: int, member: str) -> None:
+    for field in ("receipts", "train"):
+        del records[rnd][field][member]
+    records[rnd]["cohorts"] = {s: [m for m in ms if m != member] for s, ms in records[rnd]["cohorts"].items()}
+    records[rnd]["declined"] = {member: "this node's ledger lacks the entry it was sent: restore the ledger"}
+
+
+def test_a_ledger_rolled_back_behind_a_receipt_of_this_run_held_only_as_a_head_is_caught(fed: Path) -> None:
+    """A head of this run was skipped as "checked with its round": not so for a reply that
+    failed after its receipt was checked. The restored node then declines, as it should."""
+    records = read_records(fed)
+    _fail_after_receipt(records, 1, "alpha")
+    _declines(records, 2, "alpha")
+    write_records(fed, records)
+    assert run_audit(fed).ok, "the ledger still holds the entry: nothing to find"
+    write_entries(fed, "alpha", read_entries(fed, "alpha")[:-2])  # restored from before this run
+    assert_found(run_audit(fed), "receipt", "round 1 ledger head of alpha", "alpha's ledger lacks entry", "rolled back")
+
+
+def test_a_member_that_only_failed_after_its_receipt_must_still_give_its_ledger(fed: Path) -> None:
+    records = read_records(fed)
+    _fail_after_receipt(records, 1, "gamma")
+    _declines(records, 2, "gamma")
+    write_records(fed, records)
+    ledger_path(fed, "gamma").unlink()
+    assert_found(run_audit(fed), "input", "gamma ledger", "no ledger was given for this consortium member")
+
+
+def test_round_zeros_line_cannot_be_deleted(fed: Path) -> None:
+    """It holds the initial model's held-out errors and their evaluation receipts."""
+    write_records(fed, read_records(fed)[1:])
+    assert_found(run_audit(fed), "store", "store round 0", "no round record for it")
+
+
+def test_an_update_that_reached_the_coordinator_needs_a_receipt_even_when_its_shard_was_not_updated(
+    fed: Path,
+) -> None:
+    """A receipt was demanded for contributions to updated shards only: a member without DP
+    whose cohort's aggregate was then rejected passed with none."""
+    records = read_records(fed)
+    record = records[2]
+    del record["receipts"]["gamma"]
+    record["cohorts"] = {s: ["alpha", "beta"] for s in SHARDS[2]} | {"expert/L0/E0": ["gamma"]}
+    record["rejected"] = {"expert/L0/E0": "the aggregate's norm is over train.max_update_norm"}
+    write_records(fed, records)
+    assert_found(run_audit(fed), "receipt", "round 2", "gamma's update reached the coordinator", "without a signed")

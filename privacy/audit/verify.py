@@ -561,8 +561,14 @@ def _check_ledger_heads(
     must be in that member's ledger. The receipts of this run are checked with their rounds;
     this catches a ledger rolled back behind a receipt of an *earlier* run, which an audit of
     this run alone would otherwise pass: the rolled-back node declines (it knows it lacks the
-    entry), so this run holds no receipt of its own to miss."""
+    entry), so this run holds no receipt of its own to miss.
+
+    A head of this run is skipped only when a record holds it as a training or evaluation
+    receipt (checked there). Not all of them: a reply that failed after its receipt was
+    checked leaves the receipt in ``ledger_heads`` alone, and a review rolled a ledger back
+    behind one and passed the audit."""
     seen: set[tuple[str, str]] = set()
+    recorded = _recorded_receipt_hashes(records)
     for rnd, record in sorted(records.items()):
         heads = record.get("ledger_heads") or {}
         if not isinstance(heads, dict):
@@ -581,8 +587,10 @@ def _check_ledger_heads(
                 result.add("receipt", subject, f"is not an entry {member}'s key signed ({exc})", member=member)
                 continue
             index = indexes.get(member)
-            if entry.get("run") == run_id or index is None or (member, digest) in seen or digest in index.by_hash:
-                continue  # this run's receipts are checked with their rounds and evaluations
+            if (member, digest) in seen or (entry.get("run") == run_id and digest in recorded):
+                continue  # a receipt a record holds is checked with its round or evaluation
+            if index is None or digest in index.by_hash:
+                continue  # no ledger given: audit_inputs fails a member that released in this run
             seen.add((member, digest))
             result.add(
                 "receipt",
@@ -593,6 +601,37 @@ def _check_ledger_heads(
                 "entry dropped, and its accountant counts less than the member released",
                 member=member,
             )
+
+
+def _held_receipt_of_this_run(records: Mapping[int, Mapping[str, Any]], member: str, run_id: str | None) -> bool:
+    """Whether the coordinator held a receipt of ``member`` from this run (``ledger_heads``):
+    a member whose reply then failed released as much as one that trained."""
+    for record in records.values():
+        heads = record.get("ledger_heads")
+        entry = heads.get(member) if isinstance(heads, dict) else None
+        if isinstance(entry, dict) and entry.get("run") == run_id:
+            return True
+    return False
+
+
+def _recorded_receipt_hashes(records: Mapping[int, Mapping[str, Any]]) -> set[str]:
+    """Hashes of the training and evaluation receipts the round records hold."""
+    held: list[Any] = []
+    for record in records.values():
+        receipts, evaluation = record.get("receipts"), record.get("evaluation")
+        held += list(receipts.values()) if isinstance(receipts, dict) else []
+        held += (
+            [e.get("receipt") for e in evaluation.values() if isinstance(e, dict)]
+            if isinstance(evaluation, dict)
+            else []
+        )
+    hashes = set()
+    for receipt in held:
+        try:
+            hashes.add(entry_hash(receipt_from_json(receipt) if isinstance(receipt, str) else receipt))
+        except (LedgerError, ValueError, TypeError, AttributeError):
+            continue  # a malformed receipt is reported where its record is checked
+    return hashes
 
 
 def _check_rounds(
@@ -649,6 +688,18 @@ def _check_rounds(
                     member=member,
                     message=f"{member} contributed to {len(contributed)} updated shard(s) ({', '.join(contributed)}) "
                     "but the record holds no receipt for it: a contribution without a signed privacy receipt",
+                )
+            elif member in train:
+                # Its shards were not updated (the aggregate rejected, the cohort too small), but
+                # its update reached the coordinator: a release, as an evaluation without a
+                # receipt is one.
+                receipt_state = "missing"
+                result.add(
+                    "receipt",
+                    f"round {rnd}",
+                    member=member,
+                    message=f"{member}'s update reached the coordinator (its shards were not updated) but the record "
+                    "holds no receipt for it: a release without a signed privacy receipt",
                 )
             state = (
                 "contributed"
@@ -839,6 +890,10 @@ def _check_store(
                 continue
             verified.add(oid)
         parent = manifests.get(manifest.parent) if manifest.parent is not None else None
+        if rnd == 0 and rnd not in records:
+            # Its line holds the initial model's held-out errors and their evaluation receipts:
+            # deleted, it took a ledger's rollback behind such a release out of sight.
+            result.add("store", subject, "committed but there is no round record for it (rounds.jsonl lacks round 0)")
         if rnd == 0 or parent is None:
             continue
         changed = sorted(
@@ -1047,7 +1102,7 @@ def audit_inputs(
                 isinstance(r.get(field), dict) and name in r[field]
                 for r in records.values()
                 for field in ("train", "receipts", "evaluation")
-            )
+            ) or _held_receipt_of_this_run(records, name, run.run_id)
             if not released and consortium.members[name].departed:
                 continue
             result.add(
@@ -1055,7 +1110,7 @@ def audit_inputs(
                 f"{name} ledger",
                 "no ledger was given for this consortium member"
                 + (
-                    ": its training and evaluations in the round records cannot be matched to it"
+                    ": its releases in the round records (training, evaluations, receipts the coordinator held) cannot be matched to it"
                     if released
                     else " (it neither trained nor released a held-out error in this run)"
                 ),
