@@ -750,9 +750,11 @@ def run_config(
     authenticates a SuperNode's key, not the member name in its node config, so without the pin
     one registered member could answer as another."""
     registered = registered or {}
+    # epsilon and delta: the budget each member published (a deployed node enforces its own,
+    # from its node config); the coordinator warns when a node holds a larger one.
     members = ", ".join(
         f"{{name: {m.name}, embodiment: {m.embodiment}, ledger_public_key: '{m.ledger_public_key}',"
-        f" node_id: {int(registered.get(m.name, 0))}}}"
+        f" node_id: {int(registered.get(m.name, 0))}, epsilon: {float(m.epsilon)!r}, delta: {float(m.delta)!r}}}"
         for m in consortium.members
     )
     items = [
@@ -827,15 +829,25 @@ def submit_run(
     rounds, overrides = resubmitted(out, rounds, overrides)
     config = run_config(consortium, out, rounds, overrides, _registered(op), op.coordinator_key)
     require_superlink(op, consortium)
+    names = [m.name for m in consortium.members]
     if wait_members > 0:
         min_cohort = config_from_run_config(config).train.min_cohort
-        offline = wait_for_members(op, [m.name for m in consortium.members], wait_members, min_cohort)
+        offline = wait_for_members(op, names, wait_members, min_cohort)
         if offline:
             log.warning(
                 "%s did not come online within %.0f s: the run goes on without them, and each joins at the next "
                 "round once its node is up (kyodo-member start)",
                 ", ".join(offline),
                 wait_members,
+            )
+    else:  # not waiting, but the operator should still hear who the run starts without
+        registered, online = _registered(op), online_nodes(op)
+        offline = [n for n in names if registered.get(n) not in online]
+        if offline:
+            log.warning(
+                "%s not online now: the run starts without them, and each joins at the next round once its node is "
+                "up (kyodo-member start)",
+                ", ".join(offline),
             )
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "run-config.toml"
@@ -902,6 +914,10 @@ def _submission(op: OperatorDir, which: str | None) -> dict[str, Any]:
     for sub in reversed(submissions):
         if Path(sub["out_dir"]).resolve() == wanted:
             return sub
+    if "/" not in which:  # a run directory's name, as `ls runs/` shows it
+        for sub in reversed(submissions):
+            if Path(sub["out_dir"]).name == which:
+                return sub
     raise DeployError(
         f"{which!r} is neither a Flower run id (a number) nor the directory of a run submitted from {op.root} "
         f"(see {op.root / 'runs.jsonl'})"

@@ -318,6 +318,9 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
             failpoint(rnd, "after-train")
             record = _record(result, cfg.secagg.enabled, dict(runner.sync.sent_bytes), runner.head_receipts())
             record["absent"] = dict(runner.absent)
+            # The budgets the run was submitted with (published ones, in a deployment): status sets
+            # each member's spend against the budget in force then, not against today's.
+            record["budgets"] = {m.name: m.epsilon for m in cfg.federation.members}
             # As a JSON string: the receipts' 64-hex hashes and keys must not read as store object ids.
             extra = {"run": run_id, ROUND_RECORD_KEY: json.dumps(record, sort_keys=True)}
             manifest = state.commit_objects(rnd, runner.pending, runner.pending_state, extra)

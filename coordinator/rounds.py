@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from aggregation.secagg.errors import SecAggError
@@ -221,6 +222,7 @@ class RoundRunner:
         self.sits_out: dict[str, str] = {}  # member -> why it cannot train this round (its query reply)
         # consortium member -> why it is not in this round at all (no answer of its node was taken)
         self.absent: dict[str, str] = {}
+        self._budget_warned: set[str] = set()  # members told of once per run: over their published budget
         self._not_pinned_by: dict[str, list[str]] = {}  # member left out -> the seated members that did not pin it
         self.eval_withheld: dict[str, str] = {}  # member -> why it released no held-out error (last evaluate)
         # member -> the newest receipt it sent: every request carries its hash, and a node
@@ -235,8 +237,17 @@ class RoundRunner:
 
         def on_reply(reply: Message, node: int) -> None:
             if reply.has_error():
-                log.warning("node %s declined query: %s", node, reply.error.reason)
-                refused[node] = f"its node declined the query: {reply.error.reason}"
+                # The SuperLink answers for a node that stopped heartbeating: the node is down,
+                # it did not refuse (a walkthrough read "declined" as the member's choice).
+                down = reply.metadata.src_node_id == SUPERLINK_NODE_ID
+                who = f"node {node}" + (f" ({known[node]})" if node in known else "")
+                log.warning("%s %s: %s", who, "is unavailable" if down else "declined query", reply.error.reason)
+                refused[node] = (
+                    f"its node was unavailable when the round began (the SuperLink answered for it: "
+                    f"{reply.error.reason})"
+                    if down
+                    else f"its node answered the query with an error: {reply.error.reason}"
+                )
                 return
             try:
                 info = QueryReply.from_content(reply.content)
@@ -359,7 +370,31 @@ class RoundRunner:
             self.public_keys[info.member] = info.public_key
             self.sync.reported(info.member, info.objects)
             self.epsilon[info.member] = (info.epsilon_spent, info.epsilon_budget)
+            self._warn_over_published(info)
         return members
+
+    def _warn_over_published(self, info: QueryReply) -> None:
+        """A deployed node enforces the budget of its own config; auditors hold the member to the
+        one it published (``federation.members[].epsilon`` here). A walkthrough's member raised
+        its budget without publishing it, spent 7.2 against a published 2, and only ``status``
+        and the audit said so, after the run."""
+        published = next((m.epsilon for m in self.cfg.federation.members if m.name == info.member), None)
+        if published is None or info.member in self._budget_warned or not info.epsilon_budget:
+            return
+        if info.epsilon_spent > published * (1 + 1e-9):
+            state = f"has spent epsilon {info.epsilon_spent:.4g}, over the {published:g} it published"
+        elif info.epsilon_budget > published * (1 + 1e-9):
+            state = f"holds an epsilon budget of {info.epsilon_budget:g}, above the {published:g} it published"
+        else:
+            return
+        self._budget_warned.add(info.member)
+        log.warning(
+            "%s %s: the audit fails its releases past %g. The member publishes its budget (kyodo-member budget), "
+            "the operator admits it again (add-member --update) before the next run",
+            info.member,
+            state,
+            published,
+        )
 
     def _exchange_queries(
         self, round_number: int, heads: Mapping[int, str], on_reply: Callable[[Message, int], None]

@@ -34,6 +34,16 @@ class RunReport:
     planned: int | None = None  # train.rounds of the run's config.yaml (None: not readable)
 
     @property
+    def budgets(self) -> dict[str, float]:
+        """Each member's budget as the run was submitted with it (its newest record's
+        ``budgets``: the published ones, in a deployment); empty for runs before records had them."""
+        for rnd in sorted(self.records, reverse=True):
+            budgets = self.records[rnd].get("budgets")
+            if isinstance(budgets, dict):
+                return {m: float(e) for m, e in budgets.items() if isinstance(e, (int, float))}
+        return {}
+
+    @property
     def members(self) -> list[str]:
         names: set[str] = set()
         for rec in self.records.values():
@@ -235,9 +245,10 @@ def participation_table(report: RunReport, budgets: Mapping[str, float] | None =
     failed (F: no update arrived; whether it spent is in its ledger, not here), evaluated only
     (e), absent (-: no node of it answered that round's query).
 
-    ``budgets``: each member's published epsilon (the operator's audit-consortium.yaml), shown
-    beside what its newest receipt says it spent, so that the operator sees who is about to run
-    out without asking the members; a receipt over it is flagged, since auditors will fail it."""
+    Beside what each member's newest receipt says it spent, its budget, so that the operator
+    sees who is about to run out without asking the members, and a receipt over it is flagged
+    (auditors will fail it): the budget the run's records name (published when the run was
+    submitted), else ``budgets`` (the operator's audit-consortium.yaml: published now)."""
     rounds = sorted(r for r in report.records if r > 0)
     table = Table(
         title="member participation (T trained, T! trained then failed: update lost, T~ trained then failed: "
@@ -246,7 +257,11 @@ def participation_table(report: RunReport, budgets: Mapping[str, float] | None =
     table.add_column("member")
     for rnd in rounds:
         table.add_column(f"r{rnd}", justify="center")
-    spent_column = "ε after last receipt held" + (" / published budget" if budgets else "")
+    if report.budgets:
+        budgets, whose = report.budgets, " / budget published for the run"
+    else:
+        whose = " / budget published now" if budgets else ""
+    spent_column = "ε after last receipt held" + whose
     for col in ("rounds trained", spent_column, "bytes received"):
         table.add_column(col, justify="right")
     for member in report.members:

@@ -291,15 +291,22 @@ def _cmd_budget(args: argparse.Namespace) -> int:
 
 def _cmd_trust(args: argparse.Namespace) -> int:
     try:
+        pinned_before = load_setup(args.dir).consortium_file
         setup, members = trust_consortium(args.dir, args.consortium_file)
     except SetupError as err:
         raise CommandError(str(err), code=2) from None
+    # The node reads the pinned file at every message, but only from the path its SuperNode was
+    # started with: a first pin takes a (re)start, a later one does not.
+    when = (
+        "a running node takes it from its next message"
+        if pinned_before == setup.consortium_file
+        else f"it takes effect when the node starts (kyodo-member start {setup.dir}; restart it if it runs)"
+    )
     console = Console(soft_wrap=True)
     console.print(
         f"member [cyan]{setup.member}[/]: secure aggregation now accepts only the identity keys of "
-        f"{escape(', '.join(members))} ({len(members)} in {setup.consortium_file}); restart the node "
-        f"(kyodo-member start {setup.dir}) for it to take effect, and run this again with the new file when the "
-        "consortium admits a member",
+        f"{escape(', '.join(members))} ({len(members)} in {setup.consortium_file}); {when}. Run this again with "
+        "the new file when the consortium admits or removes a member",
         highlight=False,
     )
     min_cohort = load_config().train.min_cohort

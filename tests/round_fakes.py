@@ -53,6 +53,7 @@ class FakeGrid:
     ``sitting_out``: member -> the reason its node gives in ``query`` for not being able to train.
     ``withholding``: member -> the reason its node gives for releasing no held-out error.
     ``pinned``: member -> the members whose identity keys its node reports pinned in ``query``.
+    ``budgets``: member -> the (epsilon spent, epsilon budget) its node reports in ``query``.
     Every query request received is kept in ``queries``, and every request's ``ledger_head``
     in ``ledger_heads`` as (message type, member, head). ``script`` (set at any time) maps a
     member to how its node answers its next queries, one item each: the name it claims, a
@@ -74,7 +75,9 @@ class FakeGrid:
         withholding: Mapping[str, str] | None = None,
         gone: Mapping[str, Iterable[str]] | None = None,
         pinned: Mapping[str, Iterable[str]] | None = None,
+        budgets: Mapping[str, tuple[float, float]] | None = None,
     ):
+        self.budgets = dict(budgets or {})
         self.pinned = {name: sorted(names) for name, names in (pinned or {}).items()}
         self.gone = {name: set(kinds) for name, kinds in (gone or {}).items()}
         self.private = set(private)
@@ -149,6 +152,7 @@ class FakeGrid:
             return QueryReply(
                 claimed, [self.members[name]], episodes, objects=self.held, public_key=key,
                 can_train=not reason, reason=reason, pinned=self.pinned.get(name, []),
+                epsilon_spent=self.budgets.get(name, (0.0, 0.0))[0], epsilon_budget=self.budgets.get(name, (0.0, 0.0))[1],
             ).to_content()  # fmt: skip
         if kind == EVALUATE:
             if name in self.withholding:

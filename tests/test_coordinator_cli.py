@@ -122,7 +122,8 @@ def test_participation_marks_a_member_that_trained_then_failed_in_secure_aggrega
 
 def test_participation_shows_each_members_spend_against_its_published_budget(tmp_path):
     """The operator sees who is about to run out, and who signed for more than it published
-    (an audit will fail it), without asking the members."""
+    (an audit will fail it), without asking the members: against the budget the run was
+    submitted with (its records' ``budgets``), else the one published now."""
     from rich.console import Console
 
     from coordinator.run_status import RunReport, participation_table
@@ -130,20 +131,26 @@ def test_participation_shows_each_members_spend_against_its_published_budget(tmp
     def receipt(epsilon: float, time: str) -> dict:
         return {"epsilon": epsilon, "time": time}
 
+    def table(report: RunReport, budgets: dict | None = None) -> tuple[str, dict[str, str]]:
+        console = Console(width=300, record=True)
+        console.print(participation_table(report, budgets))
+        text = console.export_text()
+        return text, {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
+
     record = {
         "train": {"sony": {}, "fanuc": {}},
         "receipts": {"sony": receipt(2.43, "t1"), "fanuc": receipt(8.2, "t1")},
     }
     report = RunReport(run_dir=tmp_path, head=1, records={1: record})
-    console = Console(width=300, record=True)
-    console.print(participation_table(report, {"sony": 2.6, "fanuc": 8.0}))
-    text = console.export_text()
-    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
-    assert "published budget" in text
+    text, rows = table(report, {"sony": 2.6, "fanuc": 8.0})
+    assert "budget published now" in text
     assert "2.430/2.6" in rows["sony"] and "over" not in rows["sony"]
     assert "8.200/8 over" in rows["fanuc"]
     # Without the operator's file (status given a bare run directory): the spend alone.
-    console = Console(width=300, record=True)
-    console.print(participation_table(report))
-    text = console.export_text()
-    assert "published budget" not in text and "2.430 " in text
+    text, rows = table(report)
+    assert "budget" not in text and "2.430 " in text
+    # A run whose records name the budgets it was submitted with: those, not today's.
+    record["budgets"] = {"sony": 2.0, "fanuc": 9.0}
+    text, rows = table(report, {"sony": 20.0, "fanuc": 20.0})
+    assert "budget published for the run" in text
+    assert "2.430/2 over" in rows["sony"] and "8.200/9" in rows["fanuc"] and "over" not in rows["fanuc"]

@@ -364,11 +364,14 @@ def test_a_member_pins_the_other_members_keys_to_the_published_consortium_file(t
     assert member_main(["trust", str(sony.dir), str(published)]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "accepts only the identity keys of honda, sony (2 in" in said
+    assert "it takes effect when the node starts" in said, "a first pin: the SuperNode must start with its path"
     # Fewer than a cohort: said, since the coordinator will leave this member out of every
     # round the others join until it pins a file listing them.
     assert "warning: the file lists 2 member(s); an expert or the shared adapter needs a cohort of 3" in said
     pinned = supernode.load_setup(sony.dir)
     assert Path(pinned.consortium_file) == sony.dir / "consortium.yaml"
+    assert member_main(["trust", str(sony.dir), str(published)]) == 0  # again: the node reads it per message
+    assert "a running node takes it from its next message" in " ".join(capsys.readouterr().out.split())
     identity = resolve_identity(parse_config_args([supernode.node_config_arg(pinned.node_config())]), tiny_cfg)
     assert identity.consortium_file == pinned.consortium_file
 
@@ -639,6 +642,8 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
     (op.root / "runs.jsonl").write_text("".join(json.dumps(s) + "\n" for s in resumed))
     assert deploy.log_run_ids(op, str(tmp_path / "r1")) == ["11", "13"] == deploy.log_run_ids(op, None)
     assert deploy.log_run_ids(op, "11") == ["11"] and deploy.log_run_ids(op, str(tmp_path / "r2")) == ["12"]
+    # The directory's name alone, as `ls runs/` shows it, names the run too.
+    assert deploy.log_run_ids(op, "r1") == ["11", "13"] and deploy.submitted_run_dir(op, "r2") == tmp_path / "r2"
     # A run directory under the operator directory, passed where the operator directory goes.
     run_dir = op.root / "runs" / "20261207-134644"
     assert deploy.split_run_argument(run_dir, None) == (op.root, str(run_dir))
@@ -655,6 +660,7 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
     )
     assert (audit.members["sony"].epsilon, audit.members["sony"].delta) == (8.0, 1e-5)
     registered = {"honda": "12345678901234567890", "sony": "7"}  # softbank not registered yet
+    consortium.members[1].epsilon = 2.5  # as sony published it
     config = deploy.run_config(consortium, tmp_path / "run", None, ["train.local_steps=5"], registered)
     from shared_model.config import config_from_run_config
 
@@ -664,6 +670,8 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
     # Each member is pinned to its registration and ledger key: no registered node can answer as another.
     assert [m.node_id for m in cfg.federation.members] == [12345678901234567890, 7, 0]
     assert [m.ledger_public_key for m in cfg.federation.members] == [m.ledger_public_key for m in consortium.members]
+    # The published budgets travel too: the coordinator warns of a node that holds a larger one.
+    assert [(m.epsilon, m.delta) for m in cfg.federation.members] == [(8.0, 1e-5), (2.5, 1e-5), (8.0, 1e-5)]
     cmd = deploy.superlink_command(op, consortium)
     for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--database"):
         assert flag in cmd
