@@ -407,16 +407,9 @@ def _episode_stats(values: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarr
 
 
 def _stats(values: np.ndarray) -> dict[str, list[float] | list[int]]:
-    v = values.astype(np.float64).reshape(len(values), -1)
-    quantiles = np.quantile(v, QUANTILES, axis=0)
-    return {
-        "min": v.min(axis=0).tolist(),
-        "max": v.max(axis=0).tolist(),
-        "mean": v.mean(axis=0).tolist(),
-        "std": v.std(axis=0).tolist(),
-        "count": [len(v)],
-        **{f"q{round(q * 100):02d}": row.tolist() for q, row in zip(QUANTILES, quantiles, strict=True)},
-    }
+    """The whole dataset's stats (meta/stats.json): the per-episode ones of one long episode."""
+    whole = _episode_stats(values, np.zeros(1, dtype=np.int64))
+    return {stat: (rows[0].astype(int) if stat == "count" else rows[0]).tolist() for stat, rows in whole.items()}
 
 
 def _info(
