@@ -1232,3 +1232,21 @@ def test_an_update_that_reached_the_coordinator_needs_a_receipt_even_when_its_sh
     record["rejected"] = {"expert/L0/E0": "the aggregate's norm is over train.max_update_norm"}
     write_records(fed, records)
     assert_found(run_audit(fed), "receipt", "round 2", "gamma's update reached the coordinator", "without a signed")
+
+
+def test_a_run_cut_back_after_members_evaluated_its_last_round_is_caught(tmp_path: Path) -> None:
+    """A run cut short (HEAD moved back, the last line deleted) reads like a coordinator that
+    died before committing; but a member evaluates only a committed model, so its evaluation
+    of the cut round says the round was committed."""
+    build_federation(tmp_path, commit_records=True, evaluations=True)
+    store = ShardStore(tmp_path / "run" / "store")
+    (store.root / "HEAD").write_text(json.dumps({"round": 1, "manifest": store.manifest(1).digest}))
+    write_records(tmp_path, read_records(tmp_path)[:2])
+    result = run_audit(tmp_path)
+    assert_found(result, "coverage", "alpha ledger", "it evaluated round 2's model, and the run ends at round 1")
+    # Its training of round 2 alone is what a crash before the commit leaves: a note.
+    assert any("round 2 was never committed" in f.message for f in result.findings if f.severity == NOTE)
+    # Training two rounds past the end: round 1, whose model it trained on, was committed.
+    (store.root / "HEAD").write_text(json.dumps({"round": 0, "manifest": store.manifest(0).digest}))
+    write_records(tmp_path, read_records(tmp_path)[:1])
+    assert_found(run_audit(tmp_path), "coverage", "beta ledger", "it trained round 2 on round 1's model", "cut back")

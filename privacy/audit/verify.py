@@ -737,7 +737,12 @@ def _check_coverage(
     indexes: dict[str, _LedgerIndex],
     forks: set[tuple[str, int]],
 ) -> None:
-    """Every ledger entry of this run appears in the round records, or is explained."""
+    """Every ledger entry of this run appears in the round records, or is explained.
+
+    A run cut short (HEAD moved back, the last lines deleted) looks like a coordinator that died
+    before committing, except where members' ledgers say a round was committed: a member
+    evaluates only a committed model, and trains round r only on round r - 1's. An evaluation
+    past the run's last round, or training two rounds past it, is therefore not explained."""
     last = max([*records, result.head_round if result.head_round is not None else -1], default=-1)
     for member, index in sorted(indexes.items()):
         for i, entry in sorted(index.entries.items()):
@@ -751,15 +756,20 @@ def _check_coverage(
             subject = f"{member} ledger"
             label = entry_label(i, entry)
             record = records.get(rnd)
-            explained = None
+            explained = cut = None
             if release_of(entry) == RELEASE_EVALUATION:
-                explained = (
-                    f"an evaluation release that round {rnd}'s record does not hold (not used, or lost in a "
-                    "crash): spent, not used"
-                )
-            elif record is None:
                 if rnd > last:
+                    cut = f"it evaluated round {rnd}'s model, and the run ends at round {last}"
+                else:
+                    explained = (
+                        f"an evaluation release that round {rnd}'s record does not hold (not used, or lost in a "
+                        "crash): spent, not used"
+                    )
+            elif record is None:
+                if rnd == last + 1:
                     explained = f"round {rnd} was never committed (the run ends at round {last}): spent, not used"
+                elif rnd > last:
+                    cut = f"it trained round {rnd} on round {rnd - 1}'s model, and the run ends at round {last}"
             elif record.get("recovered_from_store"):
                 explained = f"round {rnd}'s record was rebuilt from the store after a crash; see the store check"
             elif isinstance(record.get("failed"), dict) and member in record["failed"]:
@@ -781,7 +791,10 @@ def _check_coverage(
                     subject,
                     f"{label}: spent budget in this run, but "
                     + (
-                        f"round {rnd} has no record although later rounds do"
+                        f"{cut}: a member only does that with a committed model, so the store or the round records "
+                        "were cut back after it"
+                        if cut
+                        else f"round {rnd} has no record although later rounds do"
                         if record is None
                         else f"round {rnd}'s record holds no receipt of it and does not list {member} as failed "
                         "or declined"
