@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from member_node.budget_plan import add_plan_command
-from member_node.data_units import unit_problems, units_error
+from member_node.data_units import unit_problems, units_error, without_episodes_beyond_bounds
 from member_node.lerobot import DatasetError, LeRobotDataset, left_out_text, read_dataset
 from member_node.status import add_status_command
 from member_node.supernode import (
@@ -107,10 +107,15 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     except DatasetError as err:
         raise CommandError(str(err)) from None
     console = Console()
-    console.print(_summary_table(dataset, embodiment))
     problems = unit_problems(dataset, embodiment, args.embodiment)
     if problems:  # after the table: what was read is still worth seeing
+        console.print(_summary_table(dataset, embodiment))
         raise CommandError(units_error(problems, args.embodiment))
+    try:
+        trained = without_episodes_beyond_bounds(dataset, embodiment)  # what the node trains on
+    except DatasetError as err:
+        raise CommandError(str(err)) from None
+    console.print(_summary_table(trained, embodiment))
     # On its own line, unwrapped: it is meant to be copied into ledgers and compared.
     console.print(f"fingerprint {fingerprint}", soft_wrap=True, highlight=False)
     if args.state_dir:

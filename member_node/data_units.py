@@ -7,21 +7,25 @@ range) and the gripper in 0..100; kyodo's ``so100`` expects radians and 0..1. A 
 the real library found such a dataset passing ``data inspect`` with normalised values of 28
 on the joints and 100 on the gripper, where about 1 is meant.
 
-The check runs where the member sets its node up (``data inspect``, ``init``, ``start``),
-never in a round: a refusal there would be an answer to the coordinator that depends on the
-data. It is meant to catch a whole recording in the wrong units, not an unusual episode: per
-dimension it takes, over episodes, the median of each episode's largest magnitude, which one
-episode alone cannot move past its neighbours'.
+Two checks. A recording mostly in other units is refused where the member sets its node up
+(``data inspect``, ``init``, ``start``), never in a round: a refusal there would be an answer
+to the coordinator that depends on the data. It takes, per dimension, the median over
+episodes of each episode's largest magnitude, which one episode alone cannot move past its
+neighbours'. And an episode that reaches past the same line is left out, decided by that
+episode alone (as one with non-finite values is): a check with the real library merged 20
+episodes recorded in degrees into 30 in radians, which passed the first check and trained
+at about 100x scale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from member_node.lerobot import ACTION, ENV_STATE, STATE, LeRobotDataset
+from member_node.lerobot import ACTION, ENV_STATE, STATE, DatasetError, Episode, LeRobotDataset, left_out_text
 from shared_model.config import EmbodimentConfig
 
 # How far past its bound a dimension's typical episode may reach. A unit mix-up is a factor of
@@ -35,6 +39,33 @@ BOUNDED_FEATURES = (
     (ENV_STATE, "env_state", "env_state_bound"),
     (ACTION, "action", "action_bound"),
 )
+
+
+OUT_OF_UNITS = f"values past {UNITS_FACTOR:g}x the embodiment's bounds (recorded in other units?)"
+
+
+def beyond_bounds(episode: Episode, emb: EmbodimentConfig) -> bool:
+    """Whether some dimension of ``episode`` reaches past ``UNITS_FACTOR`` x its bound."""
+    for _, attr, bound_attr in BOUNDED_FEATURES:
+        values, bound = getattr(episode, attr), getattr(emb, bound_attr)
+        if values is not None and bound and np.any(np.abs(values).max(axis=0) > UNITS_FACTOR * np.asarray(bound)):
+            return True
+    return False
+
+
+def without_episodes_beyond_bounds(dataset: LeRobotDataset, emb: EmbodimentConfig) -> LeRobotDataset:
+    """The dataset with each episode that reaches past ``UNITS_FACTOR`` x a bound left out
+    (``left_out``: OUT_OF_UNITS). DatasetError when none is left."""
+    beyond = {ep.index for ep in dataset.episodes if beyond_bounds(ep, emb)}
+    if not beyond:
+        return dataset
+    left_out = {**dataset.left_out, **dict.fromkeys(beyond, OUT_OF_UNITS)}
+    kept = [ep for ep in dataset.episodes if ep.index not in beyond]
+    if not kept:
+        raise DatasetError(
+            f"{dataset.root}: no usable episode: all {len(left_out)} are left out ({left_out_text(left_out)})"
+        )
+    return dataclasses.replace(dataset, episodes=kept, left_out=left_out)
 
 
 def typical_magnitude(episodes: Sequence[np.ndarray]) -> np.ndarray:

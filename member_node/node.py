@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from member_node.data_units import without_episodes_beyond_bounds
 from member_node.identity import MemberIdentity, NodeConfigError
 from member_node.lerobot import Episode, LeRobotDataset, left_out_text, read_dataset
 from member_node.missed_rounds import note_queried, rounds_text
@@ -180,7 +181,11 @@ class MemberNode:
     @functools.cached_property
     def dataset(self) -> LeRobotDataset:
         emb = self.cfg.embodiments[self.identity.embodiment]
-        dataset = read_dataset(self.identity.data_dir, emb, self.identity.embodiment)
+        # Episodes in other units than the embodiment's are left out like non-finite ones: each
+        # decided by its own values (member_node.data_units).
+        dataset = without_episodes_beyond_bounds(
+            read_dataset(self.identity.data_dir, emb, self.identity.embodiment), emb
+        )
         if dataset.left_out:  # the member's own log; replies never say
             log.warning("member %s: episodes left out: %s", self.identity.name, left_out_text(dataset.left_out))
         return dataset

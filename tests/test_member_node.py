@@ -519,6 +519,15 @@ def test_an_episode_with_non_finite_values_changes_nothing_the_node_does(setup, 
     assert member.dataset.dropped == (4,) and "episodes left out: 1 with non-finite values (episode 4)" in caplog.text
     assert (a.steps, a.num_examples, a_eval.action_mse) == (b.steps, b.num_examples, b_eval.action_mse)
     assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in b.deltas)
+    # The same for an episode recorded in other units (degrees): left out by its own values.
+    degrees = replace(episodes[4], state=episodes[4].state * 57.3, action=episodes[4].action * 57.3)
+    in_degrees = write_dataset(
+        tmp_path / "degrees", emb, "so100", [*episodes[:4], degrees, *episodes[5:]], task="reach"
+    )
+    c, c_eval, member = run(in_degrees, "s3")
+    assert member.dataset.dropped == (4,) and "1 with values past 5x the embodiment's bounds" in caplog.text
+    assert (c.steps, c.num_examples, c_eval.action_mse) == (b.steps, b.num_examples, b_eval.action_mse)
+    assert all(torch.equal(c.deltas[k], b.deltas[k]) for k in b.deltas)
 
 
 def test_the_round_that_runs_is_the_mechanism_its_receipt_records(setup, tmp_path, monkeypatch):
