@@ -272,7 +272,7 @@ def _write_all(
     episode_table = _episodes_table(lengths, starts, files, task, {**columns, **frame_columns})
     _write_parquet(root / EPISODES_PATH.format(chunk_index=0, file_index=0), episode_table)
     _write_parquet(root / "meta" / "tasks.parquet", _tasks_table([task]))
-    stats = {k: _stats(v) for k, v in {**columns, **frame_columns}.items()}
+    stats = {k: _stats(v, starts) for k, v in {**columns, **frame_columns}.items()}
     _write_json(root / "meta" / "stats.json", stats)
     info = _info(emb, name, keys, names, len(episodes), int(lengths.sum()), size_mb, chunks_size)
     _write_json(root / "meta" / "info.json", info)
@@ -406,10 +406,19 @@ def _episode_stats(values: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarr
     }
 
 
-def _stats(values: np.ndarray) -> dict[str, list[float] | list[int]]:
-    """The whole dataset's stats (meta/stats.json): the per-episode ones of one long episode."""
-    whole = _episode_stats(values, np.zeros(1, dtype=np.int64))
-    return {stat: (rows[0].astype(int) if stat == "count" else rows[0]).tolist() for stat, rows in whole.items()}
+def _stats(values: np.ndarray, starts: np.ndarray) -> dict[str, list[float] | list[int]]:
+    """The whole dataset's stats (meta/stats.json). min/max/mean/std/count are exact; each
+    quantile is the frame-weighted mean of the episodes' own, as LeRobot aggregates them
+    (``aggregate_feature_stats``): with exact dataset quantiles instead, a policy normalising by
+    quantiles scaled the same data up to 2x differently when kyodo wrote it than when LeRobot
+    did, and a recording LeRobot resumed on kyodo's data mixed the two definitions."""
+    whole = {stat: rows[0] for stat, rows in _episode_stats(values, np.zeros(1, dtype=np.int64)).items()}
+    episodes = _episode_stats(values, starts)
+    counts = episodes["count"].astype(np.float64)  # [episodes, 1]
+    for stat in whole:
+        if stat.startswith("q"):
+            whole[stat] = (episodes[stat] * counts).sum(axis=0) / counts.sum()
+    return {stat: (row.astype(int) if stat == "count" else row).tolist() for stat, row in whole.items()}
 
 
 def _info(

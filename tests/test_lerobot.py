@@ -102,8 +102,13 @@ def test_round_trip_every_embodiment(tmp_path: Path, name: str) -> None:
     stats = json.loads((root / "meta" / "stats.json").read_text())
     # LeRobot's QUANTILES normalisation needs q01 and q99.
     assert set(stats["observation.state"]) >= {"min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99"}
-    state = np.concatenate([ep.state for ep in dataset.episodes])
-    np.testing.assert_allclose(stats["observation.state"]["q99"], np.quantile(state, 0.99, axis=0), rtol=1e-6)
+    # Each quantile the frame-weighted mean of the episodes' own, as LeRobot aggregates them.
+    lengths = np.array([ep.length for ep in dataset.episodes])
+    per_episode = np.stack([np.quantile(ep.state.astype(np.float64), 0.99, axis=0) for ep in dataset.episodes])
+    weighted = (per_episode * lengths[:, None]).sum(axis=0) / lengths.sum()
+    np.testing.assert_allclose(stats["observation.state"]["q99"], weighted, rtol=1e-6)
+    state = np.concatenate([ep.state for ep in dataset.episodes]).astype(np.float64)
+    np.testing.assert_allclose(stats["observation.state"]["mean"], state.mean(axis=0), rtol=1e-6)
     assert all(lo <= hi for lo, hi in zip(stats["action"]["q01"], stats["action"]["q99"], strict=True))
     meta = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet")
     first = dataset.episodes[0].state
