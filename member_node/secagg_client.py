@@ -152,7 +152,12 @@ class MemberSecAgg:
         self.pinned_keys = dict(pinned_keys) if pinned_keys is not None else None
 
     def _dir(self, run: str, round_number: int) -> Path:
-        return self.root / run / f"r{round_number}"
+        path = self.root / run / f"r{round_number}"
+        # The protocol refuses such run ids; this holds even if a path reaches here another way
+        # (a review's run id ".." put the round's private keys in state/, never deleted).
+        if run in ("", ".", "..") or "/" in run or path.resolve().parent.parent != self.root.resolve():
+            raise ProtocolError(f"run id {run!r} cannot name a secure-aggregation directory")
+        return path
 
     def _existing(self, run: str, round_number: int, stage: str) -> Path:
         path = self._dir(run, round_number)

@@ -48,8 +48,11 @@ ERR_NODE_CONFIG = 4002
 ERR_DATA = 4003
 ERR_INTERNAL = 5000
 
-_SHARD_RE = re.compile(r"^(backbone|adapter/shared|adapter/emb/[A-Za-z0-9_\-]+|expert/L\d+/E\d+)$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_\-\.]{1,64}$")
+_SHARD_RE = re.compile(r"^(backbone|adapter/shared|adapter/emb/[A-Za-z0-9_\-]+|expert/L\d+/E\d+)\Z")
+# Patterns end in \Z, not $: "$" also matches before a final newline, so "run\n" passed as a
+# name. Names become path components on nodes (a run's secure-aggregation state is secagg/<run>/):
+# "." and ".." are refused, as a review's run id ".." put private keys outside secagg/.
+_NAME_RE = re.compile(r"^(?!\.+\Z)[A-Za-z0-9_\-\.]{1,64}\Z")
 
 # Upper bounds that no sane request exceeds; a request outside them is refused, not obeyed.
 MAX_LOCAL_STEPS = 100_000
@@ -57,7 +60,7 @@ MAX_BATCH_SIZE = 65_536
 MAX_OBJECTS = 10_000_000
 MAX_REASON = 500  # characters of a node's free-text reason kept (it ends up in logs)
 MAX_MEMBERS = 10_000  # names in a consortium roster or a pinned consortium file
-_OBJECT_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+_OBJECT_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class ProtocolError(ValueError):
@@ -475,7 +478,9 @@ class TrainRequest:
     def from_content(cls, content: RecordDict) -> TrainRequest:
         where = "train request"
         rec = _config(content, REC_REQUEST, where)
-        rnd = _require(rec, "round", int, where)
+        rnd = _round_number(rec, where)
+        if rnd < 1:
+            raise ProtocolError(f"{where}: a training round is numbered from 1, got {rnd}")
         shards = validate_shard_ids(list(_require(rec, "shards", list, where)), where)
         if not shards:
             raise ProtocolError(f"{where}: no shards assigned")
@@ -611,7 +616,7 @@ class EvaluateRequest:
         where = "evaluate request"
         rec = _config(content, REC_REQUEST, where)
         rnd = _round_number(rec, where)
-        run = _require(rec, "run", str, where) if "run" in rec else ""
+        run = _run_id(rec, where) if rec.get("run") else ""  # a review's run id was 2 MB and two log lines
         model, ref = _model_from_content(content, where)
         return cls(round=rnd, model=model, model_ref=ref, run=run, ledger_head=_ledger_head(rec, where))
 
@@ -685,8 +690,8 @@ REC_SECAGG = "kyodo.secagg"
 REC_MASKED = "kyodo.masked"
 
 MAX_SECAGG_JSON = 16 * 1024 * 1024  # a setup or share bundle larger than this is refused
-_HEX_RE = re.compile(r"^(?:[0-9a-f]{2})*$")
-_GROUP_RE = re.compile(r"^g\d{1,6}$")
+_HEX_RE = re.compile(r"^(?:[0-9a-f]{2})*\Z")
+_GROUP_RE = re.compile(r"^g\d{1,6}\Z")
 # A member is in one group per distinct cohort of the shards it trains; ten thousand is far past
 # any plan (a member trains a few experts and adapters) and bounds what a reply can make a node parse.
 MAX_ADVERT_GROUPS = 10_000

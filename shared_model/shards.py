@@ -52,8 +52,8 @@ _BACKBONE_PARAM = re.compile(
     r"|blocks\.\d+\.attn\.(?:q\.base|v\.base|k|o)\.weight"
     r"|blocks\.\d+\.moe\.router\.proj\.weight)$"
 )
-_EXPERT_ID = re.compile(r"^expert/L(\d+)/E(\d+)$")
-_EMB_ID = re.compile(r"^adapter/emb/([A-Za-z0-9_-]+)$")
+_EXPERT_ID = re.compile(r"^expert/L(\d+)/E(\d+)\Z")
+_EMB_ID = re.compile(r"^adapter/emb/([A-Za-z0-9_-]+)\Z")
 
 
 def expert_shard(layer: int, expert: int) -> str:

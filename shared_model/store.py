@@ -78,8 +78,8 @@ OBJECT_METADATA_KEY = "kyodo"
 # ``rounds.jsonl``.
 ROUND_RECORD_KEY = "round_record"
 
-_OBJECT_ID = re.compile(r"^[0-9a-f]{64}$")
-_MANIFEST_NAME = re.compile(r"^round-(\d{6,})\.json$")
+_OBJECT_ID = re.compile(r"^[0-9a-f]{64}\Z")
+_MANIFEST_NAME = re.compile(r"^round-(\d{6,})\.json\Z")
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 # safetensors dtype names -> torch dtypes (and item sizes, for alignment and length checks).

@@ -116,6 +116,12 @@ def _train_content(**changes):
         ({"shards": ["adapter/shared", "adapter/shared"]}, "duplicates"),
         ({"shards": []}, "no shards"),
         ({"round": "one"}, "round"),
+        ({"round": -5}, "round must be >= 0"),  # a review's left a noise plan behind before the ledger refused it
+        ({"round": 0}, "numbered from 1"),
+        ({"run": ".."}, "run id '..' is not valid"),  # a path component on the node (secagg/<run>/)
+        ({"run": "."}, "run id '.' is not valid"),
+        ({"run": "r-1\n"}, "is not valid"),  # "$" matched before a final newline
+        ({"shards": ["backbone\n"]}, "not a valid shard id"),
         ({"seed": None}, "missing field 'seed'"),
     ],
 )
@@ -225,3 +231,15 @@ def test_a_share_keys_request_names_the_identity_key_of_every_advert():
     assert ShareKeysRequest.from_content(request.to_content()) == request  # more keys than adverts: fine
     with pytest.raises(ProtocolError, match="every advert needs its member's identity key"):
         ShareKeysRequest.from_content(ShareKeysRequest(1, "run-1", {"a": advert}, {"b": "cd" * 32}).to_content())
+
+
+def test_an_evaluate_request_s_run_id_is_checked_like_any_other():
+    """It is signed into the ledger and logged: a review put two log lines and 2 MB in one."""
+    for run in ("../../etc/passwd\nkyodo.member WARNING: FORGED", "r" * 2_000_000, "..", "r\n"):
+        content = EvaluateRequest(1, {"x": torch.zeros(1)}, run="r-1").to_content()
+        rec = dict(content.config_records[REC_REQUEST])
+        rec["run"] = run
+        content.config_records[REC_REQUEST] = ConfigRecord(rec)
+        with pytest.raises(ProtocolError, match="is not valid"):
+            EvaluateRequest.from_content(content)
+    assert EvaluateRequest.from_content(EvaluateRequest(1, {"x": torch.zeros(1)}).to_content()).run == ""

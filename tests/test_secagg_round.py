@@ -965,3 +965,18 @@ def test_survivor_signatures_from_another_session_of_the_round_do_not_count(tmp_
     assert group.group_id not in nodes["m00"].unmask(replayed).shares
     reply = nodes["m01"].unmask(_wire(requests["m01"], UnmaskRequest))
     assert sorted(reply.shares[group.group_id]["self_seed"]) == ["m00", "m02", "m03"], "this session's count"
+
+
+def test_a_run_id_that_would_leave_the_secure_aggregation_directory_is_refused(tmp_path):
+    """The protocol refuses such ids; the node's own paths hold even without it (a review's run
+    id ".." put a round's private keys in state/, where nothing deleted them)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from member_node.secagg_client import MemberSecAgg
+    from shared_model.protocol import ProtocolError
+
+    secagg = MemberSecAgg(tmp_path, "sony", Ed25519PrivateKey.generate(), equal_weight=True)
+    assert secagg._dir("run-1", 7) == tmp_path / "secagg" / "run-1" / "r7"
+    for run in ("..", ".", "", "a/../..", "a/b"):
+        with pytest.raises(ProtocolError, match="cannot name a secure-aggregation directory"):
+            secagg._dir(run, 7)
