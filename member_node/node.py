@@ -33,10 +33,10 @@ from member_node.identity import MemberIdentity, NodeConfigError
 from member_node.lerobot import Episode, LeRobotDataset, left_out_text, read_dataset
 from member_node.missed_rounds import note_queried, rounds_text
 from member_node.parallel import train_shards_parallel
-from member_node.private_eval import EvaluationReleaser
+from member_node.private_eval import EvaluationReleaser, release_key
 from member_node.release_schedule import ReleaseSchedule
 from member_node.secagg_client import MemberSecAgg
-from member_node.sent_updates import MASKED, PLAIN, note_sent, start_noting
+from member_node.sent_updates import MASKED, PLAIN, note_sent, sent_updates, start_noting
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
 from privacy.accountant import Mechanism
@@ -816,6 +816,8 @@ class MemberNode:
             rng=self._rng(request.hparams.seed, request.round),
         )
         if not self.identity.dp:
+            if self._update_sent(request.run, request.round):
+                return TrainDeclined(self.identity.name, self._sent_once(request.run, request.round), 0.0)
             result = train_shards(
                 self.policy, self.identity.embodiment, self.train_windows, request.shards, request.hparams, **common
             )
@@ -963,10 +965,26 @@ class MemberNode:
         )
 
     # ------------------------------------------------------------------ secure aggregation
+    def _update_sent(self, run: str, round_number: int) -> bool:
+        return release_key(run, round_number) in (sent_updates(self.identity.state_dir) or {})
+
+    @staticmethod
+    def _sent_once(run: str, round_number: int) -> str:
+        """Why a node without DP gives a round's update once. It retrains a round to the same
+        update (no ledger stops it, and its generator is seeded by the round): masked again in
+        other cohorts, the sums solve for it. A review recovered one member's exact update from
+        four sessions."""
+        return (
+            f"round {round_number} of run {run}: this node (without DP) already sent its update, and sends a "
+            "round's update once"
+        )
+
     def share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
         return self.secagg.share_keys(request)
 
     def masked_input(self, request: MaskedInputRequest) -> MaskedInputReply:
+        if not self.identity.dp and self._update_sent(request.run, request.round):
+            raise ProtocolError(self._sent_once(request.run, request.round))
         reply = self.secagg.masked_input(request)
         note_sent(self.identity.state_dir, request.run, request.round, MASKED)
         return reply

@@ -22,6 +22,7 @@ from shared_model.protocol import (
     EvaluateRequest,
     ProtocolError,
     QueryRequest,
+    TrainDeclined,
     TrainHyperParams,
     TrainReply,
     TrainRequest,
@@ -88,8 +89,22 @@ def test_non_private_training_is_reproducible(fresh_node, setup):
     node = fresh_node
     node.identity = replace(node.identity, dp=False)
     a = node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model))
+    # Which is why it sends a round's update once: masked again in other cohorts, the sums
+    # would solve for it (a review recovered one member's update from four sessions).
+    again = node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model))
+    assert isinstance(again, TrainDeclined) and "sends a round's update once" in again.reason
+    from member_node.sent_updates import SENT_FILE
+
+    (Path(node.identity.state_dir) / SENT_FILE).write_text("")  # a fresh state: the same inputs, the same update
     b = node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model))
     assert a.receipt == "" and all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
+    # A second session's masked input of a round whose update left is refused before anything is built.
+    from member_node.sent_updates import MASKED, note_sent
+    from shared_model.protocol import MaskedInputRequest
+
+    note_sent(node.identity.state_dir, "r", 2, MASKED)
+    with pytest.raises(ProtocolError, match="already sent its update"):
+        node.masked_input(MaskedInputRequest(2, "r", {}, {}, {}))
 
 
 @pytest.mark.parametrize(
