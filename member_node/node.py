@@ -364,6 +364,19 @@ class MemberNode:
                 f"manifest shards do not match model {self.cfg.model.name!r}: "
                 f"missing {sorted(expected - set(ref.manifest))[:5]}, extra {sorted(set(ref.manifest) - expected)[:5]}"
             )
+        # What this request adds is taken back if it is refused: a review's 8 refused requests
+        # left 112 MiB of objects in the replica, listed in every later query reply.
+        added = [oid for oid in ref.objects if not self.replica.has(oid)]
+        try:
+            self._store_and_load(ref)
+        except BaseException:
+            for oid in added:
+                if oid not in self._loaded.values():
+                    self.replica.object_path(oid).unlink(missing_ok=True)
+            raise
+        self.replica.gc(keep_objects=set(ref.manifest.values()))
+
+    def _store_and_load(self, ref: ModelRef) -> None:
         for oid, data in ref.objects.items():
             try:
                 self.replica.put_object_bytes(oid, data)
@@ -395,7 +408,6 @@ class MemberNode:
                 self._loaded.pop(shard, None)
                 raise ProtocolError(f"shard {shard}: {err}") from None
             self._loaded[shard] = oid
-        self.replica.gc(keep_objects=set(ref.manifest.values()))
 
     def _load_model(self, tensors: dict[str, torch.Tensor]) -> None:
         expected = self.policy.state_dict()

@@ -987,3 +987,24 @@ def test_a_coordinators_run_names_and_hyper_parameters_cannot_cost_a_node_its_tr
     kinds = [release_of(e) for e in member.ledger.releases()]
     assert kinds.count("dp-sgd") == 20 and kinds.count("evaluation") <= 2, kinds
     assert member.epsilon_spent() <= identity.epsilon
+
+
+def test_objects_of_a_refused_request_do_not_stay_in_the_replica(fresh_node):
+    """A review's 8 refused requests, each with well-formed objects of the wrong tensors, left
+    112 MiB in the replica, listed in every later query reply."""
+    import hashlib
+
+    from shared_model.protocol import ModelRef
+    from shared_model.store import serialize_shard
+
+    node = fresh_node
+    held = set(node.replica.objects())
+    for attempt in range(3):
+        objects, manifest = {}, {}
+        for shard in sorted(node.layout.shards):
+            data = serialize_shard(shard, {"junk": torch.randn(64) + attempt})
+            manifest[shard] = hashlib.sha256(data).hexdigest()
+            objects[manifest[shard]] = data
+        with pytest.raises(ProtocolError):
+            node.evaluate(EvaluateRequest(0, model=None, run="r", model_ref=ModelRef(manifest, objects)))
+    assert set(node.replica.objects()) == held
