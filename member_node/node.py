@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -54,7 +55,7 @@ from privacy.ledger import RELEASE_EVALUATION, RELEASE_TRAIN, Ledger, receipt_to
 from privacy.secure_noise import NOISE_SOURCE
 from shared_model.config import KyodoConfig
 from shared_model.durable import replace_json
-from shared_model.policy import Policy
+from shared_model.policy import Policy, build_meta, count_parameters
 from shared_model.protocol import (
     ConsistencyReply,
     ConsistencyRequest,
@@ -124,11 +125,31 @@ def _pinned_keys(identity: MemberIdentity) -> dict[str, str] | None:
     return {name: member.public_key for name, member in consortium.members.items() if not member.departed}
 
 
+# The share of this machine's memory the run's model may take as float32 weights (training
+# adds gradients, per-sample gradients and optimiser state on top).
+MODEL_MEMORY_SHARE = 0.25
+
+
+def check_model_fits(cfg: KyodoConfig, memory_bytes: int | None = None) -> None:
+    """Refuse a run's model this machine cannot hold, before allocating it. The model comes
+    with the coordinator's run config: a review's query naming the trillion-parameter preset
+    made a node allocate until the kernel stopped it."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    weights = 4 * count_parameters(build_meta(cfg.model, cfg.embodiments))
+    if weights > MODEL_MEMORY_SHARE * memory_bytes:
+        raise NodeConfigError(
+            f"the run's model {cfg.model.name!r} needs {weights / 2**30:.1f} GiB of float32 weights, more than "
+            f"{MODEL_MEMORY_SHARE:.0%} of this machine's {memory_bytes / 2**30:.1f} GiB: this node does not build it"
+        )
+
+
 class MemberNode:
     def __init__(self, cfg: KyodoConfig, identity: MemberIdentity):
         self.cfg = cfg
         self.identity = identity
         self.device = identity.torch_device()
+        check_model_fits(cfg)
         self.policy = Policy(cfg.model, cfg.embodiments, device=self.device)
         self.layout = ShardLayout.from_model(self.policy)
         self.budget = Budget(identity.epsilon, identity.delta)

@@ -1008,3 +1008,15 @@ def test_objects_of_a_refused_request_do_not_stay_in_the_replica(fresh_node):
         with pytest.raises(ProtocolError):
             node.evaluate(EvaluateRequest(0, model=None, run="r", model_ref=ModelRef(manifest, objects)))
     assert set(node.replica.objects()) == held
+
+
+def test_a_run_model_this_machine_cannot_hold_is_refused_before_it_is_built():
+    """The model comes with the coordinator's run config: a review's query naming the
+    trillion-parameter preset made a node allocate until the kernel stopped it."""
+    from member_node.node import check_model_fits
+
+    with pytest.raises(NodeConfigError, match=r"'trillion' needs \d+\.\d GiB of float32 weights"):
+        check_model_fits(load_config(model="trillion"))
+    check_model_fits(load_config(model="tiny"))
+    with pytest.raises(NodeConfigError, match="this node does not build it"):
+        check_model_fits(load_config(model="tiny"), memory_bytes=1 << 20)
