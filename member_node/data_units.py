@@ -44,11 +44,16 @@ BOUNDED_FEATURES = (
 OUT_OF_UNITS = f"values past {UNITS_FACTOR:g}x the embodiment's bounds (recorded in other units?)"
 
 
+def _reach(values: np.ndarray) -> np.ndarray:
+    """Per dimension, the episode's largest magnitude."""
+    return np.abs(values).max(axis=0)
+
+
 def beyond_bounds(episode: Episode, emb: EmbodimentConfig) -> bool:
     """Whether some dimension of ``episode`` reaches past ``UNITS_FACTOR`` x its bound."""
     for _, attr, bound_attr in BOUNDED_FEATURES:
         values, bound = getattr(episode, attr), getattr(emb, bound_attr)
-        if values is not None and bound and np.any(np.abs(values).max(axis=0) > UNITS_FACTOR * np.asarray(bound)):
+        if values is not None and bound and np.any(_reach(values) > UNITS_FACTOR * np.asarray(bound)):
             return True
     return False
 
@@ -70,7 +75,7 @@ def without_episodes_beyond_bounds(dataset: LeRobotDataset, emb: EmbodimentConfi
 
 def typical_magnitude(episodes: Sequence[np.ndarray]) -> np.ndarray:
     """Per dimension, the median over episodes of the episode's largest |value|."""
-    return np.median(np.stack([np.abs(ep).max(axis=0) for ep in episodes]), axis=0)
+    return np.median(np.stack([_reach(ep) for ep in episodes]), axis=0)
 
 
 def unit_problems(dataset: LeRobotDataset, emb: EmbodimentConfig, name: str) -> list[str]:
