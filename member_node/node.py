@@ -849,7 +849,7 @@ class MemberNode:
             rng=self._rng(request.hparams.seed, request.round),
         )
         if not self.identity.dp:
-            if self._update_sent(request.run, request.round):
+            if request.secagg is not None and self._masked_sent(request.run, request.round):
                 return TrainDeclined(self.identity.name, self._sent_once(request.run, request.round), 0.0)
             result = train_shards(
                 self.policy, self.identity.embodiment, self.train_windows, request.shards, request.hparams, **common
@@ -998,25 +998,26 @@ class MemberNode:
         )
 
     # ------------------------------------------------------------------ secure aggregation
-    def _update_sent(self, run: str, round_number: int) -> bool:
-        return release_key(run, round_number) in (sent_updates(self.identity.state_dir) or {})
+    def _masked_sent(self, run: str, round_number: int) -> bool:
+        return (sent_updates(self.identity.state_dir) or {}).get(release_key(run, round_number)) == MASKED
 
     @staticmethod
     def _sent_once(run: str, round_number: int) -> str:
-        """Why a node without DP gives a round's update once. It retrains a round to the same
+        """Why a node without DP masks a round's update once. It retrains a round to the same
         update (no ledger stops it, and its generator is seeded by the round): masked again in
         other cohorts, the sums solve for it. A review recovered one member's exact update from
-        four sessions."""
+        four sessions. Without secure aggregation its update left in the clear the first time,
+        so sending it again (a coordinator resuming the round) tells nothing new."""
         return (
-            f"round {round_number} of run {run}: this node (without DP) already sent its update, and sends a "
-            "round's update once"
+            f"round {round_number} of run {run}: this node (without DP) already sent its masked update, and masks "
+            "a round's update once"
         )
 
     def share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
         return self.secagg.share_keys(request)
 
     def masked_input(self, request: MaskedInputRequest) -> MaskedInputReply:
-        if not self.identity.dp and self._update_sent(request.run, request.round):
+        if not self.identity.dp and self._masked_sent(request.run, request.round):
             raise ProtocolError(self._sent_once(request.run, request.round))
         reply = self.secagg.masked_input(request)
         note_sent(self.identity.state_dir, request.run, request.round, MASKED)
