@@ -29,6 +29,7 @@ import http.client
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -469,11 +470,32 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the kernel's choice), for the SuperNode's runtime API."""
+def free_port(host: str = "127.0.0.1", tries: int = 64) -> int:
+    """A port nothing listens on now, for the SuperNode's runtime API, chosen below the
+    kernel's ephemeral range. The kernel's own choice (bind to port 0) comes from that range,
+    where the port is free again the moment it is returned and any outgoing connection may
+    take it as its source port before flower-supernode binds it: a CI run's node failed so
+    ("address already in use")."""
+    low = _ephemeral_range()[0]
+    for _ in range(tries):
+        port = random.randrange(20000, low) if low > 21000 else 0
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, port))
+                return int(sock.getsockname()[1])
+        except OSError:
+            continue
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; elsewhere a guess that only narrows the choice
 
 
 def supernode_command(setup: MemberSetup, runtime_port: int) -> list[str]:

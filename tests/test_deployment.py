@@ -45,9 +45,7 @@ TRIO = (("honda", "aloha", 11), ("sony", "so100", 22), ("softbank", "agv", 33))
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return supernode.free_port()  # below the ephemeral range: no outgoing connection takes it first
 
 
 # ----------------------------------------------------------------------------- TLS
@@ -1401,3 +1399,14 @@ def socket_holding(port: int):
             yield
 
     return held()
+
+
+def test_a_free_runtime_port_is_chosen_below_the_kernels_ephemeral_range():
+    """The kernel's own choice comes from the range outgoing connections take their source
+    ports from: a CI run's SuperNode lost its runtime port to one before it bound it."""
+    low, _ = supernode._ephemeral_range()
+    ports = {supernode.free_port() for _ in range(10)}
+    assert all(20000 <= port < low for port in ports) and len(ports) > 1
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # free when chosen (nothing here took it since)
