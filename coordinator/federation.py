@@ -81,13 +81,13 @@ def _commit_round_zero(cfg: KyodoConfig, state: RunState, run_id: str) -> Manife
     return state.commit_initial(initial_model(cfg), extra)
 
 
-def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str, int], heads: dict[str, dict]) -> dict:
+def _record(result: RoundResult, cfg: KyodoConfig, sync_bytes: dict[str, int], heads: dict[str, dict]) -> dict:
     """What the round did (cohorts, receipts, aggregation, updated shards): committed with the
     round's manifest before HEAD moves, so a coordinator that dies before it appends the line
     to ``rounds.jsonl`` loses only the evaluation, never the receipts."""
     return {
         "round": result.round,
-        "secure_aggregation": secure_aggregation,
+        "secure_aggregation": cfg.secagg.enabled,
         "rejected": result.rejected,
         "sync_bytes": sync_bytes,
         "aggregation": result.aggregation,
@@ -97,6 +97,10 @@ def _record(result: RoundResult, secure_aggregation: bool, sync_bytes: dict[str,
         "updated_shards": result.updated_shards,
         "failed": result.failed,
         "declined": result.declined,
+        "absent": result.absent,
+        # The budgets the run was submitted with (published ones, in a deployment): status sets
+        # each member's spend against the budget in force then, not against today's.
+        "budgets": {m.name: m.epsilon for m in cfg.federation.members},
         "receipts": result.receipts,
         "ledger_heads": heads,
         "train": {
@@ -309,18 +313,14 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
             runner.query(rnd)
             progress.update(task, advance=1, stage=STAGES[1])
             plan = runner.plan(rnd)
-            result = RoundResult(round=rnd, plan=plan, declined=dict(runner.sits_out))
+            result = runner.new_result(rnd, plan)
             progress.update(task, advance=1, stage=STAGES[2])
             if plan.members:
                 runner.train_and_aggregate(rnd, plan, result)
             else:
                 log.warning("round %d: no member available, nothing trained", rnd)
             failpoint(rnd, "after-train")
-            record = _record(result, cfg.secagg.enabled, dict(runner.sync.sent_bytes), runner.head_receipts())
-            record["absent"] = dict(runner.absent)
-            # The budgets the run was submitted with (published ones, in a deployment): status sets
-            # each member's spend against the budget in force then, not against today's.
-            record["budgets"] = {m.name: m.epsilon for m in cfg.federation.members}
+            record = _record(result, cfg, dict(runner.sync.sent_bytes), runner.head_receipts())
             # As a JSON string: the receipts' 64-hex hashes and keys must not read as store object ids.
             extra = {"run": run_id, ROUND_RECORD_KEY: json.dumps(record, sort_keys=True)}
             manifest = state.commit_objects(rnd, runner.pending, runner.pending_state, extra)

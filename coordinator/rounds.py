@@ -119,6 +119,7 @@ class RoundResult:
     train: dict[str, TrainReply] = field(default_factory=dict)  # member -> reply (deltas dropped)
     receipts: dict[str, dict] = field(default_factory=dict)  # member -> verified signed ledger entry
     declined: dict[str, str] = field(default_factory=dict)  # member -> the node's reason
+    absent: dict[str, str] = field(default_factory=dict)  # consortium member -> why it is in no part of it
     evaluation: dict[str, EvaluateReply] = field(default_factory=dict)
     updated_shards: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # member or shard -> why
@@ -746,11 +747,15 @@ class RoundRunner:
         exchange(self.grid, requests(), self.timeout, on_reply)
         return out
 
+    def new_result(self, round_number: int, plan: RoundPlan) -> RoundResult:
+        """The round's result as its query left it: who sat out, and who was not there at all."""
+        return RoundResult(round=round_number, plan=plan, declined=dict(self.sits_out), absent=dict(self.absent))
+
     def run_round(self, round_number: int) -> RoundResult:
         start = time.monotonic()
         self.query(round_number)
         plan = self.plan(round_number)
-        result = RoundResult(round=round_number, plan=plan, declined=dict(self.sits_out))
+        result = self.new_result(round_number, plan)
         if plan.members:
             self.train_and_aggregate(round_number, plan, result)
         result.evaluation = self.evaluate(round_number, list(self.members))

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from member_node.lerobot import ACTION, ENV_STATE, STATE, DatasetError, Episode, LeRobotDataset, left_out_text
+from member_node.lerobot import ACTION, ENV_STATE, STATE, Episode, LeRobotDataset, no_usable_episode
 from shared_model.config import EmbodimentConfig
 
 # How far past its bound a dimension's typical episode may reach. A unit mix-up is a factor of
@@ -67,9 +67,7 @@ def without_episodes_beyond_bounds(dataset: LeRobotDataset, emb: EmbodimentConfi
     left_out = {**dataset.left_out, **dict.fromkeys(beyond, OUT_OF_UNITS)}
     kept = [ep for ep in dataset.episodes if ep.index not in beyond]
     if not kept:
-        raise DatasetError(
-            f"{dataset.root}: no usable episode: all {len(left_out)} are left out ({left_out_text(left_out)})"
-        )
+        raise no_usable_episode(dataset.root, left_out)
     return dataclasses.replace(dataset, episodes=kept, left_out=left_out)
 
 

@@ -483,8 +483,7 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
     if not episodes:
         # A node with nothing to train on would still join and announce itself: refuse here,
         # where `data inspect`, `init` and `start` all look.
-        why = f"all {len(left_out)} are left out ({left_out_text(left_out)})" if left_out else "it lists none"
-        raise DatasetError(f"{root}: no usable episode: {why}")
+        raise no_usable_episode(root, left_out)
     return LeRobotDataset(
         root=root,
         info=info,
@@ -495,6 +494,12 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
         manifest=tuple(manifest.entries),
         left_out=left_out,
     )
+
+
+def no_usable_episode(root: Path, left_out: Mapping[int, str]) -> DatasetError:
+    """What a node with nothing to train on says: every episode left out, or none listed."""
+    why = f"all {len(left_out)} are left out ({left_out_text(left_out)})" if left_out else "it lists none"
+    return DatasetError(f"{root}: no usable episode: {why}")
 
 
 def left_out_text(left_out: Mapping[int, str], shown: int = 20) -> str:

@@ -477,12 +477,11 @@ def free_port(host: str = "127.0.0.1", tries: int = 64) -> int:
     take it as its source port before flower-supernode binds it: a CI run's node failed so
     ("address already in use")."""
     low = _ephemeral_range()[0]
-    for _ in range(tries):
-        port = random.randrange(20000, low) if low > 21000 else 0
+    for port in (random.randrange(20000, low) for _ in range(tries if low > 21000 else 0)):
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 sock.bind((host, port))
-                return int(sock.getsockname()[1])
+                return port
         except OSError:
             continue
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
