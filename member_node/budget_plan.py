@@ -178,7 +178,8 @@ def _given(value: Any, default: Any) -> Any:
 
 def _settings(setup: MemberSetup | None, args: argparse.Namespace, cfg: KyodoConfig) -> PlanSettings:
     own = setup or MemberSetup(member="", embodiment="", data_dir="", state_dir="")  # a member-to-be: defaults
-    accountant = _given(args.accountant, cfg.privacy.accountant)
+    # What the member pinned in member.yaml comes before the consortium's default.
+    accountant = _given(args.accountant, own.accountant or cfg.privacy.accountant)
     sample_rate = _given(args.sample_rate, cfg.privacy.sample_rate)
     local_steps = _given(args.local_steps, cfg.train.local_steps)
     budget_rounds = _given(args.budget_rounds, own.budget_rounds)
@@ -206,7 +207,7 @@ def _settings(setup: MemberSetup | None, args: argparse.Namespace, cfg: KyodoCon
         sample_rate=sample_rate,
         local_steps=local_steps,
         run_rounds=rounds,
-        max_noise_multiplier=cfg.privacy.max_noise_multiplier,
+        max_noise_multiplier=own.max_noise_multiplier or cfg.privacy.max_noise_multiplier,
     )
 
 
@@ -306,5 +307,10 @@ def add_plan_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     plan.add_argument("--rounds", type=int, default=None, help="rounds the coordinator plans for the run")
     plan.add_argument("--local-steps", type=int, default=None, help="the consortium's train.local_steps")
     plan.add_argument("--sample-rate", type=float, default=None, help="the consortium's privacy.sample_rate")
-    plan.add_argument("--accountant", choices=("rdp", "prv"), default=None, help="the consortium's accountant")
+    plan.add_argument(
+        "--accountant",
+        choices=("rdp", "prv"),
+        default=None,
+        help="the accountant (member.yaml's, else the consortium's)",
+    )
     plan.set_defaults(handler=_cmd_plan)

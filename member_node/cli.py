@@ -219,6 +219,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
             superlink=args.superlink,
             root_certificates=args.root_certificates,
             runtime_port=args.port,
+            accountant=args.accountant,
+            max_noise_multiplier=args.max_noise_multiplier,
+            min_steps=args.min_steps,
             known_embodiments=embodiments,
         )
     except SetupError as err:
@@ -405,6 +408,27 @@ def add_deploy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     init.add_argument(
         "--workers", type=int, default=1, help="data-parallel DP-SGD processes (with cuda: one per device)"
+    )
+    init.add_argument(
+        "--accountant",
+        choices=("rdp", "prv"),
+        default="",
+        help="the accountant this member's epsilon is counted with, whatever a run asks "
+        "(default: each run's privacy.accountant)",
+    )
+    init.add_argument(
+        "--max-noise-multiplier",
+        type=float,
+        default=0.0,
+        help="sit out a round whose planned noise multiplier is above this, whatever a run asks "
+        "(0: each run's privacy.max_noise_multiplier)",
+    )
+    init.add_argument(
+        "--min-steps",
+        type=int,
+        default=0,
+        help="sit out a round the budget would shorten below this many steps, whatever a run asks "
+        "(0: each run's privacy.min_steps)",
     )
     init.add_argument(
         "--train-reply-after",

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from member_node.reply_timing import ReplyDelay
+from privacy.accountant import ACCOUNTANTS
 from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy
-from shared_model.config import KyodoConfig
+from shared_model.config import KyodoConfig, PrivacyConfig
 from shared_model.device import resolve_device
 from shared_model.durable import replace_json
 
@@ -61,6 +62,31 @@ class MemberIdentity:
     consortium_file: str = ""
     # Refuse to run without ``consortium_file`` (``kyodo-member init`` sets it).
     require_pinned_keys: bool = False
+    # The member's own DP-SGD accounting settings, which the run's ``privacy.*`` otherwise
+    # supply ('' / 0: the run's). None of the run's can raise the budget, but the accountant
+    # decides what the member's epsilon means and the two limits decide which rounds it
+    # trains; a member that pins them keeps them whatever a run asks.
+    accountant: str = ""
+    max_noise_multiplier: float = 0.0
+    min_steps: int = 0
+
+    def privacy_settings(self, run: PrivacyConfig) -> PrivacyConfig:
+        """The run's privacy settings with the member's own in their place where it set them."""
+        return replace(
+            run,
+            accountant=self.accountant or run.accountant,
+            max_noise_multiplier=self.max_noise_multiplier or run.max_noise_multiplier,
+            min_steps=self.min_steps or run.min_steps,
+        )
+
+    def privacy_overrides(self, run: PrivacyConfig) -> dict[str, tuple[Any, Any]]:
+        """Each setting where the member's own differs from the run's: name -> (member's, run's)."""
+        own = self.privacy_settings(run)
+        return {
+            name: (getattr(own, name), getattr(run, name))
+            for name in ("accountant", "max_noise_multiplier", "min_steps")
+            if getattr(own, name) != getattr(run, name)
+        }
 
     def eval_privacy(self) -> EvalPrivacy:
         return EvalPrivacy(self.eval_noise_multiplier, self.eval_loss_bound)
@@ -167,6 +193,9 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             require_secagg=_bool(node_config, "require-secagg", False),
             consortium_file=str(node_config.get("consortium-file", "")),
             require_pinned_keys=_bool(node_config, "require-pinned-keys", False),
+            accountant=str(node_config.get("accountant", "")),
+            max_noise_multiplier=_float(node_config, "max-noise-multiplier", 0.0),
+            min_steps=_int(node_config, "min-steps", 0),
         )
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -194,6 +223,9 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
             train_reply_after=m.train_reply_after,
             eval_reply_after=m.eval_reply_after,
             require_secagg=m.require_secagg,
+            accountant=m.accountant,
+            max_noise_multiplier=m.max_noise_multiplier,
+            min_steps=m.min_steps,
         )
     else:
         raise NodeConfigError("node config names no member: set member, embodiment and data-dir")
@@ -223,6 +255,17 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         identity.torch_device()
     except ValueError as err:
         raise NodeConfigError(f"member {identity.name!r}: node config 'device': {err}") from None
+    if identity.accountant not in ("", *ACCOUNTANTS):
+        raise NodeConfigError(
+            f"member {identity.name!r}: node config 'accountant' {identity.accountant!r} is not one of "
+            f"{', '.join(ACCOUNTANTS)} ('' or unset: the run's)"
+        )
+    if not (math.isfinite(identity.max_noise_multiplier) and identity.max_noise_multiplier >= 0):
+        raise NodeConfigError(
+            f"member {identity.name!r}: node config 'max-noise-multiplier' must be a positive number (0: the run's)"
+        )
+    if identity.min_steps < 0:
+        raise NodeConfigError(f"member {identity.name!r}: node config 'min-steps' must be >= 0 (0: the run's)")
     problem = workers_problem(identity.workers, identity.device)
     if problem:
         raise NodeConfigError(f"member {identity.name!r}: node config 'workers': {problem}")

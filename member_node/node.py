@@ -146,7 +146,11 @@ def check_model_fits(cfg: KyodoConfig, memory_bytes: int | None = None) -> None:
 
 class MemberNode:
     def __init__(self, cfg: KyodoConfig, identity: MemberIdentity):
-        self.cfg = cfg
+        # Where the member pinned its own accountant and limits, they replace the run's: the
+        # node never reads the run's ``privacy.accountant``, ``max_noise_multiplier`` or
+        # ``min_steps`` past this line (``privacy_overrides`` keeps what it asked, for the log).
+        self.cfg = replace(cfg, privacy=identity.privacy_settings(cfg.privacy))
+        self.privacy_overrides = identity.privacy_overrides(cfg.privacy)
         self.identity = identity
         self.device = identity.torch_device()
         check_model_fits(cfg)
@@ -170,7 +174,7 @@ class MemberNode:
             self.budget,
             identity.eval_privacy(),
             member=identity.name,
-            accountant=cfg.privacy.accountant,
+            accountant=self.cfg.privacy.accountant,
             dataset_fingerprint=self.dataset_fingerprint,
         )
         # The node's replica of the shared model: content-addressed objects, fetched only
@@ -184,7 +188,7 @@ class MemberNode:
                     "embodiment": identity.embodiment,
                     "epsilon": identity.epsilon,
                     "delta": identity.delta,
-                    "accountant": cfg.privacy.accountant,
+                    "accountant": self.cfg.privacy.accountant,
                     "budget_rounds": identity.budget_rounds,
                     "public_key": public_key_hex(self.signing_key),
                 },
@@ -492,6 +496,13 @@ class MemberNode:
             self.cfg.privacy.accountant,
             evaluations.enabled and evaluations.mechanism(),
             self.identity.budget_rounds,
+            # The member's own noise cap, when it set one, may change between restarts within a
+            # run (the run's cannot); unset, plans keep the keys they were written under.
+            *(
+                (("max_noise_multiplier", self.identity.max_noise_multiplier),)
+                if self.identity.max_noise_multiplier
+                else ()
+            ),
         )
         key = plan_key(run, depends_on)
         if key not in plans:
@@ -746,6 +757,11 @@ class MemberNode:
                 f"level lets another round fit ({err})"
             )
         cap = self.cfg.privacy.max_noise_multiplier
+        cap_name = (
+            "the member's max-noise-multiplier"
+            if self.identity.max_noise_multiplier
+            else "privacy.max_noise_multiplier"
+        )
         if self.identity.noise_multiplier == 0 and sigma > cap:
             rounds = self.rounds_to_plan(planned_rounds, round_number)
             paced = (
@@ -755,7 +771,7 @@ class MemberNode:
             )
             return (
                 f"privacy budget nearly exhausted: epsilon {self.epsilon_spent():.6g} of {self.budget.epsilon:g} spent; the rest "
-                f"would need noise multiplier {sigma:.3g} (privacy.max_noise_multiplier {cap:g}): an update that "
+                f"would need noise multiplier {sigma:.3g} ({cap_name} {cap:g}): an update that "
                 f"would be mostly noise{paced}"
             )
         allowance = allow_round(
@@ -864,6 +880,13 @@ class MemberNode:
         if isinstance(decision, str):
             return TrainDeclined(self.identity.name, decision, self.epsilon_spent())
         sigma, sample_rate, allowance = decision
+        if self.privacy_overrides:
+            log.info(
+                "member %s trains round %d under its own %s",
+                self.identity.name,
+                request.round,
+                ", ".join(f"{name} {own} (the run asks {run})" for name, (own, run) in self.privacy_overrides.items()),
+            )
         dp = DPConfig(
             noise_multiplier=sigma,
             max_grad_norm=request.hparams.max_grad_norm,

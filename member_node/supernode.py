@@ -28,6 +28,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -50,6 +51,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from member_node.identity import workers_problem, write_budget_file
 from member_node.reply_timing import ReplyDelay
+from privacy.accountant import ACCOUNTANTS
 from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy
 from privacy.keys import load_or_create_signing_key, public_key_hex
@@ -125,6 +127,11 @@ class MemberSetup:
     superlink: str = ""  # host:port of the consortium's SuperLink
     root_certificates: str = ""  # the consortium's CA certificate (ca.pem from the operator)
     runtime_port: int = 0  # the SuperNode's own runtime API; 0: a free port at each start
+    # The member's own accountant, noise cap and fewest steps per round, in place of the run's
+    # privacy.* ('' / 0: the run's). Older files: the run's.
+    accountant: str = ""
+    max_noise_multiplier: float = 0.0
+    min_steps: int = 0
     dir: Path = field(default=Path("."), repr=False)
 
     @property
@@ -169,6 +176,9 @@ class MemberSetup:
             "require-secagg": bool(self.require_secagg),
             "consortium-file": self.consortium_file,
             "require-pinned-keys": bool(self.require_pinned_keys),
+            "accountant": self.accountant,
+            "max-noise-multiplier": float(self.max_noise_multiplier),
+            "min-steps": int(self.min_steps),
         }
 
 
@@ -251,6 +261,15 @@ def _check_budget(epsilon: float, delta: float) -> None:
         raise SetupError(f"privacy budget: {err}") from None
 
 
+def _check_privacy_settings(accountant: str, max_noise_multiplier: float, min_steps: int) -> None:
+    if accountant not in ("", *ACCOUNTANTS):
+        raise SetupError(f"--accountant {accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+    if not (math.isfinite(max_noise_multiplier) and max_noise_multiplier >= 0):
+        raise SetupError(f"--max-noise-multiplier must be a positive number (0: the run's), got {max_noise_multiplier}")
+    if min_steps < 0:
+        raise SetupError(f"--min-steps must be >= 0 (0: the run's), got {min_steps}")
+
+
 def init_member(
     directory: Path | str,
     *,
@@ -272,6 +291,9 @@ def init_member(
     superlink: str = "",
     root_certificates: Path | str = "",
     runtime_port: int = 0,
+    accountant: str = "",
+    max_noise_multiplier: float = 0.0,
+    min_steps: int = 0,
     known_embodiments: Mapping[str, Any] | None = None,
 ) -> MemberSetup:
     """Create the member's directory, keys and config; refuses to touch an existing one (the keys
@@ -298,6 +320,7 @@ def init_member(
         raise SetupError(f"--eval-noise-multiplier / --eval-loss-bound: {err}") from None
     _check_device(device, workers)
     _check_reply_delays(train_reply_after, eval_reply_after)
+    _check_privacy_settings(accountant, max_noise_multiplier, min_steps)
     if superlink:
         parse_address(superlink)
     if root_certificates and not Path(root_certificates).expanduser().is_file():
@@ -325,6 +348,9 @@ def init_member(
         superlink=superlink,
         root_certificates=str(Path(root_certificates).expanduser().resolve()) if root_certificates else "",
         runtime_port=runtime_port,
+        accountant=accountant,
+        max_noise_multiplier=float(max_noise_multiplier),
+        min_steps=int(min_steps),
         dir=directory,
     )
     for value in setup.node_config().values():

@@ -128,6 +128,11 @@ class MemberConfig:
     # Decline any round whose update would leave unmasked (node config require-secagg;
     # ``kyodo-member init`` sets it for a deployed member).
     require_secagg: bool = False
+    # The member's own accountant, noise cap and fewest steps ('' / 0: the run's privacy.*;
+    # node config accountant / max-noise-multiplier / min-steps).
+    accountant: str = ""
+    max_noise_multiplier: float = 0.0
+    min_steps: int = 0
     # Who may answer as this member (deployment: from the consortium file and the SuperLink's
     # registrations). A node that names this member but is another Flower node, or signs with
     # another key, is left out of the run. Empty / 0: not pinned (simulation).
@@ -447,6 +452,11 @@ def validate(cfg: KyodoConfig) -> None:
                     f"federation.members[{i}]: need 0 <= {what} < train.reply_timeout ({cfg.train.reply_timeout:g} s), "
                     f"got {seconds}"
                 )
+        if member.accountant not in ("", "rdp", "prv") or not member.max_noise_multiplier >= 0 or member.min_steps < 0:
+            raise ConfigError(
+                f"federation.members[{i}]: need accountant '', rdp or prv, max_noise_multiplier >= 0 and "
+                f"min_steps >= 0 ('' / 0: the run's privacy.*)"
+            )
         if member.ledger_public_key and not re.fullmatch(r"[0-9a-f]{64}", member.ledger_public_key):
             raise ConfigError(f"federation.members[{i}].ledger_public_key must be 64 lowercase hex characters")
         if member.node_id < 0:

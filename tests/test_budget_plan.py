@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,11 @@ def test_plan_reads_the_members_budget_ledger_and_data(tmp_path, capsys, monkeyp
     spent = epsilon([Mechanism(1.2, 0.08, 25)], 1e-5)
     assert "budget ε=4" in out and "1 training rounds" in out and f"ε spent so far {spent:.3f} of 4" in out
     assert "19 rounds" in out  # its pace of 20, one trained
+    # The accountant the member pinned in member.yaml is the one its plan counts with.
+    assert "(RDP, δ=1e-05)" in out
+    supernode.save_setup(replace(setup, accountant="prv"))
+    assert main(["plan", str(setup.dir), "--epsilon", "4"]) == 0
+    assert "(PRV, δ=1e-05)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_plan_refuses_what_it_cannot_plan(tmp_path, capsys):

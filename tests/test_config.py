@@ -74,6 +74,8 @@ def test_unknown_key_is_named(override, named):
             r"federation.members\[0\]: need 0 <= train_reply_after < train.reply_timeout",
         ),
         ("federation.members.1.eval_reply_after=600", r"federation.members\[1\]: need 0 <= eval_reply_after < train"),
+        ("federation.members.2.accountant=gdp", r"federation.members\[2\]: need accountant '', rdp or prv"),
+        ("federation.members.2.min_steps=-1", r"federation.members\[2\]: need accountant '', rdp or prv"),
     ],
 )
 def test_privacy_and_batch_settings_out_of_range_are_refused(override, message):

@@ -190,6 +190,18 @@ def test_member_init_creates_keys_config_and_membership(tmp_path, tiny_cfg):
     assert (identity.train_reply_after, identity.eval_reply_after) == (600.0, 30.0)
     paced = _member(tmp_path, name="r", budget_rounds=40)
     assert _resolved(paced, tiny_cfg).budget_rounds == 40
+    pinned = _member(tmp_path, name="a", accountant="prv", max_noise_multiplier=4.0, min_steps=3)
+    identity = _resolved(pinned, tiny_cfg)
+    assert (identity.accountant, identity.max_noise_multiplier, identity.min_steps) == ("prv", 4.0, 3)
+    assert _resolved(setup, tiny_cfg).privacy_settings(tiny_cfg.privacy) == tiny_cfg.privacy, "unset: the run's"
+    for bad, match in (
+        ({"accountant": "gdp"}, "--accountant 'gdp' is not one of rdp, prv"),
+        ({"max_noise_multiplier": -1.0}, "--max-noise-multiplier must be a positive number"),
+        ({"min_steps": -1}, "--min-steps must be >= 0"),
+    ):
+        with pytest.raises(supernode.SetupError, match=match):
+            _member(tmp_path, name="a2", **bad)
+        assert not (tmp_path / "a2").exists()
     with pytest.raises(supernode.SetupError, match="--budget-rounds must be >= 0"):
         _member(tmp_path, name="r2", budget_rounds=-1)
     assert not (tmp_path / "r2").exists()

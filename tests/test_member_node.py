@@ -1021,3 +1021,47 @@ def test_a_run_model_this_machine_cannot_hold_is_refused_before_it_is_built():
     check_model_fits(load_config(model="tiny"))
     with pytest.raises(NodeConfigError, match="this node does not build it"):
         check_model_fits(load_config(model="tiny"), memory_bytes=1 << 20)
+
+
+def test_the_members_own_accountant_and_limits_replace_the_runs(setup, tmp_path, caplog):
+    """The accountant decides what the member's epsilon means, the limits which rounds it
+    trains: a member that pinned them in its node config keeps them whatever a run asks."""
+    from privacy.ledger import receipt_from_json
+
+    cfg, node, model = setup
+    run_asks_prv = replace(cfg, privacy=replace(cfg.privacy, accountant="prv", max_noise_multiplier=50.0, min_steps=1))
+    own = replace(node.identity, state_dir=tmp_path / "own", accountant="rdp", max_noise_multiplier=3.0, min_steps=2)
+    member = MemberNode(run_asks_prv, own)
+    assert member.privacy_overrides == {
+        "accountant": ("rdp", "prv"),
+        "max_noise_multiplier": (3.0, 50.0),
+        "min_steps": (2, 1),
+    }
+    with caplog.at_level("INFO", logger="kyodo.member"):
+        reply = member.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=4))
+    assert receipt_from_json(reply.receipt)["accountant"] == "rdp"
+    assert "under its own accountant rdp (the run asks prv)" in caplog.text
+    assert json.loads((own.state_dir / "member.json").read_text())["accountant"] == "rdp"
+    # Its own cap, not the run's 50, decides when an update would be mostly noise.
+    paced = MemberNode(run_asks_prv, replace(own, state_dir=tmp_path / "paced", budget_rounds=1000))
+    declined = paced.query(QueryRequest(1, "r", HP, 4))
+    assert not declined.can_train and "the member's max-noise-multiplier 3" in declined.reason
+    # Unset, the run's settings hold, and nothing is logged about them.
+    follows = MemberNode(run_asks_prv, replace(node.identity, state_dir=tmp_path / "follows"))
+    assert follows.privacy_overrides == {} and follows.cfg.privacy.accountant == "prv"
+
+
+def test_the_members_own_privacy_settings_come_from_its_node_config(setup):
+    cfg, _, _ = setup
+    base = {"member": "x", "embodiment": "so100", "data-dir": "/d"}
+    ident = resolve_identity({**base, "accountant": "prv", "max-noise-multiplier": 4.0, "min-steps": 3}, cfg)
+    assert (ident.accountant, ident.max_noise_multiplier, ident.min_steps) == ("prv", 4.0, 3)
+    assert resolve_identity({**base, "accountant": ""}, cfg).privacy_settings(cfg.privacy) == cfg.privacy
+    for key, value, match in (
+        ("accountant", "gdp", "'accountant' 'gdp' is not one of rdp, prv"),
+        ("max-noise-multiplier", -1.0, "'max-noise-multiplier' must be a positive number"),
+        ("max-noise-multiplier", float("nan"), "'max-noise-multiplier' must be a positive number"),
+        ("min-steps", -2, "'min-steps' must be >= 0"),
+    ):
+        with pytest.raises(NodeConfigError, match=match):
+            resolve_identity({**base, key: value}, cfg)
