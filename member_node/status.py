@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from member_node.node import NOISE_PLAN_FILE, ROLLBACK_FILE, last_plan
+from member_node.node import ROLLBACK_FILE
 from member_node.private_eval import release_key, released_evaluations
+from member_node.release_plan import NOISE_PLAN_FILE, last_plan
 from member_node.release_schedule import ReleaseSchedule
 from member_node.sent_updates import MASKED, PLAIN, sent_updates
 from privacy.accountant import Mechanism

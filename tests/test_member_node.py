@@ -733,7 +733,7 @@ def test_pacing_counts_training_rounds_replans_when_changed_and_paces_evaluation
     member.evaluate(EvaluateRequest(1, model, run="r"))
     paced = MemberNode(cfg, replace(node.identity, state_dir=state, budget_rounds=6))
     assert [release_of(e) for e in paced.ledger.releases()] == [RELEASE_EVALUATION, "dp-sgd", RELEASE_EVALUATION]
-    assert paced.rounds_to_plan(planned_rounds=1, round_number=2) == 5  # 6 - 1 trained
+    assert paced.plans.rounds_to_plan(planned_rounds=1, round_number=2) == 5  # 6 - 1 trained
     paced.train(TrainRequest(2, ["adapter/emb/so100"], HP, model, run="r", planned_rounds=1))
     sigmas = [e["mechanism"]["noise_multiplier"] for e in paced.ledger.releases() if release_of(e) == "dp-sgd"]
     assert sigmas[1] > sigmas[0], "planned again over the member's new rounds, not kept from the old plan"
@@ -859,7 +859,7 @@ def test_the_room_for_releases_is_the_plan_training_uses_after_a_budget_change_a
 
 
 def test_evaluation_off_and_plans_from_before_rooms_release_as_before(setup, tmp_path):
-    from member_node.node import NOISE_PLAN_FILE, plan_key
+    from member_node.release_plan import NOISE_PLAN_FILE, plan_key
 
     cfg, node, model = setup
     silent = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "off", eval_noise_multiplier=0.0))
