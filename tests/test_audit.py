@@ -1250,3 +1250,37 @@ def test_a_run_cut_back_after_members_evaluated_its_last_round_is_caught(tmp_pat
     (store.root / "HEAD").write_text(json.dumps({"round": 0, "manifest": store.manifest(0).digest}))
     write_records(tmp_path, read_records(tmp_path)[:1])
     assert_found(run_audit(tmp_path), "coverage", "beta ledger", "it trained round 2 on round 1's model", "cut back")
+
+
+# --------------------------------------------------------------------------- the ledgers alone
+
+
+def test_ledgers_alone_settle_every_budget_over_every_run(fed: Path, tmp_path: Path, capsys) -> None:
+    """Whether a member's budget held is a property of its whole ledger: an auditor settles it
+    with the ledgers and the consortium file alone, before or without any run's files."""
+    ledgers = audit(fed / "run" / "nodes", None, fed / "consortium.yaml")
+    assert ledgers.ok and ledgers.ledgers_only, [f.text() for f in ledgers.failures]
+    assert set(ledgers.check_status()) == {"consortium", "input", "format", "signature", "identity", "chain",
+                                           "accounting", "budget"}  # fmt: skip
+    assert len(ledgers.entries) == 9 and all(e.ok and e.status == "" for e in ledgers.entries)
+    assert all(row.within_budget and row.entries == 3 for row in ledgers.members.values())
+    args = ["--ledgers", str(fed / "run" / "nodes"), "--consortium", str(fed / "consortium.yaml")]
+    assert audit_main(["verify", *args]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "kyodo audit of every run in the members' ledgers (ledgers only)" in out
+    assert "PASS: every check holds (9 ledger entries, 3 ledgers; give --rounds RUN_DIR" in out
+    assert audit_main(["verify", *args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ledgers_only"] and "receipt" not in data["checks"] and "store" not in data["checks"]
+    assert audit_main(["report", *args, "--out", str(tmp_path / "report")]) == 0
+    assert "Ledgers only: receipts, coverage and store not checked" in (tmp_path / "report" / "report.md").read_text()
+    # An overspend fails here as in a run audit, and a member whose ledger is missing cannot
+    # be verified: that fails too (an empty file stands for a member that never released).
+    set_budget(fed, "alpha", 2.0)
+    ledger_path(fed, "beta").rename(tmp_path / "beta-ledger.jsonl")
+    result = audit(fed / "run" / "nodes", None, fed / "consortium.yaml")
+    assert_found(result, "budget", "alpha budget", "over the published budget epsilon 2")
+    assert_found(result, "input", "beta ledger", "its budget cannot be verified")
+    assert not result.members["alpha"].ok and result.members["gamma"].ok
+    ledger_path(fed, "beta").write_text("")
+    assert not failures(audit(fed / "run" / "nodes", None, fed / "consortium.yaml"), "input")

@@ -30,7 +30,7 @@ from rich.table import Table
 from privacy.audit.consortium import ConsortiumError, dump_consortium, from_nodes
 from privacy.audit.findings import CHECKS, FAIL, AuditResult
 from privacy.audit.inputs import InputError
-from privacy.audit.report import member_notes
+from privacy.audit.report import entries_cell, entries_head, member_notes
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -55,7 +55,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def print_result(result: AuditResult, console: Console, verbose: bool = False) -> None:
     """Tables a person reads top-down: checks, members, rounds, entries, then every finding."""
-    checks = Table(title=f"kyodo audit of run {result.run}", title_justify="left")
+    checks = Table(title=f"kyodo audit of {result.scope}", title_justify="left")
     for col in ("check", "result", "what it establishes"):
         checks.add_column(col)
     for name, count in result.check_status().items():
@@ -66,7 +66,7 @@ def print_result(result: AuditResult, console: Console, verbose: bool = False) -
     for col in (
         "member",
         "budget ε / δ",
-        "entries run/all",
+        entries_head(result),
         "ε recorded",
         "ε recomputed",
         "within budget",
@@ -78,7 +78,7 @@ def print_result(result: AuditResult, console: Console, verbose: bool = False) -
         members.add_row(
             name,
             f"{m.epsilon_budget:g} / {m.delta_budget:g}",
-            f"{m.run_entries}/{m.entries}",
+            entries_cell(result, m),
             _fmt(m.epsilon_recorded),
             f"{_fmt(m.epsilon_recomputed)} {m.method.upper()}{extra}",
             "[green]yes[/]" if m.within_budget else "[red]NO[/]",
@@ -125,10 +125,13 @@ def print_result(result: AuditResult, console: Console, verbose: bool = False) -
         if result.ok
         else f"[bold red]FAIL[/]: {len(result.failures)} problem(s){read_them}"
     )
-    console.print(
-        f"{verdict} ({len(result.entries)} ledger entries, {len(result.rounds)} rounds, store HEAD round "
-        f"{result.head_round}, {result.objects_verified} objects verified)"
+    checked = (
+        f"{len(result.members)} ledgers; give --rounds RUN_DIR to check a run's receipts, coverage and store"
+        if result.ledgers_only
+        else f"{len(result.rounds)} rounds, store HEAD round {result.head_round}, "
+        f"{result.objects_verified} objects verified"
     )
+    console.print(f"{verdict} ({len(result.entries)} ledger entries, {checked})")
 
 
 def _entries_table(member: str, rows: list) -> Table:
@@ -275,7 +278,10 @@ def _audit_inputs(parser: argparse.ArgumentParser) -> None:
         help="members' ledgers: <member>/ledger.jsonl, nodes/<member>/ledger.jsonl or <member>.jsonl",
     )
     parser.add_argument(
-        "--rounds", required=True, help="the coordinator's run directory (run.json, rounds.jsonl, store/)"
+        "--rounds",
+        default=None,
+        help="the coordinator's run directory (run.json, rounds.jsonl, store/); without it, the ledgers alone: "
+        "every member's budget over every run, no receipts, coverage or store",
     )
     parser.add_argument("--consortium", required=True, help="consortium file (YAML or JSON): members, keys, budgets")
 

@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from privacy.audit.findings import CHECKS, FAIL, AuditResult, EntryRow
+from privacy.audit.findings import CHECKS, FAIL, AuditResult, EntryRow, MemberRow
 
 # Participation states, in legend order: (label, colour).
 _STATES = {
@@ -96,7 +96,7 @@ def plot_epsilon(result: AuditResult) -> str | None:
 
 def _tick(entry: EntryRow, run: str | None) -> str:
     label = "?" if entry.round is None else str(entry.round)
-    return label if entry.run == run else label + "*"
+    return label if run is None or entry.run == run else label + "*"
 
 
 def plot_contributions(result: AuditResult) -> str | None:
@@ -194,6 +194,15 @@ RECORDED_OVER = (
 )
 
 
+def entries_head(result: AuditResult) -> str:
+    return "entries" if result.ledgers_only else "entries (run / all)"
+
+
+def entries_cell(result: AuditResult, member: MemberRow) -> str:
+    """'this run's / all' entries of a member; all of them in an audit of ledgers alone."""
+    return str(member.entries) if result.ledgers_only else f"{member.run_entries} / {member.entries}"
+
+
 def member_notes(result: AuditResult) -> list[str]:
     """What a reader of the members table needs to read it right (a walkthrough read
     "within budget: yes" beside FAIL as the audit contradicting itself)."""
@@ -208,6 +217,10 @@ def member_notes(result: AuditResult) -> list[str]:
     return notes
 
 
+def _member_head(result: AuditResult) -> list[str]:
+    return ["member", "budget ε / δ", entries_head(result), "ε recorded", "ε recomputed", "within budget", "status"]
+
+
 def _member_rows(result: AuditResult) -> list[list[str]]:
     rows = []
     for name, m in sorted(result.members.items()):
@@ -216,7 +229,7 @@ def _member_rows(result: AuditResult) -> list[list[str]]:
             [
                 name,
                 f"{m.epsilon_budget:g} / {m.delta_budget:g}",
-                f"{m.run_entries} / {m.entries}",
+                entries_cell(result, m),
                 _fmt(m.epsilon_recorded),
                 f"{_fmt(m.epsilon_recomputed)} {m.method.upper()}{rdp}",
                 "yes" if m.within_budget else "NO",
@@ -226,15 +239,6 @@ def _member_rows(result: AuditResult) -> list[list[str]]:
     return rows
 
 
-_MEMBER_HEAD = [
-    "member",
-    "budget ε / δ",
-    "entries (run / all)",
-    "ε recorded",
-    "ε recomputed",
-    "within budget",
-    "status",
-]
 _ENTRY_HEAD = [
     "member",
     "#",
@@ -297,20 +301,24 @@ def render_html(result: AuditResult) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>kyodo privacy audit: {html.escape(str(result.run))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Privacy audit of run <code>{html.escape(str(result.run))}</code></h1>",
+        f"<title>kyodo privacy audit: {html.escape(result.scope)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Privacy audit of {html.escape(result.scope) if result.ledgers_only else f'run <code>{html.escape(str(result.run))}</code>'}</h1>",
         f"<p class='muted'>kyodo-audit, {now}. Trusted: the consortium file's public keys and budgets, and "
         "mathematics (Ed25519, SHA-256, Google's dp-accounting).</p>",
         f"<div class='verdict {'pass' if result.ok else 'failv'}'>{html.escape(verdict)}</div>",
         "<h2>Inputs</h2><ul>",
         f"<li>ledgers: <code>{html.escape(result.ledgers_dir)}</code></li>",
-        f"<li>run directory: <code>{html.escape(result.run_dir)}</code> (store HEAD at round "
-        f"{result.head_round}, {result.objects_verified} objects verified)</li>",
+        (
+            "<li>run directory: none (ledgers only: receipts, coverage and store not checked)</li>"
+            if result.ledgers_only
+            else f"<li>run directory: <code>{html.escape(result.run_dir)}</code> (store HEAD at round "
+            f"{result.head_round}, {result.objects_verified} objects verified)</li>"
+        ),
         f"<li>consortium: <code>{html.escape(result.consortium)}</code></li></ul>",
         "<h2>Checks</h2>",
         _html_table(["check", "result", "what it establishes"], _check_rows(result)),
         "<h2>Members</h2>",
-        _html_table(_MEMBER_HEAD, _member_rows(result), bad_col=6),
+        _html_table(_member_head(result), _member_rows(result), bad_col=6),
         *(f"<p>{html.escape(note)}</p>" for note in member_notes(result)),
         "<h2>Findings</h2>",
     ]
@@ -355,12 +363,16 @@ def render_markdown(result: AuditResult, html_name: str = "report.html") -> str:
     verdict = "**PASS**: every check holds" if result.ok else f"**FAIL**: {len(result.failures)} problem(s)"
     notes = [f for f in result.findings if f.severity != FAIL]
     lines = [
-        f"# Privacy audit of run `{result.run}`",
+        f"# Privacy audit of {result.scope if result.ledgers_only else f'run `{result.run}`'}",
         "",
         verdict,
         "",
-        f"Store HEAD at round {result.head_round}, {result.objects_verified} objects verified. "
-        f"Full report with plots: [{html_name}]({html_name}).",
+        (
+            "Ledgers only: receipts, coverage and store not checked. "
+            if result.ledgers_only
+            else f"Store HEAD at round {result.head_round}, {result.objects_verified} objects verified. "
+        )
+        + f"Full report with plots: [{html_name}]({html_name}).",
         "",
         "## Checks",
         "",
@@ -368,7 +380,7 @@ def render_markdown(result: AuditResult, html_name: str = "report.html") -> str:
         "",
         "## Members",
         "",
-        _md_table(_MEMBER_HEAD, _member_rows(result)),
+        _md_table(_member_head(result), _member_rows(result)),
         "",
         *(line for note in member_notes(result) for line in (note, "")),
     ]

@@ -55,7 +55,7 @@ from cryptography.exceptions import InvalidSignature
 
 from privacy.audit.accounting import Mech, check_budget, check_claim, finite, totals_of
 from privacy.audit.consortium import Consortium, load_consortium
-from privacy.audit.findings import NOTE, AuditResult, EntryRow, MemberRow, RoundRow
+from privacy.audit.findings import FAIL, NOTE, AuditResult, EntryRow, MemberRow, RoundRow
 from privacy.audit.inputs import LedgerFile, RunFiles, find_ledgers, read_run
 from privacy.keys import load_public_key
 from privacy.ledger import (
@@ -274,7 +274,7 @@ def _account(result: AuditResult, ledger: LedgerFile, index: _LedgerIndex, run_i
             method="-",
             rdp=None,
             ok=False,
-            status="other run" if is_dict and entry.get("run") != run_id else "",
+            status="other run" if run_id is not None and is_dict and entry.get("run") != run_id else "",
         )
         index.rows[i] = row
         result.entries.append(row)
@@ -1147,9 +1147,42 @@ def audit_inputs(
     return result
 
 
-def audit(ledgers_dir: str | Path, run_dir: str | Path, consortium_path: str | Path) -> AuditResult:
-    """Load the inputs and run every check. ConsortiumError / InputError when they cannot be read."""
+def audit_ledgers(
+    consortium: Consortium, ledgers: dict[str, LedgerFile], *, ledgers_dir: str = "", consortium_path: str = ""
+) -> AuditResult:
+    """Every member's whole ledger, over every run it ever released in, against its published
+    key and budget: what signed ledgers establish alone (signatures, identity, format, chain,
+    accounting, budget), with no coordinator file trusted or needed.
+
+    Whether a member's budget held is a property of its whole ledger, not of one run, so an
+    auditor can settle it before, or without, any run's files. What only a run's files can
+    show (receipts against round records, coverage, the store) is a run audit's.
+    A consortium member without a ledger fails: its budget cannot be verified (an empty file
+    stands for a member that never released anything); one that left is a note."""
+    result = AuditResult(run=None, ledgers_dir=ledgers_dir, run_dir="", consortium=consortium_path, ledgers_only=True)
+    for _, ledger in sorted(ledgers.items()):
+        _check_ledger(result, consortium, ledger, None)
+    for name, member in sorted(consortium.members.items()):
+        if name not in ledgers:
+            result.add(
+                "input",
+                f"{name} ledger",
+                "no ledger was given for this consortium member: its budget cannot be verified "
+                "(an empty ledger.jsonl stands for a member that never released anything)",
+                severity=NOTE if member.departed else FAIL,
+            )
+    for finding in result.failures:
+        if finding.member in result.members:
+            result.members[finding.member].ok = False
+    return result
+
+
+def audit(ledgers_dir: str | Path, run_dir: str | Path | None, consortium_path: str | Path) -> AuditResult:
+    """Load the inputs and run every check (of the ledgers alone when ``run_dir`` is None).
+    ConsortiumError / InputError when they cannot be read."""
     consortium = load_consortium(consortium_path)
     ledgers = find_ledgers(ledgers_dir)
+    if run_dir is None:
+        return audit_ledgers(consortium, ledgers, ledgers_dir=str(ledgers_dir), consortium_path=str(consortium_path))
     run = read_run(run_dir)
     return audit_inputs(consortium, ledgers, run, ledgers_dir=str(ledgers_dir), consortium_path=str(consortium_path))
