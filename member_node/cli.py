@@ -271,7 +271,21 @@ def _init_settings(setup: MemberSetup) -> list[str]:
         if setup.require_pinned_keys
         else "identity keys    pinning not required (--no-require-pinned-keys): the coordinator supplies them"
     )
-    return [budget, secagg, keys]
+    own = [
+        f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+        for name, value in (
+            ("accountant", setup.accountant),
+            ("max noise multiplier", setup.max_noise_multiplier),
+            ("min steps", setup.min_steps),
+        )
+        if value
+    ]
+    accounting = (
+        f"accounting       the member's own: {', '.join(own)}; the rest as each run sets them"
+        if own
+        else "accounting       as each run sets it (privacy.accountant, max_noise_multiplier, min_steps)"
+    )
+    return [budget, secagg, keys, accounting] if setup.dp else [budget, secagg, keys]
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:

@@ -235,6 +235,15 @@ def test_member_init_says_its_budgets_pace_and_whether_updates_may_leave_unmaske
     out = " ".join(capsys.readouterr().out.split())
     assert "spread over at least 40 training rounds" in out and "not required (--no-require-secagg)" in out
     assert not supernode.load_setup(tmp_path / "b").require_secagg
+    assert "accounting as each run sets it" in out
+    argv = [*base, str(tmp_path / "c"), "--member", "c", "--data", str(tmp_path / "dc"), "--accountant", "rdp"]
+    assert member_main([*argv, "--min-steps", "10"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "accounting the member's own: accountant rdp, min steps 10; the rest as each run sets them" in out
+    assert (supernode.load_setup(tmp_path / "c").accountant, supernode.load_setup(tmp_path / "c").min_steps) == (
+        "rdp",
+        10,
+    )
 
 
 def test_a_run_goes_on_without_members_still_down_when_a_cohort_is_up():
