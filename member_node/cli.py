@@ -285,7 +285,14 @@ def _init_settings(setup: MemberSetup) -> list[str]:
         if own
         else "accounting       as each run sets it (privacy.accountant, max_noise_multiplier, min_steps)"
     )
-    return [budget, secagg, keys, accounting] if setup.dp else [budget, secagg, keys]
+    padded = f"train {setup.train_reply_after:g} s, evaluate {setup.eval_reply_after:g} s"
+    timing = (
+        f"reply timing     padded ({padded} after each request arrives)"
+        if setup.train_reply_after and setup.eval_reply_after
+        else f"reply timing     not padded for every reply ({padded}): how long the node works tells the "
+        "coordinator about its dataset's size (--train-reply-after / --eval-reply-after, seconds)"
+    )
+    return [budget, secagg, keys, accounting, timing] if setup.dp else [budget, secagg, keys]
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:

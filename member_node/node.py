@@ -39,6 +39,7 @@ from member_node.secagg_client import MemberSecAgg
 from member_node.sent_updates import MASKED, PLAIN, note_sent, sent_updates, start_noting
 from member_node.trainer import evaluate, train_shards
 from member_node.windows import EpisodeWindows, split_episodes
+from privacy.accountant import UnreachableTarget
 from privacy.accountant import epsilon as composed_epsilon
 from privacy.budget import Budget, RoundAllowance, allow_round
 from privacy.dp_sgd import DEFAULT_MODE, DPConfig
@@ -504,7 +505,7 @@ class MemberNode:
             sigma = self.plans.noise_multiplier(
                 history, sample_rate, run, round_number, hparams.local_steps, planned_rounds, persist=persist_plan
             )
-        except ValueError as err:
+        except UnreachableTarget as err:
             return (
                 f"privacy budget exhausted: epsilon {self.epsilon_spent():.6g} of {self.budget.epsilon:g} spent, and no noise "
                 f"level lets another round fit ({err})"
@@ -623,6 +624,9 @@ class MemberNode:
             result = train_shards(
                 self.policy, self.identity.embodiment, self.train_windows, request.shards, request.hparams, **common
             )
+            # FedAvg needs scale, not the member's exact count: the weight (and the signed
+            # advert that carries it) is the coarse count the query answers with.
+            result.num_examples = coarse_count(result.num_examples)
             return self._reply(request, result, receipt="")
         if request.secagg is not None and self._can_resend(request.run, request.round):
             return self._resend(request)
@@ -833,7 +837,7 @@ class MemberNode:
                 raise ValueError("no held-out episodes to evaluate")
             return EvaluateReply(
                 member=self.identity.name,
-                num_examples=result.num_examples,
+                num_examples=coarse_count(result.num_examples),  # a weight for the mean, as in training
                 action_mse=result.action_mse,
                 action_mae=result.action_mae,
             )

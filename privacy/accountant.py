@@ -310,6 +310,12 @@ def search_steps(
     return lo, eps_at(lo)
 
 
+class UnreachableTarget(ValueError):
+    """No noise multiplier meets the target: the budget is spent, or too nearly. Apart from
+    the ValueErrors of bad arguments, so a caller that declines on it does not decline (and
+    word as 'budget exhausted') on a fault of its own."""
+
+
 def noise_for_target(
     target_epsilon: float,
     delta: float,
@@ -323,7 +329,7 @@ def noise_for_target(
 
     For planning a run. The returned value always meets the target: it is the feasible end
     of a bracket on the noise multiplier narrowed to a relative width of 1e-4 (RDP) or 1e-3
-    (PRV). Raises ValueError when no noise multiplier up to 1000 meets the target, e.g.
+    (PRV). Raises UnreachableTarget (a ValueError) when no noise multiplier up to 1000 meets the target, e.g.
     because the history alone has already spent it.
     """
     target = _real(target_epsilon, "target_epsilon")
@@ -347,12 +353,12 @@ def noise_for_target(
 
     already = epsilon(base, delta, accountant)
     if already >= target:
-        raise ValueError(
+        raise UnreachableTarget(
             f"target epsilon {target:g} is unreachable: the existing history has already spent {already:.4g}"
         )
     bracket = _bracket(eps_at, target, _initial_guess(target, delta, sample_rate, total_steps, accountant, base))
     if bracket is None:
-        raise ValueError(
+        raise UnreachableTarget(
             f"target epsilon {target:g} is unreachable at delta {delta:g}: even noise multiplier "
             f"{_NOISE_SEARCH_MAX:g} gives {eps_at(_NOISE_SEARCH_MAX):.4g} (history alone: {already:.4g})"
         )

@@ -14,7 +14,15 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from privacy.accountant import Mechanism, check_accountant, check_delta, epsilon, noise_for_target, search_steps
+from privacy.accountant import (
+    Mechanism,
+    UnreachableTarget,
+    check_accountant,
+    check_delta,
+    epsilon,
+    noise_for_target,
+    search_steps,
+)
 
 DECISIONS = ("full", "shortened", "declined")
 
@@ -142,7 +150,7 @@ def plan_noise(
     raise the training noise by at most ``EVALUATION_NOISE_INCREASE`` (one per round where
     they are cheap, fewer over long paces) and never above ``max_noise_multiplier`` (the
     node's cap, above which it declines to train: releases must not be why it does), and
-    :func:`evaluation_leaves_room` withholds any release beyond that room. ValueError when
+    :func:`evaluation_leaves_room` withholds any release beyond that room. UnreachableTarget when
     no noise level lets the rounds fit at all.
     """
 
@@ -173,7 +181,7 @@ def plan_noise(
                 evaluation=evaluation,
                 max_noise_multiplier=max_noise_multiplier,
             ).evaluations
-        except ValueError:  # RDP is looser: PRV may still fit the rounds alone
+        except UnreachableTarget:  # RDP is looser: PRV may still fit the rounds alone
             releases = 0
         return NoisePlan(sigma(releases), rounds, releases)
     bare = sigma(0)
@@ -182,7 +190,7 @@ def plan_noise(
     def fits(releases: int) -> bool:
         try:
             return sigma(releases) <= limit
-        except ValueError:  # the releases alone exceed the budget
+        except UnreachableTarget:  # the releases alone exceed the budget
             return False
 
     if fits(rounds):

@@ -236,6 +236,7 @@ def test_member_init_says_its_budgets_pace_and_whether_updates_may_leave_unmaske
     assert "spread over at least 40 training rounds" in out and "not required (--no-require-secagg)" in out
     assert not supernode.load_setup(tmp_path / "b").require_secagg
     assert "accounting as each run sets it" in out
+    assert "reply timing not padded for every reply (train 0 s, evaluate 0 s)" in out
     argv = [*base, str(tmp_path / "c"), "--member", "c", "--data", str(tmp_path / "dc"), "--accountant", "rdp"]
     assert member_main([*argv, "--min-steps", "10"]) == 0
     out = " ".join(capsys.readouterr().out.split())

@@ -26,6 +26,7 @@ from shared_model.protocol import (
     TrainHyperParams,
     TrainReply,
     TrainRequest,
+    coarse_count,
 )
 from shared_model.shards import shard_of
 
@@ -1065,3 +1066,35 @@ def test_the_members_own_privacy_settings_come_from_its_node_config(setup):
     ):
         with pytest.raises(NodeConfigError, match=match):
             resolve_identity({**base, key: value}, cfg)
+
+
+def test_a_node_without_dp_sends_coarse_counts_as_its_query_promises(setup, tmp_path):
+    """Its train reply's weight (and the signed advert carrying it) and its held-out count were
+    exact: a review read 102 + 72 / 4 = 120 episodes off them while the query said 100."""
+    cfg, node, model = setup
+    generate_dataset(tmp_path / "data", "so100", cfg.embodiments["so100"], episodes=37, episode_seconds=2.0, seed=5)
+    open_node = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s", data_dir=tmp_path / "data", dp=False))
+    trained, _ = map(len, open_node._split)
+    held = cfg.train.eval_windows_per_episode * len(open_node._split[1])  # windows evaluated
+    assert trained % 10 and held % 10, "exact counts the test can tell from coarse ones"
+    reply = open_node.train(TrainRequest(1, ["adapter/emb/so100"], HP, model, run="r"))
+    assert reply.num_examples == coarse_count(trained) == trained // 10 * 10
+    evaluation = open_node.evaluate(EvaluateRequest(1, model, run="r"))
+    assert evaluation.num_examples == coarse_count(held) and evaluation.action_mse > 0
+
+
+def test_a_fault_of_the_node_is_not_declined_as_a_spent_budget(setup, tmp_path):
+    """Any ValueError while planning the noise read as 'privacy budget exhausted', with the
+    fault's own text, in a reply the coordinator signs into its records: a corrupt
+    noise_plan.json did. Only an unreachable epsilon declines; a fault fails the request
+    (the ClientApp answers with its type name and logs it on the node)."""
+    from member_node.release_plan import NOISE_PLAN_FILE
+
+    cfg, node, _ = setup
+    member = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "s"))
+    (tmp_path / "s" / NOISE_PLAN_FILE).write_text('{"r|\x01": ')
+    with pytest.raises(json.JSONDecodeError):
+        member.query(QueryRequest(1, "r", HP, 4))
+    spent = MemberNode(cfg, replace(node.identity, state_dir=tmp_path / "t", epsilon=1e-3))
+    reply = spent.query(QueryRequest(1, "r", replace(HP, local_steps=50), 4))
+    assert not reply.can_train and reply.reason.startswith("privacy budget")
