@@ -403,7 +403,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 @_deploy_errors
 def cmd_run(args: argparse.Namespace) -> int:
     """Submit the ServerApp to the SuperLink (flwr run), optionally waiting for it to finish."""
-    from coordinator.deploy import operator_dir, resume_command, submit_run, wait_for_run
+    from coordinator.deploy import operator_dir, resume_command, run_progress, submit_run, wait_for_run
     from coordinator.run_status import head_round
 
     submission = submit_run(
@@ -424,6 +424,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"run {submission.run_id}: {status}", highlight=False)
     resume = resume_command(args.dir, submission.out_dir)
     if status == "finished:completed":
+        progress = run_progress(submission.out_dir, settle=60.0)
+        if progress.unfinished:  # ended before its planned rounds: a stop after the round in flight
+            console.print(
+                f"it stopped after round {progress.head} of {progress.planned} as the operator asked "
+                f"(kyodo-coordinator stop); to go on after it: {resume}",
+                highlight=False,
+            )
+            return 1
         if submission.resumes and head_round(submission.out_dir) == head_before:
             console.print(
                 f"nothing was trained: every planned round of {submission.out_dir} was committed already (HEAD "
@@ -484,7 +492,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from coordinator.deploy import resume_command, stop_run
     from coordinator.run_status import head_round
 
-    stopped = stop_run(args.dir, args.run, timeout=args.timeout)
+    stopped = stop_run(args.dir, args.run, timeout=args.timeout, now=args.now)
     if stopped.had_ended:
         console.print(f"run {stopped.run_id} had already ended ({stopped.status}): nothing to stop", highlight=False)
         return 0
@@ -660,12 +668,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--follow", action="store_true", help="keep streaming until the run ends")
     show.set_defaults(func=cmd_log)
-    stop = sub.add_parser("stop", help="stop a deployed run (flwr stop) and wait until it can be resumed")
+    stop = sub.add_parser(
+        "stop",
+        help="stop a deployed run once the round in flight is committed (--now: at once, flwr stop) and wait "
+        "until it can be resumed",
+    )
     stop.add_argument("dir", help="the operator directory")
     stop.add_argument(
         "run", nargs="?", default=None, help="the Flower run id or the run's directory; default: the newest"
     )
-    stop.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the run's ServerApp to end")
+    stop.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds to wait for the round in flight and the ServerApp to end"
+    )
+    stop.add_argument(
+        "--now",
+        action="store_true",
+        help="stop at once, wherever the round is (a round whose members' masked updates already left is then "
+        "lost to their budgets)",
+    )
     stop.set_defaults(func=cmd_stop)
     status = sub.add_parser("status", help="rounds, cohorts, shard versions and participation of a run")
     status.add_argument(

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from coordinator.run_lock import RunInUseError, check_not_running, run_holder
+from coordinator.stop_request import clear_stop_request, request_stop
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
 from shared_model.config import ConfigError, config_from_run_config, load_config
@@ -670,9 +671,14 @@ def resume_command(operator: Path | str, run_dir: Path | str) -> str:
     return f"kyodo-coordinator run {operator} --out-dir {run_dir}"
 
 
-def run_progress(run_dir: Path) -> RunProgress:
+def run_progress(run_dir: Path, settle: float = 0.0, poll: float = 0.5) -> RunProgress:
+    """``settle``: seconds to wait for a coordinator still holding the run to let go (a
+    ServerApp ends a moment after the SuperLink reports its run finished)."""
     from coordinator.run_status import head_round, planned_rounds
 
+    deadline = time.monotonic() + settle
+    while run_holder(run_dir) is not None and time.monotonic() < deadline:
+        time.sleep(poll)
     return RunProgress(run_holder(run_dir), head_round(run_dir), planned_rounds(run_dir))
 
 
@@ -854,6 +860,7 @@ def submit_run(
     config_file.write_text(tomli_w.dumps(config), encoding="utf-8")
     settings = {"overrides": list(overrides), "rounds": rounds}
     (out / SUBMITTED_SETTINGS).write_text(json.dumps(settings), encoding="utf-8")
+    clear_stop_request(out)  # a stop that found the run already ended must not end its resume at once
     answer = flwr_cli(op, "run", str(APP_DIR), CONNECTION, "--run-config", str(config_file))
     submission = Submission(run_id=str(answer["run-id"]), out_dir=out, resumes=resumes)
     with open(op.root / "runs.jsonl", "a", encoding="utf-8") as fh:
@@ -1005,22 +1012,37 @@ def _lock_holder(out_dir: Path | None) -> str | None:
     return None
 
 
-def stop_run(path: Path | str, which: str | None = None, timeout: float = 120.0, poll: float = 1.0) -> StoppedRun:
-    """Stop a run (``flwr stop``) and wait until it can be resumed.
+def stop_run(
+    path: Path | str, which: str | None = None, timeout: float = 900.0, poll: float = 1.0, now: bool = False
+) -> StoppedRun:
+    """Stop a run once the round in flight is committed, or at once (``now``: ``flwr stop``),
+    and wait until it can be resumed.
 
-    The SuperLink marks the run stopped at once, but its ServerApp process ends only when it
-    is signalled and has pushed its output; until then it still holds the run directory, and a
-    resume submitted in between is refused. So this returns only once the SuperLink says the
-    run finished *and* the run directory's lock is free. What was committed stays committed;
-    the round in flight is sent again on resume (a member that trained it and whose update
-    never left masked sends that update again, spending nothing)."""
+    By default the request is left in the run directory (``coordinator.stop_request``) and the
+    coordinator ends the run before its next round: stopped in the middle of secure
+    aggregation, a round whose members' masked updates already left is lost to their budgets
+    (each node masks a round's update once, and declines it on resume). ``now`` stops the
+    ServerApp wherever it is: the round in flight is sent again on resume, and a member whose
+    update had not yet left masked sends it again, spending nothing.
+
+    Either way the ServerApp holds the run directory until it has ended, and a resume
+    submitted in between is refused, so this returns only once the SuperLink says the run
+    finished *and* the run directory's lock is free. What was committed stays committed."""
     op = operator_dir(path)
     run_id, out_dir = _submission_of_run(op, which)
     status = run_status(op, run_id)
     if status.startswith("finished"):
         return StoppedRun(run_id, out_dir, status, had_ended=True)
-    flwr_cli(op, "stop", run_id, CONNECTION)
-    log.info("run %s: stop asked for; waiting for its ServerApp to end", run_id)
+    if now or out_dir is None:
+        flwr_cli(op, "stop", run_id, CONNECTION)
+        log.info("run %s: stop asked for; waiting for its ServerApp to end", run_id)
+    else:
+        request_stop(out_dir)
+        log.info(
+            "run %s: asked to stop once the round in flight is committed and evaluated; waiting for it "
+            "(--now stops it at once)",
+            run_id,
+        )
     deadline = time.monotonic() + timeout
     while True:
         status = run_status(op, run_id)
@@ -1029,10 +1051,17 @@ def stop_run(path: Path | str, which: str | None = None, timeout: float = 120.0,
             return StoppedRun(run_id, out_dir, status, had_ended=False)
         if time.monotonic() >= deadline:
             still = holder or f"the SuperLink still reports it {status}"
+            if now or out_dir is None:
+                raise DeployError(
+                    f"run {run_id} was told to stop {timeout:.0f} s ago but has not ended: {still}. "
+                    f"Its ServerApp may be inside a long commit: run `kyodo-coordinator stop {op.root} {run_id} --now` "
+                    "again later (it waits again), or see `kyodo-coordinator log`"
+                )
             raise DeployError(
-                f"run {run_id} was told to stop {timeout:.0f} s ago but has not ended: {still}. "
-                f"Its ServerApp may be inside a long commit: run `kyodo-coordinator stop {op.root} {run_id}` again "
-                "later (it waits again), or see `kyodo-coordinator log`"
+                f"run {run_id} was asked {timeout:.0f} s ago to stop after the round in flight, and that round has "
+                f"not ended ({still}); the request stands. Run `kyodo-coordinator stop {op.root} {run_id}` again "
+                "to wait again, or add --now to stop it at once (a round whose masked updates already left is "
+                "then lost: its members' epsilon spent on it buys nothing)"
             )
         time.sleep(poll)
 

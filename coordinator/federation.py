@@ -24,6 +24,7 @@ from coordinator.rounds import RoundResult, RoundRunner
 from coordinator.run_lock import holding_run
 from coordinator.run_state import RunState, failpoint
 from coordinator.run_status import describe_round_zero
+from coordinator.stop_request import clear_stop_request, stop_requested
 from coordinator.sync import ModelSync
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from privacy.round_signature import sign_round
@@ -307,6 +308,17 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
 
     with make_progress(console) as progress:
         for rnd in range(first_round, cfg.train.rounds + 1):
+            requested = stop_requested(out_dir)
+            if requested is not None:
+                clear_stop_request(out_dir)
+                progress.console.print(
+                    f"[bold]kyodo[/] run {run_id}: stopped before round {rnd} as the operator asked"
+                    f"{f' at {requested}' if requested else ''} (kyodo-coordinator stop); round {rnd - 1} is its last "
+                    "committed round, and a resume goes on from there",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                break
             task = progress.add_task(f"round {rnd}", total=len(STAGES), stage=STAGES[0])
             runner.sync.start_round()
             start = time.monotonic()

@@ -238,3 +238,39 @@ def test_the_auditor_checks_the_lineage_round_zero_names(first_run, tmp_path, ca
     assert severities == expected, [f.text() for f in result.findings]
     if case == "forged":
         assert "the coordinator signature does not verify" in result.findings[0].text()
+
+
+def test_a_stop_the_operator_asks_for_ends_the_run_after_the_round_in_flight(tmp_path):
+    """``flwr stop`` in the middle of secure aggregation lost a round of every member's budget
+    (each node masks a round's update once, and declines it on resume); ``kyodo-coordinator
+    stop`` leaves a request the coordinator honours before its next round instead."""
+    from coordinator.stop_request import STOP_REQUEST_FILE, clear_stop_request, request_stop
+    from shared_model.protocol import TRAIN
+
+    out = tmp_path / "run"
+
+    class StopInRoundOne(FakeGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == TRAIN for m in messages) and not (out / "rounds.jsonl").read_text().count(
+                '"round": 1'
+            ):
+                request_stop(out)  # the operator, while round 1 trains
+            return super().push_messages(messages)
+
+    cfg = load_config(model="tiny", overrides=[*BASE, f"out_dir={out}", "train.rounds=3"])
+    log = io.StringIO()
+    run_federation(
+        cfg, StopInRoundOne(MEMBERS, RunState(cfg, tmp_path / "layout").layout), Console(file=log, width=300)
+    )
+    assert [r["round"] for r in _records(out)] == [0, 1], "round 1 committed and evaluated, round 2 never began"
+    assert all(r["evaluation"] for r in _records(out))
+    assert ShardStore(out / "store").head_manifest().round == 1
+    assert "stopped before round 2 as the operator asked at " in log.getvalue()
+    assert not (out / STOP_REQUEST_FILE).exists(), "honoured once"
+    # Resumed, it goes on from round 2 (a request left by a stop that found the run ended is
+    # cleared when the run is submitted again, before its ServerApp starts).
+    request_stop(out)
+    clear_stop_request(out)
+    run_federation(cfg, FakeGrid(MEMBERS, RunState(cfg, tmp_path / "layout").layout), Console(file=io.StringIO()))
+    assert [r["round"] for r in _records(out)] == [0, 1, 2, 3]

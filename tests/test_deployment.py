@@ -1270,15 +1270,10 @@ def test_a_restarted_member_rejoins_and_a_restarted_coordinator_resumes(deployme
 @slow
 def test_a_stopped_run_ends_and_frees_its_directory_for_a_resume(deployment):
     from coordinator.run_lock import RunInUseError, check_not_running
+    from coordinator.run_status import head_round
+    from coordinator.stop_request import STOP_REQUEST_FILE, request_stop
 
     op_dir, out = deployment["op"].root, deployment["root"] / "stopped"
-    # Submitted with --wait from another terminal: it must say the run was stopped, not failed.
-    waiting = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "run", str(op_dir), "--out-dir", str(out), "--new",
-         "--wait-members", "60", "--wait", "--timeout", "900"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
-    )  # fmt: skip
 
     def coordinator_holds_it() -> bool:
         try:
@@ -1287,22 +1282,49 @@ def test_a_stopped_run_ends_and_frees_its_directory_for_a_resume(deployment):
             return True
         return False
 
+    def submitted(*extra: str) -> subprocess.Popen:
+        # Submitted with --wait from another terminal: it must say the run was stopped, not failed.
+        return subprocess.Popen(
+            [sys.executable, "-m", "coordinator.cli", "run", str(op_dir), "--out-dir", str(out), *extra,
+             "--wait-members", "60", "--wait", "--timeout", "900"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+        )  # fmt: skip
+
+    # By default the run ends once the round in flight is committed: stopped in the middle of
+    # secure aggregation, a round whose masked updates already left would be lost to every
+    # member's budget (each node masks a round's update once and declines it on resume).
+    waiting = submitted("--new", "--rounds", "4")
     _wait_for("the ServerApp to hold the run directory", coordinator_holds_it, 300, procs=[deployment["link"]])
     run_id = json.loads((op_dir / "runs.jsonl").read_text().splitlines()[-1])["run_id"]
     said = _cli("coordinator.cli", "stop", str(op_dir), str(out))
-    # It returns once the run can be resumed: the SuperLink says stopped and nobody holds the run.
+    assert deploy.run_status(deployment["op"], str(run_id)) == "finished:completed"
+    check_not_running(out)
+    head = head_round(out)
+    assert head is not None and head < 4, head
+    assert f"run {run_id}: finished:completed" in said and f"round {head} is its last committed round" in said, said
+    assert f"kyodo-coordinator run {op_dir} --out-dir {out}" in said, said
+    waited, _ = waiting.communicate(timeout=300)
+    assert waiting.returncode == 1 and f"it stopped after round {head} of 4 as the operator asked" in waited, waited
+    again = _cli("coordinator.cli", "stop", str(op_dir), str(run_id))
+    assert "had already ended (finished:completed): nothing to stop" in again, again
+    shown = _cli("coordinator.cli", "status", str(out))
+    assert "source not recorded" not in shown, shown
+    print("stopped run:", said, shown)
+    # --now stops it wherever it is (flwr stop); a request a stop left behind after its run
+    # ended does not end the resume at once.
+    request_stop(out)
+    waiting = submitted()
+    _wait_for("the resumed ServerApp to hold the run directory", coordinator_holds_it, 300, procs=[deployment["link"]])
+    assert not (out / STOP_REQUEST_FILE).exists()
+    run_id = json.loads((op_dir / "runs.jsonl").read_text().splitlines()[-1])["run_id"]
+    said = _cli("coordinator.cli", "stop", str(op_dir), str(out), "--now")
     assert deploy.run_status(deployment["op"], str(run_id)) == "finished:stopped"
     check_not_running(out)
     assert f"run {run_id}: finished:stopped" in said, said
-    assert f"kyodo-coordinator run {op_dir} --out-dir {out}" in said, said
-    again = _cli("coordinator.cli", "stop", str(op_dir), str(run_id))
-    assert "had already ended (finished:stopped): nothing to stop" in again, again
-    shown = _cli("coordinator.cli", "status", str(out))
-    assert "source not recorded" not in shown, shown
     waited, _ = waiting.communicate(timeout=300)
     assert waiting.returncode == 1 and "it was stopped (kyodo-coordinator stop" in waited, waited
     assert f"--out-dir {out}" in waited and "the SuperLink running again" not in waited, waited
-    print("stopped run:", said, shown)
     # A resume of a run whose every round is committed trains nothing, and says so.
     finished = _cli("coordinator.cli", "run", str(op_dir), "--out-dir", str(deployment["out_dir"]),
                     "--wait-members", "60", "--wait", "--timeout", "600")  # fmt: skip
