@@ -491,7 +491,15 @@ class MemberNode:
             return rollback
         if self.ledger.find(run, round_number) is not None:
             # A re-sent round is never trained twice: that would spend the budget twice.
-            return f"round {round_number} of run {run} was already trained"
+            if not self._masked_sent(run, round_number):
+                return f"round {round_number} of run {run} was already trained"
+            lost = (
+                f"round {round_number} of run {run} was already trained, and its update already left masked in an "
+                "earlier attempt of the round (one stopped at once, or cut off, during secure aggregation is sent "
+                "again): it is not masked again in another session, so the epsilon spent on it does not reach the model"
+            )
+            log.warning("%s: %s", self.identity.name, lost)
+            return lost
         if not hparams.sample_rate:
             # A rate derived from this node's size (batch / N) would be in the receipt, and
             # the query's answer would let the coordinator probe N for free: refuse it.

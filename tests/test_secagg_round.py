@@ -980,3 +980,17 @@ def test_a_run_id_that_would_leave_the_secure_aggregation_directory_is_refused(t
     for run in ("..", ".", "", "a/../..", "a/b"):
         with pytest.raises(ProtocolError, match="cannot name a secure-aggregation directory"):
             secagg._dir(run, 7)
+
+
+def test_a_round_whose_masked_update_left_is_declined_saying_its_budget_is_lost(federation, caplog):
+    """A run stopped at once (or cut off) after a member's masked input left: on resume the
+    member cannot mask that update again, and says why, to the coordinator and in its log."""
+    from shared_model.protocol import QueryRequest
+
+    cfg, nodes, model = federation
+    rnd = Round(cfg, nodes, model, 200, {"sony": "unmask"})  # after every other test's rounds
+    rnd.run()
+    with caplog.at_level("WARNING", logger="kyodo.member"):
+        reply = nodes["sony"].query(QueryRequest(rnd.round, RUN, HP, 100))
+    assert not reply.can_train and "its update already left masked in an earlier attempt of the round" in (reply.reason)
+    assert "the epsilon spent on it does not reach the model" in caplog.text
