@@ -47,7 +47,14 @@ from coordinator.stop_request import clear_stop_request, request_stop
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
 from shared_model.config import ConfigError, config_from_run_config, load_config
-from shared_model.flower_processes import flower_executable, flower_path, log_retry, pids_running, still_catches
+from shared_model.flower_processes import (
+    flower_executable,
+    flower_path,
+    log_retry,
+    parent_running,
+    pids_running,
+    still_catches,
+)
 
 log = logging.getLogger("kyodo.coordinator")
 
@@ -565,6 +572,13 @@ class SuperLinkRunner:
             if not self._ours_answers():
                 raise  # someone else's program: the port message says what to do
             pids = pids_running("flower-superlink", str(self.op.database))
+            starts = [p for p in (parent_running(pid, "coordinator", "start") for pid in pids) if p is not None]
+            if starts:
+                raise DeployError(
+                    f"this consortium's SuperLink already runs on {self.consortium.address}, under the "
+                    f"`kyodo-coordinator start` of pid {starts[0]}: use it as it is (one start per operator "
+                    f"directory), or end that start (Ctrl-C in its terminal, or `kill {starts[0]}`) and start again"
+                ) from None
             stop = (
                 f"stop it (`kill {' '.join(map(str, pids))}`)"
                 if pids
@@ -727,6 +741,18 @@ def wait_for_members(
         time.sleep(poll)
 
 
+def consortium_too_small(members: int, min_cohort: int) -> str:
+    """A warning when no cohort can form even with every member online ('' otherwise): the run
+    goes on, training only each member's own adapter, and a walkthrough's operator saw that
+    only in the coordinator's log, after every member had spent on it."""
+    if members >= min_cohort:
+        return ""
+    return (
+        f"the consortium has {members} member(s), fewer than train.min_cohort ({min_cohort}): no expert or shared "
+        "adapter can train, only each member's own embodiment adapter, and each member still spends its budget on it"
+    )
+
+
 def too_few_online(online: int, offline: Sequence[str], min_cohort: int, waited: float) -> str:
     """Why a run should not start with only ``online`` members up ('' when it may: the round
     goes on without a member that is down, as it does when one drops mid-run, and the member
@@ -834,10 +860,13 @@ def submit_run(
     resumes = (out / "store" / "HEAD").is_file()
     rounds, overrides = resubmitted(out, rounds, overrides)
     config = run_config(consortium, out, rounds, overrides, _registered(op), op.coordinator_key)
-    require_superlink(op, consortium)
     names = [m.name for m in consortium.members]
+    min_cohort = config_from_run_config(config).train.min_cohort
+    small = consortium_too_small(len(names), min_cohort)
+    if small:
+        log.warning("%s", small)
+    require_superlink(op, consortium)
     if wait_members > 0:
-        min_cohort = config_from_run_config(config).train.min_cohort
         offline = wait_for_members(op, names, wait_members, min_cohort)
         if offline:
             log.warning(

@@ -81,3 +81,15 @@ def pids_running(program: str, argument: str) -> list[int]:
         if program in launched and argument in argv:
             found.append(int(proc.name))
     return sorted(found)
+
+
+def parent_running(pid: int, *arguments: str) -> int | None:
+    """The parent of ``pid`` when its command line holds every one of ``arguments`` (None
+    otherwise, or off Linux): a SuperLink a live ``kyodo-coordinator start`` runs is not one
+    left behind by a start that was killed, and its operator must not be told to kill it."""
+    try:
+        ppid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        argv = [a.decode(errors="replace") for a in (Path("/proc") / str(ppid) / "cmdline").read_bytes().split(b"\0")]
+    except (OSError, ValueError, IndexError):
+        return None
+    return ppid if ppid > 1 and all(any(arg in a for a in argv) for arg in arguments) else None

@@ -330,6 +330,15 @@ def test_flat_ledger_layout(fed: Path) -> None:
     assert audit(flat, fed / "run", fed / "consortium.yaml").ok
 
 
+def test_one_members_state_directory_is_its_ledger_alone(fed: Path) -> None:
+    """A node's state directory holds other JSONL files (what it sent, its notes); given as
+    --ledgers, they were read as ledgers of members named after them: 226 failures."""
+    state = ledger_path(fed, "alpha").parent
+    (state / "sent_updates.jsonl").write_text('{"key": "run-a|1", "sent": "masked"}\n')
+    result = audit(state, None, fed / "consortium.yaml")
+    assert set(result.members) == {"alpha"} and not failures(result, "format") and not failures(result, "consortium")
+
+
 # --------------------------------------------------------------------------- tampering
 
 

@@ -247,6 +247,12 @@ def test_member_init_says_its_budgets_pace_and_whether_updates_may_leave_unmaske
     )
 
 
+def test_a_consortium_too_small_for_a_cohort_is_warned_at_submission():
+    assert deploy.consortium_too_small(3, 3) == ""
+    warning = deploy.consortium_too_small(2, 3)
+    assert "has 2 member(s), fewer than train.min_cohort (3)" in warning and "still spends its budget" in warning
+
+
 def test_a_run_goes_on_without_members_still_down_when_a_cohort_is_up():
     """A walkthrough's run waited 120 s for a member that was down and then refused to start
     at all, resumes included, without saying how to go on."""
@@ -1454,3 +1460,34 @@ def test_a_free_runtime_port_is_chosen_below_the_kernels_ephemeral_range():
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))  # free when chosen (nothing here took it since)
+
+
+def _ppid(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_a_superlink_under_a_live_start_is_told_apart_from_one_left_running():
+    """A second `start` told its operator to kill the SuperLink the first, live `start` ran."""
+    from shared_model.flower_processes import parent_running
+
+    script = "import subprocess; subprocess.run(['sleep', '30'])"
+    start = subprocess.Popen([sys.executable, "-c", script, "kyodo-coordinator", "start"])
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 10
+        while not children and time.monotonic() < deadline:
+            children = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat") if _ppid(stat) == start.pid]
+            time.sleep(0.1)
+        assert children, "the stand-in start spawned its child"
+        assert parent_running(children[0], "coordinator", "start") == start.pid
+        assert parent_running(children[0], "coordinator", "stop") is None
+        assert parent_running(os.getpid(), "no such argument") is None
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        start.kill()
+        start.wait()

@@ -8,7 +8,8 @@ Ledger layouts accepted under ``--ledgers DIR``:
 
 * ``DIR/nodes/<member>/ledger.jsonl``: a run directory of a local federation;
 * ``DIR/<member>/ledger.jsonl``: member state directories side by side (``nodes/``);
-* ``DIR/<member>.jsonl``: ledgers collected into one folder, named by member.
+* ``DIR/<member>.jsonl``: ledgers collected into one folder, named by member;
+* ``DIR/ledger.jsonl``: one member's state directory (its other files are not ledgers).
 
 The member a ledger belongs to is the ``member`` of a ``member.json`` next to it when there
 is one, else the directory (or file) name. That name only selects which consortium key the
@@ -122,9 +123,12 @@ def find_ledgers(root: str | Path) -> dict[str, LedgerFile]:
     base = root / "nodes" if (root / "nodes").is_dir() else root
     found: dict[str, LedgerFile] = {}
     candidates = [(p.parent, _member_name(p.parent)) for p in sorted(base.glob(f"*/{LEDGER_FILE}"))]
-    candidates += [(p, p.stem) for p in sorted(base.glob("*.jsonl")) if p.name not in (RECORDS_FILE, LEDGER_FILE)]
     if (base / LEDGER_FILE).is_file():
+        # One member's state directory: its other *.jsonl files (what it sent, its notes)
+        # are its node's, not other members' ledgers (a walkthrough read 226 failures off them).
         candidates.append((base, _member_name(base)))
+    else:
+        candidates += [(p, p.stem) for p in sorted(base.glob("*.jsonl")) if p.name != RECORDS_FILE]
     for location, member in candidates:
         path = location / LEDGER_FILE if location.is_dir() else location
         if member in found:
