@@ -556,10 +556,17 @@ def _run_activity(run_dir: Path, operator: Path | None) -> str:
     rounds, the command that goes on: after a SuperLink crash the run's log reads like a stop by
     the operator ("Task stopped by user"), and status was the place the operator looked."""
     from coordinator.deploy import run_progress, split_run_argument
+    from coordinator.stop_request import stop_requested
 
     progress = run_progress(run_dir)
     if progress.holder is not None:
-        return f"running now: a coordinator holds it{f' ({progress.holder})' if progress.holder else ''}"
+        requested = stop_requested(run_dir)
+        stopping = (
+            f"; asked to stop{f' at {requested}' if requested else ''}: it ends once the round in flight is committed"
+            if requested is not None
+            else ""
+        )
+        return f"running now: a coordinator holds it{f' ({progress.holder})' if progress.holder else ''}{stopping}"
     if not progress.unfinished:
         return f"finished: all {progress.planned} planned rounds committed"
     return f"not running: {progress.stopped_short(operator or split_run_argument(run_dir, None)[0], run_dir)}"

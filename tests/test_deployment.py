@@ -789,7 +789,14 @@ def test_coordinator_status_of_a_run_directory(tmp_path, capsys, tiny_cfg):
         assert coordinator_main(["status", str(run)]) == 0
         said = " ".join(capsys.readouterr().out.split())
         assert f"running now: a coordinator holds it (pid {os.getpid()}, since " in said
-        assert "not running" not in said
+        assert "not running" not in said and "asked to stop" not in said
+        from coordinator.stop_request import clear_stop_request, request_stop
+
+        request_stop(run)  # kyodo-coordinator stop, whose wait ran out before the round in flight ended
+        assert coordinator_main(["status", str(run)]) == 0
+        said = " ".join(capsys.readouterr().out.split())
+        assert "asked to stop at " in said and "it ends once the round in flight is committed" in said
+        clear_stop_request(run)
     (run / "config.yaml").write_text("train:\n  rounds: 1\n")
     assert coordinator_main(["status", str(run)]) == 0
     assert "finished: all 1 planned rounds committed" in " ".join(capsys.readouterr().out.split())
