@@ -314,7 +314,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _label(index: int | None, entry: Any, line: bool = False) -> str:
+def entry_label(index: int | None, entry: Any, line: bool = False) -> str:
     """'entry 3 (line 4, run 'demo', round 7)': how every message names an entry."""
     parts = []
     if line and index is not None:
@@ -373,7 +373,7 @@ def verify_entry(entry: Mapping[str, Any], public_key: Ed25519PublicKey | str) -
     key, key_hex = _as_public_key(public_key)
     problems = _entry_problems(entry, key, key_hex)
     if problems:
-        label = _label(None, entry)
+        label = entry_label(None, entry)
         raise LedgerError(f"{label}: " + "; ".join(problems), [f"{label}: {p}" for p in problems])
 
 
@@ -408,7 +408,7 @@ def _chain_problems(
                 _round_problems(entry, i, last_round)
                 _epsilon_problems(entry, i, last_eps)
             continue
-        label = _label(i, entry, line_numbers)
+        label = entry_label(i, entry, line_numbers)
         found = _entry_problems(entry, key, key_hex)
         found += _link_problems(entries, i)
         if isinstance(entry, dict) and not field_problems(entry) and is_release(entry):
@@ -482,7 +482,9 @@ def receipt_to_json(entry: Mapping[str, Any]) -> str:
     """The signed entry as canonical JSON text, to carry in a Flower ConfigRecord (a str value)."""
     problems = field_problems(dict(entry))
     if problems:
-        raise LedgerError(f"{_label(None, entry)} is not a complete signed entry: " + "; ".join(problems), problems)
+        raise LedgerError(
+            f"{entry_label(None, entry)} is not a complete signed entry: " + "; ".join(problems), problems
+        )
     return canonical_json(entry).decode("utf-8")
 
 
@@ -496,7 +498,7 @@ def receipt_from_json(text: str) -> dict[str, Any]:
         raise LedgerError(f"receipt is not valid JSON: {exc}") from None
     problems = field_problems(entry)
     if problems:
-        raise LedgerError(f"receipt {_label(None, entry)} is malformed: " + "; ".join(problems), problems)
+        raise LedgerError(f"receipt {entry_label(None, entry)} is malformed: " + "; ".join(problems), problems)
     return entry
 
 
@@ -701,10 +703,10 @@ class Ledger:
         )
         problems = field_problems(entry, [f for f in ENTRY_FIELDS if f != "signature"])
         if problems:
-            raise LedgerError(f"cannot append {_label(None, entry)}: " + "; ".join(problems), problems)
+            raise LedgerError(f"cannot append {entry_label(None, entry)}: " + "; ".join(problems), problems)
         problems = _rule_problems(entries, entry)
         if problems:
-            raise LedgerError(f"cannot append {_label(None, entry)}: " + "; ".join(problems), problems)
+            raise LedgerError(f"cannot append {entry_label(None, entry)}: " + "; ".join(problems), problems)
         _check_claim(entry, entries)
         assert self._signing_key is not None
         entry["signature"] = self._signing_key.sign(signing_payload(entry)).hex()
@@ -784,7 +786,7 @@ def _check_claim(entry: dict[str, Any], entries: list[dict[str, Any]]) -> None:
     composed = epsilon(history, entry["delta"], entry["accountant"])
     if entry["epsilon"] < composed * (1 - _CLAIM_RTOL):
         raise LedgerError(
-            f"cannot append {_label(None, entry)}: field 'epsilon' {entry['epsilon']!r} is below the "
+            f"cannot append {entry_label(None, entry)}: field 'epsilon' {entry['epsilon']!r} is below the "
             f"{entry['accountant']} composition of the ledger's history plus this round ({composed!r})"
         )
 

@@ -26,7 +26,6 @@ from privacy.audit.inputs import LedgerFile
 from privacy.keys import load_public_key
 from privacy.ledger import (
     RELEASE_BUDGET,
-    RELEASE_EVALUATION,
     RELEASE_TRAIN,
     declared_budget,
     entry_hash,
@@ -35,6 +34,9 @@ from privacy.ledger import (
     release_of,
     signing_payload,
     verify_chain,
+)
+from privacy.ledger import (
+    entry_label as ledger_entry_label,
 )
 
 
@@ -53,15 +55,7 @@ class LedgerIndex:
 
 def entry_label(index: int, entry: Any) -> str:
     """'entry 2 (line 3, run 'r', round 2)': the same naming as the ledger's own messages."""
-    parts = [f"line {index + 1}"]
-    if isinstance(entry, dict):
-        if "run" in entry:
-            parts.append(f"run {entry['run']!r}")
-        if "round" in entry:
-            parts.append(f"round {entry['round']!r}")
-        if entry.get("release") in (RELEASE_EVALUATION, RELEASE_BUDGET):
-            parts.append(str(entry["release"]))
-    return f"entry {index} ({', '.join(parts)})"
+    return ledger_entry_label(index, entry, line=True)
 
 
 def classify_problem(problem: str) -> str:
