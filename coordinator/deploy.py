@@ -30,6 +30,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,7 @@ from shared_model.flower_processes import (
     log_retry,
     parent_running,
     pids_running,
+    process_ended,
     still_catches,
 )
 
@@ -634,7 +636,7 @@ class SuperLinkRunner:
         # flwr_exit: status 0 for a graceful stop, 1 for any error (its log says which).
         if code in (0, -signal.SIGTERM, -signal.SIGINT):
             return 0
-        how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        how = process_ended(code)
         log.error(
             "the SuperLink %s: start it again with `kyodo-coordinator start %s` (registrations are kept); "
             "a run it was running ends failed: resume it with `kyodo-coordinator run %s --out-dir <its run dir>`",
@@ -826,6 +828,20 @@ class Submission:
     resumes: bool = False  # the run directory already held a committed round
 
 
+def _check_writable(out: Path) -> None:
+    """The coordinator writes the run's store and records under ``out``: a directory it cannot
+    write ended a fault test's resume in a bare traceback (and its run, failed, mid-round)."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise DeployError(
+            f"{existing} cannot be written ({err.strerror}): the coordinator keeps the run's store and round records "
+            f"{'there' if existing == out else f'in {out}'}; make it writable (or free space) and submit again"
+        ) from None
+
+
 def submit_run(
     path: Path | str,
     *,
@@ -857,6 +873,7 @@ def submit_run(
             check_not_running(out)
         except RunInUseError as err:
             raise DeployError(str(err)) from None
+    _check_writable(out)
     resumes = (out / "store" / "HEAD").is_file()
     rounds, overrides = resubmitted(out, rounds, overrides)
     config = run_config(consortium, out, rounds, overrides, _registered(op), op.coordinator_key)

@@ -7,6 +7,7 @@ and a request that does not validate is refused before the member's data is touc
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +78,10 @@ def _reply_delay(context: Context, which: str) -> ReplyDelay:
     return train if which == "train" else evaluation
 
 
+# Errors of files the node cannot write (a full or read-only disk) or may not touch.
+_CANNOT_WRITE = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM})
+
+
 def _serve(
     message: Message,
     context: Context,
@@ -113,6 +118,22 @@ def _handle(message: Message, context: Context, handler, parse, arrived: dt.date
         # Dataset errors name files, frame counts and episode lengths: the member's log only.
         log.error("member data: %s", err)
         return Error(ERR_DATA, "the member's data cannot be used (see its node log)")
+    except OSError as err:
+        if err.errno not in _CANNOT_WRITE:
+            log.exception("unexpected failure handling %s", message.metadata.message_type)
+            return Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}")
+        # A full or read-only state directory (or a file the node may not touch): one line that
+        # says what to do, not a traceback (a fault test's member read only an OSError's stack);
+        # the path stays in its own log.
+        log.error(
+            "the node cannot use a file it needs (%s: %s) answering %s: nothing left the node, and what its "
+            "ledger records stays spent (kyodo-member status shows it); free space, or make the file and its "
+            "directory writable for the node, and it takes part again from the next round",
+            err.strerror,
+            err.filename,
+            message.metadata.message_type,
+        )
+        return Error(ERR_INTERNAL, "the member's node cannot use a file it needs (see its node log)")
     except Exception as err:  # noqa: BLE001 - a node answers, it does not crash
         log.exception("unexpected failure handling %s", message.metadata.message_type)
         return Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}")

@@ -304,7 +304,8 @@ class MemberNode:
             # WARNING: a ClientApp process logs nothing below it.
             log.warning(
                 "%s: %s of run %s went on without this member: its node was not connected when %s began (stopped, "
-                "restarting or unreachable), so it trained and spent nothing there; it is back from round %d",
+                "restarting or unreachable), or failed to answer (an error earlier in this log says why), so it "
+                "trained and spent nothing there; it is back from round %d",
                 self.identity.name,
                 rounds_text(missed),
                 request.run,

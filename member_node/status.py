@@ -408,8 +408,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"[red]- round {r['round']}: recorded ε {r['epsilon_recorded']} != recomputed {r['epsilon_recomputed']}"
         )
     plot = Path(args.plot) if args.plot else state_dir / "epsilon.png"
-    plot_epsilon(rows, budget, member["member"], plot, declared_steps(entries))
-    console.print(f"plot: {plot}")
+    try:
+        plot_epsilon(rows, budget, member["member"], plot, declared_steps(entries))
+        console.print(f"plot: {plot}")
+    except OSError as err:  # a full or read-only state directory: the table above is the answer
+        console.print(f"[yellow]plot not written[/]: {plot}: {err.strerror} (--plot PATH writes it elsewhere)")
     return 0 if not problems and not mismatched and not rollback else 1
 
 

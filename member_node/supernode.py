@@ -37,6 +37,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -56,7 +57,7 @@ from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from shared_model.device import resolve_device
-from shared_model.flower_processes import flower_executable, flower_path, log_retry, still_catches
+from shared_model.flower_processes import flower_executable, flower_path, log_retry, process_ended, still_catches
 
 log = logging.getLogger("kyodo.member")
 
@@ -568,9 +569,24 @@ def preflight(setup: MemberSetup, check_data: Callable[[MemberSetup], None] | No
     _check_reply_delays(setup.train_reply_after, setup.eval_reply_after)
     if not setup.signing_key.is_file():
         raise SetupError(f"ledger key {setup.signing_key} is missing (kyodo-member init creates it)")
+    check_state_writable(Path(setup.state_dir))
     if check_data is not None:
         check_data(setup)
     check_pinned_keys(setup)
+
+
+def check_state_writable(state_dir: Path) -> None:
+    """The node appends each release to its ledger before anything leaves, and keeps its
+    plans and secure-aggregation secrets beside it: a state directory it cannot write makes
+    every message fail. A fault test's node started on a read-only one and failed them all."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise SetupError(
+            f"state directory {state_dir} cannot be written ({err.strerror}): the node records every release "
+            "there before anything leaves; make it writable (or free space) and start again"
+        ) from None
 
 
 def check_pinned_keys(setup: MemberSetup) -> None:
@@ -889,4 +905,8 @@ class SuperNodeRunner:
                 f"the SuperLink refused this node's key ({self.fingerprint}): it is not registered. Send "
                 f"{self.setup.dir / MEMBERSHIP_FILE} to the operator (kyodo-coordinator add-member, then register)"
             )
-        raise SetupError(f"flower-supernode exited with code {outcome.code}; see its output above")
+        raise SetupError(
+            f"flower-supernode {process_ended(outcome.code)}; see its output above. Start it again with `kyodo-member start {self.setup.dir}`: "
+            "the ledger and state are kept, a round it was in goes on without it (what it spent stays spent), and "
+            "it takes part again from the next round"
+        )

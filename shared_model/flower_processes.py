@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,3 +94,13 @@ def parent_running(pid: int, *arguments: str) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return ppid if ppid > 1 and all(any(arg in a for a in argv) for arg in arguments) else None
+
+
+def process_ended(code: int) -> str:
+    """How a process ended, from its return code (negative: the signal that killed it)."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"was killed by signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"

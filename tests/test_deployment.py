@@ -279,6 +279,23 @@ def test_start_warns_about_each_kind_of_dp_reply_that_is_not_padded(tmp_path, ca
     assert supernode.warn_unpadded_replies(_member(tmp_path, name="e", dp=False)) == []  # no budget to speak of
 
 
+def test_how_a_process_ended_is_said():
+    from shared_model.flower_processes import process_ended
+
+    assert process_ended(-9) == "was killed by signal SIGKILL" and process_ended(1) == "exited with status 1"
+    assert process_ended(-200) == "was killed by signal 200"
+
+
+def test_start_refuses_a_state_directory_the_node_cannot_write(tmp_path):
+    """A fault test's node started on a read-only state directory and failed every message.
+    (Tests may run as root, whom permission bits do not stop: a file in its place does.)"""
+    supernode.check_state_writable(tmp_path)
+    assert not list(tmp_path.iterdir()), "the check leaves nothing behind"
+    (tmp_path / "state").write_text("not a directory")
+    with pytest.raises(supernode.SetupError, match=r"state directory .*state cannot be written \(Not a directory\)"):
+        supernode.check_state_writable(tmp_path / "state")
+
+
 def test_supernode_command_has_tls_auth_node_config_and_its_own_port(tmp_path):
     (tmp_path / "ca.pem").write_text("the operator's CA certificate")
     setup = _member(tmp_path, superlink="127.0.0.1:9093", root_certificates=tmp_path / "ca.pem")
@@ -361,6 +378,13 @@ def test_a_resume_names_an_existing_run_that_no_coordinator_is_running(tmp_path,
         assert coordinator_main(["run", str(op_dir), "--out-dir", str(running), "--wait-members", "0"]) == 3
         assert "is being run by another coordinator" in " ".join(capsys.readouterr().out.split())
     check_not_running(running)  # released when the coordinator ends
+    # A run directory the coordinator cannot write (a file in its place stands for a read-only
+    # mount: tests may run as root) is refused before anything is submitted, without a traceback.
+    blocked = op_dir / "runs" / "blocked"
+    blocked.write_text("not a directory")
+    assert coordinator_main(["run", str(op_dir), "--out-dir", str(blocked), "--wait-members", "0"]) == 3
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{blocked} cannot be written (Not a directory)" in said and "Traceback" not in said
 
 
 def test_a_member_pins_the_other_members_keys_to_the_published_consortium_file(tmp_path, capsys, tiny_cfg):

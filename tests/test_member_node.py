@@ -192,6 +192,32 @@ def test_client_app_answers_and_refuses(setup):
     assert reply.error.reason == "the member's node configuration is invalid (see its node log)"
 
 
+def test_a_node_that_cannot_write_its_state_says_so_in_one_line(setup, tmp_path, monkeypatch, caplog):
+    """A full or read-only state directory read as a bare OSError traceback in the member's log
+    and 'internal error on node: OSError' at the coordinator (a fault test, on a real deployment)."""
+    import errno
+
+    import member_node.node as node_module
+    from member_node.client_app import app
+
+    cfg, _, _ = setup
+    state = tmp_path / "state"
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(state / "queried_rounds.json.tmp"))
+
+    monkeypatch.setattr(node_module, "note_queried", full_disk)
+    data_dir = str(Path(cfg.data_root) / "sony")
+    ctx = context(cfg, {"member": "sony", "embodiment": "so100", "data-dir": data_dir, "state-dir": str(state)})
+    with caplog.at_level("ERROR", logger="kyodo.member"):
+        reply = app(message(QueryRequest(3, "r", HP, 4).to_content(), "query"), ctx)
+    assert reply.has_error(), reply.content
+    assert reply.error.reason == "the member's node cannot use a file it needs (see its node log)"
+    assert str(state) not in reply.error.reason, "the path stays on the node"
+    assert "cannot use a file it needs (No space left on device: " in caplog.text and "Traceback" not in caplog.text
+    assert "free space, or make the file and its directory writable" in caplog.text
+
+
 def test_a_seating_notice_reaches_the_members_own_log_in_the_nodes_words(setup, caplog):
     """A member the others have not pinned yet is never asked to train, and its own file is
     the newest: the coordinator's notice is the only way its node can say why."""

@@ -143,3 +143,12 @@ def test_the_sent_column_says_what_left_not_what_was_spent(tmp_path, capsys):
     assert [line.split()[0] for line in trained] == ["1", "2", "3", "4"]
     assert trained[0].endswith(" Δ") and trained[1].endswith(" Δ")
     assert trained[2].endswith(" -") and trained[3].endswith(" -")
+
+
+def test_a_plot_that_cannot_be_written_leaves_the_table_and_exit_status_alone(tmp_path, capsys):
+    """On a read-only state directory status printed its table, then a traceback, exit 1."""
+    state_dir = _state_dir(tmp_path, {"demo-0a1b": 2})
+    (tmp_path / "blocked").write_text("a file where the plot's directory should be")
+    assert main(["status", "--state-dir", str(state_dir), "--plot", str(tmp_path / "blocked" / "eps.png")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "run demo-0a1b" in out and "plot not written" in out and "--plot PATH writes it elsewhere" in out
