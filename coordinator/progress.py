@@ -91,6 +91,10 @@ def round_table(
             spent = json.loads(ev.receipt)["epsilon"]
         # no spaces: at 80 columns "12.23 / 16" wrapped after the "/" and lost the budget
         eps = "no DP" if reply and not receipt else (f"{spent:.2f}/{budget:g}" if spent is not None and budget else "-")
+        if member in result.failed and not receipt and eps != "-":
+            # A reply that failed after training took this round's receipt with it: the member
+            # spent at least this, likely more (a fault test read 0.79 where its ledger said 2.0).
+            eps = f">={eps}"
         table.add_row(
             member,
             str(len(result.plan.shards_of(member))),

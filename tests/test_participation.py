@@ -59,6 +59,12 @@ def test_a_member_that_cannot_train_is_in_no_cohort_and_the_round_says_why(tmp_p
     sony = next(line for line in console.export_text().splitlines() if line.startswith("│ sony"))
     assert "7.03/8" in sony
     assert f"sony sat out: {EXHAUSTED}" in text
+    # One whose reply failed after training took this round's receipt with it: at least that.
+    result.failed["sony"] = "train error 5000: internal error on node: OSError"
+    console = Console(width=200, record=True)
+    console.print(round_table(result, {"sony": (5.77, 8.0)}, held={"sony": 7.03}))
+    sony = next(line for line in console.export_text().splitlines() if line.startswith("│ sony"))
+    assert ">=7.03/8" in sony
 
 
 def test_a_node_gone_mid_round_is_named_by_the_request_it_left_unanswered(tmp_path, caplog):
