@@ -310,7 +310,6 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
         for rnd in range(first_round, cfg.train.rounds + 1):
             requested = stop_requested(out_dir)
             if requested is not None:
-                clear_stop_request(out_dir)
                 progress.console.print(
                     f"[bold]kyodo[/] run {run_id}: stopped before round {rnd} as the operator asked"
                     f"{f' at {requested}' if requested else ''} (kyodo-coordinator stop); round {rnd - 1} is its last "
@@ -365,6 +364,7 @@ def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Pat
                 table.caption = f"{table.caption}; {note}" if table.caption else note
             progress.console.print(table)
 
+    clear_stop_request(out_dir)  # one that came during the last round found nothing left to stop
     console.print(summary_table(summary.history))
     (out_dir / "summary.json").write_text(
         json.dumps(

@@ -244,33 +244,36 @@ def test_a_stop_the_operator_asks_for_ends_the_run_after_the_round_in_flight(tmp
     """``flwr stop`` in the middle of secure aggregation lost a round of every member's budget
     (each node masks a round's update once, and declines it on resume); ``kyodo-coordinator
     stop`` leaves a request the coordinator honours before its next round instead."""
-    from coordinator.stop_request import STOP_REQUEST_FILE, clear_stop_request, request_stop
+    from coordinator.stop_request import STOP_REQUEST_FILE, request_stop
     from shared_model.protocol import TRAIN
 
     out = tmp_path / "run"
 
-    class StopInRoundOne(FakeGrid):
+    class StopInRound(FakeGrid):
+        stop_in = 1
+
         def push_messages(self, messages):
             messages = list(messages)
-            if any(m.metadata.message_type == TRAIN for m in messages) and not (out / "rounds.jsonl").read_text().count(
-                '"round": 1'
-            ):
-                request_stop(out)  # the operator, while round 1 trains
+            records = out / "rounds.jsonl"
+            committed = (
+                [json.loads(line)["round"] for line in records.read_text().splitlines()] if records.exists() else []
+            )
+            if any(m.metadata.message_type == TRAIN for m in messages) and max(committed) == self.stop_in - 1:
+                request_stop(out)  # the operator, while round stop_in trains
             return super().push_messages(messages)
 
     cfg = load_config(model="tiny", overrides=[*BASE, f"out_dir={out}", "train.rounds=3"])
     log = io.StringIO()
-    run_federation(
-        cfg, StopInRoundOne(MEMBERS, RunState(cfg, tmp_path / "layout").layout), Console(file=log, width=300)
-    )
+    run_federation(cfg, StopInRound(MEMBERS, RunState(cfg, tmp_path / "layout").layout), Console(file=log, width=300))
     assert [r["round"] for r in _records(out)] == [0, 1], "round 1 committed and evaluated, round 2 never began"
     assert all(r["evaluation"] for r in _records(out))
     assert ShardStore(out / "store").head_manifest().round == 1
     assert "stopped before round 2 as the operator asked at " in log.getvalue()
     assert not (out / STOP_REQUEST_FILE).exists(), "honoured once"
-    # Resumed, it goes on from round 2 (a request left by a stop that found the run ended is
-    # cleared when the run is submitted again, before its ServerApp starts).
-    request_stop(out)
-    clear_stop_request(out)
-    run_federation(cfg, FakeGrid(MEMBERS, RunState(cfg, tmp_path / "layout").layout), Console(file=io.StringIO()))
+    # Resumed, it goes on from round 2; a stop asked for in its last round finds nothing left to
+    # stop, and the request does not outlive the run.
+    grid = StopInRound(MEMBERS, RunState(cfg, tmp_path / "layout").layout)
+    grid.stop_in = 3
+    run_federation(cfg, grid, Console(file=io.StringIO()))
     assert [r["round"] for r in _records(out)] == [0, 1, 2, 3]
+    assert not (out / STOP_REQUEST_FILE).exists()
