@@ -489,8 +489,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 @_deploy_errors
 def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a deployed run so that it can be resumed later (flwr stop, then wait for its end)."""
-    from coordinator.deploy import resume_command, stop_run
-    from coordinator.run_status import head_round
+    from coordinator.deploy import resume_command, run_progress, stop_run
 
     stopped = stop_run(args.dir, args.run, timeout=args.timeout, now=args.now)
     if stopped.had_ended:
@@ -499,7 +498,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     console.print(f"run {stopped.run_id}: {stopped.status}", highlight=False)
     if stopped.out_dir is None:
         return 0
-    head = head_round(stopped.out_dir)
+    progress = run_progress(stopped.out_dir)
+    if not progress.unfinished and progress.holder is None:  # the stop came during its last round
+        console.print(f"it had committed all {progress.planned} planned rounds ({stopped.out_dir})", highlight=False)
+        return 0
+    head = progress.head
     committed = f"round {head} is its last committed round" if head is not None else "it committed no round"
     console.print(
         f"{committed} ({stopped.out_dir}); to go on after it, with the settings it was submitted with:\n"

@@ -1096,7 +1096,8 @@ def stop_run(
         if status.startswith("finished") and holder is None:
             return StoppedRun(run_id, out_dir, status, had_ended=False)
         if time.monotonic() >= deadline:
-            still = holder or f"the SuperLink still reports it {status}"
+            held = run_holder(out_dir) if out_dir is not None and out_dir.is_dir() else None
+            still = f"a coordinator holds it, {held}" if held else f"the SuperLink reports it {status}"
             if now or out_dir is None:
                 raise DeployError(
                     f"run {run_id} was told to stop {timeout:.0f} s ago but has not ended: {still}. "

@@ -647,7 +647,8 @@ class MemberNode:
             return TrainDeclined(self.identity.name, decision, self.epsilon_spent())
         sigma, sample_rate, allowance = decision
         if self.privacy_overrides:
-            log.info(
+            # WARNING: a ClientApp process (and the executor) logs nothing below it.
+            log.warning(
                 "member %s trains round %d under its own %s",
                 self.identity.name,
                 request.round,

@@ -76,7 +76,9 @@ def _released_evaluations(state_dir: Path) -> dict[str, dict]:
 
 
 def ledger_rows(entries: list[dict], delta: float, accountant: str) -> list[dict]:
-    """One row per entry, with epsilon recomputed from the mechanisms (not copied from the node)."""
+    """One row per entry, with epsilon recomputed from the mechanisms (not copied from the node),
+    by the accountant the entry records (``accountant`` for entries that record none): a run
+    that switched accountants made every earlier entry read as a mismatch."""
     rows, history = [], []
     for entry in entries:
         mech = entry["mechanism"]
@@ -92,7 +94,7 @@ def ledger_rows(entries: list[dict], delta: float, accountant: str) -> list[dict
                 "sample_rate": mech["sample_rate"],
                 "decision": entry["decision"],
                 "epsilon_recorded": entry["epsilon"],
-                "epsilon_recomputed": composed_epsilon(history, delta, accountant),
+                "epsilon_recomputed": composed_epsilon(history, delta, entry.get("accountant", accountant)),
             }
         )
     return rows
@@ -376,7 +378,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         caption = "" if len(shown) == len(rows) else f"the last {len(shown)} of {len(rows)} entries (--all: every one)"
         if shown:
             console.print(_entries_table(shown, runs, released, budget, caption, sent))
-    spent = rows[-1]["epsilon_recomputed"] if rows else 0.0
+    spent = max((r["epsilon_recomputed"] for r in rows), default=0.0)  # as Ledger.spent_epsilon: the largest
     mismatched = [r for r in rows if abs(r["epsilon_recorded"] - r["epsilon_recomputed"]) > 1e-6 * max(1.0, spent)]
     verdict = "[green]verified[/]" if not problems and not mismatched else "[red]NOT verified[/]"
     console.print(

@@ -29,6 +29,7 @@ from privacy.audit.bound import correct_probability, epsilon_lower_bound, p_valu
 from privacy.audit.cli import main as audit_main
 from privacy.audit.consortium import ConsortiumError, dump_consortium, from_nodes, load_consortium, parse_consortium
 from privacy.audit.findings import NOTE, AuditResult
+from privacy.audit.inputs import InputError
 from privacy.audit.report import render_markdown, write_report
 from privacy.audit.verify import audit
 from privacy.keys import load_or_create_signing_key, public_key_hex
@@ -337,6 +338,14 @@ def test_one_members_state_directory_is_its_ledger_alone(fed: Path) -> None:
     (state / "sent_updates.jsonl").write_text('{"key": "run-a|1", "sent": "masked"}\n')
     result = audit(state, None, fed / "consortium.yaml")
     assert set(result.members) == {"alpha"} and not failures(result, "format") and not failures(result, "consortium")
+    # The operator's directory (runs.jsonl beside consortium.yaml) is no ledger either: said so
+    # rather than reading its submissions as a member "runs" with hundreds of format failures.
+    operator = fed / "operator"
+    operator.mkdir()
+    (operator / "runs.jsonl").write_text('{"run_id": "1", "out_dir": "x"}\n')
+    (operator / "consortium.yaml").write_text("members: []\n")
+    with pytest.raises(InputError, match="is an operator directory, not members' ledgers"):
+        audit(operator, None, fed / "consortium.yaml")
 
 
 # --------------------------------------------------------------------------- tampering
@@ -1277,7 +1286,8 @@ def test_ledgers_alone_settle_every_budget_over_every_run(fed: Path, tmp_path: P
     assert audit_main(["verify", *args]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "kyodo audit of every run in the members' ledgers (ledgers only)" in out
-    assert "PASS: every check holds (9 ledger entries, 3 ledgers; give --rounds RUN_DIR" in out
+    assert "PASS: every check holds, 1 note(s) above to read (9 ledger entries, 3 ledgers; give --rounds" in out
+    assert "a ledger cut short (its last entries dropped, or emptied) reads here as one that released less" in out
     assert audit_main(["verify", *args, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ledgers_only"] and "receipt" not in data["checks"] and "store" not in data["checks"]

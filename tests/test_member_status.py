@@ -152,3 +152,13 @@ def test_a_plot_that_cannot_be_written_leaves_the_table_and_exit_status_alone(tm
     assert main(["status", "--state-dir", str(state_dir), "--plot", str(tmp_path / "blocked" / "eps.png")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "run demo-0a1b" in out and "plot not written" in out and "--plot PATH writes it elsewhere" in out
+
+
+def test_entries_are_recomputed_with_the_accountant_they_record(tmp_path, capsys):
+    """A node whose runs switched accountants (a run's privacy.accountant, or the member's own
+    pin) read 'NOT verified' on every entry of the other accountant: the auditor passed it."""
+    state_dir = _state_dir(tmp_path, {"demo-0a1b": 2})
+    member = json.loads((state_dir / "member.json").read_text())
+    (state_dir / "member.json").write_text(json.dumps(member | {"accountant": "prv"}))  # the newest run's
+    lines = _status(capsys, state_dir)
+    assert any("ledger verified" in line for line in lines), lines

@@ -120,6 +120,11 @@ def find_ledgers(root: str | Path) -> dict[str, LedgerFile]:
     if not root.is_dir():
         what = "is a file, not a directory: pass the directory that holds it" if root.exists() else "does not exist"
         raise InputError(f"ledgers directory {root} {what}")
+    if (root / "runs.jsonl").is_file() and (root / "consortium.yaml").is_file():
+        raise InputError(
+            f"{root} is an operator directory, not members' ledgers: give a directory holding <member>/{LEDGER_FILE} "
+            "or <member>.jsonl (each member hands over a copy of its state directory's ledger)"
+        )
     base = root / "nodes" if (root / "nodes").is_dir() else root
     found: dict[str, LedgerFile] = {}
     candidates = [(p.parent, _member_name(p.parent)) for p in sorted(base.glob(f"*/{LEDGER_FILE}"))]

@@ -386,6 +386,13 @@ def audit_ledgers(
                 "(an empty ledger.jsonl stands for a member that never released anything)",
                 severity=NOTE if member.departed else FAIL,
             )
+    result.add(
+        "input",
+        "ledgers only",
+        "a ledger cut short (its last entries dropped, or emptied) reads here as one that released less: "
+        "the receipts a run's coordinator holds show it (audit each run with --rounds RUN_DIR)",
+        severity=NOTE,
+    )
     for finding in result.failures:
         if finding.member in result.members:
             result.members[finding.member].ok = False
