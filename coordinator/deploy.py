@@ -87,6 +87,7 @@ class MemberEntry:
     # The budget the member publishes (its node enforces its own; auditors check receipts against this).
     epsilon: float = 8.0
     delta: float = 1e-5
+    dp: bool = True  # False: its node trains without DP (a debugging switch), published as such
 
 
 @dataclass
@@ -274,6 +275,7 @@ def add_member(path: Path | str, membership_file: Path | str, update: bool = Fal
             supernode_public_key=str(data["supernode_public_key"]).strip(),
             epsilon=float(data["epsilon"]),
             delta=float(data["delta"]),
+            dp=data.get("dp", True) is not False,
         )
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise DeployError(f"{membership_file}: not a membership file from `kyodo-member init` ({err})") from None
@@ -389,6 +391,7 @@ def _audit_consortium(op: OperatorDir, consortium: Consortium):
         "members": [
             {"member": m.name, "public_key": m.ledger_public_key, "epsilon": m.epsilon, "delta": m.delta,
              "embodiment": m.embodiment} | ({"departed": True} if m in consortium.departed else {})
+            | ({} if m.dp else {"dp": False})
             for m in [*consortium.members, *consortium.departed]
         ],
     }  # fmt: skip

@@ -177,6 +177,7 @@ class MemberNode:
                     "delta": identity.delta,
                     "accountant": self.cfg.privacy.accountant,
                     "budget_rounds": identity.budget_rounds,
+                    "dp": identity.dp,
                     "public_key": public_key_hex(self.signing_key),
                 },
                 indent=2,

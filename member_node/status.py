@@ -356,6 +356,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
             console.print(fresh, highlight=False, soft_wrap=True)
             return 0
         member = _load_member(state_dir)
+        if member.get("dp") is False:
+            console.print(
+                f"{member['member']}: this node trains without DP (dp: false): its updates and held-out errors "
+                "leave exact, nothing is accounted, and no budget holds for them; auditors read the consortium's "
+                "dp: false for it as such (kyodo-member init without --no-dp sets up a member that keeps a budget)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return 0
         entries = Ledger(state_dir / "ledger.jsonl").entries()
         problems = verify_chain(entries, load_public_key(member["public_key"]))
     except (LedgerError, KeyError, ValueError) as err:

@@ -377,6 +377,8 @@ def write_membership(setup: MemberSetup, ledger_public_key: str, supernode_publi
         "supernode_public_key": supernode_public_key,
         "supernode_key_fingerprint": key_fingerprint(load_auth_key(setup.auth_key)),
     }
+    if not setup.dp:  # auditors must know no budget holds for what it sends
+        membership["dp"] = False
     path = setup.dir / MEMBERSHIP_FILE
     path.write_text(json.dumps(membership, indent=2) + "\n", encoding="utf-8")
     return path

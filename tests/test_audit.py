@@ -1303,3 +1303,10 @@ def test_ledgers_alone_settle_every_budget_over_every_run(fed: Path, tmp_path: P
     assert not result.members["alpha"].ok and result.members["gamma"].ok
     ledger_path(fed, "beta").write_text("")
     assert not failures(audit(fed / "run" / "nodes", None, fed / "consortium.yaml"), "input")
+    # A member published as training without DP keeps no budget, whatever its empty ledger says.
+    cons = load_consortium(fed / "consortium.yaml").to_dict()
+    next(m for m in cons["members"] if m["member"] == "beta")["dp"] = False
+    (fed / "consortium.yaml").write_text(json.dumps(cons))
+    result = audit(fed / "run" / "nodes", None, fed / "consortium.yaml")
+    assert_found(result, "budget", "beta budget", "publishes dp: false", "no budget holds")
+    assert not result.members["beta"].ok

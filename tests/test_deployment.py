@@ -676,6 +676,17 @@ def test_operator_init_add_member_and_run_config(tmp_path, capsys):
         assert coordinator_main(["add-member", str(op_dir), str(m.dir / "membership.json")]) == 0
     assert coordinator_main(["add-member", str(op_dir), str(members[0].dir / "membership.json")]) == 3
     assert "already in" in capsys.readouterr().out
+    # A member without DP (a debugging switch) is published as such: auditors read that no
+    # budget holds for it, where it had published a budget its node never kept.
+    open_member = _member(tmp_path, "debug", "so100", dp=False)
+    assert json.loads((open_member.dir / "membership.json").read_text())["dp"] is False
+    assert coordinator_main(["add-member", str(op_dir), str(open_member.dir / "membership.json")]) == 0
+    from privacy.audit.consortium import load_consortium as load_published
+
+    published = load_published(op.audit_consortium).members
+    assert not published["debug"].dp and all(published[name].dp for name, _, _ in TRIO)
+    assert coordinator_main(["remove-member", str(op_dir), "debug"]) == 0
+    capsys.readouterr()
     assert coordinator_main(["add-member", str(op_dir), str(tmp_path / "sony-membership.json")]) == 3
     assert "sony-membership.json not found" in " ".join(capsys.readouterr().out.split())
     assert coordinator_main(["log", str(op_dir)]) == 3

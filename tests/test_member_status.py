@@ -162,3 +162,13 @@ def test_entries_are_recomputed_with_the_accountant_they_record(tmp_path, capsys
     (state_dir / "member.json").write_text(json.dumps(member | {"accountant": "prv"}))  # the newest run's
     lines = _status(capsys, state_dir)
     assert any("ledger verified" in line for line in lines), lines
+
+
+def test_a_node_without_dp_says_no_budget_holds_not_that_all_of_it_is_left(tmp_path, capsys):
+    """A live check's --no-dp member read 'ε spent 0.000 of 8, 8.000 left' after 9 exact rounds."""
+    state_dir = _state_dir(tmp_path, {})
+    member = json.loads((state_dir / "member.json").read_text())
+    (state_dir / "member.json").write_text(json.dumps(member | {"dp": False}))
+    assert main(["status", "--state-dir", str(state_dir)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "this node trains without DP (dp: false)" in out and "no budget holds" in out and "left" not in out

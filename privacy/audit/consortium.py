@@ -19,6 +19,7 @@ Format (YAML or JSON, the same structure; ``kyodo-audit consortium`` writes it):
         delta: 1.0e-05             # ... at this delta (0 < delta < 1)
         embodiment: aloha          # optional, informational
         accountant: rdp            # optional, informational (what the member's node uses)
+        dp: false                  # optional (default true): the member's node trains without DP
 
 Rules: member names and public keys are unique (two members sharing a key could sign for
 each other); unknown keys are errors (a typo such as ``epsilom`` must not silently drop a
@@ -44,7 +45,7 @@ from privacy.ledger import parse_strict_json
 FORMAT = "kyodo-consortium"
 VERSION = 1
 _TOP_KEYS = {"format", "version", "name", "members", "coordinator_public_key"}
-_MEMBER_KEYS = {"member", "public_key", "epsilon", "delta", "embodiment", "accountant", "departed"}
+_MEMBER_KEYS = {"member", "public_key", "epsilon", "delta", "embodiment", "accountant", "departed", "dp"}
 _REQUIRED_MEMBER_KEYS = ("member", "public_key", "epsilon", "delta")
 
 
@@ -65,6 +66,9 @@ class Member:
     # Left the consortium (kyodo-coordinator remove-member): listed for the runs it trained in,
     # never seated again, and its key no longer accepted by members that pin this file.
     departed: bool = False
+    # Its node trains without DP (`kyodo-member init --no-dp`, a debugging switch): its updates
+    # and held-out errors leave exact and no budget holds for them, whatever it publishes.
+    dp: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -79,6 +83,8 @@ class Member:
             out["accountant"] = self.accountant
         if self.departed:
             out["departed"] = True
+        if not self.dp:
+            out["dp"] = False
         return out
 
 
@@ -219,6 +225,7 @@ def parse_consortium(raw: Any, source: str = "consortium") -> Consortium:
             embodiment=_text(entry.get("embodiment"), f"{where}.embodiment", required=False),
             accountant=_text(entry.get("accountant"), f"{where}.accountant", required=False),
             departed=_flag(entry.get("departed", False), f"{where}.departed"),
+            dp=_flag(entry.get("dp", True), f"{where}.dp"),
         )
     name = raw.get("name")
     coordinator = raw.get("coordinator_public_key")

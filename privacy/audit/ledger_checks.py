@@ -378,6 +378,15 @@ def audit_ledgers(
     for _, ledger in sorted(ledgers.items()):
         check_ledger(result, consortium, ledger, None)
     for name, member in sorted(consortium.members.items()):
+        if not member.dp:
+            # Its node sends no receipts, so its ledger, if any, is empty whatever it released.
+            result.add(
+                "budget",
+                f"{name} budget",
+                "the consortium publishes dp: false for this member: its node trains without DP, so its updates "
+                "and held-out errors leave exact and no budget holds for them, whatever its (empty) ledger says",
+                member=name,
+            )
         if name not in ledgers:
             result.add(
                 "input",
