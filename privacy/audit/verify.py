@@ -683,7 +683,8 @@ def _check_evaluations(
     was, whether or not the member trained in this run (a node that switched DP off, a
     debugging switch, fails here as its training fails the receipt check). A member the
     consortium does not list has no budget an evaluation could be accounted against. An
-    error carried from an earlier run's release (``evaluation_same_model``) spends nothing
+    error carried from an earlier release of the same model (``evaluation_same_model``: an earlier
+    round whose model no shard changed, or the run a continued run started from) spends nothing
     in this run, but its receipt must be that release's.
     """
     for rnd, record in sorted(records.items()):
@@ -693,7 +694,7 @@ def _check_evaluations(
                 continue
             for member, reported in sorted(evaluation.items()):
                 carried = field_name == "evaluation_same_model"
-                subject = f"round {rnd} evaluation of {member}" + (" (carried from an earlier run)" if carried else "")
+                subject = f"round {rnd} evaluation of {member}" + (" (carried from an earlier release)" if carried else "")
                 if carried and isinstance(reported, dict):
                     released_in = (reported.get("run"), reported.get("round"))
                 else:
