@@ -758,7 +758,9 @@ def test_held_out_errors_carried_into_round_zero_must_carry_the_receipt_of_their
     write_records(tmp_path, records)
     result = run_audit(tmp_path)
     assert_found(result, "receipt", "round 0 evaluation of beta (carried from an earlier release)", "round 2 != 1")
-    assert_found(result, "accounting", "round 0 evaluation of gamma (carried from an earlier release)", "without a receipt")
+    assert_found(
+        result, "accounting", "round 0 evaluation of gamma (carried from an earlier release)", "without a receipt"
+    )
     assert not [t for t in failures(result, "receipt") + failures(result, "accounting") if "alpha" in t]
 
 

@@ -694,7 +694,9 @@ def _check_evaluations(
                 continue
             for member, reported in sorted(evaluation.items()):
                 carried = field_name == "evaluation_same_model"
-                subject = f"round {rnd} evaluation of {member}" + (" (carried from an earlier release)" if carried else "")
+                subject = f"round {rnd} evaluation of {member}" + (
+                    " (carried from an earlier release)" if carried else ""
+                )
                 if carried and isinstance(reported, dict):
                     released_in = (reported.get("run"), reported.get("round"))
                 else:
