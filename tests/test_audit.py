@@ -1312,3 +1312,20 @@ def test_ledgers_alone_settle_every_budget_over_every_run(fed: Path, tmp_path: P
     result = audit(fed / "run" / "nodes", None, fed / "consortium.yaml")
     assert_found(result, "budget", "beta budget", "publishes dp: false", "no budget holds")
     assert not result.members["beta"].ok
+
+
+def test_a_prv_members_claim_below_the_rdp_bound_is_explained_beside_the_table() -> None:
+    """A live check read '3.4071 recorded, 3.9122 RDP recomputed' as a member under-stating."""
+    from privacy.audit.findings import EntryRow, MemberRow
+    from privacy.audit.report import RECORDED_UNDER_RDP, member_notes
+
+    def result(accountant: str) -> AuditResult:
+        out = AuditResult(run=None, ledgers_dir="", run_dir="", consortium="")
+        out.members["alpha"] = MemberRow("alpha", 8.0, DELTA, 9, 0, 3.4071, 3.9122, "rdp", 3.9122, True, None)
+        out.entries.append(
+            EntryRow("alpha", 0, "r", 1, 1, 5, 1.0, 0.08, accountant, DELTA, 3.4071, 3.39, "pld", 3.9, True)
+        )
+        return out
+
+    assert RECORDED_UNDER_RDP.format(names="alpha") in member_notes(result("prv"))
+    assert not any("PRV" in note for note in member_notes(result("rdp")))

@@ -194,6 +194,12 @@ RECORDED_OVER = (
 )
 
 
+RECORDED_UNDER_RDP = (
+    "{names}: ε recorded is below the recomputed RDP bound because the member's node accounts with PRV, "
+    "a tighter accountant; each of its entries' claims was checked against the tight PLD composition."
+)
+
+
 def entries_head(result: AuditResult) -> str:
     return "entries" if result.ledgers_only else "entries (run / all)"
 
@@ -214,6 +220,18 @@ def member_notes(result: AuditResult) -> list[str]:
     )
     if over:
         notes.append(RECORDED_OVER.format(names=", ".join(over)))
+    prv = {e.member for e in result.entries if e.accountant == "prv"}
+    under = sorted(
+        name
+        for name, m in result.members.items()
+        if name in prv
+        and m.method == "rdp"
+        and m.epsilon_recorded is not None
+        and m.epsilon_recomputed is not None
+        and m.epsilon_recorded < m.epsilon_recomputed
+    )
+    if under:
+        notes.append(RECORDED_UNDER_RDP.format(names=", ".join(under)))
     return notes
 
 
