@@ -30,7 +30,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from coordinator.stop_request import clear_stop_request, request_stop
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
 from shared_model.config import ConfigError, config_from_run_config, load_config
+from shared_model.durable import cannot_write
 from shared_model.flower_processes import (
     flower_executable,
     flower_path,
@@ -835,14 +835,12 @@ def _check_writable(out: Path) -> None:
     """The coordinator writes the run's store and records under ``out``: a directory it cannot
     write ended a fault test's resume in a bare traceback (and its run, failed, mid-round)."""
     existing = next(p for p in (out, *out.parents) if p.exists())
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
-            pass
-    except OSError as err:
+    why = cannot_write(existing)
+    if why:
         raise DeployError(
-            f"{existing} cannot be written ({err.strerror}): the coordinator keeps the run's store and round records "
+            f"{existing} cannot be written ({why}): the coordinator keeps the run's store and round records "
             f"{'there' if existing == out else f'in {out}'}; make it writable (or free space) and submit again"
-        ) from None
+        )
 
 
 def submit_run(

@@ -37,7 +37,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -57,6 +56,7 @@ from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy
 from privacy.keys import load_or_create_signing_key, public_key_hex
 from shared_model.device import resolve_device
+from shared_model.durable import cannot_write
 from shared_model.flower_processes import flower_executable, flower_path, log_retry, process_ended, still_catches
 
 log = logging.getLogger("kyodo.member")
@@ -581,14 +581,12 @@ def check_state_writable(state_dir: Path) -> None:
     """The node appends each release to its ledger before anything leaves, and keeps its
     plans and secure-aggregation secrets beside it: a state directory it cannot write makes
     every message fail. A fault test's node started on a read-only one and failed them all."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".write-check-"):
-            pass
-    except OSError as err:
+    why = cannot_write(state_dir)
+    if why:
         raise SetupError(
-            f"state directory {state_dir} cannot be written ({err.strerror}): the node records every release "
+            f"state directory {state_dir} cannot be written ({why}): the node records every release "
             "there before anything leaves; make it writable (or free space) and start again"
-        ) from None
+        )
 
 
 def check_pinned_keys(setup: MemberSetup) -> None:

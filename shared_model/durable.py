@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -21,3 +22,14 @@ def replace_json(path: Path, obj: object, indent: int | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
     tmp.replace(path)
+
+
+def cannot_write(directory: Path) -> str:
+    """Why a file cannot be created in ``directory`` (the OS's words), '' when it can: checked
+    before a process that must write there starts, so it fails with a sentence, not mid-work."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return ""
