@@ -113,6 +113,18 @@ def _int(node_config: Mapping[str, Any], key: str, default: int) -> int:
     return int(value)
 
 
+def own_privacy_problem(accountant: str, max_noise_multiplier: float, min_steps: int, name: str) -> str:
+    """What is wrong with the accounting settings a member pinned ('' when nothing is), each
+    setting named by ``name`` formatted with its node-config key (``"--{}"`` for ``init``)."""
+    if accountant not in ("", *ACCOUNTANTS):
+        return f"{name.format('accountant')} {accountant!r} is not one of {', '.join(ACCOUNTANTS)} ('': the run's)"
+    if not (math.isfinite(max_noise_multiplier) and max_noise_multiplier >= 0):
+        return f"{name.format('max-noise-multiplier')} must be a positive number (0: the run's), got {max_noise_multiplier}"
+    if min_steps < 0:
+        return f"{name.format('min-steps')} must be >= 0 (0: the run's), got {min_steps}"
+    return ""
+
+
 def workers_problem(workers: int, device: str) -> str:
     """Why ``workers`` data-parallel processes cannot train on ``device`` here ('' if they can)."""
     if workers < 1:
@@ -255,17 +267,9 @@ def resolve_identity(node_config: Mapping[str, Any], cfg: KyodoConfig) -> Member
         identity.torch_device()
     except ValueError as err:
         raise NodeConfigError(f"member {identity.name!r}: node config 'device': {err}") from None
-    if identity.accountant not in ("", *ACCOUNTANTS):
-        raise NodeConfigError(
-            f"member {identity.name!r}: node config 'accountant' {identity.accountant!r} is not one of "
-            f"{', '.join(ACCOUNTANTS)} ('' or unset: the run's)"
-        )
-    if not (math.isfinite(identity.max_noise_multiplier) and identity.max_noise_multiplier >= 0):
-        raise NodeConfigError(
-            f"member {identity.name!r}: node config 'max-noise-multiplier' must be a positive number (0: the run's)"
-        )
-    if identity.min_steps < 0:
-        raise NodeConfigError(f"member {identity.name!r}: node config 'min-steps' must be >= 0 (0: the run's)")
+    own = own_privacy_problem(identity.accountant, identity.max_noise_multiplier, identity.min_steps, "'{}'")
+    if own:
+        raise NodeConfigError(f"member {identity.name!r}: node config {own}")
     problem = workers_problem(identity.workers, identity.device)
     if problem:
         raise NodeConfigError(f"member {identity.name!r}: node config 'workers': {problem}")

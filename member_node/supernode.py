@@ -28,7 +28,6 @@ import hashlib
 import http.client
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -49,9 +48,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from member_node.identity import workers_problem, write_budget_file
+from member_node.identity import own_privacy_problem, workers_problem, write_budget_file
 from member_node.reply_timing import ReplyDelay
-from privacy.accountant import ACCOUNTANTS
 from privacy.budget import Budget
 from privacy.eval_release import EvalPrivacy
 from privacy.keys import load_or_create_signing_key, public_key_hex
@@ -262,15 +260,6 @@ def _check_budget(epsilon: float, delta: float) -> None:
         raise SetupError(f"privacy budget: {err}") from None
 
 
-def _check_privacy_settings(accountant: str, max_noise_multiplier: float, min_steps: int) -> None:
-    if accountant not in ("", *ACCOUNTANTS):
-        raise SetupError(f"--accountant {accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
-    if not (math.isfinite(max_noise_multiplier) and max_noise_multiplier >= 0):
-        raise SetupError(f"--max-noise-multiplier must be a positive number (0: the run's), got {max_noise_multiplier}")
-    if min_steps < 0:
-        raise SetupError(f"--min-steps must be >= 0 (0: the run's), got {min_steps}")
-
-
 def init_member(
     directory: Path | str,
     *,
@@ -321,7 +310,9 @@ def init_member(
         raise SetupError(f"--eval-noise-multiplier / --eval-loss-bound: {err}") from None
     _check_device(device, workers)
     _check_reply_delays(train_reply_after, eval_reply_after)
-    _check_privacy_settings(accountant, max_noise_multiplier, min_steps)
+    own = own_privacy_problem(accountant, max_noise_multiplier, min_steps, "--{}")
+    if own:
+        raise SetupError(own)
     if superlink:
         parse_address(superlink)
     if root_certificates and not Path(root_certificates).expanduser().is_file():
