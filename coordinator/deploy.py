@@ -1077,14 +1077,20 @@ def stop_run(
     finished *and* the run directory's lock is free. What was committed stays committed."""
     op = operator_dir(path)
     run_id, out_dir = _submission_of_run(op, which)
+    graceful = not now and out_dir is not None and out_dir.is_dir()
+    if graceful:
+        # Asked before `flwr ls` answers (2-3 s): a live check's stop during evaluation had
+        # landed after the next round began, and ended the run a round later than asked.
+        request_stop(out_dir)
     status = run_status(op, run_id)
     if status.startswith("finished"):
+        if graceful:
+            clear_stop_request(out_dir)
         return StoppedRun(run_id, out_dir, status, had_ended=True)
-    if now or out_dir is None:
+    if not graceful:
         flwr_cli(op, "stop", run_id, CONNECTION)
         log.info("run %s: stop asked for; waiting for its ServerApp to end", run_id)
     else:
-        request_stop(out_dir)
         log.info(
             "run %s: asked to stop once the round in flight is committed and evaluated; waiting for it "
             "(--now stops it at once)",
@@ -1099,7 +1105,7 @@ def stop_run(
         if time.monotonic() >= deadline:
             held = run_holder(out_dir) if out_dir is not None and out_dir.is_dir() else None
             still = f"a coordinator holds it, {held}" if held else f"the SuperLink reports it {status}"
-            if now or out_dir is None:
+            if not graceful:
                 raise DeployError(
                     f"run {run_id} was told to stop {timeout:.0f} s ago but has not ended: {still}. "
                     f"Its ServerApp may be inside a long commit: run `kyodo-coordinator stop {op.root} {run_id} --now` "

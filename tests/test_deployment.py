@@ -1356,6 +1356,7 @@ def test_a_stopped_run_ends_and_frees_its_directory_for_a_resume(deployment):
     assert waiting.returncode == 1 and f"it stopped after round {head} of 4 as the operator asked" in waited, waited
     again = _cli("coordinator.cli", "stop", str(op_dir), str(run_id))
     assert "had already ended (finished:completed): nothing to stop" in again, again
+    assert not (out / STOP_REQUEST_FILE).exists(), "a stop that found its run ended leaves no request behind"
     shown = _cli("coordinator.cli", "status", str(out))
     assert "source not recorded" not in shown, shown
     print("stopped run:", said, shown)
