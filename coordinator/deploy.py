@@ -1048,17 +1048,6 @@ class StoppedRun:
     had_ended: bool  # it had finished before the stop was asked for: nothing was stopped
 
 
-def _lock_holder(out_dir: Path | None) -> str | None:
-    """Why the run directory is still taken (None when no coordinator holds it)."""
-    if out_dir is None or not out_dir.is_dir():
-        return None
-    try:
-        check_not_running(out_dir)
-    except RunInUseError as err:
-        return str(err)
-    return None
-
-
 def stop_run(
     path: Path | str, which: str | None = None, timeout: float = 900.0, poll: float = 1.0, now: bool = False
 ) -> StoppedRun:
@@ -1099,12 +1088,15 @@ def stop_run(
     deadline = time.monotonic() + timeout
     while True:
         status = run_status(op, run_id)
-        holder = _lock_holder(out_dir)
+        holder = run_holder(out_dir) if out_dir is not None and out_dir.is_dir() else None
         if status.startswith("finished") and holder is None:
             return StoppedRun(run_id, out_dir, status, had_ended=False)
         if time.monotonic() >= deadline:
-            held = run_holder(out_dir) if out_dir is not None and out_dir.is_dir() else None
-            still = f"a coordinator holds it, {held}" if held else f"the SuperLink reports it {status}"
+            still = (
+                f"the SuperLink reports it {status}"
+                if holder is None
+                else f"a coordinator holds it{f', {holder}' if holder else ''}"
+            )
             if not graceful:
                 raise DeployError(
                     f"run {run_id} was told to stop {timeout:.0f} s ago but has not ended: {still}. "

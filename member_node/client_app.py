@@ -120,8 +120,7 @@ def _handle(message: Message, context: Context, handler, parse, arrived: dt.date
         return Error(ERR_DATA, "the member's data cannot be used (see its node log)")
     except OSError as err:
         if err.errno not in _CANNOT_WRITE:
-            log.exception("unexpected failure handling %s", message.metadata.message_type)
-            return Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}")
+            return _internal_error(message, err)
         # A full or read-only state directory (or a file the node may not touch): one line that
         # says what to do, not a traceback (a fault test's member read only an OSError's stack);
         # the path stays in its own log.
@@ -135,8 +134,13 @@ def _handle(message: Message, context: Context, handler, parse, arrived: dt.date
         )
         return Error(ERR_INTERNAL, "the member's node cannot use a file it needs (see its node log)")
     except Exception as err:  # noqa: BLE001 - a node answers, it does not crash
-        log.exception("unexpected failure handling %s", message.metadata.message_type)
-        return Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}")
+        return _internal_error(message, err)
+
+
+def _internal_error(message: Message, err: Exception) -> Error:
+    """A fault of the node's own: its traceback in the member's log, only its type in the reply."""
+    log.exception("unexpected failure handling %s", message.metadata.message_type)
+    return Error(ERR_INTERNAL, f"internal error on node: {type(err).__name__}")
 
 
 def _unpadded(method: Callable[[MemberNode, Any], Any]) -> Callable[[MemberNode, Any, dt.datetime], Any]:
