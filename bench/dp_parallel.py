@@ -54,7 +54,7 @@ def main() -> None:
     shards = [expert_shard(layer, e) for layer in range(m.n_layers) for e in range(m.n_experts)]
     shards += [SHARED_ADAPTER, embodiment_shard(EMBODIMENT)]
     episodes = generate_episodes(EMBODIMENT, cfg.embodiments[EMBODIMENT], EPISODES, 4.0, seed=1)
-    windows = EpisodeWindows(episodes, cfg.embodiments[EMBODIMENT], history=m.history, chunk=m.chunk)
+    windows = EpisodeWindows(episodes, cfg.embodiments[EMBODIMENT], m.history, m.chunk, m.task_buckets)
     policy = Policy(m, cfg.embodiments)
     state = {k: v.clone() for k, v in policy.state_dict().items()}
     dp = DPConfig(noise_multiplier=1.0, max_grad_norm=0.1, sample_rate=args.batch / EPISODES)

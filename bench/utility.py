@@ -189,7 +189,9 @@ def data_curve(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, list[dict
         rows = []
         for fraction in CURVE_FRACTIONS:
             n = max(1, round(fraction * len(train_ids)))
-            windows = EpisodeWindows([node.dataset.episodes[i] for i in train_ids[:n]], emb, m.history, m.chunk)
+            windows = EpisodeWindows(
+                [node.dataset.episodes[i] for i in train_ids[:n]], emb, m.history, m.chunk, m.task_buckets
+            )
             for factor in CURVE_STEP_FACTORS:
                 mse = _train_alone(cfg, nodes, node, windows, cfg.train.rounds * factor)
                 rows.append({"episodes": n, "steps": cfg.train.rounds * factor * cfg.train.local_steps, "mse": mse})
@@ -212,7 +214,7 @@ def pooled(cfg: KyodoConfig, nodes: list[MemberNode]) -> dict[str, float]:
         for _ in range(hp.local_steps):
             for node in nodes:
                 batch = node.train_windows.sample(sampler(len(node.train_windows), rng), rng)
-                pred, aux = policy(node.identity.embodiment, batch.obs, batch.image)
+                pred, aux = policy(node.identity.embodiment, batch.obs, batch.image, batch.task)
                 loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, cfg.model.aux_loss_coef)
                 optimizer.zero_grad(set_to_none=True)
                 loss.mean().backward()

@@ -48,6 +48,7 @@ def prepare_member_data(cfg: KyodoConfig, fresh: bool = False) -> None:
             "--episodes", str(member.episodes),
             "--seconds", str(member.episode_seconds),
             "--seed", str(member.seed),
+            "--tasks", str(member.tasks),
             "--out", str(out),
         ]  # fmt: skip
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -78,7 +78,7 @@ def public_checkpoint(cfg: KyodoConfig, on_block: Callable[[int, str], None] | N
     windows = {}
     for i, (name, emb) in enumerate(sorted(public_embodiments(cfg).items())):
         episodes = generate_episodes(name, emb, pub.episodes, pub.episode_seconds, pub.seed + i)
-        windows[name] = EpisodeWindows(episodes, cfg.embodiments[name], model.history, model.chunk)
+        windows[name] = EpisodeWindows(episodes, cfg.embodiments[name], model.history, model.chunk, model.task_buckets)
     params = _pretrainable(policy)
     set_trainable(policy, [])
     for p in params:

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from member_node.budget_plan import add_plan_command
 from member_node.data_units import unit_problems, units_error, without_episodes_beyond_bounds
-from member_node.lerobot import DatasetError, LeRobotDataset, left_out_text, read_dataset
+from member_node.lerobot import DatasetError, LeRobotDataset, distinct_tasks, left_out_text, read_dataset
 from member_node.status import add_status_command
 from member_node.supernode import (
     MEMBERSHIP_FILE,
@@ -47,6 +47,7 @@ from privacy.keys import FINGERPRINT_KEY_FILE, fingerprint_matches, load_or_crea
 from privacy.ledger import RELEASE_TRAIN, Ledger
 from shared_model.config import ConfigError, EmbodimentConfig, load_config
 from shared_model.flower_processes import log_to_stderr
+from shared_model.text import shortened
 
 Handler = Callable[[argparse.Namespace], int]
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
@@ -83,7 +84,14 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         root = generate_dataset(
-            args.out, args.embodiment, embodiment, args.episodes, args.seconds, args.seed, overwrite=args.force
+            args.out,
+            args.embodiment,
+            embodiment,
+            args.episodes,
+            args.seconds,
+            args.seed,
+            tasks=args.tasks,
+            overwrite=args.force,
         )
     except FileExistsError as err:
         hint = "" if args.force else " (--force replaces an existing dataset)"
@@ -158,11 +166,21 @@ def _summary_table(dataset: LeRobotDataset, emb: EmbodimentConfig) -> Table:
         ("state / env state", f"{emb.state_dim} / {emb.env_state_dim}"),
         ("action", str(emb.action_dim)),
         ("image features", str(emb.image_feature_dim)),
+        ("tasks", _tasks_summary(dataset)),
         ("data files", str(len(dataset.data_files))),
     ]
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _tasks_summary(dataset: LeRobotDataset) -> str:
+    """How many task texts the episodes name, and the first few (the policy reads them where
+    the consortium's model has ``task_buckets``)."""
+    texts = distinct_tasks(dataset.episodes)
+    if not texts:
+        return "none named"
+    return f"{len(texts)}: " + shortened([repr(t) for t in texts], shown=3)
 
 
 def add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -175,6 +193,13 @@ def add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     synth.add_argument("--episodes", type=int, default=60)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--seconds", type=float, default=4.0, help="nominal episode length")
+    synth.add_argument(
+        "--tasks",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="2: each episode is the goal task or a home task, told apart only by its task text",
+    )
     synth.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     synth.add_argument("--force", action="store_true", help="replace an existing dataset at --out")
     synth.set_defaults(handler=_cmd_data_synth)

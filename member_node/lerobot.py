@@ -91,10 +91,21 @@ class Episode:
     env_state: np.ndarray | None
     image_features: np.ndarray | None
     action: np.ndarray
+    # The task texts of the episode (meta/tasks.parquet via each frame's task_index), and for
+    # an episode whose frames name more than one, each frame's position in ``tasks`` (None:
+    # every frame does ``tasks[0]``). Empty: the dataset names no task.
+    tasks: tuple[str, ...] = ()
+    task_of_frame: np.ndarray | None = None
 
     @property
     def length(self) -> int:
         return int(self.state.shape[0])
+
+    def frame_tasks(self) -> np.ndarray:
+        """``[T]`` position in ``tasks`` of each frame's task (all 0 for one task)."""
+        if self.task_of_frame is None:
+            return np.zeros(self.length, dtype=np.int64)
+        return np.asarray(self.task_of_frame, dtype=np.int64)
 
     @property
     def obs(self) -> np.ndarray:
@@ -177,7 +188,9 @@ def write_dataset(
 ) -> Path:
     """Write ``episodes`` as a LeRobot v3.0 dataset at ``root`` and return ``root``.
 
-    Episodes are renumbered 0..N-1 in the given order, as the format requires. Data is
+    Each episode does the tasks it names (``Episode.tasks``), or ``task`` if it names none;
+    the dataset's tasks are numbered in order of first use. Episodes are renumbered 0..N-1 in
+    the given order, as the format requires. Data is
     split into several files once a file would exceed ``data_files_size_in_mb`` (an
     episode never spans two files). The dataset is built in a sibling temporary folder
     and renamed into place, so a crash never leaves a half-written dataset behind.
@@ -243,6 +256,12 @@ def _check_episode(ep: Episode, position: int, emb: EmbodimentConfig, name: str)
             raise ValueError(f"episode {position}: {key} has shape {shape}, expected ({length}, {dim}) for {name!r}")
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"episode {position}: {key} has non-finite values")
+    if ep.task_of_frame is not None:
+        which = np.asarray(ep.task_of_frame)
+        if which.shape != (length,) or not len(ep.tasks) or which.min() < 0 or which.max() >= len(ep.tasks):
+            raise ValueError(
+                f"episode {position}: task_of_frame needs one position in its {len(ep.tasks)} tasks per frame"
+            )
 
 
 def _write_all(
@@ -259,7 +278,8 @@ def _write_all(
     lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     columns = {key: np.concatenate([getattr(ep, attr) for ep in episodes]).astype(np.float32) for key, attr in keys}
-    frame_columns = _index_columns(lengths, emb.fps)
+    tasks, episode_tasks, task_index = _task_columns(episodes, task)
+    frame_columns = _index_columns(lengths, emb.fps, task_index)
     files = _assign_files(lengths, _bytes_per_frame(columns), size_mb, chunks_size)
 
     for (chunk, file), eps in _group_by_file(files).items():
@@ -269,13 +289,27 @@ def _write_all(
         )
         _write_parquet(root / DATA_PATH.format(chunk_index=chunk, file_index=file), table)
 
-    episode_table = _episodes_table(lengths, starts, files, task, {**columns, **frame_columns})
+    episode_table = _episodes_table(lengths, starts, files, episode_tasks, {**columns, **frame_columns})
     _write_parquet(root / EPISODES_PATH.format(chunk_index=0, file_index=0), episode_table)
-    _write_parquet(root / "meta" / "tasks.parquet", _tasks_table([task]))
+    _write_parquet(root / "meta" / "tasks.parquet", _tasks_table(tasks))
     stats = {k: _stats(v, starts) for k, v in {**columns, **frame_columns}.items()}
     _write_json(root / "meta" / "stats.json", stats)
-    info = _info(emb, name, keys, names, len(episodes), int(lengths.sum()), size_mb, chunks_size)
+    info = _info(emb, name, keys, names, len(episodes), int(lengths.sum()), len(tasks), size_mb, chunks_size)
     _write_json(root / "meta" / "info.json", info)
+
+
+def _task_columns(episodes: Sequence[Episode], default: str) -> tuple[list[str], list[list[str]], np.ndarray]:
+    """The dataset's task texts (first use first), each episode's, and every frame's
+    task_index. An episode naming no task does ``default``."""
+    tasks: dict[str, int] = {}
+    episode_tasks: list[list[str]] = []
+    frames: list[np.ndarray] = []
+    for ep in episodes:
+        own = list(ep.tasks) or [default]
+        ids = np.array([tasks.setdefault(text, len(tasks)) for text in own], dtype=np.int64)
+        frames.append(ids[ep.frame_tasks()])
+        episode_tasks.append(list(dict.fromkeys(own)))
+    return list(tasks), episode_tasks, np.concatenate(frames)
 
 
 def _tasks_table(tasks: Sequence[str]) -> pa.Table:
@@ -301,7 +335,7 @@ def _tasks_table(tasks: Sequence[str]) -> pa.Table:
     return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
 
 
-def _index_columns(lengths: np.ndarray, fps: int) -> dict[str, np.ndarray]:
+def _index_columns(lengths: np.ndarray, fps: int, task_index: np.ndarray) -> dict[str, np.ndarray]:
     total = int(lengths.sum())
     episode_index = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -311,7 +345,7 @@ def _index_columns(lengths: np.ndarray, fps: int) -> dict[str, np.ndarray]:
         "frame_index": frame_index,
         "episode_index": episode_index,
         "index": np.arange(total, dtype=np.int64),
-        "task_index": np.zeros(total, dtype=np.int64),
+        "task_index": task_index,
     }
 
 
@@ -357,13 +391,13 @@ def _episodes_table(
     lengths: np.ndarray,
     starts: np.ndarray,
     files: Sequence[tuple[int, int]],
-    task: str,
+    episode_tasks: Sequence[Sequence[str]],
     columns: Mapping[str, np.ndarray],
 ) -> pa.Table:
     n = len(lengths)
     data: dict[str, Any] = {
         "episode_index": pa.array(np.arange(n, dtype=np.int64)),
-        "tasks": pa.array([[task]] * n, type=pa.list_(pa.string())),
+        "tasks": pa.array([list(t) for t in episode_tasks], type=pa.list_(pa.string())),
         "length": pa.array(lengths),
         "data/chunk_index": pa.array(np.array([c for c, _ in files], dtype=np.int64)),
         "data/file_index": pa.array(np.array([f for _, f in files], dtype=np.int64)),
@@ -428,6 +462,7 @@ def _info(
     names: Mapping[str, Sequence[str]],
     n_episodes: int,
     n_frames: int,
+    n_tasks: int,
     size_mb: float,
     chunks_size: int,
 ) -> dict[str, Any]:
@@ -446,7 +481,7 @@ def _info(
         "robot_type": name,
         "total_episodes": n_episodes,
         "total_frames": n_frames,
-        "total_tasks": 1,
+        "total_tasks": n_tasks,
         "chunks_size": chunks_size,
         "data_files_size_in_mb": size_mb,
         "video_files_size_in_mb": DEFAULT_VIDEO_FILES_SIZE_IN_MB,
@@ -479,7 +514,8 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
     info = _read_info(root, info_path, manifest)
     keys = _check_info(info, info_path, embodiment, embodiment_name)
     meta, meta_files = _read_episode_meta(root, info, info_path, manifest)
-    episodes, data_files, left_out = _read_frames(root, info, meta, embodiment, manifest, keys)
+    tasks = _read_tasks(root, manifest)
+    episodes, data_files, left_out = _read_frames(root, info, meta, embodiment, manifest, keys, tasks)
     if not episodes:
         # A node with nothing to train on would still join and announce itself: refuse here,
         # where `data inspect`, `init` and `start` all look.
@@ -494,6 +530,11 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
         manifest=tuple(manifest.entries),
         left_out=left_out,
     )
+
+
+def distinct_tasks(episodes: Sequence[Episode]) -> list[str]:
+    """The task texts the episodes name, in order of first use."""
+    return list(dict.fromkeys(t for ep in episodes for t in ep.tasks))
 
 
 def no_usable_episode(root: Path, left_out: Mapping[int, str]) -> DatasetError:
@@ -640,7 +681,29 @@ def _check_episode_meta(
         )
 
 
-def _read_parquet(path: Path, columns: Sequence[str], manifest: _Manifest) -> pa.Table:
+def _read_tasks(root: Path, manifest: _Manifest) -> dict[int, str] | None:
+    """task_index -> text from meta/tasks.parquet (None when the dataset has no such file).
+
+    LeRobot writes it from a pandas frame indexed by the text, so the text is the file's one
+    string column, whatever its name (``__index_level_0__``, or ``task`` for a named index).
+    """
+    path = root / "meta" / "tasks.parquet"
+    if not path.is_file():
+        return None
+    table = _read_parquet(path, ["task_index"], manifest, all_columns=True)
+    text_columns = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    if len(text_columns) != 1:
+        raise DatasetError(f"{path}: expected one text column (the task) beside 'task_index', found {text_columns}")
+    ids = _int_column(table, "task_index", path)
+    texts = table.column(text_columns[0])
+    if texts.null_count:
+        raise DatasetError(f"{path}: column {text_columns[0]!r} has null rows")
+    if len(np.unique(ids)) != len(ids):
+        raise DatasetError(f"{path}: column 'task_index' names a task twice")
+    return dict(zip(ids.tolist(), texts.to_pylist(), strict=True))
+
+
+def _read_parquet(path: Path, columns: Sequence[str], manifest: _Manifest, *, all_columns: bool = False) -> pa.Table:
     """Read ``columns`` of one parquet file, turning every failure into a DatasetError."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
@@ -650,7 +713,7 @@ def _read_parquet(path: Path, columns: Sequence[str], manifest: _Manifest) -> pa
         for col in columns:
             if col not in present:
                 raise DatasetError(f"{path}: column {col!r} is missing")
-        return parquet.read(columns=list(columns))
+        return parquet.read() if all_columns else parquet.read(columns=list(columns))
     except DatasetError:
         raise
     except (pa.ArrowException, OSError, ValueError) as err:
@@ -708,11 +771,14 @@ def _read_frames(
     emb: EmbodimentConfig,
     manifest: _Manifest,
     keys: Mapping[str, str],
+    tasks: Mapping[int, str] | None,
 ) -> tuple[list[Episode], list[Path], list[int]]:
     vectors = {
         attr: (keys[key], getattr(emb, dim_attr)) for key, dim_attr, attr in VECTOR_FEATURES if getattr(emb, dim_attr)
     }
     columns = ["episode_index", "frame_index", "timestamp", *(key for key, _ in vectors.values())]
+    if tasks is not None:
+        columns.append("task_index")
     file_of = np.stack([meta["data/chunk_index"], meta["data/file_index"]], axis=1)
     keys, inverse = np.unique(file_of, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -729,7 +795,7 @@ def _read_frames(
                 f" 'data/chunk_index', 'data/file_index' of episode {ep})"
             )
         table = _read_parquet(path, columns, manifest)
-        split = _split_file(table, path, meta, rows, vectors, float(info["fps"]))
+        split = _split_file(table, path, meta, rows, vectors, float(info["fps"]), tasks)
         for row, episode in zip(rows, split, strict=True):
             if isinstance(episode, str):
                 left_out[int(meta["episode_index"][row])] = episode
@@ -746,6 +812,7 @@ def _split_file(
     rows: np.ndarray,
     vectors: Mapping[str, tuple[str, int]],
     fps: float,
+    tasks: Mapping[int, str] | None,
 ) -> list[Episode | str]:
     """Cut one data file into its episodes, checking counts and frame order.
 
@@ -763,6 +830,14 @@ def _split_file(
     frame_index = _int_column(table, "frame_index", path)
     timestamp = _float_column(table, "timestamp", path)
     arrays = {attr: _vector_column(table, key, dim, path) for attr, (key, dim) in vectors.items()}
+    task_index = None
+    if tasks is not None:
+        task_index = _int_column(table, "task_index", path)
+        unknown = np.setdiff1d(np.unique(task_index), np.fromiter(tasks, dtype=np.int64, count=len(tasks)))
+        if len(unknown):
+            raise DatasetError(
+                f"{path}: column 'task_index' holds {int(unknown[0])}, which meta/tasks.parquet does not list"
+            )
     finite = np.ones(len(episode_index), dtype=bool)
     for values in arrays.values():
         finite &= np.isfinite(values).all(axis=1)
@@ -801,6 +876,19 @@ def _split_file(
                 env_state=arrays["env_state"][idx] if "env_state" in arrays else None,
                 image_features=arrays["image_features"][idx] if "image_features" in arrays else None,
                 action=arrays["action"][idx],
+                **_episode_tasks(task_index, idx, tasks),
             )
         )
     return out
+
+
+def _episode_tasks(task_index: np.ndarray | None, idx: np.ndarray, tasks: Mapping[int, str] | None) -> dict[str, Any]:
+    """``tasks`` and ``task_of_frame`` of one episode from its frames' task_index."""
+    if task_index is None or tasks is None:
+        return {}
+    ids, first, which = np.unique(task_index[idx], return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # tasks in the order the episode meets them
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    texts = tuple(tasks[int(i)] for i in ids[order])
+    return {"tasks": texts, "task_of_frame": None if len(ids) == 1 else rank[which.reshape(-1)].astype(np.int64)}

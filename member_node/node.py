@@ -30,7 +30,7 @@ import torch
 
 from member_node.data_units import without_episodes_beyond_bounds
 from member_node.identity import MemberIdentity, NodeConfigError
-from member_node.lerobot import Episode, LeRobotDataset, left_out_text, read_dataset
+from member_node.lerobot import Episode, LeRobotDataset, distinct_tasks, left_out_text, read_dataset
 from member_node.missed_rounds import note_queried, rounds_text
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser, release_key
@@ -201,6 +201,14 @@ class MemberNode:
         )
         if dataset.left_out:  # the member's own log; replies never say
             log.warning("member %s: episodes left out: %s", self.identity.name, left_out_text(dataset.left_out))
+        tasks = distinct_tasks(dataset.episodes)
+        if len(tasks) > 1 and not self.cfg.model.task_buckets:
+            log.warning(
+                "member %s: the episodes name %d tasks but the consortium's model does not read the task "
+                "(model.task_buckets 0): they train one policy that cannot tell them apart",
+                self.identity.name,
+                len(tasks),
+            )
         return dataset
 
     @functools.cached_property
@@ -234,7 +242,9 @@ class MemberNode:
 
     def _windows(self, episodes: list[Episode]) -> EpisodeWindows:
         m = self.cfg.model
-        return EpisodeWindows(episodes, self.cfg.embodiments[self.identity.embodiment], m.history, m.chunk)
+        return EpisodeWindows(
+            episodes, self.cfg.embodiments[self.identity.embodiment], m.history, m.chunk, m.task_buckets
+        )
 
     @functools.cached_property
     def workers(self) -> int:

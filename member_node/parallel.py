@@ -148,7 +148,7 @@ def _worker(rank: int, world: int, store: str, job: ParallelJob, out: str) -> No
         policy = Policy(job.model, job.embodiments, device=device)
         policy.load_state_dict(job.state)
         emb = job.embodiments[job.embodiment]
-        windows = EpisodeWindows(job.parts[rank], emb, history=job.model.history, chunk=job.model.chunk)
+        windows = EpisodeWindows(job.parts[rank], emb, job.model.history, job.model.chunk, job.model.task_buckets)
         result = train_shards(
             policy,
             job.embodiment,

@@ -18,6 +18,18 @@ something, yet nobody's private data. Every episode is a closed-loop rollout:
 The environment state holds the goal. All episodes are simulated at once (vectorised over
 episodes; one Python step per frame), from ``numpy.random.Generator`` seeded by
 ``(seed, embodiment name)``.
+
+With ``tasks=2`` an episode is a sequence of subtasks, as a long-horizon recording with
+LeRobot's per-frame task annotations: it starts, at random, with that task or the
+embodiment's *home* task ("return to the home configuration and keep the gripper open",
+"drive back to the origin"), and switches between the two every 0.5 to 1.5 s. Each frame's
+task_index names the subtask the demonstrator is doing. The goal stays drawn and shown in
+the environment state (and the base's camera) throughout, so after a switch the
+observation history still shows the robot heading the old way: only a policy that reads
+the task (``model.task_buckets``) knows to turn. Why subtasks and not one task per episode:
+with a history of states, a robot's motion gives its task away a few frames into an
+episode, so whole-episode tasks left nothing for the text to add (bench/task_conditioning.py).
+The schedule comes from a stream of its own, so ``tasks=1`` data is unchanged by the option.
 """
 
 from __future__ import annotations
@@ -45,37 +57,78 @@ class Rollout:
     action: np.ndarray
     image_features: np.ndarray | None
     names: dict[str, list[str]]
-    task: str
+    # The task texts: [0] the goal task, [1] the home task (frames with ``home`` set)
+    tasks: tuple[str, str]
 
 
-Simulator = Callable[[np.random.Generator, EmbodimentConfig, str, int, int], Rollout]
+# (rng, embodiment, name, episodes, steps, home): ``home[i, t]`` makes frame t of episode i
+# part of the home task
+Simulator = Callable[[np.random.Generator, EmbodimentConfig, str, int, int, np.ndarray], Rollout]
+MAX_TASKS = 2
 
 
 def generate_episodes(
-    embodiment_name: str, embodiment: EmbodimentConfig, episodes: int, episode_seconds: float, seed: int
+    embodiment_name: str,
+    embodiment: EmbodimentConfig,
+    episodes: int,
+    episode_seconds: float,
+    seed: int,
+    *,
+    tasks: int = 1,
 ) -> list[Episode]:
     """Simulate ``episodes`` rollouts in memory (what :func:`generate_dataset` writes)."""
-    return _simulate(embodiment_name, embodiment, episodes, episode_seconds, seed)[0]
+    return _simulate(embodiment_name, embodiment, episodes, episode_seconds, seed, tasks)[0]
 
 
 def _simulate(
-    embodiment_name: str, embodiment: EmbodimentConfig, episodes: int, episode_seconds: float, seed: int
+    embodiment_name: str, embodiment: EmbodimentConfig, episodes: int, episode_seconds: float, seed: int, tasks: int
 ) -> tuple[list[Episode], Rollout]:
     if episodes < 1 or episode_seconds <= 0:
         raise ValueError("episodes must be >= 1 and episode_seconds > 0")
+    if not 1 <= tasks <= MAX_TASKS:
+        raise ValueError(f"tasks must be 1 (the goal task) or 2 (goal and home tasks), got {tasks}")
     simulator = SIMULATORS.get(embodiment.kind)
     if simulator is None:
         raise ValueError(f"embodiment {embodiment_name!r} has kind {embodiment.kind!r}; known: {sorted(SIMULATORS)}")
-    rng = np.random.default_rng(np.random.SeedSequence([_check_seed(seed), _name_key(embodiment_name)]))
+    key = [_check_seed(seed), _name_key(embodiment_name)]
+    rng = np.random.default_rng(np.random.SeedSequence(key))
     nominal = episode_seconds * embodiment.fps
     lengths = np.maximum(np.rint(nominal * rng.uniform(1 - LENGTH_JITTER, 1 + LENGTH_JITTER, episodes)), 2).astype(int)
-    rollout = simulator(rng, embodiment, embodiment_name, episodes, int(lengths.max()))
+    steps = int(lengths.max())
+    home = np.zeros((episodes, steps), dtype=bool)
+    if tasks > 1:  # its own stream: the goal task's draws are the same with or without it
+        schedule = np.random.default_rng(np.random.SeedSequence([*key, _name_key("kyodo/home-task")]))
+        home = _subtask_schedule(schedule, episodes, steps, embodiment.fps)
+    rollout = simulator(rng, embodiment, embodiment_name, episodes, steps, home)
     out = []
     for i, length in enumerate(lengths):
         image = None if rollout.image_features is None else rollout.image_features[i, :length]
         env = rollout.env_state[i, :length] if embodiment.env_state_dim else None
-        out.append(Episode(i, rollout.state[i, :length], env, image, rollout.action[i, :length]))
+        tasks_of = _frame_tasks(rollout, home[i, :length])
+        out.append(Episode(i, rollout.state[i, :length], env, image, rollout.action[i, :length], **tasks_of))
     return out, rollout
+
+
+def _subtask_schedule(rng: np.random.Generator, episodes: int, steps: int, fps: int) -> np.ndarray:
+    """``[episodes, steps]`` bool, True in home-task frames: a random first subtask, then a
+    switch every 0.5-1.5 s."""
+    home = np.empty((episodes, steps), dtype=bool)
+    for i in range(episodes):
+        current, t = bool(rng.random() < 0.5), 0
+        while t < steps:
+            span = int(rng.integers(max(1, fps // 2), max(2, 3 * fps // 2) + 1))
+            home[i, t : t + span] = current
+            current, t = not current, t + span
+    return home
+
+
+def _frame_tasks(rollout: Rollout, home: np.ndarray) -> dict:
+    """An episode's ``tasks`` (in the order it meets them) and ``task_of_frame``."""
+    first = rollout.tasks[int(home[0])]
+    if np.all(home == home[0]):
+        return {"tasks": (first,)}
+    other = rollout.tasks[1 - int(home[0])]
+    return {"tasks": (first, other), "task_of_frame": (home != home[0]).astype(np.int64)}
 
 
 def generate_dataset(
@@ -86,17 +139,17 @@ def generate_dataset(
     episode_seconds: float,
     seed: int,
     *,
+    tasks: int = 1,
     overwrite: bool = False,
     data_files_size_in_mb: float = 100,
 ) -> Path:
     """Generate episodes and write them as a LeRobot v3.0 dataset at ``root``."""
-    eps, rollout = _simulate(embodiment_name, embodiment, episodes, episode_seconds, seed)
+    eps, rollout = _simulate(embodiment_name, embodiment, episodes, episode_seconds, seed, tasks)
     return write_dataset(
         root,
         embodiment,
         embodiment_name,
         eps,
-        task=rollout.task,
         names=rollout.names,
         overwrite=overwrite,
         data_files_size_in_mb=data_files_size_in_mb,
@@ -171,8 +224,19 @@ def _gripper_command(q: np.ndarray, goal: np.ndarray, layout: _ArmLayout) -> np.
     return _sigmoid((dist - 0.1) / 0.02)
 
 
+def _home_target(goal: np.ndarray, home: np.ndarray) -> np.ndarray:
+    """Where each episode heads this frame: its goal, or the origin (home configuration) in
+    a home-task frame (``home`` is this frame's column)."""
+    return np.where(home[:, None], 0.0, goal)
+
+
+def _gripper_for(q: np.ndarray, target: np.ndarray, layout: _ArmLayout, home: np.ndarray) -> np.ndarray:
+    """Closes near the goal; the home task keeps it open."""
+    return np.where(home[:, None], 1.0, _gripper_command(q, target, layout))
+
+
 def _simulate_position_arms(
-    rng: np.random.Generator, emb: EmbodimentConfig, layout: _ArmLayout, episodes: int, steps: int
+    rng: np.random.Generator, emb: EmbodimentConfig, layout: _ArmLayout, episodes: int, steps: int, home: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     dt, vmax, kp = 1.0 / emb.fps, 1.2, 3.0
     jd, gd = layout.joint_dims(), layout.gripper_dims()
@@ -186,8 +250,9 @@ def _simulate_position_arms(
     action = np.empty((episodes, steps, emb.action_dim))
     for t in range(steps):
         state[:, t, jd], state[:, t, gd] = q, grip
-        ref = np.clip(ref + dt * vmax * np.tanh(kp * (goal - ref) / vmax), -limits, limits)
-        grip_cmd = _gripper_command(q, goal, layout)
+        target = _home_target(goal, home[:, t])
+        ref = np.clip(ref + dt * vmax * np.tanh(kp * (target - ref) / vmax), -limits, limits)
+        grip_cmd = _gripper_for(q, target, layout, home[:, t])
         action[:, t, jd], action[:, t, gd] = ref, grip_cmd
         q = np.clip(q + a_joint * (ref - q) + noise[t], -limits, limits)
         grip = np.clip(grip + a_grip * (grip_cmd - grip), 0.0, 1.0)
@@ -205,16 +270,20 @@ def _arm_names(layout: _ArmLayout) -> dict[str, list[str]]:
     return {STATE: state, ENV_STATE: goal, ACTION: action}
 
 
-def _sim_position(arms: int, task: str) -> Simulator:
-    def simulate(rng: np.random.Generator, emb: EmbodimentConfig, name: str, episodes: int, steps: int) -> Rollout:
+def _sim_position(arms: int, tasks: tuple[str, str]) -> Simulator:
+    def simulate(
+        rng: np.random.Generator, emb: EmbodimentConfig, name: str, episodes: int, steps: int, home: np.ndarray
+    ) -> Rollout:
         layout = _position_layout(emb, name, arms)
-        state, env, action = _simulate_position_arms(rng, emb, layout, episodes, steps)
-        return Rollout(_f32(state), _f32(env), _f32(action), None, _arm_names(layout), task)
+        state, env, action = _simulate_position_arms(rng, emb, layout, episodes, steps, home)
+        return Rollout(_f32(state), _f32(env), _f32(action), None, _arm_names(layout), tasks)
 
     return simulate
 
 
-def _sim_arm_velocity(rng: np.random.Generator, emb: EmbodimentConfig, name: str, episodes: int, steps: int) -> Rollout:
+def _sim_arm_velocity(
+    rng: np.random.Generator, emb: EmbodimentConfig, name: str, episodes: int, steps: int, home: np.ndarray
+) -> Rollout:
     joints = emb.env_state_dim
     if joints < 1 or emb.state_dim != 2 * joints + 1 or emb.action_dim != joints + 1:
         raise ValueError(
@@ -235,8 +304,9 @@ def _sim_arm_velocity(rng: np.random.Generator, emb: EmbodimentConfig, name: str
     action = np.empty((episodes, steps, emb.action_dim))
     for t in range(steps):
         state[:, t, :joints], state[:, t, joints:-1], state[:, t, -1:] = q, qd, grip
-        v_cmd = vmax * np.tanh(kp * (goal - q) / vmax)
-        grip_cmd = _gripper_command(q, goal, layout)
+        target = _home_target(goal, home[:, t])
+        v_cmd = vmax * np.tanh(kp * (target - q) / vmax)
+        grip_cmd = _gripper_for(q, target, layout, home[:, t])
         action[:, t, :joints], action[:, t, joints:] = v_cmd, grip_cmd
         qd = np.clip(qd + a_vel * (v_cmd - qd) + noise[t] * a_vel, -vmax * 1.1, vmax * 1.1)
         q = np.clip(q + dt * qd, -limits, limits)
@@ -247,8 +317,11 @@ def _sim_arm_velocity(rng: np.random.Generator, emb: EmbodimentConfig, name: str
         ENV_STATE: [f"goal.joint_{j}.pos" for j in range(joints)],
         ACTION: [f"joint_{j}.vel_cmd" for j in range(joints)] + ["gripper.cmd"],
     }
-    task = "move to the goal joint configuration and close the gripper (velocity control)"
-    return Rollout(_f32(state), _f32(env), _f32(action), None, names, task)
+    tasks = (
+        "move to the goal joint configuration and close the gripper (velocity control)",
+        "return to the home configuration and keep the gripper open (velocity control)",
+    )
+    return Rollout(_f32(state), _f32(env), _f32(action), None, names, tasks)
 
 
 # ----------------------------------------------------------------------------- mobile base
@@ -264,7 +337,9 @@ def _camera(name: str, dim: int) -> np.ndarray:
     return rng.normal(0.0, 1.0, (dim, 3)) / np.sqrt(3.0)
 
 
-def _sim_mobile_base(rng: np.random.Generator, emb: EmbodimentConfig, name: str, episodes: int, steps: int) -> Rollout:
+def _sim_mobile_base(
+    rng: np.random.Generator, emb: EmbodimentConfig, name: str, episodes: int, steps: int, home: np.ndarray
+) -> Rollout:
     if emb.state_dim != 5 or emb.env_state_dim != 2 or emb.action_dim != 2:
         raise ValueError(
             f"embodiment {name!r} (mobile_base): expected state_dim 5 (x, y, heading, speed, yaw rate), "
@@ -293,7 +368,13 @@ def _sim_mobile_base(rng: np.random.Generator, emb: EmbodimentConfig, name: str,
         rel = goal - pos
         rho = np.linalg.norm(rel, axis=1)
         bearing = _wrap(np.arctan2(rel[:, 1], rel[:, 0]) - heading)
-        rel_robot[:, t] = np.stack([rho * np.cos(bearing), rho * np.sin(bearing), rho], axis=1)
+        rel_robot[:, t] = np.stack(
+            [rho * np.cos(bearing), rho * np.sin(bearing), rho], axis=1
+        )  # the camera sees the goal
+        if home[:, t].any():  # steer for the origin instead: the same law, another target
+            rel = _home_target(goal, home[:, t]) - pos
+            rho = np.linalg.norm(rel, axis=1)
+            bearing = _wrap(np.arctan2(rel[:, 1], rel[:, 0]) - heading)
         v_cmd = vmax * np.tanh(1.2 * rho / vmax) * np.maximum(np.cos(bearing), 0.0)
         w_cmd = wmax * np.tanh(2.5 * bearing / wmax) * np.tanh(rho / 0.15)
         action[:, t] = np.stack([v_cmd, w_cmd], axis=1)
@@ -311,12 +392,25 @@ def _sim_mobile_base(rng: np.random.Generator, emb: EmbodimentConfig, name: str,
         ACTION: ["speed_cmd", "yaw_rate_cmd"],
         IMAGE_FEATURES: [f"camera.{i}" for i in range(emb.image_feature_dim)],
     }
-    return Rollout(_f32(state), _f32(env), _f32(action), image, names, "drive to the goal point")
+    tasks = ("drive to the goal point", "drive back to the origin of the map")
+    return Rollout(_f32(state), _f32(env), _f32(action), image, names, tasks)
 
 
 SIMULATORS: dict[str, Simulator] = {
-    "arm": _sim_position(1, "move to the goal joint configuration and close the gripper"),
+    "arm": _sim_position(
+        1,
+        (
+            "move to the goal joint configuration and close the gripper",
+            "return to the home configuration and keep the gripper open",
+        ),
+    ),
     "arm_velocity": _sim_arm_velocity,
-    "bimanual": _sim_position(2, "move both arms to their goal configurations and close both grippers"),
+    "bimanual": _sim_position(
+        2,
+        (
+            "move both arms to their goal configurations and close both grippers",
+            "return both arms to the home configuration and keep both grippers open",
+        ),
+    ),
     "mobile_base": _sim_mobile_base,
 }

@@ -82,7 +82,7 @@ def policy_device(policy: Policy) -> torch.device:
 
 
 def _forward(policy: Policy, embodiment: str, batch: WindowBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    return policy(embodiment, batch.obs, batch.image)
+    return policy(embodiment, batch.obs, batch.image, batch.task)
 
 
 def train_shards(
@@ -241,7 +241,7 @@ def _train_private(
             pieces = 1 if chunk is None or len(ids) <= chunk else -(-len(ids) // chunk)
             for part, part_offsets in zip(np.array_split(ids, pieces), np.array_split(offsets, pieces), strict=True):
                 batch = windows.at(part, part_offsets).to(device)
-                pred, aux = engine(embodiment, batch.obs, batch.image)
+                pred, aux = engine(embodiment, batch.obs, batch.image, batch.task)
                 loss = per_sample_loss(pred, batch.action, batch.action_pad, aux, aux_coef)
                 engine.backward(loss)
                 step_losses.append(loss.detach())

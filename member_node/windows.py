@@ -29,6 +29,7 @@ import torch
 
 from member_node.lerobot import Episode
 from shared_model.config import EmbodimentConfig
+from shared_model.task_text import task_table
 
 
 @dataclass
@@ -41,6 +42,9 @@ class WindowBatch:
     # relative dimensions (``action_relative_to``) minus the current state they refer to
     action: torch.Tensor
     action_pad: torch.Tensor  # [B, K] bool
+    # [B, task_buckets] float32: the hashed text of the task at each window's current frame
+    # (shared_model.task_text); None when the policy does not read the task
+    task: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.obs.shape[0])
@@ -51,6 +55,7 @@ class WindowBatch:
             image=None if self.image is None else self.image.to(device),
             action=self.action.to(device),
             action_pad=self.action_pad.to(device),
+            task=None if self.task is None else self.task.to(device),
         )
 
 
@@ -87,6 +92,21 @@ def _content_draw(episode: Episode, seed: int) -> float:
         digest.update(f"{a.dtype.str}{a.shape}".encode())
         digest.update(a.tobytes())
     return int.from_bytes(digest.digest()[:8], "little") / 2.0**64
+
+
+def _task_arrays(episodes: Sequence[Episode], buckets: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each frame's row in a table of hashed task texts ([N] int64, [texts, buckets]), or
+    (empty, None) when the policy does not read the task. One row per distinct text, so a
+    million frames of ten tasks cost ten rows, not a million."""
+    if buckets <= 0:
+        return np.zeros(0, dtype=np.int64), None
+    rows: dict[str, int] = {}
+    parts = []
+    for ep in episodes:
+        own = np.array([rows.setdefault(t, len(rows)) for t in (ep.tasks or ("",))], dtype=np.int64)
+        parts.append(own[ep.frame_tasks()])
+    of_frame = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return of_frame, task_table(list(rows), buckets)
 
 
 def _relative_reference(
@@ -130,7 +150,16 @@ class EpisodeWindows:
     memory does not grow with H and K.
     """
 
-    def __init__(self, episodes: Sequence[Episode], embodiment: EmbodimentConfig, history: int, chunk: int) -> None:
+    def __init__(
+        self,
+        episodes: Sequence[Episode],
+        embodiment: EmbodimentConfig,
+        history: int,
+        chunk: int,
+        task_buckets: int = 0,
+    ) -> None:
+        """``task_buckets`` is the model's (``model.task_buckets``): above 0, every window
+        carries its task's hashed text."""
         if history < 1 or chunk < 1:
             raise ValueError(f"history and chunk must be >= 1, got {history} and {chunk}")
         self.history = history
@@ -149,6 +178,7 @@ class EpisodeWindows:
         self._action = self._stack(episodes, "action", self.action_dim) / self._action_scale
         self._image = self._stack(episodes, "image_features", self.image_dim) if self.image_dim else None
         self._obs_idx, self._act_idx, self._pad = self._index_tables()
+        self._task_of_frame, self._task_table = _task_arrays(episodes, task_buckets)
 
     @staticmethod
     def _stack(episodes: Sequence[Episode], attr: str, dim: int) -> np.ndarray:
@@ -243,15 +273,17 @@ class EpisodeWindows:
 
     def _gather(self, windows: np.ndarray) -> WindowBatch:
         obs_idx = self._obs_idx[windows]
+        now_idx = obs_idx[:, -1]  # the frame the chunk starts from
         action = self._action[self._act_idx[windows]]
         if self._ref_idx is not None:
-            now = self._obs[obs_idx[:, -1]]  # [B, obs_dim]: the frame the chunk starts from
+            now = self._obs[now_idx]  # [B, obs_dim]
             action = action - (now[:, self._ref_idx] * self._ref_gain)[:, None, :]
         return WindowBatch(
             obs=torch.from_numpy(self._obs[obs_idx]),
             image=None if self._image is None else torch.from_numpy(self._image[obs_idx]),
             action=torch.from_numpy(np.ascontiguousarray(action, dtype=np.float32)),
             action_pad=torch.from_numpy(self._pad[windows]),
+            task=None if self._task_table is None else torch.from_numpy(self._task_table[self._task_of_frame[now_idx]]),
         )
 
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:

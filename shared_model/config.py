@@ -58,6 +58,11 @@ class ModelConfig:
     # held-out MSE 0.0034-0.0253 at 3e-3 against 0.0080-0.0147 at 1e-2, where the noise
     # random-walked the policy past holding still; `small` mean 0.0126 at 3e-3, 0.0163 at 1e-3.
     lr: float = 3e-3
+    # Task conditioning: the width of the hashed task-text vector (shared_model.task_text)
+    # the shared adapter's ``task_proj`` reads; 0 = the policy does not read the task, and
+    # episodes of several tasks train one unconditioned policy. Part of the model's shape,
+    # so it is fixed for a consortium like d_model.
+    task_buckets: int = 0
 
 
 @dataclass
@@ -101,6 +106,7 @@ class MemberConfig:
     episodes: int = 60
     episode_seconds: float = 4.0
     seed: int = 0
+    tasks: int = 1  # 2: synthetic episodes of the goal task and a home task (``data synth --tasks``)
     # The member's own privacy settings. In deployment they come from the node's own config
     # (``--node-config``), never from the coordinator; here they stand in for it.
     epsilon: float = 8.0
@@ -397,6 +403,8 @@ def validate(cfg: KyodoConfig) -> None:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if not 1 <= m.top_k <= m.n_experts:
         raise ConfigError(f"model.top_k ({m.top_k}) must be in 1..model.n_experts ({m.n_experts})")
+    if m.task_buckets < 0:
+        raise ConfigError(f"model.task_buckets ({m.task_buckets}) must be >= 0 (0: the policy does not read the task)")
     for name, emb in cfg.embodiments.items():
         for field_name, dim in (("state", emb.state_dim), ("env_state", emb.env_state_dim), ("action", emb.action_dim)):
             bound = getattr(emb, f"{field_name}_bound")

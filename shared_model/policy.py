@@ -166,6 +166,11 @@ class Policy(nn.Module):
             self.action_queries = new_module(nn.Embedding, model_cfg.chunk, d, device=meta)
             self.blocks = nn.ModuleList(Block(model_cfg, layer, device=meta) for layer in range(model_cfg.n_layers))
             self.ln_f = new_module(nn.LayerNorm, d, device=meta)
+            # Task conditioning (shared_model.task_text), in adapter/shared: the same words
+            # mean the same to every robot, so every member's episodes train one map.
+            self.task_proj: nn.Linear | None = None
+            if model_cfg.task_buckets > 0:
+                self.task_proj = new_module(nn.Linear, model_cfg.task_buckets, d, bias=False, device=meta)
             self.adapters = nn.ModuleDict(
                 {name: EmbodimentAdapter(emb, model_cfg, device=meta) for name, emb in sorted(self.embodiments.items())}
             )
@@ -177,7 +182,9 @@ class Policy(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """nanoGPT-style init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2L),
-        zero biases, unit LayerNorm; LoRA A from its layer seed, LoRA B zero."""
+        zero biases, unit LayerNorm; LoRA A from its layer seed, LoRA B zero; ``task_proj``
+        zero, so a policy starts out as if it did not read the task, and a member whose
+        episodes all share one task moves it only as far as training says."""
         residual_std = _INIT_STD / math.sqrt(2 * max(1, self.config.n_layers))
         lora_prefixes = set()
         for mod_name, module in self.named_modules():
@@ -189,7 +196,7 @@ class Policy(nn.Module):
                 continue
             if re.search(r"(^|\.)ln_[^.]*\.weight$", name):
                 param.fill_(1.0)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name == "task_proj.weight":
                 param.zero_()
             else:
                 std = residual_std if re.search(r"\.(attn\.o|w_down)\.weight$", name) else _INIT_STD
@@ -204,7 +211,11 @@ class Policy(nn.Module):
         return self.adapters[embodiment]  # type: ignore[return-value]
 
     def forward(
-        self, embodiment: str, obs: torch.Tensor, image: torch.Tensor | None = None
+        self,
+        embodiment: str,
+        obs: torch.Tensor,
+        image: torch.Tensor | None = None,
+        task: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict an action chunk.
 
@@ -214,6 +225,8 @@ class Policy(nn.Module):
             image: ``[B, history, image_feature_dim]`` precomputed image features; required
                 exactly when the embodiment has ``image_feature_dim > 0`` (silently dropping
                 them would make training and inference disagree).
+            task: ``[B, task_buckets]`` hashed task texts (``shared_model.task_text``);
+                required exactly when ``model_cfg.task_buckets > 0``, for the same reason.
 
         Returns:
             ``(actions[B, chunk, action_dim], aux[B])``; ``aux`` is the per-sample MoE
@@ -237,6 +250,17 @@ class Policy(nn.Module):
             tokens = tokens + adapter.image(image)
         elif image is not None:
             raise ValueError(f"embodiment {embodiment!r} has no image features (image_feature_dim 0), got an image")
+        if self.task_proj is not None:
+            if task is None or tuple(task.shape) != (b, cfg.task_buckets):
+                got = None if task is None else tuple(task.shape)
+                raise ValueError(
+                    f"the policy reads the task: expected task of shape [{b}, {cfg.task_buckets}], got {got}"
+                )
+            # [B, 1, buckets] so the batch dimension is the first of a token sequence, as for
+            # every other Linear the DP clipping taps
+            tokens = tokens + self.task_proj(task.unsqueeze(1))
+        elif task is not None:
+            raise ValueError("the policy does not read the task (model.task_buckets 0), got one")
 
         # Embedding indices are [B, n] (not [n]) so the batch dimension is visible to Opacus.
         q_idx = torch.arange(chunk, device=obs.device).expand(b, chunk)

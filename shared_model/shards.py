@@ -8,7 +8,8 @@ shard id                      tensors                                           
 ``backbone``                  embeddings, attention (incl. LoRA base), norms,   nothing (frozen)
                               routers
 ``expert/L{l}/E{e}``          ``blocks.{l}.moe.experts.{e}.*``                  all of them
-``adapter/shared``            LoRA A and B on attention (q, v) in all layers    only the ``lora_B`` weights
+``adapter/shared``            LoRA A and B on attention (q, v) in all layers,   the ``lora_B`` weights and
+                              the task projection (``task_proj``) if any        ``task_proj``
 ``adapter/emb/{name}``        ``adapters.{name}.*`` (encoder, image, decoder)   all of them
 ============================  ================================================  =========================
 
@@ -45,6 +46,7 @@ _EMB_PREFIX = "adapter/emb/"
 
 _EXPERT_PARAM = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.(?:w_gate|w_up|w_down)\.weight$")
 _LORA_PARAM = re.compile(r"^blocks\.\d+\.attn\.(?:q|v)\.lora_(A|B)\.weight$")
+_TASK_PARAM = "task_proj.weight"
 _EMB_PARAM = re.compile(r"^adapters\.([A-Za-z0-9_-]+)\.(?:encoder\.[02]|decoder\.[02]|image)\.(?:weight|bias)$")
 _BACKBONE_PARAM = re.compile(
     r"^(?:pos_emb\.weight|action_queries\.weight|ln_f\.(?:weight|bias)"
@@ -109,7 +111,7 @@ def shard_of(param_name: str) -> str:
     match = _EXPERT_PARAM.match(param_name)
     if match:
         return expert_shard(int(match.group(1)), int(match.group(2)))
-    if _LORA_PARAM.match(param_name):
+    if _LORA_PARAM.match(param_name) or param_name == _TASK_PARAM:
         return SHARED_ADAPTER
     match = _EMB_PARAM.match(param_name)
     if match:
@@ -120,11 +122,14 @@ def shard_of(param_name: str) -> str:
 
 
 def _is_trainable_in_shard(param_name: str, shard_id: str) -> bool:
-    """Backbone: frozen during rounds. adapter/shared: only LoRA B (A is shared and fixed)."""
+    """Backbone: frozen during rounds. adapter/shared: LoRA B and the task projection (LoRA A
+    is shared and fixed)."""
     kind = shard_kind(shard_id)
     if kind == "backbone":
         return False
     if kind == "adapter_shared":
+        if param_name == _TASK_PARAM:
+            return True
         match = _LORA_PARAM.match(param_name)
         return bool(match) and match.group(1) == "B"
     return True
@@ -314,8 +319,8 @@ def load_shard(model: nn.Module, shard_id: str, tensors: Mapping[str, torch.Tens
 def trainable_names(model: nn.Module, shard_id: str) -> list[str]:
     """Names of the shard's parameters that train when the shard is assigned.
 
-    ``backbone`` -> [] (frozen in federated rounds); ``adapter/shared`` -> only the LoRA B
-    weights; experts and embodiment adapters -> all their parameters.
+    ``backbone`` -> [] (frozen in federated rounds); ``adapter/shared`` -> the LoRA B weights
+    and ``task_proj``; experts and embodiment adapters -> all their parameters.
     """
     policy = _unwrap(model)
     params = dict(policy.named_parameters())

@@ -71,7 +71,7 @@ def _loss(pred: torch.Tensor, aux: torch.Tensor, target: torch.Tensor) -> torch.
     return ((pred - target) ** 2).mean(dim=(1, 2)) + AUX_COEF * aux
 
 
-def _loop_gradients(model: Policy, obs, image, target) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+def _loop_gradients(model: Policy, obs, image, target, task=None) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
     """Per-sample gradients by single-sample backward passes, and their norms."""
     ref = copy.deepcopy(model)
     names = set_trainable(ref, SHARDS)
@@ -79,14 +79,16 @@ def _loop_gradients(model: Policy, obs, image, target) -> tuple[list[dict[str, t
     grads = []
     for i in range(obs.shape[0]):
         ref.zero_grad(set_to_none=True)
-        pred, aux = ref(EMB, obs[i : i + 1], image[i : i + 1])
+        pred, aux = ref(EMB, obs[i : i + 1], image[i : i + 1], None if task is None else task[i : i + 1])
         _loss(pred, aux, target[i : i + 1]).sum().backward()
         grads.append({n: params[n].grad.detach().clone() for n in names})
     norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in gs.values())) for gs in grads])
     return grads, norms
 
 
-def _clipped_sum(model: Policy, mode: str, clip: float, obs, image, target, weights=None) -> dict[str, torch.Tensor]:
+def _clipped_sum(
+    model: Policy, mode: str, clip: float, obs, image, target, weights=None, task=None
+) -> dict[str, torch.Tensor]:
     """The clipped gradient sum a DP engine writes (noise 0), read off one SGD step of lr 1."""
     model = copy.deepcopy(model)
     names = set_trainable(model, SHARDS)
@@ -95,7 +97,7 @@ def _clipped_sum(model: Policy, mode: str, clip: float, obs, image, target, weig
     before = {n: params[n].detach().clone() for n in names}
     with DPSGD(model, opt, DPConfig(0.0, clip, 0.5, mode), normaliser=1.0, noise_seed=0) as dp:
         dp.zero_grad()
-        pred, aux = dp(EMB, obs, image)
+        pred, aux = dp(EMB, obs, image, task)
         loss = _loss(pred, aux, target)
         dp.backward(loss if weights is None else loss * weights)
         dp.step()
@@ -134,6 +136,38 @@ def test_clipped_per_sample_gradients_match_single_sample_loop(cfg, base, mode, 
     for name, value in got.items():
         want = sum(f * g[name] for f, g in zip(factors, grads, strict=True))
         assert (value - want).abs().max().item() < 1e-5, name
+
+
+def test_task_conditioned_policy_clips_per_sample_gradients_exactly(cfg):
+    """The task projection (adapter/shared) is clipped with each sample's other gradients:
+    samples of different tasks get different task gradients, and none escapes clipping.
+    Opacus' hooks match the single-sample loop to 1e-5; kyodo's book-keeping clipping
+    divides by an upper bound of each norm (its float32 rounding bound), so it matches
+    Opacus to 1e-4 relative, as in the test above."""
+    model_cfg = dataclasses.replace(cfg.model, task_buckets=16)
+    model = Policy(model_cfg, cfg.embodiments)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B.weight") or name == "task_proj.weight":
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    assert "task_proj.weight" in set_trainable(copy.deepcopy(model), SHARDS)
+    obs, image, target = _batch(cfg, 6)
+    task = torch.randn(6, 16, generator=gen)
+    task = task / task.norm(dim=1, keepdim=True)  # unit length, as shared_model.task_text makes them
+    grads, norms = _loop_gradients(model, obs, image, target, task)
+    clip = float(norms.median())
+    factors = _clip_factors(norms, clip)
+    assert all(g["task_proj.weight"].abs().sum() > 0 for g in grads)
+    hooks = _clipped_sum(model, "hooks", clip, obs, image, target, task=task)
+    for name, value in hooks.items():
+        want = sum(f * g[name] for f, g in zip(factors, grads, strict=True))
+        assert (value - want).abs().max().item() < 1e-5, name
+    assert hooks["task_proj.weight"].abs().sum() > 0
+    bk = _clipped_sum(model, "bk", clip, obs, image, target, task=task)
+    assert bk.keys() == hooks.keys()
+    for name in bk:
+        assert ((bk[name] - hooks[name]).norm() / hooks[name].norm()).item() < 1e-4, name
 
 
 def test_bookkeeping_norms_match_loop_and_opacus_hooks(cfg, base):

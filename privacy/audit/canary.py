@@ -149,7 +149,7 @@ def canary_losses(policy: Policy, embodiment: str, windows: EpisodeWindows) -> n
     policy.eval()
     per_window = []
     for batch in windows.all_windows(256):
-        pred, aux = policy(embodiment, batch.obs, batch.image)
+        pred, aux = policy(embodiment, batch.obs, batch.image, batch.task)
         per_window.append(per_sample_loss(pred, batch.action, batch.action_pad, aux, 0.0).numpy())
     losses = np.concatenate(per_window)
     episode = np.repeat(np.arange(len(windows)), windows.lengths)
@@ -193,10 +193,12 @@ def run_canary_audit(setup: CanarySetup) -> CanaryResult:
     own = _member_episodes(cfg, setup)
     canaries = make_canaries(cfg, setup.embodiment, setup.canaries, rng)
     included = rng.random(setup.canaries) < 0.5
-    history, chunk = cfg.model.history, cfg.model.chunk
+    history, chunk, buckets = cfg.model.history, cfg.model.chunk, cfg.model.task_buckets
     emb = cfg.embodiments[setup.embodiment]
-    train = EpisodeWindows(own + [c for c, inc in zip(canaries, included, strict=True) if inc], emb, history, chunk)
-    probe = EpisodeWindows(canaries, emb, history, chunk)
+    train = EpisodeWindows(
+        own + [c for c, inc in zip(canaries, included, strict=True) if inc], emb, history, chunk, buckets
+    )
+    probe = EpisodeWindows(canaries, emb, history, chunk, buckets)
     policy = Policy(cfg.model, cfg.embodiments)
     before = canary_losses(policy, setup.embodiment, probe)
 
