@@ -7,8 +7,10 @@ only the task text the new one. Each member
 trains alone, on its own robot, the shards a node trains (every expert, the shared adapter,
 its embodiment adapter), from the same initial policy, once with ``model.task_buckets 0``
 (the baseline: one unconditioned policy for both tasks) and once with ``--buckets``; then
-non-private and under DP-SGD at ``--epsilon`` (sigma planned by the node's own planner for
-the run's steps). Reported per member: held-out action MSE (normalised units) over 4
+non-private and under DP-SGD at ``--epsilon`` (sigma from the accountant's planning helper,
+``privacy.accountant.noise_for_target``, for the steps as one round). Both arms draw the same
+batches from the same seed; under DP each run's noise is fresh and secret, so DP ratios carry
+that noise too. Reported per member: held-out action MSE (normalised units) over 4
 windows per episode, the ratio conditioned / unconditioned (below 1: reading the task
 helps), and the MSE of the windows whose history reaches back across a switch.
 Timings are printed, never asserted; peak RSS is the process's ``ru_maxrss``.
@@ -117,7 +119,7 @@ def main() -> None:
     started = time.perf_counter()
     print(f"{args.model}, {args.episodes} episodes of 2 tasks per member, {args.steps} steps, sigma {sigma:.3f}")
     print(
-        "member        setting   unconditioned  conditioned  ratio   first windows, per task (unconditioned -> conditioned)"
+        "member        setting   unconditioned  conditioned  ratio   after a switch (unconditioned -> conditioned)"
     )
     for member in cfg.federation.members:
         eps = generate_episodes(
