@@ -118,9 +118,7 @@ def main() -> None:
     results = []
     started = time.perf_counter()
     print(f"{args.model}, {args.episodes} episodes of 2 tasks per member, {args.steps} steps, sigma {sigma:.3f}")
-    print(
-        "member        setting   unconditioned  conditioned  ratio   after a switch (unconditioned -> conditioned)"
-    )
+    print("member        setting   unconditioned  conditioned  ratio   after a switch (unconditioned -> conditioned)")
     for member in cfg.federation.members:
         eps = generate_episodes(
             member.embodiment, cfg.embodiments[member.embodiment], args.episodes, 4.0, member.seed, tasks=2
