@@ -722,6 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
+        elif getattr(args, "run", "") is None and len(extra) == 1 and not extra[0].startswith("-"):
+            # the same for an optional RUN after an option (`stop DIR --now 5`): argparse
+            # fills optional positionals only before the first option
+            args.run = extra[0]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args))

@@ -1388,6 +1388,11 @@ def test_stop_names_a_run_this_operator_submitted(tmp_path, capsys):
     assert "no run submitted from" in capsys.readouterr().out
     assert coordinator_main(["stop", str(op_dir), str(tmp_path / "nowhere")]) == 3
     assert "neither a Flower run id" in capsys.readouterr().out
+    # the run may also follow an option
+    assert coordinator_main(["stop", str(op_dir), "--now", str(tmp_path / "nowhere")]) == 3
+    assert "neither a Flower run id" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        coordinator_main(["stop", str(op_dir), "--now", "a", "b"])
 
 
 def test_flowers_cli_error_is_one_line_without_its_banner_or_box():
