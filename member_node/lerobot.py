@@ -300,15 +300,23 @@ def _write_all(
 
 def _task_columns(episodes: Sequence[Episode], default: str) -> tuple[list[str], list[list[str]], np.ndarray]:
     """The dataset's task texts (first use first), each episode's, and every frame's
-    task_index. An episode naming no task does ``default``."""
+    task_index. An episode naming no task does ``default``. Only tasks some frame does are
+    written, as LeRobot does (it collects an episode's tasks from its frames): a text an
+    episode lists but no frame uses would otherwise count in ``total_tasks`` and read back
+    nowhere."""
     tasks: dict[str, int] = {}
     episode_tasks: list[list[str]] = []
     frames: list[np.ndarray] = []
     for ep in episodes:
         own = list(ep.tasks) or [default]
-        ids = np.array([tasks.setdefault(text, len(tasks)) for text in own], dtype=np.int64)
-        frames.append(ids[ep.frame_tasks()])
-        episode_tasks.append(list(dict.fromkeys(own)))
+        which = ep.frame_tasks()
+        _, first = np.unique(which, return_index=True)
+        used = which[np.sort(first)]  # positions in ``own``, in the order the frames meet them
+        index = np.zeros(len(own), dtype=np.int64)
+        for position in used:
+            index[position] = tasks.setdefault(own[position], len(tasks))
+        frames.append(index[which])
+        episode_tasks.append(list(dict.fromkeys(own[p] for p in used)))
     return list(tasks), episode_tasks, np.concatenate(frames)
 
 

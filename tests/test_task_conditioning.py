@@ -157,6 +157,24 @@ def test_tasks_round_trip_per_episode_and_per_frame(tmp_path, cfg):
     assert [m["tasks"] for m in meta] == [["reach"], ["home", "reach"], ["wave"]]
 
 
+def test_only_tasks_some_frame_does_are_written(tmp_path, cfg):
+    """As LeRobot collects an episode's tasks from its frames: a listed task no frame does is
+    neither in tasks.parquet nor counted, and the episode's tasks come in frame order."""
+    emb = cfg.embodiments["so100"]
+    episodes = [
+        _episode(0, 3, emb, ("used", "never used")),
+        _episode(1, 4, emb, ("late", "early", "unused too"), np.array([1, 1, 0, 0])),
+        _episode(2, 2, emb, ("dup", "dup"), np.array([0, 1])),
+    ]
+    root = write_dataset(tmp_path / "ds", emb, "so100", episodes)
+    back = read_dataset(root, emb, "so100")
+    assert back.info["total_tasks"] == 4
+    assert [e.tasks for e in back.episodes] == [("used",), ("early", "late"), ("dup",)]
+    meta = pq.read_table(next((root / "meta" / "episodes").rglob("*.parquet")), columns=["tasks"]).to_pylist()
+    assert [m["tasks"] for m in meta] == [["used"], ["early", "late"], ["dup"]]
+    np.testing.assert_array_equal(back.episodes[1].frame_tasks(), [0, 0, 1, 1])
+
+
 def test_a_dataset_without_tasks_parquet_reads_with_no_task(tmp_path, cfg):
     emb = cfg.embodiments["so100"]
     root = write_dataset(tmp_path / "ds", emb, "so100", [_episode(0, 4, emb, ("reach",))])
