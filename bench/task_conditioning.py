@@ -10,12 +10,14 @@ its embodiment adapter), from the same initial policy, once with ``model.task_bu
 non-private and under DP-SGD at ``--epsilon`` (sigma from the accountant's planning helper,
 ``privacy.accountant.noise_for_target``, for the steps as one round). Both arms draw the same
 batches from the same seed; under DP each run's noise is fresh and secret, so DP ratios carry
-that noise too. Reported per member: held-out action MSE (normalised units) over 4
+that noise too. 2000 episodes per member, as in the default federation, so DP's expected
+batch (``privacy.sample_rate`` x 1600 training episodes) is the public batch size its noised
+sum is divided by. Reported per member: held-out action MSE (normalised units) over 4
 windows per episode, the ratio conditioned / unconditioned (below 1: reading the task
 helps), and the MSE of the windows whose history reaches back across a switch.
 Timings are printed, never asserted; peak RSS is the process's ``ru_maxrss``.
 
-Usage: ``python bench/task_conditioning.py [--episodes 400] [--steps 400] [--buckets 256]``;
+Usage: ``python bench/task_conditioning.py [--episodes 2000] [--steps 400] [--buckets 256]``;
 writes ``bench/results/task_conditioning.json``.
 """
 
@@ -95,7 +97,9 @@ def _mse_at(policy: Policy, emb_name: str, held: EpisodeWindows, ids: np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--episodes", type=int, default=400, help="per member, before the held-out split")
+    parser.add_argument(
+        "--episodes", type=int, default=2000, help="per member, before the held-out split (the federation's)"
+    )
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--buckets", type=int, default=256)
     parser.add_argument("--epsilon", type=float, default=8.0)

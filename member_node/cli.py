@@ -179,8 +179,10 @@ def _tasks_summary(dataset: LeRobotDataset) -> str:
     the consortium's model has ``task_buckets``)."""
     texts = distinct_tasks(dataset.episodes)
     if not texts:
-        return "none named"
-    return f"{len(texts)}: " + shortened([repr(t) for t in texts], shown=3)
+        listed = any(rel == "meta/tasks.parquet" for rel, _, _ in dataset.manifest)
+        return "none named" if listed else "none named (no meta/tasks.parquet)"
+    clipped = [repr(t if len(t) <= 60 else t[:57] + "...") for t in texts]  # a task may be a paragraph
+    return f"{len(texts)}: " + shortened(clipped, shown=3)
 
 
 def add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

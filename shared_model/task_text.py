@@ -21,25 +21,36 @@ Why hashing and not a learned vocabulary or a pretrained text encoder:
 
 A collision only shares a slot between two words; the signs keep colliding words from
 adding up systematically (Weinberger et al. 2009). Word pairs let "move left" and "left
-move" differ. The empty text is the zero vector: a dataset without tasks adds nothing.
+move" differ. Words are Unicode words of the NFKC-normalised, case-folded text, so
+"Öffnen" and "öffnen" are one word and "café" is not "caf". A script written without
+spaces (Japanese, Chinese, Thai: a word holding a letter of Unicode category ``Lo``) adds
+its words' character pairs too, so "赤いキューブを拾う" and "青いキューブを拾う" share most
+of their features instead of being two unrelated whole-sentence "words". The empty text
+(or one with no letter or digit) is the zero vector: a dataset without tasks adds nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
 
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"[^\W_]+")  # Unicode letters and digits
 _KEY = b"kyodo/task-text/v1"
 
 
 def task_words(text: str) -> list[str]:
-    """Lowercase words and neighbouring word pairs: what is hashed."""
-    words = _WORD.findall(text.lower())
-    return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+    """Words, neighbouring word pairs, and the character pairs of words in scripts written
+    without spaces: what is hashed."""
+    words = _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+    tokens = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+    for word in words:
+        if any(unicodedata.category(c) == "Lo" for c in word):
+            tokens += [f"#{a}{b}" for a, b in zip(word, word[1:], strict=False)]  # '#': never a word
+    return tokens
 
 
 def _slot(token: str, buckets: int) -> tuple[int, float]:

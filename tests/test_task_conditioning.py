@@ -41,6 +41,17 @@ def test_task_vector_is_unit_length_and_ignores_case_and_punctuation():
     assert task_words("Pick up!") == ["pick", "up", "pick up"]
 
 
+def test_non_ascii_words_count():
+    """Every script's words are read: two Japanese tasks differ, share their common part,
+    and an umlaut is part of its word."""
+    red, blue = task_vector("赤いキューブを拾う", 256), task_vector("青いキューブを拾う", 256)
+    assert red.any() and blue.any() and not np.array_equal(red, blue)
+    assert 0.5 < float(red @ blue) < 1.0
+    assert not np.array_equal(task_vector("öffnen", 256), task_vector("ffnen", 256))
+    np.testing.assert_array_equal(task_vector("Öffnen", 256), task_vector("öffnen", 256))
+    assert task_words("café au lait") == ["café", "au", "lait", "café au", "au lait"]
+
+
 def test_empty_task_is_the_zero_vector():
     assert not task_vector("", BUCKETS).any()
     assert not task_vector(" ... ", BUCKETS).any()
@@ -308,3 +319,20 @@ def test_a_federated_dp_round_trains_the_task_projection_under_secure_aggregatio
         capture_output=True, text=True, cwd=root,
     )  # fmt: skip
     assert verified.returncode == 0 and "PASS" in verified.stdout, verified.stdout[-3000:] + verified.stderr[-2000:]
+
+
+def test_data_inspect_lists_the_tasks_short(tmp_path, cfg, capsys):
+    from member_node import cli
+
+    emb = cfg.embodiments["so100"]
+    long_text = "stack " * 200
+    root = write_dataset(
+        tmp_path / "ds", emb, "so100", [_episode(0, 3, emb, ("wave",)), _episode(1, 3, emb, (long_text,))]
+    )
+    assert cli.main(["data", "inspect", str(root), "--embodiment", "so100"]) == 0
+    out = capsys.readouterr().out
+    assert "2: 'wave', 'stack stack" in " ".join(out.split()).replace("│ │", "")
+    assert long_text.strip() not in out.replace("│", "")
+    (root / "meta" / "tasks.parquet").unlink()
+    assert cli.main(["data", "inspect", str(root), "--embodiment", "so100"]) == 0
+    assert "no meta/tasks.parquet" in capsys.readouterr().out
