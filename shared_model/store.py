@@ -182,6 +182,10 @@ def check_object_id(object_id: str) -> str:
     return object_id
 
 
+# Model settings added after the first stores, and the value that leaves the model as it was
+_ADDED_OFF = {"task_buckets": 0}
+
+
 def model_config_hash(model_cfg: Any, embodiments: Mapping[str, Any] | None = None) -> str:
     """sha256 of the model config (and the embodiments, whose adapters are part of the model).
 
@@ -200,7 +204,13 @@ def model_config_hash(model_cfg: Any, embodiments: Mapping[str, Any] | None = No
             return {str(k): plain(v) for k, v in obj.items()}
         return obj
 
-    value = {"model": plain(model_cfg), "embodiments": plain(embodiments or {})}
+    model = plain(model_cfg)
+    if isinstance(model, dict):
+        # Settings added after stores were written leave the hash alone while they keep the
+        # value that means "off": a run committed before ``task_buckets`` existed is the same
+        # model as one with task_buckets 0, and must stay resumable and continuable.
+        model = {k: v for k, v in model.items() if not (k in _ADDED_OFF and v == _ADDED_OFF[k])}
+    value = {"model": model, "embodiments": plain(embodiments or {})}
     data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return sha256_hex(data.encode("ascii"))
 

@@ -336,3 +336,15 @@ def test_data_inspect_lists_the_tasks_short(tmp_path, cfg, capsys):
     (root / "meta" / "tasks.parquet").unlink()
     assert cli.main(["data", "inspect", str(root), "--embodiment", "so100"]) == 0
     assert "no meta/tasks.parquet" in capsys.readouterr().out
+
+
+def test_stores_written_before_task_buckets_existed_are_the_same_model(cfg):
+    """The manifest's model hash of task_buckets 0 is that of a config without the key (a run
+    committed by an earlier kyodo), so such runs stay resumable and continuable."""
+    from shared_model.store import model_config_hash
+
+    old = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "task_buckets"}
+    assert cfg.model.task_buckets == 0
+    assert model_config_hash(cfg.model, cfg.embodiments) == model_config_hash(old, cfg.embodiments)
+    with_tasks = dataclasses.replace(cfg.model, task_buckets=32)
+    assert model_config_hash(with_tasks, cfg.embodiments) != model_config_hash(old, cfg.embodiments)
