@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.records import read_records
-from coordinator.run_state import RunState
+from coordinator.run_state import RunState, model_mismatch
 from privacy.round_signature import round_signature_problem
 from shared_model.config import KyodoConfig
 from shared_model.store import Manifest, ShardStore, StoreError, model_config_hash
@@ -86,10 +86,9 @@ def earlier_round(cfg: KyodoConfig) -> EarlierRound:
         raise ContinuationError(f"{where}: cannot read the run ({err})") from None
     if manifest is None or not isinstance(info, dict):
         raise ContinuationError(f"{where}: not a run directory (no HEAD manifest, or run.json is not an object)")
-    want = model_config_hash(cfg.model, cfg.embodiments)
-    if manifest.model_config != want:
+    if manifest.model_config != model_config_hash(cfg.model, cfg.embodiments):
         raise ContinuationError(
-            f"{where}: its rounds are of another model config ({manifest.model_config[:12]} != {want[:12]}): "
+            f"{where}: its rounds are of {model_mismatch(cfg, run_dir, manifest.model_config)}: "
             f"a run continues only the same model ({cfg.model.name!r}) with the same embodiments"
         )
     run_id = str(info.get("run", ""))

@@ -46,7 +46,7 @@ from coordinator.run_lock import RunInUseError, check_not_running, run_holder
 from coordinator.stop_request import clear_stop_request, request_stop
 from coordinator.tls import DEFAULT_HOSTS, TLSError, TLSPaths, check_server_tls, create_tls
 from privacy.keys import KeyFormatError, load_or_create_signing_key, load_public_key, public_key_hex
-from shared_model.config import ConfigError, config_from_run_config, load_config
+from shared_model.config import ConfigError, KyodoConfig, config_from_run_config, load_config
 from shared_model.durable import cannot_write
 from shared_model.flower_processes import (
     flower_executable,
@@ -815,12 +815,34 @@ def _check_run_config(model: str, overrides: list[str]) -> None:
 
     try:
         cfg = load_config(model=model, overrides=overrides)
-        check_published(cfg)
-        # A resume (the run has committed rounds) never reads the run it continued again.
-        if cfg.continue_from and not (Path(cfg.out_dir) / "store" / "HEAD").is_file():
-            earlier_round(cfg)
+        resumes = (Path(cfg.out_dir) / "store" / "HEAD").is_file()
+        if resumes:
+            _check_same_model(cfg)
+        else:  # a resume never reads round 0's source, or the run it continued, again
+            check_published(cfg)
+            if cfg.continue_from:
+                earlier_round(cfg)
     except (ConfigError, CheckpointError, ContinuationError) as err:
         raise DeployError(f"config: {err}") from None
+
+
+def _check_same_model(cfg: KyodoConfig) -> None:
+    """A resume with other model settings was refused only by the submitted ServerApp, after
+    this run directory's settings had been replaced by the refused ones."""
+    from coordinator.run_state import model_mismatch
+    from shared_model.store import ShardStore, StoreError, model_config_hash
+
+    out = Path(cfg.out_dir)
+    try:
+        head = ShardStore(out / "store").head_manifest()
+    except (OSError, StoreError) as err:
+        raise DeployError(f"{out}: cannot read the run's store ({err})") from None
+    if head is not None and head.model_config != model_config_hash(cfg.model, cfg.embodiments):
+        raise DeployError(
+            f"{out} holds rounds of {model_mismatch(cfg, out, head.model_config)}: a resume goes on with the "
+            "model the run started with; submit it without the changed model settings, or start a new run "
+            "(without --out-dir)"
+        )
 
 
 @dataclass

@@ -245,11 +245,13 @@ def run_federation(cfg: KyodoConfig, grid: Grid, console: Console | None = None)
 
 
 def _run_federation(cfg: KyodoConfig, grid: Grid, console: Console, out_dir: Path) -> RunSummary:
-    (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     key = load_or_create_signing_key(_coordinator_key_path(cfg))
     run_id = _run_id(out_dir, public_key_hex(key))
     state = RunState(cfg, out_dir)
     resumed = state.resume()
+    # after the resume check: a resume refused for another model must leave the run's own
+    # settings (what its rounds are, what export and status read) as they were
+    (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     summary = RunSummary(out_dir=out_dir)
     if resumed is None:
         initial_manifest = _commit_round_zero(cfg, state, run_id)

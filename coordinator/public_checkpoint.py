@@ -184,6 +184,22 @@ def check_published(cfg: KyodoConfig) -> None:
     except OSError as err:
         raise _unreadable(path, err) from err
     _require_published(cfg, digest.hexdigest())
+    # Its tensors' names, shapes and dtypes from the header alone: a checkpoint of another
+    # model shape (another model.task_buckets, say) was refused only inside the submitted run
+    try:
+        with safetensors.safe_open(path, framework="pt") as reader:
+            specs = {name: _slice_spec(reader.get_slice(name)) for name in reader.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own SafetensorError for malformed headers
+        raise CheckpointError(f"public.checkpoint {path} is not a safetensors file: {err}") from err
+    _raise_misfit(cfg, path, _misfit(cfg, specs))
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _slice_spec(tensor_slice: Any) -> tuple[torch.dtype | str, tuple[int, ...]]:
+    dtype = tensor_slice.get_dtype()
+    return _SAFETENSORS_DTYPES.get(dtype, dtype), tuple(tensor_slice.get_shape())
 
 
 def _unreadable(path: Path, err: OSError) -> CheckpointError:
@@ -200,19 +216,35 @@ def _require_published(cfg: KyodoConfig, digest: str) -> None:
 
 def _check_fits(cfg: KyodoConfig, state: dict[str, torch.Tensor], path: Path) -> None:
     """Every tensor of the policy, with its shape and dtype, and nothing else; all finite."""
+    problems = _misfit(cfg, {name: (t.dtype, tuple(t.shape)) for name, t in state.items()})
+    if not problems:
+        problems = [
+            f"{n}: not finite" for n, t in sorted(state.items()) if t.is_floating_point() and not t.isfinite().all()
+        ]
+    _raise_misfit(cfg, path, problems)
+
+
+def _misfit(cfg: KyodoConfig, specs: dict[str, tuple[torch.dtype | str, tuple[int, ...]]]) -> list[str]:
+    """What keeps tensors of these (dtype, shape) from being exactly the policy's."""
     layout = ShardLayout.from_config(cfg.model, cfg.embodiments)  # meta device: nothing allocated
     expected = {spec.name: spec for specs in layout.shards.values() for spec in specs}
-    problems = [f"missing {name}" for name in sorted(set(expected) - set(state))]
-    problems += [f"unexpected {name}" for name in sorted(set(state) - set(expected))]
-    for name in sorted(set(expected) & set(state)):
-        want, got = expected[name], state[name]
-        if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
-            problems.append(f"{name}: {got.dtype} {tuple(got.shape)}, model has {want.dtype} {tuple(want.shape)}")
-        elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            problems.append(f"{name}: not finite")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CheckpointError(f"public.checkpoint {path} does not fit model {cfg.model.name!r}: {shown}")
+    problems = [f"missing {name}" for name in sorted(set(expected) - set(specs))]
+    problems += [f"unexpected {name}" for name in sorted(set(specs) - set(expected))]
+    for name in sorted(set(expected) & set(specs)):
+        want, (dtype, shape) = expected[name], specs[name]
+        if tuple(want.shape) != shape or want.dtype != dtype:
+            problems.append(f"{name}: {dtype} {shape}, model has {want.dtype} {tuple(want.shape)}")
+    return problems
+
+
+def _raise_misfit(cfg: KyodoConfig, path: Path, problems: list[str]) -> None:
+    if not problems:
+        return
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    hint = ""
+    if any("task_proj" in p for p in problems):
+        hint = f" (the checkpoint was made with another model.task_buckets than this run's {cfg.model.task_buckets})"
+    raise CheckpointError(f"public.checkpoint {path} does not fit model {cfg.model.name!r}: {shown}{hint}")
 
 
 def initial_source(cfg: KyodoConfig) -> dict[str, Any]:

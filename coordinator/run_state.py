@@ -18,6 +18,7 @@ written, manifest not yet), ``after-commit`` (``HEAD`` moved, round record not y
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -29,7 +30,7 @@ import torch
 
 from shared_model.config import KyodoConfig
 from shared_model.shards import ShardLayout
-from shared_model.store import Manifest, ShardStore, model_config_hash
+from shared_model.store import ADDED_MODEL_SETTINGS, Manifest, ShardStore, model_config_hash
 
 log = logging.getLogger("kyodo.coordinator")
 
@@ -44,6 +45,34 @@ def failpoint(round_number: int, where: str) -> None:
     if os.environ.get("KYODO_FAILPOINT") == f"{round_number}:{where}":
         log.error("failpoint %d:%s: the coordinator dies here", round_number, where)
         os._exit(137)
+
+
+def model_mismatch(cfg: KyodoConfig, run_dir: Path, committed: str) -> str:
+    """ "another model config (<hashes>)", and which settings differ from those the run in
+    ``run_dir`` committed ``committed`` (its manifests' model hash) with, where its
+    config.yaml still describes that model: a bare hash left the operator guessing."""
+    from coordinator.run_status import run_settings  # local: rich and yaml, for this message only
+
+    want = model_config_hash(cfg.model, cfg.embodiments)
+    text = f"another model config ({committed[:12]} != {want[:12]})"
+    settings = run_settings(run_dir)
+    model, embodiments = settings.get("model"), settings.get("embodiments")
+    if not isinstance(model, dict) or not isinstance(embodiments, dict):
+        return text
+    if model_config_hash(model, embodiments) != committed:
+        return text  # config.yaml was rewritten since: it cannot say what the rounds are
+    model = {**ADDED_MODEL_SETTINGS, **model}  # a run from before a setting existed had it off
+    changed = [
+        f"model.{key} {model.get(key)!r} -> {value!r}"
+        for key, value in dataclasses.asdict(cfg.model).items()
+        if model.get(key) != value
+    ]
+    new_embodiments = {name: dataclasses.asdict(e) for name, e in cfg.embodiments.items()}
+    changed += [
+        f"embodiments.{name}" for name in sorted(set(embodiments) | set(new_embodiments))
+        if embodiments.get(name) != new_embodiments.get(name)
+    ]  # fmt: skip
+    return text + (f": {', '.join(changed)} since the run's rounds" if changed else "")
 
 
 @dataclass
@@ -72,8 +101,8 @@ class RunState:
             return None
         if self.head.model_config != self.config_hash:
             raise ValueError(
-                f"{self.store.root} holds rounds of another model config "
-                f"({self.head.model_config[:12]} != {self.config_hash[:12]}): use a fresh out_dir"
+                f"{self.store.root} holds rounds of {model_mismatch(self.cfg, self.store.root.parent, self.head.model_config)}"
+                ": a resume goes on with the model the run started with (or start a new run in a fresh out_dir)"
             )
         return Resumed(self.head.round, dict(self.head.extra))
 

@@ -183,7 +183,7 @@ def check_object_id(object_id: str) -> str:
 
 
 # Model settings added after the first stores, and the value that leaves the model as it was
-_ADDED_OFF = {"task_buckets": 0}
+ADDED_MODEL_SETTINGS = {"task_buckets": 0}
 
 
 def model_config_hash(model_cfg: Any, embodiments: Mapping[str, Any] | None = None) -> str:
@@ -209,7 +209,7 @@ def model_config_hash(model_cfg: Any, embodiments: Mapping[str, Any] | None = No
         # Settings added after stores were written leave the hash alone while they keep the
         # value that means "off": a run committed before ``task_buckets`` existed is the same
         # model as one with task_buckets 0, and must stay resumable and continuable.
-        model = {k: v for k, v in model.items() if not (k in _ADDED_OFF and v == _ADDED_OFF[k])}
+        model = {k: v for k, v in model.items() if not (k in ADDED_MODEL_SETTINGS and v == ADDED_MODEL_SETTINGS[k])}
     value = {"model": model, "embodiments": plain(embodiments or {})}
     data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return sha256_hex(data.encode("ascii"))

@@ -387,6 +387,34 @@ def test_a_resume_names_an_existing_run_that_no_coordinator_is_running(tmp_path,
     assert f"{blocked} cannot be written (Not a directory)" in said and "Traceback" not in said
 
 
+def test_a_resume_with_other_model_settings_is_refused_before_anything_is_written(tmp_path, capsys, tiny_cfg):
+    """It was refused only by the submitted ServerApp, after the run directory's config.yaml and
+    submitted settings had become the refused ones: the printed resume command failed again,
+    and export described the stored tensors with the wrong task_buckets."""
+    from coordinator.federation import initial_model
+    from coordinator.run_state import RunState
+    from shared_model.config import to_yaml
+
+    setup = _member(tmp_path)
+    op_dir = tmp_path / "operator"
+    assert coordinator_main(["init", str(op_dir), "--model", "tiny"]) == 0
+    assert coordinator_main(["add-member", str(op_dir), str(setup.dir / "membership.json")]) == 0
+    run = op_dir / "runs" / "20261207-101010"
+    RunState(tiny_cfg, run).commit_initial(initial_model(tiny_cfg), {"run": "t"})
+    (run / "config.yaml").write_text(to_yaml(tiny_cfg), encoding="utf-8")
+    (run / deploy.SUBMITTED_SETTINGS).write_text(json.dumps({"overrides": [], "rounds": 2}), encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    argv = ["run", str(op_dir), "--out-dir", str(run), "--wait-members", "0", "model.task_buckets=16"]
+    assert coordinator_main(argv) == 3
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "holds rounds of another model config" in said and "model.task_buckets 0 -> 16 since the run's rounds" in said
+    )
+    assert "a resume goes on with the model the run started with" in said
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "nothing was written"
+
+
 def test_a_member_pins_the_other_members_keys_to_the_published_consortium_file(tmp_path, capsys, tiny_cfg):
     """The identity keys a secure-aggregation round lists for the other members are the
     coordinator's word; a member that trusts the consortium's published file accepts only

@@ -13,6 +13,7 @@ from coordinator.cli import main as coordinator_cli
 from coordinator.federation import initial_model
 from coordinator.public_checkpoint import (
     CheckpointError,
+    check_published,
     initial_source,
     load_checkpoint,
     public_checkpoint,
@@ -178,6 +179,20 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, cfg):
         digest = write_checkpoint(state, path, {})
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(_importing(path, digest))
+        if "finite" not in message:  # the early check reads names, shapes and dtypes only
+            with pytest.raises(CheckpointError, match=message):
+                check_published(_importing(path, digest))
+
+
+def test_a_checkpoint_of_another_task_buckets_is_refused_early_and_says_so(tmp_path, cfg):
+    """Checked from the file's header before a run is submitted (``init``, ``run``)."""
+    reads_tasks = load_config(model="tiny", overrides=["model.task_buckets=16"])
+    path = tmp_path / "tasks.safetensors"
+    digest = write_checkpoint(Policy(reads_tasks.model, reads_tasks.embodiments).state_dict(), path, {})
+    with pytest.raises(
+        CheckpointError, match="unexpected task_proj.weight .*another model.task_buckets than this run's 0"
+    ):
+        check_published(_importing(path, digest))
 
 
 @pytest.mark.parametrize(

@@ -348,3 +348,40 @@ def test_stores_written_before_task_buckets_existed_are_the_same_model(cfg):
     assert model_config_hash(cfg.model, cfg.embodiments) == model_config_hash(old, cfg.embodiments)
     with_tasks = dataclasses.replace(cfg.model, task_buckets=32)
     assert model_config_hash(with_tasks, cfg.embodiments) != model_config_hash(old, cfg.embodiments)
+
+
+def test_a_model_mismatch_names_the_settings_that_differ(tmp_path, cfg):
+    from coordinator.run_state import model_mismatch
+    from shared_model.config import to_yaml
+    from shared_model.store import model_config_hash
+
+    committed = model_config_hash(cfg.model, cfg.embodiments)
+    old_yaml = to_yaml(cfg).replace("  task_buckets: 0\n", "")  # written before the setting existed
+    assert "task_buckets" not in old_yaml
+    (tmp_path / "config.yaml").write_text(old_yaml, encoding="utf-8")
+    changed = load_config(model="tiny", overrides=["model.task_buckets=16", "model.lr=0.01"])
+    said = model_mismatch(changed, tmp_path, committed)
+    assert said.startswith(f"another model config ({committed[:12]} != ")
+    assert "model.lr 0.003 -> 0.01" in said and "model.task_buckets 0 -> 16" in said
+    # a config.yaml that no longer describes the committed rounds is not quoted
+    (tmp_path / "config.yaml").write_text(to_yaml(changed), encoding="utf-8")
+    assert "->" not in model_mismatch(changed, tmp_path, committed)
+
+
+@pytest.mark.slow
+def test_a_simulated_resume_with_another_task_buckets_keeps_the_runs_settings(tmp_path):
+    """The refused resume (ServerApp side) used to rewrite config.yaml first."""
+    out_dir, data_root = tmp_path / "run", tmp_path / "data"
+    base = [
+        sys.executable, "-m", "coordinator.cli", "demo", "--model", "tiny", "--rounds", "1",
+        f"out_dir={out_dir}", f"data_root={data_root}", "train.local_steps=2",
+        *(f"federation.members.{i}.episodes=40" for i in range(4)),
+    ]  # fmt: skip
+    root = Path(__file__).parents[1]
+    first = subprocess.run(base, capture_output=True, text=True, timeout=600, cwd=root)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    settings = (out_dir / "config.yaml").read_bytes()
+    again = subprocess.run([*base, "model.task_buckets=16"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert again.returncode != 0
+    assert "model.task_buckets 0 -> 16" in again.stdout + again.stderr
+    assert (out_dir / "config.yaml").read_bytes() == settings
