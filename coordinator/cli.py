@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 
 from rich.console import Console  # noqa: E402
 
-from shared_model.config import ConfigError, KyodoConfig, load_config  # noqa: E402
+from shared_model.config import ConfigError, KyodoConfig, MemberConfig, load_config  # noqa: E402
 from shared_model.flower_processes import log_to_stderr  # noqa: E402
 
 # soft_wrap: messages are not re-wrapped at the terminal's width, so a path in one stays
@@ -37,11 +37,33 @@ console = Console(soft_wrap=True)
 
 
 def prepare_member_data(cfg: KyodoConfig, fresh: bool = False) -> None:
-    """Have every simulated member write its dataset (skipped when already there)."""
+    """Have every simulated member write its dataset, unless the one there was written with
+    the same settings.
+
+    Each dataset written here leaves a note of its settings beside it
+    (``<data_root>/.<member>.synth.json``): with another federation or other episode counts
+    over the same data_root, the old dataset was reused as it was, so a two-task federation
+    could train on one-task data without a word. A dataset without that note may be the
+    member's own recording: it is kept, and said so where it differs from the federation's.
+    """
     for member in cfg.federation.members:
         out = Path(cfg.data_root) / member.name
+        settings = {
+            "embodiment": member.embodiment,
+            "episodes": member.episodes,
+            "seconds": member.episode_seconds,
+            "seed": member.seed,
+            "tasks": member.tasks,
+        }
+        note = Path(cfg.data_root) / f".{member.name}.synth.json"
         if (out / "meta" / "info.json").is_file() and not fresh:
-            continue
+            written = _read_note(note)
+            if written == settings:
+                continue
+            if written is None:
+                _say_if_other_data(out, member)
+                continue
+            console.print(f"member [cyan]{member.name}[/]: {out} was written with other settings; writing it again")
         cmd = [
             sys.executable, "-m", "member_node.cli", "data", "synth",
             "--embodiment", member.embodiment,
@@ -49,10 +71,35 @@ def prepare_member_data(cfg: KyodoConfig, fresh: bool = False) -> None:
             "--seconds", str(member.episode_seconds),
             "--seed", str(member.seed),
             "--tasks", str(member.tasks),
-            "--out", str(out),
+            "--out", str(out), "--force",
         ]  # fmt: skip
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        note.write_text(json.dumps(settings) + "\n", encoding="utf-8")
         console.print(f"member [cyan]{member.name}[/] ({member.embodiment}): synthetic episodes in {out}")
+
+
+def _read_note(note: Path) -> dict | None:
+    try:
+        value = json.loads(note.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _say_if_other_data(out: Path, member: MemberConfig) -> None:
+    """A dataset kyodo did not write here (or wrote before it left notes) is used as it is."""
+    try:
+        info = json.loads((out / "meta" / "info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    have = (info.get("robot_type"), info.get("total_episodes"), info.get("total_tasks"))
+    want = (member.embodiment, member.episodes, member.tasks)
+    if have != want:
+        console.print(
+            f"[yellow]member {member.name}: {out} holds {have[1]} episodes of {have[2]} task(s) of {have[0]!r}, "
+            f"not the {want[1]} of {want[2]} of {want[0]!r} the federation names: used as it is "
+            "(--fresh-data writes the federation's)[/]"
+        )
 
 
 def run_config_for(model: str, federation: str, overrides: list[str]) -> dict[str, str]:

@@ -80,6 +80,7 @@ from shared_model.protocol import (
 )
 from shared_model.shards import BACKBONE, ShardLayout, embodiment_shard, load_shard, shard_kind
 from shared_model.store import CorruptObjectError, ShardStore, StoreError
+from shared_model.task_text import task_words
 from shared_model.text import shortened
 
 # Written when a request names a receipt this node's ledger lacks (``MemberNode.rolled_back``).
@@ -201,15 +202,25 @@ class MemberNode:
         )
         if dataset.left_out:  # the member's own log; replies never say
             log.warning("member %s: episodes left out: %s", self.identity.name, left_out_text(dataset.left_out))
-        tasks = distinct_tasks(dataset.episodes)
-        if len(tasks) > 1 and not self.cfg.model.task_buckets:
+        self._warn_about_tasks(distinct_tasks(dataset.episodes))
+        return dataset
+
+    def _warn_about_tasks(self, tasks: list[str]) -> None:
+        """The member's own log, when its data and the consortium's model disagree about tasks."""
+        reads = self.cfg.model.task_buckets > 0
+        if len(tasks) > 1 and not reads:
             log.warning(
                 "member %s: the episodes name %d tasks but the consortium's model does not read the task "
                 "(model.task_buckets 0): they train one policy that cannot tell them apart",
                 self.identity.name,
                 len(tasks),
             )
-        return dataset
+        elif reads and not any(task_words(t) for t in tasks):
+            log.warning(
+                "member %s: the consortium's model reads the task, but the episodes name none with a word in it "
+                "(see `kyodo-member data inspect`): they train as the empty task",
+                self.identity.name,
+            )
 
     @functools.cached_property
     def _split(self) -> tuple[list[Episode], list[Episode]]:

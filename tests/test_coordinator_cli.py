@@ -154,3 +154,34 @@ def test_participation_shows_each_members_spend_against_its_published_budget(tmp
     text, rows = table(report, {"sony": 20.0, "fanuc": 20.0})
     assert "budget published for the run" in text
     assert "2.430/2 over" in rows["sony"] and "8.200/9" in rows["fanuc"] and "over" not in rows["fanuc"]
+
+
+def test_simulated_members_rewrite_their_data_only_when_the_federation_changed_it(tmp_path, capsys):
+    """A two-task federation over the data of a one-task run reused it without a word; data
+    kyodo did not write (no note beside it) is kept and the difference said."""
+    from coordinator.cli import prepare_member_data
+    from member_node.lerobot import read_dataset
+    from shared_model.config import load_config
+
+    def cfg(tasks: int, episodes: int = 3):
+        member = f"{{name: a, embodiment: so100, episodes: {episodes}, episode_seconds: 0.5, seed: 1, tasks: {tasks}}}"
+        return load_config(model="tiny", overrides=[f"data_root={tmp_path}", f"federation.members=[{member}]"])
+
+    emb = cfg(1).embodiments["so100"]
+    prepare_member_data(cfg(1))
+    info = tmp_path / "a" / "meta" / "info.json"
+    first = info.stat().st_mtime_ns
+    prepare_member_data(cfg(1))
+    assert info.stat().st_mtime_ns == first, "the same settings keep the data"
+    capsys.readouterr()
+    prepare_member_data(cfg(2, episodes=6))
+    assert "was written with other settings; writing it again" in capsys.readouterr().out
+    assert read_dataset(tmp_path / "a", emb, "so100").info["total_tasks"] == 2
+    (tmp_path / ".a.synth.json").unlink()  # as if the member had put its own recording there
+    prepare_member_data(cfg(1))
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "holds 6 episodes of 2 task(s) of 'so100', not the 3 of 1 of 'so100' the federation names: used as it is"
+        in said
+    )
+    assert read_dataset(tmp_path / "a", emb, "so100").info["total_tasks"] == 2

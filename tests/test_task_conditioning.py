@@ -385,3 +385,35 @@ def test_a_simulated_resume_with_another_task_buckets_keeps_the_runs_settings(tm
     assert again.returncode != 0
     assert "model.task_buckets 0 -> 16" in again.stdout + again.stderr
     assert (out_dir / "config.yaml").read_bytes() == settings
+
+
+@pytest.mark.parametrize(
+    "buckets, tasks, warned",
+    [
+        (0, 2, "name 2 tasks but the consortium's model does not read the task"),
+        (0, 1, None),
+        (32, 2, None),
+        (32, 0, "reads the task, but the episodes name none with a word in it"),
+    ],
+)
+def test_the_node_log_says_when_its_data_and_the_model_disagree_about_tasks(tmp_path, caplog, buckets, tasks, warned):
+    import logging
+
+    from member_node.identity import resolve_identity
+    from member_node.node import MemberNode
+
+    cfg = load_config(
+        model="tiny",
+        overrides=[f"data_root={tmp_path}", f"state_root={tmp_path / 'state'}", f"model.task_buckets={buckets}"],
+    )
+    root = generate_dataset(tmp_path / "sony", "so100", cfg.embodiments["so100"], 6, 1.0, 1, tasks=max(tasks, 1))
+    if tasks == 0:
+        (root / "meta" / "tasks.parquet").unlink()
+    node = MemberNode(cfg, resolve_identity({"partition-id": 1}, cfg))
+    with caplog.at_level(logging.WARNING, logger="kyodo.member"):
+        assert node.dataset.episodes
+    said = " ".join(r.getMessage() for r in caplog.records)
+    if warned:
+        assert warned in said
+    else:
+        assert "task" not in said
