@@ -803,21 +803,22 @@ def run_config(
         *consortium.overrides,
         *overrides,
     ]
-    _check_run_config(consortium.model, items)
+    _check_run_config(consortium.model, items, Path(out_dir))
     return {"model": consortium.model, "federation": "default", "overrides": " ".join(shlex.quote(i) for i in items)}
 
 
-def _check_run_config(model: str, overrides: list[str]) -> None:
+def _check_run_config(model: str, overrides: list[str], run_dir: Path | None = None) -> None:
     """The run config must load, a public checkpoint it names must be the published file, and
-    a run it continues (``continue_from``) must have a committed round of the same model."""
+    a run it continues (``continue_from``) must have a committed round of the same model.
+    ``run_dir``: the directory a run is submitted to (none at ``init``): one with committed
+    rounds is a resume, which must keep the model its rounds are of."""
     from coordinator.continuation import ContinuationError, earlier_round
     from coordinator.public_checkpoint import CheckpointError, check_published
 
     try:
         cfg = load_config(model=model, overrides=overrides)
-        resumes = (Path(cfg.out_dir) / "store" / "HEAD").is_file()
-        if resumes:
-            _check_same_model(cfg)
+        if run_dir is not None and (run_dir / "store" / "HEAD").is_file():
+            _check_same_model(cfg, run_dir)
         else:  # a resume never reads round 0's source, or the run it continued, again
             check_published(cfg)
             if cfg.continue_from:
@@ -826,13 +827,12 @@ def _check_run_config(model: str, overrides: list[str]) -> None:
         raise DeployError(f"config: {err}") from None
 
 
-def _check_same_model(cfg: KyodoConfig) -> None:
+def _check_same_model(cfg: KyodoConfig, out: Path) -> None:
     """A resume with other model settings was refused only by the submitted ServerApp, after
     this run directory's settings had been replaced by the refused ones."""
     from coordinator.run_state import model_mismatch
     from shared_model.store import ShardStore, StoreError, model_config_hash
 
-    out = Path(cfg.out_dir)
     try:
         head = ShardStore(out / "store").head_manifest()
     except (OSError, StoreError) as err:

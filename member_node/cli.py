@@ -136,7 +136,11 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         key = load_or_create_fingerprint_key(key_file)
         ledger = Path(args.state_dir) / "ledger.jsonl"
         entries = Ledger(ledger).releases() if ledger.exists() else []
-        matching = [e for e in entries if fingerprint_matches(key, fingerprint, str(e.get("dataset_fingerprint", "")))]
+        # and receipts made before kyodo read tasks, under the fingerprint it gave the data then
+        forms = [fingerprint, *dataset.legacy_fingerprints()]
+        matching = [
+            e for e in entries if any(fingerprint_matches(key, f, str(e.get("dataset_fingerprint", ""))) for f in forms)
+        ]
         rounds = ", ".join(f"{e['run']}/{e['round']} {e.get('release', RELEASE_TRAIN)}" for e in matching) or "none"
         console.print(
             f"receipts from this data: {len(matching)} of {len(entries)} ledger entries ({rounds})",
@@ -177,6 +181,8 @@ def _summary_table(dataset: LeRobotDataset, emb: EmbodimentConfig) -> Table:
 def _tasks_summary(dataset: LeRobotDataset) -> str:
     """How many task texts the episodes name, and the first few (the policy reads them where
     the consortium's model has ``task_buckets``)."""
+    if dataset.task_problem:
+        return f"unreadable, so none: {dataset.task_problem}"
     texts = distinct_tasks(dataset.episodes)
     if not texts:
         listed = any(rel == "meta/tasks.parquet" for rel, _, _ in dataset.manifest)

@@ -37,6 +37,7 @@ from shared_model.config import EmbodimentConfig
 CODEBASE_VERSION = "v3.0"
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+TASKS_PATH = "meta/tasks.parquet"
 DEFAULT_CHUNKS_SIZE = 1000
 DEFAULT_DATA_FILES_SIZE_IN_MB = 100
 DEFAULT_VIDEO_FILES_SIZE_IN_MB = 200
@@ -80,6 +81,12 @@ EPISODE_COLUMNS = (
 
 class DatasetError(ValueError):
     """The dataset on disk is unusable; the message names the file and the field."""
+
+
+class TaskMappingError(DatasetError):
+    """meta/tasks.parquet cannot say which task each frame does. Not an error of the dataset
+    as such: it is read without tasks and says why (``LeRobotDataset.task_problem``), and only a
+    node whose model reads the task refuses it. Such data trained before kyodo read tasks."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,6 +138,9 @@ class LeRobotDataset:
     # not evenly spaced at the dataset's fps (UNEVEN): see ``_split_file``. For the member's own
     # eyes (``data inspect``, the node's log) only.
     left_out: Mapping[int, str] = field(default_factory=dict)
+    # Why the episodes carry no task although the dataset has meta/tasks.parquet (a
+    # TaskMappingError's message), or None.
+    task_problem: str | None = None
 
     @property
     def dropped(self) -> tuple[int, ...]:
@@ -152,10 +162,20 @@ class LeRobotDataset:
         from the bytes the reader parsed, so a file changed after reading cannot make the
         fingerprint disagree with the episodes in memory.
         """
-        digest = hashlib.sha256(b"kyodo/lerobot-fingerprint/v1\n")
-        for rel, size, sha in self.manifest:
-            digest.update(f"{rel}\t{size}\t{sha}\n".encode())
-        return digest.hexdigest()
+        return _manifest_digest(b"kyodo/lerobot-fingerprint/v2\n", self.manifest)
+
+    def legacy_fingerprints(self) -> list[str]:
+        """The fingerprint kyodo gave this data before it read meta/tasks.parquet (``v1``: the
+        same manifest without that file), so receipts made then still match their data."""
+        files = [entry for entry in self.manifest if entry[0] != TASKS_PATH]
+        return [_manifest_digest(b"kyodo/lerobot-fingerprint/v1\n", files)]
+
+
+def _manifest_digest(version: bytes, manifest: Sequence[tuple[str, int, str]]) -> str:
+    digest = hashlib.sha256(version)
+    for rel, size, sha in manifest:
+        digest.update(f"{rel}\t{size}\t{sha}\n".encode())
+    return digest.hexdigest()
 
 
 class _Manifest:
@@ -291,7 +311,7 @@ def _write_all(
 
     episode_table = _episodes_table(lengths, starts, files, episode_tasks, {**columns, **frame_columns})
     _write_parquet(root / EPISODES_PATH.format(chunk_index=0, file_index=0), episode_table)
-    _write_parquet(root / "meta" / "tasks.parquet", _tasks_table(tasks))
+    _write_parquet(root / TASKS_PATH, _tasks_table(tasks))
     stats = {k: _stats(v, starts) for k, v in {**columns, **frame_columns}.items()}
     _write_json(root / "meta" / "stats.json", stats)
     info = _info(emb, name, keys, names, len(episodes), int(lengths.sum()), len(tasks), size_mb, chunks_size)
@@ -522,8 +542,18 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
     info = _read_info(root, info_path, manifest)
     keys = _check_info(info, info_path, embodiment, embodiment_name)
     meta, meta_files = _read_episode_meta(root, info, info_path, manifest)
-    tasks = _read_tasks(root, manifest)
-    episodes, data_files, left_out = _read_frames(root, info, meta, embodiment, manifest, keys, tasks)
+    tasks, task_problem = None, None
+    try:
+        tasks = _read_tasks(root, manifest)
+    except TaskMappingError as err:
+        task_problem = str(err)
+    read_so_far = len(manifest.entries)
+    try:
+        episodes, data_files, left_out = _read_frames(root, info, meta, embodiment, manifest, keys, tasks)
+    except TaskMappingError as err:  # frames name a task tasks.parquet lacks: read them without tasks
+        task_problem = str(err)
+        del manifest.entries[read_so_far:]
+        episodes, data_files, left_out = _read_frames(root, info, meta, embodiment, manifest, keys, None)
     if not episodes:
         # A node with nothing to train on would still join and announce itself: refuse here,
         # where `data inspect`, `init` and `start` all look.
@@ -537,6 +567,7 @@ def read_dataset(root: Path | str, embodiment: EmbodimentConfig, embodiment_name
         data_files=tuple(data_files),
         manifest=tuple(manifest.entries),
         left_out=left_out,
+        task_problem=task_problem,
     )
 
 
@@ -695,20 +726,30 @@ def _read_tasks(root: Path, manifest: _Manifest) -> dict[int, str] | None:
     LeRobot writes it from a pandas frame indexed by the text, so the text is the file's one
     string column, whatever its name (``__index_level_0__``, or ``task`` for a named index).
     """
-    path = root / "meta" / "tasks.parquet"
+    path = root / TASKS_PATH
     if not path.is_file():
         return None
-    table = _read_parquet(path, ["task_index"], manifest, all_columns=True)
-    text_columns = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    try:
+        table = _read_parquet(path, ["task_index"], manifest, all_columns=True)
+        ids = _int_column(table, "task_index", path)
+    except DatasetError as err:
+        raise TaskMappingError(str(err)) from None
+    text_columns = [f.name for f in table.schema if _is_text(f.type)]
     if len(text_columns) != 1:
-        raise DatasetError(f"{path}: expected one text column (the task) beside 'task_index', found {text_columns}")
-    ids = _int_column(table, "task_index", path)
-    texts = table.column(text_columns[0])
+        raise TaskMappingError(f"{path}: expected one text column (the task) beside 'task_index', found {text_columns}")
+    texts = table.column(text_columns[0]).cast(pa.string())
     if texts.null_count:
-        raise DatasetError(f"{path}: column {text_columns[0]!r} has null rows")
+        raise TaskMappingError(f"{path}: column {text_columns[0]!r} has null rows")
     if len(np.unique(ids)) != len(ids):
-        raise DatasetError(f"{path}: column 'task_index' names a task twice")
+        raise TaskMappingError(f"{path}: column 'task_index' names a task twice")
     return dict(zip(ids.tolist(), texts.to_pylist(), strict=True))
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    """A string column, plain or dictionary-encoded (pandas categoricals are written so)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _read_parquet(path: Path, columns: Sequence[str], manifest: _Manifest, *, all_columns: bool = False) -> pa.Table:
@@ -843,7 +884,7 @@ def _split_file(
         task_index = _int_column(table, "task_index", path)
         unknown = np.setdiff1d(np.unique(task_index), np.fromiter(tasks, dtype=np.int64, count=len(tasks)))
         if len(unknown):
-            raise DatasetError(
+            raise TaskMappingError(
                 f"{path}: column 'task_index' holds {int(unknown[0])}, which meta/tasks.parquet does not list"
             )
     finite = np.ones(len(episode_index), dtype=bool)

@@ -30,7 +30,7 @@ import torch
 
 from member_node.data_units import without_episodes_beyond_bounds
 from member_node.identity import MemberIdentity, NodeConfigError
-from member_node.lerobot import Episode, LeRobotDataset, distinct_tasks, left_out_text, read_dataset
+from member_node.lerobot import DatasetError, Episode, LeRobotDataset, distinct_tasks, left_out_text, read_dataset
 from member_node.missed_rounds import note_queried, rounds_text
 from member_node.parallel import train_shards_parallel
 from member_node.private_eval import EvaluationReleaser, release_key
@@ -202,6 +202,10 @@ class MemberNode:
         )
         if dataset.left_out:  # the member's own log; replies never say
             log.warning("member %s: episodes left out: %s", self.identity.name, left_out_text(dataset.left_out))
+        if dataset.task_problem:
+            if self.cfg.model.task_buckets > 0:  # it would train every task as the empty one
+                raise DatasetError(f"the consortium's model reads the task, and {dataset.task_problem}")
+            log.warning("member %s: task annotations ignored: %s", self.identity.name, dataset.task_problem)
         self._warn_about_tasks(distinct_tasks(dataset.episodes))
         return dataset
 

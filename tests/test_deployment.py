@@ -387,7 +387,9 @@ def test_a_resume_names_an_existing_run_that_no_coordinator_is_running(tmp_path,
     assert f"{blocked} cannot be written (Not a directory)" in said and "Traceback" not in said
 
 
-def test_a_resume_with_other_model_settings_is_refused_before_anything_is_written(tmp_path, capsys, tiny_cfg):
+def test_a_resume_with_other_model_settings_is_refused_before_anything_is_written(
+    tmp_path, capsys, tiny_cfg, monkeypatch
+):
     """It was refused only by the submitted ServerApp, after the run directory's config.yaml and
     submitted settings had become the refused ones: the printed resume command failed again,
     and export described the stored tensors with the wrong task_buckets."""
@@ -413,6 +415,10 @@ def test_a_resume_with_other_model_settings_is_refused_before_anything_is_writte
     )
     assert "a resume goes on with the model the run started with" in said
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "nothing was written"
+    # init resumes nothing: a run in the working directory's runs/demo is none of its business
+    monkeypatch.chdir(tmp_path)
+    RunState(tiny_cfg, tmp_path / "runs" / "demo").commit_initial(initial_model(tiny_cfg), {"run": "t"})
+    assert coordinator_main(["init", str(tmp_path / "op2"), "--model", "tiny", "model.task_buckets=16"]) == 0
 
 
 def test_a_member_pins_the_other_members_keys_to_the_published_consortium_file(tmp_path, capsys, tiny_cfg):

@@ -4,6 +4,7 @@ policy's shared ``task_proj``, and the synthetic subtask data that needs it."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from member_node.lerobot import DatasetError, Episode, read_dataset, write_dataset
+from member_node.lerobot import Episode, read_dataset, write_dataset
 from member_node.synthetic import generate_dataset, generate_episodes
 from member_node.windows import EpisodeWindows
 from shared_model.config import ConfigError, load_config
@@ -193,14 +194,39 @@ def test_a_dataset_without_tasks_parquet_reads_with_no_task(tmp_path, cfg):
     assert read_dataset(root, emb, "so100").episodes[0].tasks == ()
 
 
-def test_a_task_index_missing_from_tasks_parquet_is_a_dataset_error(tmp_path, cfg):
+def test_task_annotations_that_do_not_map_read_as_no_task_and_say_why(tmp_path, cfg):
+    """Data that trained before kyodo read tasks still reads (a model that does not read the
+    task does not need them); the problem is kept for the node and `data inspect` to say."""
     emb = cfg.embodiments["so100"]
     root = write_dataset(tmp_path / "ds", emb, "so100", [_episode(0, 4, emb, ("reach",))])
     path = root / "meta" / "tasks.parquet"
     table = pq.read_table(path)
     pq.write_table(table.set_column(0, "task_index", pa.array([7], type=pa.int64())), path)
-    with pytest.raises(DatasetError, match="task_index.*holds 0"):
-        read_dataset(root, emb, "so100")
+    back = read_dataset(root, emb, "so100")
+    assert back.episodes[0].tasks == () and len(back.episodes) == 1
+    assert "column 'task_index' holds 0, which meta/tasks.parquet does not list" in back.task_problem
+    assert [rel for rel, _, _ in back.manifest].count("data/chunk-000/file-000.parquet") == 1
+    path.write_bytes(b"not parquet")
+    assert "not a readable parquet file" in read_dataset(root, emb, "so100").task_problem
+    # a pandas categorical is written dictionary-encoded: still the task's text
+    texts = pa.array(["reach"]).dictionary_encode()
+    pq.write_table(pa.table({"task_index": pa.array([0], type=pa.int64()), "task": texts}), path)
+    fixed = read_dataset(root, emb, "so100")
+    assert fixed.task_problem is None and fixed.episodes[0].tasks == ("reach",)
+
+
+def test_receipts_made_before_tasks_were_read_still_match_their_data(tmp_path, cfg):
+    """The fingerprint now covers meta/tasks.parquet (v2); v1, as kyodo computed it before,
+    is the same manifest without that file."""
+    emb = cfg.embodiments["so100"]
+    root = write_dataset(tmp_path / "ds", emb, "so100", [_episode(0, 4, emb, ("reach",))])
+    data = read_dataset(root, emb, "so100")
+    v1 = hashlib.sha256(b"kyodo/lerobot-fingerprint/v1\n")
+    for rel in ("meta/info.json", "meta/episodes/chunk-000/file-000.parquet", "data/chunk-000/file-000.parquet"):
+        content = (root / rel).read_bytes()
+        v1.update(f"{rel}\t{len(content)}\t{hashlib.sha256(content).hexdigest()}\n".encode())
+    assert data.legacy_fingerprints() == [v1.hexdigest()]
+    assert data.fingerprint() != v1.hexdigest()
 
 
 def test_writer_refuses_a_task_of_frame_that_does_not_fit(tmp_path, cfg):
@@ -257,14 +283,25 @@ def test_home_subtask_approaches_the_home_configuration(cfg):
     assert closer and np.mean(closer) > 0.9
 
 
-def test_single_task_data_is_unchanged_by_the_option(tmp_path, cfg):
-    emb = cfg.embodiments["agv"]
-    a = generate_dataset(tmp_path / "a", "agv", emb, 6, 1.0, 3)
-    b = generate_dataset(tmp_path / "b", "agv", emb, 6, 1.0, 3, tasks=1)
-    for path in sorted(p for p in a.rglob("*") if p.is_file()):
-        assert path.read_bytes() == (b / path.relative_to(a)).read_bytes(), path
+# Digests of generate_episodes(name, emb, 6, 1.0, seed=3) as kyodo wrote them before the
+# tasks option existed (a2e4e53): one-task data must stay what members and benchmarks had.
+ONE_TASK_DIGESTS = {
+    "agv": "263b9a09a3aff847c9e82729f469d304",
+    "aloha": "1a6c40122350da33d7600094d78b3e3a",
+    "so100": "3d1ed8d44c30c9ccadbc360621f755a2",
+    "franka": "d81836dac448675846905de8f181c078",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_TASK_DIGESTS))
+def test_single_task_data_is_what_it_was_before_the_option(cfg, name):
+    digest = hashlib.sha256()
+    for ep in generate_episodes(name, cfg.embodiments[name], 6, 1.0, 3, tasks=1):
+        for array in (ep.state, ep.env_state, ep.image_features, ep.action):
+            digest.update(b"-" if array is None else array.tobytes())
+    assert digest.hexdigest()[:32] == ONE_TASK_DIGESTS[name]
     with pytest.raises(ValueError, match="tasks must be 1"):
-        generate_episodes("agv", emb, 2, 1.0, 0, tasks=3)
+        generate_episodes(name, cfg.embodiments[name], 2, 1.0, 0, tasks=3)
 
 
 def test_subtask_dataset_round_trips_through_lerobot(tmp_path, cfg):
@@ -281,6 +318,17 @@ def test_subtask_dataset_round_trips_through_lerobot(tmp_path, cfg):
 # ----------------------------------------------------------------------------- end to end
 
 
+def _demo_round(tmp_path: Path, episodes: int, *overrides: str) -> subprocess.CompletedProcess:
+    """One round of ``kyodo-coordinator demo`` (tiny, the default federation's four members
+    with ``episodes`` each) in ``tmp_path``/run, its data in ``tmp_path``/data."""
+    cmd = [
+        sys.executable, "-m", "coordinator.cli", "demo", "--model", "tiny", "--rounds", "1",
+        f"out_dir={tmp_path / 'run'}", f"data_root={tmp_path / 'data'}",
+        *(f"federation.members.{i}.episodes={episodes}" for i in range(4)), *overrides,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+
+
 @pytest.mark.slow
 def test_a_federated_dp_round_trains_the_task_projection_under_secure_aggregation(tmp_path):
     """The real ServerApp and ClientApps (Flower simulation): members whose episodes name two
@@ -290,16 +338,10 @@ def test_a_federated_dp_round_trains_the_task_projection_under_secure_aggregatio
     from shared_model.store import ShardStore
 
     out_dir, data_root = tmp_path / "run", tmp_path / "data"
-    members = range(4)
-    cmd = [
-        sys.executable, "-m", "coordinator.cli", "demo", "--model", "tiny", "--rounds", "1",
-        f"out_dir={out_dir}", f"data_root={data_root}", "model.task_buckets=32",
-        *(f"federation.members.{i}.episodes=120" for i in members),
-        *(f"federation.members.{i}.tasks=2" for i in (0, 1)),
-    ]  # fmt: skip
-    root = Path(__file__).parents[1]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    tasks = (f"federation.members.{i}.tasks=2" for i in (0, 1))
+    proc = _demo_round(tmp_path, 120, "model.task_buckets=32", *tasks)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    root = Path(__file__).parents[1]
     assert read_dataset(data_root / "honda", load_config().embodiments["aloha"], "aloha").info["total_tasks"] == 2
     store = ShardStore(out_dir / "store")
     assert store.head().round == 1
@@ -371,17 +413,11 @@ def test_a_model_mismatch_names_the_settings_that_differ(tmp_path, cfg):
 @pytest.mark.slow
 def test_a_simulated_resume_with_another_task_buckets_keeps_the_runs_settings(tmp_path):
     """The refused resume (ServerApp side) used to rewrite config.yaml first."""
-    out_dir, data_root = tmp_path / "run", tmp_path / "data"
-    base = [
-        sys.executable, "-m", "coordinator.cli", "demo", "--model", "tiny", "--rounds", "1",
-        f"out_dir={out_dir}", f"data_root={data_root}", "train.local_steps=2",
-        *(f"federation.members.{i}.episodes=40" for i in range(4)),
-    ]  # fmt: skip
-    root = Path(__file__).parents[1]
-    first = subprocess.run(base, capture_output=True, text=True, timeout=600, cwd=root)
+    out_dir = tmp_path / "run"
+    first = _demo_round(tmp_path, 40, "train.local_steps=2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     settings = (out_dir / "config.yaml").read_bytes()
-    again = subprocess.run([*base, "model.task_buckets=16"], capture_output=True, text=True, timeout=600, cwd=root)
+    again = _demo_round(tmp_path, 40, "train.local_steps=2", "model.task_buckets=16")
     assert again.returncode != 0
     assert "model.task_buckets 0 -> 16" in again.stdout + again.stderr
     assert (out_dir / "config.yaml").read_bytes() == settings
@@ -417,3 +453,27 @@ def test_the_node_log_says_when_its_data_and_the_model_disagree_about_tasks(tmp_
         assert warned in said
     else:
         assert "task" not in said
+
+
+def test_broken_task_annotations_stop_only_a_node_whose_model_reads_the_task(tmp_path, caplog, capsys):
+    import logging
+
+    from member_node import cli
+    from member_node.identity import resolve_identity
+    from member_node.lerobot import DatasetError
+    from member_node.node import MemberNode
+
+    def node(buckets: int) -> MemberNode:
+        overrides = [f"data_root={tmp_path}", f"state_root={tmp_path / 'state'}", f"model.task_buckets={buckets}"]
+        cfg = load_config(model="tiny", overrides=overrides)
+        return MemberNode(cfg, resolve_identity({"partition-id": 1}, cfg))
+
+    root = generate_dataset(tmp_path / "sony", "so100", load_config().embodiments["so100"], 6, 1.0, 1, tasks=2)
+    (root / "meta" / "tasks.parquet").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="kyodo.member"):
+        assert node(0).dataset.episodes
+    assert "task annotations ignored" in caplog.text and "not a readable parquet file" in caplog.text
+    with pytest.raises(DatasetError, match="the consortium's model reads the task, and .*not a readable parquet"):
+        assert node(32).dataset.episodes
+    assert cli.main(["data", "inspect", str(root), "--embodiment", "so100"]) == 0
+    assert "unreadable, so none" in " ".join(capsys.readouterr().out.split())
