@@ -13,7 +13,7 @@ Two more columns separate the two costs: "fed no DP" (the federation with the me
 switched off: what federating costs or gains) and "alone+DP" (each member alone under the
 same DP budget: what federating gains at equal privacy).
 Prints each member's held-out action MSE for the three and the ratios (c)/(a), (c)/(b);
-targets: (c) < (a) for every member and (c) <= 1.5 (b). Writes bench/results/utility.json.
+targets: (c) < (a) for every member and (c) <= 1.5 (b). Writes bench/results/utility.json (``--out``).
 
 Federation can only beat (a) where a member alone is short of data. ``--data-curve`` checks
 that: each member alone (non-private) on 1/16, 1/4 and all of its training episodes, for the
@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--federation", default="default")
     parser.add_argument("--data-curve", action="store_true", help="also: each member alone on 1/16, 1/4, all its data")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "utility.json"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -245,6 +246,7 @@ def main() -> None:
                 m.episodes,
                 m.episode_seconds,
                 m.seed,
+                tasks=m.tasks,
             )
         nodes = [
             MemberNode(cfg, resolve_identity({"partition-id": i}, cfg)) for i in range(len(cfg.federation.members))
@@ -311,7 +313,7 @@ def main() -> None:
         for name, curve_rows in curve.items():
             cells = "  ".join(f"{r['episodes']} eps x {r['steps']} steps: {r['mse']:.4f}" for r in curve_rows)
             print(f"{name:10s} {cells}")
-    out = Path(__file__).parent / "results" / "utility.json"
+    out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     result = {
         "model": cfg.model.name,
