@@ -318,26 +318,29 @@ def _write_all(
     _write_json(root / "meta" / "info.json", info)
 
 
-def _task_columns(episodes: Sequence[Episode], default: str) -> tuple[list[str], list[list[str]], np.ndarray]:
-    """The dataset's task texts (first use first), each episode's, and every frame's
-    task_index. An episode naming no task does ``default``. Only tasks some frame does are
-    written, as LeRobot does (it collects an episode's tasks from its frames): a text an
-    episode lists but no frame uses would otherwise count in ``total_tasks`` and read back
-    nowhere."""
+def frame_task_ids(episodes: Sequence[Episode], default: str = "") -> tuple[list[str], list[np.ndarray]]:
+    """One list of the task texts the episodes' frames do (first use first), and for each
+    episode its frames' positions in that list. An episode naming no task does ``default``.
+    A text an episode lists but no frame does is left out, as LeRobot collects an episode's
+    tasks from its frames (written, it counted in ``total_tasks`` and read back nowhere)."""
     tasks: dict[str, int] = {}
-    episode_tasks: list[list[str]] = []
-    frames: list[np.ndarray] = []
+    per_episode: list[np.ndarray] = []
     for ep in episodes:
         own = list(ep.tasks) or [default]
         which = ep.frame_tasks()
         _, first = np.unique(which, return_index=True)
-        used = which[np.sort(first)]  # positions in ``own``, in the order the frames meet them
         index = np.zeros(len(own), dtype=np.int64)
-        for position in used:
+        for position in which[np.sort(first)]:  # in the order the frames meet them
             index[position] = tasks.setdefault(own[position], len(tasks))
-        frames.append(index[which])
-        episode_tasks.append(list(dict.fromkeys(own[p] for p in used)))
-    return list(tasks), episode_tasks, np.concatenate(frames)
+        per_episode.append(index[which])
+    return list(tasks), per_episode
+
+
+def _task_columns(episodes: Sequence[Episode], default: str) -> tuple[list[str], list[list[str]], np.ndarray]:
+    """The dataset's task texts, each episode's (in frame order), and every frame's task_index."""
+    tasks, per_episode = frame_task_ids(episodes, default)
+    episode_tasks = [[tasks[i] for i in dict.fromkeys(ids.tolist())] for ids in per_episode]
+    return tasks, episode_tasks, np.concatenate(per_episode)
 
 
 def _tasks_table(tasks: Sequence[str]) -> pa.Table:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from member_node.lerobot import Episode
+from member_node.lerobot import Episode, frame_task_ids
 from shared_model.config import EmbodimentConfig
 from shared_model.task_text import task_table
 
@@ -100,13 +100,9 @@ def _task_arrays(episodes: Sequence[Episode], buckets: int) -> tuple[np.ndarray,
     million frames of ten tasks cost ten rows, not a million."""
     if buckets <= 0:
         return np.zeros(0, dtype=np.int64), None
-    rows: dict[str, int] = {}
-    parts = []
-    for ep in episodes:
-        own = np.array([rows.setdefault(t, len(rows)) for t in (ep.tasks or ("",))], dtype=np.int64)
-        parts.append(own[ep.frame_tasks()])
-    of_frame = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return of_frame, task_table(list(rows), buckets)
+    texts, per_episode = frame_task_ids(episodes)
+    of_frame = np.concatenate(per_episode) if per_episode else np.zeros(0, dtype=np.int64)
+    return of_frame, task_table(texts, buckets)
 
 
 def _relative_reference(
