@@ -179,10 +179,19 @@ def test_secure_mean_equals_plaintext_mean_and_nothing_individual_is_received(fe
                         if vec.shape != payload.shape or vec.size < 100:
                             continue
                         assert not np.array_equal(payload, vec)
-                        # Independent vectors: r ~ N(0, 1/n); 5 sigma leaves no room for a real relation.
-                        r = np.corrcoef(payload, vec.astype(np.float64))[0, 1]
-                        bound = 5 / np.sqrt(vec.size)
-                        assert abs(r) < bound, f"a payload correlates with {member}'s update (r={r:.3f})"
+                        # An independent payload gives r of variance 1/n, but r is a weighted sum
+                        # of the payload's entries with weights from the update, and an update whose
+                        # mass sits in a few entries makes that sum far from Gaussian (a CI run saw
+                        # 5.08 "sigma" from a mask drawn by a CSPRNG). Its effective number of terms,
+                        # the participation ratio (sum v^2)^2 / sum v^4, sets the scale instead;
+                        # 5 of those still leaves no room for a real relation (unmasked: r ~ 1).
+                        v = vec.astype(np.float64)
+                        r = np.corrcoef(payload, v)[0, 1]
+                        n_eff = float(np.sum(v * v) ** 2 / max(np.sum(v**4), 1e-300))
+                        bound = 5 / np.sqrt(n_eff)
+                        assert abs(r) < min(bound, 0.5), (
+                            f"a payload correlates with {member}'s update (r={r:.3f}, n_eff {n_eff:.0f})"
+                        )
                         checked += vec.size >= 4000
     assert checked > 0
     # The node forgot the round: no key, seed or update left on disk.
