@@ -830,18 +830,17 @@ def _check_run_config(model: str, overrides: list[str], run_dir: Path | None = N
 def _check_same_model(cfg: KyodoConfig, out: Path) -> None:
     """A resume with other model settings was refused only by the submitted ServerApp, after
     this run directory's settings had been replaced by the refused ones."""
-    from coordinator.run_state import model_mismatch
-    from shared_model.store import ShardStore, StoreError, model_config_hash
+    from coordinator.run_state import resume_refusal
+    from shared_model.store import ShardStore, StoreError
 
     try:
         head = ShardStore(out / "store").head_manifest()
     except (OSError, StoreError) as err:
         raise DeployError(f"{out}: cannot read the run's store ({err})") from None
-    if head is not None and head.model_config != model_config_hash(cfg.model, cfg.embodiments):
+    refusal = resume_refusal(cfg, out, head.model_config) if head is not None else None
+    if refusal:
         raise DeployError(
-            f"{out} holds rounds of {model_mismatch(cfg, out, head.model_config)}: a resume goes on with the "
-            "model the run started with; submit it without the changed model settings, or start a new run "
-            "(without --out-dir)"
+            f"{refusal}; submit it without the changed model settings, or start a new run (without --out-dir)"
         )
 
 

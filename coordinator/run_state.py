@@ -47,6 +47,17 @@ def failpoint(round_number: int, where: str) -> None:
         os._exit(137)
 
 
+def resume_refusal(cfg: KyodoConfig, run_dir: Path, committed: str, where: Path | None = None) -> str | None:
+    """Why the run in ``run_dir``, whose rounds are of the model hashed ``committed``, cannot
+    go on with ``cfg``'s model (None when it can), naming ``where`` (default ``run_dir``)."""
+    if committed == model_config_hash(cfg.model, cfg.embodiments):
+        return None
+    return (
+        f"{where or run_dir} holds rounds of {model_mismatch(cfg, run_dir, committed)}: a resume goes on with "
+        "the model the run started with"
+    )
+
+
 def model_mismatch(cfg: KyodoConfig, run_dir: Path, committed: str) -> str:
     """ "another model config (<hashes>)", and which settings differ from those the run in
     ``run_dir`` committed ``committed`` (its manifests' model hash) with, where its
@@ -99,11 +110,9 @@ class RunState:
         """The state at HEAD, or None for a fresh run. Refuses a store of another model."""
         if self.head is None:
             return None
-        if self.head.model_config != self.config_hash:
-            raise ValueError(
-                f"{self.store.root} holds rounds of {model_mismatch(self.cfg, self.store.root.parent, self.head.model_config)}"
-                ": a resume goes on with the model the run started with (or start a new run in a fresh out_dir)"
-            )
+        refusal = resume_refusal(self.cfg, self.store.root.parent, self.head.model_config, where=self.store.root)
+        if refusal:
+            raise ValueError(f"{refusal} (or start a new run in a fresh out_dir)")
         return Resumed(self.head.round, dict(self.head.extra))
 
     # ------------------------------------------------------------------ one shard at a time

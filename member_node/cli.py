@@ -22,7 +22,7 @@ from rich.table import Table
 
 from member_node.budget_plan import add_plan_command
 from member_node.data_units import unit_problems, units_error, without_episodes_beyond_bounds
-from member_node.lerobot import DatasetError, LeRobotDataset, distinct_tasks, left_out_text, read_dataset
+from member_node.lerobot import TASKS_PATH, DatasetError, LeRobotDataset, distinct_tasks, left_out_text, read_dataset
 from member_node.status import add_status_command
 from member_node.supernode import (
     MEMBERSHIP_FILE,
@@ -185,7 +185,7 @@ def _tasks_summary(dataset: LeRobotDataset) -> str:
         return f"unreadable, so none: {dataset.task_problem}"
     texts = distinct_tasks(dataset.episodes)
     if not texts:
-        listed = any(rel == "meta/tasks.parquet" for rel, _, _ in dataset.manifest)
+        listed = any(rel == TASKS_PATH for rel, _, _ in dataset.manifest)
         return "none named" if listed else "none named (no meta/tasks.parquet)"
     clipped = [repr(t if len(t) <= 60 else t[:57] + "...") for t in texts]  # a task may be a paragraph
     return f"{len(texts)}: " + shortened(clipped, shown=3)
